@@ -1,0 +1,1 @@
+"""ikefarm shared vocabulary: bus subjects and message schemas."""

@@ -1,0 +1,1 @@
+"""The ikefarm services; each runs as its own OS process and talks only over NATS."""

@@ -1,0 +1,1 @@
+"""Code every ikefarm service uses: engine, crypto, config, bus runtime, logging, tracing."""

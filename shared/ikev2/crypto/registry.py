@@ -51,7 +51,9 @@ ALGORITHMS: tuple[Algorithm, ...] = (
     Algorithm("aes128-gcm-128", _AEAD, _E, EncrId.AES_GCM_16, 128, ("aes128gcm16", "aes128gcm128")),
     Algorithm("aes192-gcm-128", _AEAD, _E, EncrId.AES_GCM_16, 192, ("aes192gcm16", "aes192gcm128")),
     Algorithm("aes256-gcm-128", _AEAD, _E, EncrId.AES_GCM_16, 256, ("aes256gcm16", "aes256gcm128")),
-    Algorithm("chacha20-poly1305", _AEAD, _E, EncrId.CHACHA20_POLY1305, None, ("chacha20poly1305",)),
+    Algorithm(
+        "chacha20-poly1305", _AEAD, _E, EncrId.CHACHA20_POLY1305, None, ("chacha20poly1305",)
+    ),
     Algorithm("hmac-sha1", _AUTH, _I, IntegId.HMAC_SHA1_96, None, ("sha1", "sha")),
     Algorithm("hmac-sha256", _AUTH, _I, IntegId.HMAC_SHA2_256_128, None, ("sha256", "sha2_256")),
     Algorithm("hmac-sha384", _AUTH, _I, IntegId.HMAC_SHA2_384_192, None, ("sha384", "sha2_384")),
@@ -107,3 +109,24 @@ def display_name(transform_type: TransformType, transform_id: int, key_bits: int
         return algorithm.name
     suffix = f"_{key_bits}" if key_bits else ""
     return f"{transform_type.name.lower()}{int(transform_id)}{suffix}"
+
+
+class UnsupportedTransform(ValueError):
+    """A negotiated transform (type, id, key length) this implementation cannot run.
+
+    Raised by the crypto layer (`Prf`, `Integrity`, `Cipher`, `DhExchange`) when
+    asked for a transform it does not implement; the message names the transform,
+    never any key material.
+    """
+
+    def __init__(
+        self, transform_type: TransformType, transform_id: int, key_bits: int | None = None
+    ) -> None:
+        self.transform_type = transform_type
+        self.transform_id = int(transform_id)
+        self.key_bits = key_bits
+        key = f" with key length {key_bits}" if key_bits is not None else ""
+        super().__init__(
+            f"unsupported {transform_type.name} transform {int(transform_id)}{key}"
+            f" ({display_name(transform_type, transform_id, key_bits)})"
+        )

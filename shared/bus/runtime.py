@@ -1,0 +1,364 @@
+"""What every ikefarm service process runs on: NATS connection, discovery, envelopes, spans, drain.
+
+A service is a thin adapter (`ServiceBase` subclass): in `setup()` it declares
+endpoints (request/reply, registered with `nats.micro` so `$SRV.PING/INFO/STATS`
+discovery works with standard NATS tooling) and subscriptions (events); the
+runtime decodes envelopes, continues the caller's trace from `traceparent`,
+answers structured errors for bad input, counts every drop by reason, and on
+SIGTERM drains the connection so nothing in flight is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service as MicroService
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ikefarm.proto import envelope, subjects
+from ikefarm.proto.envelope import BusError, BusMessage
+from ikefarm.proto.messages import Ping, Pong, Stats, StatsRequest
+from ikefarm.shared.config.loader import Config
+from ikefarm.shared.observability.logging import configure_logging, get_logger
+from ikefarm.shared.observability.tracing import (
+    configure_tracing,
+    extract_context,
+    inject_headers,
+    shutdown_tracing,
+    tracer,
+)
+
+VERSION = "0.1.0"
+M = TypeVar("M", bound=BusMessage)
+RequestHandler = Callable[[Any, Msg | Request], Awaitable[BusMessage | dict[str, Any]]]
+EventHandler = Callable[[Any, Msg], Awaitable[None]]
+
+log = get_logger("daemon")
+
+
+def default_instance(service: str) -> str:
+    host = socket.gethostname().replace(".", "_")
+    return f"{service}-{host}-{os.getpid()}"
+
+
+class ServiceBase:
+    """One service kind. Subclasses set `name` and `subsystem` and register in `setup()`."""
+
+    name: ClassVar[str] = ""
+    subsystem: ClassVar[str] = "daemon"
+    description: ClassVar[str] = ""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.log = get_logger(self.subsystem)
+
+    async def setup(self) -> None:
+        """Declare endpoints and subscriptions."""
+
+    async def teardown(self) -> None:
+        """Release what setup() took; called after the connection drained."""
+
+    def gauges(self) -> dict[str, Any]:
+        """Current values (queue depth, table sizes) for the stats endpoint."""
+        return {}
+
+
+class Runtime:
+    def __init__(
+        self,
+        service_cls: type[ServiceBase],
+        config: Config,
+        nats_url: str,
+        instance: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.service_cls = service_cls
+        self.name = service_cls.name
+        self.config = config
+        self.nats_url = nats_url
+        self.instance = instance or default_instance(self.name)
+        self.options = options or {}
+        self.counters: Counter[str] = Counter()
+        self.started = time.monotonic()
+        self.nc: Client | None = None
+        self.micro: MicroService | None = None
+        self.service: ServiceBase | None = None
+        self._stop = asyncio.Event()
+        self._requests = 0
+        self._errors = 0
+        self._subscriptions: list[Any] = []
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def connect(self, attempts: int | None = None) -> Client:
+        """Connect with backoff; once connected nats-py reconnects on its own, forever."""
+        delay = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await nats.connect(
+                    servers=[self.nats_url],
+                    name=self.instance,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                    closed_cb=self._on_closed,
+                )
+            except Exception as exc:
+                if attempts is not None and attempt >= attempts:
+                    raise
+                log.control(
+                    "nats_connect_failed", url=self.nats_url, error=str(exc), retry_in=delay
+                )
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                    raise ConnectionAbortedError("stopped while connecting") from exc
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 5.0)
+
+    async def _on_disconnected(self) -> None:
+        self.counters["nats_disconnects"] += 1
+        log.audit("nats_disconnected", url=self.nats_url)
+
+    async def _on_reconnected(self) -> None:
+        self.counters["nats_reconnects"] += 1
+        log.audit("nats_reconnected", url=self.nats_url)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("nats_error", error=str(exc))
+
+    async def _on_closed(self) -> None:
+        log.debug("nats_closed")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, self.request_stop)
+        try:
+            await self.start()
+        except ConnectionAbortedError:
+            return 0
+        await self._stop.wait()
+        await self.stop()
+        return 0
+
+    async def start(self) -> None:
+        self.nc = await self.connect()
+        self.micro = await add_service(
+            self.nc,
+            name=f"ikefarm-{self.name}",
+            version=VERSION,
+            description=self.service_cls.description or f"ikefarm {self.name} service",
+            metadata={"instance": self.instance, "pid": str(os.getpid())},
+        )
+        self.service = self.service_cls(self)
+        for endpoint, request_type, handler in (
+            ("ping", Ping, self._handle_ping),
+            ("stats", StatsRequest, self._handle_stats),
+        ):
+            await self.add_endpoint(endpoint, request_type, handler)
+            await self.add_endpoint(
+                f"{endpoint}-instance",
+                request_type,
+                handler,
+                subject=subjects.instance_endpoint(self.name, self.instance, endpoint),
+            )
+        await self.service.setup()
+        await self.nc.flush()
+        log.audit("service_started", nats=self.nats_url, version=VERSION)
+
+    async def stop(self) -> None:
+        log.control("service_draining")
+        if self.micro is not None:
+            with contextlib.suppress(Exception):
+                await self.micro.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), 3)
+        if self.service is not None:
+            await self.service.teardown()
+        log.audit("service_stopped")
+        shutdown_tracing()
+
+    # --- endpoints and subscriptions ------------------------------------------------------
+
+    async def add_endpoint(
+        self,
+        endpoint: str,
+        request_type: type[M],
+        handler: RequestHandler,
+        subject: str | None = None,
+        queue_group: str | None = None,
+    ) -> None:
+        """A request/reply endpoint answered by any instance (queue group) of this service."""
+        assert self.micro is not None
+        subject = subject or subjects.service_endpoint(self.name, endpoint)
+
+        async def on_request(request: Request) -> None:
+            reply, failed = await self._dispatch(endpoint, subject, request_type, handler, request)
+            if failed:
+                # micro's error header wants an HTTP-like status; the body says precisely
+                status = "500" if failed == "internal_error" else "400"
+                await request.respond_error(code=status, description=failed, data=reply)
+            else:
+                await request.respond(reply)
+
+        await self.micro.add_endpoint(
+            name=endpoint, subject=subject, handler=on_request, queue_group=queue_group or "q"
+        )
+
+    async def _dispatch(
+        self,
+        endpoint: str,
+        subject: str,
+        request_type: type[M],
+        handler: RequestHandler,
+        request: Msg | Request,
+    ) -> tuple[bytes, str]:
+        """Decode, trace and run one request; returns (reply bytes, error code or "")."""
+        self._requests += 1
+        headers = request.headers
+        with tracer().start_as_current_span(
+            f"{self.name}.{endpoint}",
+            context=extract_context(headers),
+            kind=SpanKind.SERVER,
+            attributes={"messaging.destination": subject, "ikefarm.instance": self.instance},
+        ) as span:
+            try:
+                decoded = envelope.unpack(request.data, request_type)
+                result = await handler(decoded, request)
+                return envelope.pack_reply(result), ""
+            except BusError as exc:
+                return self._refuse(span, endpoint, exc.code, exc.message), exc.code
+            except Exception as exc:
+                log.control("handler_failed", endpoint=endpoint, error=type(exc).__name__)
+                return self._refuse(
+                    span, endpoint, "internal_error", type(exc).__name__
+                ), "internal_error"
+
+    def _refuse(self, span: trace.Span, endpoint: str, code: str, text: str) -> bytes:
+        self._errors += 1
+        self.counters[f"bus_refused.{code}"] += 1
+        span.set_status(Status(StatusCode.ERROR, code))
+        log.control("bus_request_refused", endpoint=endpoint, code=code, reason=text)
+        return envelope.pack_error(code, text)
+
+    async def subscribe(
+        self,
+        subject: str,
+        message_type: type[M],
+        handler: EventHandler,
+        queue: str | None = None,
+        span_name: str | None = None,
+    ) -> None:
+        """An event subscription; bad messages are counted and dropped, never fatal."""
+        assert self.nc is not None
+
+        async def on_message(msg: Msg) -> None:
+            with tracer().start_as_current_span(
+                span_name or f"{self.name}.{message_type.KIND}",
+                context=extract_context(msg.headers),
+                kind=SpanKind.CONSUMER,
+            ) as span:
+                try:
+                    decoded = envelope.unpack(msg.data, message_type)
+                except BusError as exc:
+                    self.counters[f"bus_dropped.{exc.code}"] += 1
+                    span.set_status(Status(StatusCode.ERROR, exc.code))
+                    log.control("bus_message_dropped", subject=msg.subject, code=exc.code)
+                    if msg.reply:
+                        await msg.respond(envelope.pack_error(exc.code, exc.message))
+                    return
+                try:
+                    await handler(decoded, msg)
+                except Exception as exc:
+                    self.counters["handler_failed"] += 1
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    log.control("handler_failed", subject=msg.subject, error=type(exc).__name__)
+
+        self._subscriptions.append(
+            await self.nc.subscribe(subject, queue=queue or "", cb=on_message)
+        )
+
+    async def publish(self, subject: str, message: BusMessage) -> None:
+        assert self.nc is not None
+        await self.nc.publish(subject, envelope.pack(message), headers=inject_headers())
+
+    async def request(
+        self,
+        subject: str,
+        message: BusMessage,
+        reply_type: type[M] | None = None,
+        timeout: float = 2.0,
+    ) -> Any:
+        assert self.nc is not None
+        with tracer().start_as_current_span(f"request {subject}", kind=SpanKind.CLIENT):
+            reply = await self.nc.request(
+                subject, envelope.pack(message), timeout=timeout, headers=inject_headers()
+            )
+        return envelope.unpack_reply(reply.data, reply_type)
+
+    # --- built-in endpoints ----------------------------------------------------------------
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+    async def _handle_ping(self, _request: Ping, _msg: Any) -> Pong:
+        return Pong(self.name, self.instance, VERSION, round(self.uptime(), 3))
+
+    async def _handle_stats(self, _request: StatsRequest, _msg: Any) -> Stats:
+        gauges = self.service.gauges() if self.service else {}
+        return Stats(
+            service=self.name,
+            instance=self.instance,
+            version=VERSION,
+            uptime=round(self.uptime(), 3),
+            requests=self._requests,
+            errors=self._errors,
+            counters=dict(self.counters),
+            gauges=gauges,
+        )
+
+
+def run_service(
+    service_cls: type[ServiceBase],
+    config: Config,
+    nats_url: str,
+    instance: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> int:
+    """Entry point of `ikefarm service NAME`: logging, tracing, then the runtime until SIGTERM."""
+    runtime = Runtime(service_cls, config, nats_url, instance, options)
+    configure_logging(
+        service_cls.name,
+        runtime.instance,
+        config.ike.logging.to_dict(),
+        log_format=config.telemetry.log_format,
+    )
+    configure_tracing(service_cls.name, runtime.instance, config.telemetry.otlp_endpoint)
+    return asyncio.run(runtime.run())

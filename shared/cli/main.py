@@ -1,0 +1,172 @@
+"""The `ikefarm` command: run the farm, run one service, look at it, check a config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ikefarm.shared.config.loader import Config, ConfigError, load_config
+
+SERVICE_CLASSES = {
+    "ingress": "ikefarm.services.ingress.service:IngressService",
+    "ike": "ikefarm.services.ike.service:IkeService",
+    "keystore": "ikefarm.services.keystore.service:KeystoreService",
+    "kernel": "ikefarm.services.kernel.service:KernelService",
+    "flow": "ikefarm.services.flow.service:FlowService",
+}
+
+
+def bundled_config_path() -> str:
+    """The example config `ikefarm up` uses without -c: a PSK responder on loopback."""
+    return str(resources.files("ikefarm.shared.config").joinpath("default.toml"))
+
+
+def _load_or_exit(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _nats_url(args: argparse.Namespace, config: Config | None) -> str:
+    """--nats, else the config's [nats] url, else the broker a running `ikefarm up` started."""
+    from ikefarm.shared.bus.embedded import default_state_dir
+    from ikefarm.shared.cli.supervisor import read_up_state, state_dir_of
+
+    if getattr(args, "nats", None):
+        return str(args.nats)
+    if config is not None and config.nats.url:
+        return str(config.nats.url)
+    state_dir = (
+        Path(args.state_dir)
+        if getattr(args, "state_dir", None)
+        else (state_dir_of(config) if config is not None else default_state_dir())
+    )
+    state = read_up_state(state_dir)
+    if state and state.get("nats_url"):
+        return str(state["nats_url"])
+    print(
+        "ikefarm: no broker to talk to: pass --nats URL, set [nats] url, or start `ikefarm up`",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from ikefarm.shared.cli.supervisor import Supervisor
+    from ikefarm.shared.observability.logging import configure_logging
+
+    path = str(Path(args.config).resolve()) if args.config else bundled_config_path()
+    config = _load_or_exit(path)
+    configure_logging(
+        "up", "supervisor", config.ike.logging.to_dict(), log_format=config.telemetry.log_format
+    )
+    return Supervisor(config, path).run()
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from ikefarm.shared.bus.runtime import run_service
+
+    path = args.config or bundled_config_path()
+    config = _load_or_exit(path)
+    module_name, class_name = SERVICE_CLASSES[args.name].split(":")
+    service_cls = getattr(importlib.import_module(module_name), class_name)
+    options: dict[str, Any] = {"shard": args.shard, "config_path": str(Path(path).resolve())}
+    return run_service(service_cls, config, _nats_url(args, config), args.instance, options)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import nats
+
+    from ikefarm.shared.cli.status import discover, format_table
+
+    config = _load_or_exit(args.config) if args.config else None
+    url = _nats_url(args, config)
+
+    async def run() -> int:
+        try:
+            nc = await nats.connect(servers=[url], connect_timeout=2, max_reconnect_attempts=0)
+        except Exception as exc:
+            print(f"ikefarm status: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+            return 2
+        try:
+            rows = await discover(nc, window=args.wait)
+        finally:
+            await nc.close()
+        if args.json:
+            import json
+            from dataclasses import asdict
+
+            print(json.dumps([asdict(r) for r in rows], indent=2))
+        else:
+            print(format_table(rows))
+        return 0 if rows else 1
+
+    return asyncio.run(run())
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(config.render(), end="")
+    return 0
+
+
+def cmd_config_reference(_args: argparse.Namespace) -> int:
+    from ikefarm.shared.config.reference import reference_markdown
+
+    print(reference_markdown(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ikefarm", description="IKEv2/IPsec gateway over NATS")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the whole farm (embedded nats-server by default)")
+    up.add_argument("-c", "--config", help="TOML config (default: bundled loopback example)")
+    up.set_defaults(func=cmd_up)
+
+    service = commands.add_parser("service", help="run one service process")
+    service.add_argument("name", choices=sorted(SERVICE_CLASSES))
+    service.add_argument("-c", "--config", help="TOML config")
+    service.add_argument("--nats", help="NATS URL (default: [nats] url or the running `up`)")
+    service.add_argument("--instance", help="instance name (default: service-host-pid)")
+    service.add_argument("--shard", type=int, default=None, help="ike: SPI shard this worker owns")
+    service.add_argument("--state-dir", help=argparse.SUPPRESS)
+    service.set_defaults(func=cmd_service)
+
+    status = commands.add_parser("status", help="services found by discovery")
+    status.add_argument("-c", "--config")
+    status.add_argument("--nats")
+    status.add_argument("--state-dir")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--wait", type=float, default=0.5, help="seconds to collect replies")
+    status.set_defaults(func=cmd_status)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="print the effective config, or the errors")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_config_check)
+    reference = config_commands.add_parser("reference", help="every option, default and range")
+    reference.set_defaults(func=cmd_config_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

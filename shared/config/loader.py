@@ -1,0 +1,302 @@
+"""Load, check and present an ikefarm TOML configuration.
+
+`load_config(path)` returns a `Config` (attribute access in snake_case over the
+kebab-case keys, `config.ike.global_options.retransmit_tries`) or raises
+`ConfigError` carrying every problem found, each naming the key, the value and
+what is allowed. Secrets are `Secret` objects and render as `<masked>`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ikefarm.shared.config.kinds import Rate, Secret
+from ikefarm.shared.config.schema import SCHEMA
+from ikefarm.shared.config.tree import ConfigProblem, WalkResult, walk_section
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, problems: list[ConfigProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} configuration error(s)\n{lines}")
+
+
+class Node:
+    """Read-only view of one table; `node.retransmit_tries` reads `retransmit-tries`."""
+
+    __slots__ = ("_data", "_path")
+
+    def __init__(self, data: dict[str, Any], path: str = "") -> None:
+        self._data = data
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        key = name.replace("_", "-")
+        try:
+            return _wrap(self._data[key], f"{self._path}.{key}" if self._path else key)
+        except KeyError:
+            raise AttributeError(f"no config key {key!r} under {self._path or '<root>'}") from None
+
+    def __getitem__(self, key: str) -> Any:
+        return _wrap(self._data[key], f"{self._path}.{key}" if self._path else key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self._data else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Node({self._path or '<root>'})"
+
+
+def _wrap(value: Any, path: str) -> Any:
+    if isinstance(value, dict):
+        return Node(value, path)
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [Node(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    return value
+
+
+@dataclass
+class Config(Node):
+    """The effective configuration: values with defaults filled in, plus which keys were set."""
+
+    data: dict[str, Any]
+    explicit: set[str] = field(default_factory=set)
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        Node.__init__(self, self.data, "")
+
+    def __getattr__(self, name: str) -> Any:
+        return Node.__getattr__(self, name)
+
+    def is_explicit(self, path: str) -> bool:
+        """Whether the operator wrote this dotted key (Junos semantics depend on it)."""
+        return path in self.explicit
+
+    def without_secrets(self) -> Config:
+        """A copy whose secrets are gone: what an ike worker may hold (DESIGN principle 4)."""
+        return Config(_strip_secrets(self.data), set(self.explicit), self.source)
+
+    def render(self) -> str:
+        return render_toml(self.data)
+
+
+def _strip_secrets(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return None
+    if isinstance(value, dict):
+        return {k: _strip_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_secrets(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(
+            source, [ConfigProblem("<file>", f"cannot read: {exc.strerror}")]
+        ) from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "<memory>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [ConfigProblem("<toml>", str(exc))]) from None
+    result = WalkResult(value=None)
+    data = walk_section(SCHEMA, raw, "", result)
+    config = Config(data, result.explicit, source)
+    result.problems.extend(cross_check(config))
+    if result.problems:
+        raise ConfigError(source, result.problems)
+    return config
+
+
+def ppk_identity(ppk: Node) -> bytes | None:
+    """The PPK_ID octets a `[[ike.ppk]]` entry names, whichever form it uses."""
+    if ppk.id is not None:
+        return ppk.id.encode()
+    if ppk.id_hex is not None:
+        return bytes.fromhex(ppk.id_hex)
+    return None
+
+
+def cross_check(config: Config) -> list[ConfigProblem]:
+    """Rules that span keys: references, exclusive options, unique PPK identities."""
+    problems: list[ConfigProblem] = []
+    ike = config.ike
+
+    def problem(path: str, message: str) -> None:
+        problems.append(ConfigProblem(path, message))
+
+    ppk_names: set[str] = set()
+    identities: dict[bytes, str] = {}
+    for index, ppk in enumerate(ike.ppk):
+        path = f"ike.ppk[{index}]"
+        ppk_names.add(ppk.name)
+        if (ppk.id is None) == (ppk.id_hex is None):
+            problem(path, "exactly one of 'id' or 'id-hex' is required")
+        if ppk.secret is None:
+            problem(f"{path}.secret", "is required")
+        identity = ppk_identity(ppk)
+        if identity is not None:
+            if identity in identities:
+                problem(
+                    path,
+                    f"PPK identity {identity.hex()} (hex) is already used by "
+                    f"{identities[identity]}",
+                )
+            else:
+                identities[identity] = path
+
+    for index, psk in enumerate(ike.pre_shared_key):
+        if psk.secret is None:
+            problem(f"ike.pre-shared-key[{index}].secret", "is required")
+
+    for kind in ("ike-policy-template", "ipsec-policy-template"):
+        proposal_key = "ike-proposal" if kind.startswith("ike-") else "esp-proposal"
+        for index, template in enumerate(ike[kind]):
+            for p_index, proposal in enumerate(template[proposal_key]):
+                path = f"ike.{kind}[{index}].{proposal_key}[{p_index}]"
+                problems.extend(
+                    _check_proposal(path, proposal, is_ike=proposal_key == "ike-proposal")
+                )
+
+    ike_templates = {t.name for t in ike.ike_policy_template}
+    ipsec_templates = {t.name for t in ike.ipsec_policy_template}
+    pools = {p.name for p in ike.pool}
+    listen_addresses = list(config.ingress.listen or [])
+    for index, vpn in enumerate(ike.vpn):
+        path = f"ike.vpn[{index}]"
+        template = vpn.ike_policy.template
+        if template is not None and template not in ike_templates:
+            problem(f"{path}.ike-policy.template", f'"{template}" is not an ike-policy-template')
+        template = vpn.ipsec_policy.template
+        if template is not None and template not in ipsec_templates:
+            problem(
+                f"{path}.ipsec-policy.template", f'"{template}" is not an ipsec-policy-template'
+            )
+        if vpn.ppk is not None and vpn.ppk not in ppk_names:
+            problem(f"{path}.ppk", f'"{vpn.ppk}" is not the name of an [[ike.ppk]]')
+        for pool in vpn.vip_pool:
+            if pool not in pools and pool != "radius":
+                problem(f"{path}.vip-pool", f'"{pool}" is not the name of an [[ike.pool]]')
+        if vpn.local_address is not None:
+            listen_addresses.append(vpn.local_address)
+        for request in vpn.vip_request:
+            if not ipaddress.ip_address(request).is_unspecified:
+                problem(f"{path}.vip-request", f'"{request}" must be 0.0.0.0 or ::')
+        for s_index, policy in enumerate(vpn.security_policy):
+            routes = policy.inject_routes
+            sp_path = f"{path}.security-policy[{s_index}].inject-routes"
+            if routes.table is not None and routes.l3vrf is not None:
+                problem(sp_path, "'table' and 'l3vrf' are exclusive")
+            if (routes.vrf or routes.table or routes.l3vrf) and routes.next_hop is None:
+                problem(f"{sp_path}.next-hop", "is mandatory when inject-routes is used")
+    if ike.vpn and not listen_addresses:
+        problem("ingress.listen", "no address to listen on: set it or a vpn local-address")
+
+    reduce = ike.session.half_open.thresholds.reduce_timeout
+    if (reduce.count is None) != (reduce.timeout is None):
+        problem("ike.session.half-open.thresholds.reduce-timeout", "needs both count and timeout")
+
+    aging = config.flow.aging
+    if aging.low_watermark > aging.high_watermark:
+        problem(
+            "flow.aging.low-watermark",
+            f"{aging.low_watermark} must not exceed high-watermark {aging.high_watermark}",
+        )
+    return problems
+
+
+def _check_proposal(path: str, proposal: Node, *, is_ike: bool) -> list[ConfigProblem]:
+    problems = []
+    has_aead = proposal.aead_alg is not None
+    has_enc = proposal.enc_alg is not None
+    if has_aead == has_enc:
+        problems.append(ConfigProblem(path, "needs either aead-alg or enc-alg (with auth-alg)"))
+    if has_enc and proposal.auth_alg is None:
+        problems.append(ConfigProblem(f"{path}.auth-alg", "is required with enc-alg"))
+    if has_aead and proposal.auth_alg is not None:
+        problems.append(ConfigProblem(f"{path}.auth-alg", "must not be set with aead-alg"))
+    if is_ike:
+        if proposal.dh_group is None:
+            problems.append(ConfigProblem(f"{path}.dh-group", "is required"))
+        if has_aead and proposal.prf_alg is None:
+            problems.append(ConfigProblem(f"{path}.prf-alg", "is required with aead-alg"))
+    return problems
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, Secret):
+        return '"<masked>"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Rate):
+        return f'"{value}"'
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{ " + inner + " }"
+    raise TypeError(f"cannot render {type(value).__name__}")
+
+
+def render_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """TOML text of the effective config; unset options are left out, secrets masked."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        is_table_list = isinstance(value, list) and value and isinstance(value[0], dict)
+        if isinstance(value, dict) or is_table_list:
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    out = "\n".join(lines)
+    for key, value in tables:
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            body = render_toml(value, name)
+            if body.strip():
+                out += (
+                    f"\n\n[{name}]\n{body}" if not body.startswith("\n") else f"\n\n[{name}]{body}"
+                )
+        else:
+            for item in value:
+                body = render_toml(item, name)
+                out += (
+                    f"\n\n[[{name}]]\n{body}"
+                    if not body.startswith("\n")
+                    else f"\n\n[[{name}]]{body}"
+                )
+    return out.strip("\n") + "\n" if not prefix else out

@@ -1,0 +1,52 @@
+"""Fixtures every test tier shares: a real nats-server, config files, the ikefarm command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ikefarm.shared.bus.embedded import EmbeddedNats, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = REPO / "ops" / "examples" / "psk-responder.toml"
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A real nats-server with JetStream on a free loopback port, stopped after the test."""
+    broker = EmbeddedNats(tmp_path / "nats")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def ikefarm_argv() -> list[str]:
+    """How to run the `ikefarm` command from this venv."""
+    return [sys.executable, "-m", "ikefarm.shared.cli.main"]
+
+
+@pytest.fixture
+def loopback_config(tmp_path: Path) -> Path:
+    """The example responder moved to loopback, free ports and a private state dir."""
+    text = EXAMPLE_CONFIG.read_text().replace("192.0.2.1", "127.0.0.1")
+    text = text.replace(
+        "[kernel]",
+        f'[farm]\nstate-dir = "{tmp_path / "state"}"\n\n'
+        f"[ingress]\nike-port = {free_port()}\nnatt-port = {free_port()}\n\n[kernel]",
+    )
+    path = tmp_path / "ikefarm.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IKEFARM_LOG_LEVEL", raising=False)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -36,3 +36,163 @@ class Stats(BusMessage):
     errors: int
     counters: dict[str, Any] = field(default_factory=dict)
     gauges: dict[str, Any] = field(default_factory=dict)
+
+
+# --- datagrams: ingress <-> ike -------------------------------------------------------------
+
+
+@message("datagram")
+class Datagram(BusMessage):
+    """An IKE message received by ingress (non-ESP marker stripped), for an ike worker."""
+
+    local_address: str
+    local_port: int
+    remote_address: str
+    remote_port: int
+    data: bytes
+
+
+@message("datagram-out")
+class OutboundDatagram(BusMessage):
+    """An IKE message for ingress to send from local to remote (it adds the 4500 marker)."""
+
+    local_address: str
+    local_port: int
+    remote_address: str
+    remote_port: int
+    data: bytes
+
+
+@message("init-route")
+class InitRoute(BusMessage):
+    """ike -> every ingress: a retransmitted IKE_SA_INIT from this peer and SPIi goes to `shard`."""
+
+    spi_i: bytes
+    remote_address: str
+    remote_port: int
+    shard: int
+    lifetime: float
+
+
+# --- keystore ---------------------------------------------------------------------------------
+
+
+@message("psk-auth-request")
+class PskAuthRequest(BusMessage):
+    """Verify the peer's PSK AUTH and compute ours (RFC 7296 2.15); the PSK stays in the keystore.
+
+    AUTH = prf(prf(PSK, "Key Pad for IKEv2"), signed octets). The PSK is chosen by
+    the identities: our `local_id` and the peer's `remote_id`.
+    """
+
+    prf_id: int
+    local_id: str
+    remote_id: str
+    verify_octets: bytes
+    verify_auth: bytes
+    sign_octets: bytes
+
+
+@message("psk-auth-reply")
+class PskAuthReply(BusMessage):
+    verified: bool
+    auth: bytes  # our AUTH data; empty unless verified
+    reason: str = ""  # "", "auth_mismatch", "no_secret"
+
+
+# --- kernel -----------------------------------------------------------------------------------
+
+
+@message("child-install")
+class ChildInstall(BusMessage):
+    """Install one child SA pair (in and out) and its policies. Carries session keys:
+    never logged below level 4."""
+
+    unique_id: int
+    ike_unique_id: int
+    name: str
+    vpn: str
+    reqid: int
+    protocol: str
+    mode: str
+    local_address: str
+    local_port: int
+    remote_address: str
+    remote_port: int
+    spi_in: bytes
+    spi_out: bytes
+    encr_id: int
+    encr_key_bits: int | None
+    integ_id: int | None
+    encr_key_in: bytes
+    encr_key_out: bytes
+    integ_key_in: bytes
+    integ_key_out: bytes
+    esn: bool
+    replay_window: int
+    udp_encap: bool
+    local_ts: list[str]
+    remote_ts: list[str]
+
+
+@message("child-delete")
+class ChildDelete(BusMessage):
+    unique_id: int
+    reqid: int
+    spi_in: bytes
+    spi_out: bytes
+    local_address: str
+    remote_address: str
+
+
+@message("kernel-ack")
+class KernelAck(BusMessage):
+    ok: bool
+    error: str = ""
+
+
+@message("kernel-show-request")
+class KernelShowRequest(BusMessage):
+    """Ask the kernel service for its SAs and policies (no key material in the answer)."""
+
+
+@message("kernel-state")
+class KernelState(BusMessage):
+    backend: str
+    sas: list[dict[str, Any]]
+    policies: list[dict[str, Any]]
+
+
+# --- ike workers ------------------------------------------------------------------------------
+
+
+@message("ike-show-request")
+class IkeShowRequest(BusMessage):
+    """Every ike worker answers with the SAs it owns (`show ike-sa`)."""
+
+    details: bool = False
+
+
+@message("ike-show")
+class IkeShow(BusMessage):
+    instance: str
+    shard: int
+    sas: list[dict[str, Any]]
+
+
+@message("initial-contact")
+class InitialContactNotice(BusMessage):
+    """ike -> every ike worker: delete older SAs between these identities (RFC 7296 2.4)."""
+
+    local_id: str
+    remote_id: str
+    keep_ike_unique_id: int
+
+
+@message("sa-event")
+class SaEventNotice(BusMessage):
+    kind: str
+    ike_unique_id: int
+    vpn: str | None
+    instance: str
+    detail: dict[str, Any] = field(default_factory=dict)

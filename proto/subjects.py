@@ -38,8 +38,10 @@ def ike_shard_command(shard: int) -> str:
     return f"{PREFIX}.ike.shard.{shard}.command"
 
 
-# ike -> ingress: datagrams to send from a given local address/port.
+# ike -> ingress: datagrams to send from a given local address/port (queue group ingress).
 INGRESS_SEND = f"{PREFIX}.ingress.send"
+# ike -> every ingress: where a retransmitted IKE_SA_INIT must go (no queue group).
+INGRESS_INIT_ROUTE = f"{PREFIX}.ingress.init-route"
 
 # ike -> kernel: child SA install/delete (request/reply).
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
@@ -55,3 +57,5 @@ EVENT_CHILD_SA = f"{PREFIX}.event.child-sa"
 
 # CLI -> all ike workers: show commands gathered from every instance.
 IKE_SHOW = f"{PREFIX}.ike.show"
+# ike -> every ike worker: INITIAL_CONTACT received, drop older SAs of these identities.
+IKE_INITIAL_CONTACT = f"{PREFIX}.ike.initial-contact"

@@ -1,11 +1,268 @@
-"""IKE workers: run the IKEv2 engine and own the IKE SAs of their shard."""
+"""IKE workers: run the sans-I/O engine for one SPI shard and carry out its effects over NATS.
+
+Datagrams arrive from ingress (new IKE_SA_INIT through the workers' queue group,
+everything else on this worker's shard subject); the engine's effects become
+bus messages: datagrams back to ingress, PSK computations to the keystore,
+child SAs to the kernel service, events for everyone. The worker holds no
+secret: its config copy has the secrets stripped.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from ikefarm.proto import envelope, subjects
+from ikefarm.proto.messages import (
+    ChildDelete,
+    ChildInstall,
+    Datagram,
+    IkeShow,
+    IkeShowRequest,
+    InitialContactNotice,
+    InitRoute,
+    KernelAck,
+    OutboundDatagram,
+    PskAuthReply,
+    PskAuthRequest,
+    SaEventNotice,
+)
 from ikefarm.shared.bus.runtime import ServiceBase
+from ikefarm.shared.ikev2.effects import (
+    DeleteChildSa,
+    Effect,
+    Endpoint,
+    HalfOpen,
+    InitialContact,
+    InstallChildSa,
+    KeystoreRequest,
+    Log,
+    SaEvent,
+    SendDatagram,
+)
+from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.policy import engine_policy
+from ikefarm.shared.ikev2.show import ike_sa_row
+from ikefarm.shared.observability.logging import get_logger
+
+KEYSTORE_TIMEOUT = 2.0
+KERNEL_TIMEOUT = 2.0
+TIMER_IDLE = 1.0
 
 
 class IkeService(ServiceBase):
     name = "ike"
     subsystem = "ike"
     description = "ikefarm ike worker: IKEv2 negotiation for one SPI shard"
+
+    async def setup(self) -> None:
+        shard = self.runtime.options.get("shard")
+        self.shard = int(shard) if shard is not None else 0
+        self.engine = IkeEngine(engine_policy(self.config.without_secrets()), self.shard)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
+        runtime = self.runtime
+        await runtime.subscribe(
+            subjects.IKE_INIT, Datagram, self.on_datagram, queue=subjects.QUEUE_IKE_WORKERS
+        )
+        await runtime.subscribe(subjects.ike_shard(self.shard), Datagram, self.on_datagram)
+        await runtime.subscribe(subjects.IKE_SHOW, IkeShowRequest, self.on_show)
+        await runtime.subscribe(
+            subjects.IKE_INITIAL_CONTACT, InitialContactNotice, self.on_initial_contact
+        )
+        self._timer = asyncio.create_task(self.run_timers())
+        self.log.control("ike_worker_ready", shard=self.shard)
+
+    async def teardown(self) -> None:
+        self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def gauges(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "ike_sas": len(self.engine.sas),
+            "half_open": self.engine.half_open_count,
+            "established": self.engine.established_count,
+            "engine": dict(self.engine.counters),
+        }
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    async def on_datagram(self, datagram: Datagram, _msg: Msg) -> None:
+        effects = self.engine.receive(
+            datagram.data,
+            Endpoint(datagram.local_address, datagram.local_port),
+            Endpoint(datagram.remote_address, datagram.remote_port),
+            time.monotonic(),
+        )
+        await self.apply(effects)
+
+    async def on_show(self, request: IkeShowRequest, msg: Msg) -> None:
+        now = time.monotonic()
+        rows = [ike_sa_row(sa, now) for sa in self.engine.sas.values()]
+        if msg.reply:
+            await msg.respond(envelope.pack_reply(IkeShow(self.runtime.instance, self.shard, rows)))
+
+    async def on_initial_contact(self, notice: InitialContactNotice, _msg: Msg) -> None:
+        effects = self.engine.initial_contact(
+            notice.local_id, notice.remote_id, notice.keep_ike_unique_id, time.monotonic()
+        )
+        await self.apply(effects)
+
+    async def run_timers(self) -> None:
+        while True:
+            deadline = self.engine.next_deadline()
+            delay = (
+                TIMER_IDLE
+                if deadline is None
+                else max(0.0, min(TIMER_IDLE, deadline - time.monotonic()))
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            try:
+                await self.apply(self.engine.on_timer(time.monotonic()))
+            except Exception as exc:  # a timer failure must not stop the timers
+                self.runtime.counters["timer_failed"] += 1
+                self.log.control("timer_failed", error=type(exc).__name__)
+
+    # -- effects ----------------------------------------------------------------------------
+
+    async def apply(self, effects: list[Effect]) -> None:
+        # child SAs go into the kernel before the response that announces them leaves
+        installs = [e for e in effects if isinstance(e, InstallChildSa)]
+        for effect in installs:
+            await self.install_child(effect)
+        for effect in effects:
+            if isinstance(effect, InstallChildSa):
+                continue
+            await self.apply_one(effect)
+        self._wake.set()
+
+    async def apply_one(self, effect: Effect) -> None:
+        runtime = self.runtime
+        if isinstance(effect, SendDatagram):
+            await runtime.publish(
+                subjects.INGRESS_SEND,
+                OutboundDatagram(
+                    effect.local.address,
+                    effect.local.port,
+                    effect.remote.address,
+                    effect.remote.port,
+                    effect.data,
+                ),
+            )
+        elif isinstance(effect, KeystoreRequest):
+            self._spawn(self.ask_keystore(effect))
+        elif isinstance(effect, DeleteChildSa):
+            self._spawn(self.delete_child(effect))
+        elif isinstance(effect, SaEvent):
+            await runtime.publish(
+                subjects.EVENT_IKE_SA if effect.kind.startswith("ike") else subjects.EVENT_CHILD_SA,
+                SaEventNotice(
+                    effect.kind, effect.ike_unique_id, effect.vpn, runtime.instance, effect.detail
+                ),
+            )
+        elif isinstance(effect, InitialContact):
+            await runtime.publish(
+                subjects.IKE_INITIAL_CONTACT,
+                InitialContactNotice(effect.local_id, effect.remote_id, effect.keep_ike_unique_id),
+            )
+        elif isinstance(effect, HalfOpen):
+            await runtime.publish(
+                subjects.INGRESS_INIT_ROUTE,
+                InitRoute(
+                    effect.spi_i,
+                    effect.remote.address,
+                    effect.remote.port,
+                    self.shard,
+                    effect.lifetime,
+                ),
+            )
+        elif isinstance(effect, Log):
+            get_logger(effect.subsystem).at(effect.level, effect.event, **effect.fields)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def ask_keystore(self, effect: KeystoreRequest) -> None:
+        reply: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            answer = await self.runtime.request(
+                subjects.KEYSTORE_PSK_AUTH,
+                PskAuthRequest(**effect.params),
+                PskAuthReply,
+                timeout=KEYSTORE_TIMEOUT,
+            )
+            reply = {"verified": answer.verified, "auth": answer.auth, "reason": answer.reason}
+        except Exception as exc:
+            error = type(exc).__name__
+            self.runtime.counters["keystore_errors"] += 1
+        await self.apply(
+            self.engine.keystore_reply(effect.request_id, reply, time.monotonic(), error=error)
+        )
+
+    async def install_child(self, effect: InstallChildSa) -> None:
+        child = effect.child
+        message = ChildInstall(
+            unique_id=child.unique_id,
+            ike_unique_id=child.ike_unique_id,
+            name=child.name,
+            vpn=child.vpn,
+            reqid=child.reqid,
+            protocol=child.protocol,
+            mode=child.mode,
+            local_address=child.local.address,
+            local_port=child.local.port,
+            remote_address=child.remote.address,
+            remote_port=child.remote.port,
+            spi_in=child.spi_in,
+            spi_out=child.spi_out,
+            encr_id=child.encr_id,
+            encr_key_bits=child.encr_key_bits,
+            integ_id=child.integ_id,
+            encr_key_in=child.encr_key_in,
+            encr_key_out=child.encr_key_out,
+            integ_key_in=child.integ_key_in,
+            integ_key_out=child.integ_key_out,
+            esn=child.esn,
+            replay_window=child.replay_window,
+            udp_encap=child.udp_encap,
+            local_ts=list(child.local_ts),
+            remote_ts=list(child.remote_ts),
+        )
+        await self._kernel(subjects.KERNEL_CHILD_INSTALL, message, "install", child.unique_id)
+
+    async def delete_child(self, effect: DeleteChildSa) -> None:
+        message = ChildDelete(
+            effect.unique_id,
+            effect.reqid,
+            effect.spi_in,
+            effect.spi_out,
+            effect.local.address,
+            effect.remote.address,
+        )
+        await self._kernel(subjects.KERNEL_CHILD_DELETE, message, "delete", effect.unique_id)
+
+    async def _kernel(self, subject: str, message: Any, what: str, unique_id: int) -> None:
+        try:
+            ack = await self.runtime.request(subject, message, KernelAck, timeout=KERNEL_TIMEOUT)
+        except Exception as exc:
+            self.runtime.counters[f"kernel_{what}_errors"] += 1
+            get_logger("kernel").control(
+                f"child_{what}_failed", unique_id=unique_id, error=type(exc).__name__
+            )
+            return
+        if not ack.ok:
+            self.runtime.counters[f"kernel_{what}_refused"] += 1
+            get_logger("kernel").control(
+                f"child_{what}_refused", unique_id=unique_id, error=ack.error
+            )

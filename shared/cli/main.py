@@ -111,6 +111,50 @@ def cmd_status(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    import nats
+
+    from ikefarm.proto import envelope, subjects
+    from ikefarm.proto.messages import IkeShow, IkeShowRequest
+    from ikefarm.shared.cli.status import gather
+    from ikefarm.shared.ikev2.show import format_details, format_summary
+
+    config = _load_or_exit(args.config) if args.config else None
+    url = _nats_url(args, config)
+    details = "details" in args.words
+
+    async def run() -> int:
+        try:
+            nc = await nats.connect(servers=[url], connect_timeout=2, max_reconnect_attempts=0)
+        except Exception as exc:
+            print(f"ikefarm show: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+            return 2
+        try:
+            replies = await gather(
+                nc, subjects.IKE_SHOW, envelope.pack(IkeShowRequest(details)), args.wait
+            )
+        finally:
+            await nc.close()
+        rows = []
+        for reply in replies:
+            try:
+                rows.extend(envelope.unpack_reply(reply.data, IkeShow).sas)
+            except envelope.BusError as exc:
+                print(f"ikefarm show: a worker answered badly: {exc}", file=sys.stderr)
+        rows.sort(key=lambda r: r["unique_id"])
+        if args.json:
+            import json
+
+            print(json.dumps(rows, indent=2))
+        elif details:
+            print(format_details(rows))
+        else:
+            print(format_summary(rows))
+        return 0
+
+    return asyncio.run(run())
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
@@ -152,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--wait", type=float, default=0.5, help="seconds to collect replies")
     status.set_defaults(func=cmd_status)
+
+    show = commands.add_parser("show", help="show state: `show ike-sa [details]`")
+    show.add_argument("what", choices=["ike-sa"])
+    show.add_argument("words", nargs="*", choices=["details"], help="details: SPIs, children")
+    show.add_argument("-c", "--config")
+    show.add_argument("--nats")
+    show.add_argument("--state-dir")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--wait", type=float, default=0.5, help="seconds to collect replies")
+    show.set_defaults(func=cmd_show)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)

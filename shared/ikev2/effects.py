@@ -1,0 +1,132 @@
+"""What the engine asks its driver to do. The engine returns these; it performs no I/O.
+
+The ike service turns them into NATS messages (datagrams to ingress, child SAs to
+the kernel service, keystore requests), the tests inspect them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.address}[{self.port}]"
+
+
+@dataclass(frozen=True)
+class SendDatagram:
+    """An IKE message to send; ingress adds the non-ESP marker on port 4500."""
+
+    local: Endpoint
+    remote: Endpoint
+    data: bytes
+    exchange: str = ""
+
+
+@dataclass(frozen=True)
+class KeystoreRequest:
+    """A computation that needs a secret the engine must not hold (DESIGN principle 4)."""
+
+    request_id: int
+    operation: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ChildSaInstall:
+    """Everything the kernel needs to install one child SA pair and its policies."""
+
+    unique_id: int
+    ike_unique_id: int
+    name: str
+    vpn: str
+    reqid: int
+    protocol: str
+    mode: str
+    local: Endpoint
+    remote: Endpoint
+    spi_in: bytes
+    spi_out: bytes
+    encr_id: int
+    encr_key_bits: int | None
+    integ_id: int | None
+    encr_key_in: bytes = field(repr=False)
+    encr_key_out: bytes = field(repr=False)
+    integ_key_in: bytes = field(repr=False)
+    integ_key_out: bytes = field(repr=False)
+    esn: bool
+    replay_window: int
+    udp_encap: bool
+    local_ts: tuple[str, ...]
+    remote_ts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InstallChildSa:
+    child: ChildSaInstall
+
+
+@dataclass(frozen=True)
+class DeleteChildSa:
+    unique_id: int
+    reqid: int
+    spi_in: bytes
+    spi_out: bytes
+    local: Endpoint
+    remote: Endpoint
+
+
+@dataclass(frozen=True)
+class SaEvent:
+    """An IKE or child SA changed state (for events, show and counters)."""
+
+    kind: str  # "ike-established", "ike-deleted", "child-installed", "child-deleted", ...
+    ike_unique_id: int
+    vpn: str | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InitialContact:
+    """RFC 7296 2.4: the peer has no other SA with us; drop older ones farm-wide."""
+
+    local_id: str
+    remote_id: str
+    keep_ike_unique_id: int
+
+
+@dataclass(frozen=True)
+class HalfOpen:
+    """A responder half-open SA exists for (SPIi, peer): retransmitted IKE_SA_INIT go here."""
+
+    spi_i: bytes
+    remote: Endpoint
+    lifetime: float
+
+
+@dataclass(frozen=True)
+class Log:
+    """A log line for the driver to write (the engine never logs itself)."""
+
+    level: int
+    subsystem: str
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = (
+    SendDatagram
+    | KeystoreRequest
+    | InstallChildSa
+    | DeleteChildSa
+    | SaEvent
+    | InitialContact
+    | HalfOpen
+    | Log
+)

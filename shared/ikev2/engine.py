@@ -1,0 +1,381 @@
+"""The sans-I/O IKEv2 engine: feed it datagrams, time and replies; it returns effects.
+
+One engine runs in each ike worker and owns the IKE SAs whose SPI carries its
+shard. `receive()` takes a datagram (non-ESP marker already stripped by
+ingress), `keystore_reply()` the answer to a `KeystoreRequest` it emitted,
+`on_timer()` the current time. Each returns a list of effects (datagrams to
+send, child SAs to install or delete, events, log lines). The engine never
+reads a clock, opens a socket or logs: exactly like aioquic's QuicConnection.
+
+Per-exchange rules live in `exchanges/`; this module does dispatch, message-ID
+windows and retransmitted-request handling (RFC 7296 2.1-2.2), and timers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from ikefarm.proto.sharding import shard_of_spi, spi_for_shard
+from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType
+from ikefarm.shared.ikev2.crypto.protection import IntegrityCheckFailed, MalformedEncryptedPayload
+from ikefarm.shared.ikev2.effects import (
+    DeleteChildSa,
+    Effect,
+    Endpoint,
+    Log,
+    SaEvent,
+    SendDatagram,
+)
+from ikefarm.shared.ikev2.errors import MalformedMessage, UnsupportedCriticalPayload
+from ikefarm.shared.ikev2.exchanges import ike_auth, ike_init, informational
+from ikefarm.shared.ikev2.fragments import FragmentReassembler
+from ikefarm.shared.ikev2.message import (
+    Message,
+    ParsedMessage,
+    decrypt_message,
+    encode_message,
+    encode_message_fragments,
+    parse_message,
+)
+from ikefarm.shared.ikev2.payloads import NotifyPayload, Payload
+from ikefarm.shared.ikev2.policy import EnginePolicy
+from ikefarm.shared.ikev2.sa import CachedResponse, ChildSaState, IkeSa, IkeSaState
+
+# IPv6 minimum MTU minus IPv6 (40) and UDP (8) headers and the non-ESP marker (4):
+# strongSwan's default fragment size leaves the same room (RFC 7383 2.5.1).
+DEFAULT_FRAGMENT_SIZE = 1280 - 40 - 8 - 4
+
+
+class IkeEngine:
+    def __init__(
+        self,
+        policy: EnginePolicy,
+        shard: int = 0,
+        *,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.policy = policy
+        self.shard = shard
+        self.random = random
+        self.sas: dict[bytes, IkeSa] = {}
+        # responder half-open SAs by (SPIi, peer address, peer port), to answer a
+        # retransmitted IKE_SA_INIT with the same response (RFC 7296 2.1)
+        self.init_index: dict[tuple[bytes, str, int], bytes] = {}
+        self.keystore_waits: dict[int, bytes] = {}
+        self.counters: Counter[str] = Counter()
+        self._unique_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+
+    # -- identifiers -------------------------------------------------------------------------
+
+    def new_ike_spi(self) -> bytes:
+        while True:
+            spi = spi_for_shard(self.shard, self.random(6))
+            if spi not in self.sas and any(spi):
+                return spi
+
+    def new_child_spi(self) -> bytes:
+        used = {c.spi_in for sa in self.sas.values() for c in sa.children}
+        while True:
+            spi = self.random(4)
+            if int.from_bytes(spi, "big") >= 256 and spi not in used:  # 0-255 reserved (RFC 4303)
+                return spi
+
+    def new_unique_id(self) -> int:
+        # unique across the farm: the shard is the high part, as in the SPI
+        return self.shard * 100_000 + next(self._unique_ids)
+
+    def new_request_id(self) -> int:
+        return next(self._request_ids)
+
+    # -- bookkeeping helpers used by the exchanges --------------------------------------------
+
+    def drop(self, reason: str, **fields: Any) -> list[Effect]:
+        self.counters[f"dropped.{reason}"] += 1
+        return [Log(2, "encoding", "datagram_dropped", {"reason": reason, **fields})]
+
+    def count(self, name: str) -> None:
+        self.counters[name] += 1
+
+    def send(
+        self,
+        sa: IkeSa,
+        message: Message,
+        *,
+        cache_response: bool = True,
+        exchange: str = "",
+    ) -> list[Effect]:
+        """Encode (seal, fragment if the peer allows and it is large) and send."""
+        datagrams: list[bytes]
+        if message.protected:
+            assert sa.protection is not None
+            sk_e, sk_a = sa.outbound_keys()
+            single = encode_message(message, sa.protection, sk_e, sk_a)
+            if (
+                sa.peer_fragmentation
+                and len(single) > DEFAULT_FRAGMENT_SIZE
+                and sa.vpn
+                and sa.vpn.fragmentation
+            ):
+                datagrams = encode_message_fragments(
+                    message, sa.protection, sk_e, sk_a, DEFAULT_FRAGMENT_SIZE
+                )
+            else:
+                datagrams = [single]
+        else:
+            datagrams = [encode_message(message)]
+        if message.is_response and cache_response:
+            sa.last_response = CachedResponse(message.message_id, datagrams)
+        name = exchange or _exchange_name(message.exchange_type)
+        return [SendDatagram(sa.local, sa.remote, d, name) for d in datagrams]
+
+    def respond(
+        self, sa: IkeSa, request: Message, payloads: list[Payload], *, protected: bool = True
+    ) -> list[Effect]:
+        response = Message(
+            exchange_type=request.exchange_type,
+            spi_i=sa.spi_i,
+            spi_r=sa.spi_r,
+            message_id=request.message_id,
+            is_initiator=sa.is_initiator,
+            is_response=True,
+            payloads=payloads,
+            protected=protected,
+        )
+        return self.send(sa, response)
+
+    def remove_sa(
+        self, sa: IkeSa, reason: str, now: float, *, announce: bool = True
+    ) -> list[Effect]:
+        """Forget an IKE SA and uninstall its children."""
+        effects: list[Effect] = []
+        for child in sa.children:
+            if child.state != ChildSaState.DELETED:
+                child.state = ChildSaState.DELETED
+                effects.append(
+                    DeleteChildSa(
+                        child.unique_id,
+                        child.policy.reqid,
+                        child.spi_in,
+                        child.spi_out,
+                        sa.local,
+                        sa.remote,
+                    )
+                )
+        was_established = sa.established_at is not None
+        sa.state = IkeSaState.DELETED
+        self.sas.pop(sa.local_spi, None)
+        self.init_index.pop((sa.spi_i, sa.remote.address, sa.remote.port), None)
+        for request_id, spi in list(self.keystore_waits.items()):
+            if spi == sa.local_spi:
+                del self.keystore_waits[request_id]
+        if announce and was_established:
+            effects.append(
+                SaEvent(
+                    "ike-deleted", sa.unique_id, sa.vpn.name if sa.vpn else None, {"reason": reason}
+                )
+            )
+            effects.append(
+                Log(
+                    0,
+                    "ike",
+                    "ike_sa_deleted",
+                    {
+                        "vpn": sa.vpn.name if sa.vpn else None,
+                        "unique_id": sa.unique_id,
+                        "reason": reason,
+                    },
+                )
+            )
+        return effects
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def receive(
+        self, datagram: bytes, local: Endpoint, remote: Endpoint, now: float
+    ) -> list[Effect]:
+        """One IKE datagram from `remote` to `local`."""
+        try:
+            parsed = parse_message(datagram)
+        except MalformedMessage as exc:
+            return self._malformed(datagram, exc, local, remote)
+        header = parsed.header
+        if (
+            header.exchange_type == ExchangeType.IKE_SA_INIT
+            and not header.is_response
+            and not any(header.spi_r)
+        ):
+            return ike_init.respond(self, parsed, local, remote, now)
+        our_spi = header.spi_r if header.is_initiator else header.spi_i
+        sa = self.sas.get(our_spi)
+        if sa is None:
+            if shard_of_spi(our_spi) != self.shard:
+                return self.drop("wrong_shard", shard=shard_of_spi(our_spi))
+            return self.drop("unknown_spi")
+        if sa.remote_spi != (header.spi_i if header.is_initiator else header.spi_r):
+            return self.drop("spi_mismatch")
+        if header.is_initiator == sa.is_initiator:
+            return self.drop("wrong_initiator_flag")
+        if header.is_response:
+            return self._receive_response(sa, parsed, local, remote, now)
+        return self._receive_request(sa, parsed, local, remote, now)
+
+    def _malformed(
+        self, datagram: bytes, exc: MalformedMessage, local: Endpoint, remote: Endpoint
+    ) -> list[Effect]:
+
+        if isinstance(exc, UnsupportedCriticalPayload):
+            return ike_init.refuse_critical(self, datagram, exc, local, remote) or self.drop(
+                exc.reason
+            )
+        return self.drop(exc.reason)
+
+    def _receive_request(
+        self, sa: IkeSa, parsed: ParsedMessage, local: Endpoint, remote: Endpoint, now: float
+    ) -> list[Effect]:
+        header = parsed.header
+        # RFC 7296 2.1/2.2: a retransmitted request gets the cached response again
+        if sa.last_response is not None and header.message_id == sa.last_response.message_id:
+            if parsed.is_fragment and parsed.encrypted.fragment_number != 1:  # type: ignore[union-attr]
+                return []  # one retransmission per fragmented request is enough (RFC 7383 2.6.1)
+            self.count("retransmitted_responses")
+            return [
+                SendDatagram(sa.local, sa.remote, d, "retransmit")
+                for d in sa.last_response.datagrams
+            ]
+        if header.message_id != sa.expected_request_id:
+            return self.drop(
+                "invalid_message_id", got=header.message_id, expected=sa.expected_request_id
+            )
+        if sa.state == IkeSaState.AUTHENTICATING:
+            return self.drop("request_in_progress")
+        if sa.protection is None or sa.keys is None:
+            return self.drop("no_keys_yet")
+        message = self._decrypt(sa, parsed)
+        if isinstance(message, list):
+            return message
+        if message is None:
+            return []  # fragment stored, waiting for the others
+        # RFC 7296 2.23: after a verified request, answer where it came from
+        if sa.nat_detected or sa.remote != remote:
+            sa.local, sa.remote = local, remote
+        return self._dispatch_request(sa, message, now)
+
+    def _decrypt(self, sa: IkeSa, parsed: ParsedMessage) -> Message | list[Effect] | None:
+        sk_e, sk_a = sa.inbound_keys()
+        assert sa.protection is not None
+        try:
+            if parsed.is_fragment:
+                if sa.reassembler is None or sa.reassembler.message_id != parsed.header.message_id:
+                    sa.reassembler = FragmentReassembler(parsed.header.message_id)
+                message = sa.reassembler.receive(parsed, sa.protection, sk_e, sk_a)
+                if message is not None:
+                    sa.reassembler = None
+                return message
+            return decrypt_message(parsed, sa.protection, sk_e, sk_a)
+        except IntegrityCheckFailed:
+            return self.drop("integrity_check_failed")
+        except MalformedEncryptedPayload as exc:
+            return self.drop(exc.reason)
+        except MalformedMessage as exc:
+            return self.drop(exc.reason)
+
+    def _dispatch_request(self, sa: IkeSa, message: Message, now: float) -> list[Effect]:
+        exchange = message.exchange_type
+        if (
+            exchange == ExchangeType.IKE_AUTH
+            and sa.state == IkeSaState.HALF_OPEN
+            and not sa.is_initiator
+        ):
+            return ike_auth.respond(self, sa, message, now)
+        if sa.state not in (IkeSaState.ESTABLISHED, IkeSaState.REKEYING):
+            return self.drop(
+                "unexpected_exchange", exchange=_exchange_name(exchange), state=str(sa.state)
+            )
+        sa.expected_request_id += 1
+        if exchange == ExchangeType.INFORMATIONAL:
+            return informational.respond(self, sa, message, now)
+        if exchange == ExchangeType.CREATE_CHILD_SA:
+            self.count("create_child_sa_refused")
+            return self.respond(sa, message, [NotifyPayload(NotifyType.NO_ADDITIONAL_SAS)])
+        return self.drop("unexpected_exchange", exchange=_exchange_name(exchange))
+
+    def _receive_response(
+        self, sa: IkeSa, parsed: ParsedMessage, local: Endpoint, remote: Endpoint, now: float
+    ) -> list[Effect]:
+        return self.drop("unexpected_response")
+
+    def keystore_reply(
+        self, request_id: int, reply: dict[str, Any] | None, now: float, error: str | None = None
+    ) -> list[Effect]:
+        """The keystore's answer (or `error` when it could not answer) to a KeystoreRequest."""
+        spi = self.keystore_waits.pop(request_id, None)
+        sa = self.sas.get(spi) if spi is not None else None
+        if sa is None:
+            self.count("keystore_reply_orphaned")
+            return []
+        return ike_auth.keystore_answered(self, sa, reply, error, now)
+
+    def on_timer(self, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        for sa in list(self.sas.values()):
+            if (
+                sa.half_open_deadline is not None
+                and now >= sa.half_open_deadline
+                and sa.established_at is None
+            ):
+                self.count("half_open_expired")
+                effects.append(
+                    Log(
+                        1,
+                        "ike",
+                        "half_open_expired",
+                        {"unique_id": sa.unique_id, "peer": str(sa.remote)},
+                    )
+                )
+                effects += self.remove_sa(sa, "half-open timeout", now)
+        return effects
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            sa.half_open_deadline
+            for sa in self.sas.values()
+            if sa.half_open_deadline is not None and sa.established_at is None
+        ]
+        return min(deadlines) if deadlines else None
+
+    def initial_contact(
+        self, local_id: str, remote_id: str, keep_unique_id: int, now: float
+    ) -> list[Effect]:
+        """Delete other SAs between these identities: the peer has forgotten them (RFC 7296 2.4)."""
+        effects: list[Effect] = []
+        for sa in list(self.sas.values()):
+            if sa.unique_id == keep_unique_id or sa.established_at is None:
+                continue
+            if (
+                sa.local_id is not None
+                and sa.remote_id is not None
+                and (str(sa.local_id) == local_id and str(sa.remote_id) == remote_id)
+            ):
+                self.count("initial_contact_deletes")
+                effects += self.remove_sa(sa, "initial contact", now)
+        return effects
+
+    @property
+    def half_open_count(self) -> int:
+        return sum(1 for sa in self.sas.values() if sa.established_at is None)
+
+    @property
+    def established_count(self) -> int:
+        return sum(1 for sa in self.sas.values() if sa.state == IkeSaState.ESTABLISHED)
+
+
+def _exchange_name(exchange_type: int) -> str:
+    try:
+        return ExchangeType(exchange_type).name
+    except ValueError:
+        return f"exchange-{exchange_type}"

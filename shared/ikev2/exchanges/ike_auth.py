@@ -1,0 +1,185 @@
+"""IKE_AUTH, responder side (RFC 7296 1.2, 2.15, 2.21.2): identities, PSK AUTH, first child.
+
+The PSK never enters the worker: the engine builds the signed octets and asks
+the keystore to verify the peer's AUTH and compute ours. Until it answers the
+SA is AUTHENTICATING and a retransmitted request is ignored (the answer will be
+sent once). A failed authentication is answered with AUTHENTICATION_FAILED
+and the half-open SA is forgotten; a child that cannot be made (no proposal,
+TS_UNACCEPTABLE) leaves the IKE SA established, as RFC 7296 1.2 and strongSwan
+expect.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import TYPE_CHECKING, Any
+
+from ikefarm.shared.ikev2.constants import AuthMethod, NotifyType, PayloadType
+from ikefarm.shared.ikev2.effects import Effect, InitialContact, KeystoreRequest, Log, SaEvent
+from ikefarm.shared.ikev2.exchanges.child_create import respond_child
+from ikefarm.shared.ikev2.message import Message
+from ikefarm.shared.ikev2.payloads import AuthPayload, IdPayload, NotifyPayload, Payload
+from ikefarm.shared.ikev2.policy import VpnPolicy
+from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState
+
+if TYPE_CHECKING:
+    from ikefarm.shared.ikev2.engine import IkeEngine
+
+PSK_AUTH = "psk-auth"
+
+
+def identity_matches(configured: str | None, presented: str) -> bool:
+    """strongSwan-style: unset or `%any` matches anything, `*` wildcards match within."""
+    if configured is None or configured in ("%any", "*"):
+        return True
+    if "*" in configured:
+        return fnmatch.fnmatchcase(presented, configured)
+    return configured == presented
+
+
+def choose_vpn(sa: IkeSa, idi: IdPayload, idr: IdPayload | None) -> VpnPolicy | None:
+    """The VPN for this peer: addresses fit (IKE_SA_INIT), IDi fits remote-id, IDr our local-id."""
+    presented = str(idi)
+    exact: list[VpnPolicy] = []
+    loose: list[VpnPolicy] = []
+    for vpn in sa.candidates:
+        if not identity_matches(vpn.remote_id, presented):
+            continue
+        if idr is not None and not identity_matches(vpn.local_id, str(idr)):
+            continue
+        (exact if vpn.remote_id == presented else loose).append(vpn)
+    found = exact + loose
+    return found[0] if found else None
+
+
+def signed_octets(
+    real_message: bytes, nonce: bytes, prf_key: bytes, id_payload: IdPayload, sa: IkeSa
+) -> bytes:
+    """RealMessage | Nonce | prf(SK_p, RestOfIDPayload) (RFC 7296 2.15)."""
+    assert sa.prf is not None
+    return real_message + nonce + sa.prf.compute(prf_key, id_payload.encode_body())
+
+
+def _fail(
+    engine: IkeEngine, sa: IkeSa, request: Message, reason: str, now: float, **fields: Any
+) -> list[Effect]:
+    engine.count(f"auth_failed.{reason}")
+    sa.expected_request_id = request.message_id + 1
+    effects = engine.respond(sa, request, [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)])
+    effects.append(
+        Log(
+            1,
+            "ike",
+            "authentication_failed",
+            {"unique_id": sa.unique_id, "peer": str(sa.remote), "reason": reason, **fields},
+        )
+    )
+    effects += engine.remove_sa(sa, f"authentication failed: {reason}", now, announce=False)
+    return effects
+
+
+def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[Effect]:
+    idi = request.get_type(PayloadType.IDi)
+    idr = request.get_type(PayloadType.IDr)
+    auth = request.get(AuthPayload)
+    if not isinstance(idi, IdPayload):
+        return _fail(engine, sa, request, "no_identity", now)
+    if auth is None:
+        return _fail(engine, sa, request, "eap_not_supported", now, remote_id=str(idi))
+    vpn = choose_vpn(sa, idi, idr if isinstance(idr, IdPayload) else None)
+    if vpn is None:
+        return _fail(engine, sa, request, "no_matching_vpn", now, remote_id=str(idi))
+    if vpn.remote_auth != "pre-shared-key" or auth.method != AuthMethod.SHARED_KEY_MIC:
+        return _fail(engine, sa, request, "auth_method", now, method=int(auth.method), vpn=vpn.name)
+    assert sa.keys is not None
+    local_id = IdPayload.from_string(vpn.local_id, PayloadType.IDr)
+    verify = signed_octets(sa.init_request, sa.nonce_r, sa.keys.sk_pi, idi, sa)
+    sign = signed_octets(sa.init_response, sa.nonce_i, sa.keys.sk_pr, local_id, sa)
+    request_id = engine.new_request_id()
+    engine.keystore_waits[request_id] = sa.local_spi
+    sa.state = IkeSaState.AUTHENTICATING
+    sa.pending = {"request": request, "vpn": vpn, "idi": idi, "idr": local_id}
+    assert sa.algorithms is not None and sa.algorithms.prf is not None
+    params = {
+        "prf_id": sa.algorithms.prf[0],
+        "local_id": vpn.local_id,
+        "remote_id": str(idi),
+        "verify_octets": verify,
+        "verify_auth": auth.data,
+        "sign_octets": sign,
+    }
+    return [KeystoreRequest(request_id, PSK_AUTH, params)]
+
+
+def keystore_answered(
+    engine: IkeEngine, sa: IkeSa, reply: dict[str, Any] | None, error: str | None, now: float
+) -> list[Effect]:
+    pending = sa.pending
+    sa.pending = {}
+    request: Message = pending["request"]
+    if error is not None or reply is None:
+        # nothing decided: the peer retransmits and we ask again
+        sa.state = IkeSaState.HALF_OPEN
+        engine.count("keystore_unavailable")
+        return [
+            Log(
+                1,
+                "ike",
+                "keystore_unavailable",
+                {"unique_id": sa.unique_id, "error": error or "no reply"},
+            )
+        ]
+    vpn: VpnPolicy = pending["vpn"]
+    idi: IdPayload = pending["idi"]
+    if not reply.get("verified"):
+        return _fail(
+            engine,
+            sa,
+            request,
+            str(reply.get("reason") or "auth_mismatch"),
+            now,
+            remote_id=str(idi),
+            vpn=vpn.name,
+        )
+
+    sa.vpn = vpn
+    sa.local_id = pending["idr"]
+    sa.remote_id = idi
+    sa.state = IkeSaState.ESTABLISHED
+    sa.established_at = now
+    sa.half_open_deadline = None
+    sa.expected_request_id = request.message_id + 1
+    sa.peer_mobike = request.notify(NotifyType.MOBIKE_SUPPORTED) is not None
+    sa.rekey_at = now + vpn.rekey_time if vpn.rekey_time else None
+    sa.expire_at = now + vpn.rekey_time + vpn.over_time if vpn.rekey_time else None
+    engine.count("ike_sa_established")
+
+    payloads: list[Payload] = [
+        pending["idr"],
+        AuthPayload(AuthMethod.SHARED_KEY_MIC, reply["auth"]),
+    ]
+    effects: list[Effect] = []
+    child = respond_child(engine, sa, vpn, request, now, first_child=True)
+    payloads += child.payloads
+    effects_after = child.effects
+    response_effects = engine.respond(sa, request, payloads)
+
+    assert sa.algorithms is not None
+    detail = {
+        "local": str(sa.local),
+        "remote": str(sa.remote),
+        "local_id": str(sa.local_id),
+        "remote_id": str(idi),
+        "spi_i": sa.spi_i.hex(),
+        "spi_r": sa.spi_r.hex(),
+        "proposal": sa.algorithms.ike_summary(),
+    }
+    effects += response_effects
+    effects.append(SaEvent("ike-established", sa.unique_id, vpn.name, detail))
+    effects.append(
+        Log(0, "ike", "ike_sa_established", {"vpn": vpn.name, "unique_id": sa.unique_id, **detail})
+    )
+    effects += effects_after
+    if request.notify(NotifyType.INITIAL_CONTACT) is not None:
+        effects.append(InitialContact(str(sa.local_id), str(idi), sa.unique_id))
+    return effects

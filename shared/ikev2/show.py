@@ -1,0 +1,118 @@
+"""State of IKE and child SAs as plain data, and the vSR `show ike ike-sa` text (seed 004)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ikefarm.shared.ikev2.sa import ChildSa, IkeSa
+
+
+def _in(deadline: float | None, now: float) -> int | None:
+    return None if deadline is None else max(0, round(deadline - now))
+
+
+def child_row(child: ChildSa, now: float) -> dict[str, Any]:
+    return {
+        "name": child.name,
+        "unique_id": child.unique_id,
+        "reqid": child.policy.reqid,
+        "state": str(child.state),
+        "mode": child.mode,
+        "protocol": "esp",
+        "udp_encap": child.udp_encap,
+        "proposal": child.algorithms.esp_summary(),
+        "esn": child.algorithms.esn,
+        "spi_in": child.spi_in.hex(),
+        "spi_out": child.spi_out.hex(),
+        "bytes_in": 0,
+        "packets_in": 0,
+        "bytes_out": 0,
+        "packets_out": 0,
+        "installed_ago": max(0, round(now - child.installed_at)),
+        "rekey_in": _in(child.rekey_at, now),
+        "expires_in": _in(child.expire_at, now),
+        "local_ts": [str(s) for s in child.local_ts],
+        "remote_ts": [str(s) for s in child.remote_ts],
+    }
+
+
+def ike_sa_row(sa: IkeSa, now: float) -> dict[str, Any]:
+    proposal = sa.algorithms.ike_summary() if sa.algorithms else ""
+    if sa.ppk_used:
+        proposal += "/PPK"
+    return {
+        "vpn": sa.vpn.name if sa.vpn else None,
+        "unique_id": sa.unique_id,
+        "state": str(sa.state),
+        "version": 2,
+        "initiator": sa.is_initiator,
+        "spi_i": sa.spi_i.hex(),
+        "spi_r": sa.spi_r.hex(),
+        "local_address": sa.local.address,
+        "local_port": sa.local.port,
+        "remote_address": sa.remote.address,
+        "remote_port": sa.remote.port,
+        "local_id": str(sa.local_id) if sa.local_id else None,
+        "remote_id": str(sa.remote_id) if sa.remote_id else None,
+        "proposal": proposal,
+        "udp_encap": sa.nat_detected,
+        "ppk_used": sa.ppk_used,
+        "established_ago": None
+        if sa.established_at is None
+        else max(0, round(now - sa.established_at)),
+        "rekey_in": _in(sa.rekey_at, now),
+        "children": [child_row(c, now) for c in sa.children],
+    }
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    header = ("VPN", "Local-Addr", "Local-ID", "Remote-Addr", "Remote-ID", "State", "Child-SAs")
+    lines = [header] + [
+        (
+            str(r["vpn"] or "-"),
+            r["local_address"],
+            str(r["local_id"] or "-"),
+            r["remote_address"],
+            str(r["remote_id"] or "-"),
+            r["state"],
+            str(len(r["children"])),
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        " ".join(c.ljust(widths[i]) for i, c in enumerate(line)).rstrip() for line in lines
+    )
+
+
+def format_details(rows: list[dict[str, Any]]) -> str:
+    out: list[str] = []
+    for r in rows:
+        spis = f"{r['spi_i']}_i {r['spi_r']}_r"
+        out.append(f"{r['vpn'] or '-'}: #{r['unique_id']}, {r['state'].upper()}, IKEv2, {spis}")
+        out.append(f"  local  '{r['local_id'] or ''}' @ {r['local_address']}[{r['local_port']}]")
+        out.append(f"  remote '{r['remote_id'] or ''}' @ {r['remote_address']}[{r['remote_port']}]")
+        if r["proposal"]:
+            out.append(f"  {r['proposal']}")
+        if r["established_ago"] is not None:
+            timing = f"  established {r['established_ago']}s ago"
+            if r["rekey_in"] is not None:
+                timing += f", rekeying in {r['rekey_in']}s"
+            out.append(timing)
+        for c in r["children"]:
+            mode = c["mode"].upper()
+            head = f"  {c['name']}: #{c['unique_id']}, reqid {c['reqid']}, {c['state'].upper()}"
+            out.append(f"{head}, {mode}, {c['proposal']}")
+            timing = f"    installed {c['installed_ago']}s ago"
+            if c["rekey_in"] is not None:
+                timing += f", rekeying in {c['rekey_in']}s"
+            if c["expires_in"] is not None:
+                timing += f", expires in {c['expires_in']}s"
+            out.append(timing)
+            out.append(f"    in  {c['spi_in']}, {c['bytes_in']} bytes, {c['packets_in']} packets")
+            out.append(
+                f"    out {c['spi_out']}, {c['bytes_out']} bytes, {c['packets_out']} packets"
+            )
+            out.append(f"    local  {' '.join(c['local_ts'])}")
+            out.append(f"    remote {' '.join(c['remote_ts'])}")
+    return "\n".join(out)

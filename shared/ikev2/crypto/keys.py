@@ -94,7 +94,7 @@ def _check_spis(spi_i: bytes, spi_r: bytes) -> None:
         raise ValueError(f"IKE SPIs must be {_SPI_SIZE} octets each")
 
 
-def _split_ike_keys(  # noqa: PLR0917 - positional API fixed by the engine contract
+def _split_ike_keys(
     prf: Prf,
     integrity: Integrity | None,
     cipher: Cipher,
@@ -126,7 +126,7 @@ def _split_ike_keys(  # noqa: PLR0917 - positional API fixed by the engine contr
     return IkeSaKeys(*parts)
 
 
-def derive_ike_sa_keys(  # noqa: PLR0917 - positional API fixed by the engine contract
+def derive_ike_sa_keys(
     prf: Prf,
     integrity: Integrity | None,
     cipher: Cipher,
@@ -145,7 +145,7 @@ def derive_ike_sa_keys(  # noqa: PLR0917 - positional API fixed by the engine co
     return _split_ike_keys(prf, integrity, cipher, skeyseed, nonce_i, nonce_r, spi_i, spi_r)
 
 
-def derive_rekeyed_ike_sa_keys(  # noqa: PLR0917 - positional API fixed by the engine contract
+def derive_rekeyed_ike_sa_keys(
     prf_old: Prf,
     old_sk_d: bytes,
     prf: Prf,
@@ -167,7 +167,7 @@ def derive_rekeyed_ike_sa_keys(  # noqa: PLR0917 - positional API fixed by the e
     return _split_ike_keys(prf, integrity, cipher, skeyseed, nonce_i, nonce_r, spi_i, spi_r)
 
 
-def derive_child_sa_keys(  # noqa: PLR0917 - positional API fixed by the engine contract
+def derive_child_sa_keys(
     prf: Prf,
     sk_d: bytes,
     nonce_i: bytes,

@@ -91,6 +91,8 @@ class PskAuthRequest(BusMessage):
     verify_octets: bytes
     verify_auth: bytes
     sign_octets: bytes
+    # "verify-and-sign" (responder), "sign" (initiator, before IKE_AUTH), "verify" (initiator)
+    purpose: str = "verify-and-sign"
 
 
 @message("psk-auth-reply")

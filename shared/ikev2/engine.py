@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random as random_module
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +44,14 @@ from ikefarm.shared.ikev2.message import (
 )
 from ikefarm.shared.ikev2.payloads import NotifyPayload, Payload
 from ikefarm.shared.ikev2.policy import EnginePolicy
-from ikefarm.shared.ikev2.sa import CachedResponse, ChildSaState, IkeSa, IkeSaState
+from ikefarm.shared.ikev2.retransmit import retransmit_timeout
+from ikefarm.shared.ikev2.sa import (
+    CachedResponse,
+    ChildSaState,
+    IkeSa,
+    IkeSaState,
+    OutstandingRequest,
+)
 
 # IPv6 minimum MTU minus IPv6 (40) and UDP (8) headers and the non-ESP marker (4):
 # strongSwan's default fragment size leaves the same room (RFC 7383 2.5.1).
@@ -57,10 +65,12 @@ class IkeEngine:
         shard: int = 0,
         *,
         random: Callable[[int], bytes] = os.urandom,
+        uniform: Callable[[float, float], float] | None = None,
     ) -> None:
         self.policy = policy
         self.shard = shard
         self.random = random
+        self.uniform = uniform or random_module.SystemRandom().uniform
         self.sas: dict[bytes, IkeSa] = {}
         # responder half-open SAs by (SPIi, peer address, peer port), to answer a
         # retransmitted IKE_SA_INIT with the same response (RFC 7296 2.1)
@@ -132,6 +142,57 @@ class IkeEngine:
             sa.last_response = CachedResponse(message.message_id, datagrams)
         name = exchange or _exchange_name(message.exchange_type)
         return [SendDatagram(sa.local, sa.remote, d, name) for d in datagrams]
+
+    def send_request(
+        self,
+        sa: IkeSa,
+        exchange: ExchangeType,
+        payloads: list[Payload],
+        now: float,
+        purpose: str,
+        context: dict[str, Any] | None = None,
+        *,
+        protected: bool = True,
+    ) -> list[Effect]:
+        """Send our next request; it is retransmitted per seed 004 until answered."""
+        message = Message(
+            exchange_type=exchange,
+            spi_i=sa.spi_i,
+            spi_r=sa.spi_r,
+            message_id=sa.next_request_id,
+            is_initiator=sa.is_initiator,
+            is_response=False,
+            payloads=payloads,
+            protected=protected,
+        )
+        effects = self.send(sa, message)
+        sa.outstanding = OutstandingRequest(
+            message_id=message.message_id,
+            exchange=int(exchange),
+            purpose=purpose,
+            datagrams=[e.data for e in effects if isinstance(e, SendDatagram)],
+            attempt=0,
+            next_at=now + retransmit_timeout(self.policy.retransmit, 0, self.uniform),
+            context=context or {},
+        )
+        sa.next_request_id += 1
+        return effects
+
+    def queue_request(
+        self, sa: IkeSa, build: Callable[[float], list[Effect]], now: float
+    ) -> list[Effect]:
+        """Run `build` now if the window is free, else when the outstanding request completes."""
+        if sa.outstanding is None and sa.state not in (IkeSaState.AUTHENTICATING,):
+            return build(now)
+        sa.queued.append(build)
+        return []
+
+    def request_done(self, sa: IkeSa, now: float) -> list[Effect]:
+        """The outstanding request is answered: free the window, start a queued one."""
+        sa.outstanding = None
+        if sa.queued and sa.local_spi in self.sas:
+            return sa.queued.pop(0)(now)
+        return []
 
     def respond(
         self, sa: IkeSa, request: Message, payloads: list[Payload], *, protected: bool = True
@@ -216,7 +277,11 @@ class IkeEngine:
             if shard_of_spi(our_spi) != self.shard:
                 return self.drop("wrong_shard", shard=shard_of_spi(our_spi))
             return self.drop("unknown_spi")
-        if sa.remote_spi != (header.spi_i if header.is_initiator else header.spi_r):
+        peer_spi = header.spi_i if header.is_initiator else header.spi_r
+        connecting = (
+            sa.state == IkeSaState.CONNECTING and header.exchange_type == ExchangeType.IKE_SA_INIT
+        )
+        if sa.remote_spi != peer_spi and not connecting:
             return self.drop("spi_mismatch")
         if header.is_initiator == sa.is_initiator:
             return self.drop("wrong_initiator_flag")
@@ -307,7 +372,28 @@ class IkeEngine:
     def _receive_response(
         self, sa: IkeSa, parsed: ParsedMessage, local: Endpoint, remote: Endpoint, now: float
     ) -> list[Effect]:
-        return self.drop("unexpected_response")
+        outstanding = sa.outstanding
+        if outstanding is None or parsed.header.message_id != outstanding.message_id:
+            return self.drop("unexpected_response", message_id=parsed.header.message_id)
+        if parsed.header.exchange_type != outstanding.exchange:
+            return self.drop("response_exchange_mismatch")
+        if outstanding.purpose == "ike_sa_init":
+            message = parsed.message
+            if message is None:
+                return self.drop("ike_sa_init_encrypted")
+            return ike_init.initiator_response(self, sa, parsed, message, now)
+        if sa.protection is None or sa.keys is None:
+            return self.drop("no_keys_yet")
+        decrypted = self._decrypt(sa, parsed)
+        if isinstance(decrypted, list):
+            return decrypted
+        if decrypted is None:
+            return []
+        handler = RESPONSE_HANDLERS.get(outstanding.purpose)
+        if handler is None:
+            self.count(f"response_unhandled.{outstanding.purpose}")
+            return self.request_done(sa, now)
+        return handler(self, sa, decrypted, outstanding.context, now)
 
     def keystore_reply(
         self, request_id: int, reply: dict[str, Any] | None, now: float, error: str | None = None
@@ -323,6 +409,11 @@ class IkeEngine:
     def on_timer(self, now: float) -> list[Effect]:
         effects: list[Effect] = []
         for sa in list(self.sas.values()):
+            outstanding = sa.outstanding
+            if outstanding is not None and now >= outstanding.next_at:
+                effects += self._retransmit(sa, outstanding, now)
+                if sa.local_spi not in self.sas:
+                    continue
             if (
                 sa.half_open_deadline is not None
                 and now >= sa.half_open_deadline
@@ -340,13 +431,50 @@ class IkeEngine:
                 effects += self.remove_sa(sa, "half-open timeout", now)
         return effects
 
+    def _retransmit(self, sa: IkeSa, outstanding: OutstandingRequest, now: float) -> list[Effect]:
+        retransmit = self.policy.retransmit
+        if outstanding.attempt >= retransmit.tries:
+            self.count(f"request_timeout.{outstanding.purpose}")
+            effects: list[Effect] = [
+                Log(
+                    1,
+                    "ike",
+                    "retransmits_exhausted",
+                    {
+                        "unique_id": sa.unique_id,
+                        "vpn": sa.vpn.name if sa.vpn else None,
+                        "exchange": _exchange_name(outstanding.exchange),
+                        "tries": outstanding.attempt,
+                    },
+                )
+            ]
+            sa.outstanding = None
+            return effects + self.peer_dead(sa, now)
+        outstanding.attempt += 1
+        outstanding.next_at = now + retransmit_timeout(
+            retransmit, outstanding.attempt, self.uniform
+        )
+        self.count("retransmits")
+        return [SendDatagram(sa.local, sa.remote, d, "retransmit") for d in outstanding.datagrams]
+
+    def peer_dead(self, sa: IkeSa, now: float) -> list[Effect]:
+        """The peer did not answer: tear the SA down (dpd-action is applied by the caller)."""
+        return self.remove_sa(sa, "peer not responding", now)
+
     def next_deadline(self) -> float | None:
         deadlines = [
             sa.half_open_deadline
             for sa in self.sas.values()
             if sa.half_open_deadline is not None and sa.established_at is None
         ]
+        deadlines += [
+            sa.outstanding.next_at for sa in self.sas.values() if sa.outstanding is not None
+        ]
         return min(deadlines) if deadlines else None
+
+    def initiate(self, vpn_name: str, child_name: str | None, now: float) -> list[Effect]:
+        """Start an IKE SA to the VPN's remote address; with `child_name`, its first child too."""
+        return ike_init.initiate(self, vpn_name, child_name, now)
 
     def initial_contact(
         self, local_id: str, remote_id: str, keep_unique_id: int, now: float
@@ -372,6 +500,13 @@ class IkeEngine:
     @property
     def established_count(self) -> int:
         return sum(1 for sa in self.sas.values() if sa.state == IkeSaState.ESTABLISHED)
+
+
+ResponseHandler = Callable[[IkeEngine, IkeSa, Message, dict[str, Any], float], list[Effect]]
+RESPONSE_HANDLERS: dict[str, ResponseHandler] = {
+    "ike_auth": ike_auth.initiator_response,
+    "informational": informational.initiator_response,
+}
 
 
 def _exchange_name(exchange_type: int) -> str:

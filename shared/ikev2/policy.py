@@ -193,6 +193,8 @@ class EnginePolicy:
     make_before_break: bool
     half_open_timeout: float
     fragment_size: int = 1280
+    ike_port: int = 500
+    natt_port: int = 4500
 
     def vpn(self, name: str) -> VpnPolicy | None:
         return next((v for v in self.vpns if v.name == name), None)
@@ -308,4 +310,6 @@ def engine_policy(config: Config) -> EnginePolicy:
         initiator_only=options.initiator_only,
         make_before_break=options.make_before_break,
         half_open_timeout=float(ike.session.half_open.timeout),
+        ike_port=config.ingress.ike_port,
+        natt_port=config.ingress.natt_port,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -67,6 +68,19 @@ class CachedResponse:
 
 
 @dataclass
+class OutstandingRequest:
+    """Our request awaiting its response (window size 1, RFC 7296 2.3), and its retransmissions."""
+
+    message_id: int
+    exchange: int
+    purpose: str
+    datagrams: list[bytes]
+    attempt: int
+    next_at: float
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class IkeSa:
     unique_id: int
     is_initiator: bool
@@ -107,6 +121,11 @@ class IkeSa:
     rekey_at: float | None = None
     expire_at: float | None = None
     pending: dict[str, Any] = field(default_factory=dict, repr=False)
+    outstanding: OutstandingRequest | None = None
+    # requests waiting for the window: each builds and sends its message when called
+    queued: list[Callable[[float], list[Any]]] = field(default_factory=list, repr=False)
+    cookie: bytes | None = field(default=None, repr=False)
+    requested_child: SecurityPolicy | None = None
 
     @property
     def local_spi(self) -> bytes:

@@ -9,9 +9,9 @@ returns the kernel install request. The IKE SA is not touched by a failure here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ikefarm.shared.ikev2.constants import NotifyType, PayloadType, ProtocolId
+from ikefarm.shared.ikev2.constants import NotifyType, PayloadType, ProtocolId, TransformType
 from ikefarm.shared.ikev2.crypto.cipher import Cipher
 from ikefarm.shared.ikev2.crypto.integrity import Integrity
 from ikefarm.shared.ikev2.crypto.keys import derive_child_sa_keys
@@ -236,3 +236,133 @@ def install_effects(sa: IkeSa, child: ChildSa) -> list[Effect]:
         SaEvent("child-installed", sa.unique_id, child.policy.vpn, detail),
         Log(0, "child", "child_sa_established", {"vpn": child.policy.vpn, **detail}),
     ]
+
+
+# -- initiator ----------------------------------------------------------------------------------
+
+
+def initiator_child_payloads(
+    engine: IkeEngine, sa: IkeSa, policy: SecurityPolicy, *, first_child: bool
+) -> tuple[list[Payload], dict[str, Any]]:
+    """SA, TSi, TSr (and USE_TRANSPORT_MODE) proposing `policy`'s child, with our SPI."""
+    spi_in = engine.new_child_spi()
+    proposals = [
+        spec.to_proposal(number, ProtocolId.ESP, spi_in)
+        for number, spec in enumerate(policy.esp_proposals, 1)
+    ]
+    if first_child:
+        # no KE in IKE_AUTH: the first child cannot have PFS (RFC 7296 1.2)
+        for proposal in proposals:
+            proposal.transforms[:] = [
+                t for t in proposal.transforms if t.transform_type != TransformType.DH
+            ]
+    local = policy.local_ts.resolve(sa.local.address)
+    remote = policy.remote_ts.resolve(sa.remote.address)
+    assert local is not None and remote is not None
+    payloads: list[Payload] = []
+    if policy.mode == "transport":
+        payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
+    payloads += [
+        SaPayload(proposals),
+        TsPayload([local], PayloadType.TSi),
+        TsPayload([remote], PayloadType.TSr),
+    ]
+    context = {"policy": policy, "spi_in": spi_in, "local_ts": local, "remote_ts": remote}
+    return payloads, context
+
+
+def initiator_child_complete(
+    engine: IkeEngine,
+    sa: IkeSa,
+    response: Message,
+    context: dict[str, Any],
+    now: float,
+    *,
+    first_child: bool,
+    nonce_r: bytes | None = None,
+    nonce_i: bytes | None = None,
+    shared_secret: bytes | None = None,
+) -> ChildOutcome:
+    """Install the child the responder accepted, after checking it is what we offered."""
+    outcome = ChildOutcome()
+    policy: SecurityPolicy = context["policy"]
+    errors = [n for n in response.notifies() if n.is_error]
+    if errors:
+        engine.count("child_refused_by_peer")
+        name = _notify_name(errors[0].notify_type)
+        outcome.effects.append(
+            Log(
+                1,
+                "child",
+                "child_sa_refused",
+                {"vpn": policy.vpn, "policy": policy.name, "notify": name},
+            )
+        )
+        return outcome
+    sa_payload = response.get(SaPayload)
+    tsi = _selectors(response.get_type(PayloadType.TSi))
+    tsr = _selectors(response.get_type(PayloadType.TSr))
+    if sa_payload is None or len(sa_payload.proposals) != 1 or not tsi or not tsr:
+        engine.count("child_response_incomplete")
+        outcome.effects.append(
+            Log(1, "child", "child_response_incomplete", {"policy": policy.name})
+        )
+        return outcome
+    selection = select_proposal(
+        policy.esp_proposals, sa_payload.proposals, ProtocolId.ESP, ignore_dh=first_child
+    )
+    local_ts: TrafficSelector = context["local_ts"]
+    remote_ts: TrafficSelector = context["remote_ts"]
+    if (
+        selection is None
+        or not all(local_ts.contains(s) for s in tsi)
+        or not all(remote_ts.contains(s) for s in tsr)
+    ):
+        engine.count("child_response_not_offered")
+        outcome.effects.append(
+            Log(1, "child", "child_response_not_offered", {"policy": policy.name})
+        )
+        return outcome
+    algorithms = selection.algorithms()
+    cipher = Cipher(algorithms.encr[0], algorithms.encr[1])
+    integrity = Integrity(algorithms.integ[0]) if algorithms.integ else None
+    assert sa.prf is not None and sa.keys is not None
+    keys = derive_child_sa_keys(
+        sa.prf,
+        sa.keys.sk_d,
+        nonce_i if nonce_i is not None else sa.nonce_i,
+        nonce_r if nonce_r is not None else sa.nonce_r,
+        cipher.key_size,
+        integrity.key_size if integrity else 0,
+        shared_secret,
+    )
+    transport = (
+        policy.mode == "transport" and response.notify(NotifyType.USE_TRANSPORT_MODE) is not None
+    )
+    child = ChildSa(
+        unique_id=engine.new_unique_id(),
+        policy=policy,
+        spi_in=context["spi_in"],
+        spi_out=selection.offered.spi,
+        algorithms=algorithms,
+        keys=keys,
+        local_ts=tsi,
+        remote_ts=tsr,
+        mode="transport" if transport else "tunnel",
+        udp_encap=sa.nat_detected,
+        state=ChildSaState.INSTALLED,
+        installed_at=now,
+        rekey_at=now + policy.rekey_time,
+        expire_at=now + policy.life_time,
+    )
+    sa.children.append(child)
+    outcome.child = child
+    outcome.effects += install_effects(sa, child)
+    return outcome
+
+
+def _notify_name(notify_type: int) -> str:
+    try:
+        return NotifyType(notify_type).name
+    except ValueError:
+        return f"NOTIFY_{notify_type}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 from typing import TYPE_CHECKING, Any
 
-from ikefarm.shared.ikev2.constants import AuthMethod, NotifyType, PayloadType
+from ikefarm.shared.ikev2.constants import AuthMethod, ExchangeType, NotifyType, PayloadType
 from ikefarm.shared.ikev2.effects import Effect, InitialContact, KeystoreRequest, Log, SaEvent
 from ikefarm.shared.ikev2.exchanges.child_create import respond_child
 from ikefarm.shared.ikev2.message import Message
@@ -114,6 +114,8 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
 def keystore_answered(
     engine: IkeEngine, sa: IkeSa, reply: dict[str, Any] | None, error: str | None, now: float
 ) -> list[Effect]:
+    if sa.is_initiator:
+        return _initiator_keystore_answered(engine, sa, reply, error, now)
     pending = sa.pending
     sa.pending = {}
     request: Message = pending["request"]
@@ -183,3 +185,165 @@ def keystore_answered(
     if request.notify(NotifyType.INITIAL_CONTACT) is not None:
         effects.append(InitialContact(str(sa.local_id), str(idi), sa.unique_id))
     return effects
+
+
+# -- initiator ----------------------------------------------------------------------------------
+
+
+def _peer_label(sa: IkeSa) -> str:
+    assert sa.vpn is not None
+    return sa.vpn.remote_id or sa.remote.address
+
+
+def initiator_sign(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    """Ask the keystore for our AUTH over InitiatorSignedOctets (RFC 7296 2.15)."""
+    assert sa.vpn is not None and sa.keys is not None and sa.algorithms is not None
+    assert sa.algorithms.prf is not None
+    idi = IdPayload.from_string(sa.vpn.local_id, PayloadType.IDi)
+    sign = signed_octets(sa.init_request, sa.nonce_r, sa.keys.sk_pi, idi, sa)
+    request_id = engine.new_request_id()
+    engine.keystore_waits[request_id] = sa.local_spi
+    sa.pending = {"step": "sign", "idi": idi}
+    params = {
+        "prf_id": sa.algorithms.prf[0],
+        "local_id": sa.vpn.local_id,
+        "remote_id": _peer_label(sa),
+        "verify_octets": b"",
+        "verify_auth": b"",
+        "sign_octets": sign,
+        "purpose": "sign",
+    }
+    return [KeystoreRequest(request_id, PSK_AUTH, params)]
+
+
+def _initiator_send_auth(engine: IkeEngine, sa: IkeSa, auth: bytes, now: float) -> list[Effect]:
+    from ikefarm.shared.ikev2.exchanges.child_create import initiator_child_payloads
+
+    assert sa.vpn is not None
+    idi: IdPayload = sa.pending["idi"]
+    sa.local_id = idi
+    payloads: list[Payload] = [idi]
+    if not any(
+        other is not sa and other.vpn is sa.vpn and other.established_at is not None
+        for other in engine.sas.values()
+    ):
+        payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
+    if sa.vpn.remote_id:
+        payloads.append(IdPayload.from_string(sa.vpn.remote_id, PayloadType.IDr))
+    payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, auth))
+    context: dict[str, Any] = {}
+    policy = sa.requested_child
+    if policy is None and not sa.peer_childless and sa.vpn.security_policies:
+        policy = sa.vpn.security_policies[0]  # the peer cannot do childless (RFC 6023)
+    if policy is not None:
+        child_payloads, context = initiator_child_payloads(engine, sa, policy, first_child=True)
+        payloads += child_payloads
+    if sa.vpn.mobike:
+        payloads.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
+    sa.pending = {}
+    sa.state = IkeSaState.AUTHENTICATING
+    return engine.send_request(sa, ExchangeType.IKE_AUTH, payloads, now, "ike_auth", context)
+
+
+def initiator_response(
+    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
+) -> list[Effect]:
+    """The responder's IKE_AUTH answer: have the keystore verify its AUTH before trusting it."""
+    sa.outstanding = None
+    if response.notify(NotifyType.AUTHENTICATION_FAILED) is not None:
+        return _initiator_failed(engine, sa, "rejected_by_peer", now)
+    idr = response.get_type(PayloadType.IDr)
+    auth = response.get(AuthPayload)
+    if not isinstance(idr, IdPayload) or auth is None:
+        return _initiator_failed(engine, sa, "incomplete_response", now)
+    assert sa.vpn is not None and sa.keys is not None and sa.algorithms is not None
+    assert sa.algorithms.prf is not None
+    if not identity_matches(sa.vpn.remote_id, str(idr)):
+        return _initiator_failed(engine, sa, "unexpected_identity", now, remote_id=str(idr))
+    if sa.vpn.remote_auth != "pre-shared-key" or auth.method != AuthMethod.SHARED_KEY_MIC:
+        return _initiator_failed(engine, sa, "auth_method", now, method=int(auth.method))
+    verify = signed_octets(sa.init_response, sa.nonce_i, sa.keys.sk_pr, idr, sa)
+    request_id = engine.new_request_id()
+    engine.keystore_waits[request_id] = sa.local_spi
+    sa.pending = {"step": "verify", "response": response, "context": context, "idr": idr}
+    params = {
+        "prf_id": sa.algorithms.prf[0],
+        "local_id": sa.vpn.local_id,
+        "remote_id": str(idr),
+        "verify_octets": verify,
+        "verify_auth": auth.data,
+        "sign_octets": b"",
+        "purpose": "verify",
+    }
+    return [KeystoreRequest(request_id, PSK_AUTH, params)]
+
+
+def _initiator_failed(
+    engine: IkeEngine, sa: IkeSa, reason: str, now: float, **fields: Any
+) -> list[Effect]:
+    engine.count(f"auth_failed.{reason}")
+    effects: list[Effect] = [
+        Log(
+            1,
+            "ike",
+            "authentication_failed",
+            {"unique_id": sa.unique_id, "peer": str(sa.remote), "reason": reason, **fields},
+        )
+    ]
+    return effects + engine.remove_sa(sa, f"authentication failed: {reason}", now, announce=False)
+
+
+def _initiator_keystore_answered(
+    engine: IkeEngine, sa: IkeSa, reply: dict[str, Any] | None, error: str | None, now: float
+) -> list[Effect]:
+    from ikefarm.shared.ikev2.exchanges.child_create import initiator_child_complete
+
+    pending = sa.pending
+    if error is not None or reply is None:
+        engine.count("keystore_unavailable")
+        return [
+            Log(
+                1,
+                "ike",
+                "keystore_unavailable",
+                {"unique_id": sa.unique_id, "error": error or "no reply"},
+            ),
+            *engine.remove_sa(sa, "keystore unavailable", now, announce=False),
+        ]
+    if pending.get("step") == "sign":
+        if not reply.get("auth"):
+            return _initiator_failed(engine, sa, str(reply.get("reason") or "no_secret"), now)
+        return _initiator_send_auth(engine, sa, reply["auth"], now)
+    sa.pending = {}
+    if not reply.get("verified"):
+        return _initiator_failed(engine, sa, str(reply.get("reason") or "auth_mismatch"), now)
+    vpn = sa.vpn
+    assert vpn is not None and sa.algorithms is not None
+    response: Message = pending["response"]
+    sa.remote_id = pending["idr"]
+    sa.state = IkeSaState.ESTABLISHED
+    sa.established_at = now
+    sa.expected_request_id = 0
+    sa.peer_mobike = response.notify(NotifyType.MOBIKE_SUPPORTED) is not None
+    sa.rekey_at = now + vpn.rekey_time if vpn.rekey_time else None
+    sa.expire_at = now + vpn.rekey_time + vpn.over_time if vpn.rekey_time else None
+    engine.count("ike_sa_established")
+    detail = {
+        "local": str(sa.local),
+        "remote": str(sa.remote),
+        "local_id": str(sa.local_id),
+        "remote_id": str(sa.remote_id),
+        "spi_i": sa.spi_i.hex(),
+        "spi_r": sa.spi_r.hex(),
+        "proposal": sa.algorithms.ike_summary(),
+    }
+    effects: list[Effect] = [
+        SaEvent("ike-established", sa.unique_id, vpn.name, detail),
+        Log(0, "ike", "ike_sa_established", {"vpn": vpn.name, "unique_id": sa.unique_id, **detail}),
+    ]
+    context = pending["context"]
+    if context:
+        effects += initiator_child_complete(
+            engine, sa, response, context, now, first_child=True
+        ).effects
+    return effects + engine.request_done(sa, now)

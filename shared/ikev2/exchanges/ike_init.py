@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ikefarm.shared.ikev2.constants import (
+    ERROR_NOTIFY_MAX,
     ExchangeType,
     NotifyType,
     ProtocolId,
+    TransformType,
 )
 from ikefarm.shared.ikev2.crypto.cipher import Cipher
 from ikefarm.shared.ikev2.crypto.dh import DhExchange, InvalidKeyExchange, key_exchange_length
@@ -27,6 +29,7 @@ from ikefarm.shared.ikev2.errors import UnsupportedCriticalPayload
 from ikefarm.shared.ikev2.exchanges.natd import detect_nat, natd_notifies
 from ikefarm.shared.ikev2.message import Message, ParsedMessage, encode_message, peek_header
 from ikefarm.shared.ikev2.payloads import KePayload, NoncePayload, NotifyPayload, Payload, SaPayload
+from ikefarm.shared.ikev2.policy import VpnPolicy
 from ikefarm.shared.ikev2.proposals import offered_dh_groups, select_proposal
 from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState
 
@@ -239,3 +242,180 @@ def respond(
         )
     )
     return effects
+
+
+# -- initiator ----------------------------------------------------------------------------------
+
+
+def _proposals_payload(vpn: VpnPolicy) -> SaPayload:
+    return SaPayload(
+        [
+            spec.to_proposal(number, ProtocolId.IKE, b"")
+            for number, spec in enumerate(vpn.ike_proposals, 1)
+        ]
+    )
+
+
+def initiate(engine: IkeEngine, vpn_name: str, child_name: str | None, now: float) -> list[Effect]:
+    vpn = engine.policy.vpn(vpn_name)
+    if vpn is None:
+        raise ValueError(f"no enabled vpn named {vpn_name!r}")
+    if vpn.remote_address == "any" or vpn.local_address is None:
+        raise ValueError(f"vpn {vpn_name!r} needs local-address and a remote-address to initiate")
+    child = None
+    if child_name is not None:
+        child = next((p for p in vpn.security_policies if p.name == child_name), None)
+        if child is None:
+            raise ValueError(f"vpn {vpn_name!r} has no security-policy {child_name!r}")
+    group = vpn.ike_proposals[0].first(TransformType.DH)
+    assert group is not None
+    sa = IkeSa(
+        unique_id=engine.new_unique_id(),
+        is_initiator=True,
+        spi_i=engine.new_ike_spi(),
+        spi_r=bytes(8),
+        local=Endpoint(vpn.local_address, engine.policy.ike_port),
+        remote=Endpoint(vpn.remote_address, engine.policy.ike_port),
+        state=IkeSaState.CONNECTING,
+        created_at=now,
+        vpn=vpn,
+        candidates=[vpn],
+        nonce_i=engine.random(NONCE_SIZE),
+        dh=DhExchange.generate(group[0]),
+        requested_child=child,
+    )
+    engine.sas[sa.spi_i] = sa
+    engine.count("ike_sa_initiated")
+    effects: list[Effect] = [
+        Log(
+            1,
+            "ike",
+            "initiating_ike_sa",
+            {"vpn": vpn.name, "unique_id": sa.unique_id, "remote": str(sa.remote)},
+        )
+    ]
+    return effects + _send_init(engine, sa, now)
+
+
+def _send_init(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    assert sa.vpn is not None and sa.dh is not None
+    payloads: list[Payload] = []
+    if sa.cookie is not None:
+        payloads.append(NotifyPayload(NotifyType.COOKIE, data=sa.cookie))  # first (RFC 7296 2.6)
+    payloads += [
+        _proposals_payload(sa.vpn),
+        KePayload(sa.dh.group, sa.dh.public_bytes()),
+        NoncePayload(sa.nonce_i),
+    ]
+    payloads += natd_notifies(sa.spi_i, bytes(8), sa.local, sa.remote)
+    if sa.vpn.fragmentation:
+        payloads.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+    payloads.append(NotifyPayload(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
+    sa.next_request_id = 0
+    effects = engine.send_request(
+        sa, ExchangeType.IKE_SA_INIT, payloads, now, "ike_sa_init", protected=False
+    )
+    sa.init_request = sa.outstanding.datagrams[0] if sa.outstanding else b""
+    return effects
+
+
+def initiator_response(
+    engine: IkeEngine, sa: IkeSa, parsed: ParsedMessage, response: Message, now: float
+) -> list[Effect]:
+    """The IKE_SA_INIT answer: retry with a cookie or group, fail, or go on to IKE_AUTH."""
+    from ikefarm.shared.ikev2.exchanges import ike_auth
+
+    assert sa.vpn is not None
+    cookie = response.notify(NotifyType.COOKIE)
+    if cookie is not None:
+        if sa.cookie is not None and sa.cookie == cookie.data:
+            return engine.drop("repeated_cookie")
+        engine.count("cookie_retries")
+        sa.cookie = cookie.data
+        sa.outstanding = None
+        return [
+            Log(2, "ike", "retrying_with_cookie", {"unique_id": sa.unique_id}),
+            *_send_init(engine, sa, now),
+        ]
+    invalid_ke = response.notify(NotifyType.INVALID_KE_PAYLOAD)
+    if invalid_ke is not None and len(invalid_ke.data) == 2:
+        group = int.from_bytes(invalid_ke.data, "big")
+        acceptable = {
+            g for spec in sa.vpn.ike_proposals for g, _ in spec.transforms.get(TransformType.DH, ())
+        }
+        if group not in acceptable or (sa.dh is not None and sa.dh.group == group):
+            return _initiation_failed(engine, sa, "invalid_ke_payload", now, group=group)
+        engine.count("invalid_ke_retries")
+        sa.dh = DhExchange.generate(group)
+        sa.outstanding = None
+        return [
+            Log(2, "ike", "retrying_with_group", {"unique_id": sa.unique_id, "group": group}),
+            *_send_init(engine, sa, now),
+        ]
+    errors = [n for n in response.notifies() if n.notify_type <= ERROR_NOTIFY_MAX]
+    if errors:
+        name = _notify_name(errors[0].notify_type)
+        return _initiation_failed(engine, sa, name.lower(), now, notify=name)
+    sa_payload = response.get(SaPayload)
+    ke = response.get(KePayload)
+    nonce = response.get(NoncePayload)
+    if sa_payload is None or ke is None or nonce is None or len(sa_payload.proposals) != 1:
+        return engine.drop("ike_sa_init_response_incomplete")
+    selection = select_proposal(sa.vpn.ike_proposals, sa_payload.proposals, ProtocolId.IKE)
+    if selection is None or len(selection.offered.transforms) != len(selection.chosen):
+        return _initiation_failed(engine, sa, "proposal_not_offered", now)
+    algorithms = selection.algorithms()
+    assert sa.dh is not None and algorithms.prf is not None
+    if ke.dh_group != sa.dh.group or algorithms.dh != sa.dh.group:
+        return _initiation_failed(engine, sa, "ke_group_mismatch", now)
+    try:
+        shared_secret = sa.dh.compute_shared(ke.key_data)
+    except InvalidKeyExchange:
+        return _initiation_failed(engine, sa, "invalid_ke_value", now)
+    sa.spi_r = response.spi_r
+    sa.nonce_r = nonce.data
+    sa.init_response = parsed.raw
+    sa.algorithms = algorithms
+    sa.prf = Prf(algorithms.prf[0])
+    cipher = Cipher(algorithms.encr[0], algorithms.encr[1])
+    integrity = Integrity(algorithms.integ[0]) if algorithms.integ else None
+    sa.protection = SkProtection(cipher, integrity)
+    sa.keys = derive_ike_sa_keys(
+        sa.prf, integrity, cipher, sa.nonce_i, sa.nonce_r, shared_secret, sa.spi_i, sa.spi_r
+    )
+    sa.dh = None
+    engine.count("dh_computed")
+    sa.peer_fragmentation = response.notify(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED) is not None
+    sa.peer_childless = response.notify(NotifyType.CHILDLESS_IKEV2_SUPPORTED) is not None
+    nat = detect_nat(response, sa.local, sa.remote)
+    if nat is not None:
+        sa.nat_local, sa.nat_remote = nat
+    if sa.nat_detected:
+        # RFC 7296 2.23: float to port 4500 for everything after IKE_SA_INIT
+        sa.local = Endpoint(sa.local.address, engine.policy.natt_port)
+        sa.remote = Endpoint(sa.remote.address, engine.policy.natt_port)
+    sa.state = IkeSaState.AUTHENTICATING
+    sa.outstanding = None
+    return ike_auth.initiator_sign(engine, sa, now)
+
+
+def _notify_name(notify_type: int) -> str:
+    try:
+        return NotifyType(notify_type).name
+    except ValueError:
+        return f"NOTIFY_{notify_type}"
+
+
+def _initiation_failed(
+    engine: IkeEngine, sa: IkeSa, reason: str, now: float, **fields: object
+) -> list[Effect]:
+    engine.count(f"initiation_failed.{reason}")
+    effects: list[Effect] = [
+        Log(
+            1,
+            "ike",
+            "ike_sa_initiation_failed",
+            {"unique_id": sa.unique_id, "reason": reason, **fields},
+        )
+    ]
+    return effects + engine.remove_sa(sa, reason, now)

@@ -8,7 +8,7 @@ ours, as RFC 7296 1.4.1 asks, and unknown SPIs are ignored.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ikefarm.shared.ikev2.constants import ProtocolId
 from ikefarm.shared.ikev2.effects import DeleteChildSa, Effect, Log, SaEvent
@@ -63,3 +63,24 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
             answer.append(DeletePayload(delete.protocol_id, ours))
     sa.children = [c for c in sa.children if c.state != ChildSaState.DELETED]
     return engine.respond(sa, request, answer) + effects
+
+
+def initiator_response(
+    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
+) -> list[Effect]:
+    """The answer to our INFORMATIONAL: a liveness check passed or a delete is acknowledged."""
+    kind = context.get("kind", "liveness")
+    effects: list[Effect] = []
+    if kind == "delete_ike":
+        engine.count("ike_sa_deleted_by_us")
+        sa.outstanding = None
+        return engine.remove_sa(sa, str(context.get("reason", "deleted")), now)
+    if kind == "delete_child":
+        for unique_id in context.get("children", []):
+            child = next((c for c in sa.children if c.unique_id == unique_id), None)
+            if child is not None:
+                child.state = ChildSaState.DELETED
+        sa.children = [c for c in sa.children if c.state != ChildSaState.DELETED]
+    else:
+        engine.count("liveness_confirmed")
+    return effects + engine.request_done(sa, now)

@@ -1,0 +1,146 @@
+"""Drive two IkeEngines against each other in memory: the unit tier of protocol tests.
+
+`keystore_stand_in` computes PSK AUTH the way the keystore service does; it is a
+stand-in for that service in unit tests only (the service tests and interop
+tests use the real keystore over NATS).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Any
+
+from ikefarm.shared.config.loader import Config, parse_config
+from ikefarm.shared.ikev2.crypto.prf import Prf
+from ikefarm.shared.ikev2.effects import Effect, Endpoint, KeystoreRequest, SendDatagram
+from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.policy import engine_policy
+
+KEY_PAD = b"Key Pad for IKEv2"
+
+
+def keystore_stand_in(psk: bytes, params: dict[str, Any]) -> dict[str, Any]:
+    prf = Prf(params["prf_id"])
+    key = prf.compute(psk, KEY_PAD)
+    purpose = params.get("purpose", "verify-and-sign")
+    if purpose == "sign":
+        return {"verified": True, "auth": prf.compute(key, params["sign_octets"]), "reason": ""}
+    ok = hmac.compare_digest(prf.compute(key, params["verify_octets"]), params["verify_auth"])
+    if not ok:
+        return {"verified": False, "auth": b"", "reason": "auth_mismatch"}
+    auth = prf.compute(key, params["sign_octets"]) if purpose == "verify-and-sign" else b""
+    return {"verified": True, "auth": auth, "reason": ""}
+
+
+RESPONDER_TOML = """
+[[ike.pre-shared-key]]
+local-id = "gw.example"
+remote-id = "peer.example"
+secret = "shared-secret-0123456789"
+
+[[ike.vpn]]
+name = "rw"
+local-address = "192.0.2.1"
+local-id = "gw.example"
+remote-id = "peer.example"
+{extra_vpn}
+[[ike.vpn.security-policy]]
+name = "net"
+local-ts = {{ subnet = "10.100.0.0/24" }}
+remote-ts = {{ subnet = "10.200.0.0/24" }}
+{extra}
+"""
+
+INITIATOR_TOML = """
+[[ike.pre-shared-key]]
+local-id = "peer.example"
+remote-id = "gw.example"
+secret = "shared-secret-0123456789"
+
+[[ike.vpn]]
+name = "hq"
+local-address = "192.0.2.2"
+remote-address = "192.0.2.1"
+local-id = "peer.example"
+remote-id = "gw.example"
+{extra_vpn}
+[[ike.vpn.security-policy]]
+name = "net"
+local-ts = {{ subnet = "10.200.0.0/24" }}
+remote-ts = {{ subnet = "10.100.0.0/24" }}
+{extra}
+"""
+
+
+def config(template: str, extra: str = "", extra_vpn: str = "") -> Config:
+    return parse_config(template.format(extra=extra, extra_vpn=extra_vpn))
+
+
+@dataclass
+class Side:
+    engine: IkeEngine
+    psk: bytes
+    address: str
+    effects: list[Effect] = field(default_factory=list)
+
+
+@dataclass
+class Wire:
+    """Two engines joined by a lossless in-memory network; `drop` filters datagrams."""
+
+    initiator: Side
+    responder: Side
+    now: float = 1000.0
+    log: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def side(self, address: str) -> Side:
+        return self.initiator if address == self.initiator.address else self.responder
+
+    def run(
+        self, effects: list[Effect], source: Side, *, drop: Any = None, limit: int = 200
+    ) -> None:
+        queue = [(source, e) for e in effects]
+        steps = 0
+        while queue and steps < limit:
+            steps += 1
+            side, effect = queue.pop(0)
+            side.effects.append(effect)
+            if isinstance(effect, KeystoreRequest):
+                reply = keystore_stand_in(side.psk, effect.params)
+                queue += [
+                    (side, e)
+                    for e in side.engine.keystore_reply(effect.request_id, reply, self.now)
+                ]
+            elif isinstance(effect, SendDatagram):
+                self.log.append((side.address, effect.data))
+                if drop is not None and drop(side, effect):
+                    continue
+                target = self.side(effect.remote.address)
+                out = target.engine.receive(
+                    effect.data,
+                    Endpoint(effect.remote.address, effect.remote.port),
+                    Endpoint(effect.local.address, effect.local.port),
+                    self.now,
+                )
+                queue += [(target, e) for e in out]
+
+
+def pair(
+    responder_extra: str = "",
+    initiator_extra: str = "",
+    *,
+    responder_vpn: str = "",
+    initiator_vpn: str = "",
+    initiator_psk: bytes = b"shared-secret-0123456789",
+) -> Wire:
+    responder = IkeEngine(
+        engine_policy(config(RESPONDER_TOML, responder_extra, responder_vpn)), shard=1
+    )
+    initiator = IkeEngine(
+        engine_policy(config(INITIATOR_TOML, initiator_extra, initiator_vpn)), shard=2
+    )
+    return Wire(
+        Side(initiator, initiator_psk, "192.0.2.2"),
+        Side(responder, b"shared-secret-0123456789", "192.0.2.1"),
+    )

@@ -1,11 +1,306 @@
-"""Ingress: owns the UDP sockets (500/4500) and routes datagrams to ike workers."""
+"""Ingress: owns the UDP sockets (500/4500) and routes datagrams to ike workers.
+
+Received: NAT-T demultiplexing and routing (`routing.py`), one span per IKE
+datagram so the worker continues the trace, a `Datagram` on the worker's
+subject. Sent: `OutboundDatagram` from `subjects.INGRESS_SEND` (queue group
+`ingress`) leaves from the socket bound to its local endpoint. Learned: the
+`InitRoute`s every worker publishes to all ingress instances.
+"""
 
 from __future__ import annotations
 
-from ikefarm.shared.bus.runtime import ServiceBase
+import asyncio
+import contextlib
+import ipaddress
+import time
+from typing import Any, cast
+
+from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ikefarm.proto import subjects
+from ikefarm.proto.messages import Datagram, InitRoute, OutboundDatagram
+from ikefarm.services.ingress.routing import (
+    Dropped,
+    InitRouteTable,
+    Route,
+    Router,
+    canonical_address,
+)
+from ikefarm.services.ingress.sockets import LocalEndpoint, local_endpoints, open_udp_socket
+from ikefarm.shared.bus.runtime import Runtime, ServiceBase
+from ikefarm.shared.ikev2.constants import NON_ESP_MARKER
+from ikefarm.shared.observability.tracing import tracer
+
+# received datagrams waiting to be routed; beyond this they are counted and dropped
+RECEIVE_QUEUE_SIZE = 4096
+# drops that are normal traffic on the NAT-T port, not IKE: no span for them
+_UNTRACED_DROPS = frozenset({"nat_keepalive", "esp_in_udp", "empty"})
+
+
+class _Received:
+    __slots__ = ("data", "endpoint", "received_ns", "remote")
+
+    def __init__(
+        self, endpoint: LocalEndpoint, data: bytes, remote: tuple[Any, ...], received_ns: int
+    ) -> None:
+        self.endpoint = endpoint
+        self.data = data
+        self.remote = remote
+        self.received_ns = received_ns
+
+
+class _UdpEndpoint(asyncio.DatagramProtocol):
+    """One bound socket; hands what it receives to the service's queue."""
+
+    def __init__(self, service: IngressService, endpoint: LocalEndpoint) -> None:
+        self.service = service
+        self.endpoint = endpoint
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # the selector loop's UDP transport does not subclass DatagramTransport on 3.11
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.service.received(self.endpoint, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.service.runtime.counters["socket_errors"] += 1
+        self.service.log.debug(
+            "socket_error", local=str(self.endpoint), error=type(exc).__name__, errno=_errno(exc)
+        )
+
+
+def _errno(exc: Exception) -> int | None:
+    return exc.errno if isinstance(exc, OSError) else None
 
 
 class IngressService(ServiceBase):
     name = "ingress"
     subsystem = "network"
     description = "ikefarm ingress: UDP 500/4500, NAT-T, DoS gating, routing by SPI shard"
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self.router = Router(self.runtime.counters, InitRouteTable())
+        self.endpoints: dict[tuple[str, int], _UdpEndpoint] = {}
+        self.natt_port: int = self.config.ingress.natt_port
+        self._queue: asyncio.Queue[_Received] = asyncio.Queue(RECEIVE_QUEUE_SIZE)
+        self._worker: asyncio.Task[None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        loop = asyncio.get_running_loop()
+        wanted = local_endpoints(self.config)
+        if not wanted:
+            self.log.control(
+                "no_listen_address", hint="set [ingress] listen or a vpn local-address"
+            )
+        try:
+            for endpoint in wanted:
+                try:
+                    sock = open_udp_socket(endpoint.address, endpoint.port)
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"ingress cannot bind UDP {endpoint}: {exc.strerror}"
+                    ) from None
+                protocol = _UdpEndpoint(self, endpoint)
+                await loop.create_datagram_endpoint(lambda p=protocol: p, sock=sock)
+                self.endpoints[(endpoint.address, endpoint.port)] = protocol
+                self.log.control("listening", local=str(endpoint), natt=endpoint.natt)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._worker = asyncio.create_task(self._route_received(), name="ingress-route")
+        await self.runtime.subscribe(
+            subjects.INGRESS_SEND, OutboundDatagram, self.on_send, queue=subjects.QUEUE_INGRESS
+        )
+        # no queue group: every ingress instance must learn every init route
+        await self.runtime.subscribe(subjects.INGRESS_INIT_ROUTE, InitRoute, self.on_init_route)
+
+    async def teardown(self) -> None:
+        self._close_sockets()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+
+    def _close_sockets(self) -> None:
+        for protocol in self.endpoints.values():
+            if protocol.transport is not None:
+                protocol.transport.close()
+        self.endpoints.clear()
+
+    def gauges(self) -> dict[str, Any]:
+        self.router.init_routes.purge(time.monotonic())
+        return {
+            "sockets": len(self.endpoints),
+            "init_routes": len(self.router.init_routes),
+            "receive_queue": self._queue.qsize(),
+        }
+
+    # --- received datagrams ------------------------------------------------------------------
+
+    def received(self, endpoint: LocalEndpoint, data: bytes, remote: tuple[Any, ...]) -> None:
+        """Socket callback: queue the datagram; the routing task does the rest."""
+        self.runtime.counters["received"] += 1
+        try:
+            self._queue.put_nowait(_Received(endpoint, data, remote, time.time_ns()))
+        except asyncio.QueueFull:
+            self.runtime.counters["dropped.queue_full"] += 1
+
+    async def _route_received(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                await self.handle_datagram(item)
+            except Exception as exc:  # one bad datagram never stops the routing task
+                self.runtime.counters["handler_failed"] += 1
+                self.log.control("datagram_handling_failed", error=type(exc).__name__)
+
+    async def handle_datagram(self, item: _Received) -> None:
+        endpoint = item.endpoint
+        remote_address = canonical_address(str(item.remote[0]))
+        remote_port = int(item.remote[1])
+        verdict = self.router.route(
+            item.data,
+            natt=endpoint.natt,
+            remote_address=remote_address,
+            remote_port=remote_port,
+            now=time.monotonic(),
+        )
+        if isinstance(verdict, Dropped) and verdict.reason in _UNTRACED_DROPS:
+            return
+        with tracer().start_as_current_span(
+            "ingress.datagram",
+            kind=SpanKind.SERVER,
+            start_time=item.received_ns,
+            attributes={
+                "net.host.ip": endpoint.address,
+                "net.host.port": endpoint.port,
+                "net.peer.ip": remote_address,
+                "net.peer.port": remote_port,
+                "ikefarm.instance": self.runtime.instance,
+            },
+        ) as span:
+            if isinstance(verdict, Dropped):
+                span.set_attribute("ikefarm.route", "dropped")
+                span.set_attribute("ikefarm.drop_reason", verdict.reason)
+                span.set_status(Status(StatusCode.ERROR, verdict.reason))
+                self.log.debug(
+                    "datagram_dropped",
+                    reason=verdict.reason,
+                    local=str(endpoint),
+                    remote=f"{remote_address}[{remote_port}]",
+                    length=len(item.data),
+                )
+                return
+            self._annotate(span, verdict)
+            try:
+                await self.runtime.publish(
+                    verdict.subject,
+                    Datagram(
+                        local_address=endpoint.address,
+                        local_port=endpoint.port,
+                        remote_address=remote_address,
+                        remote_port=remote_port,
+                        data=verdict.data,
+                    ),
+                )
+            except Exception as exc:
+                self.runtime.counters["publish_failed"] += 1
+                span.set_status(Status(StatusCode.ERROR, "publish_failed"))
+                self.log.control("datagram_publish_failed", error=type(exc).__name__)
+                return
+            self.log.debug(
+                "datagram_routed",
+                exchange=_exchange_name(verdict.header.exchange_type),
+                message_id=verdict.header.message_id,
+                response=verdict.header.is_response,
+                route=verdict.kind,
+                shard=verdict.shard,
+                local=str(endpoint),
+                remote=f"{remote_address}[{remote_port}]",
+            )
+
+    @staticmethod
+    def _annotate(span: Any, route: Route) -> None:
+        header = route.header
+        span.set_attribute("ike.exchange_type", _exchange_name(header.exchange_type))
+        span.set_attribute("ike.message_id", header.message_id)
+        span.set_attribute("ike.spi_i", header.spi_i.hex())
+        span.set_attribute("ike.spi_r", header.spi_r.hex())
+        span.set_attribute("ike.response", header.is_response)
+        span.set_attribute("ikefarm.route", route.kind)
+        span.set_attribute("messaging.destination", route.subject)
+        if route.shard is not None:
+            span.set_attribute("ikefarm.shard", route.shard)
+
+    # --- bus handlers ------------------------------------------------------------------------
+
+    async def on_send(self, message: OutboundDatagram, _msg: Msg) -> None:
+        """Send an ike worker's datagram from the socket bound to its local endpoint."""
+        try:
+            local = (canonical_address(message.local_address), message.local_port)
+            remote = ipaddress.ip_address(message.remote_address)
+        except ValueError:
+            self.runtime.counters["send_bad_address"] += 1
+            self.log.control("send_bad_address", local=message.local_address)
+            return
+        protocol = self.endpoints.get(local)
+        if protocol is None or protocol.transport is None:
+            self.runtime.counters["send_no_socket"] += 1
+            self.log.control("send_no_socket", local=f"{local[0]}[{local[1]}]", remote=str(remote))
+            return
+        if remote.version != ipaddress.ip_address(local[0]).version or not (
+            0 < message.remote_port <= 0xFFFF
+        ):
+            self.runtime.counters["send_bad_address"] += 1
+            self.log.control(
+                "send_bad_address",
+                local=f"{local[0]}[{local[1]}]",
+                remote=f"{remote}[{message.remote_port}]",
+            )
+            return
+        data = message.data
+        if protocol.endpoint.natt:
+            data = NON_ESP_MARKER + data  # RFC 3948 2.2
+        protocol.transport.sendto(data, (str(remote), message.remote_port))
+        self.runtime.counters["sent"] += 1
+        self.log.debug(
+            "datagram_sent",
+            local=str(protocol.endpoint),
+            remote=f"{remote}[{message.remote_port}]",
+            length=len(data),
+        )
+
+    async def on_init_route(self, message: InitRoute, _msg: Msg) -> None:
+        """A worker holds the half-open SA of (peer, SPIi): its retransmissions go there."""
+        try:
+            self.router.init_routes.learn(
+                message.remote_address,
+                message.remote_port,
+                message.spi_i,
+                message.shard,
+                message.lifetime,
+                time.monotonic(),
+            )
+        except ValueError as exc:
+            self.runtime.counters["init_route_refused"] += 1
+            self.log.control("init_route_refused", reason=str(exc))
+            return
+        self.runtime.counters["init_route_learned"] += 1
+        self.log.debug(
+            "init_route_learned",
+            remote=f"{message.remote_address}[{message.remote_port}]",
+            spi_i=message.spi_i.hex(),
+            shard=message.shard,
+            lifetime=message.lifetime,
+        )
+
+
+def _exchange_name(exchange_type: Any) -> str:
+    return str(getattr(exchange_type, "name", exchange_type))

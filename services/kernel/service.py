@@ -1,11 +1,145 @@
-"""Kernel: programs child SAs and policies (XFRM through pyroute2, or in memory)."""
+"""Kernel: programs child SAs and policies (XFRM through pyroute2, or in memory).
+
+Endpoints (request/reply): `subjects.KERNEL_CHILD_INSTALL` (ChildInstall ->
+KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck) and
+`subjects.KERNEL_SHOW` (KernelShowRequest -> KernelState, never key material).
+Install requests carry session keys: nothing here logs or returns them.
+"""
 
 from __future__ import annotations
 
-from ikefarm.shared.bus.runtime import ServiceBase
+from typing import Any
+
+from ikefarm.proto import subjects
+from ikefarm.proto.envelope import BusError
+from ikefarm.proto.messages import (
+    ChildDelete,
+    ChildInstall,
+    KernelAck,
+    KernelShowRequest,
+    KernelState,
+)
+from ikefarm.services.kernel.memory import InvalidChild, KernelRefusal, MemoryKernel
+from ikefarm.shared.bus.runtime import Runtime, ServiceBase
+
+NETLINK_NOT_IMPLEMENTED = (
+    'netlink backend not implemented yet; use backend = "memory" '
+    "([kernel] backend; XFRM programming through pyroute2 comes with a later issue)"
+)
+
+
+class BackendNotAvailable(RuntimeError):
+    """The configured kernel backend cannot run here; the process exits with this text."""
 
 
 class KernelService(ServiceBase):
     name = "kernel"
     subsystem = "kernel"
     description = "ikefarm kernel: SAD/SPD, routes, VIPs"
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self.backend: MemoryKernel | None = None
+
+    async def setup(self) -> None:
+        backend = self.config.kernel.backend
+        if backend != "memory":
+            self.log.audit("kernel_backend_unavailable", backend=backend)
+            raise BackendNotAvailable(NETLINK_NOT_IMPLEMENTED)
+        self.backend = MemoryKernel()
+        await self.runtime.add_endpoint(
+            "child-install", ChildInstall, self.on_install, subject=subjects.KERNEL_CHILD_INSTALL
+        )
+        await self.runtime.add_endpoint(
+            "child-delete", ChildDelete, self.on_delete, subject=subjects.KERNEL_CHILD_DELETE
+        )
+        await self.runtime.add_endpoint(
+            "show", KernelShowRequest, self.on_show, subject=subjects.KERNEL_SHOW
+        )
+        self.log.control("kernel_backend", backend=self.backend.name)
+
+    def gauges(self) -> dict[str, Any]:
+        if self.backend is None:
+            return {}
+        return {
+            "backend": self.backend.name,
+            "children": self.backend.child_count,
+            "sas": len(self.backend.sad),
+            "policies": self.backend.policy_count,
+        }
+
+    def _backend(self) -> MemoryKernel:
+        assert self.backend is not None
+        return self.backend
+
+    async def on_install(self, request: ChildInstall, _msg: Any) -> KernelAck:
+        backend = self._backend()
+        try:
+            sa_in, sa_out = backend.install(request)
+        except InvalidChild as exc:
+            self.runtime.counters["child_install.invalid"] += 1
+            raise BusError("bad_field", f"ChildInstall: {exc}") from None
+        except KernelRefusal as exc:
+            self.runtime.counters[f"child_install.{exc.code}"] += 1
+            self.log.control(
+                "child_install_refused",
+                backend=backend.name,
+                unique_id=request.unique_id,
+                reqid=request.reqid,
+                spi_in=request.spi_in.hex(),
+                spi_out=request.spi_out.hex(),
+                error=exc.text,
+            )
+            return KernelAck(ok=False, error=exc.text)
+        self.runtime.counters["child_install.ok"] += 1
+        self.log.control(
+            "child_installed",
+            backend=backend.name,
+            unique_id=request.unique_id,
+            ike_unique_id=request.ike_unique_id,
+            child=request.name,
+            vpn=request.vpn,
+            reqid=request.reqid,
+            mode=request.mode,
+            spi_in=sa_in.spi.hex(),
+            spi_out=sa_out.spi.hex(),
+            local=f"{sa_out.src}[{sa_out.src_port}]",
+            remote=f"{sa_out.dst}[{sa_out.dst_port}]",
+            encap=request.udp_encap,
+            local_ts=list(request.local_ts),
+            remote_ts=list(request.remote_ts),
+        )
+        return KernelAck(ok=True)
+
+    async def on_delete(self, request: ChildDelete, _msg: Any) -> KernelAck:
+        backend = self._backend()
+        try:
+            child = backend.delete(request)
+        except KernelRefusal as exc:
+            self.runtime.counters[f"child_delete.{exc.code}"] += 1
+            self.log.control(
+                "child_delete_refused",
+                backend=backend.name,
+                unique_id=request.unique_id,
+                reqid=request.reqid,
+                spi_in=request.spi_in.hex(),
+                error=exc.text,
+            )
+            return KernelAck(ok=False, error=exc.text)
+        self.runtime.counters["child_delete.ok"] += 1
+        self.log.control(
+            "child_deleted",
+            backend=backend.name,
+            unique_id=child.unique_id,
+            child=child.name,
+            vpn=child.vpn,
+            reqid=child.reqid,
+            spi_in=request.spi_in.hex(),
+            spi_out=request.spi_out.hex(),
+        )
+        return KernelAck(ok=True)
+
+    async def on_show(self, _request: KernelShowRequest, _msg: Any) -> KernelState:
+        backend = self._backend()
+        sas, policies = backend.show()
+        return KernelState(backend=backend.name, sas=sas, policies=policies)

@@ -1,0 +1,253 @@
+"""The `memory` kernel backend: a SAD and SPD kept in a dict, for tests and hosts without XFRM.
+
+It mirrors what the netlink backend will program: per child SA, two SAs (in:
+remote -> local with our SPI, out: local -> remote with the peer's SPI) and the
+policies binding the traffic selectors to them (out, in and, in tunnel mode,
+fwd), all tagged with the child's reqid. Key material is never kept: the table
+holds key lengths only, so neither `show` nor a repr can leak a key (DESIGN
+principle 4).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ikefarm.proto.messages import ChildDelete, ChildInstall
+from ikefarm.shared.ikev2.constants import EncrId, IntegId
+
+BACKEND_NAME = "memory"
+MODES = ("tunnel", "transport")
+PROTOCOLS = ("esp",)
+ESP_SPI_LENGTH = 4  # RFC 4303 2.1
+
+
+class KernelRefusal(Exception):
+    """An install or delete the SAD/SPD cannot take; `code` is the counter label."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class InvalidChild(ValueError):
+    """A request whose fields cannot describe a child SA (a bad message, not a state clash)."""
+
+
+@dataclass(frozen=True)
+class SaEntry:
+    spi: bytes
+    direction: str  # "in" or "out"
+    unique_id: int
+    reqid: int
+    protocol: str
+    mode: str
+    src: str
+    dst: str
+    src_port: int
+    dst_port: int
+    encap: bool
+    encr_id: int
+    encr_key_bits: int | None
+    encr_key_length: int
+    integ_id: int | None
+    integ_key_length: int
+    esn: bool
+    replay_window: int
+
+    def show(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["spi"] = self.spi.hex()
+        out["encr"] = _name(EncrId, self.encr_id)
+        out["integ"] = _name(IntegId, self.integ_id) if self.integ_id is not None else None
+        return out
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    direction: str  # "out", "in", "fwd"
+    src: str
+    dst: str
+    reqid: int
+    unique_id: int
+    mode: str
+    tmpl_src: str  # the tunnel endpoints the policy's template names
+    tmpl_dst: str
+
+    def show(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Child:
+    unique_id: int
+    ike_unique_id: int
+    name: str
+    vpn: str
+    reqid: int
+    sa_keys: tuple[tuple[bytes, str], ...]
+    policies: tuple[PolicyEntry, ...]
+
+
+def _name(enum: Any, value: int) -> str:
+    try:
+        return str(enum(value).name)
+    except ValueError:
+        return str(value)
+
+
+def _address(value: str, field: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidChild(f"{field} is not an IP address") from None
+
+
+def _host_prefix(address: str) -> str:
+    return str(ipaddress.ip_network(address))
+
+
+def _check_install(request: ChildInstall) -> None:
+    if request.protocol not in PROTOCOLS:
+        raise InvalidChild(f"protocol must be one of {', '.join(PROTOCOLS)}")
+    if request.mode not in MODES:
+        raise InvalidChild(f"mode must be one of {', '.join(MODES)}")
+    for field in ("spi_in", "spi_out"):
+        spi = getattr(request, field)
+        if len(spi) != ESP_SPI_LENGTH or spi == bytes(ESP_SPI_LENGTH):
+            raise InvalidChild(f"{field} must be {ESP_SPI_LENGTH} octets, not zero")
+    for field in ("local_port", "remote_port"):
+        if not 0 <= getattr(request, field) <= 0xFFFF:
+            raise InvalidChild(f"{field} out of range 0-65535")
+    local = ipaddress.ip_address(_address(request.local_address, "local_address"))
+    remote = ipaddress.ip_address(_address(request.remote_address, "remote_address"))
+    if local.version != remote.version:
+        raise InvalidChild("local_address and remote_address are of different families")
+    if request.mode == "tunnel" and (not request.local_ts or not request.remote_ts):
+        raise InvalidChild("a tunnel-mode child needs local_ts and remote_ts")
+
+
+class MemoryKernel:
+    """In-memory SAD (keyed by (SPI, direction)) and SPD (policies per child)."""
+
+    name = BACKEND_NAME
+
+    def __init__(self) -> None:
+        self.sad: dict[tuple[bytes, str], SaEntry] = {}
+        self._children: dict[int, _Child] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryKernel(children={len(self._children)}, sas={len(self.sad)})"
+
+    @property
+    def policy_count(self) -> int:
+        return sum(len(child.policies) for child in self._children.values())
+
+    @property
+    def child_count(self) -> int:
+        return len(self._children)
+
+    def install(self, request: ChildInstall) -> tuple[SaEntry, SaEntry]:
+        """Install both SAs and the policies of one child; all or nothing."""
+        _check_install(request)
+        if (request.spi_in, "in") in self.sad or (request.spi_out, "out") in self.sad:
+            raise KernelRefusal("spi_exists", "spi exists")
+        if request.unique_id in self._children:
+            raise KernelRefusal("child_exists", "child exists")
+        local = _address(request.local_address, "local_address")
+        remote = _address(request.remote_address, "remote_address")
+        common: dict[str, Any] = {
+            "unique_id": request.unique_id,
+            "reqid": request.reqid,
+            "protocol": request.protocol,
+            "mode": request.mode,
+            "encap": request.udp_encap,
+            "encr_id": request.encr_id,
+            "encr_key_bits": request.encr_key_bits,
+            "integ_id": request.integ_id,
+            "esn": request.esn,
+            "replay_window": request.replay_window,
+        }
+        sa_in = SaEntry(
+            spi=request.spi_in,
+            direction="in",
+            src=remote,
+            dst=local,
+            src_port=request.remote_port,
+            dst_port=request.local_port,
+            encr_key_length=len(request.encr_key_in),
+            integ_key_length=len(request.integ_key_in),
+            **common,
+        )
+        sa_out = SaEntry(
+            spi=request.spi_out,
+            direction="out",
+            src=local,
+            dst=remote,
+            src_port=request.local_port,
+            dst_port=request.remote_port,
+            encr_key_length=len(request.encr_key_out),
+            integ_key_length=len(request.integ_key_out),
+            **common,
+        )
+        policies = self._policies(request, local, remote)
+        self.sad[(sa_in.spi, "in")] = sa_in
+        self.sad[(sa_out.spi, "out")] = sa_out
+        self._children[request.unique_id] = _Child(
+            unique_id=request.unique_id,
+            ike_unique_id=request.ike_unique_id,
+            name=request.name,
+            vpn=request.vpn,
+            reqid=request.reqid,
+            sa_keys=((sa_in.spi, "in"), (sa_out.spi, "out")),
+            policies=policies,
+        )
+        return sa_in, sa_out
+
+    @staticmethod
+    def _policies(request: ChildInstall, local: str, remote: str) -> tuple[PolicyEntry, ...]:
+        """out: local_ts -> remote_ts; in (and fwd in tunnel mode): remote_ts -> local_ts."""
+        if request.mode == "transport":
+            local_ts = request.local_ts or [_host_prefix(local)]
+            remote_ts = request.remote_ts or [_host_prefix(remote)]
+        else:
+            local_ts, remote_ts = request.local_ts, request.remote_ts
+        directions = ("out", "in", "fwd") if request.mode == "tunnel" else ("out", "in")
+        policies = []
+        for lts in local_ts:
+            for rts in remote_ts:
+                for direction in directions:
+                    outbound = direction == "out"
+                    policies.append(
+                        PolicyEntry(
+                            direction=direction,
+                            src=lts if outbound else rts,
+                            dst=rts if outbound else lts,
+                            reqid=request.reqid,
+                            unique_id=request.unique_id,
+                            mode=request.mode,
+                            tmpl_src=local if outbound else remote,
+                            tmpl_dst=remote if outbound else local,
+                        )
+                    )
+        return tuple(policies)
+
+    def delete(self, request: ChildDelete) -> _Child:
+        """Remove a child's SAs and policies, found by unique id or else by its inbound SPI."""
+        child = self._children.get(request.unique_id)
+        if child is None:
+            sa = self.sad.get((request.spi_in, "in"))
+            child = self._children.get(sa.unique_id) if sa is not None else None
+        if child is None:
+            raise KernelRefusal("not_found", "not found")
+        for key in child.sa_keys:
+            self.sad.pop(key, None)
+        del self._children[child.unique_id]
+        return child
+
+    def show(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        sas = [sa.show() for sa in self.sad.values()]
+        policies = [policy.show() for child in self._children.values() for policy in child.policies]
+        return sas, policies

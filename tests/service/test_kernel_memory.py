@@ -1,0 +1,286 @@
+"""The kernel service's memory backend over a real nats-server: SAD/SPD, refusals, no keys out."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+import pytest
+from nats.aio.client import Client
+
+from ikefarm.proto import envelope, subjects
+from ikefarm.proto.envelope import BusError
+from ikefarm.proto.messages import (
+    ChildDelete,
+    ChildInstall,
+    KernelAck,
+    KernelShowRequest,
+    KernelState,
+)
+from ikefarm.services.kernel.service import BackendNotAvailable, KernelService
+from ikefarm.shared.bus.embedded import EmbeddedNats
+from ikefarm.shared.bus.runtime import Runtime
+from ikefarm.shared.config.loader import parse_config
+from ikefarm.shared.ikev2.constants import EncrId
+from ikefarm.shared.observability.logging import configure_logging
+
+ENCR_KEY_IN = bytes(range(0x10, 0x34))  # 36 octets: AES-256 + 4-octet GCM salt
+ENCR_KEY_OUT = bytes(range(0x40, 0x64))
+KEYS = (ENCR_KEY_IN, ENCR_KEY_OUT)
+
+
+def child(unique_id: int = 1, spi_in: str = "c0000001", spi_out: str = "c1000001") -> ChildInstall:
+    return ChildInstall(
+        unique_id=unique_id,
+        ike_unique_id=10,
+        name="net",
+        vpn="rw",
+        reqid=unique_id,
+        protocol="esp",
+        mode="tunnel",
+        local_address="192.0.2.1",
+        local_port=4500,
+        remote_address="198.51.100.2",
+        remote_port=4501,
+        spi_in=bytes.fromhex(spi_in),
+        spi_out=bytes.fromhex(spi_out),
+        encr_id=EncrId.AES_GCM_16,
+        encr_key_bits=256,
+        integ_id=None,
+        encr_key_in=ENCR_KEY_IN,
+        encr_key_out=ENCR_KEY_OUT,
+        integ_key_in=b"",
+        integ_key_out=b"",
+        esn=False,
+        replay_window=32,
+        udp_encap=True,
+        local_ts=["10.100.0.0/24"],
+        remote_ts=["10.200.0.0/24", "10.201.0.0/24"],
+    )
+
+
+def delete_of(install: ChildInstall) -> ChildDelete:
+    return ChildDelete(
+        unique_id=install.unique_id,
+        reqid=install.reqid,
+        spi_in=install.spi_in,
+        spi_out=install.spi_out,
+        local_address=install.local_address,
+        remote_address=install.remote_address,
+    )
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """Everything the service logs up to level 3 (one below the key-material level)."""
+    stream = io.StringIO()
+    configure_logging("kernel", "kernel-0", {"daemon": {"default": 3}}, stream=stream)
+    yield stream
+    configure_logging("kernel", "kernel-0", {"daemon": {"default": "disable"}})
+
+
+@pytest.fixture
+async def kernel(nats_server: EmbeddedNats, log_stream: io.StringIO) -> AsyncIterator[Runtime]:
+    runtime = Runtime(KernelService, parse_config(""), nats_server.url, instance="kernel-0")
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+@pytest.fixture
+async def client(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
+    nc = await nats.connect(nats_server.url)
+    yield nc
+    await nc.close()
+
+
+async def ask(nc: Client, subject: str, payload: bytes) -> bytes:
+    return (await nc.request(subject, payload, timeout=2)).data
+
+
+async def install(nc: Client, request: ChildInstall) -> KernelAck:
+    raw = await ask(nc, subjects.KERNEL_CHILD_INSTALL, envelope.pack(request))
+    assert not any(key in raw for key in KEYS)
+    return envelope.unpack_reply(raw, KernelAck)
+
+
+async def delete(nc: Client, request: ChildDelete) -> KernelAck:
+    raw = await ask(nc, subjects.KERNEL_CHILD_DELETE, envelope.pack(request))
+    return envelope.unpack_reply(raw, KernelAck)
+
+
+async def show(nc: Client) -> tuple[KernelState, bytes]:
+    raw = await ask(nc, subjects.KERNEL_SHOW, envelope.pack(KernelShowRequest()))
+    return envelope.unpack_reply(raw, KernelState), raw
+
+
+async def test_install_show_delete(
+    kernel: Runtime, client: Client, log_stream: io.StringIO
+) -> None:
+    assert await install(client, child()) == KernelAck(ok=True)
+    state, raw = await show(client)
+    assert state.backend == "memory"
+    sas = {(sa["spi"], sa["direction"]): sa for sa in state.sas}
+    assert set(sas) == {("c0000001", "in"), ("c1000001", "out")}
+    inbound, outbound = sas[("c0000001", "in")], sas[("c1000001", "out")]
+    assert (inbound["src"], inbound["dst"]) == ("198.51.100.2", "192.0.2.1")
+    assert (outbound["src"], outbound["dst"]) == ("192.0.2.1", "198.51.100.2")
+    assert (outbound["src_port"], outbound["dst_port"]) == (4500, 4501)
+    for sa in (inbound, outbound):
+        assert sa["reqid"] == 1 and sa["mode"] == "tunnel" and sa["encap"] is True
+        assert sa["encr_id"] == EncrId.AES_GCM_16 and sa["encr"] == "AES_GCM_16"
+        assert sa["encr_key_bits"] == 256 and sa["encr_key_length"] == 36
+        assert sa["integ_id"] is None and sa["integ_key_length"] == 0
+        assert not any("key" in name and isinstance(v, bytes) for name, v in sa.items())
+    # tunnel mode: out, in and fwd for each selector pair
+    policies = {(p["direction"], p["src"], p["dst"]) for p in state.policies}
+    assert policies == {
+        ("out", "10.100.0.0/24", "10.200.0.0/24"),
+        ("in", "10.200.0.0/24", "10.100.0.0/24"),
+        ("fwd", "10.200.0.0/24", "10.100.0.0/24"),
+        ("out", "10.100.0.0/24", "10.201.0.0/24"),
+        ("in", "10.201.0.0/24", "10.100.0.0/24"),
+        ("fwd", "10.201.0.0/24", "10.100.0.0/24"),
+    }
+    assert all(p["reqid"] == 1 for p in state.policies)
+    assert not any(key in raw for key in KEYS)
+    assert kernel.service is not None and kernel.service.gauges()["sas"] == 2
+
+    assert await delete(client, delete_of(child())) == KernelAck(ok=True)
+    state, _raw = await show(client)
+    assert state.sas == [] and state.policies == []
+    assert kernel.counters["child_install.ok"] == 1 and kernel.counters["child_delete.ok"] == 1
+
+    logged = log_stream.getvalue()
+    assert '"event": "child_installed"' in logged and '"event": "child_deleted"' in logged
+    assert '"subsystem": "kernel"' in logged and '"backend": "memory"' in logged
+    for key in KEYS:
+        assert key.hex() not in logged and repr(key) not in logged
+
+
+async def test_transport_mode_has_no_forward_policy(kernel: Runtime, client: Client) -> None:
+    transport = dataclasses.replace(child(), mode="transport", local_ts=[], remote_ts=[])
+    assert await install(client, transport) == KernelAck(ok=True)
+    state, _raw = await show(client)
+    assert {(p["direction"], p["src"], p["dst"]) for p in state.policies} == {
+        ("out", "192.0.2.1/32", "198.51.100.2/32"),
+        ("in", "198.51.100.2/32", "192.0.2.1/32"),
+    }
+
+
+async def test_duplicate_spi_and_unknown_child_are_refused(kernel: Runtime, client: Client) -> None:
+    assert (await install(client, child())).ok
+    duplicate_in = child(unique_id=2, spi_out="c1000002")
+    assert await install(client, duplicate_in) == KernelAck(ok=False, error="spi exists")
+    duplicate_out = child(unique_id=3, spi_in="c0000003")
+    assert await install(client, duplicate_out) == KernelAck(ok=False, error="spi exists")
+    assert kernel.counters["child_install.spi_exists"] == 2
+    state, _raw = await show(client)
+    assert len(state.sas) == 2  # the refused installs left nothing behind
+
+    unknown = delete_of(child(unique_id=99, spi_in="deadbeef", spi_out="deadbee0"))
+    assert await delete(client, unknown) == KernelAck(ok=False, error="not found")
+    assert kernel.counters["child_delete.not_found"] == 1
+    assert (await delete(client, delete_of(child()))).ok
+    assert await delete(client, delete_of(child())) == KernelAck(ok=False, error="not found")
+    assert kernel.counters["child_delete.not_found"] == 2
+
+
+def _without(field: str) -> bytes:
+    body = envelope._to_wire(child())
+    del body[field]
+    return msgpack.packb({"v": 1, "kind": "child-install", "body": body})
+
+
+@pytest.mark.parametrize(
+    ("subject", "payload", "code"),
+    [
+        (subjects.KERNEL_CHILD_INSTALL, b"\xc1 not msgpack", "bad_encoding"),
+        (
+            subjects.KERNEL_CHILD_INSTALL,
+            msgpack.packb({"v": 7, "kind": "child-install", "body": {}}),
+            "bad_version",
+        ),
+        (subjects.KERNEL_CHILD_INSTALL, _without("spi_in"), "missing_field"),
+        (
+            subjects.KERNEL_CHILD_INSTALL,
+            envelope.pack(dataclasses.replace(child(), spi_in=b"\x01")),
+            "bad_field",
+        ),
+        (
+            subjects.KERNEL_CHILD_INSTALL,
+            envelope.pack(dataclasses.replace(child(), mode="beet")),
+            "bad_field",
+        ),
+        (subjects.KERNEL_CHILD_DELETE, b"\x93\x01\x02", "bad_encoding"),
+        (
+            subjects.KERNEL_CHILD_DELETE,
+            msgpack.packb({"v": 1, "kind": "child-delete", "body": {"unique_id": 1}}),
+            "missing_field",
+        ),
+        (
+            subjects.KERNEL_SHOW,
+            msgpack.packb({"v": 2, "kind": "kernel-show-request"}),
+            "bad_version",
+        ),
+        (subjects.KERNEL_SHOW, envelope.pack(delete_of(child())), "wrong_kind"),
+    ],
+)
+async def test_malformed_requests_get_structured_errors(
+    kernel: Runtime, client: Client, subject: str, payload: bytes, code: str
+) -> None:
+    raw = await ask(client, subject, payload)
+    with pytest.raises(BusError) as refused:
+        envelope.unpack_reply(raw)
+    assert refused.value.code == code
+    assert not any(key in raw for key in KEYS)
+    assert kernel.counters[f"bus_refused.{code}"] == 1
+    # still serving
+    assert (await install(client, child())).ok
+    state, _raw = await show(client)
+    assert len(state.sas) == 2
+
+
+async def test_netlink_backend_refuses_to_start(nats_server: EmbeddedNats) -> None:
+    config = parse_config('[kernel]\nbackend = "netlink"\n')
+    runtime = Runtime(KernelService, config, nats_server.url, instance="kernel-nl")
+    try:
+        with pytest.raises(BackendNotAvailable, match="netlink backend not implemented yet"):
+            await runtime.start()
+    finally:
+        await runtime.stop()
+
+
+def test_netlink_backend_process_exits_non_zero_with_the_reason(
+    nats_server: EmbeddedNats, tmp_path: Path, ikefarm_argv: list[str]
+) -> None:
+    path = tmp_path / "netlink.toml"
+    path.write_text('[kernel]\nbackend = "netlink"\n')
+    result = subprocess.run(
+        [*ikefarm_argv, "service", "kernel", "-c", str(path), "--nats", nats_server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert 'netlink backend not implemented yet; use backend = "memory"' in result.stderr
+
+
+def test_show_rows_never_hold_key_bytes() -> None:
+    from ikefarm.services.kernel.memory import MemoryKernel
+
+    backend = MemoryKernel()
+    sa_in, sa_out = backend.install(child())
+    text = repr(backend) + repr(sa_in) + repr(sa_out) + repr(backend.show())
+    for key in KEYS:
+        assert key.hex() not in text and repr(key) not in text
+    rows: list[dict[str, Any]] = backend.show()[0]
+    assert all(not isinstance(value, bytes) for row in rows for value in row.values())

@@ -126,10 +126,10 @@ class ChildInstall(BusMessage):
     encr_id: int
     encr_key_bits: int | None
     integ_id: int | None
-    encr_key_in: bytes
-    encr_key_out: bytes
-    integ_key_in: bytes
-    integ_key_out: bytes
+    encr_key_in: bytes = field(repr=False)
+    encr_key_out: bytes = field(repr=False)
+    integ_key_in: bytes = field(repr=False)
+    integ_key_out: bytes = field(repr=False)
     esn: bool
     replay_window: int
     udp_encap: bool

@@ -20,7 +20,8 @@ from ikefarm.proto.messages import (
     KernelState,
 )
 from ikefarm.services.kernel.memory import InvalidChild, KernelRefusal, MemoryKernel
-from ikefarm.shared.bus.runtime import Runtime, ServiceBase
+from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
+from ikefarm.shared.config.loader import Config
 
 NETLINK_NOT_IMPLEMENTED = (
     'netlink backend not implemented yet; use backend = "memory" '
@@ -28,7 +29,7 @@ NETLINK_NOT_IMPLEMENTED = (
 )
 
 
-class BackendNotAvailable(RuntimeError):
+class BackendNotAvailable(ServiceUnavailable):
     """The configured kernel backend cannot run here; the process exits with this text."""
 
 
@@ -41,11 +42,13 @@ class KernelService(ServiceBase):
         super().__init__(runtime)
         self.backend: MemoryKernel | None = None
 
-    async def setup(self) -> None:
-        backend = self.config.kernel.backend
-        if backend != "memory":
-            self.log.audit("kernel_backend_unavailable", backend=backend)
+    @classmethod
+    def preflight(cls, config: Config) -> None:
+        if config.kernel.backend != "memory":
             raise BackendNotAvailable(NETLINK_NOT_IMPLEMENTED)
+
+    async def setup(self) -> None:
+        self.preflight(self.config)
         self.backend = MemoryKernel()
         await self.runtime.add_endpoint(
             "child-install", ChildInstall, self.on_install, subject=subjects.KERNEL_CHILD_INSTALL

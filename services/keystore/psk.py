@@ -34,6 +34,14 @@ _MATCH_EXACT = 2
 _MATCH_ANY = 1
 
 
+PURPOSES = frozenset({"verify-and-sign", "sign", "verify"})
+
+
+class UnknownPurpose(ValueError):
+    def __init__(self, purpose: str) -> None:
+        super().__init__(f"purpose {purpose!r} is not one of {', '.join(sorted(PURPOSES))}")
+
+
 class UnsupportedPrf(ValueError):
     """The request names a PRF this keystore does not implement."""
 
@@ -111,16 +119,26 @@ class PskStore:
         return best
 
     def authenticate(self, request: PskAuthRequest) -> tuple[PskAuthReply, PskEntry | None]:
-        """Verify the peer's AUTH, then compute ours; raises UnsupportedPrf for an unknown PRF."""
+        """Verify the peer's AUTH and/or compute ours, as `request.purpose` says.
+
+        "verify-and-sign" (responder): ours only if the peer's verifies. "sign"
+        (initiator, before IKE_AUTH): ours only. "verify" (initiator, after the
+        response): the check only. Raises UnsupportedPrf / UnknownPurpose.
+        """
         if request.prf_id not in SUPPORTED_PRFS:
             raise UnsupportedPrf(request.prf_id)
+        if request.purpose not in PURPOSES:
+            raise UnknownPurpose(request.purpose)
         prf = Prf(request.prf_id)
         entry = self.select(request.local_id, request.remote_id)
         if entry is None:
             return PskAuthReply(verified=False, auth=b"", reason=REASON_NO_SECRET), None
-        expected = psk_auth(prf, entry.secret, request.verify_octets)
-        if not hmac.compare_digest(expected, request.verify_auth):
-            return PskAuthReply(verified=False, auth=b"", reason=REASON_MISMATCH), entry
+        if request.purpose != "sign":
+            expected = psk_auth(prf, entry.secret, request.verify_octets)
+            if not hmac.compare_digest(expected, request.verify_auth):
+                return PskAuthReply(verified=False, auth=b"", reason=REASON_MISMATCH), entry
+        if request.purpose == "verify":
+            return PskAuthReply(verified=True, auth=b""), entry
         ours = psk_auth(prf, entry.secret, request.sign_octets)
         return PskAuthReply(verified=True, auth=ours), entry
 

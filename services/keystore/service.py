@@ -12,7 +12,7 @@ from typing import Any
 from ikefarm.proto import subjects
 from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import PskAuthReply, PskAuthRequest
-from ikefarm.services.keystore.psk import PskStore, UnsupportedPrf
+from ikefarm.services.keystore.psk import PskStore, UnknownPurpose, UnsupportedPrf
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase
 
 
@@ -40,6 +40,9 @@ class KeystoreService(ServiceBase):
             reply, entry = self.psks.authenticate(request)
         except UnsupportedPrf as exc:
             self.runtime.counters["psk_auth.bad_prf"] += 1
+            raise BusError("bad_field", f"PskAuthRequest.{exc}") from None
+        except UnknownPurpose as exc:
+            self.runtime.counters["psk_auth.bad_purpose"] += 1
             raise BusError("bad_field", f"PskAuthRequest.{exc}") from None
         outcome = "verified" if reply.verified else reply.reason.replace("auth_", "")
         self.runtime.counters[f"psk_auth.{outcome}"] += 1

@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,10 @@ def default_instance(service: str) -> str:
     return f"{service}-{host}-{os.getpid()}"
 
 
+class ServiceUnavailable(RuntimeError):
+    """This service cannot run with this config; the message says why and what to do."""
+
+
 class ServiceBase:
     """One service kind. Subclasses set `name` and `subsystem` and register in `setup()`."""
 
@@ -66,6 +71,13 @@ class ServiceBase:
         self.runtime = runtime
         self.config = runtime.config
         self.log = get_logger(self.subsystem)
+
+    @classmethod
+    def preflight(cls, config: Config) -> None:
+        """Refuse a config this service cannot run with, before touching the bus.
+
+        Raise ServiceUnavailable with a sentence for the operator.
+        """
 
     async def setup(self) -> None:
         """Declare endpoints and subscriptions."""
@@ -353,6 +365,11 @@ def run_service(
     options: dict[str, Any] | None = None,
 ) -> int:
     """Entry point of `ikefarm service NAME`: logging, tracing, then the runtime until SIGTERM."""
+    try:
+        service_cls.preflight(config)
+    except ServiceUnavailable as exc:
+        print(f"ikefarm {service_cls.name}: {exc}", file=sys.stderr)
+        return 1
     runtime = Runtime(service_cls, config, nats_url, instance, options)
     configure_logging(
         service_cls.name,

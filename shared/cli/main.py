@@ -119,6 +119,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ikefarm.shared.cli.status import gather
     from ikefarm.shared.ikev2.show import format_details, format_summary
 
+    unknown = [w for w in args.words if w != "details"]
+    if unknown:
+        print(
+            f"ikefarm show ike-sa: unknown word(s) {' '.join(unknown)}; try: details",
+            file=sys.stderr,
+        )
+        return 2
     config = _load_or_exit(args.config) if args.config else None
     url = _nats_url(args, config)
     details = "details" in args.words
@@ -199,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="show state: `show ike-sa [details]`")
     show.add_argument("what", choices=["ike-sa"])
-    show.add_argument("words", nargs="*", choices=["details"], help="details: SPIs, children")
+    show.add_argument("words", nargs="*", help="details: SPIs, algorithms, child SAs")
     show.add_argument("-c", "--config")
     show.add_argument("--nats")
     show.add_argument("--state-dir")

@@ -213,6 +213,13 @@ def cross_check(config: Config) -> list[ConfigProblem]:
                 problem(sp_path, "'table' and 'l3vrf' are exclusive")
             if (routes.vrf or routes.table or routes.l3vrf) and routes.next_hop is None:
                 problem(f"{sp_path}.next-hop", "is mandatory when inject-routes is used")
+    for index, address in enumerate(config.ingress.listen or []):
+        if ipaddress.ip_address(address).is_unspecified:
+            problem(
+                f"ingress.listen[{index}]",
+                f'"{address}" is a wildcard: name the addresses to listen on (NAT detection '
+                "needs the real local address of each datagram)",
+            )
     if ike.vpn and not listen_addresses:
         problem("ingress.listen", "no address to listen on: set it or a vpn local-address")
 

@@ -25,6 +25,7 @@ if str(_REPO) not in sys.path:  # makes `tests.harness` importable without an in
     sys.path.insert(0, str(_REPO))
 
 from tests.harness import libreswan, netns, strongswan  # noqa: E402
+from tests.harness.gateway import Gateway  # noqa: E402
 from tests.harness.libreswan import Libreswan  # noqa: E402
 from tests.harness.netns import Namespace, NetnsPair  # noqa: E402
 from tests.harness.strongswan import StrongSwan  # noqa: E402
@@ -91,6 +92,35 @@ def strongswan_factory(
     finally:
         for ss in reversed(made):
             ss.stop()
+
+
+@pytest.fixture
+def gateway_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., Gateway]]:
+    """make(ns, **Gateway.psk_responder options) -> a started `ikefarm up` in that namespace."""
+    _require_netns()
+    made: list[Gateway] = []
+
+    def make(
+        ns: Namespace, *, start: bool = True, config_text: str | None = None, **opts: Any
+    ) -> Gateway:
+        workdir = tmp_path / f"ikefarm-{len(made)}"
+        if config_text is not None:
+            gateway = Gateway(ns, workdir, config_text)
+        else:
+            gateway = Gateway.psk_responder(ns, workdir, **opts)
+        made.append(gateway)
+        _register(request, gateway)
+        if start:
+            gateway.start()
+        return gateway
+
+    try:
+        yield make
+    finally:
+        for gateway in reversed(made):
+            gateway.stop()
 
 
 @pytest.fixture

@@ -257,3 +257,28 @@ async def test_secrets_are_in_no_repr_stats_or_log(
     assert_no_secret(repr(service.gauges()) + repr(dict(keystore.counters)))
     assert_no_secret(log_stream.getvalue())
     assert '"event": "psk_loaded"' in log_stream.getvalue()
+
+
+def test_purposes_sign_only_and_verify_only() -> None:
+    from ikefarm.services.keystore.psk import PskEntry, PskStore, UnknownPurpose
+    from ikefarm.shared.config.kinds import Secret
+
+    secret = b"purpose-secret"
+    store = PskStore(
+        [PskEntry(index=0, name=None, local_id="a", remote_id="b", secret=Secret(secret))]
+    )
+    key = hmac.new(secret, b"Key Pad for IKEv2", hashlib.sha256).digest()
+    sign = PskAuthRequest(5, "a", "b", b"", b"", b"ours", purpose="sign")
+    reply, _ = store.authenticate(sign)
+    assert reply.verified and reply.auth == hmac.new(key, b"ours", hashlib.sha256).digest()
+    good = hmac.new(key, b"theirs", hashlib.sha256).digest()
+    reply, _ = store.authenticate(
+        PskAuthRequest(5, "a", "b", b"theirs", good, b"x", purpose="verify")
+    )
+    assert reply.verified and reply.auth == b""
+    reply, _ = store.authenticate(
+        PskAuthRequest(5, "a", "b", b"theirs", b"bad", b"x", purpose="verify")
+    )
+    assert not reply.verified and reply.reason == "auth_mismatch"
+    with pytest.raises(UnknownPurpose):
+        store.authenticate(PskAuthRequest(5, "a", "b", b"", b"", b"", purpose="leak"))

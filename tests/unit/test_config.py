@@ -345,4 +345,17 @@ def test_readme_reference_is_generated_from_the_schema() -> None:
     from ikefarm.shared.config.reference import reference_markdown
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert reference_markdown() in readme, "README config reference is stale: run ops/gen-config-reference"
+    assert reference_markdown() in readme, (
+        "README config reference is stale: run ops/gen-config-reference"
+    )
+
+
+def test_wildcard_listen_address_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r'ingress\.listen\[0\]: "0\.0\.0\.0" is a wildcard'):
+        parse_config('[ingress]\nlisten = ["0.0.0.0"]\n')
+    with pytest.raises(ConfigError, match=r'ingress\.listen\[1\]: "::" is a wildcard'):
+        parse_config('[ingress]\nlisten = ["192.0.2.1", "::"]\n')
+    assert parse_config('[ingress]\nlisten = ["192.0.2.1", "2001:db8::1"]\n').ingress.listen == [
+        "192.0.2.1",
+        "2001:db8::1",
+    ]

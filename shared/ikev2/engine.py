@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ikefarm.proto.sharding import shard_of_spi, spi_for_shard
-from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType
+from ikefarm.shared.ikev2.constants import ExchangeType
 from ikefarm.shared.ikev2.crypto.protection import IntegrityCheckFailed, MalformedEncryptedPayload
 from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
@@ -32,7 +32,14 @@ from ikefarm.shared.ikev2.effects import (
     SendDatagram,
 )
 from ikefarm.shared.ikev2.errors import MalformedMessage, UnsupportedCriticalPayload
-from ikefarm.shared.ikev2.exchanges import ike_auth, ike_init, informational
+from ikefarm.shared.ikev2.exchanges import (
+    create_child_sa,
+    dpd,
+    ike_auth,
+    ike_init,
+    informational,
+    lifetimes,
+)
 from ikefarm.shared.ikev2.fragments import FragmentReassembler
 from ikefarm.shared.ikev2.message import (
     Message,
@@ -42,7 +49,7 @@ from ikefarm.shared.ikev2.message import (
     encode_message_fragments,
     parse_message,
 )
-from ikefarm.shared.ikev2.payloads import NotifyPayload, Payload
+from ikefarm.shared.ikev2.payloads import Payload
 from ikefarm.shared.ikev2.policy import EnginePolicy
 from ikefarm.shared.ikev2.retransmit import retransmit_timeout
 from ikefarm.shared.ikev2.sa import (
@@ -325,6 +332,7 @@ class IkeEngine:
             return message
         if message is None:
             return []  # fragment stored, waiting for the others
+        sa.last_seen = now
         # RFC 7296 2.23: after a verified request, answer where it came from
         if sa.nat_detected or sa.remote != remote:
             sa.local, sa.remote = local, remote
@@ -365,8 +373,7 @@ class IkeEngine:
         if exchange == ExchangeType.INFORMATIONAL:
             return informational.respond(self, sa, message, now)
         if exchange == ExchangeType.CREATE_CHILD_SA:
-            self.count("create_child_sa_refused")
-            return self.respond(sa, message, [NotifyPayload(NotifyType.NO_ADDITIONAL_SAS)])
+            return create_child_sa.respond(self, sa, message, now)
         return self.drop("unexpected_exchange", exchange=_exchange_name(exchange))
 
     def _receive_response(
@@ -389,6 +396,7 @@ class IkeEngine:
             return decrypted
         if decrypted is None:
             return []
+        sa.last_seen = now
         handler = RESPONSE_HANDLERS.get(outstanding.purpose)
         if handler is None:
             self.count(f"response_unhandled.{outstanding.purpose}")
@@ -429,6 +437,12 @@ class IkeEngine:
                     )
                 )
                 effects += self.remove_sa(sa, "half-open timeout", now)
+                continue
+            if sa.established_at is not None:
+                for timer in SA_TIMERS:
+                    if sa.local_spi not in self.sas:
+                        break
+                    effects += timer.on_timer(self, sa, now)
         return effects
 
     def _retransmit(self, sa: IkeSa, outstanding: OutstandingRequest, now: float) -> list[Effect]:
@@ -458,8 +472,8 @@ class IkeEngine:
         return [SendDatagram(sa.local, sa.remote, d, "retransmit") for d in outstanding.datagrams]
 
     def peer_dead(self, sa: IkeSa, now: float) -> list[Effect]:
-        """The peer did not answer: tear the SA down (dpd-action is applied by the caller)."""
-        return self.remove_sa(sa, "peer not responding", now)
+        """The peer did not answer a request: apply dpd-action to each child, drop the SA."""
+        return dpd.peer_dead(self, sa, now)
 
     def next_deadline(self) -> float | None:
         deadlines = [
@@ -470,11 +484,36 @@ class IkeEngine:
         deadlines += [
             sa.outstanding.next_at for sa in self.sas.values() if sa.outstanding is not None
         ]
+        for sa in self.sas.values():
+            if sa.established_at is not None:
+                deadlines += [d for timer in SA_TIMERS if (d := timer.deadline(sa)) is not None]
         return min(deadlines) if deadlines else None
+
+    # -- operations (management commands and timers call these) -------------------------------
 
     def initiate(self, vpn_name: str, child_name: str | None, now: float) -> list[Effect]:
         """Start an IKE SA to the VPN's remote address; with `child_name`, its first child too."""
         return ike_init.initiate(self, vpn_name, child_name, now)
+
+    def create_child(self, sa: IkeSa, policy_name: str, now: float) -> list[Effect]:
+        """Negotiate one more child SA on an established IKE SA (CREATE_CHILD_SA)."""
+        return create_child_sa.initiate_new_child(self, sa, policy_name, now)
+
+    def rekey_child(self, sa: IkeSa, child: ChildSa, now: float) -> list[Effect]:
+        """Replace a child SA by a fresh one (CREATE_CHILD_SA with REKEY_SA), then delete it."""
+        return create_child_sa.initiate_child_rekey(self, sa, child, now)
+
+    def rekey_ike(self, sa: IkeSa, now: float) -> list[Effect]:
+        """Replace the IKE SA by a fresh one that inherits the children (RFC 7296 2.18)."""
+        return create_child_sa.initiate_ike_rekey(self, sa, now)
+
+    def delete_child(self, sa: IkeSa, child: ChildSa, now: float) -> list[Effect]:
+        """Delete one child SA with the peer (INFORMATIONAL with a Delete payload)."""
+        return informational.initiate_child_delete(self, sa, child, now)
+
+    def delete_ike(self, sa: IkeSa, now: float, reason: str = "deleted") -> list[Effect]:
+        """Delete the IKE SA and its children with the peer."""
+        return informational.initiate_ike_delete(self, sa, now, reason)
 
     def initial_contact(
         self, local_id: str, remote_id: str, keep_unique_id: int, now: float
@@ -503,10 +542,14 @@ class IkeEngine:
 
 
 ResponseHandler = Callable[[IkeEngine, IkeSa, Message, dict[str, Any], float], list[Effect]]
+# each exchange module names the responses it handles, by the purpose of our request
 RESPONSE_HANDLERS: dict[str, ResponseHandler] = {
-    "ike_auth": ike_auth.initiator_response,
-    "informational": informational.initiator_response,
+    **ike_auth.RESPONSE_HANDLERS,
+    **informational.RESPONSE_HANDLERS,
+    **create_child_sa.RESPONSE_HANDLERS,
 }
+# modules with per-SA timers: `on_timer(engine, sa, now)` and `deadline(sa)`
+SA_TIMERS = (lifetimes, dpd)
 
 
 def _exchange_name(exchange_type: int) -> str:

@@ -117,6 +117,7 @@ class IkeSa:
     nat_remote: bool = False  # the peer is behind a NAT (its SOURCE_IP hash differs)
     ppk_used: bool = False
     half_open_deadline: float | None = None
+    last_seen: float = 0.0  # last verified protected message from the peer (liveness, DPD)
     established_at: float | None = None
     rekey_at: float | None = None
     expire_at: float | None = None

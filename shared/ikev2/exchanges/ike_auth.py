@@ -347,3 +347,6 @@ def _initiator_keystore_answered(
             engine, sa, response, context, now, first_child=True
         ).effects
     return effects + engine.request_done(sa, now)
+
+
+RESPONSE_HANDLERS = {"ike_auth": initiator_response}

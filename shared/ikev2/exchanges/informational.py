@@ -84,3 +84,6 @@ def initiator_response(
     else:
         engine.count("liveness_confirmed")
     return effects + engine.request_done(sa, now)
+
+
+RESPONSE_HANDLERS = {"informational": initiator_response}

@@ -54,6 +54,7 @@ from ikefarm.shared.ikev2.policy import EnginePolicy
 from ikefarm.shared.ikev2.retransmit import retransmit_timeout
 from ikefarm.shared.ikev2.sa import (
     CachedResponse,
+    ChildSa,
     ChildSaState,
     IkeSa,
     IkeSaState,

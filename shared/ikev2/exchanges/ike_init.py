@@ -9,6 +9,7 @@ retransmitted request gets the identical answer.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ikefarm.shared.ikev2.constants import (
@@ -256,10 +257,26 @@ def _proposals_payload(vpn: VpnPolicy) -> SaPayload:
     )
 
 
-def initiate(engine: IkeEngine, vpn_name: str, child_name: str | None, now: float) -> list[Effect]:
+def initiate(
+    engine: IkeEngine,
+    vpn_name: str,
+    child_name: str | None,
+    now: float,
+    *,
+    remote_address: str | None = None,
+    remote_id: str | None = None,
+) -> list[Effect]:
+    """Start an IKE SA; `remote_address`/`remote_id` stand in for a VPN's "any" (a restart
+    of an SA the peer initiated goes back to the address and identity it had)."""
     vpn = engine.policy.vpn(vpn_name)
     if vpn is None:
         raise ValueError(f"no enabled vpn named {vpn_name!r}")
+    if remote_address is not None or remote_id is not None:
+        vpn = replace(
+            vpn,
+            remote_address=remote_address or vpn.remote_address,
+            remote_id=remote_id or vpn.remote_id,
+        )
     if vpn.remote_address == "any" or vpn.local_address is None:
         raise ValueError(f"vpn {vpn_name!r} needs local-address and a remote-address to initiate")
     child = None

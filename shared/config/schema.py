@@ -32,22 +32,11 @@ from ikefarm.shared.config.kinds import (
 )
 from ikefarm.shared.config.tree import Section, TableList
 from ikefarm.shared.ikev2.crypto.registry import AlgorithmKind, UnknownAlgorithm, lookup
+from ikefarm.shared.observability.logging import SUBSYSTEMS
 
 UINT32_MAX = 4_294_967_295
 
-LOG_SUBSYSTEMS = (
-    "asn1",
-    "child",
-    "config",
-    "daemon",
-    "encoding",
-    "ike",
-    "ipsec",
-    "job",
-    "kernel",
-    "manager",
-    "network",
-)
+LOG_SUBSYSTEMS = SUBSYSTEMS  # the vSR subsystems (seed 004)
 
 
 class AlgorithmName(Kind):

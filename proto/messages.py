@@ -54,13 +54,18 @@ class Datagram(BusMessage):
 
 @message("datagram-out")
 class OutboundDatagram(BusMessage):
-    """An IKE message for ingress to send from local to remote (it adds the 4500 marker)."""
+    """An IKE message for ingress to send from local to remote (it adds the 4500 marker).
+
+    With `nat_keepalive`, `data` is the single 0xFF octet of a NAT-keepalive (RFC 3948
+    2.3), sent from the NAT-T port as it is, without the non-ESP marker.
+    """
 
     local_address: str
     local_port: int
     remote_address: str
     remote_port: int
     data: bytes
+    nat_keepalive: bool = False
 
 
 @message("init-route")
@@ -163,6 +168,29 @@ class KernelState(BusMessage):
     backend: str
     sas: list[dict[str, Any]]
     policies: list[dict[str, Any]]
+    traps: list[dict[str, Any]] = field(default_factory=list)
+
+
+@message("trap-install")
+class TrapInstall(BusMessage):
+    """Install (or replace) the trap policy of a security policy: traffic matching its
+    selectors raises an acquire, no SA is bound (dpd-action trap, seed 004)."""
+
+    vpn: str
+    name: str
+    reqid: int
+    mode: str
+    local_address: str
+    remote_address: str
+    local_ts: list[str]
+    remote_ts: list[str]
+
+
+@message("trap-remove")
+class TrapRemove(BusMessage):
+    vpn: str
+    name: str
+    reqid: int
 
 
 # --- ike workers ------------------------------------------------------------------------------
@@ -198,3 +226,32 @@ class SaEventNotice(BusMessage):
     vpn: str | None
     instance: str
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+@message("ike-command")
+class IkeCommand(BusMessage):
+    """CLI -> ike workers: a manual SA command (seed 004 `cmd ike ...`, `flush ike ...`;
+    seed 002 `ipsec clear sa`), in the words of `shared/ikev2/management.py`."""
+
+    verb: str  # initiate, rekey, reauth, flush, clear
+    target: str  # ike-sa, child-sa, sa
+    selector: str  # vpn, security-policy, unique-id, all, tunnel, state
+    value: str = ""
+    phase: int = 0  # clear: 1 = IKE SAs, 2 = child SAs, 0 = both
+    timeout: float = 10.0  # initiate: how long the worker waits for the outcome
+
+
+@message("ike-command-result")
+class IkeCommandResult(BusMessage):
+    """One worker's answer: how many SAs it acted on and the lines the seeds print."""
+
+    instance: str
+    shard: int
+    ok: bool
+    count: int
+    lines: list[str] = field(default_factory=list)
+    error: str = ""
+    ike_unique_id: int = 0  # initiate: the IKE SA
+    pending_ike: list[int] = field(default_factory=list)  # IKE SAs whose Delete is under way
+    # [IKE SA, child SA] unique ids whose Delete is under way
+    pending_child: list[list[int]] = field(default_factory=list)

@@ -47,6 +47,9 @@ INGRESS_INIT_ROUTE = f"{PREFIX}.ingress.init-route"
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
 KERNEL_CHILD_DELETE = f"{PREFIX}.kernel.child.delete"
 KERNEL_SHOW = f"{PREFIX}.kernel.show"
+# ike -> kernel: trap policies (dpd-action trap; later start-action trap) (request/reply).
+KERNEL_TRAP_INSTALL = f"{PREFIX}.kernel.trap.install"
+KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
 
 # ike -> keystore: computations that need a secret (request/reply).
 KEYSTORE_PSK_AUTH = f"{PREFIX}.keystore.psk.auth"
@@ -59,3 +62,10 @@ EVENT_CHILD_SA = f"{PREFIX}.event.child-sa"
 IKE_SHOW = f"{PREFIX}.ike.show"
 # ike -> every ike worker: INITIAL_CONTACT received, drop older SAs of these identities.
 IKE_INITIAL_CONTACT = f"{PREFIX}.ike.initial-contact"
+# CLI -> all ike workers: rekey, reauth, flush, clear (each acts on the SAs it owns; the CLI
+# gathers the answers like `show`).
+IKE_COMMAND = f"{PREFIX}.ike.command"
+# CLI -> any one ike worker (queue group): initiate a new IKE SA; the reply comes when it is
+# established or has failed. A child for a VPN whose IKE SA is up goes to the owner's
+# `ike_shard_command(shard)` instead.
+IKE_INITIATE = f"{PREFIX}.ike.initiate"

@@ -3,7 +3,9 @@
 Received: NAT-T demultiplexing and routing (`routing.py`), one span per IKE
 datagram so the worker continues the trace, a `Datagram` on the worker's
 subject. Sent: `OutboundDatagram` from `subjects.INGRESS_SEND` (queue group
-`ingress`) leaves from the socket bound to its local endpoint. Learned: the
+`ingress`) leaves from the socket bound to its local endpoint (a NAT-keepalive,
+flagged `nat_keepalive`, as its single 0xFF octet without the non-ESP marker,
+RFC 3948 2.3). Learned: the
 `InitRoute`s every worker publishes to all ingress instances.
 """
 
@@ -21,6 +23,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from ikefarm.proto import subjects
 from ikefarm.proto.messages import Datagram, InitRoute, OutboundDatagram
 from ikefarm.services.ingress.routing import (
+    NAT_KEEPALIVE,
     Dropped,
     InitRouteTable,
     Route,
@@ -266,6 +269,17 @@ class IngressService(ServiceBase):
             )
             return
         data = message.data
+        if message.nat_keepalive:
+            # RFC 3948 2.3: one 0xFF octet, from the NAT-T port, with no non-ESP marker
+            if data != NAT_KEEPALIVE or not protocol.endpoint.natt:
+                self.runtime.counters["send_bad_keepalive"] += 1
+                self.log.control(
+                    "send_bad_keepalive", local=str(protocol.endpoint), length=len(data)
+                )
+                return
+            protocol.transport.sendto(data, (str(remote), message.remote_port))
+            self.runtime.counters["sent_nat_keepalive"] += 1
+            return
         if protocol.endpoint.natt:
             data = NON_ESP_MARKER + data  # RFC 3948 2.2
         protocol.transport.sendto(data, (str(remote), message.remote_port))

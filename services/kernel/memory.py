@@ -6,6 +6,15 @@ policies binding the traffic selectors to them (out, in and, in tunnel mode,
 fwd), all tagged with the child's reqid. Key material is never kept: the table
 holds key lengths only, so neither `show` nor a repr can leak a key (DESIGN
 principle 4).
+
+Trap policies (dpd-action trap) are kept apart, by reqid: the policies of a
+security policy with no SA bound, so that the netlink backend's kernel raises an
+acquire for matching traffic. A negotiated child of the same reqid does not
+remove its trap (as strongSwan's trap manager keeps it): the trap catches the
+traffic again once the child is gone.
+
+UDP encapsulation (NAT-T, RFC 3948) is recorded on both SAs with the ports the
+IKE SA floated to (4500 on our side, the peer's NAT-T port on the other).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import ipaddress
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ikefarm.proto.messages import ChildDelete, ChildInstall
+from ikefarm.proto.messages import ChildDelete, ChildInstall, TrapInstall, TrapRemove
 from ikefarm.shared.ikev2.constants import EncrId, IntegId
 
 BACKEND_NAME = "memory"
@@ -81,6 +90,26 @@ class PolicyEntry:
 
 
 @dataclass(frozen=True)
+class TrapEntry:
+    vpn: str
+    name: str
+    reqid: int
+    mode: str
+    local: str
+    remote: str
+    local_ts: tuple[str, ...]
+    remote_ts: tuple[str, ...]
+    policies: tuple[PolicyEntry, ...]
+
+    def show(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["local_ts"] = list(self.local_ts)
+        out["remote_ts"] = list(self.remote_ts)
+        out["policies"] = [p.show() for p in self.policies]
+        return out
+
+
+@dataclass(frozen=True)
 class _Child:
     unique_id: int
     ike_unique_id: int
@@ -129,14 +158,36 @@ def _check_install(request: ChildInstall) -> None:
         raise InvalidChild("a tunnel-mode child needs local_ts and remote_ts")
 
 
+MAX_SELECTORS = 64
+
+
+def _check_trap(request: TrapInstall) -> tuple[str, str]:
+    if request.mode not in MODES:
+        raise InvalidChild(f"mode must be one of {', '.join(MODES)}")
+    if not 0 < request.reqid <= 0xFFFFFFFF:
+        raise InvalidChild("reqid out of range 1-4294967295")
+    local = _address(request.local_address, "local_address")
+    remote = _address(request.remote_address, "remote_address")
+    if ipaddress.ip_address(local).version != ipaddress.ip_address(remote).version:
+        raise InvalidChild("local_address and remote_address are of different families")
+    for field in ("local_ts", "remote_ts"):
+        selectors = getattr(request, field)
+        if not selectors or len(selectors) > MAX_SELECTORS:
+            raise InvalidChild(f"{field} needs 1 to {MAX_SELECTORS} selectors")
+        if any(not s or len(s) > 128 for s in selectors):
+            raise InvalidChild(f"{field} has an empty or overlong selector")
+    return local, remote
+
+
 class MemoryKernel:
-    """In-memory SAD (keyed by (SPI, direction)) and SPD (policies per child)."""
+    """In-memory SAD (keyed by (SPI, direction)) and SPD (policies per child), and traps."""
 
     name = BACKEND_NAME
 
     def __init__(self) -> None:
         self.sad: dict[tuple[bytes, str], SaEntry] = {}
         self._children: dict[int, _Child] = {}
+        self.traps: dict[int, TrapEntry] = {}
 
     def __repr__(self) -> str:
         return f"MemoryKernel(children={len(self._children)}, sas={len(self.sad)})"
@@ -207,8 +258,12 @@ class MemoryKernel:
         return sa_in, sa_out
 
     @staticmethod
-    def _policies(request: ChildInstall, local: str, remote: str) -> tuple[PolicyEntry, ...]:
+    def _policies(
+        request: ChildInstall | TrapInstall, local: str, remote: str, unique_id: int = 0
+    ) -> tuple[PolicyEntry, ...]:
         """out: local_ts -> remote_ts; in (and fwd in tunnel mode): remote_ts -> local_ts."""
+        if isinstance(request, ChildInstall):
+            unique_id = request.unique_id
         if request.mode == "transport":
             local_ts = request.local_ts or [_host_prefix(local)]
             remote_ts = request.remote_ts or [_host_prefix(remote)]
@@ -226,7 +281,7 @@ class MemoryKernel:
                             src=lts if outbound else rts,
                             dst=rts if outbound else lts,
                             reqid=request.reqid,
-                            unique_id=request.unique_id,
+                            unique_id=unique_id,
                             mode=request.mode,
                             tmpl_src=local if outbound else remote,
                             tmpl_dst=remote if outbound else local,
@@ -247,7 +302,34 @@ class MemoryKernel:
         del self._children[child.unique_id]
         return child
 
+    def install_trap(self, request: TrapInstall) -> tuple[TrapEntry, bool]:
+        """Install the trap of a security policy (replacing its previous one); (entry, replaced)."""
+        local, remote = _check_trap(request)
+        entry = TrapEntry(
+            vpn=request.vpn,
+            name=request.name,
+            reqid=request.reqid,
+            mode=request.mode,
+            local=local,
+            remote=remote,
+            local_ts=tuple(request.local_ts),
+            remote_ts=tuple(request.remote_ts),
+            policies=self._policies(request, local, remote),
+        )
+        replaced = request.reqid in self.traps
+        self.traps[request.reqid] = entry
+        return entry, replaced
+
+    def remove_trap(self, request: TrapRemove) -> TrapEntry:
+        entry = self.traps.pop(request.reqid, None)
+        if entry is None:
+            raise KernelRefusal("not_found", "no trap with this reqid")
+        return entry
+
     def show(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         sas = [sa.show() for sa in self.sad.values()]
         policies = [policy.show() for child in self._children.values() for policy in child.policies]
         return sas, policies
+
+    def show_traps(self) -> list[dict[str, Any]]:
+        return [trap.show() for trap in self.traps.values()]

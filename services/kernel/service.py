@@ -2,7 +2,9 @@
 
 Endpoints (request/reply): `subjects.KERNEL_CHILD_INSTALL` (ChildInstall ->
 KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck) and
-`subjects.KERNEL_SHOW` (KernelShowRequest -> KernelState, never key material).
+`subjects.KERNEL_SHOW` (KernelShowRequest -> KernelState, never key material),
+`subjects.KERNEL_TRAP_INSTALL` (TrapInstall -> KernelAck) and
+`subjects.KERNEL_TRAP_REMOVE` (TrapRemove -> KernelAck).
 Install requests carry session keys: nothing here logs or returns them.
 """
 
@@ -18,6 +20,8 @@ from ikefarm.proto.messages import (
     KernelAck,
     KernelShowRequest,
     KernelState,
+    TrapInstall,
+    TrapRemove,
 )
 from ikefarm.services.kernel.memory import InvalidChild, KernelRefusal, MemoryKernel
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
@@ -59,6 +63,12 @@ class KernelService(ServiceBase):
         await self.runtime.add_endpoint(
             "show", KernelShowRequest, self.on_show, subject=subjects.KERNEL_SHOW
         )
+        await self.runtime.add_endpoint(
+            "trap-install", TrapInstall, self.on_trap_install, subject=subjects.KERNEL_TRAP_INSTALL
+        )
+        await self.runtime.add_endpoint(
+            "trap-remove", TrapRemove, self.on_trap_remove, subject=subjects.KERNEL_TRAP_REMOVE
+        )
         self.log.control("kernel_backend", backend=self.backend.name)
 
     def gauges(self) -> dict[str, Any]:
@@ -69,6 +79,7 @@ class KernelService(ServiceBase):
             "children": self.backend.child_count,
             "sas": len(self.backend.sad),
             "policies": self.backend.policy_count,
+            "traps": len(self.backend.traps),
         }
 
     def _backend(self) -> MemoryKernel:
@@ -145,4 +156,37 @@ class KernelService(ServiceBase):
     async def on_show(self, _request: KernelShowRequest, _msg: Any) -> KernelState:
         backend = self._backend()
         sas, policies = backend.show()
-        return KernelState(backend=backend.name, sas=sas, policies=policies)
+        return KernelState(
+            backend=backend.name, sas=sas, policies=policies, traps=backend.show_traps()
+        )
+
+    async def on_trap_install(self, request: TrapInstall, _msg: Any) -> KernelAck:
+        backend = self._backend()
+        try:
+            trap, replaced = backend.install_trap(request)
+        except InvalidChild as exc:
+            self.runtime.counters["trap_install.invalid"] += 1
+            raise BusError("bad_field", f"TrapInstall: {exc}") from None
+        self.runtime.counters["trap_install.ok"] += 1
+        self.log.control(
+            "trap_installed",
+            backend=backend.name,
+            vpn=trap.vpn,
+            child=trap.name,
+            reqid=trap.reqid,
+            replaced=replaced,
+            local_ts=list(trap.local_ts),
+            remote_ts=list(trap.remote_ts),
+        )
+        return KernelAck(ok=True)
+
+    async def on_trap_remove(self, request: TrapRemove, _msg: Any) -> KernelAck:
+        backend = self._backend()
+        try:
+            trap = backend.remove_trap(request)
+        except KernelRefusal as exc:
+            self.runtime.counters[f"trap_remove.{exc.code}"] += 1
+            return KernelAck(ok=False, error=exc.text)
+        self.runtime.counters["trap_remove.ok"] += 1
+        self.log.control("trap_removed", backend=backend.name, vpn=trap.vpn, reqid=trap.reqid)
+        return KernelAck(ok=True)

@@ -111,6 +111,38 @@ class HalfOpen:
 
 
 @dataclass(frozen=True)
+class SendKeepalive:
+    """A NAT-keepalive (RFC 3948 2.3): one 0xFF octet from local to remote, no non-ESP marker."""
+
+    local: Endpoint
+    remote: Endpoint
+
+
+@dataclass(frozen=True)
+class InstallTrap:
+    """A trap policy for a security policy: matching traffic asks for a negotiation (dpd-action
+    trap, seed 004). No SA is bound to it; the kernel raises an acquire instead."""
+
+    vpn: str
+    name: str
+    reqid: int
+    mode: str
+    local: str
+    remote: str
+    local_ts: tuple[str, ...]
+    remote_ts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RemoveTrap:
+    """Remove the trap policy installed for this security policy (by reqid)."""
+
+    vpn: str
+    name: str
+    reqid: int
+
+
+@dataclass(frozen=True)
 class Log:
     """A log line for the driver to write (the engine never logs itself)."""
 
@@ -128,5 +160,8 @@ Effect = (
     | SaEvent
     | InitialContact
     | HalfOpen
+    | SendKeepalive
+    | InstallTrap
+    | RemoveTrap
     | Log
 )

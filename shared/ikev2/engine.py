@@ -39,6 +39,7 @@ from ikefarm.shared.ikev2.exchanges import (
     ike_init,
     informational,
     lifetimes,
+    nat_keepalive,
 )
 from ikefarm.shared.ikev2.fragments import FragmentReassembler
 from ikefarm.shared.ikev2.message import (
@@ -340,6 +341,9 @@ class IkeEngine:
         return self._dispatch_request(sa, message, now)
 
     def _decrypt(self, sa: IkeSa, parsed: ParsedMessage) -> Message | list[Effect] | None:
+        if parsed.encrypted is None:
+            # after IKE_SA_INIT everything is protected: never act on a clear-text message
+            return self.drop("unprotected_message")
         sk_e, sk_a = sa.inbound_keys()
         assert sa.protection is not None
         try:
@@ -550,7 +554,7 @@ RESPONSE_HANDLERS: dict[str, ResponseHandler] = {
     **create_child_sa.RESPONSE_HANDLERS,
 }
 # modules with per-SA timers: `on_timer(engine, sa, now)` and `deadline(sa)`
-SA_TIMERS = (lifetimes, dpd)
+SA_TIMERS = (lifetimes, dpd, nat_keepalive)
 
 
 def _exchange_name(exchange_type: int) -> str:

@@ -1,0 +1,654 @@
+"""Manual SA control on one engine (seed 004 "Manually ..." sections, seed 002 `ipsec clear sa`).
+
+Pure, like the engine: `execute()` selects SAs by VPN, security policy, unique id
+or state, runs the operation on each (initiate, rekey, reauth, flush, clear) and
+returns what happened: a count, the lines the seeds print, the effects for the
+driver, and the ids whose deletion the caller may wait for. SAs live on many ike
+workers: the service runs the same command on every worker and the CLI sums the
+counts and concatenates the lines (`Initiated 2 IKE SA rekey.`).
+
+Grammar (`parse_words`), as the CLI takes it:
+
+    initiate child-sa security-policy NAME      initiate ike-sa vpn NAME
+    rekey    ike-sa vpn NAME | unique-id N      rekey child-sa security-policy NAME | unique-id N
+    reauth   ike-sa vpn NAME | unique-id N
+    flush    ike-sa vpn NAME | unique-id N      flush child-sa security-policy NAME | unique-id N
+    clear    sa all | tunnel NAME | state STATE [phase 1|2]
+
+`clear sa` (JunosE) "reinitializes" SAs: it deletes them with the peer, and
+they come back by the peer or by their start-action. Phase 1 names IKE SAs,
+phase 2 child SAs; without a phase an IKE SA goes with its children. A tunnel is
+a VPN.
+
+Reauthentication (seed 004) builds a new IKE SA with the same children from
+scratch, honouring `make-before-break`: true initiates the new SA and its
+children first and deletes the old one once they are up; false deletes the old
+one first and initiates when that is done. Each step logs a level-0 line, so the
+order can be followed (and is tested) from the log or the SA events.
+
+`Watches` follows an initiation to its end (established, or failed and why) for
+`ikefarm initiate`, from the effects the engine returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
+from ikefarm.shared.ikev2.exchanges import ike_init, informational
+from ikefarm.shared.ikev2.policy import SecurityPolicy, VpnPolicy
+from ikefarm.shared.ikev2.sa import ChildSa, ChildSaState, IkeSa, IkeSaState
+
+if TYPE_CHECKING:
+    from ikefarm.shared.ikev2.engine import IkeEngine
+
+VERBS = ("initiate", "rekey", "reauth", "flush", "clear")
+# verb -> target -> selectors it accepts
+GRAMMAR: dict[str, dict[str, tuple[str, ...]]] = {
+    "initiate": {"child-sa": ("security-policy",), "ike-sa": ("vpn",)},
+    "rekey": {"ike-sa": ("vpn", "unique-id"), "child-sa": ("security-policy", "unique-id")},
+    "reauth": {"ike-sa": ("vpn", "unique-id")},
+    "flush": {"ike-sa": ("vpn", "unique-id"), "child-sa": ("security-policy", "unique-id")},
+    "clear": {"sa": ("all", "tunnel", "state")},
+}
+USAGE = {
+    "initiate": "initiate child-sa security-policy NAME | initiate ike-sa vpn NAME",
+    "rekey": "rekey ike-sa vpn NAME|unique-id N | rekey child-sa security-policy NAME|unique-id N",
+    "reauth": "reauth ike-sa vpn NAME|unique-id N",
+    "flush": "flush ike-sa vpn NAME|unique-id N | flush child-sa security-policy NAME|unique-id N",
+    "clear": "clear sa all|tunnel NAME|state STATE [phase 1|2]",
+}
+MAX_VALUE_LENGTH = 255
+IKE_STATES = tuple(str(s) for s in IkeSaState if s != IkeSaState.DELETED)
+CHILD_STATES = tuple(str(s) for s in ChildSaState if s != ChildSaState.DELETED)
+# logs that end an initiation (their `reason`, else this text, says why)
+_FAILURE_TEXT = {
+    "ike_sa_initiation_failed": "initiation failed",
+    "authentication_failed": "authentication failed",
+    "retransmits_exhausted": "peer not responding",
+    "keystore_unavailable": "keystore unavailable",
+}
+_IKE_FAILURES = frozenset(_FAILURE_TEXT)
+
+
+class CommandError(ValueError):
+    """A command that cannot run as written; the message is for the operator."""
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str
+    target: str  # "ike-sa", "child-sa" or "sa"
+    selector: str  # "vpn", "security-policy", "unique-id", "all", "tunnel" or "state"
+    value: str = ""
+    phase: int = 0  # clear: 0 = IKE SAs with their children, 1 = IKE SAs, 2 = child SAs
+
+    def words(self) -> str:
+        out = [self.verb, self.target, self.selector]
+        if self.value:
+            out.append(self.value)
+        if self.phase:
+            out += ["phase", str(self.phase)]
+        return " ".join(out)
+
+
+@dataclass
+class Outcome:
+    """What one engine did with a command."""
+
+    ok: bool = True
+    error: str = ""
+    count: int = 0
+    lines: list[str] = field(default_factory=list)
+    effects: list[Effect] = field(default_factory=list)
+    ike_unique_id: int | None = None  # initiate: the IKE SA that carries the result
+    pending_ike: list[int] = field(default_factory=list)  # IKE SAs being deleted
+    pending_child: list[tuple[int, int]] = field(default_factory=list)  # (IKE SA, child) deleted
+    on_existing: bool = False  # initiate child-sa: CREATE_CHILD_SA on an IKE SA already up
+
+    @classmethod
+    def failed(cls, error: str) -> Outcome:
+        return cls(ok=False, error=error)
+
+
+# -- grammar ------------------------------------------------------------------------------------
+
+
+def check(command: Command) -> Command:
+    """Refuse a command outside the grammar (the bus may carry anything)."""
+    targets = GRAMMAR.get(command.verb)
+    if targets is None:
+        raise CommandError(f"unknown command {command.verb!r}; one of {', '.join(VERBS)}")
+    usage = f"usage: {USAGE[command.verb]}"
+    selectors = targets.get(command.target)
+    if selectors is None or command.selector not in selectors:
+        raise CommandError(usage)
+    if len(command.value) > MAX_VALUE_LENGTH:
+        raise CommandError(f"name longer than {MAX_VALUE_LENGTH} characters")
+    needs_value = command.selector != "all"
+    if needs_value != bool(command.value):
+        raise CommandError(usage)
+    if command.selector == "unique-id" and (
+        not (command.value.isascii() and command.value.isdigit()) or len(command.value) > 12
+    ):
+        raise CommandError(f"unique-id must be a number, not {command.value!r}")
+    if command.phase not in (0, 1, 2) or (command.phase and command.verb != "clear"):
+        raise CommandError(usage)
+    if command.selector == "state":
+        states = IKE_STATES if command.phase == 1 else CHILD_STATES if command.phase == 2 else ()
+        allowed = states or tuple(dict.fromkeys(IKE_STATES + CHILD_STATES))
+        if command.value not in allowed:
+            raise CommandError(
+                f"unknown state {command.value!r}; one of {', '.join(sorted(allowed))}"
+            )
+    return command
+
+
+def parse_words(verb: str, words: list[str]) -> Command:
+    """`rekey ike-sa vpn hq` -> Command; CommandError with the usage otherwise."""
+    if verb not in GRAMMAR:
+        raise CommandError(f"unknown command {verb!r}; one of {', '.join(VERBS)}")
+    usage = f"usage: {USAGE[verb]}"
+    rest = list(words)
+    phase = 0
+    if verb == "clear" and len(rest) >= 2 and rest[-2] == "phase":
+        if rest[-1] not in ("1", "2"):
+            raise CommandError("phase is 1 (IKE SAs) or 2 (child SAs)")
+        phase = int(rest[-1])
+        rest = rest[:-2]
+    if len(rest) < 2:
+        raise CommandError(usage)
+    target, selector, *value = rest
+    if len(value) > 1:
+        raise CommandError(usage)
+    return check(Command(verb, target, selector, value[0] if value else "", phase))
+
+
+# -- selection ----------------------------------------------------------------------------------
+
+
+def _known_vpn(engine: IkeEngine, name: str) -> VpnPolicy:
+    vpn = engine.policy.vpn(name)
+    if vpn is None:
+        known = ", ".join(v.name for v in engine.policy.vpns) or "none"
+        raise CommandError(f"no vpn named {name!r} (configured: {known})")
+    return vpn
+
+
+def _known_policy(engine: IkeEngine, name: str) -> list[SecurityPolicy]:
+    found = [p for v in engine.policy.vpns for p in v.security_policies if p.name == name]
+    if not found:
+        known = sorted({p.name for v in engine.policy.vpns for p in v.security_policies})
+        raise CommandError(
+            f"no security-policy named {name!r} (configured: {', '.join(known) or 'none'})"
+        )
+    return found
+
+
+def _live(sa: IkeSa) -> bool:
+    """An SA a command may act on: not gone, not replaced by a rekey, not being deleted."""
+    return (
+        sa.state not in (IkeSaState.DELETED, IkeSaState.DELETING, IkeSaState.REKEYED)
+        and informational.successor_of(sa) is None
+        and not sa.pending.get(informational.DELETE_QUEUED)
+    )
+
+
+def _ike_sas(engine: IkeEngine, command: Command) -> list[IkeSa]:
+    sas = sorted((sa for sa in engine.sas.values() if _live(sa)), key=lambda s: s.unique_id)
+    if command.selector == "unique-id":
+        return [sa for sa in sas if sa.unique_id == int(command.value)]
+    if command.selector in ("vpn", "tunnel"):
+        _known_vpn(engine, command.value)
+        return [sa for sa in sas if sa.vpn is not None and sa.vpn.name == command.value]
+    if command.selector == "state":
+        return [sa for sa in sas if str(sa.state) == command.value]
+    return sas  # all
+
+
+def _children(engine: IkeEngine, command: Command) -> list[tuple[IkeSa, ChildSa]]:
+    found: list[tuple[IkeSa, ChildSa]] = []
+    if command.selector == "security-policy":
+        _known_policy(engine, command.value)
+    elif command.selector == "tunnel":
+        _known_vpn(engine, command.value)
+    for sa in sorted(engine.sas.values(), key=lambda s: s.unique_id):
+        if not _live(sa):
+            continue
+        for child in sa.children:
+            if child.state in (ChildSaState.DELETING, ChildSaState.DELETED):
+                continue
+            if (
+                (command.selector == "unique-id" and child.unique_id == int(command.value))
+                or (command.selector == "security-policy" and child.name == command.value)
+                or (command.selector == "tunnel" and child.policy.vpn == command.value)
+                or (command.selector == "state" and str(child.state) == command.value)
+                or command.selector == "all"
+            ):
+                found.append((sa, child))
+    return found
+
+
+def sa_by_unique_id(engine: IkeEngine, unique_id: int) -> IkeSa | None:
+    return next((sa for sa in engine.sas.values() if sa.unique_id == unique_id), None)
+
+
+# -- execution ----------------------------------------------------------------------------------
+
+
+def execute(engine: IkeEngine, command: Command, now: float) -> Outcome:
+    """Run a checked command on this engine's SAs. Never raises for an operator mistake."""
+    try:
+        check(command)
+        handler = _HANDLERS[command.verb]
+        return handler(engine, command, now)
+    except CommandError as exc:
+        return Outcome.failed(str(exc))
+
+
+def _initiate(engine: IkeEngine, command: Command, now: float) -> Outcome:
+    if command.target == "ike-sa":
+        vpn = _known_vpn(engine, command.value)
+        return initiate_ike(engine, vpn, None, now)
+    policies = _known_policy(engine, command.value)
+    if len(policies) > 1:
+        vpns = ", ".join(p.vpn for p in policies)
+        raise CommandError(f"security-policy {command.value!r} is in several vpns ({vpns})")
+    (policy,) = policies
+    vpn = _known_vpn(engine, policy.vpn)
+    # "its IKE SA if not yet established" (seed 004): an established one carries the child
+    for sa in sorted(engine.sas.values(), key=lambda s: s.unique_id):
+        if _live(sa) and sa.state == IkeSaState.ESTABLISHED and sa.vpn and sa.vpn.name == vpn.name:
+            return _create_child(engine, sa, policy, now)
+    return initiate_ike(engine, vpn, policy, now)
+
+
+def initiate_ike(
+    engine: IkeEngine,
+    vpn: VpnPolicy,
+    policy: SecurityPolicy | None,
+    now: float,
+    *,
+    remote_address: str | None = None,
+    remote_id: str | None = None,
+) -> Outcome:
+    """A new IKE SA for `vpn` (childless when `policy` is None and the peer allows, RFC 6023)."""
+    before = {sa.unique_id for sa in engine.sas.values()}
+    try:
+        effects = ike_init.initiate(
+            engine,
+            vpn.name,
+            policy.name if policy else None,
+            now,
+            remote_address=remote_address,
+            remote_id=remote_id,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    new = next((sa for sa in engine.sas.values() if sa.unique_id not in before), None)
+    if new is None:  # refused at once (nothing was sent)
+        return Outcome(ok=False, error=f"initiating IKE_SA {vpn.name} failed", effects=effects)
+    line = f"initiating IKE_SA {informational.ike_label(new)} to {new.remote.address}"
+    return Outcome(count=1, lines=[line], effects=effects, ike_unique_id=new.unique_id)
+
+
+def _create_child(engine: IkeEngine, sa: IkeSa, policy: SecurityPolicy, now: float) -> Outcome:
+    try:
+        effects = engine.create_child(sa, policy.name, now)
+    except NotImplementedError:
+        raise CommandError(
+            "creating a child SA on an established IKE SA is not available yet"
+        ) from None
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    line = f"establishing CHILD_SA {policy.name} in IKE_SA {informational.ike_label(sa)}"
+    return Outcome(
+        count=1, lines=[line], effects=effects, ike_unique_id=sa.unique_id, on_existing=True
+    )
+
+
+def _rekey(engine: IkeEngine, command: Command, now: float) -> Outcome:
+    outcome = Outcome()
+    try:
+        if command.target == "ike-sa":
+            for sa in _ike_sas(engine, command):
+                if sa.state == IkeSaState.ESTABLISHED:
+                    outcome.effects += engine.rekey_ike(sa, now)
+                    outcome.count += 1
+        else:
+            for sa, child in _children(engine, command):
+                if child.state == ChildSaState.INSTALLED and sa.state == IkeSaState.ESTABLISHED:
+                    outcome.effects += engine.rekey_child(sa, child, now)
+                    outcome.count += 1
+    except NotImplementedError:
+        what = "IKE SA" if command.target == "ike-sa" else "child SA"
+        raise CommandError(f"{what} rekeying is not available yet") from None
+    return outcome
+
+
+def _reauth(engine: IkeEngine, command: Command, now: float) -> Outcome:
+    outcome = Outcome()
+    for sa in _ike_sas(engine, command):
+        if sa.state != IkeSaState.ESTABLISHED:
+            continue
+        done = reauth(engine, sa, now)
+        outcome.effects += done.effects
+        if done.ok:
+            outcome.count += 1
+        else:
+            label = informational.ike_label(sa)
+            outcome.lines.append(f"reauthenticating IKE_SA {label} failed: {done.error}")
+    return outcome
+
+
+def _flush(engine: IkeEngine, command: Command, now: float) -> Outcome:
+    outcome = Outcome()
+    if command.target == "ike-sa":
+        for sa in _ike_sas(engine, command):
+            _delete_ike(engine, sa, now, "flushed", outcome)
+    else:
+        for sa, child in _children(engine, command):
+            _delete_child(engine, sa, child, now, "flushed", outcome)
+    return outcome
+
+
+def _clear(engine: IkeEngine, command: Command, now: float) -> Outcome:
+    outcome = Outcome()
+    if command.phase in (0, 1):
+        for sa in _ike_sas(engine, command):
+            _delete_ike(engine, sa, now, "cleared", outcome)
+    if command.phase == 2 or (command.phase == 0 and command.selector == "state"):
+        for sa, child in _children(engine, command):
+            _delete_child(engine, sa, child, now, "cleared", outcome)
+    return outcome
+
+
+def _delete_ike(engine: IkeEngine, sa: IkeSa, now: float, reason: str, outcome: Outcome) -> None:
+    outcome.lines.append(informational.deleting_ike_line(sa))
+    if sa.established_at is not None:
+        outcome.pending_ike.append(sa.unique_id)
+    outcome.effects += informational.initiate_ike_delete(engine, sa, now, reason)
+    outcome.count += 1
+
+
+def _delete_child(
+    engine: IkeEngine, sa: IkeSa, child: ChildSa, now: float, reason: str, outcome: Outcome
+) -> None:
+    outcome.lines.append(informational.closing_child_line(child))
+    outcome.pending_child.append((sa.unique_id, child.unique_id))
+    outcome.effects += informational.initiate_child_delete(engine, sa, child, now, reason)
+    outcome.count += 1
+
+
+_HANDLERS: dict[str, Callable[[IkeEngine, Command, float], Outcome]] = {
+    "initiate": _initiate,
+    "rekey": _rekey,
+    "reauth": _reauth,
+    "flush": _flush,
+    "clear": _clear,
+}
+
+
+# -- reauthentication and restart ---------------------------------------------------------------
+
+
+def _wildcard(identity: str | None) -> bool:
+    return identity is None or identity in ("%any", "*") or "*" in identity
+
+
+def reestablish(
+    engine: IkeEngine,
+    old: IkeSa,
+    policies: list[SecurityPolicy],
+    now: float,
+    *,
+    reason: str,
+    then: Callable[[float], list[Effect]] | None = None,
+) -> Outcome:
+    """A fresh IKE SA to where `old` was, with `policies` as children; `then` once all are done.
+
+    The first child rides in IKE_AUTH, the others follow by CREATE_CHILD_SA on the
+    new SA; `then` is queued behind them, so it runs when every one of them has
+    been answered (or never, if the new SA fails: a make-before-break reauth then
+    keeps the old SA).
+    """
+    vpn = old.vpn
+    if vpn is None:
+        return Outcome.failed("the IKE SA has no vpn")
+    remote_address = old.remote.address if vpn.remote_address == "any" else None
+    remote_id = str(old.remote_id) if _wildcard(vpn.remote_id) and old.remote_id else None
+    try:
+        outcome = initiate_ike(
+            engine,
+            vpn,
+            policies[0] if policies else None,
+            now,
+            remote_address=remote_address,
+            remote_id=remote_id,
+        )
+    except CommandError as exc:
+        effects: list[Effect] = [
+            Log(1, "ike", "reestablish_failed", {"unique_id": old.unique_id, "error": str(exc)})
+        ]
+        return Outcome(ok=False, error=str(exc), effects=effects)
+    new = sa_by_unique_id(engine, outcome.ike_unique_id) if outcome.ike_unique_id else None
+    if new is None:
+        return outcome
+    outcome.effects.insert(
+        0,
+        Log(
+            0,
+            "ike",
+            "reestablishing_ike_sa",
+            {
+                "vpn": vpn.name,
+                "old": old.unique_id,
+                "new": new.unique_id,
+                "reason": reason,
+                "children": [p.name for p in policies],
+            },
+        ),
+    )
+    for policy in policies[1:]:
+        outcome.effects += engine.queue_request(new, _child_step(engine, new, policy), now)
+    if then is not None:
+
+        def finish(when: float) -> list[Effect]:
+            return then(when) + engine.request_done(new, when)
+
+        outcome.effects += engine.queue_request(new, finish, now)
+    return outcome
+
+
+def _child_step(
+    engine: IkeEngine, sa: IkeSa, policy: SecurityPolicy
+) -> Callable[[float], list[Effect]]:
+    """A queued CREATE_CHILD_SA for `policy` on `sa` that never stalls the queue."""
+
+    def step(when: float) -> list[Effect]:
+        try:
+            effects = engine.create_child(sa, policy.name, when)
+        except (NotImplementedError, ValueError) as exc:
+            effects = [
+                Log(
+                    1,
+                    "child",
+                    "child_sa_not_reestablished",
+                    {"unique_id": sa.unique_id, "policy": policy.name, "error": str(exc)},
+                )
+            ]
+        if sa.outstanding is None:  # nothing went out: let the next queued request go
+            effects += engine.request_done(sa, when)
+        return effects
+
+    return step
+
+
+def _policies_of(sa: IkeSa) -> list[SecurityPolicy]:
+    """The security policies of the SA's live children, each once, in order."""
+    policies: list[SecurityPolicy] = []
+    for child in sa.children:
+        if child.state in (ChildSaState.DELETING, ChildSaState.DELETED):
+            continue
+        if all(p.name != child.policy.name or p.vpn != child.policy.vpn for p in policies):
+            policies.append(child.policy)
+    return policies
+
+
+def reauth(engine: IkeEngine, sa: IkeSa, now: float) -> Outcome:
+    """Reauthenticate `sa`: new IKE SA and children from scratch, then the old one goes."""
+    policies = _policies_of(sa)
+    make_before_break = engine.policy.make_before_break
+    started = Log(
+        0,
+        "ike",
+        "reauthenticating_ike_sa",
+        {
+            "vpn": sa.vpn.name if sa.vpn else None,
+            "unique_id": sa.unique_id,
+            "make_before_break": make_before_break,
+            "children": [p.name for p in policies],
+        },
+    )
+    engine.count("reauths")
+    if make_before_break:
+
+        def retire_old(when: float) -> list[Effect]:
+            return informational.initiate_ike_delete(engine, sa, when, "reauthenticated")
+
+        outcome = reestablish(engine, sa, policies, now, reason="reauth", then=retire_old)
+        outcome.effects.insert(0, started)
+        return outcome
+
+    def build_new(when: float) -> list[Effect]:
+        return reestablish(engine, sa, policies, when, reason="reauth").effects
+
+    effects = informational.initiate_ike_delete(engine, sa, now, "reauthentication", then=build_new)
+    return Outcome(count=1, effects=[started, *effects])
+
+
+# -- following an initiation --------------------------------------------------------------------
+
+
+@dataclass
+class Watch:
+    """An initiation the operator waits for (`ikefarm initiate ...`)."""
+
+    ike_unique_id: int
+    child: str | None  # the security policy asked for, None for a childless IKE SA
+    existing: bool = False  # a CREATE_CHILD_SA on an IKE SA that was already up
+    lines: list[str] = field(default_factory=list)
+    established: bool = False
+    child_done: bool = False
+    child_failed: str = ""
+    reason: str = ""
+    label: str = ""  # "vpn[unique id]", remembered while the SA exists
+    done: bool = False
+    ok: bool = False
+
+
+def watch_for(outcome: Outcome, command: Command) -> Watch | None:
+    """The watch of an `initiate` outcome, or None when there is nothing to wait for."""
+    if command.verb != "initiate" or not outcome.ok or outcome.ike_unique_id is None:
+        return None
+    child = command.value if command.target == "child-sa" else None
+    existing = outcome.on_existing
+    return Watch(outcome.ike_unique_id, child, existing=existing, established=existing)
+
+
+def established_lines(
+    sa: IkeSa | None, detail: dict[str, Any], label: str, now: float
+) -> list[str]:
+    lines = [
+        f"authentication of '{detail.get('local_id')}' (myself) with pre-shared key",
+        f"authentication of '{detail.get('remote_id')}' with pre-shared key successful",
+        f"IKE_SA {label} established between {detail.get('local', '').split('[')[0]}"
+        f"[{detail.get('local_id')}]...{detail.get('remote', '').split('[')[0]}"
+        f"[{detail.get('remote_id')}]",
+    ]
+    if sa is not None and sa.rekey_at is not None:
+        lines.append(f"scheduling rekeying in {max(0, round(sa.rekey_at - now))}s")
+    if sa is not None and sa.expire_at is not None:
+        lines.append(f"maximum IKE_SA lifetime {max(0, round(sa.expire_at - now))}s")
+    return lines
+
+
+def child_established_line(detail: dict[str, Any]) -> str:
+    """'CHILD_SA trunk{3} established with SPIs c8f78eab_i c691944f_o and TS ... === ...'"""
+    return (
+        f"CHILD_SA {detail.get('name')}{{{detail.get('unique_id')}}} established with SPIs "
+        f"{detail.get('spi_in')}_i {detail.get('spi_out')}_o and TS "
+        f"{' '.join(detail.get('local_ts', []))} === {' '.join(detail.get('remote_ts', []))}"
+    )
+
+
+class Watches:
+    """Initiations in progress on one engine, advanced by the effects it returns."""
+
+    def __init__(self) -> None:
+        self.active: list[Watch] = []
+
+    def add(self, watch: Watch) -> Watch:
+        self.active.append(watch)
+        return watch
+
+    def observe(self, engine: IkeEngine, effects: list[Effect], now: float) -> list[Watch]:
+        """Advance every watch with one batch of effects; return the ones now finished."""
+        if not self.active:
+            return []
+        finished: list[Watch] = []
+        for watch in self.active:
+            self._advance(engine, watch, effects, now)
+            if watch.done:
+                finished.append(watch)
+        self.active = [w for w in self.active if not w.done]
+        return finished
+
+    def _advance(self, engine: IkeEngine, watch: Watch, effects: list[Effect], now: float) -> None:
+        uid = watch.ike_unique_id
+        sa = sa_by_unique_id(engine, uid)
+        if sa is not None:
+            watch.label = informational.ike_label(sa)
+        label = watch.label or f"[{uid}]"
+        for effect in effects:
+            if isinstance(effect, SaEvent) and effect.ike_unique_id == uid:
+                if effect.kind == "ike-established":
+                    watch.established = True
+                    name = f"{effect.vpn}[{uid}]"
+                    watch.lines += established_lines(sa, effect.detail, name, now)
+                elif effect.kind == "child-installed" and (
+                    not watch.existing or effect.detail.get("name") == watch.child
+                ):
+                    watch.lines.append(child_established_line(effect.detail))
+                    if effect.detail.get("name") == watch.child:
+                        watch.child_done = True
+            elif isinstance(effect, Log):
+                fields = effect.fields
+                if fields.get("unique_id") == uid and effect.event in _IKE_FAILURES:
+                    watch.reason = str(fields.get("reason") or _FAILURE_TEXT[effect.event])
+                elif (
+                    watch.child is not None
+                    and effect.subsystem == "child"
+                    and effect.level <= 1
+                    and fields.get("policy") == watch.child
+                ):
+                    watch.child_failed = str(fields.get("notify") or effect.event)
+        if sa is None and not (watch.established and (watch.child is None or watch.child_done)):
+            reason = watch.reason or ("deleted" if watch.established else "peer not responding")
+            watch.lines.append(f"establishing IKE_SA {label} failed: {reason}")
+            watch.done, watch.ok = True, False
+            return
+        if not watch.established:
+            return
+        if watch.child is None or watch.child_done:
+            watch.done, watch.ok = True, True
+        elif watch.child_failed or not watch.existing:
+            # a first child is decided with IKE_AUTH: not installed now means refused
+            why = watch.child_failed or "refused by the peer"
+            watch.lines.append(f"establishing CHILD_SA {watch.child} failed: {why}")
+            watch.done, watch.ok = True, False
+
+    def cancel(self, watch: Watch) -> None:
+        self.active = [w for w in self.active if w is not watch]

@@ -5,12 +5,25 @@ everything else on this worker's shard subject); the engine's effects become
 bus messages: datagrams back to ingress, PSK computations to the keystore,
 child SAs to the kernel service, events for everyone. The worker holds no
 secret: its config copy has the secrets stripped.
+
+Manual SA control (`shared/ikev2/management.py`): `subjects.IKE_COMMAND` reaches
+every worker (rekey, reauth, flush, clear act on the SAs each one owns; each
+answers with its count and lines, the CLI gathers them); `subjects.IKE_INITIATE`
+reaches one worker of the queue group and `ike_shard_command(shard)` the owner of
+a shard: an initiation is answered once it is established or has failed (or the
+request's timeout passed). A malformed command gets a structured error, is
+counted and changes nothing.
+
+DPD counts IPsec traffic as liveness through `dpd.traffic_seen`; the kernel
+service will report child counters with the netlink backend (the memory backend
+carries no traffic), and this worker then feeds them to the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from typing import Any
 
@@ -21,6 +34,8 @@ from ikefarm.proto.messages import (
     ChildDelete,
     ChildInstall,
     Datagram,
+    IkeCommand,
+    IkeCommandResult,
     IkeShow,
     IkeShowRequest,
     InitialContactNotice,
@@ -30,8 +45,11 @@ from ikefarm.proto.messages import (
     PskAuthReply,
     PskAuthRequest,
     SaEventNotice,
+    TrapInstall,
+    TrapRemove,
 )
 from ikefarm.shared.bus.runtime import ServiceBase
+from ikefarm.shared.ikev2 import management
 from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
     Effect,
@@ -39,10 +57,13 @@ from ikefarm.shared.ikev2.effects import (
     HalfOpen,
     InitialContact,
     InstallChildSa,
+    InstallTrap,
     KeystoreRequest,
     Log,
+    RemoveTrap,
     SaEvent,
     SendDatagram,
+    SendKeepalive,
 )
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.policy import engine_policy
@@ -52,6 +73,7 @@ from ikefarm.shared.observability.logging import get_logger
 KEYSTORE_TIMEOUT = 2.0
 KERNEL_TIMEOUT = 2.0
 TIMER_IDLE = 1.0
+MAX_INITIATE_WAIT = 300.0
 
 
 class IkeService(ServiceBase):
@@ -65,6 +87,9 @@ class IkeService(ServiceBase):
         self.engine = IkeEngine(engine_policy(self.config.without_secrets()), self.shard)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
+        self._stopping = False
+        self.watches = management.Watches()
+        self._waiting: dict[int, asyncio.Future[management.Watch]] = {}
         runtime = self.runtime
         await runtime.subscribe(
             subjects.IKE_INIT, Datagram, self.on_datagram, queue=subjects.QUEUE_IKE_WORKERS
@@ -74,13 +99,21 @@ class IkeService(ServiceBase):
         await runtime.subscribe(
             subjects.IKE_INITIAL_CONTACT, InitialContactNotice, self.on_initial_contact
         )
+        await runtime.subscribe(subjects.IKE_COMMAND, IkeCommand, self.on_command)
+        for subject in (subjects.IKE_INITIATE, subjects.ike_shard_command(self.shard)):
+            await runtime.subscribe(
+                subject, IkeCommand, self.on_command, queue=subjects.QUEUE_IKE_WORKERS
+            )
         self._timer = asyncio.create_task(self.run_timers())
         self.log.control("ike_worker_ready", shard=self.shard)
 
     async def teardown(self) -> None:
+        self._stopping = True
         self._timer.cancel()
         for task in list(self._tasks):
             task.cancel()
+        for future in self._waiting.values():
+            future.cancel()
 
     def gauges(self) -> dict[str, Any]:
         return {
@@ -88,6 +121,7 @@ class IkeService(ServiceBase):
             "ike_sas": len(self.engine.sas),
             "half_open": self.engine.half_open_count,
             "established": self.engine.established_count,
+            "initiations_waiting": len(self.watches.active),
             "engine": dict(self.engine.counters),
         }
 
@@ -114,26 +148,112 @@ class IkeService(ServiceBase):
         )
         await self.apply(effects)
 
+    async def on_command(self, command: IkeCommand, msg: Msg) -> None:
+        """A manual SA command; initiations (one worker) answer when they are decided."""
+        now = time.monotonic()
+        parsed = management.Command(
+            command.verb, command.target, command.selector, command.value, command.phase
+        )
+        broadcast = msg.subject == subjects.IKE_COMMAND
+        if broadcast and command.verb == "initiate":
+            outcome = management.Outcome.failed(
+                "initiate goes to one worker (ikefarm.ike.initiate), not to all"
+            )
+        else:
+            outcome = management.execute(self.engine, parsed, now)
+        if not outcome.ok:
+            self.runtime.counters["command_refused"] += 1
+            self.log.control("command_refused", command=parsed.words(), error=outcome.error)
+            await self._answer(msg, outcome)
+            return
+        self.runtime.counters[f"command.{command.verb}"] += 1
+        self.log.control("command", command=parsed.words(), count=outcome.count)
+        watch = management.watch_for(outcome, parsed)
+        future: asyncio.Future[management.Watch] | None = None
+        if watch is not None:
+            self.watches.add(watch)
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[id(watch)] = future
+        await self.apply(outcome.effects)
+        if watch is None or future is None:
+            await self._answer(msg, outcome)
+            return
+        timeout = command.timeout if math.isfinite(command.timeout) else MAX_INITIATE_WAIT
+        timeout = min(max(timeout, 0.1), MAX_INITIATE_WAIT)
+        self._spawn(self._answer_when_decided(msg, outcome, watch, future, timeout))
+
+    async def _answer_when_decided(
+        self,
+        msg: Msg,
+        outcome: management.Outcome,
+        watch: management.Watch,
+        future: asyncio.Future[management.Watch],
+        timeout: float,
+    ) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            self.watches.cancel(watch)
+            self._waiting.pop(id(watch), None)
+            watch.lines.append(f"no outcome after {timeout:g}s; the negotiation goes on")
+            watch.ok = False
+        outcome.lines += watch.lines
+        outcome.ok = watch.ok
+        if not watch.ok:
+            outcome.error = watch.lines[-1] if watch.lines else "failed"
+        await self._answer(msg, outcome)
+
+    async def _answer(self, msg: Msg, outcome: management.Outcome) -> None:
+        if not msg.reply:
+            return
+        result = IkeCommandResult(
+            instance=self.runtime.instance,
+            shard=self.shard,
+            ok=outcome.ok,
+            count=outcome.count,
+            lines=outcome.lines,
+            error=outcome.error,
+            ike_unique_id=outcome.ike_unique_id or 0,
+            pending_ike=outcome.pending_ike,
+            pending_child=[list(pair) for pair in outcome.pending_child],
+        )
+        await msg.respond(envelope.pack_reply(result))
+
+    def _observe(self, effects: list[Effect]) -> None:
+        """Advance the initiations the CLI waits for; wake the ones that are decided."""
+        for watch in self.watches.observe(self.engine, effects, time.monotonic()):
+            future = self._waiting.pop(id(watch), None)
+            if future is not None and not future.done():
+                future.set_result(watch)
+
     async def run_timers(self) -> None:
-        while True:
+        while not self._stopping:
             deadline = self.engine.next_deadline()
             delay = (
                 TIMER_IDLE
                 if deadline is None
                 else max(0.0, min(TIMER_IDLE, deadline - time.monotonic()))
             )
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
+            # that stops this loop when the wake-up event fires at the same moment
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.apply(self.engine.on_timer(time.monotonic()))
             except Exception as exc:  # a timer failure must not stop the timers
                 self.runtime.counters["timer_failed"] += 1
                 self.log.control("timer_failed", error=type(exc).__name__)
+            # apply() wakes this loop for everyone else's effects; its own are accounted
+            # for when the next deadline is computed above (else this loop would spin)
+            self._wake.clear()
+            await asyncio.sleep(0)
 
     # -- effects ----------------------------------------------------------------------------
 
     async def apply(self, effects: list[Effect]) -> None:
+        self._observe(effects)
         # child SAs go into the kernel before the response that announces them leaves
         installs = [e for e in effects if isinstance(e, InstallChildSa)]
         for effect in installs:
@@ -157,8 +277,35 @@ class IkeService(ServiceBase):
                     effect.data,
                 ),
             )
+        elif isinstance(effect, SendKeepalive):
+            await runtime.publish(
+                subjects.INGRESS_SEND,
+                OutboundDatagram(
+                    effect.local.address,
+                    effect.local.port,
+                    effect.remote.address,
+                    effect.remote.port,
+                    b"\xff",
+                    nat_keepalive=True,
+                ),
+            )
         elif isinstance(effect, KeystoreRequest):
             self._spawn(self.ask_keystore(effect))
+        elif isinstance(effect, InstallTrap):
+            trap = TrapInstall(
+                vpn=effect.vpn,
+                name=effect.name,
+                reqid=effect.reqid,
+                mode=effect.mode,
+                local_address=effect.local,
+                remote_address=effect.remote,
+                local_ts=list(effect.local_ts),
+                remote_ts=list(effect.remote_ts),
+            )
+            self._spawn(self._kernel(subjects.KERNEL_TRAP_INSTALL, trap, "trap", effect.reqid))
+        elif isinstance(effect, RemoveTrap):
+            untrap = TrapRemove(vpn=effect.vpn, name=effect.name, reqid=effect.reqid)
+            self._spawn(self._kernel(subjects.KERNEL_TRAP_REMOVE, untrap, "untrap", effect.reqid))
         elif isinstance(effect, DeleteChildSa):
             self._spawn(self.delete_child(effect))
         elif isinstance(effect, SaEvent):

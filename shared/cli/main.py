@@ -82,8 +82,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import nats
-
+    from ikefarm.shared.cli.manage import connect
     from ikefarm.shared.cli.status import discover, format_table
 
     config = _load_or_exit(args.config) if args.config else None
@@ -91,7 +90,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         try:
-            nc = await nats.connect(servers=[url], connect_timeout=2, max_reconnect_attempts=0)
+            nc = await connect(url)
         except Exception as exc:
             print(f"ikefarm status: cannot reach NATS at {url}: {exc}", file=sys.stderr)
             return 2
@@ -112,10 +111,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    import nats
+    if args.what == "kernel":
+        return cmd_show_kernel(args)
 
     from ikefarm.proto import envelope, subjects
     from ikefarm.proto.messages import IkeShow, IkeShowRequest
+    from ikefarm.shared.cli.manage import connect
     from ikefarm.shared.cli.status import gather
     from ikefarm.shared.ikev2.show import format_details, format_summary
 
@@ -132,7 +133,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         try:
-            nc = await nats.connect(servers=[url], connect_timeout=2, max_reconnect_attempts=0)
+            nc = await connect(url)
         except Exception as exc:
             print(f"ikefarm show: cannot reach NATS at {url}: {exc}", file=sys.stderr)
             return 2
@@ -144,6 +145,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             await nc.close()
         rows = []
         for reply in replies:
+            if not reply.data:  # the broker's "no responders" status
+                continue
             try:
                 rows.extend(envelope.unpack_reply(reply.data, IkeShow).sas)
             except envelope.BusError as exc:
@@ -157,6 +160,63 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(format_details(rows))
         else:
             print(format_summary(rows))
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_show_kernel(args: argparse.Namespace) -> int:
+    """The kernel service's SAD, SPD and trap policies (never key material)."""
+    import json
+
+    from ikefarm.proto import envelope, subjects
+    from ikefarm.proto.messages import KernelShowRequest, KernelState
+    from ikefarm.shared.cli.manage import connect
+
+    if args.words:
+        print(f"ikefarm show kernel: unknown word(s) {' '.join(args.words)}", file=sys.stderr)
+        return 2
+    config = _load_or_exit(args.config) if args.config else None
+    url = _nats_url(args, config)
+
+    async def run() -> int:
+        try:
+            nc = await connect(url)
+        except Exception as exc:
+            print(f"ikefarm show: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+            return 2
+        try:
+            reply = await nc.request(
+                subjects.KERNEL_SHOW, envelope.pack(KernelShowRequest()), timeout=2
+            )
+            state = envelope.unpack_reply(reply.data, KernelState)
+        except Exception as exc:
+            print(f"ikefarm show kernel: no answer ({type(exc).__name__})", file=sys.stderr)
+            return 2
+        finally:
+            await nc.close()
+        body = {"backend": state.backend, "sas": state.sas, "policies": state.policies,
+                "traps": state.traps}  # fmt: skip
+        if args.json:
+            print(json.dumps(body, indent=2))
+            return 0
+        print(f"backend {state.backend}")
+        for sa in state.sas:
+            encap = f" encap udp {sa['src_port']}->{sa['dst_port']}" if sa.get("encap") else ""
+            print(
+                f"sa {sa['direction']:3} spi {sa['spi']} {sa['src']} -> {sa['dst']}"
+                f" reqid {sa['reqid']} {sa['mode']}{encap}"
+            )
+        for policy in state.policies:
+            print(
+                f"policy {policy['direction']:3} {policy['src']} -> {policy['dst']}"
+                f" reqid {policy['reqid']} {policy['mode']}"
+            )
+        for trap in state.traps:
+            print(
+                f"trap {trap['vpn']}/{trap['name']} reqid {trap['reqid']}"
+                f" {' '.join(trap['local_ts'])} === {' '.join(trap['remote_ts'])}"
+            )
         return 0
 
     return asyncio.run(run())
@@ -204,8 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--wait", type=float, default=0.5, help="seconds to collect replies")
     status.set_defaults(func=cmd_status)
 
-    show = commands.add_parser("show", help="show state: `show ike-sa [details]`")
-    show.add_argument("what", choices=["ike-sa"])
+    show = commands.add_parser(
+        "show", help="show state: `show ike-sa [details]`, `show kernel` (SAs, policies, traps)"
+    )
+    show.add_argument("what", choices=["ike-sa", "kernel"])
     show.add_argument("words", nargs="*", help="details: SPIs, algorithms, child SAs")
     show.add_argument("-c", "--config")
     show.add_argument("--nats")
@@ -213,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.add_argument("--wait", type=float, default=0.5, help="seconds to collect replies")
     show.set_defaults(func=cmd_show)
+
+    from ikefarm.shared.cli.manage import add_parsers
+
+    add_parsers(commands)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)

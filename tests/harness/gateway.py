@@ -192,3 +192,73 @@ class Gateway:
     @staticmethod
     def sleep(seconds: float) -> None:
         time.sleep(seconds)
+
+
+# -- ikefarm facing strongSwan with VPNs of its own (initiator, DPD, NAT-T, management) --------
+
+
+def vpn_config(
+    name: str,
+    *,
+    local_id: str,
+    remote_id: str | None,
+    policies: list[tuple[str, str, str]],
+    local_address: str = "192.0.2.1",
+    remote_address: str = "192.0.2.2",
+    ipsec: dict[str, str] | None = None,
+) -> str:
+    """One [[ike.vpn]] with its security policies (name, local-ts, remote-ts)."""
+    lines = [
+        "[[ike.vpn]]",
+        f'name = "{name}"',
+        f'local-address = "{local_address}"',
+        f'remote-address = "{remote_address}"',
+        f'local-id = "{local_id}"',
+    ]
+    if remote_id is not None:
+        lines.append(f'remote-id = "{remote_id}"')
+    lines.append('ike-policy = { template = "ikepol" }')
+    overrides = "".join(f', {key} = "{value}"' for key, value in (ipsec or {}).items())
+    lines.append(f'ipsec-policy = {{ template = "ipsecpol"{overrides} }}')
+    for policy, local_ts, remote_ts in policies:
+        lines += [
+            "[[ike.vpn.security-policy]]",
+            f'name = "{policy}"',
+            f'local-ts = {{ subnet = "{local_ts}" }}',
+            f'remote-ts = {{ subnet = "{remote_ts}" }}',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def farm_config(
+    workdir: Path,
+    *,
+    psks: list[tuple[str, str, str]],
+    vpns: list[str],
+    workers: int = 1,
+    log_level: int = 1,
+    global_options: dict[str, Any] | None = None,
+    dpd_delay: str = "0s",
+    dpd_action: str = "restart",
+) -> str:
+    """A whole ikefarm config: PSKs (local-id, remote-id, secret), `vpn_config()` blocks."""
+    options = "".join(
+        f"{key} = {json.dumps(value)}\n" for key, value in (global_options or {}).items()
+    )
+    keys = "".join(
+        f'[[ike.pre-shared-key]]\nlocal-id = "{local}"\nremote-id = "{remote}"\n'
+        f'secret = "{secret}"\n\n'
+        for local, remote, secret in psks
+    )
+    return (
+        f'[farm]\nstate-dir = "{Path(workdir) / "state"}"\nike-workers = {workers}\n\n'
+        f"[ike.logging.daemon]\ndefault = {log_level}\n\n"
+        f"[ike.global-options]\n{options}\n"
+        f'[[ike.ike-policy-template]]\nname = "ikepol"\ndpd-delay = "{dpd_delay}"\n'
+        "[[ike.ike-policy-template.ike-proposal]]\n"
+        'aead-alg = ["aes256-gcm-128"]\nprf-alg = ["hmac-sha384"]\ndh-group = ["x25519"]\n\n'
+        f'[[ike.ipsec-policy-template]]\nname = "ipsecpol"\ndpd-action = "{dpd_action}"\n'
+        "[[ike.ipsec-policy-template.esp-proposal]]\n"
+        'aead-alg = ["aes256-gcm-128"]\nesn = [false]\n\n'
+        f"{keys}" + "\n".join(vpns)
+    )

@@ -243,7 +243,7 @@ class IkeEngine:
         for request_id, spi in list(self.keystore_waits.items()):
             if spi == sa.local_spi:
                 del self.keystore_waits[request_id]
-        if announce and was_established:
+        if announce and was_established and sa.successor is None:
             effects.append(
                 SaEvent(
                     "ike-deleted", sa.unique_id, sa.vpn.name if sa.vpn else None, {"reason": reason}
@@ -370,7 +370,13 @@ class IkeEngine:
             and not sa.is_initiator
         ):
             return ike_auth.respond(self, sa, message, now)
-        if sa.state not in (IkeSaState.ESTABLISHED, IkeSaState.REKEYING):
+        # a replaced (REKEYED) or closing SA still answers, e.g. the Delete that retires it
+        if sa.state not in (
+            IkeSaState.ESTABLISHED,
+            IkeSaState.REKEYING,
+            IkeSaState.REKEYED,
+            IkeSaState.DELETING,
+        ):
             return self.drop(
                 "unexpected_exchange", exchange=_exchange_name(exchange), state=str(sa.state)
             )

@@ -24,6 +24,7 @@ class IkeSaState(StrEnum):
     AUTHENTICATING = "authenticating"  # IKE_AUTH in progress (keystore asked)
     ESTABLISHED = "established"
     REKEYING = "rekeying"
+    REKEYED = "rekeyed"  # replaced by a new IKE SA; waits for the Delete
     DELETING = "deleting"
     DELETED = "deleted"
 
@@ -53,6 +54,13 @@ class ChildSa:
     installed_at: float = 0.0
     rekey_at: float | None = None
     expire_at: float | None = None
+    initiated_by_us: bool = False  # we sent the request of the exchange that made it (2.17)
+    nonce_i: bytes = field(default=b"", repr=False)  # the nonces of that exchange (2.8.1)
+    nonce_r: bytes = field(default=b"", repr=False)
+    # a rekey of this child by the peer that crossed ours (RFC 7296 2.8.1)
+    collision: ChildSa | None = field(default=None, repr=False)
+    rekey_in_flight: bool = False  # our CREATE_CHILD_SA rekeying it has been sent
+    rekeyed_from: int | None = None  # unique id of the child this one replaced
 
     @property
     def name(self) -> str:
@@ -127,6 +135,9 @@ class IkeSa:
     queued: list[Callable[[float], list[Any]]] = field(default_factory=list, repr=False)
     cookie: bytes | None = field(default=None, repr=False)
     requested_child: SecurityPolicy | None = None
+    successor: IkeSa | None = field(default=None, repr=False)  # the IKE SA that replaced this one
+    # the peer's IKE rekey that crossed ours (RFC 7296 2.8.2)
+    collision: IkeSa | None = field(default=None, repr=False)
 
     @property
     def local_spi(self) -> bytes:

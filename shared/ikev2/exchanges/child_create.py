@@ -1,9 +1,15 @@
 """Child SA negotiation shared by IKE_AUTH and CREATE_CHILD_SA (RFC 7296 1.3, 2.9, 2.17).
 
-Picks the security policy whose traffic selectors overlap what the peer
-proposed, narrows them (TS_UNACCEPTABLE when no policy overlaps), selects the
-ESP proposal by local preference (NO_PROPOSAL_CHOSEN), derives KEYMAT and
-returns the kernel install request. The IKE SA is not touched by a failure here.
+As responder: pick the security policy whose traffic selectors overlap what
+the peer proposed and narrow them (TS_UNACCEPTABLE when none does), select
+the ESP proposal by local preference (NO_PROPOSAL_CHOSEN), check the KE group
+when the proposal has PFS (INVALID_KE_PAYLOAD), derive KEYMAT. As initiator:
+build the proposal and check that the answer is something we offered. A
+failure here never touches the IKE SA.
+
+Keys and selectors are oriented by the exchange that made the child, not by
+who initiated the IKE SA: in CREATE_CHILD_SA "initiator" is whoever sent the
+request (RFC 7296 1.3, 2.17).
 """
 
 from __future__ import annotations
@@ -11,13 +17,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ikefarm.shared.ikev2.constants import NotifyType, PayloadType, ProtocolId, TransformType
+from ikefarm.shared.ikev2.constants import (
+    ExchangeType,
+    NotifyType,
+    PayloadType,
+    ProtocolId,
+    TransformType,
+)
 from ikefarm.shared.ikev2.crypto.cipher import Cipher
+from ikefarm.shared.ikev2.crypto.dh import DhExchange, InvalidKeyExchange
 from ikefarm.shared.ikev2.crypto.integrity import Integrity
 from ikefarm.shared.ikev2.crypto.keys import derive_child_sa_keys
 from ikefarm.shared.ikev2.effects import ChildSaInstall, Effect, InstallChildSa, Log, SaEvent
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import (
+    KePayload,
+    NoncePayload,
     NotifyPayload,
     Payload,
     SaPayload,
@@ -25,11 +40,13 @@ from ikefarm.shared.ikev2.payloads import (
     TsPayload,
 )
 from ikefarm.shared.ikev2.policy import SecurityPolicy, VpnPolicy
-from ikefarm.shared.ikev2.proposals import select_proposal
+from ikefarm.shared.ikev2.proposals import Algorithms, select_proposal
 from ikefarm.shared.ikev2.sa import ChildSa, ChildSaState, IkeSa
 
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
+
+NONCE_SIZE = 32
 
 
 @dataclass
@@ -39,6 +56,8 @@ class ChildOutcome:
     payloads: list[Payload] = field(default_factory=list)
     effects: list[Effect] = field(default_factory=list)
     child: ChildSa | None = None
+    nonce_i: bytes = b""
+    nonce_r: bytes = b""
 
 
 def narrow(ours: TrafficSelector | None, theirs: list[TrafficSelector]) -> list[TrafficSelector]:
@@ -53,31 +72,97 @@ def narrow(ours: TrafficSelector | None, theirs: list[TrafficSelector]) -> list[
     return narrowed
 
 
-def _selectors(payload: Payload | None) -> list[TrafficSelector]:
+def selectors(payload: Payload | None) -> list[TrafficSelector]:
     if not isinstance(payload, TsPayload):
         return []
     return [s for s in payload.selectors if isinstance(s, TrafficSelector)]
 
 
 def match_policy(
-    vpn: VpnPolicy, sa: IkeSa, tsi: list[TrafficSelector], tsr: list[TrafficSelector]
+    policies: tuple[SecurityPolicy, ...] | list[SecurityPolicy],
+    sa: IkeSa,
+    tsi: list[TrafficSelector],
+    tsr: list[TrafficSelector],
 ) -> tuple[SecurityPolicy, list[TrafficSelector], list[TrafficSelector]] | None:
-    """The first security policy whose selectors overlap the peer's, with the narrowed sets."""
-    for policy in vpn.security_policies:
-        # responder: the peer's TSi is our remote side, its TSr our local side
-        remote = policy.remote_ts.resolve(
-            sa.remote.address if not sa.is_initiator else sa.local.address
-        )
-        local = policy.local_ts.resolve(
-            sa.local.address if not sa.is_initiator else sa.remote.address
-        )
-        if sa.is_initiator:
-            local, remote = remote, local
+    """As exchange responder: the first policy whose selectors overlap the peer's, narrowed.
+
+    The peer sent the request, so its TSi is our remote side and its TSr our local side.
+    """
+    for policy in policies:
+        remote = policy.remote_ts.resolve(sa.remote.address)
+        local = policy.local_ts.resolve(sa.local.address)
         narrowed_i = narrow(remote, tsi)
         narrowed_r = narrow(local, tsr)
         if narrowed_i and narrowed_r:
             return policy, narrowed_i, narrowed_r
     return None
+
+
+def _refuse(
+    engine: IkeEngine, outcome: ChildOutcome, notify: NotifyPayload, event: str, **fields: Any
+) -> ChildOutcome:
+    engine.count(event)
+    outcome.payloads = [notify]
+    outcome.effects.append(Log(1, "child", event, fields))
+    return outcome
+
+
+def make_child(
+    engine: IkeEngine,
+    sa: IkeSa,
+    policy: SecurityPolicy,
+    algorithms: Algorithms,
+    *,
+    spi_in: bytes,
+    spi_out: bytes,
+    nonce_i: bytes,
+    nonce_r: bytes,
+    shared_secret: bytes | None,
+    local_ts: list[TrafficSelector],
+    remote_ts: list[TrafficSelector],
+    transport: bool,
+    initiated_by_us: bool,
+    now: float,
+) -> ChildSa:
+    """Derive KEYMAT (RFC 7296 2.17) and record an installed child SA on `sa`."""
+    cipher = Cipher(algorithms.encr[0], algorithms.encr[1])
+    integrity = Integrity(algorithms.integ[0]) if algorithms.integ else None
+    assert sa.prf is not None and sa.keys is not None
+    keys = derive_child_sa_keys(
+        sa.prf,
+        sa.keys.sk_d,
+        nonce_i,
+        nonce_r,
+        cipher.key_size,
+        integrity.key_size if integrity else 0,
+        shared_secret,
+    )
+    rekey_after = (
+        max(0.0, policy.rekey_time - engine.uniform(0.0, policy.rand_time))
+        if policy.rand_time
+        else policy.rekey_time
+    )
+    child = ChildSa(
+        unique_id=engine.new_unique_id(),
+        policy=policy,
+        spi_in=spi_in,
+        spi_out=spi_out,
+        algorithms=algorithms,
+        keys=keys,
+        local_ts=local_ts,
+        remote_ts=remote_ts,
+        mode="transport" if transport else "tunnel",
+        udp_encap=sa.nat_detected,
+        state=ChildSaState.INSTALLED,
+        installed_at=now,
+        rekey_at=now + rekey_after if policy.rekey_time else None,
+        expire_at=now + policy.life_time if policy.life_time else None,
+        initiated_by_us=initiated_by_us,
+        nonce_i=nonce_i,
+        nonce_r=nonce_r,
+    )
+    sa.children.append(child)
+    return child
 
 
 def respond_child(
@@ -88,102 +173,118 @@ def respond_child(
     now: float,
     *,
     first_child: bool,
-    shared_secret: bytes | None = None,
+    old_child: ChildSa | None = None,
 ) -> ChildOutcome:
-    """Negotiate the child the peer asked for in `request` (IKE_AUTH or CREATE_CHILD_SA)."""
+    """Negotiate the child the peer asked for in `request` (IKE_AUTH or CREATE_CHILD_SA).
+
+    In IKE_AUTH the nonces are the IKE SA's and there is no KE; in CREATE_CHILD_SA
+    the request carries Ni (and KEi for PFS) and our answer carries Nr (and KEr).
+    """
     outcome = ChildOutcome()
     sa_payload = request.get(SaPayload)
-    tsi = _selectors(request.get_type(PayloadType.TSi))
-    tsr = _selectors(request.get_type(PayloadType.TSr))
-    matched = match_policy(vpn, sa, tsi, tsr)
     if sa_payload is None:
-        return outcome
+        return outcome  # IKE_AUTH without a child (RFC 6023)
+    tsi = selectors(request.get_type(PayloadType.TSi))
+    tsr = selectors(request.get_type(PayloadType.TSr))
+    policies = [old_child.policy] if old_child is not None else list(vpn.security_policies)
+    matched = match_policy(policies, sa, tsi, tsr)
     if matched is None:
-        engine.count("ts_unacceptable")
-        outcome.payloads.append(NotifyPayload(NotifyType.TS_UNACCEPTABLE))
-        outcome.effects.append(
-            Log(
-                1,
-                "child",
-                "ts_unacceptable",
-                {
-                    "vpn": vpn.name,
-                    "tsi": [str(s) for s in tsi],
-                    "tsr": [str(s) for s in tsr],
-                },
-            )
+        return _refuse(
+            engine,
+            outcome,
+            NotifyPayload(NotifyType.TS_UNACCEPTABLE),
+            "ts_unacceptable",
+            vpn=vpn.name,
+            tsi=[str(s) for s in tsi],
+            tsr=[str(s) for s in tsr],
         )
-        return outcome
     policy, narrowed_i, narrowed_r = matched
+    ke = request.get(KePayload)
     selection = select_proposal(
-        policy.esp_proposals, sa_payload.proposals, ProtocolId.ESP, ignore_dh=first_child
+        policy.esp_proposals,
+        sa_payload.proposals,
+        ProtocolId.ESP,
+        ignore_dh=first_child,
+        prefer_dh=int(ke.dh_group) if ke is not None else None,
     )
     if selection is None:
-        engine.count("child_no_proposal_chosen")
-        outcome.payloads.append(NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN))
-        outcome.effects.append(
-            Log(1, "child", "child_no_proposal_chosen", {"vpn": vpn.name, "policy": policy.name})
+        return _refuse(
+            engine,
+            outcome,
+            NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN),
+            "child_no_proposal_chosen",
+            vpn=vpn.name,
+            policy=policy.name,
         )
-        return outcome
     algorithms = selection.algorithms()
-    spi_in = engine.new_child_spi()
-    spi_out = selection.offered.spi
-    cipher = Cipher(algorithms.encr[0], algorithms.encr[1])
-    integrity = Integrity(algorithms.integ[0]) if algorithms.integ else None
-    assert sa.prf is not None and sa.keys is not None
-    keys = derive_child_sa_keys(
-        sa.prf,
-        sa.keys.sk_d,
-        sa.nonce_i if first_child else request_nonce(request),
-        sa.nonce_r if first_child else b"",
-        cipher.key_size,
-        integrity.key_size if integrity else 0,
-        shared_secret,
-    )
+    if first_child:
+        nonce_i, nonce_r = sa.nonce_i, sa.nonce_r
+    else:
+        nonce = request.get(NoncePayload)
+        if nonce is None:
+            return _refuse(
+                engine, outcome, NotifyPayload(NotifyType.INVALID_SYNTAX), "child_missing_nonce"
+            )
+        nonce_i, nonce_r = nonce.data, engine.random(NONCE_SIZE)
+    shared_secret: bytes | None = None
+    ke_reply: KePayload | None = None
+    if algorithms.dh is not None and not first_child:
+        if ke is None or int(ke.dh_group) != algorithms.dh:
+            # RFC 7296 1.3: name the group we want; the peer retries with it
+            notify = NotifyPayload(
+                NotifyType.INVALID_KE_PAYLOAD, data=algorithms.dh.to_bytes(2, "big")
+            )
+            return _refuse(engine, outcome, notify, "child_invalid_ke_payload", group=algorithms.dh)
+        dh = DhExchange.generate(algorithms.dh)
+        try:
+            shared_secret = dh.compute_shared(ke.key_data)
+        except InvalidKeyExchange:
+            return _refuse(
+                engine, outcome, NotifyPayload(NotifyType.INVALID_SYNTAX), "child_invalid_ke_value"
+            )
+        engine.count("dh_computed")
+        ke_reply = KePayload(algorithms.dh, dh.public_bytes())
     transport = (
         policy.mode == "transport" and request.notify(NotifyType.USE_TRANSPORT_MODE) is not None
     )
-    mode = "transport" if transport else "tunnel"
-    child = ChildSa(
-        unique_id=engine.new_unique_id(),
-        policy=policy,
+    spi_in = engine.new_child_spi()
+    child = make_child(
+        engine,
+        sa,
+        policy,
+        algorithms,
         spi_in=spi_in,
-        spi_out=spi_out,
-        algorithms=algorithms,
-        keys=keys,
-        local_ts=narrowed_r if not sa.is_initiator else narrowed_i,
-        remote_ts=narrowed_i if not sa.is_initiator else narrowed_r,
-        mode=mode,
-        udp_encap=sa.nat_detected,
-        state=ChildSaState.INSTALLED,
-        installed_at=now,
-        rekey_at=now + policy.rekey_time,
-        expire_at=now + policy.life_time,
+        spi_out=selection.offered.spi,
+        nonce_i=nonce_i,
+        nonce_r=nonce_r,
+        shared_secret=shared_secret,
+        local_ts=narrowed_r,
+        remote_ts=narrowed_i,
+        transport=transport,
+        initiated_by_us=False,
+        now=now,
     )
-    sa.children.append(child)
-    if transport:
-        outcome.payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
+    outcome.payloads.append(SaPayload([selection.response(spi_in)]))
+    if not first_child:
+        outcome.payloads.append(NoncePayload(nonce_r))
+        if ke_reply is not None:
+            outcome.payloads.append(ke_reply)
     outcome.payloads += [
-        SaPayload([selection.response(spi_in)]),
         TsPayload(narrowed_i, PayloadType.TSi),
         TsPayload(narrowed_r, PayloadType.TSr),
     ]
+    if transport:
+        outcome.payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
     outcome.child = child
+    outcome.nonce_i, outcome.nonce_r = nonce_i, nonce_r
     outcome.effects += install_effects(sa, child)
     return outcome
 
 
-def request_nonce(request: Message) -> bytes:
-    from ikefarm.shared.ikev2.payloads import NoncePayload
-
-    nonce = request.get(NoncePayload)
-    return nonce.data if nonce else b""
-
-
 def install_effects(sa: IkeSa, child: ChildSa) -> list[Effect]:
     keys = child.keys
-    # RFC 7296 2.17: KEYMAT starts with the initiator-to-responder keys
-    if sa.is_initiator:
+    # RFC 7296 2.17: KEYMAT starts with the keys for the exchange initiator's direction
+    if child.initiated_by_us:
         encr_in, integ_in, encr_out, integ_out = (
             keys.encr_r,
             keys.integ_r,
@@ -222,15 +323,7 @@ def install_effects(sa: IkeSa, child: ChildSa) -> list[Effect]:
         local_ts=tuple(str(s) for s in child.local_ts),
         remote_ts=tuple(str(s) for s in child.remote_ts),
     )
-    detail = {
-        "name": child.name,
-        "unique_id": child.unique_id,
-        "spi_in": child.spi_in.hex(),
-        "spi_out": child.spi_out.hex(),
-        "local_ts": list(install.local_ts),
-        "remote_ts": list(install.remote_ts),
-        "proposal": child.algorithms.esp_summary(),
-    }
+    detail = child_detail(child)
     return [
         InstallChildSa(install),
         SaEvent("child-installed", sa.unique_id, child.policy.vpn, detail),
@@ -238,13 +331,35 @@ def install_effects(sa: IkeSa, child: ChildSa) -> list[Effect]:
     ]
 
 
+def child_detail(child: ChildSa) -> dict[str, Any]:
+    return {
+        "name": child.name,
+        "unique_id": child.unique_id,
+        "spi_in": child.spi_in.hex(),
+        "spi_out": child.spi_out.hex(),
+        "local_ts": [str(s) for s in child.local_ts],
+        "remote_ts": [str(s) for s in child.remote_ts],
+        "proposal": child.algorithms.esp_summary(),
+    }
+
+
 # -- initiator ----------------------------------------------------------------------------------
 
 
 def initiator_child_payloads(
-    engine: IkeEngine, sa: IkeSa, policy: SecurityPolicy, *, first_child: bool
+    engine: IkeEngine,
+    sa: IkeSa,
+    policy: SecurityPolicy,
+    *,
+    first_child: bool,
+    old_child: ChildSa | None = None,
+    group: int | None = None,
 ) -> tuple[list[Payload], dict[str, Any]]:
-    """SA, TSi, TSr (and USE_TRANSPORT_MODE) proposing `policy`'s child, with our SPI."""
+    """The request payloads proposing `policy`'s child, with our SPI (and Ni/KEi outside IKE_AUTH).
+
+    `old_child`: this is a rekey (REKEY_SA names it, its selectors are kept).
+    `group`: the PFS group to use for KEi (after INVALID_KE_PAYLOAD named one).
+    """
     spi_in = engine.new_child_spi()
     proposals = [
         spec.to_proposal(number, ProtocolId.ESP, spi_in)
@@ -256,18 +371,38 @@ def initiator_child_payloads(
             proposal.transforms[:] = [
                 t for t in proposal.transforms if t.transform_type != TransformType.DH
             ]
-    local = policy.local_ts.resolve(sa.local.address)
-    remote = policy.remote_ts.resolve(sa.remote.address)
-    assert local is not None and remote is not None
+    if old_child is not None:
+        local_list, remote_list = list(old_child.local_ts), list(old_child.remote_ts)
+    else:
+        local = policy.local_ts.resolve(sa.local.address)
+        remote = policy.remote_ts.resolve(sa.remote.address)
+        assert local is not None and remote is not None
+        local_list, remote_list = [local], [remote]
     payloads: list[Payload] = []
+    context: dict[str, Any] = {
+        "policy": policy,
+        "spi_in": spi_in,
+        "local_ts": local_list,
+        "remote_ts": remote_list,
+        "old_child": old_child,
+    }
+    if old_child is not None:
+        payloads.append(NotifyPayload(NotifyType.REKEY_SA, ProtocolId.ESP, old_child.spi_in))
     if policy.mode == "transport":
         payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
-    payloads += [
-        SaPayload(proposals),
-        TsPayload([local], PayloadType.TSi),
-        TsPayload([remote], PayloadType.TSr),
-    ]
-    context = {"policy": policy, "spi_in": spi_in, "local_ts": local, "remote_ts": remote}
+    payloads.append(SaPayload(proposals))
+    if not first_child:
+        nonce_i = engine.random(NONCE_SIZE)
+        payloads.append(NoncePayload(nonce_i))
+        context["nonce_i"] = nonce_i
+        pfs = group
+        if pfs is None and policy.esp_proposals and policy.esp_proposals[0].first(TransformType.DH):
+            pfs = policy.esp_proposals[0].first(TransformType.DH)[0]  # type: ignore[index]
+        if pfs is not None:
+            dh = DhExchange.generate(pfs)
+            payloads.append(KePayload(pfs, dh.public_bytes()))
+            context["dh"] = dh
+    payloads += [TsPayload(local_list, PayloadType.TSi), TsPayload(remote_list, PayloadType.TSr)]
     return payloads, context
 
 
@@ -279,9 +414,6 @@ def initiator_child_complete(
     now: float,
     *,
     first_child: bool,
-    nonce_r: bytes | None = None,
-    nonce_i: bytes | None = None,
-    shared_secret: bytes | None = None,
 ) -> ChildOutcome:
     """Install the child the responder accepted, after checking it is what we offered."""
     outcome = ChildOutcome()
@@ -289,7 +421,7 @@ def initiator_child_complete(
     errors = [n for n in response.notifies() if n.is_error]
     if errors:
         engine.count("child_refused_by_peer")
-        name = _notify_name(errors[0].notify_type)
+        name = notify_name(errors[0].notify_type)
         outcome.effects.append(
             Log(
                 1,
@@ -300,8 +432,8 @@ def initiator_child_complete(
         )
         return outcome
     sa_payload = response.get(SaPayload)
-    tsi = _selectors(response.get_type(PayloadType.TSi))
-    tsr = _selectors(response.get_type(PayloadType.TSr))
+    tsi = selectors(response.get_type(PayloadType.TSi))
+    tsr = selectors(response.get_type(PayloadType.TSr))
     if sa_payload is None or len(sa_payload.proposals) != 1 or not tsi or not tsr:
         engine.count("child_response_incomplete")
         outcome.effects.append(
@@ -311,58 +443,146 @@ def initiator_child_complete(
     selection = select_proposal(
         policy.esp_proposals, sa_payload.proposals, ProtocolId.ESP, ignore_dh=first_child
     )
-    local_ts: TrafficSelector = context["local_ts"]
-    remote_ts: TrafficSelector = context["remote_ts"]
-    if (
-        selection is None
-        or not all(local_ts.contains(s) for s in tsi)
-        or not all(remote_ts.contains(s) for s in tsr)
-    ):
+    local_ts: list[TrafficSelector] = context["local_ts"]
+    remote_ts: list[TrafficSelector] = context["remote_ts"]
+    offered = (
+        selection is not None
+        and all(any(o.contains(s) for o in local_ts) for s in tsi)
+        and all(any(o.contains(s) for o in remote_ts) for s in tsr)
+    )
+    if not offered or selection is None:
         engine.count("child_response_not_offered")
         outcome.effects.append(
             Log(1, "child", "child_response_not_offered", {"policy": policy.name})
         )
         return outcome
     algorithms = selection.algorithms()
-    cipher = Cipher(algorithms.encr[0], algorithms.encr[1])
-    integrity = Integrity(algorithms.integ[0]) if algorithms.integ else None
-    assert sa.prf is not None and sa.keys is not None
-    keys = derive_child_sa_keys(
-        sa.prf,
-        sa.keys.sk_d,
-        nonce_i if nonce_i is not None else sa.nonce_i,
-        nonce_r if nonce_r is not None else sa.nonce_r,
-        cipher.key_size,
-        integrity.key_size if integrity else 0,
-        shared_secret,
-    )
+    shared_secret: bytes | None = None
+    if first_child:
+        nonce_i, nonce_r = sa.nonce_i, sa.nonce_r
+    else:
+        nonce = response.get(NoncePayload)
+        if nonce is None:
+            engine.count("child_response_incomplete")
+            return outcome
+        nonce_i, nonce_r = context["nonce_i"], nonce.data
+        dh: DhExchange | None = context.get("dh")
+        if algorithms.dh is not None:
+            ke = response.get(KePayload)
+            if (
+                dh is None
+                or ke is None
+                or int(ke.dh_group) != dh.group
+                or algorithms.dh != dh.group
+            ):
+                engine.count("child_response_not_offered")
+                return outcome
+            try:
+                shared_secret = dh.compute_shared(ke.key_data)
+            except InvalidKeyExchange:
+                engine.count("child_invalid_ke_value")
+                return outcome
+            engine.count("dh_computed")
     transport = (
         policy.mode == "transport" and response.notify(NotifyType.USE_TRANSPORT_MODE) is not None
     )
-    child = ChildSa(
-        unique_id=engine.new_unique_id(),
-        policy=policy,
+    child = make_child(
+        engine,
+        sa,
+        policy,
+        algorithms,
         spi_in=context["spi_in"],
         spi_out=selection.offered.spi,
-        algorithms=algorithms,
-        keys=keys,
+        nonce_i=nonce_i,
+        nonce_r=nonce_r,
+        shared_secret=shared_secret,
         local_ts=tsi,
         remote_ts=tsr,
-        mode="transport" if transport else "tunnel",
-        udp_encap=sa.nat_detected,
-        state=ChildSaState.INSTALLED,
-        installed_at=now,
-        rekey_at=now + policy.rekey_time,
-        expire_at=now + policy.life_time,
+        transport=transport,
+        initiated_by_us=True,
+        now=now,
     )
-    sa.children.append(child)
     outcome.child = child
+    outcome.nonce_i, outcome.nonce_r = nonce_i, nonce_r
     outcome.effects += install_effects(sa, child)
     return outcome
 
 
-def _notify_name(notify_type: int) -> str:
+def notify_name(notify_type: int) -> str:
     try:
         return NotifyType(notify_type).name
     except ValueError:
         return f"NOTIFY_{notify_type}"
+
+
+# -- CREATE_CHILD_SA for one more child --------------------------------------------------------
+
+
+def initiate_new_child(engine: IkeEngine, sa: IkeSa, policy_name: str, now: float) -> list[Effect]:
+    """One more child on an established IKE SA (RFC 7296 1.3.1)."""
+    assert sa.vpn is not None
+    policy = next((p for p in sa.vpn.security_policies if p.name == policy_name), None)
+    if policy is None:
+        raise ValueError(f"vpn {sa.vpn.name!r} has no security-policy {policy_name!r}")
+
+    def build(when: float, group: int | None = None) -> list[Effect]:
+        payloads, context = initiator_child_payloads(
+            engine, sa, policy, first_child=False, group=group
+        )
+        return engine.send_request(
+            sa, ExchangeType.CREATE_CHILD_SA, payloads, when, "new_child", context
+        )
+
+    return engine.queue_request(sa, build, now)
+
+
+def new_child_response(
+    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
+) -> list[Effect]:
+    retry = _invalid_ke_retry(engine, sa, response, context, now, "new_child")
+    if retry is not None:
+        return retry
+    outcome = initiator_child_complete(
+        engine, successor(sa), response, context, now, first_child=False
+    )
+    return outcome.effects + engine.request_done(sa, now)
+
+
+def _invalid_ke_retry(
+    engine: IkeEngine,
+    sa: IkeSa,
+    response: Message,
+    context: dict[str, Any],
+    now: float,
+    purpose: str,
+) -> list[Effect] | None:
+    """INVALID_KE_PAYLOAD in CREATE_CHILD_SA: retry once with the group the peer named."""
+    notify = response.notify(NotifyType.INVALID_KE_PAYLOAD)
+    if notify is None or len(notify.data) != 2 or context.get("retried"):
+        return None
+    group = int.from_bytes(notify.data, "big")
+    policy: SecurityPolicy = context["policy"]
+    acceptable = {
+        g for spec in policy.esp_proposals for g, _ in spec.transforms.get(TransformType.DH, ())
+    }
+    if group not in acceptable:
+        return None
+    engine.count("child_invalid_ke_retries")
+    sa.outstanding = None
+    payloads, new_context = initiator_child_payloads(
+        engine, sa, policy, first_child=False, old_child=context.get("old_child"), group=group
+    )
+    new_context["retried"] = True
+    return engine.send_request(
+        sa, ExchangeType.CREATE_CHILD_SA, payloads, now, purpose, new_context
+    )
+
+
+def successor(sa: IkeSa) -> IkeSa:
+    """The IKE SA that now owns the children, if `sa` was rekeyed meanwhile."""
+    while sa.successor is not None:
+        sa = sa.successor
+    return sa
+
+
+RESPONSE_HANDLERS = {"new_child": new_child_response}

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, ProtocolId
 from ikefarm.shared.ikev2.effects import DeleteChildSa, Effect, Log, SaEvent
+from ikefarm.shared.ikev2.exchanges import ike_rekey
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import DeletePayload, Payload
 from ikefarm.shared.ikev2.sa import ChildSa, ChildSaState, IkeSa, IkeSaState
@@ -155,6 +156,8 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
     if any(d.protocol_id == ProtocolId.IKE for d in deletes):
         engine.count("ike_sa_deleted_by_peer")
         effects = noted + engine.respond(sa, request, [])
+        if ike_rekey.deleted_by_peer_while_rekeying(engine, sa, now):
+            return effects
         effects += engine.remove_sa(sa, "deleted by peer", now)
         return effects + run_after_delete(engine, sa, now)
     if not deletes:

@@ -1,19 +1,53 @@
-"""SA lifetimes: rekey before expiry, with the margin and jitter of the policy templates."""
+"""SA lifetimes (seed 004 templates; strongSwan's rekey/over/rand times): rekey before expiry.
+
+A child is rekeyed at `rekey-time` minus a random part of `rand-time` and
+deleted at `life-time` if it is still there; an IKE SA is rekeyed at its
+`rekey-time` minus jitter and deleted at `rekey-time + over-time`. Both ends
+run these timers; the jitter makes collisions rare and 2.8.1/2.8.2 resolve them.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ikefarm.shared.ikev2.effects import Effect
-from ikefarm.shared.ikev2.sa import IkeSa
+from ikefarm.shared.ikev2.effects import Effect, Log
+from ikefarm.shared.ikev2.sa import ChildSaState, IkeSa, IkeSaState
 
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
 
 
 def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
-    return []
+    effects: list[Effect] = []
+    if sa.state == IkeSaState.ESTABLISHED and sa.expire_at is not None and now >= sa.expire_at:
+        engine.count("ike_sa_expired")
+        effects.append(Log(1, "ike", "ike_sa_expired", {"unique_id": sa.unique_id}))
+        return effects + engine.delete_ike(sa, now, "lifetime expired")
+    if sa.state == IkeSaState.ESTABLISHED and sa.rekey_at is not None and now >= sa.rekey_at:
+        sa.rekey_at = None
+        return effects + engine.rekey_ike(sa, now)
+    if sa.state not in (IkeSaState.ESTABLISHED, IkeSaState.REKEYING):
+        return effects
+    for child in list(sa.children):
+        alive = child.state in (ChildSaState.INSTALLED, ChildSaState.REKEYED, ChildSaState.REKEYING)
+        if alive and child.expire_at is not None and now >= child.expire_at:
+            child.expire_at = None
+            engine.count("child_sa_expired")
+            effects.append(Log(1, "child", "child_sa_expired", {"unique_id": child.unique_id}))
+            effects += engine.delete_child(sa, child, now)
+            continue
+        if (
+            child.state == ChildSaState.INSTALLED
+            and child.rekey_at is not None
+            and now >= child.rekey_at
+        ):
+            child.rekey_at = None
+            effects += engine.rekey_child(sa, child, now)
+    return effects
 
 
 def deadline(sa: IkeSa) -> float | None:
-    return None
+    times = [t for t in (sa.rekey_at, sa.expire_at) if t is not None]
+    for child in sa.children:
+        times += [t for t in (child.rekey_at, child.expire_at) if t is not None]
+    return min(times) if times else None

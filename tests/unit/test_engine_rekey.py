@@ -1,0 +1,196 @@
+"""CREATE_CHILD_SA between two engines: new children, child and IKE rekeys, PFS, collisions."""
+
+from __future__ import annotations
+
+from ikefarm.shared.ikev2.constants import ExchangeType
+from ikefarm.shared.ikev2.effects import DeleteChildSa, InstallChildSa, SendDatagram
+from ikefarm.shared.ikev2.message import parse_message
+from ikefarm.shared.ikev2.sa import ChildSaState, IkeSaState
+from tests.engine_helpers import pair
+
+PFS_ESP = """
+[[ike.ipsec-policy-template]]
+name = "pfs"
+[[ike.ipsec-policy-template.esp-proposal]]
+aead-alg = "aes256-gcm-128"
+dh-group = ["ecp256", "x25519"]
+"""
+
+
+def established(wire):  # type: ignore[no-untyped-def]
+    wire.run(wire.initiator.engine.initiate("hq", "net", wire.now), wire.initiator)
+    (i_sa,) = wire.initiator.engine.sas.values()
+    (r_sa,) = wire.responder.engine.sas.values()
+    assert i_sa.state == r_sa.state == IkeSaState.ESTABLISHED
+    return i_sa, r_sa
+
+
+def live_children(sa):  # type: ignore[no-untyped-def]
+    return [c for c in sa.children if c.state != ChildSaState.DELETED]
+
+
+def assert_matching_children(i_sa, r_sa) -> None:  # type: ignore[no-untyped-def]
+    mine = {(c.spi_in, c.spi_out) for c in live_children(i_sa)}
+    theirs = {(c.spi_out, c.spi_in) for c in live_children(r_sa)}
+    assert mine == theirs
+
+
+def test_child_rekey_by_initiator_replaces_the_child_on_both_sides() -> None:
+    wire = pair()
+    i_sa, r_sa = established(wire)
+    (old,) = i_sa.children
+    wire.run(wire.initiator.engine.rekey_child(i_sa, old, wire.now), wire.initiator)
+    (new,) = live_children(i_sa)
+    assert new.spi_in != old.spi_in and new.rekeyed_from == old.unique_id
+    assert_matching_children(i_sa, r_sa)
+    (peer_new,) = live_children(r_sa)
+    assert peer_new.keys == new.keys
+    deleted = [e.spi_in for e in wire.responder.effects if isinstance(e, DeleteChildSa)]
+    assert old.spi_out in deleted  # the responder uninstalled its side of the old child
+
+
+def test_child_rekey_by_responder_uses_exchange_roles_for_keys() -> None:
+    wire = pair()
+    i_sa, r_sa = established(wire)
+    (old,) = r_sa.children
+    wire.run(wire.responder.engine.rekey_child(r_sa, old, wire.now), wire.responder)
+    (new,) = live_children(r_sa)
+    (peer,) = live_children(i_sa)
+    assert new.initiated_by_us and not peer.initiated_by_us
+    assert_matching_children(i_sa, r_sa)
+    install = [e.child for e in wire.responder.effects if isinstance(e, InstallChildSa)][-1]
+    peer_install = [e.child for e in wire.initiator.effects if isinstance(e, InstallChildSa)][-1]
+    assert install.encr_key_out == peer_install.encr_key_in
+    assert install.encr_key_in == peer_install.encr_key_out
+
+
+def test_child_rekey_with_pfs_computes_a_new_dh() -> None:
+    wire = pair(PFS_ESP, PFS_ESP, responder_vpn='ipsec-policy = { template = "pfs" }',
+                initiator_vpn='ipsec-policy = { template = "pfs" }')  # fmt: skip
+    i_sa, r_sa = established(wire)
+    before = wire.responder.engine.counters["dh_computed"]
+    (old,) = i_sa.children
+    wire.run(wire.initiator.engine.rekey_child(i_sa, old, wire.now), wire.initiator)
+    assert wire.responder.engine.counters["dh_computed"] == before + 1
+    (new,) = live_children(i_sa)
+    assert new.algorithms.dh == 19
+    assert_matching_children(i_sa, r_sa)
+
+
+def test_new_child_on_an_established_ike_sa() -> None:
+    wire = pair()
+    i_sa, r_sa = established(wire)
+    wire.run(wire.initiator.engine.create_child(i_sa, "net", wire.now), wire.initiator)
+    assert len(live_children(i_sa)) == 2 and len(live_children(r_sa)) == 2
+    assert_matching_children(i_sa, r_sa)
+
+
+def test_ike_rekey_moves_children_and_deletes_the_old_sa() -> None:
+    wire = pair()
+    i_sa, _r_sa = established(wire)
+    children = [c.spi_in for c in i_sa.children]
+    wire.run(wire.initiator.engine.rekey_ike(i_sa, wire.now), wire.initiator)
+    (new_i,) = wire.initiator.engine.sas.values()
+    (new_r,) = wire.responder.engine.sas.values()
+    assert new_i.spi_i != i_sa.spi_i and (new_i.spi_i, new_i.spi_r) == (new_r.spi_i, new_r.spi_r)
+    assert new_i.is_initiator and not new_r.is_initiator
+    assert [c.spi_in for c in new_i.children] == children
+    assert new_i.keys == new_r.keys and new_i.keys != i_sa.keys
+    assert new_r.spi_r[:2] == (1).to_bytes(2, "big")  # still routed to the same shard
+    assert not any(isinstance(e, DeleteChildSa) for e in wire.responder.effects)
+    # the new SA works: a child rekey over it
+    (child,) = new_i.children
+    wire.run(wire.initiator.engine.rekey_child(new_i, child, wire.now), wire.initiator)
+    assert_matching_children(new_i, new_r)
+
+
+def test_ike_rekey_by_the_responder_makes_it_the_new_initiator() -> None:
+    wire = pair()
+    _i_sa, r_sa = established(wire)
+    wire.run(wire.responder.engine.rekey_ike(r_sa, wire.now), wire.responder)
+    (new_i,) = wire.initiator.engine.sas.values()
+    (new_r,) = wire.responder.engine.sas.values()
+    assert new_r.is_initiator and not new_i.is_initiator
+    assert new_r.spi_i[:2] == (1).to_bytes(2, "big")
+    assert len(new_i.children) == 1 and len(new_r.children) == 1
+
+
+def crossing(wire, start_i, start_r):  # type: ignore[no-untyped-def]
+    """Send both requests before either side sees the other's, then deliver everything."""
+    held: list[tuple] = []
+
+    def hold(side, effect):  # type: ignore[no-untyped-def]
+        held.append((side, effect))
+        return True
+
+    wire.run(start_i, wire.initiator, drop=hold)
+    wire.run(start_r, wire.responder, drop=hold)
+    assert len(held) == 2
+    requests, held = held, []
+    for side, request in requests:  # each request reaches the other side ...
+        wire.run(
+            [request], side, drop=lambda s, e, request=request: e is not request and hold(s, e)
+        )
+    assert len(held) == 2  # ... and both responses are in flight at once
+    for side, effect in held:
+        wire.run([effect], side)
+
+
+def test_simultaneous_child_rekey_ends_with_one_new_child_on_both_sides() -> None:
+    for _attempt in range(6):  # both nonce orders get exercised across attempts
+        wire = pair()
+        i_sa, r_sa = established(wire)
+        (i_old,) = i_sa.children
+        (r_old,) = r_sa.children
+        crossing(
+            wire,
+            wire.initiator.engine.rekey_child(i_sa, i_old, wire.now),
+            wire.responder.engine.rekey_child(r_sa, r_old, wire.now),
+        )
+        assert len(live_children(i_sa)) == 1 and len(live_children(r_sa)) == 1
+        assert_matching_children(i_sa, r_sa)
+        assert wire.initiator.engine.counters["child_rekey_collisions"] == 1
+        assert wire.responder.engine.counters["child_rekey_collisions"] == 1
+        (survivor,) = live_children(i_sa)
+        assert survivor.spi_in != i_old.spi_in
+
+
+def test_simultaneous_ike_rekey_ends_with_one_new_ike_sa_holding_the_children() -> None:
+    for _attempt in range(6):
+        wire = pair()
+        i_sa, r_sa = established(wire)
+        crossing(
+            wire,
+            wire.initiator.engine.rekey_ike(i_sa, wire.now),
+            wire.responder.engine.rekey_ike(r_sa, wire.now),
+        )
+        (new_i,) = wire.initiator.engine.sas.values()
+        (new_r,) = wire.responder.engine.sas.values()
+        assert (new_i.spi_i, new_i.spi_r) == (new_r.spi_i, new_r.spi_r)
+        assert len(new_i.children) == 1 and len(new_r.children) == 1
+        assert_matching_children(new_i, new_r)
+
+
+def test_rekey_of_an_unknown_child_gets_child_sa_not_found() -> None:
+    wire = pair()
+    i_sa, r_sa = established(wire)
+    (child,) = i_sa.children
+    r_sa.children.clear()  # the responder lost it
+    wire.run(wire.initiator.engine.rekey_child(i_sa, child, wire.now), wire.initiator)
+    assert wire.responder.engine.counters["rekey_child_not_found"] == 1
+    assert live_children(i_sa) == []  # ours was useless, deleted
+
+
+def test_lifetimes_trigger_rekeys() -> None:
+    wire = pair()
+    i_sa, r_sa = established(wire)
+    (child,) = i_sa.children
+    assert child.rekey_at is not None and child.expire_at is not None
+    assert child.rekey_at < child.expire_at
+    wire.now = child.rekey_at + 0.1
+    wire.run(wire.initiator.engine.on_timer(wire.now), wire.initiator)
+    assert wire.initiator.engine.counters["child_rekeys_initiated"] >= 1
+    assert_matching_children(i_sa, r_sa)
+    requests = [parse_message(d).header.exchange_type for a, d in wire.log]
+    assert ExchangeType.CREATE_CHILD_SA in requests
+    assert any(isinstance(e, SendDatagram) for e in wire.initiator.effects)

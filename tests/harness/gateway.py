@@ -29,6 +29,7 @@ default = {log_level}
 
 [[ike.ike-policy-template]]
 name = "ikepol"
+{ike_template_extra}
 [[ike.ike-policy-template.ike-proposal]]
 aead-alg = ["aes256-gcm-128", "aes128-gcm-128"]
 prf-alg = ["hmac-sha384", "hmac-sha256"]
@@ -41,6 +42,11 @@ dh-group = ["x25519", "ecp256", "modp2048"]
 [[ike.ipsec-policy-template]]
 name = "ipsecpol"
 replay-window = 64
+{ipsec_template_extra}
+[[ike.ipsec-policy-template.esp-proposal]]
+aead-alg = ["aes256-gcm-128", "aes128-gcm-128"]
+dh-group = ["x25519", "ecp256", "modp2048"]
+esn = [false]
 [[ike.ipsec-policy-template.esp-proposal]]
 aead-alg = ["aes256-gcm-128", "aes128-gcm-128"]
 esn = [false]
@@ -92,6 +98,8 @@ class Gateway:
         workers: int = 1,
         log_level: int = 1,
         extra: str = "",
+        ike_template_extra: str = "",
+        ipsec_template_extra: str = "",
     ) -> Gateway:
         text = GATEWAY_TOML.format(
             state_dir=Path(workdir) / "state",
@@ -100,6 +108,8 @@ class Gateway:
             psk=psk,
             address=address,
             extra=extra,
+            ike_template_extra=ike_template_extra,
+            ipsec_template_extra=ipsec_template_extra,
         )
         return cls(ns, workdir, text)
 
@@ -151,6 +161,12 @@ class Gateway:
                 for key, value in source.items():
                     total[key] = total.get(key, 0) + int(value)
         return total
+
+    def service_pids(self) -> dict[str, int]:
+        """instance name -> pid of each service process, from the `up.json` of `ikefarm up`."""
+        for path in self.workdir.glob("state/up.json"):
+            return dict(json.loads(path.read_text())["children"])
+        return {}
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ikefarm.shared.bus.embedded import EmbeddedNats, free_port
+from ikefarm.shared.bus.embedded import EmbeddedNats
+from tests.harness.ports import udp_ports
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "ops" / "examples" / "psk-responder.toml"
@@ -36,10 +37,11 @@ def ikefarm_argv() -> list[str]:
 def loopback_config(tmp_path: Path) -> Path:
     """The example responder moved to loopback, free ports and a private state dir."""
     text = EXAMPLE_CONFIG.read_text().replace("192.0.2.1", "127.0.0.1")
+    ike_port, natt_port = udp_ports(2)
     text = text.replace(
         "[kernel]",
         f'[farm]\nstate-dir = "{tmp_path / "state"}"\n\n'
-        f"[ingress]\nike-port = {free_port()}\nnatt-port = {free_port()}\n\n[kernel]",
+        f"[ingress]\nike-port = {ike_port}\nnatt-port = {natt_port}\n\n[kernel]",
     )
     path = tmp_path / "ikefarm.toml"
     path.write_text(text)

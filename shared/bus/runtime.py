@@ -56,6 +56,21 @@ def default_instance(service: str) -> str:
     return f"{service}-{host}-{os.getpid()}"
 
 
+async def subscriptions_in_place(nc: Client, timeout: float = 5.0) -> None:
+    """Return once the server has every subscription this connection made so far.
+
+    nats-py's flush() writes its PING straight to the socket while earlier SUBs may
+    still sit in the client's pending buffer, so a PONG proves nothing about them.
+    A message to a fresh inbox goes through that buffer behind them instead: when it
+    comes back, the server has processed every earlier SUB, and a publisher on any
+    other connection reaches them.
+    """
+    inbox = nc.new_inbox()
+    echo = await nc.subscribe(inbox, max_msgs=1)
+    await nc.publish(inbox, b"")
+    await echo.next_msg(timeout=timeout)
+
+
 class ServiceUnavailable(RuntimeError):
     """This service cannot run with this config; the message says why and what to do."""
 
@@ -201,7 +216,7 @@ class Runtime:
                 subject=subjects.instance_endpoint(self.name, self.instance, endpoint),
             )
         await self.service.setup()
-        await self.nc.flush()
+        await subscriptions_in_place(self.nc)
         log.audit("service_started", nats=self.nats_url, version=VERSION)
 
     async def stop(self) -> None:

@@ -209,8 +209,10 @@ async def _broadcast(nc: Any, command: Any, args: argparse.Namespace) -> int:
         with contextlib.suppress(envelope.BusError):
             await events.put(envelope.unpack(msg.data, SaEventNotice))
 
+    from ikefarm.shared.bus.runtime import subscriptions_in_place
+
     sub = await nc.subscribe(f"{subjects.PREFIX}.event.>", cb=on_event)
-    await nc.flush()
+    await subscriptions_in_place(nc)
     try:
         replies = await gather(
             nc, subjects.IKE_COMMAND, envelope.pack(_message(command, args.timeout)), args.wait

@@ -14,19 +14,18 @@ import pytest
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import OutboundDatagram
 from ikefarm.services.ingress.service import IngressService
-from ikefarm.shared.bus.embedded import EmbeddedNats, free_port
+from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.config.loader import load_config
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER
+from tests.harness.ports import udp_ports
 
 
 @pytest.fixture
 async def ingress(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> AsyncIterator[tuple[Runtime, int, int]]:
-    ike_port, natt_port = free_port(), free_port()
-    while natt_port == ike_port:
-        natt_port = free_port()
+    ike_port, natt_port = udp_ports(2)
     path = tmp_path / "ingress.toml"
     path.write_text(
         f'[ingress]\nlisten = ["127.0.0.1"]\nike-port = {ike_port}\nnatt-port = {natt_port}\n'
@@ -43,12 +42,12 @@ async def ingress(
 def peer() -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    sock.settimeout(3)
+    sock.settimeout(10)
     yield sock
     sock.close()
 
 
-async def until(predicate, timeout: float = 3.0) -> None:  # type: ignore[no-untyped-def]
+async def until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():

@@ -19,11 +19,12 @@ from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import Datagram, InitRoute, OutboundDatagram, Stats, StatsRequest
 from ikefarm.proto.sharding import spi_for_shard
 from ikefarm.services.ingress.service import IngressService
-from ikefarm.shared.bus.embedded import EmbeddedNats, free_port
-from ikefarm.shared.bus.runtime import Runtime
+from ikefarm.shared.bus.embedded import EmbeddedNats
+from ikefarm.shared.bus.runtime import Runtime, subscriptions_in_place
 from ikefarm.shared.config.loader import load_config
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER, ExchangeType
 from ikefarm.shared.ikev2.message import Message, encode_message
+from tests.harness.ports import udp_ports
 
 SPI_I = bytes.fromhex("a1a2a3a4a5a6a7a8")
 
@@ -59,12 +60,16 @@ class Farm:
         assert isinstance(self.runtime.service, IngressService)
         return self.runtime.service
 
-    async def next(self, timeout: float = 3.0) -> tuple[str, Datagram, Msg]:
-        msg = await asyncio.wait_for(self.received.get(), timeout)
+    async def next(self, timeout: float = 10.0) -> tuple[str, Datagram, Msg]:
+        try:
+            msg = await asyncio.wait_for(self.received.get(), timeout)
+        except TimeoutError:
+            counters = dict(self.runtime.counters)
+            raise AssertionError(f"ingress published nothing; its counters: {counters}") from None
         return msg.subject, envelope.unpack(msg.data, Datagram), msg
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 3.0) -> None:
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
@@ -74,9 +79,7 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 3.0) -> None
 
 @pytest.fixture
 async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]:
-    ike_port, natt_port = free_port(), free_port()
-    while natt_port == ike_port:
-        natt_port = free_port()
+    ike_port, natt_port = udp_ports(2)
     path = tmp_path / "ingress.toml"
     path.write_text(
         '[ingress]\nlisten = ["127.0.0.1", "::1"]\n'
@@ -92,7 +95,7 @@ async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]
 
     await nc.subscribe(subjects.IKE_INIT, cb=collect)
     await nc.subscribe("ikefarm.ike.shard.*.datagram", cb=collect)
-    await nc.flush()
+    await subscriptions_in_place(nc)
     try:
         yield Farm(runtime, nc, ike_port, natt_port, received)
     finally:
@@ -104,7 +107,7 @@ async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]
 def peer() -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    sock.settimeout(3)
+    sock.settimeout(10)
     yield sock
     sock.close()
 
@@ -283,13 +286,17 @@ async def test_each_ike_datagram_starts_a_span_the_worker_continues(
 
 
 def _udp_sockets(port: int) -> list[str]:
-    """Local addresses of the UDP sockets bound to `port`, from the kernel's socket table."""
-    found = []
+    """Local addresses of the UDP sockets bound to `port`, from the kernel's socket table.
+
+    Keyed by socket inode: a read of the table races other sockets coming and going
+    and may list one socket twice."""
+    found: dict[str, str] = {}
     for table, size in (("/proc/net/udp", 4), ("/proc/net/udp6", 16)):
         with contextlib.suppress(FileNotFoundError), open(table) as lines:
             next(lines)
             for line in lines:
-                local = line.split()[1]
+                fields = line.split()
+                local, inode = fields[1], fields[9]
                 address_hex, port_hex = local.split(":")
                 if int(port_hex, 16) != port:
                     continue
@@ -297,8 +304,8 @@ def _udp_sockets(port: int) -> list[str]:
                 # the kernel prints each 32-bit word in host (little-endian) order
                 words = b"".join(raw[i : i + 4][::-1] for i in range(0, size, 4))
                 family = socket.AF_INET if size == 4 else socket.AF_INET6
-                found.append(socket.inet_ntop(family, words))
-    return sorted(found)
+                found[inode] = socket.inet_ntop(family, words)
+    return sorted(found.values())
 
 
 async def test_sockets_exist_only_on_the_configured_addresses(farm: Farm) -> None:
@@ -316,7 +323,7 @@ async def test_sockets_exist_only_on_the_configured_addresses(farm: Farm) -> Non
 async def test_default_addresses_are_the_enabled_vpn_local_addresses(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
-    ike_port, natt_port = free_port(), free_port()
+    ike_port, natt_port = udp_ports(2)
     path = tmp_path / "vpn.toml"
     path.write_text(
         f"[ingress]\nike-port = {ike_port}\nnatt-port = {natt_port}\n\n"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ikefarm.shared.ikev2.constants import ExchangeType, ProtocolId
+from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, ProtocolId
 from ikefarm.shared.ikev2.effects import DeleteChildSa, InstallChildSa, KeystoreRequest, SaEvent
-from ikefarm.shared.ikev2.message import parse_message
-from ikefarm.shared.ikev2.payloads import DeletePayload
+from ikefarm.shared.ikev2.message import Message, encode_message, parse_message
+from ikefarm.shared.ikev2.payloads import DeletePayload, NotifyPayload
 from ikefarm.shared.ikev2.sa import IkeSaState
 from tests.engine_helpers import pair
 
@@ -156,3 +156,54 @@ def test_unknown_spi_and_garbage_are_counted_not_raised() -> None:
     engine.receive(bytes(request), r_sa.local, i_sa.local, wire.now)
     assert engine.counters["dropped.unknown_spi"] == 1
     assert r_sa.state == IkeSaState.ESTABLISHED
+
+
+def test_cookie_request_makes_the_initiator_retry_with_the_cookie_first() -> None:
+    """RFC 7296 2.6: the initiator repeats IKE_SA_INIT with the COOKIE notify as the
+    first payload, and the responder's answer to that goes on to IKE_AUTH."""
+    wire = pair()
+    cookie = bytes(range(1, 21))
+    asked: list[bool] = []
+
+    def demand_cookie(side, effect) -> bool:  # type: ignore[no-untyped-def]
+        request = parse_message(effect.data)
+        if side is not wire.initiator or request.header.exchange_type != ExchangeType.IKE_SA_INIT:
+            return False
+        first = request.payloads[0]
+        if isinstance(first, NotifyPayload) and first.notify_type == NotifyType.COOKIE:
+            assert first.data == cookie
+            return False
+        asked.append(True)
+        answer = Message(
+            exchange_type=ExchangeType.IKE_SA_INIT,
+            spi_i=request.header.spi_i,
+            spi_r=bytes(8),
+            message_id=0,
+            is_initiator=False,
+            is_response=True,
+            payloads=[NotifyPayload(NotifyType.COOKIE, data=cookie)],
+        )
+        wire.run(
+            wire.initiator.engine.receive(
+                encode_message(answer), effect.remote, effect.local, wire.now
+            ),
+            wire.initiator,
+            drop=demand_cookie,
+        )
+        return True
+
+    wire.run(
+        wire.initiator.engine.initiate("hq", "net", wire.now), wire.initiator, drop=demand_cookie
+    )
+    (i_sa,) = wire.initiator.engine.sas.values()
+    (r_sa,) = wire.responder.engine.sas.values()
+    assert asked == [True]
+    assert i_sa.state == r_sa.state == IkeSaState.ESTABLISHED
+    assert wire.initiator.engine.counters["cookie_retries"] == 1
+
+
+def test_initiator_only_refuses_every_incoming_ike_sa_init() -> None:
+    wire = pair(responder_extra="[ike.global-options]\ninitiator-only = true")
+    wire.run(wire.initiator.engine.initiate("hq", "net", wire.now), wire.initiator)
+    assert wire.responder.engine.sas == {} and wire.initiator.engine.sas == {}
+    assert wire.responder.engine.counters["ike_sa_init_refused.initiator_only"] == 1

@@ -107,6 +107,46 @@ class PskAuthReply(BusMessage):
     reason: str = ""  # "", "auth_mismatch", "no_secret"
 
 
+@message("transport-key-request")
+class TransportKeyRequest(BusMessage):
+    """Ask the keystore for the public half of its transport key (`shared/bus/sealed.py`)."""
+
+
+@message("transport-key")
+class TransportKeyReply(BusMessage):
+    public_key: bytes  # X25519, 32 octets
+
+
+@message("ppk-mix-request")
+class PpkMixRequest(BusMessage):
+    """Mix the PPK named by `ppk_id` into SK_d, SK_pi, SK_pr (RFC 8784 3); the PPK stays.
+
+    `sealed_keys` is SK_d | SK_pi | SK_pr (each the PRF's key size), sealed to the
+    keystore's transport key with the worker's `ephemeral` X25519 key: the bus
+    never carries them readable.
+    """
+
+    prf_id: int
+    ppk_id: bytes  # the PPK_ID octets without the PPK_ID type (RFC 8784 3)
+    ephemeral: bytes = field(repr=False)
+    sealed_keys: bytes = field(repr=False)
+
+
+@message("ppk-mix-reply")
+class PpkMixReply(BusMessage):
+    found: bool
+    sealed_keys: bytes = field(repr=False)  # SK_d' | SK_pi' | SK_pr', sealed; empty unless found
+    reason: str = ""  # "", "no_ppk"
+
+
+@message("secret-request")
+class SecretRequest(BusMessage):
+    """Asks for a secret itself (a PSK, a PPK, a private key): always refused, and counted."""
+
+    kind: str
+    name: str
+
+
 # --- kernel -----------------------------------------------------------------------------------
 
 

@@ -53,6 +53,10 @@ KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
 
 # ike -> keystore: computations that need a secret (request/reply).
 KEYSTORE_PSK_AUTH = f"{PREFIX}.keystore.psk.auth"
+KEYSTORE_PPK_MIX = f"{PREFIX}.keystore.ppk.mix"
+KEYSTORE_TRANSPORT_KEY = f"{PREFIX}.keystore.transport-key"
+# anyone -> keystore: a request for a secret itself; answered with a refusal, always.
+KEYSTORE_SECRET = f"{PREFIX}.keystore.secret.get"
 
 # ike -> anyone: SA lifecycle events (for show, flow, dashboards).
 EVENT_IKE_SA = f"{PREFIX}.event.ike-sa"

@@ -48,7 +48,13 @@ def loopback_config(tmp_path: Path) -> Path:
     return path
 
 
+# the keystore refuses to start without a master key; every test farm (and the `ikefarm up`
+# processes the tests start, which inherit the environment) uses this one
+TEST_MASTER_KEY = "0x" + "6d61737465722d6b65792d666f722d74657374732d6f6e6c79"
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IKEFARM_LOG_LEVEL", raising=False)
+    monkeypatch.setenv("IKEFARM_MASTER_KEY", TEST_MASTER_KEY)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

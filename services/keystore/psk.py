@@ -15,10 +15,11 @@ entries the first in the configuration wins.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ikefarm.proto.messages import PskAuthReply, PskAuthRequest
+from ikefarm.services.keystore.store import StoredSecret
 from ikefarm.shared.config.kinds import Secret
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.ikev2.crypto.prf import SUPPORTED_PRFS, Prf
@@ -102,8 +103,25 @@ class PskStore:
             )
         return cls(entries)
 
+    @classmethod
+    def from_secrets(cls, secrets: Iterable[StoredSecret]) -> PskStore:
+        """The entries as the keystore's store holds them, in configuration order."""
+        return cls(
+            PskEntry(
+                index=int(s.attributes["index"]),
+                name=s.attributes.get("name"),
+                local_id=s.attributes.get("local_id"),
+                remote_id=s.attributes.get("remote_id"),
+                secret=Secret(s.secret),
+            )
+            for s in secrets
+        )
+
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __iter__(self) -> Iterator[PskEntry]:
+        return iter(self._entries)
 
     def __repr__(self) -> str:
         return f"PskStore({len(self._entries)} entries)"
@@ -141,6 +159,24 @@ class PskStore:
             return PskAuthReply(verified=True, auth=b""), entry
         ours = psk_auth(prf, entry.secret, request.sign_octets)
         return PskAuthReply(verified=True, auth=ours), entry
+
+
+def psk_secrets(config: Config) -> list[StoredSecret]:
+    """The `[[ike.pre-shared-key]]` entries of the configuration, as the store keeps them."""
+    return [
+        StoredSecret(
+            "psk",
+            entry.label,
+            entry.secret.value,
+            {
+                "index": entry.index,
+                "name": entry.name,
+                "local_id": entry.local_id,
+                "remote_id": entry.remote_id,
+            },
+        )
+        for entry in PskStore.from_config(config)
+    ]
 
 
 def psk_auth(prf: Prf, secret: Secret, octets: bytes) -> bytes:

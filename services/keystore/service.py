@@ -1,19 +1,87 @@
 """Keystore: holds PSKs, PPKs and private keys; computes what needs them, returns no secret.
 
-Endpoint `subjects.KEYSTORE_PSK_AUTH` (PskAuthRequest -> PskAuthReply): the
-PSK AUTH of RFC 7296 2.15, verified and computed here (`psk.py`), so the
-`[[ike.pre-shared-key]]` secrets never travel on the bus (DESIGN principle 4).
+At start (`store.py`) the keystore opens its encrypted store with the master
+key (missing or wrong: the process refuses to start and the file is left as
+it is), imports the configuration's `[[ike.pre-shared-key]]` and `[[ike.ppk]]`
+secrets into it, makes its bus transport key on the first start, and writes
+the store back sealed. Everything it answers is computed from that store.
+
+Endpoints (request/reply, DESIGN principle 4: no secret ever in a reply):
+- `subjects.KEYSTORE_PSK_AUTH` (PskAuthRequest -> PskAuthReply): the PSK AUTH of
+  RFC 7296 2.15, verified and computed here (`psk.py`).
+- `subjects.KEYSTORE_TRANSPORT_KEY` (TransportKeyRequest -> TransportKeyReply):
+  the public half of the transport key that PPK mixing is sealed to.
+- `subjects.KEYSTORE_PPK_MIX` (PpkMixRequest -> PpkMixReply): RFC 8784 3 mixing
+  of a PPK into sealed SK_d / SK_pi / SK_pr (`ppk.py`).
+- `subjects.KEYSTORE_SECRET` (SecretRequest): a request for a secret itself;
+  always a structured refusal ("secret_refused"), counted.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
 from ikefarm.proto import subjects
 from ikefarm.proto.envelope import BusError
-from ikefarm.proto.messages import PskAuthReply, PskAuthRequest
-from ikefarm.services.keystore.psk import PskStore, UnknownPurpose, UnsupportedPrf
-from ikefarm.shared.bus.runtime import Runtime, ServiceBase
+from ikefarm.proto.messages import (
+    PpkMixReply,
+    PpkMixRequest,
+    PskAuthReply,
+    PskAuthRequest,
+    SecretRequest,
+    TransportKeyReply,
+    TransportKeyRequest,
+)
+from ikefarm.services.keystore import ppk as ppk_module
+from ikefarm.services.keystore.ppk import BadMixRequest, PpkStore
+from ikefarm.services.keystore.psk import PskStore, UnknownPurpose, UnsupportedPrf, psk_secrets
+from ikefarm.services.keystore.store import (
+    ORIGIN_CONFIG,
+    ORIGIN_GENERATED,
+    KeystoreLocked,
+    SecretStore,
+    StoredSecret,
+    master_key,
+    store_path,
+)
+from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
+from ikefarm.shared.bus.sealed import public_bytes
+from ikefarm.shared.config.loader import Config
+
+TRANSPORT_KEY = ("transport-key", "bus")
+
+
+class KeystoreUnavailable(ServiceUnavailable):
+    """The store cannot be opened; the process exits with this text (no key material in it)."""
+
+
+def open_store(config: Config) -> SecretStore:
+    """Open the store with the master key, or raise KeystoreUnavailable saying why."""
+    try:
+        return SecretStore.open(store_path(config), master_key(config))
+    except KeystoreLocked as exc:
+        raise KeystoreUnavailable(f"keystore locked: {exc}") from None
+
+
+def load_store(config: Config) -> tuple[SecretStore, bool]:
+    """Open the store, import the configuration's secrets, make the transport key once.
+
+    Returns the store and whether it changed (and so was written back)."""
+    store = open_store(config)
+    changed = store.replace_kind("psk", psk_secrets(config), ORIGIN_CONFIG)
+    changed |= store.replace_kind(ppk_module.KIND, ppk_module.ppk_secrets(config), ORIGIN_CONFIG)
+    if store.get(*TRANSPORT_KEY) is None:
+        private = X25519PrivateKey.generate().private_bytes(
+            Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+        )
+        store.put(StoredSecret(*TRANSPORT_KEY, private, origin=ORIGIN_GENERATED))
+        changed = True
+    if changed or not store.path.exists():
+        store.save()
+    return store, changed
 
 
 class KeystoreService(ServiceBase):
@@ -24,16 +92,43 @@ class KeystoreService(ServiceBase):
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
         self.psks = PskStore([])
+        self.ppks = PpkStore([])
+        self._transport: X25519PrivateKey | None = None
+
+    @classmethod
+    def preflight(cls, config: Config) -> None:
+        open_store(config)
 
     async def setup(self) -> None:
-        self.psks = PskStore.from_config(self.config)
-        await self.runtime.add_endpoint(
-            "psk-auth", PskAuthRequest, self.on_psk_auth, subject=subjects.KEYSTORE_PSK_AUTH
+        store, changed = load_store(self.config)
+        self.psks = PskStore.from_secrets(store.entries("psk"))
+        self.ppks = PpkStore.from_secrets(store.entries(ppk_module.KIND))
+        transport = store.get(*TRANSPORT_KEY)
+        assert transport is not None
+        self._transport = X25519PrivateKey.from_private_bytes(transport.secret)
+        for endpoint, request_type, handler, subject in (
+            ("psk-auth", PskAuthRequest, self.on_psk_auth, subjects.KEYSTORE_PSK_AUTH),
+            ("ppk-mix", PpkMixRequest, self.on_ppk_mix, subjects.KEYSTORE_PPK_MIX),
+            (
+                "transport-key",
+                TransportKeyRequest,
+                self.on_transport_key,
+                subjects.KEYSTORE_TRANSPORT_KEY,
+            ),
+            ("secret", SecretRequest, self.on_secret_request, subjects.KEYSTORE_SECRET),
+        ):
+            await self.runtime.add_endpoint(endpoint, request_type, handler, subject=subject)
+        self.log.control(
+            "keystore_opened",
+            path=str(store.path),
+            entries=len(store),
+            written=changed,
         )
         self.log.control("psk_loaded", entries=len(self.psks))
+        self.log.control("ppk_loaded", entries=len(self.ppks))
 
     def gauges(self) -> dict[str, Any]:
-        return {"psk_entries": len(self.psks)}
+        return {"psk_entries": len(self.psks), "ppk_entries": len(self.ppks)}
 
     async def on_psk_auth(self, request: PskAuthRequest, _msg: Any) -> PskAuthReply:
         try:
@@ -56,3 +151,34 @@ class KeystoreService(ServiceBase):
             prf_id=request.prf_id,
         )
         return reply
+
+    async def on_transport_key(self, _request: TransportKeyRequest, _msg: Any) -> TransportKeyReply:
+        assert self._transport is not None
+        return TransportKeyReply(public_key=public_bytes(self._transport))
+
+    async def on_ppk_mix(self, request: PpkMixRequest, _msg: Any) -> PpkMixReply:
+        assert self._transport is not None
+        try:
+            reply, entry = self.ppks.mix(request, self._transport)
+        except BadMixRequest as exc:
+            self.runtime.counters["ppk_mix.bad_request"] += 1
+            raise BusError("bad_field", f"PpkMixRequest.{exc}") from None
+        outcome = "mixed" if reply.found else reply.reason
+        self.runtime.counters[f"ppk_mix.{outcome}"] += 1
+        self.log.at(
+            2 if reply.found else 1,
+            "ppk_mix",
+            result=outcome,
+            ppk=entry.name if entry is not None else None,
+            ppk_id=request.ppk_id.hex(),
+            prf_id=request.prf_id,
+        )
+        return reply
+
+    async def on_secret_request(self, request: SecretRequest, _msg: Any) -> None:
+        self.runtime.counters["secret_requests_refused"] += 1
+        self.log.at(1, "secret_request_refused", kind=request.kind, name=request.name)
+        raise BusError(
+            "secret_refused",
+            "the keystore never returns a PSK, PPK or private key; it computes with them",
+        )

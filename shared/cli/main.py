@@ -67,7 +67,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     configure_logging(
         "up", "supervisor", config.ike.logging.to_dict(), log_format=config.telemetry.log_format
     )
+    refused = _preflight_all(config)
+    if refused:
+        return refused
     return Supervisor(config, path).run()
+
+
+def _preflight_all(config: Config) -> int:
+    """Every service's own start-up check (a locked keystore, an unusable kernel backend), run
+    before anything starts: `up` then exits 1 with the reason instead of restarting forever."""
+    from ikefarm.shared.bus.runtime import ServiceUnavailable
+
+    for name, target in SERVICE_CLASSES.items():
+        module_name, class_name = target.split(":")
+        try:
+            getattr(importlib.import_module(module_name), class_name).preflight(config)
+        except ServiceUnavailable as exc:
+            print(f"ikefarm up: {name}: {exc}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def cmd_service(args: argparse.Namespace) -> int:

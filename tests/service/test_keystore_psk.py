@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import io
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import msgpack
 import nats
@@ -101,8 +102,11 @@ def log_stream() -> Iterator[io.StringIO]:
 
 
 @pytest.fixture
-async def keystore(nats_server: EmbeddedNats, log_stream: io.StringIO) -> AsyncIterator[Runtime]:
-    runtime = Runtime(KeystoreService, parse_config(CONFIG), nats_server.url, instance="keystore-0")
+async def keystore(
+    nats_server: EmbeddedNats, log_stream: io.StringIO, tmp_path: Path
+) -> AsyncIterator[Runtime]:
+    config = parse_config(CONFIG + f'[keystore]\nstore-file = "{tmp_path / "keystore.bin"}"\n')
+    runtime = Runtime(KeystoreService, config, nats_server.url, instance="keystore-0")
     await runtime.start()
     try:
         yield runtime

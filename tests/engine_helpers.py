@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ikefarm.shared.config.loader import Config, parse_config
+from ikefarm.shared.ikev2.crypto.keys import mix_ppk
 from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.effects import Effect, Endpoint, KeystoreRequest, SendDatagram
 from ikefarm.shared.ikev2.engine import IkeEngine
@@ -20,8 +21,18 @@ from ikefarm.shared.ikev2.policy import engine_policy
 KEY_PAD = b"Key Pad for IKEv2"
 
 
-def keystore_stand_in(psk: bytes, params: dict[str, Any]) -> dict[str, Any]:
+def keystore_stand_in(
+    psk: bytes,
+    params: dict[str, Any],
+    operation: str = "psk-auth",
+    ppks: dict[bytes, bytes] | None = None,
+) -> dict[str, Any]:
     prf = Prf(params["prf_id"])
+    if operation == "ppk-mix":  # RFC 8784 3, as the keystore does it with the PPK of that PPK_ID
+        secret = (ppks or {}).get(params["ppk_id"])
+        if secret is None:
+            return {"found": False, "keys": None}
+        return {"found": True, "keys": mix_ppk(prf, secret, params["keys"])}
     key = prf.compute(psk, KEY_PAD)
     purpose = params.get("purpose", "verify-and-sign")
     if purpose == "sign":
@@ -83,6 +94,7 @@ class Side:
     psk: bytes
     address: str
     effects: list[Effect] = field(default_factory=list)
+    ppks: dict[bytes, bytes] = field(default_factory=dict)  # PPK_ID -> PPK, the keystore's
 
 
 @dataclass
@@ -107,7 +119,7 @@ class Wire:
             side, effect = queue.pop(0)
             side.effects.append(effect)
             if isinstance(effect, KeystoreRequest):
-                reply = keystore_stand_in(side.psk, effect.params)
+                reply = keystore_stand_in(side.psk, effect.params, effect.operation, side.ppks)
                 queue += [
                     (side, e)
                     for e in side.engine.keystore_reply(effect.request_id, reply, self.now)
@@ -133,6 +145,8 @@ def pair(
     responder_vpn: str = "",
     initiator_vpn: str = "",
     initiator_psk: bytes = b"shared-secret-0123456789",
+    initiator_ppks: dict[bytes, bytes] | None = None,
+    responder_ppks: dict[bytes, bytes] | None = None,
 ) -> Wire:
     responder = IkeEngine(
         engine_policy(config(RESPONDER_TOML, responder_extra, responder_vpn)), shard=1
@@ -141,6 +155,6 @@ def pair(
         engine_policy(config(INITIATOR_TOML, initiator_extra, initiator_vpn)), shard=2
     )
     return Wire(
-        Side(initiator, initiator_psk, "192.0.2.2"),
-        Side(responder, b"shared-secret-0123456789", "192.0.2.1"),
+        Side(initiator, initiator_psk, "192.0.2.2", ppks=dict(initiator_ppks or {})),
+        Side(responder, b"shared-secret-0123456789", "192.0.2.1", ppks=dict(responder_ppks or {})),
     )

@@ -40,6 +40,7 @@ from ikefarm.shared.ikev2.exchanges import (
     informational,
     lifetimes,
     nat_keepalive,
+    ppk,
 )
 from ikefarm.shared.ikev2.fragments import FragmentReassembler
 from ikefarm.shared.ikev2.message import (
@@ -423,6 +424,8 @@ class IkeEngine:
         if sa is None:
             self.count("keystore_reply_orphaned")
             return []
+        if sa.pending.get("step") == ppk.PPK_MIX:
+            return ppk.keystore_answered(self, sa, reply, error, now)
         return ike_auth.keystore_answered(self, sa, reply, error, now)
 
     def on_timer(self, now: float) -> list[Effect]:

@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from ikefarm.shared.config.loader import Config, Node
+from ikefarm.shared.config.loader import Config, Node, ppk_identity
 from ikefarm.shared.ikev2.constants import EsnId, TransformType
 from ikefarm.shared.ikev2.crypto.registry import AlgorithmKind, lookup
 from ikefarm.shared.ikev2.payloads import Proposal, TrafficSelector, Transform
@@ -195,6 +195,8 @@ class EnginePolicy:
     fragment_size: int = 1280
     ike_port: int = 500
     natt_port: int = 4500
+    # `[[ike.ppk]]` name -> PPK_ID octets: identities only, the secrets stay in the keystore
+    ppks: dict[str, bytes] = field(default_factory=dict)
 
     def vpn(self, name: str) -> VpnPolicy | None:
         return next((v for v in self.vpns if v.name == name), None)
@@ -312,4 +314,5 @@ def engine_policy(config: Config) -> EnginePolicy:
         half_open_timeout=float(ike.session.half_open.timeout),
         ike_port=config.ingress.ike_port,
         natt_port=config.ingress.natt_port,
+        ppks={p.name: identity for p in ike.ppk if (identity := ppk_identity(p)) is not None},
     )

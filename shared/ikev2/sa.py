@@ -124,6 +124,9 @@ class IkeSa:
     nat_local: bool = False  # we are behind a NAT (peer's DESTINATION_IP hash differs)
     nat_remote: bool = False  # the peer is behind a NAT (its SOURCE_IP hash differs)
     ppk_used: bool = False
+    peer_use_ppk: bool = False  # the peer sent USE_PPK in IKE_SA_INIT (RFC 8784 3)
+    # initiator: the keys without PPK, kept until the responder says whether it used the PPK
+    no_ppk_keys: IkeSaKeys | None = field(default=None, repr=False)
     half_open_deadline: float | None = None
     last_seen: float = 0.0  # last verified protected message from the peer (liveness, DPD)
     established_at: float | None = None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ikefarm.shared.ikev2.constants import AuthMethod, ExchangeType, NotifyType, PayloadType
 from ikefarm.shared.ikev2.effects import Effect, InitialContact, KeystoreRequest, Log, SaEvent
+from ikefarm.shared.ikev2.exchanges import ppk
 from ikefarm.shared.ikev2.exchanges.child_create import respond_child
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import AuthPayload, IdPayload, NotifyPayload, Payload
@@ -91,6 +92,18 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
         return _fail(engine, sa, request, "no_matching_vpn", now, remote_id=str(idi))
     if vpn.remote_auth != "pre-shared-key" or auth.method != AuthMethod.SHARED_KEY_MIC:
         return _fail(engine, sa, request, "auth_method", now, method=int(auth.method), vpn=vpn.name)
+    effects, done = ppk.respond(engine, sa, request, vpn, idi, now)  # RFC 8784
+    if done:
+        return effects
+    return effects + ask_psk_auth(
+        engine, sa, request, vpn, idi, ppk.peer_auth_data(sa, request, auth)
+    )
+
+
+def ask_psk_auth(
+    engine: IkeEngine, sa: IkeSa, request: Message, vpn: VpnPolicy, idi: IdPayload, peer_auth: bytes
+) -> list[Effect]:
+    """Have the keystore verify the peer's AUTH and compute ours with the SA's SK_pi/SK_pr."""
     assert sa.keys is not None
     local_id = IdPayload.from_string(vpn.local_id, PayloadType.IDr)
     verify = signed_octets(sa.init_request, sa.nonce_r, sa.keys.sk_pi, idi, sa)
@@ -105,7 +118,7 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
         "local_id": vpn.local_id,
         "remote_id": str(idi),
         "verify_octets": verify,
-        "verify_auth": auth.data,
+        "verify_auth": peer_auth,
         "sign_octets": sign,
     }
     return [KeystoreRequest(request_id, PSK_AUTH, params)]
@@ -159,6 +172,7 @@ def keystore_answered(
     payloads: list[Payload] = [
         pending["idr"],
         AuthPayload(AuthMethod.SHARED_KEY_MIC, reply["auth"]),
+        *ppk.auth_response_notifies(sa),
     ]
     effects: list[Effect] = []
     child = respond_child(engine, sa, vpn, request, now, first_child=True)
@@ -175,6 +189,7 @@ def keystore_answered(
         "spi_i": sa.spi_i.hex(),
         "spi_r": sa.spi_r.hex(),
         "proposal": sa.algorithms.ike_summary(),
+        "ppk_used": sa.ppk_used,
     }
     effects += response_effects
     effects.append(SaEvent("ike-established", sa.unique_id, vpn.name, detail))
@@ -195,12 +210,15 @@ def _peer_label(sa: IkeSa) -> str:
     return sa.vpn.remote_id or sa.remote.address
 
 
-def initiator_sign(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
-    """Ask the keystore for our AUTH over InitiatorSignedOctets (RFC 7296 2.15)."""
+def initiator_sign(
+    engine: IkeEngine, sa: IkeSa, now: float, sk_pi: bytes | None = None
+) -> list[Effect]:
+    """Ask the keystore for our AUTH over InitiatorSignedOctets (RFC 7296 2.15); `sk_pi`
+    other than the SA's is the one without PPK, for NO_PPK_AUTH (RFC 8784 3)."""
     assert sa.vpn is not None and sa.keys is not None and sa.algorithms is not None
     assert sa.algorithms.prf is not None
     idi = IdPayload.from_string(sa.vpn.local_id, PayloadType.IDi)
-    sign = signed_octets(sa.init_request, sa.nonce_r, sa.keys.sk_pi, idi, sa)
+    sign = signed_octets(sa.init_request, sa.nonce_r, sk_pi or sa.keys.sk_pi, idi, sa)
     request_id = engine.new_request_id()
     engine.keystore_waits[request_id] = sa.local_spi
     sa.pending = {"step": "sign", "idi": idi}
@@ -230,7 +248,8 @@ def _initiator_send_auth(engine: IkeEngine, sa: IkeSa, auth: bytes, now: float) 
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     if sa.vpn.remote_id:
         payloads.append(IdPayload.from_string(sa.vpn.remote_id, PayloadType.IDr))
-    payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, auth))
+    payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, ppk.our_auth(sa, auth)))
+    payloads += ppk.auth_request_notifies(sa, engine)
     context: dict[str, Any] = {}
     policy = sa.requested_child
     if policy is None and not sa.peer_childless and sa.vpn.security_policies:
@@ -262,6 +281,9 @@ def initiator_response(
         return _initiator_failed(engine, sa, "unexpected_identity", now, remote_id=str(idr))
     if sa.vpn.remote_auth != "pre-shared-key" or auth.method != AuthMethod.SHARED_KEY_MIC:
         return _initiator_failed(engine, sa, "auth_method", now, method=int(auth.method))
+    ppk_failure = ppk.initiator_settle(engine, sa, response)  # RFC 8784: did it use the PPK?
+    if ppk_failure is not None:
+        return _initiator_failed(engine, sa, ppk_failure, now)
     verify = signed_octets(sa.init_response, sa.nonce_i, sa.keys.sk_pr, idr, sa)
     request_id = engine.new_request_id()
     engine.keystore_waits[request_id] = sa.local_spi
@@ -313,6 +335,9 @@ def _initiator_keystore_answered(
     if pending.get("step") == "sign":
         if not reply.get("auth"):
             return _initiator_failed(engine, sa, str(reply.get("reason") or "no_secret"), now)
+        more = ppk.initiator_signed(engine, sa, reply["auth"], now)  # NO_PPK_AUTH to sign
+        if more is not None:
+            return more
         return _initiator_send_auth(engine, sa, reply["auth"], now)
     sa.pending = {}
     if not reply.get("verified"):
@@ -336,6 +361,7 @@ def _initiator_keystore_answered(
         "spi_i": sa.spi_i.hex(),
         "spi_r": sa.spi_r.hex(),
         "proposal": sa.algorithms.ike_summary(),
+        "ppk_used": sa.ppk_used,
     }
     effects: list[Effect] = [
         SaEvent("ike-established", sa.unique_id, vpn.name, detail),

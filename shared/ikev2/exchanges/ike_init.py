@@ -27,6 +27,7 @@ from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.crypto.protection import SkProtection
 from ikefarm.shared.ikev2.effects import Effect, Endpoint, HalfOpen, Log, SendDatagram
 from ikefarm.shared.ikev2.errors import UnsupportedCriticalPayload
+from ikefarm.shared.ikev2.exchanges import ppk
 from ikefarm.shared.ikev2.exchanges.natd import detect_nat, natd_notifies
 from ikefarm.shared.ikev2.message import Message, ParsedMessage, encode_message, peek_header
 from ikefarm.shared.ikev2.payloads import KePayload, NoncePayload, NotifyPayload, Payload, SaPayload
@@ -222,6 +223,7 @@ def respond(
         payloads.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
     if sa.peer_childless:
         payloads.append(NotifyPayload(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
+    payloads += ppk.init_response_notifies(engine, sa, request)  # USE_PPK (RFC 8784 3)
 
     engine.sas[spi_r] = sa
     engine.init_index[(request.spi_i, remote.address, remote.port)] = spi_r
@@ -328,6 +330,7 @@ def _send_init(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     if sa.vpn.fragmentation:
         payloads.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
     payloads.append(NotifyPayload(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
+    payloads += ppk.init_request_notifies(sa.vpn)  # USE_PPK (RFC 8784 3)
     sa.next_request_id = 0
     effects = engine.send_request(
         sa, ExchangeType.IKE_SA_INIT, payloads, now, "ike_sa_init", protected=False
@@ -340,8 +343,6 @@ def initiator_response(
     engine: IkeEngine, sa: IkeSa, parsed: ParsedMessage, response: Message, now: float
 ) -> list[Effect]:
     """The IKE_SA_INIT answer: retry with a cookie or group, fail, or go on to IKE_AUTH."""
-    from ikefarm.shared.ikev2.exchanges import ike_auth
-
     assert sa.vpn is not None
     cookie = response.notify(NotifyType.COOKIE)
     if cookie is not None:
@@ -413,7 +414,8 @@ def initiator_response(
         sa.remote = Endpoint(sa.remote.address, engine.policy.natt_port)
     sa.state = IkeSaState.AUTHENTICATING
     sa.outstanding = None
-    return ike_auth.initiator_sign(engine, sa, now)
+    sa.peer_use_ppk = response.notify(NotifyType.USE_PPK) is not None
+    return ppk.initiator_start(engine, sa, now)
 
 
 def _notify_name(notify_type: int) -> str:

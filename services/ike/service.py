@@ -48,6 +48,7 @@ from ikefarm.proto.messages import (
     TrapInstall,
     TrapRemove,
 )
+from ikefarm.services.ike.ppk_client import PpkClient
 from ikefarm.shared.bus.runtime import ServiceBase
 from ikefarm.shared.ikev2 import management
 from ikefarm.shared.ikev2.effects import (
@@ -66,6 +67,7 @@ from ikefarm.shared.ikev2.effects import (
     SendKeepalive,
 )
 from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.exchanges.ppk import PPK_MIX
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
 from ikefarm.shared.observability.logging import get_logger
@@ -89,6 +91,7 @@ class IkeService(ServiceBase):
         self._wake = asyncio.Event()
         self._stopping = False
         self.watches = management.Watches()
+        self.ppk_client = PpkClient(self.runtime, KEYSTORE_TIMEOUT)
         self._waiting: dict[int, asyncio.Future[management.Watch]] = {}
         runtime = self.runtime
         await runtime.subscribe(
@@ -343,13 +346,16 @@ class IkeService(ServiceBase):
         reply: dict[str, Any] | None = None
         error: str | None = None
         try:
-            answer = await self.runtime.request(
-                subjects.KEYSTORE_PSK_AUTH,
-                PskAuthRequest(**effect.params),
-                PskAuthReply,
-                timeout=KEYSTORE_TIMEOUT,
-            )
-            reply = {"verified": answer.verified, "auth": answer.auth, "reason": answer.reason}
+            if effect.operation == PPK_MIX:  # RFC 8784: keys travel sealed, the PPK stays
+                reply = await self.ppk_client.mix(effect.params)
+            else:
+                answer = await self.runtime.request(
+                    subjects.KEYSTORE_PSK_AUTH,
+                    PskAuthRequest(**effect.params),
+                    PskAuthReply,
+                    timeout=KEYSTORE_TIMEOUT,
+                )
+                reply = {"verified": answer.verified, "auth": answer.auth, "reason": answer.reason}
         except Exception as exc:
             error = type(exc).__name__
             self.runtime.counters["keystore_errors"] += 1

@@ -1,0 +1,118 @@
+"""No secret on the bus or in the logs (levels 0-3) while strongSwan authenticates to ikefarm.
+
+A recorder subscribed to `>` on the gateway's broker captures every message
+(subjects, headers, payloads) while strongSwan makes two IKE SAs with
+`ikefarm up`: one with the PSK only, one with the PSK and a PPK (RFC 8784).
+strongSwan, at log level 4, prints the IKE SA keys it derived (the same as
+ikefarm's, SK_d', SK_pi', SK_pr' after the PPK): with the PSK and the PPK they
+are the secrets searched for, raw, hex or base64, in the capture and in
+ikefarm's log (every service at level 3, the most a production log carries
+below the key-dumping level 4). Another kind of secret (a private key for
+certificate authentication) is one more entry in `secrets`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.harness.bus_capture import BusCapture
+from tests.harness.gateway import Gateway
+from tests.harness.netns import NetnsPair
+from tests.harness.strongswan import Child, Connection, Ppk, Psk, StrongSwan
+from tests.leaks import find_secrets
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
+
+PSK = "leak-hunt-psk-6b2f09e4a1c7d358"
+PPK = bytes.fromhex("a4c1e9077f3b52d86e10f4c2b9a75d13c8e2046f91ab37d5e6028c4f7b19a3e5")
+PPK_ID = "leak-hunt-ppk"
+
+# strongSwan's DBG4 dump of a derived key: "Sk_d secret => 48 bytes @ 0x..." then hex lines
+_KEY_HEADER = re.compile(r"(Sk_\w+|SK_\w+) secret => (\d+) bytes")
+_HEX_LINE = re.compile(r"(?:^|\s)\d+: ((?:[0-9A-F]{2} ){1,16})")  # "<c|1>   16: 3F AD ..."
+
+
+def strongswan_keys(log: str) -> dict[str, list[bytes]]:
+    """Every IKE SA key strongSwan logged at level 4, by name, in the order derived."""
+    keys: dict[str, list[bytes]] = {}
+    lines = log.splitlines()
+    for index, line in enumerate(lines):
+        header = _KEY_HEADER.search(line)
+        if header is None:
+            continue
+        name, size = header.group(1).lower(), int(header.group(2))
+        octets = b""
+        for follow in lines[index + 1 :]:
+            dump = _HEX_LINE.search(follow)
+            if dump is None:
+                break
+            octets += bytes.fromhex(dump.group(1).replace(" ", ""))
+        if len(octets) == size and size:
+            keys.setdefault(name, []).append(octets)
+    return keys
+
+
+def connection(name: str, identity: str, ppk: bool) -> Connection:
+    return Connection(
+        name=name,
+        local_addrs="192.0.2.2",
+        remote_addrs="192.0.2.1",
+        local_id=identity,
+        remote_id="gw.example",
+        proposals="aes256gcm16-prfsha384-x25519",
+        ppk_id=PPK_ID if ppk else None,
+        ppk_required=True if ppk else None,
+        children=[
+            Child(
+                name=f"{name}-net",
+                local_ts="10.200.0.0/24",
+                remote_ts="10.100.0.0/24",
+                esp_proposals="aes256gcm16",
+            )
+        ],
+    )
+
+
+def test_psk_and_ppk_handshakes_leak_no_secret(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path: Path,
+) -> None:
+    ppk_table = f'\n[[ike.ppk]]\nname = "p"\nid = "{PPK_ID}"\nsecret = "0x{PPK.hex()}"\n'
+    gateway = gateway_factory(netns_pair.gw, psk=PSK, extra=ppk_table, log_level=3)
+    capture = BusCapture(netns_pair.gw, gateway.workdir / "state", tmp_path / "bus.msgpack")
+    capture.start()
+
+    netns_pair.peer.add_address("lo", "10.200.0.1/32")
+    peer = strongswan_factory(netns_pair.peer, log_levels={"ike": 4})
+    peer.load(
+        [connection("plain", "a.peer.example", False), connection("pq", "b.peer.example", True)],
+        psks=[Psk(PSK, ["a.peer.example", "b.peer.example", "gw.example"])],
+        ppks=[Ppk(PPK_ID, "0x" + PPK.hex())],
+    )
+    peer.initiate(child="plain-net", timeout=20)
+    peer.initiate(child="pq-net", timeout=20)
+    rows = {row["remote_id"]: row for row in gateway.wait_sas(2)}
+    assert rows["b.peer.example"]["ppk_used"] and not rows["a.peer.example"]["ppk_used"]
+    records = capture.stop()
+
+    keys = strongswan_keys(peer.log_text())
+    for name in ("sk_d", "sk_pi", "sk_pr", "sk_ei", "sk_er"):
+        assert name in keys, f"strongSwan did not log {name}: {sorted(keys)}"
+    derived = [key for values in keys.values() for key in values]
+    assert len(keys["sk_d"]) >= 3  # two IKE SAs, and SK_d' after the PPK
+    secrets = [PSK.encode(), PPK, *derived]
+
+    subjects = {r["subject"] for r in records}
+    assert "ikefarm.keystore.ppk.mix" in subjects and "ikefarm.keystore.psk.auth" in subjects
+    assert find_secrets(capture.blob(), secrets) == []
+    log = gateway.log_text()
+    assert '"level": 3' in log or '"level": 2' in log  # the log was really this verbose
+    assert find_secrets(log, secrets) == []
+    show = gateway.show_text("details") + str(gateway.show())
+    assert find_secrets(show, secrets) == []

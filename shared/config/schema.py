@@ -391,10 +391,20 @@ SCHEMA = Section(
         ),
         "keystore": Section(
             {
-                "master-key-file": Text(default=None, doc="file holding the master key"),
-                "master-key-env": Text(default="IKEFARM_MASTER_KEY", doc="env var alternative"),
-                "store-file": Text(default=None, doc="default <state-dir>/keystore.bin"),
-            }
+                "master-key-file": Text(
+                    default=None,
+                    doc="file holding the master key (text, 0x hex or 0s base64, >= 16 octets)",
+                ),
+                "master-key-env": Text(
+                    default="IKEFARM_MASTER_KEY",
+                    doc="env var holding the master key when master-key-file is unset",
+                ),
+                "store-file": Text(
+                    default=None,
+                    doc="secrets sealed with AES-GCM; default <state-dir>/keystore.bin",
+                ),
+            },
+            doc="ikefarm: secrets at rest; the keystore starts only with the right master key",
         ),
         "kernel": Section({"backend": Choice(("memory", "netlink"), default="memory")}),
         "flow": Section(

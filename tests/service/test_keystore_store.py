@@ -290,7 +290,12 @@ async def test_malformed_ppk_requests_get_structured_errors(
     )
     @given(
         field=st.sampled_from(sorted(good)),
-        value=st.one_of(st.none(), st.integers(), st.binary(max_size=200), st.text(max_size=20)),
+        value=st.one_of(
+            st.none(),
+            st.integers(-(2**63), 2**64 - 1),
+            st.binary(max_size=200),
+            st.text(max_size=20),
+        ),
         drop=st.booleans(),
     )
     def case(field: str, value: object, drop: bool) -> None:

@@ -28,25 +28,32 @@ def ppk_table(name: str = "one", identity: str = PPK_ID, secret: str = PPK) -> s
     return f'\n[[ike.ppk]]\nname = "{name}"\nid = "{identity}"\nsecret = "{secret}"\n'
 
 
-def initiator(ppk_id: str | None = PPK_ID, required: bool | None = True) -> Connection:
+def connection(
+    local_id: str, child: str, ppk_id: str | None = PPK_ID, required: bool | None = True
+) -> Connection:
+    """strongSwan at 192.0.2.2 facing ikefarm (gw.example) at 192.0.2.1, either role."""
     return Connection(
         name="c",
         local_addrs="192.0.2.2",
         remote_addrs="192.0.2.1",
-        local_id="a.peer.example",
+        local_id=local_id,
         remote_id="gw.example",
         proposals="aes256gcm16-prfsha384-x25519",
         ppk_id=ppk_id,
         ppk_required=required,
         children=[
             Child(
-                name="c-net",
+                name=child,
                 local_ts="10.200.0.0/24",
                 remote_ts="10.100.0.0/24",
                 esp_proposals="aes256gcm16",
             )
         ],
     )
+
+
+def initiator(ppk_id: str | None = PPK_ID, required: bool | None = True) -> Connection:
+    return connection("a.peer.example", "c-net", ppk_id, required)
 
 
 @pytest.fixture
@@ -119,24 +126,7 @@ def test_ikefarm_initiator_with_vpn_ppk_uses_it(
     peer: StrongSwan,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    responder = Connection(
-        name="c",
-        local_addrs="192.0.2.2",
-        remote_addrs="192.0.2.1",
-        local_id="peer.example",
-        remote_id="gw.example",
-        proposals="aes256gcm16-prfsha384-x25519",
-        ppk_id=PPK_ID,
-        ppk_required=True,
-        children=[
-            Child(
-                name="net",
-                local_ts="10.200.0.0/24",
-                remote_ts="10.100.0.0/24",
-                esp_proposals="aes256gcm16",
-            )
-        ],
-    )
+    responder = connection("peer.example", "net")
     peer.load([responder], psks=[Psk(PSK, ["peer.example", "gw.example"])], ppks=[Ppk(PPK_ID, PPK)])
     vpn = vpn_config(
         "hq",

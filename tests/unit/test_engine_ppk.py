@@ -26,6 +26,33 @@ def ppk_table(name: str, identity: str, secret: bytes) -> str:
     return PPKS.format(name=name, id=identity, secret=secret.decode())
 
 
+def ppk_wire(
+    initiator: dict[str, bytes] | None = None,
+    responder: dict[str, bytes] | None = None,
+    *,
+    initiator_vpn: str = "",
+    responder_vpn: str = "",
+    responder_extra: str = "",
+    responder_keystore: dict[bytes, bytes] | None = None,
+) -> Wire:
+    """Two engines with these PPKs (PPK_ID -> PPK, each named after its PPK_ID) configured and in
+    their keystores; the initiator's VPN uses its first one."""
+    initiator, responder = initiator or {}, responder or {}
+    first = next(iter(initiator), None)
+    return pair(
+        responder_extra=responder_extra + "".join(ppk_table(k, k, v) for k, v in responder.items()),
+        initiator_extra="".join(ppk_table(k, k, v) for k, v in initiator.items()),
+        initiator_vpn=(f'ppk = "{first}"\n' if first else "") + initiator_vpn,
+        responder_vpn=responder_vpn,
+        initiator_ppks={k.encode(): v for k, v in initiator.items()},
+        responder_ppks=(
+            {k.encode(): v for k, v in responder.items()}
+            if responder_keystore is None
+            else responder_keystore
+        ),
+    )
+
+
 def run(wire: Wire) -> tuple[IkeSa | None, IkeSa | None]:
     wire.run(wire.initiator.engine.initiate("hq", "net", wire.now), wire.initiator)
     i_sas = list(wire.initiator.engine.sas.values())
@@ -62,13 +89,7 @@ def both_established(i_sa: IkeSa | None, r_sa: IkeSa | None) -> tuple[IkeSa, Ike
 
 
 def test_ppk_used_both_roles_and_keys_agree() -> None:
-    wire = pair(
-        responder_extra=ppk_table("q", "ppk-id-1", PPK),
-        initiator_extra=ppk_table("q", "ppk-id-1", PPK),
-        initiator_vpn='ppk = "q"',
-        initiator_ppks={b"ppk-id-1": PPK},
-        responder_ppks={b"ppk-id-1": PPK},
-    )
+    wire = ppk_wire({"ppk-id-1": PPK}, {"ppk-id-1": PPK})
     i_sa, r_sa = both_established(*run(wire))
     assert i_sa.ppk_used and r_sa.ppk_used
     assert i_sa.keys == r_sa.keys and i_sa.no_ppk_keys is None
@@ -91,13 +112,7 @@ def test_ppk_used_both_roles_and_keys_agree() -> None:
 
 
 def test_unknown_ppk_id_not_required_establishes_without_ppk() -> None:
-    wire = pair(
-        responder_extra=ppk_table("known", "other-id", OTHER),
-        initiator_extra=ppk_table("q", "unknown-id", PPK),
-        initiator_vpn='ppk = "q"',
-        initiator_ppks={b"unknown-id": PPK},
-        responder_ppks={b"other-id": OTHER},
-    )
+    wire = ppk_wire({"unknown-id": PPK}, {"other-id": OTHER})
     i_sa, r_sa = both_established(*run(wire))
     assert not i_sa.ppk_used and not r_sa.ppk_used
     assert i_sa.keys == r_sa.keys  # the initiator went back to the keys without PPK
@@ -109,25 +124,13 @@ def test_unknown_ppk_id_not_required_establishes_without_ppk() -> None:
 
 def test_responder_vpn_ppk_forbids_any_other_ppk() -> None:
     # both PPKs are configured on the responder, but its VPN names "a": "b" is not accepted
-    responder_ppks = ppk_table("a", "id-a", OTHER) + ppk_table("b", "id-b", PPK)
-    wire = pair(
-        responder_extra=responder_ppks,
-        responder_vpn='ppk = "a"',
-        initiator_extra=ppk_table("q", "id-b", PPK),
-        initiator_vpn='ppk = "q"',
-        initiator_ppks={b"id-b": PPK},
-        responder_ppks={b"id-a": OTHER, b"id-b": PPK},
-    )
+    wire = ppk_wire({"id-b": PPK}, {"id-a": OTHER, "id-b": PPK}, responder_vpn='ppk = "id-a"')
     i_sa, r_sa = both_established(*run(wire))
     assert not i_sa.ppk_used and not r_sa.ppk_used
 
 
 def test_required_on_responder_and_absent_on_peer_is_authentication_failed() -> None:
-    wire = pair(
-        responder_extra=ppk_table("q", "id", PPK),
-        responder_vpn="ike-policy = { require-ppk = true }",
-        responder_ppks={b"id": PPK},
-    )
+    wire = ppk_wire(responder={"id": PPK}, responder_vpn="ike-policy = { require-ppk = true }")
     i_sa, r_sa = run(wire)
     assert i_sa is None and r_sa is None
     assert wire.responder.engine.counters["auth_failed.ppk_required"] == 1
@@ -142,14 +145,16 @@ def test_required_by_template_overridable_per_vpn() -> None:
         "[[ike.ike-policy-template.ike-proposal]]\n"
         'aead-alg = "aes256-gcm-128"\nprf-alg = "hmac-sha256"\ndh-group = "x25519"\n'
     )
-    required = pair(
-        responder_extra=template + ppk_table("q", "id", PPK),
+    required = ppk_wire(
+        responder={"id": PPK},
+        responder_extra=template,
         responder_vpn='ike-policy = { template = "t" }',
     )
     assert run(required) == (None, None)
     assert required.responder.engine.counters["auth_failed.ppk_required"] == 1
-    relaxed = pair(
-        responder_extra=template + ppk_table("q", "id", PPK),
+    relaxed = ppk_wire(
+        responder={"id": PPK},
+        responder_extra=template,
         responder_vpn='ike-policy = { template = "t", require-ppk = false }',
     )
     _, r_sa = both_established(*run(relaxed))
@@ -157,11 +162,7 @@ def test_required_by_template_overridable_per_vpn() -> None:
 
 
 def test_required_on_initiator_with_peer_without_ppk_fails_before_auth() -> None:
-    wire = pair(
-        initiator_extra=ppk_table("q", "id", PPK),
-        initiator_vpn='ppk = "q"\nike-policy = { require-ppk = true }',
-        initiator_ppks={b"id": PPK},
-    )
+    wire = ppk_wire({"id": PPK}, initiator_vpn="ike-policy = { require-ppk = true }")
     assert run(wire) == (None, None) or wire.initiator.engine.sas == {}
     assert wire.initiator.engine.counters["auth_failed.ppk_required.peer_without_ppk"] == 1
     sent = [parse_message(d).header.exchange_type for s, d in wire.log if s == "192.0.2.2"]
@@ -169,13 +170,11 @@ def test_required_on_initiator_with_peer_without_ppk_fails_before_auth() -> None
 
 
 def test_required_on_both_sends_no_no_ppk_auth() -> None:
-    wire = pair(
-        responder_extra=ppk_table("q", "id", PPK),
+    wire = ppk_wire(
+        {"id": PPK},
+        {"id": PPK},
+        initiator_vpn="ike-policy = { require-ppk = true }",
         responder_vpn="ike-policy = { require-ppk = true }",
-        initiator_extra=ppk_table("q", "id", PPK),
-        initiator_vpn='ppk = "q"\nike-policy = { require-ppk = true }',
-        initiator_ppks={b"id": PPK},
-        responder_ppks={b"id": PPK},
     )
     i_sa, r_sa = both_established(*run(wire))
     assert i_sa.ppk_used and r_sa.ppk_used
@@ -185,12 +184,8 @@ def test_required_on_both_sends_no_no_ppk_auth() -> None:
 
 def test_peer_insisting_on_an_unknown_ppk_fails() -> None:
     # the initiator requires its PPK (no NO_PPK_AUTH); the responder has another one
-    wire = pair(
-        responder_extra=ppk_table("r", "r-id", OTHER),
-        initiator_extra=ppk_table("q", "q-id", PPK),
-        initiator_vpn='ppk = "q"\nike-policy = { require-ppk = true }',
-        initiator_ppks={b"q-id": PPK},
-        responder_ppks={b"r-id": OTHER},
+    wire = ppk_wire(
+        {"q-id": PPK}, {"r-id": OTHER}, initiator_vpn="ike-policy = { require-ppk = true }"
     )
     assert run(wire) == (None, None)
     assert wire.responder.engine.counters["auth_failed.ppk_unavailable"] == 1
@@ -198,24 +193,14 @@ def test_peer_insisting_on_an_unknown_ppk_fails() -> None:
 
 def test_keystore_without_the_ppk_falls_back_when_allowed() -> None:
     # the policy names the PPK_ID but the responder's keystore has no such secret
-    wire = pair(
-        responder_extra=ppk_table("q", "id", PPK),
-        initiator_extra=ppk_table("q", "id", PPK),
-        initiator_vpn='ppk = "q"',
-        initiator_ppks={b"id": PPK},
-        responder_ppks={},
-    )
+    wire = ppk_wire({"id": PPK}, {"id": PPK}, responder_keystore={})
     i_sa, r_sa = both_established(*run(wire))
     assert not i_sa.ppk_used and not r_sa.ppk_used
     assert wire.responder.engine.counters["ppk_not_used.no_ppk_in_keystore"] == 1
 
 
 def test_no_use_ppk_from_a_responder_without_ppks() -> None:
-    wire = pair(
-        initiator_extra=ppk_table("q", "id", PPK),
-        initiator_vpn='ppk = "q"',
-        initiator_ppks={b"id": PPK},
-    )
+    wire = ppk_wire({"id": PPK})
     i_sa, _ = both_established(*run(wire))
     assert [NotifyType.USE_PPK in n for n in init_notifies(wire)] == [True, False]
     assert not i_sa.ppk_used
@@ -261,13 +246,7 @@ def test_mix_ppk_is_prf_plus_keyed_with_the_ppk(prf_id: int, digest: str) -> Non
 
 
 def test_keystore_unavailable_during_mix_keeps_the_responder_half_open() -> None:
-    wire = pair(
-        responder_extra=ppk_table("q", "id", PPK),
-        initiator_extra=ppk_table("q", "id", PPK),
-        initiator_vpn='ppk = "q"',
-        initiator_ppks={b"id": PPK},
-        responder_ppks={b"id": PPK},
-    )
+    wire = ppk_wire({"id": PPK}, {"id": PPK})
     captured: list[KeystoreRequest] = []
     responder = wire.responder.engine
     original = responder.keystore_reply
@@ -291,3 +270,11 @@ def test_keystore_unavailable_during_mix_keeps_the_responder_half_open() -> None
     )
     i_sa, r_sa = both_established(i_sa, r_sa)
     assert i_sa.ppk_used and r_sa.ppk_used
+
+
+def test_same_ppk_id_with_another_secret_is_authentication_failed() -> None:
+    # the PPK is used (its PPK_ID is known), so there is no falling back to NO_PPK_AUTH
+    wire = ppk_wire({"id": PPK}, {"id": OTHER})
+    assert run(wire) == (None, None)
+    assert wire.responder.engine.counters["auth_failed.auth_mismatch"] == 1
+    assert wire.initiator.engine.counters["auth_failed.rejected_by_peer"] == 1

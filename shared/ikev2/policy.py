@@ -193,6 +193,7 @@ class EnginePolicy:
     make_before_break: bool
     half_open_timeout: float
     fragment_size: int = 1280
+    tx_invalid_cookie: bool = False  # JunosE (seed 002): answer unknown SPIs, rate-limited
     ike_port: int = 500
     natt_port: int = 4500
 
@@ -310,6 +311,7 @@ def engine_policy(config: Config) -> EnginePolicy:
         initiator_only=options.initiator_only,
         make_before_break=options.make_before_break,
         half_open_timeout=float(ike.session.half_open.timeout),
+        tx_invalid_cookie=bool(options.tx_invalid_cookie),
         ike_port=config.ingress.ike_port,
         natt_port=config.ingress.natt_port,
     )

@@ -128,7 +128,7 @@ def respond(
         refused = engine.dos.refuse(engine, remote.address, now)
         if refused is not None:
             engine.count(f"dos_refused.{refused}")
-            return engine.drop("dos_refused", reason=refused, peer=str(remote))
+            return engine.drop("dos_refused", limit=refused, peer=str(remote))
     if engine.policy.initiator_only:
         return refuse(
             engine,

@@ -107,6 +107,7 @@ class IkeService(ServiceBase):
         self._load_seq = 0
         self._load_dirty = asyncio.Event()
         self._last_load: tuple[int, int, int] | None = None
+        self.half_open_peak = 0  # the most half-open SAs this worker ever held at once
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -145,6 +146,7 @@ class IkeService(ServiceBase):
             "shard": self.shard,
             "ike_sas": len(self.engine.sas),
             "half_open": self.engine.half_open_count,
+            "half_open_peak": self.half_open_peak,
             "established": self.engine.established_count,
             "initiations_waiting": len(self.watches.active),
             "dos": {
@@ -337,6 +339,7 @@ class IkeService(ServiceBase):
         counts = (len(self.engine.sas), self.engine.half_open_count, self.engine.established_count)
         if counts != self._last_load:
             self._last_load = counts
+            self.half_open_peak = max(self.half_open_peak, counts[1])
             self._load_dirty.set()
         # child SAs go into the kernel before the response that announces them leaves
         installs = [e for e in effects if isinstance(e, InstallChildSa)]

@@ -205,6 +205,7 @@ class IngressService(ServiceBase):
             "cookie_mode": gate.limits.cookie_mode,
             "cookies_active": gate.cookies_active(now),
             "half_open": gate.half_open(now),
+            "half_open_peak": gate.half_open_peak,
             "pending": gate.load.pending(now),
             "established": gate.load.established(now),
             "workers_reporting": gate.load.shards(now),

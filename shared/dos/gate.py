@@ -59,6 +59,7 @@ class IngressGate:
     cookies: CookieJar | None = None
     backoff: BackoffTable = field(default_factory=BackoffTable)
     counters: Counter[str] = field(default_factory=Counter)
+    half_open_peak: int = 0  # the largest half-open count a decision saw (observability)
     _modes: dict[str, bool] = field(default_factory=dict)
     _changes: list[ModeChange] = field(default_factory=list)
 
@@ -106,6 +107,7 @@ class IngressGate:
         if phase is not None:
             return self.drop(f"backoff.{phase}-phase-failure")
         half_open = self.half_open(now)
+        self.half_open_peak = max(self.half_open_peak, half_open)
         cookies_on = limits.cookies_required(half_open)
         self._mode("cookies", cookies_on, half_open)
         if cookies_on:

@@ -52,9 +52,7 @@ from ikefarm.shared.dos.cookies import CookieJar, init_request
 from ikefarm.shared.dos.gate import COOKIE, DROP, IngressGate, Verdict
 from ikefarm.shared.dos.limits import dos_limits
 from ikefarm.shared.dos.load import FarmLoad
-from ikefarm.shared.ikev2.constants import NON_ESP_MARKER, ExchangeType
-from ikefarm.shared.ikev2.errors import MalformedMessage
-from ikefarm.shared.ikev2.message import parse_message
+from ikefarm.shared.ikev2.constants import NON_ESP_MARKER
 from ikefarm.shared.observability.tracing import tracer
 
 # received datagrams waiting to be routed; beyond this they are counted and dropped
@@ -239,15 +237,25 @@ class IngressService(ServiceBase):
         endpoint = item.endpoint
         remote_address = canonical_address(str(item.remote[0]))
         remote_port = int(item.remote[1])
+        now = time.monotonic()
         verdict = self.router.route(
             item.data,
             natt=endpoint.natt,
             remote_address=remote_address,
             remote_port=remote_port,
-            now=time.monotonic(),
+            now=now,
         )
         if isinstance(verdict, Dropped) and verdict.reason in _UNTRACED_DROPS:
             return
+        gated: Verdict | None = None
+        if isinstance(verdict, Route) and verdict.subject == subjects.IKE_INIT:
+            gated = self._gate(verdict, remote_address, now)
+            if gated.action == COOKIE and gated.reply is not None:
+                # stateless and cheap on purpose: a flood is answered without a span each
+                # (counted as gate.cookie_sent); the retry with the cookie gets its span
+                self._send_raw(endpoint, gated.reply, remote_address, remote_port)
+                self.log.raw("cookie_sent", remote=f"{remote_address}[{remote_port}]")
+                return
         with tracer().start_as_current_span(
             "ingress.datagram",
             kind=SpanKind.SERVER,
@@ -274,11 +282,22 @@ class IngressService(ServiceBase):
                 return
             self._annotate(span, verdict)
             via = ""
-            if verdict.subject == subjects.IKE_INIT:
-                gated = self._gate(verdict, endpoint, remote_address, remote_port, span)
-                if gated is not None:
+            if gated is not None:
+                span.set_attribute("ikefarm.dos.half_open", self.gate.half_open(now))
+                span.set_attribute("ikefarm.dos.cookie_mode", self.gate.limits.cookie_mode)
+                span.set_attribute("ikefarm.dos.cookies_active", self.gate.cookies_active(now))
+                span.set_attribute("ikefarm.dos.gate", gated.action)
+                if gated.action == DROP:
+                    span.set_attribute("ikefarm.drop_reason", gated.reason)
+                    span.set_status(Status(StatusCode.ERROR, gated.reason))
+                    self.log.debug(
+                        "ike_sa_init_gated",
+                        reason=gated.reason,
+                        remote=f"{remote_address}[{remote_port}]",
+                    )
                     return
                 via = self.runtime.instance
+                self._reported_pending = -1  # report the new pending count soon
             try:
                 await self.runtime.publish(
                     verdict.subject,
@@ -307,47 +326,28 @@ class IngressService(ServiceBase):
                 remote=f"{remote_address}[{remote_port}]",
             )
 
-    def _gate(
-        self,
-        route: Route,
-        endpoint: LocalEndpoint,
-        remote_address: str,
-        remote_port: int,
-        span: Any,
-    ) -> Verdict | None:
-        """The DoS gate for a new IKE_SA_INIT: None to forward it, else what was done."""
-        now = time.monotonic()
-        verdict: Verdict
-        try:
-            request = init_request(parse_message(route.data))
-        except MalformedMessage as exc:
-            request = None
-            reason = exc.reason
-        else:
-            reason = "ike_sa_init_without_nonce"
-        if route.header.exchange_type != ExchangeType.IKE_SA_INIT or request is None:
-            verdict = self.gate.drop(f"malformed.{reason}")
+    @staticmethod
+    def _annotate(span: Any, route: Route) -> None:
+        header = route.header
+        span.set_attribute("ike.exchange_type", _exchange_name(header.exchange_type))
+        span.set_attribute("ike.message_id", header.message_id)
+        span.set_attribute("ike.spi_i", header.spi_i.hex())
+        span.set_attribute("ike.spi_r", header.spi_r.hex())
+        span.set_attribute("ike.response", header.is_response)
+        span.set_attribute("ikefarm.route", route.kind)
+        span.set_attribute("messaging.destination", route.subject)
+        if route.shard is not None:
+            span.set_attribute("ikefarm.shard", route.shard)
+
+    def _gate(self, route: Route, remote_address: str, now: float) -> Verdict:
+        """The DoS gate's verdict on a new IKE_SA_INIT (SPIr = 0, no init route)."""
+        request = init_request(route.data)
+        if request is None:
+            verdict = self.gate.drop("malformed_ike_sa_init")
         else:
             verdict = self.gate.decide(request, remote_address, now)
         self._log_mode_changes()
-        span.set_attribute("ikefarm.dos.half_open", self.gate.half_open(now))
-        span.set_attribute("ikefarm.dos.cookie_mode", self.gate.limits.cookie_mode)
-        span.set_attribute("ikefarm.dos.gate", verdict.action)
-        if verdict.action == COOKIE and verdict.reply is not None:
-            span.set_attribute("ikefarm.dos.cookie", verdict.reason)
-            self._send_raw(endpoint, verdict.reply, remote_address, remote_port)
-            self.log.debug("cookie_sent", remote=f"{remote_address}[{remote_port}]")
-            return verdict
-        if verdict.action == DROP:
-            span.set_attribute("ikefarm.drop_reason", verdict.reason)
-            self.log.debug(
-                "ike_sa_init_gated",
-                reason=verdict.reason,
-                remote=f"{remote_address}[{remote_port}]",
-            )
-            return verdict
-        self._reported_pending = -1  # report the new pending count soon
-        return None
+        return verdict
 
     def _send_raw(self, endpoint: LocalEndpoint, data: bytes, address: str, port: int) -> None:
         protocol = self.endpoints.get((endpoint.address, endpoint.port))
@@ -416,19 +416,6 @@ class IngressService(ServiceBase):
             except Exception as exc:
                 self.runtime.counters["load_publish_failed"] += 1
                 self.log.debug("load_publish_failed", error=type(exc).__name__)
-
-    @staticmethod
-    def _annotate(span: Any, route: Route) -> None:
-        header = route.header
-        span.set_attribute("ike.exchange_type", _exchange_name(header.exchange_type))
-        span.set_attribute("ike.message_id", header.message_id)
-        span.set_attribute("ike.spi_i", header.spi_i.hex())
-        span.set_attribute("ike.spi_r", header.spi_r.hex())
-        span.set_attribute("ike.response", header.is_response)
-        span.set_attribute("ikefarm.route", route.kind)
-        span.set_attribute("messaging.destination", route.subject)
-        if route.shard is not None:
-            span.set_attribute("ikefarm.shard", route.shard)
 
     # --- bus handlers ------------------------------------------------------------------------
 

@@ -20,9 +20,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
 
 from ikefarm.proto.messages import CookieSecrets
-from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType
-from ikefarm.shared.ikev2.message import Message, ParsedMessage, encode_message
-from ikefarm.shared.ikev2.payloads import NoncePayload, NotifyPayload
+from ikefarm.shared.ikev2.constants import IKE_HEADER_LENGTH, ExchangeType, NotifyType, PayloadType
+from ikefarm.shared.ikev2.message import IkeHeader, Message, encode_message
+from ikefarm.shared.ikev2.payloads import NotifyPayload
+from ikefarm.shared.ikev2.payloads.nonce import NONCE_MAX, NONCE_MIN
 
 VERSION_OCTETS = 4
 DIGEST_OCTETS = 32
@@ -96,27 +97,64 @@ class InitRequest:
     cookie: bytes | None
 
 
-def init_request(parsed: ParsedMessage) -> InitRequest | None:
-    """The gate's view of a parsed IKE_SA_INIT request; None when it has no Ni.
+GENERIC_HEADER_OCTETS = 4  # RFC 7296 3.2
+NOTIFY_FIXED_OCTETS = 4  # RFC 7296 3.10: Protocol ID, SPI Size, Notify Message Type
+MAX_CHAIN = 64  # payloads in one IKE_SA_INIT request; more is not a request we answer
 
-    RFC 7296 2.6: the COOKIE notification is the first payload of the retried
-    request; one anywhere else is not a cookie we gave.
+
+def init_request(datagram: bytes) -> InitRequest | None:
+    """The gate's view of an IKE_SA_INIT request, read without decoding every payload.
+
+    The gate answers floods, so it walks only the generic payload headers
+    (RFC 7296 3.2), every length bounds-checked against the datagram: it needs
+    Ni (3.9, 16-256 octets) and a COOKIE notification, which is one only in
+    first position (2.6). None when the message is not such a request: too short,
+    a length that does not add up, an Encrypted payload, no valid Ni. The worker
+    still parses the whole message if the gate lets it through.
     """
-    message = parsed.message
-    if message is None or not message.payloads:
+    if len(datagram) < IKE_HEADER_LENGTH:
         return None
-    nonce = message.get(NoncePayload)
-    if nonce is None:
+    header = IkeHeader.parse(datagram)
+    if header.length != len(datagram):
         return None
-    first = message.payloads[0]
-    cookie = None
-    if (
-        isinstance(first, NotifyPayload)
-        and first.notify_type == NotifyType.COOKIE
-        and 1 <= len(first.data) <= MAX_COOKIE_OCTETS
-    ):
-        cookie = first.data
-    return InitRequest(message.spi_i, message.message_id, nonce.data, cookie)
+    offset, next_type, index = IKE_HEADER_LENGTH, int(header.next_payload), 0
+    nonce: bytes | None = None
+    cookie: bytes | None = None
+    while next_type != PayloadType.NONE:
+        if index >= MAX_CHAIN or len(datagram) - offset < GENERIC_HEADER_OCTETS:
+            return None
+        if next_type in (PayloadType.SK, PayloadType.SKF):
+            return None  # IKE_SA_INIT is never encrypted (RFC 7296 1.2)
+        following = datagram[offset]
+        length = int.from_bytes(datagram[offset + 2 : offset + 4], "big")
+        if length < GENERIC_HEADER_OCTETS or length > len(datagram) - offset:
+            return None
+        body = datagram[offset + GENERIC_HEADER_OCTETS : offset + length]
+        if next_type == PayloadType.NONCE:
+            if not NONCE_MIN <= len(body) <= NONCE_MAX or nonce is not None:
+                return None
+            nonce = body
+        elif next_type == PayloadType.NOTIFY and index == 0:
+            cookie = _cookie_of(body)
+        offset += length
+        next_type = following
+        index += 1
+    if offset != len(datagram) or nonce is None:
+        return None
+    return InitRequest(header.spi_i, header.message_id, nonce, cookie)
+
+
+def _cookie_of(body: bytes) -> bytes | None:
+    """The data of a COOKIE notification body (RFC 7296 3.10), or None."""
+    if len(body) < NOTIFY_FIXED_OCTETS:
+        return None
+    spi_size = body[1]
+    if int.from_bytes(body[2:4], "big") != NotifyType.COOKIE:
+        return None
+    if len(body) < NOTIFY_FIXED_OCTETS + spi_size:
+        return None
+    data = body[NOTIFY_FIXED_OCTETS + spi_size :]
+    return data if 1 <= len(data) <= MAX_COOKIE_OCTETS else None
 
 
 def cookie_response(request: InitRequest, cookie: bytes) -> bytes:

@@ -86,7 +86,7 @@ class Listener(threading.Thread):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
         self.sock.settimeout(0.2)
         self.stop_at = float("inf")
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # "<responder address> <kind>" -> answers
         self.first: float | None = None
         self.last: float | None = None
 
@@ -102,7 +102,8 @@ class Listener(threading.Thread):
             sport = struct.unpack("!H", packet[header_length : header_length + 2])[0]
             if sport != IKE_PORT:
                 continue
-            self.counts[_kind(packet[header_length + 8 :])] += 1
+            responder = str(ipaddress.IPv4Address(packet[12:16]))
+            self.counts[f"{responder} {_kind(packet[header_length + 8 :])}"] += 1
             now = time.monotonic()
             self.first = self.first if self.first is not None else now
             self.last = now
@@ -147,7 +148,7 @@ def flood(
         body = bytearray(template)
         body[0:8] = os.urandom(8)  # SPIi
         body[nonce_at : nonce_at + nonce_length] = os.urandom(nonce_length)
-        sport = 1024 + (sent % 60000)
+        sport = 10000 + (sent % 50000)  # never 500 or 4500: real peers may sit there
         for target in targets:
             try:
                 sock.sendto(ipv4_udp(source, sport, target, IKE_PORT, bytes(body)), (target, 0))

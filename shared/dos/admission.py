@@ -60,6 +60,20 @@ class WorkerAdmission:
     workers: int = 1
     load: FarmLoad = field(default_factory=FarmLoad)
     backoff: BackoffTable = field(default_factory=BackoffTable)
+    reached: set[str] = field(default_factory=set)  # limits this worker is refusing at
+
+    def transitions(self, refused: str | None) -> list[tuple[str, bool]]:
+        """Limits that became reached (True) or cleared (False) with this decision: the
+        level-1 log lines; per-peer refusals (backoff, block, duplicate) are not modes."""
+        if refused is not None:
+            is_mode = refused.startswith("limit.") and refused != "limit.block-threshold"
+            if is_mode and refused not in self.reached:
+                self.reached.add(refused)
+                return [(refused, True)]
+            return []
+        cleared = sorted(self.reached)
+        self.reached.clear()
+        return [(name, False) for name in cleared]
 
     def backoff_seconds(self, phase: str) -> float | None:
         if phase == INIT_PHASE:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ikefarm.proto.messages import IkeLoad
 from ikefarm.shared.dos.admission import share
-from ikefarm.shared.ikev2.effects import HalfOpen, PeerFailed
+from ikefarm.shared.ikev2.effects import HalfOpen, Log, PeerFailed
 from ikefarm.shared.ikev2.sa import IkeSaState
 from tests.dos_helpers import feed, guarded_pair, init_requests, sent
 
@@ -26,9 +26,22 @@ def test_init_limit_half_open_refuses_before_dh_at_the_limit() -> None:
     for n, data in enumerate(requests[:3]):
         assert sent(feed(engine, data, f"198.51.100.{n}"))  # answered
     assert engine.counters["dh_computed"] == 3
-    assert sent(feed(engine, requests[3], "198.51.100.9")) == []  # dropped, no reply
+    refused = feed(engine, requests[3], "198.51.100.9")
+    assert sent(refused) == []  # dropped, no reply
     assert engine.counters["dh_computed"] == 3
     assert engine.counters["dos_refused.limit.init-limit-half-open"] == 1
+    # one level-1 line when the limit is reached, not one per refused packet
+    reached = [e for e in refused if isinstance(e, Log) and e.level == 1]
+    assert [(e.event, e.fields) for e in reached] == [
+        ("limit_reached", {"limit": "init-limit-half-open"})
+    ]
+    again = feed(engine, requests[3], "198.51.100.9")
+    assert not [e for e in again if isinstance(e, Log) and e.level <= 1]
+    engine.on_timer(1000.0 + 61)  # the half-open SAs expire
+    cleared = feed(engine, requests[3], "198.51.100.9", now=1061.0)
+    assert ("limit_cleared", {"limit": "init-limit-half-open"}) in [
+        (e.event, e.fields) for e in cleared if isinstance(e, Log)
+    ]
 
 
 def test_other_shards_half_open_sas_count_toward_the_farm_limit() -> None:

@@ -128,7 +128,8 @@ def respond(
         refused = engine.dos.refuse(engine, remote.address, now)
         if refused is not None:
             engine.count(f"dos_refused.{refused}")
-            return engine.drop("dos_refused", limit=refused, peer=str(remote))
+            modes = _mode_logs(engine, refused)
+            return modes + engine.drop("dos_refused", limit=refused, peer=str(remote))
     if engine.policy.initiator_only:
         return refuse(
             engine,
@@ -250,7 +251,7 @@ def respond(
 
     engine.sas[spi_r] = sa
     engine.init_index[(request.spi_i, remote.address, remote.port)] = spi_r
-    effects = engine.respond(sa, request, payloads, protected=False)
+    effects = _mode_logs(engine, None) + engine.respond(sa, request, payloads, protected=False)
     sa.init_response = sa.last_response.datagrams[0] if sa.last_response else b""
     effects.append(HalfOpen(request.spi_i, remote, lifetime))
     effects.append(
@@ -268,6 +269,16 @@ def respond(
         )
     )
     return effects
+
+
+def _mode_logs(engine: IkeEngine, refused: str | None) -> list[Effect]:
+    """Level-1 lines when this worker starts or stops refusing at a limit (not per packet)."""
+    if engine.dos is None:
+        return []
+    return [
+        Log(1, "ike", "limit_reached" if reached else "limit_cleared", {"limit": name[6:]})
+        for name, reached in engine.dos.transitions(refused)
+    ]
 
 
 # -- initiator ----------------------------------------------------------------------------------

@@ -81,6 +81,13 @@ class Watch(threading.Thread):
             self.stop.wait(0.2)
 
 
+def dos_gateway(pair: NetnsPair, factory: Callable[..., Gateway], settings: str) -> Gateway:
+    """`ikefarm up` in the gw namespace with these dos-protection settings; the spoofed
+    range routed back to the peer namespace."""
+    route_back(pair)
+    return factory(pair.gw, psk=PSK, extra=f"[ike.global-options.dos-protection]\n{settings}")
+
+
 @pytest.fixture
 def peer(netns_pair: NetnsPair, strongswan_factory: Callable[..., StrongSwan]) -> StrongSwan:
     netns_pair.peer.add_address("lo", "10.200.0.1/32")
@@ -90,14 +97,10 @@ def peer(netns_pair: NetnsPair, strongswan_factory: Callable[..., StrongSwan]) -
 def test_strongswan_gets_a_cookie_and_establishes_during_a_spoofed_flood(
     netns_pair: NetnsPair, gateway_factory: Callable[..., Gateway], peer: StrongSwan
 ) -> None:
-    route_back(netns_pair)
-    gateway = gateway_factory(
-        netns_pair.gw,
-        psk=PSK,
-        extra=(
-            "[ike.global-options.dos-protection]\n"
-            f"cookie-threshold = {COOKIE_THRESHOLD}\ninit-limit-half-open = {HALF_OPEN_LIMIT}\n"
-        ),
+    gateway = dos_gateway(
+        netns_pair,
+        gateway_factory,
+        f"cookie-threshold = {COOKIE_THRESHOLD}\ninit-limit-half-open = {HALF_OPEN_LIMIT}\n",
     )
     ingress_pid = next(pid for name, pid in gateway.service_pids().items() if "ingress" in name)
     rss_before = rss_kib(ingress_pid)
@@ -145,14 +148,10 @@ def test_strongswan_gets_a_cookie_and_establishes_during_a_spoofed_flood(
 def test_a_stalled_worker_fills_init_limit_job_load_and_nothing_more(
     netns_pair: NetnsPair, gateway_factory: Callable[..., Gateway]
 ) -> None:
-    route_back(netns_pair)
-    gateway = gateway_factory(
-        netns_pair.gw,
-        psk=PSK,
-        extra=(
-            "[ike.global-options.dos-protection]\n"
-            "cookie-threshold = 0\nblock-threshold = 0\ninit-limit-job-load = 3\n"
-        ),
+    gateway = dos_gateway(
+        netns_pair,
+        gateway_factory,
+        "cookie-threshold = 0\nblock-threshold = 0\ninit-limit-job-load = 3\n",
     )
     worker_pid = next(pid for name, pid in gateway.service_pids().items() if name.startswith("ike"))
     os.kill(worker_pid, signal.SIGSTOP)

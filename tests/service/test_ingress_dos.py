@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
@@ -21,23 +20,16 @@ from ikefarm.services.ike.service import IkeService
 from ikefarm.services.ingress.service import IngressService
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime, subscriptions_in_place
-from ikefarm.shared.config.loader import load_config
+from ikefarm.shared.config.loader import Config, load_config
 from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType
 from ikefarm.shared.ikev2.message import Message, encode_message, parse_message
 from ikefarm.shared.ikev2.payloads import NotifyPayload
 from tests.dos_helpers import init_requests
 from tests.engine_helpers import RESPONDER_TOML
 from tests.harness.ports import udp_ports
+from tests.service.test_ingress_service import wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def farm_config(tmp_path: Path, ike_port: int, natt_port: int, extra: str) -> Path:
@@ -48,6 +40,18 @@ def farm_config(tmp_path: Path, ike_port: int, natt_port: int, extra: str) -> Pa
         f"{extra}\n{text}"
     )
     return path
+
+
+def two_ingress(
+    nats_server: EmbeddedNats, tmp_path: Path, settings: str
+) -> tuple[int, Config, Runtime, Runtime]:
+    """Two ingress instances on one address and port (SO_REUSEPORT), one config; a test
+    starts one or both."""
+    ike_port, natt_port = udp_ports(2)
+    config = load_config(farm_config(tmp_path, ike_port, natt_port, settings))
+    first = Runtime(IngressService, config, nats_server.url, instance="ingress-0")
+    second = Runtime(IngressService, config, nats_server.url, instance="ingress-1")
+    return ike_port, config, first, second
 
 
 @asynccontextmanager
@@ -103,18 +107,11 @@ async def collector(nc: Client, subject: str) -> asyncio.Queue[Msg]:
 async def test_a_cookie_from_one_instance_is_accepted_by_the_other(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
-    ike_port, natt_port = udp_ports(2)
-    config = load_config(
-        farm_config(
-            tmp_path,
-            ike_port,
-            natt_port,
-            '[ike.global-options.dos-protection]\ncookie-threshold = "always"\n'
-            "block-threshold = 0\n",
-        )
+    ike_port, _config, first, second = two_ingress(
+        nats_server,
+        tmp_path,
+        '[ike.global-options.dos-protection]\ncookie-threshold = "always"\nblock-threshold = 0\n',
     )
-    first = Runtime(IngressService, config, nats_server.url, instance="ingress-0")
-    second = Runtime(IngressService, config, nats_server.url, instance="ingress-1")
     nc = await nats.connect(nats_server.url)
     inits = await collector(nc, subjects.IKE_INIT)
     async with started(first, second):
@@ -153,18 +150,12 @@ async def test_a_cookie_from_one_instance_is_accepted_by_the_other(
 async def test_rotation_is_one_compare_and_set_and_the_previous_secret_still_works(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
-    ike_port, natt_port = udp_ports(2)
-    config = load_config(
-        farm_config(
-            tmp_path,
-            ike_port,
-            natt_port,
-            "cookie-secret-lifetime = 1\n"
-            '[ike.global-options.dos-protection]\ncookie-threshold = "always"\n',
-        )
+    _port, _config, first, second = two_ingress(
+        nats_server,
+        tmp_path,
+        "cookie-secret-lifetime = 1\n"
+        '[ike.global-options.dos-protection]\ncookie-threshold = "always"\n',
     )
-    first = Runtime(IngressService, config, nats_server.url, instance="ingress-0")
-    second = Runtime(IngressService, config, nats_server.url, instance="ingress-1")
     async with started(first, second):
         a, b = first.service, second.service
         assert isinstance(a, IngressService) and isinstance(b, IngressService)
@@ -187,18 +178,12 @@ async def test_rotation_is_one_compare_and_set_and_the_previous_secret_still_wor
 async def test_half_open_limit_holds_across_two_instances_and_one_worker(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
-    ike_port, natt_port = udp_ports(2)
-    config = load_config(
-        farm_config(
-            tmp_path,
-            ike_port,
-            natt_port,
-            "[ike.global-options.dos-protection]\ncookie-threshold = 0\n"
-            "block-threshold = 0\ninit-limit-half-open = 3\n",
-        )
+    ike_port, config, first, second = two_ingress(
+        nats_server,
+        tmp_path,
+        "[ike.global-options.dos-protection]\ncookie-threshold = 0\n"
+        "block-threshold = 0\ninit-limit-half-open = 3\n",
     )
-    first = Runtime(IngressService, config, nats_server.url, instance="ingress-0")
-    second = Runtime(IngressService, config, nats_server.url, instance="ingress-1")
     worker = Runtime(IkeService, config, nats_server.url, instance="ike-0", options={"shard": 0})
     nc = await nats.connect(nats_server.url)
     loads = await collector(nc, subjects.IKE_LOAD)
@@ -243,17 +228,12 @@ async def test_half_open_limit_holds_across_two_instances_and_one_worker(
 async def test_job_load_counts_inits_a_stalled_worker_has_not_answered(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
-    ike_port, natt_port = udp_ports(2)
-    config = load_config(
-        farm_config(
-            tmp_path,
-            ike_port,
-            natt_port,
-            "[ike.global-options.dos-protection]\ncookie-threshold = 0\n"
-            "block-threshold = 0\ninit-limit-job-load = 2\n",
-        )
+    ike_port, _config, ingress, _unused = two_ingress(
+        nats_server,
+        tmp_path,
+        "[ike.global-options.dos-protection]\ncookie-threshold = 0\n"
+        "block-threshold = 0\ninit-limit-job-load = 2\n",
     )
-    ingress = Runtime(IngressService, config, nats_server.url, instance="ingress-0")
     nc = await nats.connect(nats_server.url)
     stalled = await collector(nc, subjects.IKE_INIT)  # takes inits, never answers
     async with started(ingress):
@@ -273,11 +253,7 @@ async def test_job_load_counts_inits_a_stalled_worker_has_not_answered(
 async def test_backoff_from_a_worker_reaches_ingress_and_bad_bus_input_is_counted(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
-    ike_port, natt_port = udp_ports(2)
-    config = load_config(
-        farm_config(tmp_path, ike_port, natt_port, "[ike.global-options.dos-protection]\n")
-    )
-    ingress = Runtime(IngressService, config, nats_server.url, instance="ingress-0")
+    ike_port, _config, ingress, _unused = two_ingress(nats_server, tmp_path, "")
     nc = await nats.connect(nats_server.url)
     async with started(ingress):
         await nc.publish(

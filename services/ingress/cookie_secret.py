@@ -131,6 +131,7 @@ class CookieSecretStore:
                 async for entry in watcher:
                     if entry is not None and entry.value:
                         self._take(entry.value)
+                await asyncio.sleep(1.0)  # the watch ended (broker restart): start another
             except Exception as exc:
                 self.counters["cookie_secret_watch_failed"] += 1
                 log.debug("cookie_secret_watch_failed", error=type(exc).__name__)

@@ -123,12 +123,12 @@ class IngressGate:
             self._mode(name, reached, half_open)
             if reached:
                 return self.drop(f"limit.{name}")
-        peer_half_open = self.load.peer_half_open(peer, now)
+        peer_half_open = self.load.peer_half_open(peer, now, spi_i=request.spi_i)
         if limits.block_threshold is not None and peer_half_open >= limits.block_threshold:
             return self.drop("limit.block-threshold")
         if limits.discard_duplicate and peer_half_open > 0:
             return self.drop("discard-duplicate")
-        self.load.forwarded(peer, now)
+        self.load.forwarded(peer, now, request.spi_i)
         self.counters["gate.forwarded"] += 1
         return Verdict(FORWARD)
 

@@ -68,9 +68,12 @@ class FarmLoad:
         self.instance = instance
         self._shards: dict[int, _Snapshot] = {}
         self._ingress: dict[str, _Snapshot] = {}
-        # this instance's forwarded inits, oldest first: (time, peer address)
-        self._pending: deque[tuple[float, str]] = deque()
+        # this instance's forwarded inits, oldest first: (time, peer address, SPIi)
+        self._pending: deque[tuple[float, str, bytes]] = deque()
         self._pending_by_peer: Counter[str] = Counter()
+        # the same negotiation retried (retransmission, INVALID_KE_PAYLOAD retry) is not a
+        # second half-open SA of its peer: pending inits are also counted by (peer, SPIi)
+        self._pending_by_spi: Counter[tuple[str, bytes]] = Counter()
         self._forwarded = 0
         self._retired = 0  # pending entries answered or expired
 
@@ -119,20 +122,22 @@ class FarmLoad:
 
     # -- this ingress's pending inits ----------------------------------------------------------
 
-    def forwarded(self, peer: str, now: float) -> None:
+    def forwarded(self, peer: str, now: float, spi_i: bytes = b"") -> None:
         self._retire(now)
         self._forwarded += 1
-        self._pending.append((now, peer))
+        self._pending.append((now, peer, spi_i))
         self._pending_by_peer[peer] += 1
+        self._pending_by_spi[(peer, spi_i)] += 1
         while len(self._pending) > MAX_PENDING:
             self._pop_pending()
 
     def _pop_pending(self) -> None:
-        _when, peer = self._pending.popleft()
+        _when, peer, spi_i = self._pending.popleft()
         self._retired += 1
-        self._pending_by_peer[peer] -= 1
-        if self._pending_by_peer[peer] <= 0:
-            del self._pending_by_peer[peer]
+        for counter, key in ((self._pending_by_peer, peer), (self._pending_by_spi, (peer, spi_i))):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
 
     def _retire(self, now: float) -> None:
         # workers answer in about the order inits arrive: the oldest go first
@@ -160,9 +165,22 @@ class FarmLoad:
     def established(self, now: float, exclude_shard: int | None = None) -> int:
         return sum(s.established for s in self._fresh_shards(now, exclude_shard))
 
-    def peer_half_open(self, peer: str, now: float, exclude_shard: int | None = None) -> int:
+    def peer_half_open(
+        self,
+        peer: str,
+        now: float,
+        exclude_shard: int | None = None,
+        spi_i: bytes | None = None,
+    ) -> int:
+        """Half-open SAs of `peer` the workers reported, plus (for an ingress) its pending
+        inits, not counting those of the negotiation `spi_i` itself."""
         reported = sum(s.peers.get(peer, 0) for s in self._fresh_shards(now, exclude_shard))
-        return reported + (self._pending_by_peer.get(peer, 0) if exclude_shard is None else 0)
+        if exclude_shard is not None:
+            return reported
+        pending = self._pending_by_peer.get(peer, 0)
+        if spi_i is not None:
+            pending -= self._pending_by_spi.get((peer, spi_i), 0)
+        return reported + pending
 
     def shards(self, now: float) -> int:
         return len(self._fresh_shards(now))

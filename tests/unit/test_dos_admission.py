@@ -146,3 +146,15 @@ def test_without_backoff_configured_failures_change_nothing() -> None:
     wire = guarded_pair("", initiator_psk=b"wrong")
     wire.run(wire.initiator.engine.initiate("hq", "net", wire.now), wire.initiator)
     assert not [e for e in wire.responder.effects if isinstance(e, PeerFailed)]
+
+
+def test_half_open_timeout_is_the_responders_half_open_lifetime() -> None:
+    wire = guarded_pair(HALF_OPEN + "timeout = 30\n")
+    engine = wire.responder.engine
+    (data,) = init_requests(1)
+    effects = feed(engine, data, "198.51.100.1", now=1000.0)
+    assert [e.lifetime for e in effects if isinstance(e, HalfOpen)] == [30.0]
+    engine.on_timer(1029.9)
+    assert len(engine.sas) == 1
+    engine.on_timer(1030.0)
+    assert engine.sas == {} and engine.counters["half_open_expired"] == 1

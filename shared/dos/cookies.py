@@ -6,17 +6,17 @@ Hash is HMAC-SHA256 keyed with the secret (`cryptography`, never hand-rolled);
 the version is 4 octets, so a cookie is 36 octets (RFC 7296 3.10.1 allows 1-64).
 Secrets rotate; a cookie made with the previous secret is still accepted, so a
 peer that got its cookie just before a rotation is not refused. Verification is
-constant time (`HMAC.verify`). A `CookieSecret` never prints its key: its repr
-and every error name the version only, so it cannot leak into a log or a span.
+constant time (`hmac.compare_digest`). A `CookieSecret` never prints its key: its
+repr and every error name the version only, so it cannot leak into a log or a span.
 """
 
 from __future__ import annotations
 
+import hmac as hmac_module
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
 
 from ikefarm.proto.messages import CookieSecrets
@@ -79,11 +79,8 @@ class CookieJar:
         for secret in (self.current, self.previous):
             if secret is None or secret.version != version:
                 continue
-            try:
-                _mac(secret, nonce_i, address, spi_i).verify(cookie[VERSION_OCTETS:])
-            except InvalidSignature:
-                return False
-            return True
+            expected = _mac(secret, nonce_i, address, spi_i).finalize()
+            return hmac_module.compare_digest(expected, cookie[VERSION_OCTETS:])
         return False
 
 

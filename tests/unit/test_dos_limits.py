@@ -80,3 +80,21 @@ def test_zero_disables_block_threshold_job_load_and_ike_sa_limit() -> None:
     assert limits.job_load_limit is None and limits.ike_sa_limit is None
     limits = limits_of(DOS + "block-threshold = 2\ninit-limit-job-load = 3\nike-sa-limit = 4\n")
     assert (limits.block_threshold, limits.job_load_limit, limits.ike_sa_limit) == (2, 3, 4)
+
+
+def test_the_hardened_example_sets_every_knob() -> None:
+    from pathlib import Path
+
+    from ikefarm.shared.config.loader import load_config
+    from ikefarm.shared.dos.limits import dos_limits
+
+    example = Path(__file__).resolve().parents[2] / "ops" / "examples" / "dos-hardened.toml"
+    limits = dos_limits(load_config(example))
+    assert limits.cookie_threshold == 10 and limits.block_threshold == 5
+    assert (limits.half_open_limit, limits.half_open_limit_name) == (200, "init-limit-half-open")
+    assert limits.job_load_limit == 50 and limits.ike_sa_limit == 5000
+    assert limits.half_open_timeout == 30.0 and limits.discard_duplicate
+    assert (limits.reduce_timeout_count, limits.reduce_timeout) == (100, 5.0)
+    assert (limits.init_phase_backoff, limits.auth_phase_backoff) == (10.0, 30.0)
+    assert limits.ike_rekey_rate == Rate(2, 60) and limits.keepalive_rate == Rate(30, 60)
+    assert limits.ipsec_rekey_rate == Rate(10, 60) and limits.tx_invalid_cookie

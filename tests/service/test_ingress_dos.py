@@ -275,3 +275,53 @@ async def test_backoff_from_a_worker_reaches_ingress_and_bad_bus_input_is_counte
         assert ingress.counters["bus_dropped.bad_encoding"] >= 3
         sock.close()
     await nc.close()
+
+
+async def test_the_cookie_secret_travels_only_inside_the_store(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Everything on the bus while cookies are made, checked and rotated: the secret
+    appears only in the KV bucket's own traffic (its stream, its API replies)."""
+    nc = await nats.connect(nats_server.url)
+    seen: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        seen.append(msg)
+
+    await nc.subscribe(">", cb=keep)
+    await subscriptions_in_place(nc)
+    ike_port, _config, first, second = two_ingress(
+        nats_server,
+        tmp_path,
+        "cookie-secret-lifetime = 1\n"
+        '[ike.global-options.dos-protection]\ncookie-threshold = "always"\n',
+    )
+    async with started(first, second):
+        (sock,) = peer_sockets(1)
+        for request in init_requests(3):
+            sock.sendto(request, ("127.0.0.1", ike_port))
+            await asyncio.to_thread(sock.recv, 2048)
+        await asyncio.sleep(1.5)  # at least one rotation
+        service = first.service
+        assert isinstance(service, IngressService) and service.gate.cookies is not None
+        keys = [service.gate.cookies.current.key]
+        if service.gate.cookies.previous is not None:
+            keys.append(service.gate.cookies.previous.key)
+        gauges = repr(first.service.gauges() if first.service else {})  # type: ignore[union-attr]
+        sock.close()
+    await nc.close()
+    bucket = f"KV_{subjects.COOKIE_SECRET_BUCKET}"
+
+    def in_store(msg: Msg) -> bool:
+        headers = msg.headers or {}
+        return (
+            msg.subject.startswith(f"$KV.{subjects.COOKIE_SECRET_BUCKET}.")
+            or headers.get("Nats-Stream") == bucket
+            or (msg.reply or "").startswith(f"$JS.ACK.{bucket}.")
+        )
+
+    leaks = [m.subject for m in seen for key in keys if key in m.data and not in_store(m)]
+    assert leaks == []
+    assert any(in_store(m) for m in seen)  # the store itself did carry it
+    for key in keys:
+        assert key.hex() not in gauges and repr(key) not in gauges

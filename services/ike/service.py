@@ -104,7 +104,8 @@ class IkeService(ServiceBase):
         )
         # IKE_SA_INIT answered (or refused) per ingress instance, reported in IkeLoad
         self.inits_answered: dict[str, int] = {}
-        self._load_seq = 0
+        # snapshots are ordered by seq; a restarted worker starts above its last life's
+        self._load_seq = time.time_ns() // 1_000_000
         self._load_dirty = asyncio.Event()
         self._last_load: tuple[int, int, int] | None = None
         self.half_open_peak = 0  # the most half-open SAs this worker ever held at once
@@ -150,7 +151,7 @@ class IkeService(ServiceBase):
             "established": self.engine.established_count,
             "initiations_waiting": len(self.watches.active),
             "dos": {
-                "farm_half_open": self.engine.half_open_count
+                "farm_half_open": local_load(self.engine).half_open
                 + self.admission.load.half_open(time.monotonic(), exclude_shard=self.shard),
                 "backoff_peers": len(self.admission.backoff),
             },

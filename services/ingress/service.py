@@ -119,7 +119,7 @@ class IngressService(ServiceBase):
             counters=self.runtime.counters,
         )
         self.secrets: CookieSecretStore | None = None
-        self._load_seq = 0
+        self._load_seq = time.time_ns() // 1_000_000  # above any earlier life's
         self._reported_pending = -1
         self._load_task: asyncio.Task[None] | None = None
 

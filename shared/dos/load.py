@@ -75,6 +75,7 @@ class FarmLoad:
         # second half-open SA of its peer: pending inits are also counted by (peer, SPIi)
         self._pending_by_spi: Counter[tuple[str, bytes]] = Counter()
         self._forwarded = 0
+        self._answered = 0  # of them, answered by a worker (from the snapshots)
         self._retired = 0  # pending entries answered or expired
 
     # -- snapshots ---------------------------------------------------------------------------
@@ -89,6 +90,11 @@ class FarmLoad:
             return "stale_seq"
         if known is None and len(self._shards) >= MAX_SHARDS_TRACKED:
             return "too_many_shards"
+        # inits the workers answered for this instance; a count that went down is a
+        # restarted worker counting from 0 again
+        before = known.inits.get(self.instance, 0) if known is not None else 0
+        now_answered = message.inits.get(self.instance, 0)
+        self._answered += now_answered - before if now_answered >= before else now_answered
         self._shards[message.shard] = _Snapshot(
             message.seq,
             now,
@@ -141,9 +147,8 @@ class FarmLoad:
 
     def _retire(self, now: float) -> None:
         # workers answer in about the order inits arrive: the oldest go first
-        answered = sum(s.inits.get(self.instance, 0) for s in self._shards.values())
         while self._pending and (
-            self._retired < answered or self._pending[0][0] < now - PENDING_TTL
+            self._retired < self._answered or self._pending[0][0] < now - PENDING_TTL
         ):
             self._pop_pending()
 

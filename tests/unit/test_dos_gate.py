@@ -178,3 +178,18 @@ def test_any_snapshot_is_taken_or_refused_with_a_reason(
     reason = load.update_shard(message, NOW)
     assert reason is None or isinstance(reason, str)
     assert load.half_open(NOW) >= 0
+
+
+def test_a_restarted_worker_counting_from_zero_still_retires_pending_inits() -> None:
+    g = gate(DOS + "cookie-threshold = 0\ninit-limit-job-load = 2")
+    for n in (1, 2):
+        assert g.decide(request(n), f"198.51.100.{n}", NOW).action == FORWARD
+    g.load.update_shard(snapshot(seq=5, answered=2), NOW)
+    assert g.load.own_pending(NOW) == 0
+    for n in (3, 4):
+        assert g.decide(request(n), f"198.51.100.{n}", NOW).action == FORWARD
+    # the worker restarts: a higher seq (wall-clock based), its count from zero
+    g.load.update_shard(snapshot(seq=9, answered=1), NOW)
+    assert g.load.own_pending(NOW) == 1
+    g.load.update_shard(snapshot(seq=10, answered=2), NOW)
+    assert g.load.own_pending(NOW) == 0

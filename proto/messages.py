@@ -50,6 +50,9 @@ class Datagram(BusMessage):
     remote_address: str
     remote_port: int
     data: bytes
+    # the ingress instance that forwarded it: workers count the IKE_SA_INIT each ingress
+    # handed them (`IkeLoad.inits`), so every ingress knows which of its own are pending
+    via: str = ""
 
 
 @message("datagram-out")
@@ -77,6 +80,62 @@ class InitRoute(BusMessage):
     remote_port: int
     shard: int
     lifetime: float
+
+
+# --- DoS protection: farm-wide load (issue 5, shared/dos) -----------------------------------
+
+
+@message("ike-load")
+class IkeLoad(BusMessage):
+    """ike -> every ingress and worker: the load of one shard, on change and every `interval`.
+
+    `half_open_peers` has the peers with half-open SAs (address -> count, the largest
+    first, at most `shared.dos.load.MAX_PEERS_REPORTED`); `inits` counts, per ingress
+    instance, the IKE_SA_INIT requests this worker has answered or refused since it
+    started, so that instance knows how many of its own are still pending.
+    """
+
+    instance: str
+    shard: int
+    seq: int
+    half_open: int
+    established: int
+    interval: float
+    half_open_peers: dict[str, int] = field(default_factory=dict)
+    inits: dict[str, int] = field(default_factory=dict)
+
+
+@message("ingress-load")
+class IngressLoad(BusMessage):
+    """ingress -> every ingress and worker: IKE_SA_INIT it forwarded that no worker answered yet."""
+
+    instance: str
+    seq: int
+    pending: int
+    interval: float
+
+
+@message("peer-backoff")
+class PeerBackoff(BusMessage):
+    """ike -> every ingress: a negotiation from `address` failed in `phase` ("init" or "auth");
+    drop its new IKE_SA_INIT for `seconds` (Junos backoff-timeouts, seed 000)."""
+
+    address: str
+    phase: str
+    seconds: float
+
+
+@message("cookie-secrets")
+class CookieSecrets(BusMessage):
+    """The farm's cookie secrets (RFC 7296 2.6), the one record of the KV bucket
+    `subjects.COOKIE_SECRET_BUCKET`. Never published on a subject, never logged:
+    only ingress instances read it, and they compare-and-set it to rotate."""
+
+    version: int
+    key: bytes = field(repr=False)
+    created: float  # wall-clock seconds: every instance judges the age alike
+    previous_version: int = -1  # -1: none
+    previous_key: bytes = field(default=b"", repr=False)
 
 
 # --- keystore ---------------------------------------------------------------------------------

@@ -43,6 +43,18 @@ INGRESS_SEND = f"{PREFIX}.ingress.send"
 # ike -> every ingress: where a retransmitted IKE_SA_INIT must go (no queue group).
 INGRESS_INIT_ROUTE = f"{PREFIX}.ingress.init-route"
 
+# DoS protection (issue 5). No queue groups: every ingress and every worker needs them all.
+# ike -> all: one shard's half-open/established counts and the inits it answered (IkeLoad).
+IKE_LOAD = f"{PREFIX}.ike.load"
+# ingress -> all: the IKE_SA_INIT an ingress forwarded that are not answered yet (IngressLoad).
+INGRESS_LOAD = f"{PREFIX}.ingress.load"
+# ike -> every ingress: a peer failed IKE_SA_INIT or IKE_AUTH; back off (PeerBackoff).
+INGRESS_BACKOFF = f"{PREFIX}.ingress.backoff"
+# JetStream KV bucket holding the farm's cookie secrets (current and previous, RFC 7296 2.6);
+# only ingress reads or writes it.
+COOKIE_SECRET_BUCKET = "ikefarm-cookie-secret"  # noqa: S105 - a bucket name, not a secret
+COOKIE_RECORD = "record"
+
 # ike -> kernel: child SA install/delete (request/reply).
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
 KERNEL_CHILD_DELETE = f"{PREFIX}.kernel.child.delete"

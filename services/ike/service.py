@@ -36,12 +36,14 @@ from ikefarm.proto.messages import (
     Datagram,
     IkeCommand,
     IkeCommandResult,
+    IkeLoad,
     IkeShow,
     IkeShowRequest,
     InitialContactNotice,
     InitRoute,
     KernelAck,
     OutboundDatagram,
+    PeerBackoff,
     PskAuthReply,
     PskAuthRequest,
     SaEventNotice,
@@ -50,6 +52,9 @@ from ikefarm.proto.messages import (
 )
 from ikefarm.services.ike.ppk_client import PpkClient
 from ikefarm.shared.bus.runtime import ServiceBase
+from ikefarm.shared.dos.admission import WorkerAdmission, local_load
+from ikefarm.shared.dos.limits import dos_limits
+from ikefarm.shared.dos.load import FarmLoad, top_peers
 from ikefarm.shared.ikev2 import management
 from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
@@ -61,6 +66,7 @@ from ikefarm.shared.ikev2.effects import (
     InstallTrap,
     KeystoreRequest,
     Log,
+    PeerFailed,
     RemoveTrap,
     SaEvent,
     SendDatagram,
@@ -76,6 +82,9 @@ KEYSTORE_TIMEOUT = 2.0
 KERNEL_TIMEOUT = 2.0
 TIMER_IDLE = 1.0
 MAX_INITIATE_WAIT = 300.0
+LOAD_INTERVAL = 1.0  # s between IkeLoad snapshots when nothing changes
+LOAD_MIN_SPACING = 0.02  # s: changes within this are reported together
+MAX_INGRESS_TRACKED = 1024
 
 
 class IkeService(ServiceBase):
@@ -86,7 +95,22 @@ class IkeService(ServiceBase):
     async def setup(self) -> None:
         shard = self.runtime.options.get("shard")
         self.shard = int(shard) if shard is not None else 0
-        self.engine = IkeEngine(engine_policy(self.config.without_secrets()), self.shard)
+        self.admission = WorkerAdmission(
+            dos_limits(self.config),
+            shard=self.shard,
+            workers=int(self.config.farm.ike_workers),
+            load=FarmLoad(self.runtime.instance),
+        )
+        self.engine = IkeEngine(
+            engine_policy(self.config.without_secrets()), self.shard, dos=self.admission
+        )
+        # IKE_SA_INIT answered (or refused) per ingress instance, reported in IkeLoad
+        self.inits_answered: dict[str, int] = {}
+        # snapshots are ordered by seq; a restarted worker starts above its last life's
+        self._load_seq = time.time_ns() // 1_000_000
+        self._load_dirty = asyncio.Event()
+        self._last_load: tuple[int, int, int] | None = None
+        self.half_open_peak = 0  # the most half-open SAs this worker ever held at once
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -107,12 +131,15 @@ class IkeService(ServiceBase):
             await runtime.subscribe(
                 subject, IkeCommand, self.on_command, queue=subjects.QUEUE_IKE_WORKERS
             )
+        await runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_load)
         self._timer = asyncio.create_task(self.run_timers())
+        self._reporter = asyncio.create_task(self.report_load())
         self.log.control("ike_worker_ready", shard=self.shard)
 
     async def teardown(self) -> None:
         self._stopping = True
         self._timer.cancel()
+        self._reporter.cancel()
         for task in list(self._tasks):
             task.cancel()
         for future in self._waiting.values():
@@ -123,21 +150,77 @@ class IkeService(ServiceBase):
             "shard": self.shard,
             "ike_sas": len(self.engine.sas),
             "half_open": self.engine.half_open_count,
+            "half_open_peak": self.half_open_peak,
             "established": self.engine.established_count,
             "initiations_waiting": len(self.watches.active),
+            "dos": {
+                "farm_half_open": local_load(self.engine).half_open
+                + self.admission.load.half_open(time.monotonic(), exclude_shard=self.shard),
+                "backoff_peers": len(self.admission.backoff),
+            },
             "engine": dict(self.engine.counters),
         }
 
     # -- inputs -----------------------------------------------------------------------------
 
-    async def on_datagram(self, datagram: Datagram, _msg: Msg) -> None:
-        effects = self.engine.receive(
-            datagram.data,
-            Endpoint(datagram.local_address, datagram.local_port),
-            Endpoint(datagram.remote_address, datagram.remote_port),
-            time.monotonic(),
-        )
+    async def on_datagram(self, datagram: Datagram, msg: Msg) -> None:
+        try:
+            effects = self.engine.receive(
+                datagram.data,
+                Endpoint(datagram.local_address, datagram.local_port),
+                Endpoint(datagram.remote_address, datagram.remote_port),
+                time.monotonic(),
+            )
+        finally:
+            # counted before anything is sent: the snapshot that shows the new half-open SA
+            # also shows this init answered, so no ingress counts it twice
+            if msg.subject == subjects.IKE_INIT and datagram.via:
+                self._init_answered(datagram.via)
         await self.apply(effects)
+
+    def _init_answered(self, via: str) -> None:
+        if via not in self.inits_answered and len(self.inits_answered) >= MAX_INGRESS_TRACKED:
+            self.runtime.counters["inits_via_untracked"] += 1
+            return
+        self.inits_answered[via] = self.inits_answered.get(via, 0) + 1
+        self._load_dirty.set()
+
+    # -- farm-wide load (issue 5) ------------------------------------------------------------
+
+    async def on_load(self, message: IkeLoad, _msg: Msg) -> None:
+        if message.shard == self.shard:
+            return
+        refused = self.admission.load.update_shard(message, time.monotonic())
+        if refused is not None:
+            self.runtime.counters[f"load_refused.{refused}"] += 1
+
+    def load_snapshot(self) -> IkeLoad:
+        mine = local_load(self.engine)
+        self._load_seq += 1
+        return IkeLoad(
+            instance=self.runtime.instance,
+            shard=self.shard,
+            seq=self._load_seq,
+            half_open=mine.half_open,
+            established=mine.established,
+            interval=LOAD_INTERVAL,
+            half_open_peers=top_peers(mine.peers),
+            inits=dict(self.inits_answered),
+        )
+
+    async def report_load(self) -> None:
+        """IkeLoad on every change (coalesced) and every LOAD_INTERVAL, for ingress and peers."""
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LOAD_INTERVAL):
+                    await self._load_dirty.wait()
+            self._load_dirty.clear()
+            try:
+                await self.runtime.publish(subjects.IKE_LOAD, self.load_snapshot())
+            except Exception as exc:  # the next round tries again
+                self.runtime.counters["load_publish_failed"] += 1
+                self.log.debug("load_publish_failed", error=type(exc).__name__)
+            await asyncio.sleep(LOAD_MIN_SPACING)
 
     async def on_show(self, request: IkeShowRequest, msg: Msg) -> None:
         now = time.monotonic()
@@ -257,6 +340,11 @@ class IkeService(ServiceBase):
 
     async def apply(self, effects: list[Effect]) -> None:
         self._observe(effects)
+        counts = (len(self.engine.sas), self.engine.half_open_count, self.engine.established_count)
+        if counts != self._last_load:
+            self._last_load = counts
+            self.half_open_peak = max(self.half_open_peak, counts[1])
+            self._load_dirty.set()
         # child SAs go into the kernel before the response that announces them leaves
         installs = [e for e in effects if isinstance(e, InstallChildSa)]
         for effect in installs:
@@ -333,6 +421,11 @@ class IkeService(ServiceBase):
                     self.shard,
                     effect.lifetime,
                 ),
+            )
+        elif isinstance(effect, PeerFailed):
+            await runtime.publish(
+                subjects.INGRESS_BACKOFF,
+                PeerBackoff(effect.address, effect.phase, effect.seconds),
             )
         elif isinstance(effect, Log):
             get_logger(effect.subsystem).at(effect.level, effect.event, **effect.fields)

@@ -7,6 +7,14 @@ subject. Sent: `OutboundDatagram` from `subjects.INGRESS_SEND` (queue group
 flagged `nat_keepalive`, as its single 0xFF octet without the non-ESP marker,
 RFC 3948 2.3). Learned: the
 `InitRoute`s every worker publishes to all ingress instances.
+
+DoS gate (`shared/dos/gate.py`, issue 5): a new IKE_SA_INIT (SPIr = 0, no init
+route) is decided before it reaches a worker: forwarded, answered with a
+stateless N(COOKIE) straight from this socket, or dropped with a counted
+reason. The gate sees the farm's load from the workers' `IkeLoad` and the
+other ingress instances' `IngressLoad`; this instance reports its own pending
+inits the same way. The cookie secret comes from the farm's KV bucket
+(`cookie_secret.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +29,15 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ikefarm.proto import subjects
-from ikefarm.proto.messages import Datagram, InitRoute, OutboundDatagram
+from ikefarm.proto.messages import (
+    Datagram,
+    IkeLoad,
+    IngressLoad,
+    InitRoute,
+    OutboundDatagram,
+    PeerBackoff,
+)
+from ikefarm.services.ingress.cookie_secret import CookieSecretStore
 from ikefarm.services.ingress.routing import (
     NAT_KEEPALIVE,
     Dropped,
@@ -32,6 +48,10 @@ from ikefarm.services.ingress.routing import (
 )
 from ikefarm.services.ingress.sockets import LocalEndpoint, local_endpoints, open_udp_socket
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase
+from ikefarm.shared.dos.cookies import CookieJar, init_request
+from ikefarm.shared.dos.gate import COOKIE, DROP, IngressGate, Verdict
+from ikefarm.shared.dos.limits import dos_limits
+from ikefarm.shared.dos.load import FarmLoad
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER
 from ikefarm.shared.observability.tracing import tracer
 
@@ -39,6 +59,8 @@ from ikefarm.shared.observability.tracing import tracer
 RECEIVE_QUEUE_SIZE = 4096
 # drops that are normal traffic on the NAT-T port, not IKE: no span for them
 _UNTRACED_DROPS = frozenset({"nat_keepalive", "esp_in_udp", "empty"})
+LOAD_INTERVAL = 1.0  # s between IngressLoad reports when nothing changes
+MODE_CHECK = 0.25  # s between looks at the gate's modes (cookies on/off, limits)
 
 
 class _Received:
@@ -91,6 +113,15 @@ class IngressService(ServiceBase):
         self.natt_port: int = self.config.ingress.natt_port
         self._queue: asyncio.Queue[_Received] = asyncio.Queue(RECEIVE_QUEUE_SIZE)
         self._worker: asyncio.Task[None] | None = None
+        self.gate = IngressGate(
+            dos_limits(self.config),
+            FarmLoad(self.runtime.instance),
+            counters=self.runtime.counters,
+        )
+        self.secrets: CookieSecretStore | None = None
+        self._load_seq = time.time_ns() // 1_000_000  # above any earlier life's
+        self._reported_pending = -1
+        self._load_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -116,6 +147,19 @@ class IngressService(ServiceBase):
         except BaseException:
             self._close_sockets()
             raise
+        assert self.runtime.nc is not None
+        self.secrets = CookieSecretStore(
+            self.runtime.nc,
+            float(self.config.ingress.cookie_secret_lifetime),
+            self._take_cookie_jar,
+            self.runtime.counters,
+        )
+        await self.secrets.start()
+        await self.runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_ike_load)
+        await self.runtime.subscribe(subjects.INGRESS_LOAD, IngressLoad, self.on_ingress_load)
+        await self.runtime.subscribe(subjects.INGRESS_BACKOFF, PeerBackoff, self.on_backoff)
+        self.log.control("dos_gate", cookie_mode=self.gate.limits.cookie_mode)
+        self._load_task = asyncio.create_task(self._report_load(), name="ingress-load")
         self._worker = asyncio.create_task(self._route_received(), name="ingress-route")
         await self.runtime.subscribe(
             subjects.INGRESS_SEND, OutboundDatagram, self.on_send, queue=subjects.QUEUE_INGRESS
@@ -125,6 +169,12 @@ class IngressService(ServiceBase):
 
     async def teardown(self) -> None:
         self._close_sockets()
+        if self.secrets is not None:
+            await self.secrets.stop()
+        if self._load_task is not None:
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,7 +193,26 @@ class IngressService(ServiceBase):
             "sockets": len(self.endpoints),
             "init_routes": len(self.router.init_routes),
             "receive_queue": self._queue.qsize(),
+            "dos": self.dos_state(),
         }
+
+    def dos_state(self) -> dict[str, Any]:
+        now = time.monotonic()
+        gate = self.gate
+        return {
+            "cookie_mode": gate.limits.cookie_mode,
+            "cookies_active": gate.cookies_active(now),
+            "half_open": gate.half_open(now),
+            "half_open_peak": gate.half_open_peak,
+            "pending": gate.load.pending(now),
+            "established": gate.load.established(now),
+            "workers_reporting": gate.load.shards(now),
+            "backoff_peers": len(gate.backoff),
+            "cookie_secret_version": self.secrets.version if self.secrets else None,
+        }
+
+    def _take_cookie_jar(self, jar: CookieJar) -> None:
+        self.gate.cookies = jar
 
     # --- received datagrams ------------------------------------------------------------------
 
@@ -168,15 +237,25 @@ class IngressService(ServiceBase):
         endpoint = item.endpoint
         remote_address = canonical_address(str(item.remote[0]))
         remote_port = int(item.remote[1])
+        now = time.monotonic()
         verdict = self.router.route(
             item.data,
             natt=endpoint.natt,
             remote_address=remote_address,
             remote_port=remote_port,
-            now=time.monotonic(),
+            now=now,
         )
         if isinstance(verdict, Dropped) and verdict.reason in _UNTRACED_DROPS:
             return
+        gated: Verdict | None = None
+        if isinstance(verdict, Route) and verdict.subject == subjects.IKE_INIT:
+            gated = self._gate(verdict, remote_address, now)
+            if gated.action == COOKIE and gated.reply is not None:
+                # stateless and cheap on purpose: a flood is answered without a span each
+                # (counted as gate.cookie_sent); the retry with the cookie gets its span
+                self._send_raw(endpoint, gated.reply, remote_address, remote_port)
+                self.log.raw("cookie_sent", remote=f"{remote_address}[{remote_port}]")
+                return
         with tracer().start_as_current_span(
             "ingress.datagram",
             kind=SpanKind.SERVER,
@@ -202,6 +281,23 @@ class IngressService(ServiceBase):
                 )
                 return
             self._annotate(span, verdict)
+            via = ""
+            if gated is not None:
+                span.set_attribute("ikefarm.dos.half_open", self.gate.half_open(now))
+                span.set_attribute("ikefarm.dos.cookie_mode", self.gate.limits.cookie_mode)
+                span.set_attribute("ikefarm.dos.cookies_active", self.gate.cookies_active(now))
+                span.set_attribute("ikefarm.dos.gate", gated.action)
+                if gated.action == DROP:
+                    span.set_attribute("ikefarm.drop_reason", gated.reason)
+                    span.set_status(Status(StatusCode.ERROR, gated.reason))
+                    self.log.debug(
+                        "ike_sa_init_gated",
+                        reason=gated.reason,
+                        remote=f"{remote_address}[{remote_port}]",
+                    )
+                    return
+                via = self.runtime.instance
+                self._reported_pending = -1  # report the new pending count soon
             try:
                 await self.runtime.publish(
                     verdict.subject,
@@ -211,6 +307,7 @@ class IngressService(ServiceBase):
                         remote_address=remote_address,
                         remote_port=remote_port,
                         data=verdict.data,
+                        via=via,
                     ),
                 )
             except Exception as exc:
@@ -241,6 +338,84 @@ class IngressService(ServiceBase):
         span.set_attribute("messaging.destination", route.subject)
         if route.shard is not None:
             span.set_attribute("ikefarm.shard", route.shard)
+
+    def _gate(self, route: Route, remote_address: str, now: float) -> Verdict:
+        """The DoS gate's verdict on a new IKE_SA_INIT (SPIr = 0, no init route)."""
+        request = init_request(route.data)
+        if request is None:
+            verdict = self.gate.drop("malformed_ike_sa_init")
+        else:
+            verdict = self.gate.decide(request, remote_address, now)
+        self._log_mode_changes()
+        return verdict
+
+    def _send_raw(self, endpoint: LocalEndpoint, data: bytes, address: str, port: int) -> None:
+        protocol = self.endpoints.get((endpoint.address, endpoint.port))
+        if protocol is None or protocol.transport is None:
+            self.runtime.counters["send_no_socket"] += 1
+            return
+        if endpoint.natt:
+            data = NON_ESP_MARKER + data  # RFC 3948 2.2
+        protocol.transport.sendto(data, (address, port))
+        self.runtime.counters["sent"] += 1
+
+    def _log_mode_changes(self) -> None:
+        for change in self.gate.take_changes():
+            if change.what == "cookies":
+                event = "cookies_on" if change.active else "cookies_off"
+            else:
+                event = "limit_reached" if change.active else "limit_cleared"
+            self.runtime.counters[f"dos_mode.{event}"] += 1
+            self.log.control(event, limit=change.what, half_open=change.half_open)
+
+    # --- farm-wide load ----------------------------------------------------------------------
+
+    async def on_ike_load(self, message: IkeLoad, _msg: Msg) -> None:
+        refused = self.gate.load.update_shard(message, time.monotonic())
+        if refused is not None:
+            self.runtime.counters[f"load_refused.{refused}"] += 1
+
+    async def on_ingress_load(self, message: IngressLoad, _msg: Msg) -> None:
+        refused = self.gate.load.update_ingress(message, time.monotonic())
+        if refused is not None:
+            self.runtime.counters[f"load_refused.{refused}"] += 1
+
+    async def on_backoff(self, message: PeerBackoff, _msg: Msg) -> None:
+        try:
+            peer = canonical_address(message.address)
+        except ValueError:
+            self.runtime.counters["backoff_refused"] += 1
+            return
+        if message.phase not in ("init", "auth"):
+            self.runtime.counters["backoff_refused"] += 1
+            return
+        self.gate.backoff.add(peer, message.phase, message.seconds, time.monotonic())
+        self.runtime.counters[f"backoff_learned.{message.phase}"] += 1
+
+    async def _report_load(self) -> None:
+        """IngressLoad when the pending count changed (checked often) and every LOAD_INTERVAL;
+        the gate's modes are re-evaluated on the same beat, so "cookies off" shows up too."""
+        since = LOAD_INTERVAL
+        while True:
+            await asyncio.sleep(MODE_CHECK / 5)
+            since += MODE_CHECK / 5
+            now = time.monotonic()
+            pending = self.gate.load.own_pending(now)
+            if pending == self._reported_pending and since < LOAD_INTERVAL:
+                continue
+            self.gate.refresh_modes(now)
+            self._log_mode_changes()
+            self._load_seq += 1
+            self._reported_pending = pending
+            since = 0.0
+            try:
+                await self.runtime.publish(
+                    subjects.INGRESS_LOAD,
+                    IngressLoad(self.runtime.instance, self._load_seq, pending, LOAD_INTERVAL),
+                )
+            except Exception as exc:
+                self.runtime.counters["load_publish_failed"] += 1
+                self.log.debug("load_publish_failed", error=type(exc).__name__)
 
     # --- bus handlers ------------------------------------------------------------------------
 

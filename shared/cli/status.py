@@ -114,3 +114,26 @@ def format_table(rows: list[ServiceRow]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines
     )
+
+
+def format_dos(rows: list[ServiceRow]) -> str:
+    """One line per ingress instance: the DoS gate's cookie mode and the farm's load as it
+    sees it; one per ike worker: its half-open and established SAs (issue 5)."""
+    lines = []
+    for row in rows:
+        dos = row.gauges.get("dos") if isinstance(row.gauges, dict) else None
+        if row.name == "ingress" and isinstance(dos, dict):
+            cookies = "on" if dos.get("cookies_active") else "off"
+            lines.append(
+                f"{row.instance}: cookies {cookies} ({dos.get('cookie_mode')}), "
+                f"half-open {dos.get('half_open')} (pending {dos.get('pending')}, "
+                f"peak {dos.get('half_open_peak')}), established {dos.get('established')}, "
+                f"backing off {dos.get('backoff_peers')} peers"
+            )
+        elif row.name == "ike" and "half_open" in row.gauges:
+            lines.append(
+                f"{row.instance}: half-open {row.gauges.get('half_open')} "
+                f"(peak {row.gauges.get('half_open_peak')}), "
+                f"established {row.gauges.get('established')}"
+            )
+    return "\n".join(lines)

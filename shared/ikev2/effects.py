@@ -111,6 +111,16 @@ class HalfOpen:
 
 
 @dataclass(frozen=True)
+class PeerFailed:
+    """A negotiation from this peer failed in `phase` ("init" or "auth"): it backs off for
+    `seconds` (Junos backoff-timeouts, seed 000); ingress must learn it."""
+
+    address: str
+    phase: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class SendKeepalive:
     """A NAT-keepalive (RFC 3948 2.3): one 0xFF octet from local to remote, no non-ESP marker."""
 
@@ -154,6 +164,7 @@ class Log:
 
 Effect = (
     SendDatagram
+    | PeerFailed
     | KeystoreRequest
     | InstallChildSa
     | DeleteChildSa

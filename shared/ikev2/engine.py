@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ikefarm.proto.sharding import shard_of_spi, spi_for_shard
+from ikefarm.shared.dos.admission import WorkerAdmission
 from ikefarm.shared.ikev2.constants import ExchangeType
 from ikefarm.shared.ikev2.crypto.protection import IntegrityCheckFailed, MalformedEncryptedPayload
 from ikefarm.shared.ikev2.effects import (
@@ -28,6 +29,7 @@ from ikefarm.shared.ikev2.effects import (
     Effect,
     Endpoint,
     Log,
+    PeerFailed,
     SaEvent,
     SendDatagram,
 )
@@ -38,9 +40,11 @@ from ikefarm.shared.ikev2.exchanges import (
     ike_auth,
     ike_init,
     informational,
+    invalid_spi,
     lifetimes,
     nat_keepalive,
     ppk,
+    rate_limits,
 )
 from ikefarm.shared.ikev2.fragments import FragmentReassembler
 from ikefarm.shared.ikev2.message import (
@@ -76,8 +80,13 @@ class IkeEngine:
         *,
         random: Callable[[int], bytes] = os.urandom,
         uniform: Callable[[float, float], float] | None = None,
+        dos: WorkerAdmission | None = None,
     ) -> None:
         self.policy = policy
+        # DoS limits (issue 5): admission before DH, backoffs, incoming exchange rates
+        self.dos = dos
+        self.exchange_rates = rate_limits.ExchangeRates(dos.limits) if dos is not None else None
+        self.invalid_spi_answers = invalid_spi.new_window()
         self.shard = shard
         self.random = random
         self.uniform = uniform or random_module.SystemRandom().uniform
@@ -120,6 +129,16 @@ class IkeEngine:
 
     def count(self, name: str) -> None:
         self.counters[name] += 1
+
+    def peer_failed(self, remote: Endpoint, phase: str, now: float) -> list[Effect]:
+        """A negotiation from `remote` failed in `phase`: back off, when configured."""
+        if self.dos is None:
+            return []
+        seconds = self.dos.failed(remote.address, phase, now)
+        if seconds is None:
+            return []
+        self.count(f"backoff.{phase}-phase-failure")
+        return [PeerFailed(remote.address, phase, seconds)]
 
     def send(
         self,
@@ -286,7 +305,7 @@ class IkeEngine:
         if sa is None:
             if shard_of_spi(our_spi) != self.shard:
                 return self.drop("wrong_shard", shard=shard_of_spi(our_spi))
-            return self.drop("unknown_spi")
+            return invalid_spi.answer(self, header, local, remote, now)
         peer_spi = header.spi_i if header.is_initiator else header.spi_r
         connecting = (
             sa.state == IkeSaState.CONNECTING and header.exchange_type == ExchangeType.IKE_SA_INIT
@@ -381,6 +400,11 @@ class IkeEngine:
             return self.drop(
                 "unexpected_exchange", exchange=_exchange_name(exchange), state=str(sa.state)
             )
+        if self.exchange_rates is not None:
+            exceeded = self.exchange_rates.exceeded(sa, message, now)
+            if exceeded is not None:
+                # the Message ID is not consumed: a retransmission gets through later
+                return self.drop(f"rate_limited.{exceeded}", unique_id=sa.unique_id)
         sa.expected_request_id += 1
         if exchange == ExchangeType.INFORMATIONAL:
             return informational.respond(self, sa, message, now)

@@ -193,6 +193,7 @@ class EnginePolicy:
     make_before_break: bool
     half_open_timeout: float
     fragment_size: int = 1280
+    tx_invalid_cookie: bool = False  # JunosE (seed 002): answer unknown SPIs, rate-limited
     ike_port: int = 500
     natt_port: int = 4500
     # `[[ike.ppk]]` name -> PPK_ID octets: identities only, the secrets stay in the keystore
@@ -312,6 +313,7 @@ def engine_policy(config: Config) -> EnginePolicy:
         initiator_only=options.initiator_only,
         make_before_break=options.make_before_break,
         half_open_timeout=float(ike.session.half_open.timeout),
+        tx_invalid_cookie=bool(options.tx_invalid_cookie),
         ike_port=config.ingress.ike_port,
         natt_port=config.ingress.natt_port,
         ppks={p.name: identity for p in ike.ppk if (identity := ppk_identity(p)) is not None},

@@ -24,6 +24,7 @@ from ikefarm.shared.bus.runtime import Runtime, subscriptions_in_place
 from ikefarm.shared.config.loader import load_config
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER, ExchangeType
 from ikefarm.shared.ikev2.message import Message, encode_message
+from ikefarm.shared.ikev2.payloads import NoncePayload
 from tests.harness.ports import udp_ports
 
 SPI_I = bytes.fromhex("a1a2a3a4a5a6a7a8")
@@ -35,6 +36,8 @@ def ike(
     spi_r: bytes = bytes(8),
     message_id: int = 0,
 ) -> bytes:
+    # a new IKE_SA_INIT carries Ni, which the DoS gate reads (its cookie covers it)
+    new_init = exchange == ExchangeType.IKE_SA_INIT and spi_r == bytes(8)
     return encode_message(
         Message(
             exchange_type=exchange,
@@ -43,6 +46,7 @@ def ike(
             message_id=message_id,
             is_initiator=True,
             is_response=False,
+            payloads=[NoncePayload(bytes(32))] if new_init else [],
         )
     )
 

@@ -71,6 +71,19 @@ def test_up_status_and_clean_sigterm(farm, ikefarm_argv: list[str], loopback_con
     assert set(rows) == SERVICES
     for row in rows.values():
         assert row["version"] == "0.1.0" and row["uptime"] >= 0
+    # the DoS gate's mode and the farm's half-open count, in JSON and in the table
+    dos = rows["ingress"]["gauges"]["dos"]
+    assert dos["cookie_mode"] == "threshold 10" and dos["cookies_active"] is False
+    assert dos["half_open"] == 0 and dos["cookie_secret_version"] == 1
+    table = subprocess.run(
+        [*ikefarm_argv, "status", "-c", str(loopback_config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert "DoS protection:" in table
+    assert "ingress-0: cookies off (threshold 10), half-open 0 (pending 0" in table
+    assert "ike-0: half-open 0 (peak 0), established 0" in table
 
     state = json.loads(state_file.read_text())
     pids = [state["broker_pid"], *state["children"].values()]

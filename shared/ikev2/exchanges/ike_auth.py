@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 from typing import TYPE_CHECKING, Any
 
+from ikefarm.shared.dos.admission import AUTH_PHASE
 from ikefarm.shared.ikev2.constants import AuthMethod, ExchangeType, NotifyType, PayloadType
 from ikefarm.shared.ikev2.effects import Effect, InitialContact, KeystoreRequest, Log, SaEvent
 from ikefarm.shared.ikev2.exchanges import ppk
@@ -76,6 +77,8 @@ def _fail(
         )
     )
     effects += engine.remove_sa(sa, f"authentication failed: {reason}", now, announce=False)
+    if not sa.is_initiator:
+        effects += engine.peer_failed(sa.remote, AUTH_PHASE, now)
     return effects
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from ikefarm.shared.dos.admission import INIT_PHASE
 from ikefarm.shared.ikev2.constants import (
     ERROR_NOTIFY_MAX,
     ExchangeType,
@@ -64,11 +65,12 @@ def refuse(
     remote: Endpoint,
     notify: NotifyPayload,
     reason: str,
+    now: float | None = None,
 ) -> list[Effect]:
     """An unprotected error response to IKE_SA_INIT; no state is kept (RFC 7296 2.21.1)."""
     engine.count(f"ike_sa_init_refused.{reason}")
     data = _unprotected_reply(request, [notify])
-    return [
+    effects: list[Effect] = [
         SendDatagram(local, remote, data, "IKE_SA_INIT"),
         Log(
             1,
@@ -77,6 +79,10 @@ def refuse(
             {"peer": str(remote), "notify": NotifyType(notify.notify_type).name},
         ),
     ]
+    # INVALID_KE_PAYLOAD is a retry hint, not a failure; `now` is None for an unparsed request
+    if now is not None and notify.notify_type != NotifyType.INVALID_KE_PAYLOAD:
+        effects += engine.peer_failed(remote, INIT_PHASE, now)
+    return effects
 
 
 def refuse_critical(
@@ -118,6 +124,13 @@ def respond(
         ]
     if existing is not None:
         return engine.drop("init_for_existing_half_open")
+    if engine.dos is not None:
+        # the final authority on the DoS limits, before any DH is spent (shared/dos)
+        refused = engine.dos.refuse(engine, remote.address, now)
+        if refused is not None:
+            engine.count(f"dos_refused.{refused}")
+            modes = _mode_logs(engine, refused)
+            return modes + engine.drop("dos_refused", limit=refused, peer=str(remote))
     if engine.policy.initiator_only:
         return refuse(
             engine,
@@ -126,6 +139,7 @@ def respond(
             remote,
             NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN),
             "initiator_only",
+            now,
         )
 
     sa_payload = request.get(SaPayload)
@@ -136,7 +150,13 @@ def respond(
     candidates = engine.policy.candidates(local.address, remote.address)
     if not candidates:
         return refuse(
-            engine, request, local, remote, NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN), "no_vpn"
+            engine,
+            request,
+            local,
+            remote,
+            NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN),
+            "no_vpn",
+            now,
         )
 
     selection = None
@@ -149,7 +169,7 @@ def respond(
     if selection is None:
         offered = sorted(offered_dh_groups(sa_payload.proposals))
         notify = NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN)
-        effects = refuse(engine, request, local, remote, notify, "no_proposal_chosen")
+        effects = refuse(engine, request, local, remote, notify, "no_proposal_chosen", now)
         effects.append(
             Log(1, "ike", "no_proposal_chosen", {"peer": str(remote), "offered_dh": offered})
         )
@@ -160,7 +180,7 @@ def respond(
         # RFC 7296 1.2: tell the initiator which group we want; keep no state
         group = algorithms.dh.to_bytes(2, "big")
         notify = NotifyPayload(NotifyType.INVALID_KE_PAYLOAD, data=group)
-        return refuse(engine, request, local, remote, notify, "invalid_ke_payload")
+        return refuse(engine, request, local, remote, notify, "invalid_ke_payload", now)
     if len(ke.key_data) != key_exchange_length(algorithms.dh):
         return engine.drop("bad_ke_length")
 
@@ -175,9 +195,15 @@ def respond(
             remote,
             NotifyPayload(NotifyType.INVALID_SYNTAX),
             "invalid_ke_value",
+            now,
         )
     engine.count("dh_computed")
 
+    lifetime = (
+        engine.dos.half_open_lifetime(engine, now)
+        if engine.dos is not None
+        else engine.policy.half_open_timeout
+    )
     spi_r = engine.new_ike_spi()
     nonce_r = engine.random(NONCE_SIZE)
     prf = Prf(algorithms.prf[0])
@@ -205,7 +231,7 @@ def respond(
         nonce_r=nonce_r,
         init_request=parsed.raw,
         expected_request_id=1,
-        half_open_deadline=now + engine.policy.half_open_timeout,
+        half_open_deadline=now + lifetime,
     )
     sa.peer_fragmentation = request.notify(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED) is not None
     sa.peer_childless = request.notify(NotifyType.CHILDLESS_IKEV2_SUPPORTED) is not None
@@ -227,9 +253,9 @@ def respond(
 
     engine.sas[spi_r] = sa
     engine.init_index[(request.spi_i, remote.address, remote.port)] = spi_r
-    effects = engine.respond(sa, request, payloads, protected=False)
+    effects = _mode_logs(engine, None) + engine.respond(sa, request, payloads, protected=False)
     sa.init_response = sa.last_response.datagrams[0] if sa.last_response else b""
-    effects.append(HalfOpen(request.spi_i, remote, engine.policy.half_open_timeout))
+    effects.append(HalfOpen(request.spi_i, remote, lifetime))
     effects.append(
         Log(
             2,
@@ -245,6 +271,16 @@ def respond(
         )
     )
     return effects
+
+
+def _mode_logs(engine: IkeEngine, refused: str | None) -> list[Effect]:
+    """Level-1 lines when this worker starts or stops refusing at a limit (not per packet)."""
+    if engine.dos is None:
+        return []
+    return [
+        Log(1, "ike", "limit_reached" if reached else "limit_cleared", {"limit": name[6:]})
+        for name, reached in engine.dos.transitions(refused)
+    ]
 
 
 # -- initiator ----------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
 
 # ike -> keystore: computations that need a secret (request/reply).
 KEYSTORE_PSK_AUTH = f"{PREFIX}.keystore.psk.auth"
+# ike -> keystore: certificate AUTH, signed and verified where the private keys live.
+KEYSTORE_CERT_AUTH = f"{PREFIX}.keystore.cert.auth"
 
 # ike -> anyone: SA lifecycle events (for show, flow, dashboards).
 EVENT_IKE_SA = f"{PREFIX}.event.ike-sa"

@@ -31,6 +31,8 @@ from nats.aio.msg import Msg
 
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import (
+    CertAuthReply,
+    CertAuthRequest,
     ChildDelete,
     ChildInstall,
     Datagram,
@@ -66,6 +68,7 @@ from ikefarm.shared.ikev2.effects import (
     SendKeepalive,
 )
 from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.exchanges.auth_methods import CERT_AUTH
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
 from ikefarm.shared.observability.logging import get_logger
@@ -343,13 +346,27 @@ class IkeService(ServiceBase):
         reply: dict[str, Any] | None = None
         error: str | None = None
         try:
-            answer = await self.runtime.request(
-                subjects.KEYSTORE_PSK_AUTH,
-                PskAuthRequest(**effect.params),
-                PskAuthReply,
-                timeout=KEYSTORE_TIMEOUT,
-            )
-            reply = {"verified": answer.verified, "auth": answer.auth, "reason": answer.reason}
+            if effect.operation == CERT_AUTH:
+                certified = await self.runtime.request(
+                    subjects.KEYSTORE_CERT_AUTH,
+                    CertAuthRequest(**effect.params),
+                    CertAuthReply,
+                    timeout=KEYSTORE_TIMEOUT,
+                )
+                reply = {
+                    "verified": certified.verified,
+                    "auth": certified.auth,
+                    "method": certified.method,
+                    "reason": certified.reason,
+                }
+            else:
+                answer = await self.runtime.request(
+                    subjects.KEYSTORE_PSK_AUTH,
+                    PskAuthRequest(**effect.params),
+                    PskAuthReply,
+                    timeout=KEYSTORE_TIMEOUT,
+                )
+                reply = {"verified": answer.verified, "auth": answer.auth, "reason": answer.reason}
         except Exception as exc:
             error = type(exc).__name__
             self.runtime.counters["keystore_errors"] += 1

@@ -121,6 +121,8 @@ class IkeSa:
     peer_fragmentation: bool = False
     peer_childless: bool = False
     peer_mobike: bool = False
+    # RFC 7427 4: the hashes the peer announced in SIGNATURE_HASH_ALGORITHMS
+    peer_signature_hashes: tuple[int, ...] = ()
     nat_local: bool = False  # we are behind a NAT (peer's DESTINATION_IP hash differs)
     nat_remote: bool = False  # the peer is behind a NAT (its SOURCE_IP hash differs)
     ppk_used: bool = False

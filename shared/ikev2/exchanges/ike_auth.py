@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ikefarm.shared.ikev2.constants import AuthMethod, ExchangeType, NotifyType, PayloadType
 from ikefarm.shared.ikev2.effects import Effect, InitialContact, KeystoreRequest, Log, SaEvent
+from ikefarm.shared.ikev2.exchanges import auth_methods
 from ikefarm.shared.ikev2.exchanges.child_create import respond_child
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import AuthPayload, IdPayload, NotifyPayload, Payload
@@ -32,6 +33,9 @@ def identity_matches(configured: str | None, presented: str) -> bool:
     """strongSwan-style: unset or `%any` matches anything, `*` wildcards match within."""
     if configured is None or configured in ("%any", "*"):
         return True
+    dn = auth_methods.dn_matches(configured, presented)
+    if dn is not None:
+        return dn
     if "*" in configured:
         return fnmatch.fnmatchcase(presented, configured)
     return configured == presented
@@ -89,16 +93,23 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
     vpn = choose_vpn(sa, idi, idr if isinstance(idr, IdPayload) else None)
     if vpn is None:
         return _fail(engine, sa, request, "no_matching_vpn", now, remote_id=str(idi))
-    if vpn.remote_auth != "pre-shared-key" or auth.method != AuthMethod.SHARED_KEY_MIC:
+    if not auth_methods.accepts(vpn, auth.method) or not auth_methods.same_kind(vpn):
         return _fail(engine, sa, request, "auth_method", now, method=int(auth.method), vpn=vpn.name)
     assert sa.keys is not None
-    local_id = IdPayload.from_string(vpn.local_id, PayloadType.IDr)
+    local_id = auth_methods.identity_payload(vpn.local_id, PayloadType.IDr)
     verify = signed_octets(sa.init_request, sa.nonce_r, sa.keys.sk_pi, idi, sa)
     sign = signed_octets(sa.init_response, sa.nonce_i, sa.keys.sk_pr, local_id, sa)
     request_id = engine.new_request_id()
     engine.keystore_waits[request_id] = sa.local_spi
     sa.state = IkeSaState.AUTHENTICATING
     sa.pending = {"request": request, "vpn": vpn, "idi": idi, "idr": local_id}
+    sa.pending["remote_method"] = int(auth.method)
+    if vpn.remote_auth == auth_methods.PUBKEY:
+        params = auth_methods.cert_request(
+            sa, vpn, "verify-and-sign", peer=request, peer_id=idi, peer_auth=auth,
+            verify_octets=verify, sign_octets=sign,
+        )  # fmt: skip
+        return [KeystoreRequest(request_id, auth_methods.CERT_AUTH, params)]
     assert sa.algorithms is not None and sa.algorithms.prf is not None
     params = {
         "prf_id": sa.algorithms.prf[0],
@@ -156,10 +167,10 @@ def keystore_answered(
     sa.expire_at = now + vpn.rekey_time + vpn.over_time if vpn.rekey_time else None
     engine.count("ike_sa_established")
 
-    payloads: list[Payload] = [
-        pending["idr"],
-        AuthPayload(AuthMethod.SHARED_KEY_MIC, reply["auth"]),
-    ]
+    payloads: list[Payload] = [pending["idr"], *auth_methods.our_auth(vpn, reply)]
+    used = auth_methods.count_methods(
+        engine, int(reply.get("method") or AuthMethod.SHARED_KEY_MIC), pending["remote_method"]
+    )
     effects: list[Effect] = []
     child = respond_child(engine, sa, vpn, request, now, first_child=True)
     payloads += child.payloads
@@ -175,6 +186,7 @@ def keystore_answered(
         "spi_i": sa.spi_i.hex(),
         "spi_r": sa.spi_r.hex(),
         "proposal": sa.algorithms.ike_summary(),
+        **used,
     }
     effects += response_effects
     effects.append(SaEvent("ike-established", sa.unique_id, vpn.name, detail))
@@ -199,11 +211,14 @@ def initiator_sign(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     """Ask the keystore for our AUTH over InitiatorSignedOctets (RFC 7296 2.15)."""
     assert sa.vpn is not None and sa.keys is not None and sa.algorithms is not None
     assert sa.algorithms.prf is not None
-    idi = IdPayload.from_string(sa.vpn.local_id, PayloadType.IDi)
+    idi = auth_methods.identity_payload(sa.vpn.local_id, PayloadType.IDi)
     sign = signed_octets(sa.init_request, sa.nonce_r, sa.keys.sk_pi, idi, sa)
     request_id = engine.new_request_id()
     engine.keystore_waits[request_id] = sa.local_spi
     sa.pending = {"step": "sign", "idi": idi}
+    if sa.vpn.local_auth == auth_methods.PUBKEY:
+        params = auth_methods.cert_request(sa, sa.vpn, "sign", sign_octets=sign)
+        return [KeystoreRequest(request_id, auth_methods.CERT_AUTH, params)]
     params = {
         "prf_id": sa.algorithms.prf[0],
         "local_id": sa.vpn.local_id,
@@ -216,21 +231,26 @@ def initiator_sign(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     return [KeystoreRequest(request_id, PSK_AUTH, params)]
 
 
-def _initiator_send_auth(engine: IkeEngine, sa: IkeSa, auth: bytes, now: float) -> list[Effect]:
+def _initiator_send_auth(
+    engine: IkeEngine, sa: IkeSa, reply: dict[str, Any], now: float
+) -> list[Effect]:
     from ikefarm.shared.ikev2.exchanges.child_create import initiator_child_payloads
 
     assert sa.vpn is not None
     idi: IdPayload = sa.pending["idi"]
     sa.local_id = idi
-    payloads: list[Payload] = [idi]
+    payloads: list[Payload] = [idi, *auth_methods.certificate_payloads(sa.vpn)]
+    payloads += auth_methods.certreq_payloads(engine.policy, [sa.vpn])
     if not any(
         other is not sa and other.vpn is sa.vpn and other.established_at is not None
         for other in engine.sas.values()
     ):
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     if sa.vpn.remote_id:
-        payloads.append(IdPayload.from_string(sa.vpn.remote_id, PayloadType.IDr))
-    payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, auth))
+        payloads.append(auth_methods.identity_payload(sa.vpn.remote_id, PayloadType.IDr))
+    auth = AuthPayload(int(reply.get("method") or AuthMethod.SHARED_KEY_MIC), reply["auth"])
+    sa.pending["local_method"] = int(auth.method)
+    payloads.append(auth)
     context: dict[str, Any] = {}
     policy = sa.requested_child
     if policy is None and not sa.peer_childless and sa.vpn.security_policies:
@@ -240,6 +260,7 @@ def _initiator_send_auth(engine: IkeEngine, sa: IkeSa, auth: bytes, now: float) 
         payloads += child_payloads
     if sa.vpn.mobike:
         payloads.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
+    context["local_method"] = sa.pending.get("local_method")
     sa.pending = {}
     sa.state = IkeSaState.AUTHENTICATING
     return engine.send_request(sa, ExchangeType.IKE_AUTH, payloads, now, "ike_auth", context)
@@ -260,12 +281,18 @@ def initiator_response(
     assert sa.algorithms.prf is not None
     if not identity_matches(sa.vpn.remote_id, str(idr)):
         return _initiator_failed(engine, sa, "unexpected_identity", now, remote_id=str(idr))
-    if sa.vpn.remote_auth != "pre-shared-key" or auth.method != AuthMethod.SHARED_KEY_MIC:
+    if not auth_methods.accepts(sa.vpn, auth.method):
         return _initiator_failed(engine, sa, "auth_method", now, method=int(auth.method))
     verify = signed_octets(sa.init_response, sa.nonce_i, sa.keys.sk_pr, idr, sa)
     request_id = engine.new_request_id()
     engine.keystore_waits[request_id] = sa.local_spi
     sa.pending = {"step": "verify", "response": response, "context": context, "idr": idr}
+    sa.pending["remote_method"] = int(auth.method)
+    if sa.vpn.remote_auth == auth_methods.PUBKEY:
+        params = auth_methods.cert_request(
+            sa, sa.vpn, "verify", peer=response, peer_id=idr, peer_auth=auth, verify_octets=verify
+        )
+        return [KeystoreRequest(request_id, auth_methods.CERT_AUTH, params)]
     params = {
         "prf_id": sa.algorithms.prf[0],
         "local_id": sa.vpn.local_id,
@@ -313,7 +340,7 @@ def _initiator_keystore_answered(
     if pending.get("step") == "sign":
         if not reply.get("auth"):
             return _initiator_failed(engine, sa, str(reply.get("reason") or "no_secret"), now)
-        return _initiator_send_auth(engine, sa, reply["auth"], now)
+        return _initiator_send_auth(engine, sa, reply, now)
     sa.pending = {}
     if not reply.get("verified"):
         return _initiator_failed(engine, sa, str(reply.get("reason") or "auth_mismatch"), now)
@@ -328,6 +355,10 @@ def _initiator_keystore_answered(
     sa.rekey_at = now + vpn.rekey_time if vpn.rekey_time else None
     sa.expire_at = now + vpn.rekey_time + vpn.over_time if vpn.rekey_time else None
     engine.count("ike_sa_established")
+    context = pending["context"]
+    used = auth_methods.count_methods(
+        engine, context.pop("local_method", None), pending["remote_method"]
+    )
     detail = {
         "local": str(sa.local),
         "remote": str(sa.remote),
@@ -336,12 +367,12 @@ def _initiator_keystore_answered(
         "spi_i": sa.spi_i.hex(),
         "spi_r": sa.spi_r.hex(),
         "proposal": sa.algorithms.ike_summary(),
+        **used,
     }
     effects: list[Effect] = [
         SaEvent("ike-established", sa.unique_id, vpn.name, detail),
         Log(0, "ike", "ike_sa_established", {"vpn": vpn.name, "unique_id": sa.unique_id, **detail}),
     ]
-    context = pending["context"]
     if context:
         effects += initiator_child_complete(
             engine, sa, response, context, now, first_child=True

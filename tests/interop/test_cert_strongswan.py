@@ -111,6 +111,7 @@ def test_strongswan_initiator_authenticates_with_certificates(
     (row,) = gateway.wait_sas(1)
     assert (row["spi_i"], row["spi_r"]) == (sa["initiator-spi"], sa["responder-spi"])
     assert row["remote_id"].startswith("asn1dn:#") if by_dn else row["remote_id"] == "peer.example"
+    assert (row["local_auth"], row["remote_auth"]) == ("DIGITAL_SIGNATURE", "DIGITAL_SIGNATURE")
     counters = gateway.counters("ike")
     assert counters.get("auth.remote.DIGITAL_SIGNATURE") == 1  # RFC 7427: both announced
     assert counters.get("auth.local.DIGITAL_SIGNATURE") == 1
@@ -148,6 +149,7 @@ def test_ikefarm_initiator_authenticates_with_certificates(
     (sa,) = peer.list_sas()
     assert sa["state"] == "ESTABLISHED" and sa.get("initiator") != "yes"
     assert (row["spi_i"], row["spi_r"]) == (sa["initiator-spi"], sa["responder-spi"])
+    assert (row["local_auth"], row["remote_auth"]) == (method, method)
     counters = gateway.counters("ike")
     assert counters.get(f"auth.local.{method}") == 1
     assert counters.get(f"auth.remote.{method}") == 1

@@ -339,6 +339,8 @@ def test_engines_authenticate_each_other_with_certificates(tmp_path: Path, kind:
     (r_sa,) = wire.responder.engine.sas.values()
     assert i_sa.state == r_sa.state == IkeSaState.ESTABLISHED
     assert len(i_sa.children) == len(r_sa.children) == 1
+    both = {"local_auth": "DIGITAL_SIGNATURE", "remote_auth": "DIGITAL_SIGNATURE"}
+    assert i_sa.auth_methods == r_sa.auth_methods == both
     for side in (wire.initiator, wire.responder):
         counters = side.engine.counters
         assert counters["auth.local.DIGITAL_SIGNATURE"] == 1  # both announced RFC 7427

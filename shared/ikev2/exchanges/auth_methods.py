@@ -173,13 +173,14 @@ def cert_request(
 
 
 def count_methods(
-    engine: Any, local_method: int | None, remote_method: int | None
+    engine: Any, sa: IkeSa, local_method: int | None, remote_method: int | None
 ) -> dict[str, str]:
-    """Count the AUTH methods used (`auth.local.DIGITAL_SIGNATURE`, ...) and name them for show."""
+    """Count the AUTH methods used (`auth.local.DIGITAL_SIGNATURE`, ...); `show` names them."""
     names: dict[str, str] = {}
     for side, method in (("local", local_method), ("remote", remote_method)):
         if method is None:
             continue
         names[f"{side}_auth"] = method_name(method)
         engine.count(f"auth.{side}.{method_name(method)}")
+    sa.auth_methods = names
     return names

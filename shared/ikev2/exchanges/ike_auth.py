@@ -169,7 +169,7 @@ def keystore_answered(
 
     payloads: list[Payload] = [pending["idr"], *auth_methods.our_auth(vpn, reply)]
     used = auth_methods.count_methods(
-        engine, int(reply.get("method") or AuthMethod.SHARED_KEY_MIC), pending["remote_method"]
+        engine, sa, int(reply.get("method") or AuthMethod.SHARED_KEY_MIC), pending["remote_method"]
     )
     effects: list[Effect] = []
     child = respond_child(engine, sa, vpn, request, now, first_child=True)
@@ -357,7 +357,7 @@ def _initiator_keystore_answered(
     engine.count("ike_sa_established")
     context = pending["context"]
     used = auth_methods.count_methods(
-        engine, context.pop("local_method", None), pending["remote_method"]
+        engine, sa, context.pop("local_method", None), pending["remote_method"]
     )
     detail = {
         "local": str(sa.local),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -141,3 +142,54 @@ def default_local_id(chain: tuple[bytes, ...]) -> str | None:
 
 def certreq_authorities(paths: list[str]) -> tuple[bytes, ...]:
     return tuple(certreq_authority(c) for path in paths for c in load_certificates(path))
+
+
+def certificate_problems(config: Any) -> list[tuple[str, str]]:
+    """Config rules of certificate authentication, as (key path, problem) pairs.
+
+    Certificate and CRL files must be readable X.509; a private key file must
+    exist (only the keystore reads its content); a `pubkey` side needs its
+    certificate and key, or trust anchors to check the peer with. Both sides of a
+    VPN use the same kind of authentication.
+    """
+    problems: list[tuple[str, str]] = []
+    pki = config.ike.pki
+    for index, path in enumerate(pki.ca_certificates):
+        problems += _file_problem(f"ike.pki.ca-certificates[{index}]", path, load_certificates)
+    for index, path in enumerate(pki.crls):
+        problems += _file_problem(f"ike.pki.crls[{index}]", path, load_crl)
+    for index, vpn in enumerate(config.ike.vpn):
+        where = f"ike.vpn[{index}]"
+        local, remote = vpn.ike_policy.local_auth_method, vpn.ike_policy.remote_auth_method
+        if "pubkey" in (local, remote) and local != remote:
+            problems.append(
+                (f"{where}.ike-policy", f"{local} / {remote}: both sides must use the same kind")
+            )
+        if vpn.local_certificate:
+            problems += _file_problem(
+                f"{where}.local-certificate", vpn.local_certificate, load_certificates
+            )
+        if vpn.local_private_key and not Path(vpn.local_private_key).is_file():
+            problems.append(
+                (f"{where}.local-private-key", f'"{vpn.local_private_key}" is not a file')
+            )
+        if local == "pubkey":
+            for key in ("local-certificate", "local-private-key"):
+                if not vpn[key]:
+                    problems.append((f"{where}.{key}", "is required with local-auth-method pubkey"))
+        if remote == "pubkey" and not pki.ca_certificates:
+            problems.append(
+                (
+                    "ike.pki.ca-certificates",
+                    f"vpn {vpn.name}: remote-auth-method pubkey needs a trust anchor",
+                )
+            )
+    return problems
+
+
+def _file_problem(where: str, path: str, load: Any) -> list[tuple[str, str]]:
+    try:
+        load(path)
+    except CertificateFileError as exc:
+        return [(where, str(exc))]
+    return []

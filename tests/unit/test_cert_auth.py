@@ -381,3 +381,34 @@ def test_certreq_authority_is_sha1_of_the_spki(rsa_pki: Pki) -> None:
         Encoding.DER, PublicFormat.SubjectPublicKeyInfo
     )
     assert certreq_authority(rsa_pki.ca.cert) == hashlib.sha1(spki).digest()
+
+
+def test_certificate_config_problems_are_refused_at_load(tmp_path: Path, rsa_pki: Pki) -> None:
+    from ikefarm.shared.config.loader import ConfigError
+
+    gw = rsa_pki.issue("cfg-gw", dns="gw.example")
+    base = CERT_VPN.format(
+        name="v", local="192.0.2.1", remote="", local_id="gw.example", remote_id="p.example",
+        cert=gw.cert_path, key=gw.key_path, lts="10.1.0.0/24", rts="10.2.0.0/24",
+        ca=rsa_pki.ca_path, crls="",
+    )  # fmt: skip
+    parse_config(base)  # the good one loads
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    cases = {
+        str(rsa_pki.ca_path): str(junk),  # ca and certificate unreadable as X.509
+        f'local-private-key = "{gw.key_path}"': 'local-private-key = "/nonexistent.key"',
+        'remote-auth-method = "pubkey"': 'remote-auth-method = "pre-shared-key"',
+    }
+    expected = [
+        "ike.pki.ca-certificates[0]",
+        "ike.vpn[0].local-private-key",
+        "ike.vpn[0].ike-policy",
+    ]
+    for (old, new), key in zip(cases.items(), expected, strict=True):
+        with pytest.raises(ConfigError) as refused:
+            parse_config(base.replace(old, new))
+        assert key in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        parse_config(base.replace(f'local-certificate = "{gw.cert_path}"\n', ""))
+    assert "ike.vpn[0].local-certificate" in str(refused.value)

@@ -120,6 +120,10 @@ def test_strongswan_initiator_authenticates_with_certificates(
     assert "received cert request for" in log and "sending end entity cert" in log
     keystore = gateway.counters("keystore")
     assert keystore.get("cert_auth.verified") == 1
+    # the gateway's private key appears nowhere in its logs (levels 0-3 here)
+    key_body = "".join(gw.key_path.read_text().splitlines()[1:-1])
+    logged = "".join(gateway.log_text().split())
+    assert key_body[:64] not in logged and key_body[-64:] not in logged
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,3 +161,31 @@ class Pki:
                 )
             )
         return Issued(cert, key, cert_path, key_path)
+
+
+def cert_vpn_toml(
+    pki: Pki,
+    *,
+    name: str,
+    local: str,
+    local_id: str,
+    remote_id: str,
+    cert: Path,
+    key: Path,
+    remote: str | None = None,
+    crls: Sequence[Path] = (),
+    lts: str = "10.100.0.0/24",
+    rts: str = "10.200.0.0/24",
+) -> str:
+    """An ikefarm config with one certificate-authenticated VPN trusting `pki`'s CA."""
+    remote_line = f'remote-address = "{remote}"\n' if remote else ""
+    crl_list = ", ".join(f'"{c}"' for c in crls)
+    return (
+        f'[ike.pki]\nca-certificates = ["{pki.ca_path}"]\ncrls = [{crl_list}]\n\n'
+        f'[[ike.vpn]]\nname = "{name}"\nlocal-address = "{local}"\n{remote_line}'
+        f'local-id = "{local_id}"\nremote-id = "{remote_id}"\n'
+        f'local-certificate = "{cert}"\nlocal-private-key = "{key}"\n'
+        'ike-policy = { local-auth-method = "pubkey", remote-auth-method = "pubkey" }\n'
+        f'[[ike.vpn.security-policy]]\nname = "net"\nlocal-ts = {{ subnet = "{lts}" }}\n'
+        f'remote-ts = {{ subnet = "{rts}" }}\n'
+    )

@@ -42,6 +42,7 @@ from ikefarm.shared.ikev2.certs import (
     identity_names_certificate,
     load_certificates,
     load_crl,
+    read_file,
 )
 from ikefarm.shared.ikev2.crypto.signature import (
     PrivateKey,
@@ -237,11 +238,7 @@ def cert_auth(store: CertStore, request: CertAuthRequest) -> CertAuthReply:
 
 def load_private_key(path: str) -> PrivateKey:
     """A PEM or DER (PKCS#8, PKCS#1, SEC1) private key without a passphrase."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise CertificateFileError(f"{path}: {exc.strerror or exc}") from None
+    data = read_file(path)
     try:
         key = (
             load_pem_private_key(data, password=None)

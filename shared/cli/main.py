@@ -34,21 +34,26 @@ def _load_or_exit(path: str) -> Config:
         raise SystemExit(1) from None
 
 
-def _nats_url(args: argparse.Namespace, config: Config | None) -> str:
-    """--nats, else the config's [nats] url, else the broker a running `ikefarm up` started."""
+def _running_farm(args: argparse.Namespace, config: Config | None) -> dict[str, Any] | None:
+    """The `up.json` of a running `ikefarm up`: --state-dir, the config's, or the default."""
     from ikefarm.shared.bus.embedded import default_state_dir
     from ikefarm.shared.cli.supervisor import read_up_state, state_dir_of
 
-    if getattr(args, "nats", None):
-        return str(args.nats)
-    if config is not None and config.nats.url:
-        return str(config.nats.url)
     state_dir = (
         Path(args.state_dir)
         if getattr(args, "state_dir", None)
         else (state_dir_of(config) if config is not None else default_state_dir())
     )
-    state = read_up_state(state_dir)
+    return read_up_state(state_dir)
+
+
+def _nats_url(args: argparse.Namespace, config: Config | None) -> str:
+    """--nats, else the config's [nats] url, else the broker a running `ikefarm up` started."""
+    if getattr(args, "nats", None):
+        return str(args.nats)
+    if config is not None and config.nats.url:
+        return str(config.nats.url)
+    state = _running_farm(args, config)
     if state and state.get("nats_url"):
         return str(state["nats_url"])
     print(
@@ -68,20 +73,13 @@ def _nats_credentials(args: argparse.Namespace, config: Config | None) -> str | 
 
     from ikefarm.proto.subjects import ADMIN_USER
     from ikefarm.shared.bus.auth import ENV_CREDENTIALS
-    from ikefarm.shared.bus.embedded import default_state_dir
-    from ikefarm.shared.cli.supervisor import read_up_state, state_dir_of
 
     explicit = getattr(args, "nats_credentials", None) or os.environ.get(ENV_CREDENTIALS)
     if explicit:
         return str(explicit)
     if config is not None and config.nats.credentials:
         return str(config.nats.credentials)
-    state_dir = (
-        Path(args.state_dir)
-        if getattr(args, "state_dir", None)
-        else (state_dir_of(config) if config is not None else default_state_dir())
-    )
-    state = read_up_state(state_dir)
+    state = _running_farm(args, config)
     if state and state.get("credentials_dir"):
         path = Path(state["credentials_dir"]) / f"{ADMIN_USER}.json"
         return str(path) if path.exists() else None

@@ -32,12 +32,17 @@ class CertificateFileError(ValueError):
     """A certificate, key or CRL file named in the config cannot be used."""
 
 
-def load_certificates(path: str | Path) -> list[x509.Certificate]:
-    """Every certificate of a PEM file (in order) or the one of a DER file."""
+def read_file(path: str | Path) -> bytes:
+    """A file named in the config; CertificateFileError says which and why it cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise CertificateFileError(f"{path}: {exc.strerror or exc}") from None
+
+
+def load_certificates(path: str | Path) -> list[x509.Certificate]:
+    """Every certificate of a PEM file (in order) or the one of a DER file."""
+    data = read_file(path)
     try:
         if PEM_CERTIFICATE in data:
             return x509.load_pem_x509_certificates(data)
@@ -47,10 +52,7 @@ def load_certificates(path: str | Path) -> list[x509.Certificate]:
 
 
 def load_crl(path: str | Path) -> x509.CertificateRevocationList:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CertificateFileError(f"{path}: {exc.strerror or exc}") from None
+    data = read_file(path)
     try:
         if PEM_CRL in data:
             return x509.load_pem_x509_crl(data)

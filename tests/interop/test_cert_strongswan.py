@@ -12,7 +12,9 @@ fails with AUTHENTICATION_FAILED on the side that verifies it.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,34 +78,80 @@ def strongswan_conn(peer: Issued, ca: Path, *, local_id: str | None = "peer.exam
     )  # fmt: skip
 
 
+@dataclass
+class Scene:
+    pki: Pki
+    gw: Issued
+    peer_cert: Issued
+    gateway: Gateway
+    peer: StrongSwan
+
+
 @pytest.fixture
-def ns(netns_pair: NetnsPair) -> NetnsPair:
+def scene(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path: Path,
+) -> Callable[..., Scene]:
+    """make(kind, ...): a CA, both certificates, ikefarm in "gw", strongSwan (loaded) in "peer".
+
+    `initiator`: ikefarm initiates (VPN "hq" to 192.0.2.2), else strongSwan does (VPN "rw").
+    `revoke_peer`: ikefarm's CRL file revokes strongSwan's certificate. `rogue_gw`: the
+    gateway's certificate comes from another CA with the same name.
+    """
     netns_pair.peer.add_address("lo", "10.200.0.1/32")
-    return netns_pair
+
+    def make(
+        kind: str,
+        *,
+        initiator: bool,
+        revoke_peer: bool = False,
+        rogue_gw: bool = False,
+        remote_id: str = "peer.example",
+        peer_local_id: str | None = "peer.example",
+        charon_options: dict[str, object] | None = None,
+    ) -> Scene:
+        pki = Pki(tmp_path / "pki", kind)
+        issuer = Pki(tmp_path / "rogue", kind, ca_name=pki.ca_name) if rogue_gw else pki
+        gw = issuer.issue("gw", dns="gw.example")
+        peer_cert = pki.issue("peer", dns="peer.example")
+        crl = pki.revoke(peer_cert) if revoke_peer else pki.write_crl()
+        vpn = (
+            cert_vpn("hq", gw, remote_id=remote_id, remote_address="192.0.2.2")
+            if initiator
+            else cert_vpn("rw", gw, remote_id=remote_id, remote_address="any")
+        )
+        gateway = gateway_factory(
+            netns_pair.gw, config_text=gateway_text(tmp_path, vpn, pki.ca_path, [crl])
+        )
+        peer = strongswan_factory(netns_pair.peer, charon_options=charon_options)
+        conn = strongswan_conn(peer_cert, pki.ca_path, local_id=peer_local_id)
+        peer.load([conn], private_keys=[peer_cert.key_path])
+        return Scene(pki, gw, peer_cert, gateway, peer)
+
+    return make
+
+
+def initiate(gateway: Gateway) -> subprocess.CompletedProcess[str]:
+    return gateway.run_cli("initiate", "child-sa", "security-policy", "net", "--timeout", "20")
 
 
 @pytest.mark.parametrize(
     ("kind", "scheme"), [("rsa", "RSA_EMSA_PKCS1_SHA2_256"), ("ecdsa", "ECDSA_WITH_SHA256_DER")]
 )
 def test_strongswan_initiator_authenticates_with_certificates(
-    ns: NetnsPair,
-    gateway_factory: Callable[..., Gateway],
-    strongswan_factory: Callable[..., StrongSwan],
-    tmp_path: Path,
-    kind: str,
-    scheme: str,
+    scene: Callable[..., Scene], kind: str, scheme: str
 ) -> None:
-    pki = Pki(tmp_path / "pki", kind)
-    gw, peer_cert = pki.issue("gw", dns="gw.example"), pki.issue("peer", dns="peer.example")
     # the RSA case identifies strongSwan by its subject DN (ID_DER_ASN1_DN), ECDSA by SAN FQDN
     by_dn = kind == "rsa"
-    vpn = cert_vpn("rw", gw, remote_id=PEER_DN if by_dn else "peer.example", remote_address="any")
-    gateway = gateway_factory(
-        ns.gw, config_text=gateway_text(tmp_path, vpn, pki.ca_path, [pki.write_crl()])
+    made = scene(
+        kind,
+        initiator=False,
+        remote_id=PEER_DN if by_dn else "peer.example",
+        peer_local_id=None if by_dn else "peer.example",
     )
-    peer = strongswan_factory(ns.peer)
-    conn = strongswan_conn(peer_cert, pki.ca_path, local_id=None if by_dn else "peer.example")
-    peer.load([conn], private_keys=[peer_cert.key_path])
+    gateway, peer = made.gateway, made.peer
     peer.initiate(child="net", timeout=20)
 
     (sa,) = peer.list_sas()
@@ -118,10 +166,9 @@ def test_strongswan_initiator_authenticates_with_certificates(
     log = peer.log_text()
     assert f"authentication of 'gw.example' with {scheme} successful" in log
     assert "received cert request for" in log and "sending end entity cert" in log
-    keystore = gateway.counters("keystore")
-    assert keystore.get("cert_auth.verified") == 1
+    assert gateway.counters("keystore").get("cert_auth.verified") == 1
     # the gateway's private key appears nowhere in its logs (levels 0-3 here)
-    key_body = "".join(gw.key_path.read_text().splitlines()[1:-1])
+    key_body = "".join(made.gw.key_path.read_text().splitlines()[1:-1])
     logged = "".join(gateway.log_text().split())
     assert key_body[:64] not in logged and key_body[-64:] not in logged
 
@@ -130,24 +177,12 @@ def test_strongswan_initiator_authenticates_with_certificates(
     ("kind", "method"), [("rsa", "RSA_DIGITAL_SIGNATURE"), ("ecdsa", "ECDSA_SHA256_P256")]
 )
 def test_ikefarm_initiator_authenticates_with_certificates(
-    ns: NetnsPair,
-    gateway_factory: Callable[..., Gateway],
-    strongswan_factory: Callable[..., StrongSwan],
-    tmp_path: Path,
-    kind: str,
-    method: str,
+    scene: Callable[..., Scene], kind: str, method: str
 ) -> None:
-    pki = Pki(tmp_path / "pki", kind)
-    gw, peer_cert = pki.issue("gw", dns="gw.example"), pki.issue("peer", dns="peer.example")
-    vpn = cert_vpn("hq", gw, remote_id="peer.example", remote_address="192.0.2.2")
-    gateway = gateway_factory(
-        ns.gw, config_text=gateway_text(tmp_path, vpn, pki.ca_path, [pki.write_crl()])
-    )
     # without RFC 7427 on strongSwan's side, the classic method of each key is used
-    peer = strongswan_factory(ns.peer, charon_options={"signature_authentication": False})
-    peer.load([strongswan_conn(peer_cert, pki.ca_path)], private_keys=[peer_cert.key_path])
-
-    done = gateway.run_cli("initiate", "child-sa", "security-policy", "net", "--timeout", "20")
+    made = scene(kind, initiator=True, charon_options={"signature_authentication": False})
+    gateway, peer = made.gateway, made.peer
+    done = initiate(gateway)
     assert done.returncode == 0, done.stdout + done.stderr
     (row,) = gateway.show()
     (sa,) = peer.list_sas()
@@ -161,41 +196,22 @@ def test_ikefarm_initiator_authenticates_with_certificates(
 
 
 def test_ikefarm_initiator_with_rfc7427_and_a_revoked_responder_certificate(
-    ns: NetnsPair,
-    gateway_factory: Callable[..., Gateway],
-    strongswan_factory: Callable[..., StrongSwan],
-    tmp_path: Path,
+    scene: Callable[..., Scene],
 ) -> None:
     """ikefarm verifies strongSwan's certificate against its CRL file: revoked, refused."""
-    pki = Pki(tmp_path / "pki", "ecdsa")
-    gw, peer_cert = pki.issue("gw", dns="gw.example"), pki.issue("peer", dns="peer.example")
-    crl = pki.revoke(peer_cert)
-    vpn = cert_vpn("hq", gw, remote_id="peer.example", remote_address="192.0.2.2")
-    gateway = gateway_factory(ns.gw, config_text=gateway_text(tmp_path, vpn, pki.ca_path, [crl]))
-    peer = strongswan_factory(ns.peer)
-    peer.load([strongswan_conn(peer_cert, pki.ca_path)], private_keys=[peer_cert.key_path])
-
-    done = gateway.run_cli("initiate", "child-sa", "security-policy", "net", "--timeout", "20")
+    made = scene("ecdsa", initiator=True, revoke_peer=True)
+    done = initiate(made.gateway)
     assert done.returncode != 0
-    assert gateway.show() == []
-    counters = gateway.counters("ike")
-    assert counters.get("auth_failed.certificate_revoked") == 1
-    assert gateway.counters("keystore").get("cert_auth.certificate_revoked") == 1
+    assert made.gateway.show() == []
+    assert made.gateway.counters("ike").get("auth_failed.certificate_revoked") == 1
+    assert made.gateway.counters("keystore").get("cert_auth.certificate_revoked") == 1
 
 
 def test_strongswan_refuses_a_revoked_certificate_and_ikefarm_one_from_another_ca(
-    ns: NetnsPair,
-    gateway_factory: Callable[..., Gateway],
-    strongswan_factory: Callable[..., StrongSwan],
-    tmp_path: Path,
+    scene: Callable[..., Scene], tmp_path: Path
 ) -> None:
-    pki = Pki(tmp_path / "pki", "rsa")
-    gw, peer_cert = pki.issue("gw", dns="gw.example"), pki.issue("peer", dns="peer.example")
-    crl = pki.revoke(peer_cert)  # ikefarm holds the CRL that revokes strongSwan's certificate
-    vpn = cert_vpn("rw", gw, remote_id="peer.example", remote_address="any")
-    gateway = gateway_factory(ns.gw, config_text=gateway_text(tmp_path, vpn, pki.ca_path, [crl]))
-    peer = strongswan_factory(ns.peer)
-    peer.load([strongswan_conn(peer_cert, pki.ca_path)], private_keys=[peer_cert.key_path])
+    made = scene("rsa", initiator=False, revoke_peer=True)
+    gateway, peer = made.gateway, made.peer
     peer.initiate(child="net", timeout=20, check=False)
     wait_for(
         lambda: "AUTHENTICATION_FAILED" in peer.log_text(),
@@ -206,10 +222,10 @@ def test_strongswan_refuses_a_revoked_certificate_and_ikefarm_one_from_another_c
     assert gateway.counters("ike").get("auth_failed.certificate_revoked") == 1
 
     # a certificate with the right names from a CA ikefarm does not trust: refused as well
-    rogue = Pki(tmp_path / "rogue", "rsa", ca_name="ikefarm test CA").issue(
+    rogue = Pki(tmp_path / "rogue", "rsa", ca_name=made.pki.ca_name).issue(
         "rogue-peer", dns="peer.example"
     )
-    peer.load([strongswan_conn(rogue, pki.ca_path)], private_keys=[rogue.key_path])
+    peer.load([strongswan_conn(rogue, made.pki.ca_path)], private_keys=[rogue.key_path])
     peer.initiate(child="net", timeout=20, check=False)
     wait_for(
         lambda: gateway.counters("ike").get("auth_failed.untrusted_certificate") == 1,
@@ -220,26 +236,13 @@ def test_strongswan_refuses_a_revoked_certificate_and_ikefarm_one_from_another_c
 
 
 def test_strongswan_responder_refuses_ikefarm_certificate_from_another_ca(
-    ns: NetnsPair,
-    gateway_factory: Callable[..., Gateway],
-    strongswan_factory: Callable[..., StrongSwan],
-    tmp_path: Path,
+    scene: Callable[..., Scene],
 ) -> None:
-    pki = Pki(tmp_path / "pki", "ecdsa")
-    rogue_ca = Pki(tmp_path / "rogue", "ecdsa", ca_name="ikefarm test CA")
-    gw = rogue_ca.issue("gw", dns="gw.example")  # wrongly signed for strongSwan
-    peer_cert = pki.issue("peer", dns="peer.example")
-    vpn = cert_vpn("hq", gw, remote_id="peer.example", remote_address="192.0.2.2")
-    gateway = gateway_factory(
-        ns.gw, config_text=gateway_text(tmp_path, vpn, pki.ca_path, [pki.write_crl()])
-    )
-    peer = strongswan_factory(ns.peer)
-    peer.load([strongswan_conn(peer_cert, pki.ca_path)], private_keys=[peer_cert.key_path])
-
-    done = gateway.run_cli("initiate", "child-sa", "security-policy", "net", "--timeout", "20")
+    made = scene("ecdsa", initiator=True, rogue_gw=True)  # wrongly signed for strongSwan
+    done = initiate(made.gateway)
     assert done.returncode != 0
-    assert gateway.show() == [] and peer.list_sas() == []
-    assert gateway.counters("ike").get("auth_failed.rejected_by_peer") == 1
-    log = peer.log_text()
+    assert made.gateway.show() == [] and made.peer.list_sas() == []
+    assert made.gateway.counters("ike").get("auth_failed.rejected_by_peer") == 1
+    log = made.peer.log_text()
     assert "no trusted ECDSA public key found for 'gw.example'" in log
     assert "generating IKE_AUTH response 1 [ N(AUTH_FAILED) ]" in log  # AUTHENTICATION_FAILED

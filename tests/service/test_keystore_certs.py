@@ -5,11 +5,10 @@ logged; bad requests get structured errors; a bad key file stops the keystore wi
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgpack
-import nats
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from nats.aio.client import Client
@@ -24,48 +23,24 @@ from ikefarm.shared.config.loader import parse_config
 from ikefarm.shared.ikev2.certs import load_crl
 from ikefarm.shared.ikev2.constants import AuthMethod, IdType
 from ikefarm.shared.ikev2.crypto.signature import sign, verify
-from ikefarm.shared.observability.logging import configure_logging
-from tests.pki import Pki
+from tests.pki import Pki, cert_vpn_toml
+from tests.service import test_keystore_psk
+
+log_stream = test_keystore_psk.log_stream  # the same level-3 log capture
 
 OCTETS = b"IKE_SA_INIT response | Ni | prf(SK_pr, IDr')"
 
 
 def config_text(pki: Pki, gw_cert: Path, gw_key: Path, crl: Path) -> str:
-    return f"""
-[ike.pki]
-ca-certificates = ["{pki.ca_path}"]
-crls = ["{crl}"]
-
-[[ike.vpn]]
-name = "rw"
-local-address = "192.0.2.1"
-local-id = "gw.example"
-local-certificate = "{gw_cert}"
-local-private-key = "{gw_key}"
-ike-policy = {{ local-auth-method = "pubkey", remote-auth-method = "pubkey" }}
-[[ike.vpn.security-policy]]
-name = "net"
-local-ts = {{ subnet = "10.100.0.0/24" }}
-remote-ts = {{ subnet = "10.200.0.0/24" }}
-"""
+    return cert_vpn_toml(
+        pki, name="rw", local="192.0.2.1", local_id="gw.example", remote_id="peer.example",
+        cert=gw_cert, key=gw_key, crls=[crl],
+    )  # fmt: skip
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return Pki(tmp_path / "pki", "ecdsa")
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    configure_logging(
-        "keystore",
-        "keystore-0",
-        {"daemon": {"default": 3}, "authpriv": {"default": 3}},
-        stream=stream,
-    )
-    yield stream
-    configure_logging("keystore", "keystore-0", {"daemon": {"default": "disable"}})
 
 
 @pytest.fixture
@@ -81,13 +56,6 @@ async def keystore(
         yield runtime
     finally:
         await runtime.stop()
-
-
-@pytest.fixture
-async def client(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
-    nc = await nats.connect(nats_server.url)
-    yield nc
-    await nc.close()
 
 
 def private_key_texts(key: object) -> list[bytes]:
@@ -108,7 +76,7 @@ async def ask(nc: Client, payload: bytes) -> bytes:
 
 
 async def test_sign_verify_and_refuse_over_the_bus(
-    keystore: Runtime, client: Client, pki: Pki, log_stream: io.StringIO
+    keystore: Runtime, nats_client: Client, pki: Pki, log_stream: io.StringIO
 ) -> None:
     gw = keystore.options["gw"]
     peer = pki.issue("peer", dns="peer.example")
@@ -125,7 +93,7 @@ async def test_sign_verify_and_refuse_over_the_bus(
         sign_octets=OCTETS,
         peer_hashes=[2, 3, 4],
     )
-    raw = await ask(client, envelope.pack(request))
+    raw = await ask(nats_client, envelope.pack(request))
     reply = envelope.unpack_reply(raw, CertAuthReply)
     assert reply.verified and reply.method == AuthMethod.DIGITAL_SIGNATURE
     verify(gw.cert.public_key(), reply.method, reply.auth, OCTETS)  # ours, by the gw's key
@@ -135,7 +103,7 @@ async def test_sign_verify_and_refuse_over_the_bus(
     crl = pki.revoke(peer)
     assert crl.exists()
     keystore.service.certs.crls[:] = [load_crl(crl)]  # type: ignore[union-attr]
-    reply = envelope.unpack_reply(await ask(client, envelope.pack(request)), CertAuthReply)
+    reply = envelope.unpack_reply(await ask(nats_client, envelope.pack(request)), CertAuthReply)
     assert reply == CertAuthReply(
         verified=False, reason="certificate_revoked", peer_subject=reply.peer_subject
     )
@@ -149,12 +117,12 @@ async def test_sign_verify_and_refuse_over_the_bus(
         b"\xc1 not msgpack",
     ):
         with pytest.raises(BusError) as refused:
-            envelope.unpack_reply(await ask(client, payload), CertAuthReply)
+            envelope.unpack_reply(await ask(nats_client, payload), CertAuthReply)
         assert refused.value.code in ("bad_field", "bad_encoding", "bad_envelope", "bad_version")
     # and the service still answers
     reply = envelope.unpack_reply(
         await ask(
-            client, envelope.pack(CertAuthRequest(vpn="rw", purpose="sign", sign_octets=b"x"))
+            nats_client, envelope.pack(CertAuthRequest(vpn="rw", purpose="sign", sign_octets=b"x"))
         ),
         CertAuthReply,
     )

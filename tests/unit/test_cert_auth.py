@@ -39,7 +39,7 @@ from ikefarm.shared.ikev2.payloads import CertPayload, CertReqPayload, IdPayload
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.sa import IkeSaState
 from tests.engine_helpers import Side, Wire
-from tests.pki import NOW, Pki, name, new_key
+from tests.pki import NOW, Pki, cert_vpn_toml, name, new_key
 
 ALL_HASHES = [int(h) for h in HashAlgorithm]
 OCTETS = b"RealMessage1 | NonceRData | prf(SK_pi, RestOfInitIDPayload)"
@@ -283,44 +283,22 @@ def test_garbage_from_the_peer_is_an_answer_never_an_exception(
 
 # -- two engines ---------------------------------------------------------------------------
 
-CERT_VPN = """
-[ike.pki]
-ca-certificates = ["{ca}"]
-crls = [{crls}]
-
-[[ike.vpn]]
-name = "{name}"
-local-address = "{local}"
-{remote}
-local-id = "{local_id}"
-remote-id = "{remote_id}"
-local-certificate = "{cert}"
-local-private-key = "{key}"
-ike-policy = {{ local-auth-method = "pubkey", remote-auth-method = "pubkey" }}
-[[ike.vpn.security-policy]]
-name = "net"
-local-ts = {{ subnet = "{lts}" }}
-remote-ts = {{ subnet = "{rts}" }}
-"""
-
 
 def cert_pair(pki: Pki, *, revoke_initiator: bool = False, initiator_pki: Pki | None = None):  # type: ignore[no-untyped-def]
     gw = pki.issue("gw", dns="gw.example")
     peer = (initiator_pki or pki).issue("peer", dns="peer.example")
     crl = pki.revoke(peer) if revoke_initiator else pki.write_crl()
-    common = {"ca": pki.ca_path, "crls": f'"{crl}"'}
     responder = parse_config(
-        CERT_VPN.format(
-            name="rw", local="192.0.2.1", remote="", local_id="gw.example",
-            remote_id="peer.example", cert=gw.cert_path, key=gw.key_path,
-            lts="10.100.0.0/24", rts="10.200.0.0/24", **common,
+        cert_vpn_toml(
+            pki, name="rw", local="192.0.2.1", local_id="gw.example", remote_id="peer.example",
+            cert=gw.cert_path, key=gw.key_path, crls=[crl],
         )
     )  # fmt: skip
     initiator = parse_config(
-        CERT_VPN.format(
-            name="hq", local="192.0.2.2", remote='remote-address = "192.0.2.1"',
-            local_id="peer.example", remote_id="gw.example", cert=peer.cert_path,
-            key=peer.key_path, lts="10.200.0.0/24", rts="10.100.0.0/24", **common,
+        cert_vpn_toml(
+            pki, name="hq", local="192.0.2.2", remote="192.0.2.1", local_id="peer.example",
+            remote_id="gw.example", cert=peer.cert_path, key=peer.key_path, crls=[crl],
+            lts="10.200.0.0/24", rts="10.100.0.0/24",
         )
     )  # fmt: skip
     return Wire(
@@ -387,10 +365,9 @@ def test_certificate_config_problems_are_refused_at_load(tmp_path: Path, rsa_pki
     from ikefarm.shared.config.loader import ConfigError
 
     gw = rsa_pki.issue("cfg-gw", dns="gw.example")
-    base = CERT_VPN.format(
-        name="v", local="192.0.2.1", remote="", local_id="gw.example", remote_id="p.example",
-        cert=gw.cert_path, key=gw.key_path, lts="10.1.0.0/24", rts="10.2.0.0/24",
-        ca=rsa_pki.ca_path, crls="",
+    base = cert_vpn_toml(
+        rsa_pki, name="v", local="192.0.2.1", local_id="gw.example", remote_id="p.example",
+        cert=gw.cert_path, key=gw.key_path,
     )  # fmt: skip
     parse_config(base)  # the good one loads
     junk = tmp_path / "junk.pem"

@@ -389,3 +389,17 @@ def test_certificate_config_problems_are_refused_at_load(tmp_path: Path, rsa_pki
     with pytest.raises(ConfigError) as refused:
         parse_config(base.replace(f'local-certificate = "{gw.cert_path}"\n', ""))
     assert "ike.vpn[0].local-certificate" in str(refused.value)
+
+
+def test_a_malformed_cert_payload_is_authentication_failed_and_counted(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    wire = cert_pair(Pki(tmp_path, "ecdsa"))
+    engine = wire.initiator.engine
+    (vpn,) = engine.policy.vpns
+    garbage = replace(vpn, local_certificates=(b"\x30\x82\xff\xffnot a certificate",))
+    engine.policy = replace(engine.policy, vpns=(garbage,))
+    wire.run(engine.initiate("hq", "net", wire.now), wire.initiator)
+    assert wire.responder.engine.sas == {} and engine.sas == {}
+    assert wire.responder.engine.counters["auth_failed.malformed_certificate"] == 1
+    assert engine.counters["auth_failed.rejected_by_peer"] == 1

@@ -1,7 +1,8 @@
-"""IKE_AUTH, responder side (RFC 7296 1.2, 2.15, 2.21.2): identities, PSK AUTH, first child.
+"""IKE_AUTH, both roles (RFC 7296 1.2, 2.15, 2.21.2): identities, AUTH, first child.
 
-The PSK never enters the worker: the engine builds the signed octets and asks
-the keystore to verify the peer's AUTH and compute ours. Until it answers the
+Neither the PSK nor a private key enters the worker: the engine builds the
+signed octets and asks the keystore to verify the peer's AUTH and compute ours
+(PSK here; certificates and signatures through `auth_methods`). Until it answers the
 SA is AUTHENTICATING and a retransmitted request is ignored (the answer will be
 sent once). A failed authentication is answered with AUTHENTICATION_FAILED
 and the half-open SA is forgotten; a child that cannot be made (no proposal,

@@ -56,6 +56,7 @@ class Pki:
     directory: Path
     kind: str = "rsa"
     ca_name: str = "ikefarm test CA"
+    parent: Pki | None = None  # an intermediate CA signed by `parent`; None: a root
     ca: Issued = field(init=False)
     revoked: list[int] = field(default_factory=list)
 
@@ -64,10 +65,11 @@ class Pki:
         self.directory.mkdir(parents=True, exist_ok=True)
         key = new_key(self.kind)
         subject = name(self.ca_name)
+        signer_key = self.parent.ca.key if self.parent else key
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
-            .issuer_name(subject)
+            .issuer_name(self.parent.ca.cert.subject if self.parent else subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(NOW - datetime.timedelta(days=1))
@@ -78,10 +80,17 @@ class Pki:
                 critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()), False
+            )
         )
-        cert = builder.sign(key, hashes.SHA256())
+        cert = builder.sign(signer_key, hashes.SHA256())
         slug = self.ca_name.replace(" ", "-")
         self.ca = self._write(slug, cert, key)
+
+    def intermediate(self, ca_name: str) -> Pki:
+        """An intermediate CA under this one, issuing from its own folder."""
+        return Pki(self.directory / ca_name.replace(" ", "-"), self.kind, ca_name, parent=self)
 
     @property
     def ca_path(self) -> Path:
@@ -121,7 +130,13 @@ class Pki:
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
-        return self._write(stem, cert, key)
+        issued = self._write(stem, cert, key)
+        if self.parent is not None:  # the file carries the chain: leaf, then intermediates
+            chain = [cert, self.ca.cert]
+            issued.cert_path.write_bytes(
+                b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+            )
+        return issued
 
     def revoke(self, issued: Issued) -> Path:
         """Add the certificate to the CA's CRL and (re)write `<ca>.crl.pem`."""

@@ -98,7 +98,8 @@ def scene(
 
     `initiator`: ikefarm initiates (VPN "hq" to 192.0.2.2), else strongSwan does (VPN "rw").
     `revoke_peer`: ikefarm's CRL file revokes strongSwan's certificate. `rogue_gw`: the
-    gateway's certificate comes from another CA with the same name.
+    gateway's certificate comes from another CA with the same name. `gw_intermediate`: it
+    comes from an intermediate CA that only ikefarm's CERT payloads tell strongSwan about.
     """
     netns_pair.peer.add_address("lo", "10.200.0.1/32")
 
@@ -108,12 +109,15 @@ def scene(
         initiator: bool,
         revoke_peer: bool = False,
         rogue_gw: bool = False,
+        gw_intermediate: bool = False,
         remote_id: str = "peer.example",
         peer_local_id: str | None = "peer.example",
         charon_options: dict[str, object] | None = None,
     ) -> Scene:
         pki = Pki(tmp_path / "pki", kind)
         issuer = Pki(tmp_path / "rogue", kind, ca_name=pki.ca_name) if rogue_gw else pki
+        if gw_intermediate:
+            issuer = pki.intermediate("ikefarm gateway CA")
         gw = issuer.issue("gw", dns="gw.example")
         peer_cert = pki.issue("peer", dns="peer.example")
         crl = pki.revoke(peer_cert) if revoke_peer else pki.write_crl()
@@ -246,3 +250,15 @@ def test_strongswan_responder_refuses_ikefarm_certificate_from_another_ca(
     log = made.peer.log_text()
     assert "no trusted ECDSA public key found for 'gw.example'" in log
     assert "generating IKE_AUTH response 1 [ N(AUTH_FAILED) ]" in log  # AUTHENTICATION_FAILED
+
+
+def test_ikefarm_sends_its_chain_through_an_intermediate_ca(scene: Callable[..., Scene]) -> None:
+    """RFC 7296 3.6: strongSwan trusts only the root; ikefarm's CERT payloads carry the rest."""
+    made = scene("ecdsa", initiator=True, gw_intermediate=True)
+    done = initiate(made.gateway)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (sa,) = made.peer.list_sas()
+    assert sa["state"] == "ESTABLISHED"
+    log = made.peer.log_text()
+    assert 'received issuer cert "C=CH, O=ikefarm tests, CN=ikefarm gateway CA"' in log
+    assert "authentication of 'gw.example' with ECDSA_WITH_SHA256_DER successful" in log

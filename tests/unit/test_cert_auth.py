@@ -31,6 +31,7 @@ from ikefarm.shared.ikev2.crypto.signature import (
     sign,
     verify,
 )
+from ikefarm.shared.ikev2.effects import KeystoreRequest
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.exchanges.auth_methods import identity_payload
 from ikefarm.shared.ikev2.exchanges.ike_auth import signed_octets
@@ -403,3 +404,15 @@ def test_a_malformed_cert_payload_is_authentication_failed_and_counted(tmp_path:
     assert wire.responder.engine.sas == {} and engine.sas == {}
     assert wire.responder.engine.counters["auth_failed.malformed_certificate"] == 1
     assert engine.counters["auth_failed.rejected_by_peer"] == 1
+
+
+def test_the_chain_through_an_intermediate_ca_is_sent_and_verified(tmp_path: Path) -> None:
+    """RFC 7296 3.6/3.7: our certificate and its intermediates go in CERT payloads; the peer
+    trusts only the root."""
+    root = Pki(tmp_path, "rsa")
+    wire = cert_pair(root, initiator_pki=root.intermediate("ikefarm sub CA"))
+    wire.run(wire.initiator.engine.initiate("hq", "net", wire.now), wire.initiator)
+    (r_sa,) = wire.responder.engine.sas.values()
+    assert r_sa.state == IkeSaState.ESTABLISHED
+    (asked,) = [e for e in wire.responder.effects if isinstance(e, KeystoreRequest)]
+    assert len(asked.params["peer_certs"]) == 2  # leaf, then the intermediate

@@ -4,6 +4,7 @@ authenticating each other with certificates through the keystore's code."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -393,8 +394,6 @@ def test_certificate_config_problems_are_refused_at_load(tmp_path: Path, rsa_pki
 
 
 def test_a_malformed_cert_payload_is_authentication_failed_and_counted(tmp_path: Path) -> None:
-    from dataclasses import replace
-
     wire = cert_pair(Pki(tmp_path, "ecdsa"))
     engine = wire.initiator.engine
     (vpn,) = engine.policy.vpns
@@ -416,3 +415,20 @@ def test_the_chain_through_an_intermediate_ca_is_sent_and_verified(tmp_path: Pat
     assert r_sa.state == IkeSaState.ESTABLISHED
     (asked,) = [e for e in wire.responder.effects if isinstance(e, KeystoreRequest)]
     assert len(asked.params["peer_certs"]) == 2  # leaf, then the intermediate
+
+
+def test_the_responder_picks_the_vpn_that_takes_the_peers_auth_method(tmp_path: Path) -> None:
+    wire = cert_pair(Pki(tmp_path, "ecdsa"))
+    psk_first = parse_config(
+        '[[ike.pre-shared-key]]\nsecret = "a-psk-for-the-other-vpn"\n\n'
+        '[[ike.vpn]]\nname = "rw-psk"\nlocal-address = "192.0.2.1"\nlocal-id = "gw.example"\n'
+        'remote-id = "peer.example"\n[[ike.vpn.security-policy]]\nname = "net"\n'
+        'local-ts = { subnet = "10.100.0.0/24" }\nremote-ts = { subnet = "10.200.0.0/24" }\n'
+    )
+    responder = wire.responder.engine
+    psk_vpn = engine_policy(psk_first).vpns[0]
+    responder.policy = replace(responder.policy, vpns=(psk_vpn, *responder.policy.vpns))
+    wire.run(wire.initiator.engine.initiate("hq", "net", wire.now), wire.initiator)
+    (r_sa,) = responder.sas.values()
+    assert r_sa.state == IkeSaState.ESTABLISHED and r_sa.vpn is not None
+    assert r_sa.vpn.name == "rw"  # the certificate VPN, though the PSK one comes first

@@ -42,8 +42,11 @@ def identity_matches(configured: str | None, presented: str) -> bool:
     return configured == presented
 
 
-def choose_vpn(sa: IkeSa, idi: IdPayload, idr: IdPayload | None) -> VpnPolicy | None:
-    """The VPN for this peer: addresses fit (IKE_SA_INIT), IDi fits remote-id, IDr our local-id."""
+def choose_vpn(
+    sa: IkeSa, idi: IdPayload, idr: IdPayload | None, method: int | None = None
+) -> VpnPolicy | None:
+    """The VPN for this peer: addresses fit (IKE_SA_INIT), IDi fits remote-id, IDr our local-id;
+    among those, one that takes the peer's AUTH `method` comes first."""
     presented = str(idi)
     exact: list[VpnPolicy] = []
     loose: list[VpnPolicy] = []
@@ -54,6 +57,8 @@ def choose_vpn(sa: IkeSa, idi: IdPayload, idr: IdPayload | None) -> VpnPolicy | 
             continue
         (exact if vpn.remote_id == presented else loose).append(vpn)
     found = exact + loose
+    if method is not None:
+        found.sort(key=lambda vpn: not auth_methods.accepts(vpn, method))  # stable
     return found[0] if found else None
 
 
@@ -91,7 +96,7 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
         return _fail(engine, sa, request, "no_identity", now)
     if auth is None:
         return _fail(engine, sa, request, "eap_not_supported", now, remote_id=str(idi))
-    vpn = choose_vpn(sa, idi, idr if isinstance(idr, IdPayload) else None)
+    vpn = choose_vpn(sa, idi, idr if isinstance(idr, IdPayload) else None, int(auth.method))
     if vpn is None:
         return _fail(engine, sa, request, "no_matching_vpn", now, remote_id=str(idi))
     if not auth_methods.accepts(vpn, auth.method) or not auth_methods.same_kind(vpn):

@@ -69,6 +69,12 @@ def ensure_credentials(directory: Path) -> dict[str, BusUser]:
     return found
 
 
+def credentials_for(path: str | Path, user: str) -> Path:
+    """A credentials file, or in a credentials directory the file of `user`."""
+    path = Path(path)
+    return path / f"{user}.json" if path.is_dir() else path
+
+
 def read_credentials(path: str | Path) -> BusUser:
     """The user and password of a credentials file; FileNotFoundError if there is none."""
     path = Path(path)

@@ -72,13 +72,13 @@ def _nats_credentials(args: argparse.Namespace, config: Config | None) -> str | 
     import os
 
     from ikefarm.proto.subjects import ADMIN_USER
-    from ikefarm.shared.bus.auth import ENV_CREDENTIALS
+    from ikefarm.shared.bus.auth import ENV_CREDENTIALS, credentials_for
 
     explicit = getattr(args, "nats_credentials", None) or os.environ.get(ENV_CREDENTIALS)
     if explicit:
-        return str(explicit)
+        return str(credentials_for(explicit, ADMIN_USER))
     if config is not None and config.nats.credentials:
-        return str(config.nats.credentials)
+        return str(credentials_for(config.nats.credentials, ADMIN_USER))
     state = _running_farm(args, config)
     if state and state.get("credentials_dir"):
         path = Path(state["credentials_dir"]) / f"{ADMIN_USER}.json"
@@ -101,7 +101,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_service(args: argparse.Namespace) -> int:
     import os
 
-    from ikefarm.shared.bus.auth import ENV_CREDENTIALS, CredentialsError, read_credentials
+    from ikefarm.shared.bus.auth import (
+        ENV_CREDENTIALS,
+        CredentialsError,
+        credentials_for,
+        read_credentials,
+    )
     from ikefarm.shared.bus.runtime import run_service
 
     path = args.config or bundled_config_path()
@@ -113,6 +118,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     if credentials is None:
         credentials = os.environ.get(ENV_CREDENTIALS)
     if credentials:
+        credentials = str(credentials_for(credentials, args.name))
         try:
             read_credentials(credentials)
         except (OSError, CredentialsError) as exc:
@@ -291,7 +297,9 @@ def cmd_config_nats_auth(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     users = ensure_credentials(directory)
     server_config = write_server_config(directory, users)
-    print(f"# nats-server.conf: include {server_config.resolve()}   (mode 0600, holds passwords)")
+    print(f"# {server_config.resolve()} (mode 0600) holds the users with their passwords;")
+    print("# nats-server resolves `include` relative to the including file: beside it,")
+    print(f"#   include {server_config.name}")
     print("# each service: ikefarm service NAME --nats URL --nats-credentials FILE")
     for name, user in users.items():
         print(f"#   {name:9} {user.path}")

@@ -135,6 +135,9 @@ class Supervisor:
             log.audit(
                 "embedded_nats_started", url=nats_url, pid=self.broker.pid, users=sorted(users)
             )
+        elif self.config.nats.credentials and Path(self.config.nats.credentials).is_dir():
+            # an external NATS set up with `ikefarm config nats-auth DIR`
+            self.credentials_dir = Path(self.config.nats.credentials)
         self.children = plan_children(self.config, self.config_path, nats_url, self.credentials_dir)
         for child in self.children:
             child.start()

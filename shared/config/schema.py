@@ -369,7 +369,7 @@ SCHEMA = Section(
                 "store-dir": Text(default=None, doc="JetStream store; default <state-dir>/nats"),
                 "credentials": Text(
                     default=None,
-                    doc="file with this process's NATS user and password (external NATS)",
+                    doc="external NATS: credentials file, or directory of <user>.json files",
                 ),
             }
         ),

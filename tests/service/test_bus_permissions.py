@@ -21,6 +21,7 @@ import pytest
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import PskAuthReply, PskAuthRequest
 from ikefarm.shared.bus.auth import authorization_block, ensure_credentials, read_credentials
+from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.config.loader import load_config
 from tests.service.test_up import SERVICES, status, wait_for
 
@@ -175,9 +176,58 @@ def test_config_nats_auth_prints_the_block_for_an_external_server(
     )
     assert done.returncode == 0, done.stderr
     conf = tmp_path / "auth" / "authorization.conf"
-    assert f"include {conf.resolve()}" in done.stdout
+    assert str(conf.resolve()) in done.stdout and "include authorization.conf" in done.stdout
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
     for user in subjects.PERMISSIONS:
         password = read_credentials(tmp_path / "auth" / f"{user}.json").password
         assert password not in done.stdout and password in conf.read_text()
         assert f'user: "{user}"' in done.stdout
+
+
+def test_a_service_with_unreadable_credentials_stops_with_a_reason(
+    ikefarm_argv: list[str], loopback_config: Path, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [*ikefarm_argv, "service", "keystore", "-c", str(loopback_config),
+         "--nats", "nats://127.0.0.1:1", "--nats-credentials", str(tmp_path / "none.json")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "NATS credentials" in done.stderr and "none.json" in done.stderr
+
+
+def test_up_against_an_external_nats_set_up_with_config_nats_auth(
+    ikefarm_argv: list[str], loopback_config: Path, tmp_path: Path
+) -> None:
+    """The README recipe: `ikefarm config nats-auth DIR`, a nats-server including the block,
+    `[nats] url` and `credentials = DIR`: every service connects as its own user."""
+    auth_dir = tmp_path / "auth"
+    subprocess.run(
+        [*ikefarm_argv, "config", "nats-auth", str(auth_dir)], check=True, capture_output=True
+    )
+    server_conf = tmp_path / "nats-server.conf"
+    server_conf.write_text("include auth/authorization.conf\n")  # relative to this file
+    with EmbeddedNats(tmp_path / "external", config_file=server_conf) as external:
+        text = loopback_config.read_text().replace(
+            'url = ""', f'url = "{external.url}"\ncredentials = "{auth_dir}"', 1
+        )
+        loopback_config.write_text(text)
+        log = (tmp_path / "up.log").open("w")
+        process = subprocess.Popen(
+            [*ikefarm_argv, "up", "-c", str(loopback_config)], stdout=log, stderr=log
+        )
+        try:
+            rows = wait_for(
+                lambda: (r := status(ikefarm_argv, loopback_config)) and set(r) == SERVICES and r,
+                30,
+            )
+            assert rows and set(rows) == SERVICES
+            ingress = auth_dir / "ingress.json"
+            outcome, errors = asyncio.run(_keystore_request(external.url, ingress))
+            assert not isinstance(outcome, PskAuthReply) and errors
+            outcome, errors = asyncio.run(_keystore_request(external.url, auth_dir / "ike.json"))
+            assert isinstance(outcome, PskAuthReply)
+        finally:
+            process.terminate()
+            process.wait(15)
+            log.close()

@@ -206,6 +206,37 @@ class SecretRequest(BusMessage):
     name: str
 
 
+@message("cert-auth-request")
+class CertAuthRequest(BusMessage):
+    """Certificate AUTH (RFC 7296 2.15, RFC 7427): the private key and trust store stay here.
+
+    Verify: the peer's certificates (DER, end-entity first), the identity it
+    presented (`peer_id_type`, `peer_id_data`), its AUTH method and data over
+    `verify_octets`. Sign: `sign_octets` with the key of VPN `vpn`, by RFC 7427
+    when `peer_hashes` (its SIGNATURE_HASH_ALGORITHMS) allow.
+    """
+
+    vpn: str
+    purpose: str  # "verify-and-sign" (responder), "sign", "verify" (initiator)
+    verify_octets: bytes = b""
+    verify_method: int = 0
+    verify_auth: bytes = b""
+    peer_certs: list[bytes] = field(default_factory=list)
+    peer_id_type: int = 0
+    peer_id_data: bytes = b""
+    sign_octets: bytes = b""
+    peer_hashes: list[int] = field(default_factory=list)
+
+
+@message("cert-auth-reply")
+class CertAuthReply(BusMessage):
+    verified: bool
+    method: int = 0  # our AUTH method when signed
+    auth: bytes = b""  # our Authentication Data; empty unless verified
+    reason: str = ""  # "", "untrusted_certificate", "certificate_revoked", "auth_mismatch", ...
+    peer_subject: str = ""
+
+
 # --- kernel -----------------------------------------------------------------------------------
 
 

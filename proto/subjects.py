@@ -69,6 +69,8 @@ KEYSTORE_PPK_MIX = f"{PREFIX}.keystore.ppk.mix"
 KEYSTORE_TRANSPORT_KEY = f"{PREFIX}.keystore.transport-key"
 # anyone -> keystore: a request for a secret itself; answered with a refusal, always.
 KEYSTORE_SECRET = f"{PREFIX}.keystore.secret.get"
+# ike -> keystore: certificate AUTH, signed and verified where the private keys live.
+KEYSTORE_CERT_AUTH = f"{PREFIX}.keystore.cert.auth"
 
 # ike -> anyone: SA lifecycle events (for show, flow, dashboards).
 EVENT_IKE_SA = f"{PREFIX}.event.ike-sa"
@@ -85,3 +87,98 @@ IKE_COMMAND = f"{PREFIX}.ike.command"
 # established or has failed. A child for a VPN whose IKE SA is up goes to the owner's
 # `ike_shard_command(shard)` instead.
 IKE_INITIATE = f"{PREFIX}.ike.initiate"
+
+
+# -- bus permissions -------------------------------------------------------------------------
+#
+# One NATS user per service (and one for the CLI): what each may publish and subscribe to.
+# `ikefarm up` writes these into its embedded nats-server's `authorization` block
+# (shared/bus/auth.py); `ikefarm config nats-auth` prints them for an external NATS.
+# Every user may use request/reply inboxes and NATS micro discovery; nothing else is
+# implied. Only ike workers may publish to `ikefarm.keystore.>` computations.
+
+INBOXES = "_INBOX.>"  # replies to our requests, answers to the requests we serve
+MICRO = "$SRV.>"  # NATS micro discovery: PING / INFO / STATS
+ADMIN_USER = "admin"  # the `ikefarm` CLI: status, show, initiate, rekey, ...
+
+
+def own_subjects(service: str) -> str:
+    """Every endpoint a service answers (`ikefarm.<service>.…`, ping/stats included)."""
+    return f"{PREFIX}.{service}.>"
+
+
+def _discovery(service: str) -> tuple[str, ...]:
+    """The built-in ping/stats endpoints of a service, for any instance."""
+    return tuple(
+        subject
+        for endpoint in ("ping", "stats")
+        for subject in (
+            service_endpoint(service, endpoint),
+            instance_endpoint(service, "*", endpoint),
+        )
+    )
+
+
+# What nats-py's KV client sends for the cookie secret bucket (create, get, CAS update,
+# watch): only ingress may touch it.
+_COOKIE_STREAM = f"KV_{COOKIE_SECRET_BUCKET}"
+_COOKIE_SECRET_API = (
+    f"$JS.API.STREAM.INFO.{_COOKIE_STREAM}",
+    f"$JS.API.STREAM.CREATE.{_COOKIE_STREAM}",
+    f"$JS.API.STREAM.MSG.GET.{_COOKIE_STREAM}",
+    f"$JS.API.DIRECT.GET.{_COOKIE_STREAM}.>",
+    f"$JS.API.CONSUMER.CREATE.{_COOKIE_STREAM}",
+    f"$JS.API.CONSUMER.CREATE.{_COOKIE_STREAM}.>",
+    f"$JS.API.CONSUMER.DELETE.{_COOKIE_STREAM}.>",
+    f"$KV.{COOKIE_SECRET_BUCKET}.>",
+)
+
+PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "ingress": {
+        "publish": (
+            IKE_INIT,
+            f"{PREFIX}.ike.shard.*.datagram",
+            INGRESS_LOAD,
+            *_COOKIE_SECRET_API,
+        ),
+        "subscribe": (own_subjects("ingress"), IKE_LOAD),
+    },
+    "ike": {
+        "publish": (
+            INGRESS_SEND,
+            INGRESS_INIT_ROUTE,
+            INGRESS_BACKOFF,
+            IKE_INITIAL_CONTACT,
+            IKE_LOAD,
+            f"{PREFIX}.keystore.>",
+            f"{PREFIX}.kernel.child.>",
+            f"{PREFIX}.kernel.trap.>",
+            f"{PREFIX}.event.>",
+        ),
+        "subscribe": (own_subjects("ike"),),
+    },
+    "keystore": {"publish": (), "subscribe": (own_subjects("keystore"),)},
+    "kernel": {"publish": (f"{PREFIX}.event.>",), "subscribe": (own_subjects("kernel"),)},
+    "flow": {"publish": (), "subscribe": (own_subjects("flow"), f"{PREFIX}.event.>")},
+    ADMIN_USER: {
+        "publish": (
+            MICRO,
+            IKE_SHOW,
+            IKE_COMMAND,
+            IKE_INITIATE,
+            f"{PREFIX}.ike.shard.*.command",
+            KERNEL_SHOW,
+            *(subject for service in SERVICES for subject in _discovery(service)),
+        ),
+        "subscribe": (f"{PREFIX}.event.>",),
+    },
+}
+
+
+def permissions(user: str) -> dict[str, tuple[str, ...]]:
+    """The publish and subscribe allow-lists of one user, inboxes and discovery included."""
+    table = PERMISSIONS[user]
+    return {
+        "publish": (INBOXES, *table["publish"]),
+        "subscribe": (INBOXES, MICRO, *table["subscribe"]),
+    }

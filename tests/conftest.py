@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.client import Client
 
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from tests.harness.ports import udp_ports
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "ops" / "examples" / "psk-responder.toml"
+
+
+@pytest.fixture
+async def nats_client(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
+    """A plain client connection to `nats_server` (no credentials: the fixture has no auth)."""
+    nc = await nats.connect(nats_server.url)
+    yield nc
+    await nc.close()
 
 
 @pytest.fixture

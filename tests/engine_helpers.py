@@ -11,11 +11,14 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
+from ikefarm.proto.messages import CertAuthRequest
+from ikefarm.services.keystore.certs import CertStore, cert_auth
 from ikefarm.shared.config.loader import Config, parse_config
 from ikefarm.shared.ikev2.crypto.keys import mix_ppk
 from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.effects import Effect, Endpoint, KeystoreRequest, SendDatagram
 from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.exchanges.auth_methods import CERT_AUTH
 from ikefarm.shared.ikev2.policy import engine_policy
 
 KEY_PAD = b"Key Pad for IKEv2"
@@ -88,6 +91,17 @@ def config(template: str, extra: str = "", extra_vpn: str = "") -> Config:
     return parse_config(template.format(extra=extra, extra_vpn=extra_vpn))
 
 
+def cert_keystore(store: CertStore, params: dict[str, Any]) -> dict[str, Any]:
+    """Certificate AUTH through the keystore's own code (services/keystore/certs.py)."""
+    answer = cert_auth(store, CertAuthRequest(**params))
+    return {
+        "verified": answer.verified,
+        "auth": answer.auth,
+        "method": answer.method,
+        "reason": answer.reason,
+    }
+
+
 @dataclass
 class Side:
     engine: IkeEngine
@@ -95,6 +109,7 @@ class Side:
     address: str
     effects: list[Effect] = field(default_factory=list)
     ppks: dict[bytes, bytes] = field(default_factory=dict)  # PPK_ID -> PPK, the keystore's
+    certs: CertStore | None = None
 
 
 @dataclass
@@ -119,7 +134,11 @@ class Wire:
             side, effect = queue.pop(0)
             side.effects.append(effect)
             if isinstance(effect, KeystoreRequest):
-                reply = keystore_stand_in(side.psk, effect.params, effect.operation, side.ppks)
+                if effect.operation == CERT_AUTH:
+                    assert side.certs is not None
+                    reply = cert_keystore(side.certs, effect.params)
+                else:
+                    reply = keystore_stand_in(side.psk, effect.params, effect.operation, side.ppks)
                 queue += [
                     (side, e)
                     for e in side.engine.keystore_reply(effect.request_id, reply, self.now)

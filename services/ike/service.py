@@ -31,6 +31,8 @@ from nats.aio.msg import Msg
 
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import (
+    CertAuthReply,
+    CertAuthRequest,
     ChildDelete,
     ChildInstall,
     Datagram,
@@ -73,6 +75,7 @@ from ikefarm.shared.ikev2.effects import (
     SendKeepalive,
 )
 from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.exchanges.auth_methods import CERT_AUTH
 from ikefarm.shared.ikev2.exchanges.ppk import PPK_MIX
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
@@ -441,6 +444,19 @@ class IkeService(ServiceBase):
         try:
             if effect.operation == PPK_MIX:  # RFC 8784: keys travel sealed, the PPK stays
                 reply = await self.ppk_client.mix(effect.params)
+            elif effect.operation == CERT_AUTH:
+                certified = await self.runtime.request(
+                    subjects.KEYSTORE_CERT_AUTH,
+                    CertAuthRequest(**effect.params),
+                    CertAuthReply,
+                    timeout=KEYSTORE_TIMEOUT,
+                )
+                reply = {
+                    "verified": certified.verified,
+                    "auth": certified.auth,
+                    "method": certified.method,
+                    "reason": certified.reason,
+                }
             else:
                 answer = await self.runtime.request(
                     subjects.KEYSTORE_PSK_AUTH,

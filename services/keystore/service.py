@@ -15,6 +15,9 @@ Endpoints (request/reply, DESIGN principle 4: no secret ever in a reply):
   of a PPK into sealed SK_d / SK_pi / SK_pr (`ppk.py`).
 - `subjects.KEYSTORE_SECRET` (SecretRequest): a request for a secret itself;
   always a structured refusal ("secret_refused"), counted.
+- `subjects.KEYSTORE_CERT_AUTH` (CertAuthRequest -> CertAuthReply): certificate
+  AUTH (`certs.py`): signatures with the VPNs' private keys, which are read here
+  and nowhere else, and the verification of a peer's chain, CRLs, identity and AUTH.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from ikefarm.proto import subjects
 from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import (
+    CertAuthReply,
+    CertAuthRequest,
     PpkMixReply,
     PpkMixRequest,
     PskAuthReply,
@@ -36,6 +41,7 @@ from ikefarm.proto.messages import (
     TransportKeyRequest,
 )
 from ikefarm.services.keystore import ppk as ppk_module
+from ikefarm.services.keystore.certs import CertificateFileError, CertStore, cert_auth
 from ikefarm.services.keystore.ppk import BadMixRequest, PpkStore
 from ikefarm.services.keystore.psk import PskStore, UnknownPurpose, UnsupportedPrf, psk_secrets
 from ikefarm.services.keystore.store import (
@@ -94,10 +100,15 @@ class KeystoreService(ServiceBase):
         self.psks = PskStore([])
         self.ppks = PpkStore([])
         self._transport: X25519PrivateKey | None = None
+        self.certs = CertStore()
 
     @classmethod
     def preflight(cls, config: Config) -> None:
         open_store(config)
+        try:
+            CertStore.from_config(config)
+        except CertificateFileError as exc:
+            raise ServiceUnavailable(f"certificate authentication: {exc}") from None
 
     async def setup(self) -> None:
         store, changed = load_store(self.config)
@@ -106,6 +117,7 @@ class KeystoreService(ServiceBase):
         transport = store.get(*TRANSPORT_KEY)
         assert transport is not None
         self._transport = X25519PrivateKey.from_private_bytes(transport.secret)
+        self.certs = CertStore.from_config(self.config)
         for endpoint, request_type, handler, subject in (
             ("psk-auth", PskAuthRequest, self.on_psk_auth, subjects.KEYSTORE_PSK_AUTH),
             ("ppk-mix", PpkMixRequest, self.on_ppk_mix, subjects.KEYSTORE_PPK_MIX),
@@ -116,6 +128,7 @@ class KeystoreService(ServiceBase):
                 subjects.KEYSTORE_TRANSPORT_KEY,
             ),
             ("secret", SecretRequest, self.on_secret_request, subjects.KEYSTORE_SECRET),
+            ("cert-auth", CertAuthRequest, self.on_cert_auth, subjects.KEYSTORE_CERT_AUTH),
         ):
             await self.runtime.add_endpoint(endpoint, request_type, handler, subject=subject)
         self.log.control(
@@ -128,7 +141,32 @@ class KeystoreService(ServiceBase):
         self.log.control("ppk_loaded", entries=len(self.ppks))
 
     def gauges(self) -> dict[str, Any]:
-        return {"psk_entries": len(self.psks), "ppk_entries": len(self.ppks)}
+        return {
+            "psk_entries": len(self.psks),
+            "ppk_entries": len(self.ppks),
+            "private_keys": self.certs.key_count,
+            "trust_anchors": len(self.certs.anchors),
+            "crls": len(self.certs.crls),
+        }
+
+    async def on_cert_auth(self, request: CertAuthRequest, _msg: Any) -> CertAuthReply:
+        try:
+            reply = cert_auth(self.certs, request)
+        except UnknownPurpose as exc:
+            self.runtime.counters["cert_auth.bad_purpose"] += 1
+            raise BusError("bad_field", f"CertAuthRequest.{exc}") from None
+        outcome = "verified" if reply.verified else reply.reason
+        self.runtime.counters[f"cert_auth.{outcome}"] += 1
+        self.log.at(
+            2 if reply.verified else 1,
+            "cert_auth",
+            result=outcome,
+            vpn=request.vpn,
+            purpose=request.purpose,
+            peer=reply.peer_subject or None,
+            method=reply.method or None,
+        )
+        return reply
 
     async def on_psk_auth(self, request: PskAuthRequest, _msg: Any) -> PskAuthReply:
         try:

@@ -59,8 +59,15 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
 
 
 class EmbeddedNats:
-    def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        config_file: Path | None = None,
+    ) -> None:
         self.store_dir = Path(store_dir)
+        self.config_file = config_file  # e.g. the per-service users (shared/bus/auth.py)
         self.host = host
         self.port = port  # None until the first start: the server picks it
         self.process: subprocess.Popen[bytes] | None = None
@@ -78,8 +85,10 @@ class EmbeddedNats:
 
     def start(self, timeout: float = 10.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            nats_server_binary(),
+        argv = [nats_server_binary()]
+        if self.config_file is not None:
+            argv += ["--config", str(self.config_file)]
+        argv += [
             "--addr", self.host,
             "--port", str(self.port if self.port is not None else -1),
             "--ports_file_dir", str(self.store_dir),

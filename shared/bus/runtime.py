@@ -33,6 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.envelope import BusError, BusMessage
 from ikefarm.proto.messages import Ping, Pong, Stats, StatsRequest
+from ikefarm.shared.bus.auth import read_credentials
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.observability.logging import configure_logging, get_logger
 from ikefarm.shared.observability.tracing import (
@@ -136,11 +137,16 @@ class Runtime:
         """Connect with backoff; once connected nats-py reconnects on its own, forever."""
         delay = 0.1
         attempt = 0
+        auth: dict[str, str] = {}
+        if self.options.get("credentials"):
+            user = read_credentials(self.options["credentials"])
+            auth = {"user": user.user, "password": user.password}
         while True:
             attempt += 1
             try:
                 return await nats.connect(
                     servers=[self.nats_url],
+                    **auth,
                     name=self.instance,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25,

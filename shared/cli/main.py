@@ -34,21 +34,26 @@ def _load_or_exit(path: str) -> Config:
         raise SystemExit(1) from None
 
 
-def _nats_url(args: argparse.Namespace, config: Config | None) -> str:
-    """--nats, else the config's [nats] url, else the broker a running `ikefarm up` started."""
+def _running_farm(args: argparse.Namespace, config: Config | None) -> dict[str, Any] | None:
+    """The `up.json` of a running `ikefarm up`: --state-dir, the config's, or the default."""
     from ikefarm.shared.bus.embedded import default_state_dir
     from ikefarm.shared.cli.supervisor import read_up_state, state_dir_of
 
-    if getattr(args, "nats", None):
-        return str(args.nats)
-    if config is not None and config.nats.url:
-        return str(config.nats.url)
     state_dir = (
         Path(args.state_dir)
         if getattr(args, "state_dir", None)
         else (state_dir_of(config) if config is not None else default_state_dir())
     )
-    state = read_up_state(state_dir)
+    return read_up_state(state_dir)
+
+
+def _nats_url(args: argparse.Namespace, config: Config | None) -> str:
+    """--nats, else the config's [nats] url, else the broker a running `ikefarm up` started."""
+    if getattr(args, "nats", None):
+        return str(args.nats)
+    if config is not None and config.nats.url:
+        return str(config.nats.url)
+    state = _running_farm(args, config)
     if state and state.get("nats_url"):
         return str(state["nats_url"])
     print(
@@ -56,6 +61,29 @@ def _nats_url(args: argparse.Namespace, config: Config | None) -> str:
         file=sys.stderr,
     )
     raise SystemExit(2)
+
+
+def _nats_credentials(args: argparse.Namespace, config: Config | None) -> str | None:
+    """The credentials file to connect with: --nats-credentials, $IKEFARM_NATS_CREDENTIALS,
+    [nats] credentials, else the CLI user `admin` of a running `ikefarm up`.
+
+    A missing file is no error: a broker without authorization takes anyone.
+    """
+    import os
+
+    from ikefarm.proto.subjects import ADMIN_USER
+    from ikefarm.shared.bus.auth import ENV_CREDENTIALS, credentials_for
+
+    explicit = getattr(args, "nats_credentials", None) or os.environ.get(ENV_CREDENTIALS)
+    if explicit:
+        return str(credentials_for(explicit, ADMIN_USER))
+    if config is not None and config.nats.credentials:
+        return str(credentials_for(config.nats.credentials, ADMIN_USER))
+    state = _running_farm(args, config)
+    if state and state.get("credentials_dir"):
+        path = Path(state["credentials_dir"]) / f"{ADMIN_USER}.json"
+        return str(path) if path.exists() else None
+    return None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -89,6 +117,14 @@ def _preflight_all(config: Config) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
+    import os
+
+    from ikefarm.shared.bus.auth import (
+        ENV_CREDENTIALS,
+        CredentialsError,
+        credentials_for,
+        read_credentials,
+    )
     from ikefarm.shared.bus.runtime import run_service
 
     path = args.config or bundled_config_path()
@@ -96,6 +132,17 @@ def cmd_service(args: argparse.Namespace) -> int:
     module_name, class_name = SERVICE_CLASSES[args.name].split(":")
     service_cls = getattr(importlib.import_module(module_name), class_name)
     options: dict[str, Any] = {"shard": args.shard, "config_path": str(Path(path).resolve())}
+    credentials = getattr(args, "nats_credentials", None) or config.nats.credentials
+    if credentials is None:
+        credentials = os.environ.get(ENV_CREDENTIALS)
+    if credentials:
+        credentials = str(credentials_for(credentials, args.name))
+        try:
+            read_credentials(credentials)
+        except (OSError, CredentialsError) as exc:
+            print(f"ikefarm {args.name}: NATS credentials: {exc}", file=sys.stderr)
+            return 1
+        options["credentials"] = credentials
     return run_service(service_cls, config, _nats_url(args, config), args.instance, options)
 
 
@@ -108,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         try:
-            nc = await connect(url)
+            nc = await connect(url, _nats_credentials(args, config))
         except Exception as exc:
             print(f"ikefarm status: cannot reach NATS at {url}: {exc}", file=sys.stderr)
             return 2
@@ -154,7 +201,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         try:
-            nc = await connect(url)
+            nc = await connect(url, _nats_credentials(args, config))
         except Exception as exc:
             print(f"ikefarm show: cannot reach NATS at {url}: {exc}", file=sys.stderr)
             return 2
@@ -202,7 +249,7 @@ def cmd_show_kernel(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         try:
-            nc = await connect(url)
+            nc = await connect(url, _nats_credentials(args, config))
         except Exception as exc:
             print(f"ikefarm show: cannot reach NATS at {url}: {exc}", file=sys.stderr)
             return 2
@@ -260,6 +307,28 @@ def cmd_config_reference(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_nats_auth(args: argparse.Namespace) -> int:
+    """Create (or reuse) one credentials file per service and print how to wire them."""
+    from ikefarm.shared.bus.auth import (
+        authorization_block,
+        ensure_credentials,
+        write_server_config,
+    )
+
+    directory = Path(args.directory)
+    users = ensure_credentials(directory)
+    server_config = write_server_config(directory, users)
+    print(f"# {server_config.resolve()} (mode 0600) holds the users with their passwords;")
+    print("# nats-server resolves `include` relative to the including file: beside it,")
+    print(f"#   include {server_config.name}")
+    print("# each service: ikefarm service NAME --nats URL --nats-credentials FILE")
+    for name, user in users.items():
+        print(f"#   {name:9} {user.path}")
+    print("# the permissions, passwords left out:")
+    print(authorization_block(users, with_passwords=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ikefarm", description="IKEv2/IPsec gateway over NATS")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -275,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--instance", help="instance name (default: service-host-pid)")
     service.add_argument("--shard", type=int, default=None, help="ike: SPI shard this worker owns")
     service.add_argument("--state-dir", help=argparse.SUPPRESS)
+    service.add_argument(
+        "--nats-credentials", help="file with this service's NATS user (default: none)"
+    )
     service.set_defaults(func=cmd_service)
 
     status = commands.add_parser("status", help="services found by discovery")
@@ -308,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_config_check)
     reference = config_commands.add_parser("reference", help="every option, default and range")
     reference.set_defaults(func=cmd_config_reference)
+    nats_auth = config_commands.add_parser(
+        "nats-auth",
+        help="per-service NATS users for an external nats-server: credentials and permissions",
+    )
+    nats_auth.add_argument("directory", help="where the credentials files are kept (0600)")
+    nats_auth.set_defaults(func=cmd_config_nats_auth)
     return parser
 
 

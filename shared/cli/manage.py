@@ -90,7 +90,7 @@ def _config_of_running_farm(args: argparse.Namespace) -> Any:
         return None
 
 
-async def connect(url: str) -> Any:
+async def connect(url: str, credentials: str | None = None) -> Any:
     """A short-lived CLI connection: a broker that is not there is an error, not a retry loop
     (nats-py retries an initial connect forever with max_reconnect_attempts=0)."""
     import nats
@@ -98,8 +98,15 @@ async def connect(url: str) -> Any:
     async def quiet(_exc: Exception) -> None:
         return None
 
+    auth: dict[str, str] = {}
+    if credentials:
+        from ikefarm.shared.bus.auth import read_credentials
+
+        user = read_credentials(credentials)
+        auth = {"user": user.user, "password": user.password}
     return await nats.connect(
         servers=[url],
+        **auth,
         connect_timeout=2,
         max_reconnect_attempts=1,
         reconnect_time_wait=0.1,
@@ -109,7 +116,9 @@ async def connect(url: str) -> Any:
 
 async def _run(command: Any, url: str, args: argparse.Namespace, config: Any) -> int:
     try:
-        nc = await connect(url)
+        from ikefarm.shared.cli.main import _nats_credentials
+
+        nc = await connect(url, _nats_credentials(args, config))
     except Exception as exc:
         print(f"ikefarm {command.verb}: cannot reach NATS at {url}: {exc}", file=sys.stderr)
         return 2

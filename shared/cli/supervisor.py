@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ikefarm.shared.bus.auth import CREDENTIALS_DIR, ensure_credentials, write_server_config
 from ikefarm.shared.bus.embedded import EmbeddedNats, default_state_dir, die_with_parent
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.observability.logging import get_logger
@@ -55,7 +56,12 @@ def state_dir_of(config: Config) -> Path:
 
 
 def service_argv(
-    service: str, config_path: str, nats_url: str, instance: str, shard: int | None
+    service: str,
+    config_path: str,
+    nats_url: str,
+    instance: str,
+    shard: int | None,
+    credentials_dir: Path | None = None,
 ) -> list[str]:
     argv = [
         sys.executable, "-m", "ikefarm.shared.cli.main", "service", service,
@@ -63,23 +69,37 @@ def service_argv(
     ]  # fmt: skip
     if shard is not None:
         argv += ["--shard", str(shard)]
+    if credentials_dir is not None:
+        # the path, never the password, goes on the command line
+        argv += ["--nats-credentials", str(credentials_dir / f"{service}.json")]
     return argv
 
 
-def plan_children(config: Config, config_path: str, nats_url: str) -> list[Child]:
+def plan_children(
+    config: Config, config_path: str, nats_url: str, credentials_dir: Path | None = None
+) -> list[Child]:
     children: list[Child] = []
     for index in range(config.farm.ingress_instances):
         name = f"ingress-{index}"
         children.append(
-            Child("ingress", name, service_argv("ingress", config_path, nats_url, name, None))
+            Child(
+                "ingress",
+                name,
+                service_argv("ingress", config_path, nats_url, name, None, credentials_dir),
+            )
         )
     for shard in range(config.farm.ike_workers):
         name = f"ike-{shard}"
-        children.append(Child("ike", name, service_argv("ike", config_path, nats_url, name, shard)))
+        argv = service_argv("ike", config_path, nats_url, name, shard, credentials_dir)
+        children.append(Child("ike", name, argv))
     for service in ("keystore", "kernel", "flow"):
         name = f"{service}-0"
         children.append(
-            Child(service, name, service_argv(service, config_path, nats_url, name, None))
+            Child(
+                service,
+                name,
+                service_argv(service, config_path, nats_url, name, None, credentials_dir),
+            )
         )
     return children
 
@@ -92,6 +112,7 @@ class Supervisor:
         self.broker: EmbeddedNats | None = None
         self.children: list[Child] = []
         self.stopping = False
+        self.credentials_dir: Path | None = None
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.control("supervisor_signal", signal=signal.Signals(signum).name)
@@ -103,12 +124,21 @@ class Supervisor:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         nats_url = self.config.nats.url
         if not nats_url:
+            # one NATS user per service, allowed only its own subjects (proto/subjects.py)
+            self.credentials_dir = self.state_dir / CREDENTIALS_DIR
+            users = ensure_credentials(self.credentials_dir)
+            server_config = write_server_config(self.credentials_dir, users)
             store = Path(self.config.nats.store_dir or self.state_dir / "nats")
-            self.broker = EmbeddedNats(store)
+            self.broker = EmbeddedNats(store, config_file=server_config)
             self.broker.start()
             nats_url = self.broker.url
-            log.audit("embedded_nats_started", url=nats_url, pid=self.broker.pid)
-        self.children = plan_children(self.config, self.config_path, nats_url)
+            log.audit(
+                "embedded_nats_started", url=nats_url, pid=self.broker.pid, users=sorted(users)
+            )
+        elif self.config.nats.credentials and Path(self.config.nats.credentials).is_dir():
+            # an external NATS set up with `ikefarm config nats-auth DIR`
+            self.credentials_dir = Path(self.config.nats.credentials)
+        self.children = plan_children(self.config, self.config_path, nats_url, self.credentials_dir)
         for child in self.children:
             child.start()
         self._write_state(nats_url)
@@ -173,6 +203,7 @@ class Supervisor:
             "config": self.config_path,
             "broker_pid": self.broker.pid if self.broker else None,
             "children": {c.instance: c.process.pid for c in self.children if c.process},
+            "credentials_dir": str(self.credentials_dir) if self.credentials_dir else None,
         }
         path = self.state_dir / UP_STATE_FILE
         path.write_text(json.dumps(state, indent=2))

@@ -141,6 +141,12 @@ def ppk_identity(ppk: Node) -> bytes | None:
     return None
 
 
+def certificate_problems(config: Config) -> list[tuple[str, str]]:
+    from ikefarm.shared.ikev2.certs import certificate_problems as check
+
+    return check(config)
+
+
 def cross_check(config: Config) -> list[ConfigProblem]:
     """Rules that span keys: references, exclusive options, unique PPK identities."""
     problems: list[ConfigProblem] = []
@@ -233,6 +239,7 @@ def cross_check(config: Config) -> list[ConfigProblem]:
             "flow.aging.low-watermark",
             f"{aging.low_watermark} must not exceed high-watermark {aging.high_watermark}",
         )
+    problems.extend(ConfigProblem(path, text) for path, text in certificate_problems(config))
     return problems
 
 

@@ -290,6 +290,13 @@ VPN = TableList(
                 }
             ),
             "ppk": Text(default=None, doc="name of an [[ike.ppk]] to use when initiating"),
+            "local-certificate": Text(
+                default=None,
+                doc="pubkey: PEM file, our certificate then its intermediates (CERT payloads)",
+            ),
+            "local-private-key": Text(
+                default=None, doc="pubkey: PEM/DER key file of local-certificate; keystore only"
+            ),
             "vip-request": ListOf(item=Address(), default=[], doc="0.0.0.0 and/or ::"),
             "vip-pool": ListOf(item=Text(), default=[], doc="names of [[ike.pool]]"),
             "security-policy": SECURITY_POLICY,
@@ -336,6 +343,16 @@ PRE_SHARED_KEY = TableList(
     key=None,
 )
 
+PKI = Section(
+    {
+        "ca-certificates": ListOf(
+            item=Text(), default=[], doc="trust anchors for pubkey peers (PEM/DER files)"
+        ),
+        "crls": ListOf(item=Text(), default=[], doc="CRL files checked for every peer chain"),
+    },
+    doc="certificate authentication: trust store (RFC 7296 3.6-3.7)",
+)
+
 LOGGING = Section(
     {
         "daemon": _logging_facility(0, "facility daemon: level 0-4 or disable"),
@@ -350,6 +367,10 @@ SCHEMA = Section(
             {
                 "url": Text(default="", doc="empty: start an embedded nats-server"),
                 "store-dir": Text(default=None, doc="JetStream store; default <state-dir>/nats"),
+                "credentials": Text(
+                    default=None,
+                    doc="external NATS: credentials file, or directory of <user>.json files",
+                ),
             }
         ),
         "farm": Section(
@@ -387,6 +408,7 @@ SCHEMA = Section(
                 "pool": POOL,
                 "ppk": PPK,
                 "pre-shared-key": PRE_SHARED_KEY,
+                "pki": PKI,
             }
         ),
         "keystore": Section(

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ikefarm.shared.config.loader import Config, Node, ppk_identity
+from ikefarm.shared.ikev2.certs import (
+    certreq_authorities,
+    default_local_id,
+    local_certificate_chain,
+)
 from ikefarm.shared.ikev2.constants import EsnId, TransformType
 from ikefarm.shared.ikev2.crypto.registry import AlgorithmKind, lookup
 from ikefarm.shared.ikev2.payloads import Proposal, TrafficSelector, Transform
@@ -166,6 +171,8 @@ class VpnPolicy:
     vip_request: tuple[str, ...]
     vip_pools: tuple[str, ...]
     security_policies: tuple[SecurityPolicy, ...]
+    # pubkey: our certificate then its intermediates (DER), sent as CERT payloads
+    local_certificates: tuple[bytes, ...] = ()
 
     def matches_addresses(self, local: str, remote: str) -> int:
         """0 = no match; higher = more specific (exact remote beats "any")."""
@@ -198,6 +205,8 @@ class EnginePolicy:
     natt_port: int = 4500
     # `[[ike.ppk]]` name -> PPK_ID octets: identities only, the secrets stay in the keystore
     ppks: dict[str, bytes] = field(default_factory=dict)
+    # CERTREQ Certification Authority values of our trust anchors (RFC 7296 3.7)
+    certreq_authorities: tuple[bytes, ...] = ()
 
     def vpn(self, name: str) -> VpnPolicy | None:
         return next((v for v in self.vpns if v.name == name), None)
@@ -276,12 +285,13 @@ def engine_policy(config: Config) -> EnginePolicy:
                     inject_routes=routes,
                 )
             )
+        chain = local_certificate_chain(vpn.local_certificate)
         vpns.append(
             VpnPolicy(
                 name=vpn.name,
                 local_address=vpn.local_address,
                 remote_address=vpn.remote_address,
-                local_id=vpn.local_id or vpn.local_address or "%any",
+                local_id=vpn.local_id or default_local_id(chain) or vpn.local_address or "%any",
                 remote_id=vpn.remote_id,
                 local_auth=vpn.ike_policy.local_auth_method,
                 remote_auth=vpn.ike_policy.remote_auth_method,
@@ -298,6 +308,7 @@ def engine_policy(config: Config) -> EnginePolicy:
                 vip_request=tuple(vpn.vip_request),
                 vip_pools=tuple(vpn.vip_pool),
                 security_policies=tuple(policies),
+                local_certificates=chain,
             )
         )
     options = ike.global_options
@@ -317,4 +328,5 @@ def engine_policy(config: Config) -> EnginePolicy:
         ike_port=config.ingress.ike_port,
         natt_port=config.ingress.natt_port,
         ppks={p.name: identity for p in ike.ppk if (identity := ppk_identity(p)) is not None},
+        certreq_authorities=certreq_authorities(ike.pki.ca_certificates),
     )

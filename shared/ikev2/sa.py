@@ -121,6 +121,10 @@ class IkeSa:
     peer_fragmentation: bool = False
     peer_childless: bool = False
     peer_mobike: bool = False
+    # RFC 7427 4: the hashes the peer announced in SIGNATURE_HASH_ALGORITHMS
+    peer_signature_hashes: tuple[int, ...] = ()
+    # AUTH methods of IKE_AUTH by side, e.g. {"local_auth": "DIGITAL_SIGNATURE", ...}
+    auth_methods: dict[str, str] = field(default_factory=dict)
     nat_local: bool = False  # we are behind a NAT (peer's DESTINATION_IP hash differs)
     nat_remote: bool = False  # the peer is behind a NAT (its SOURCE_IP hash differs)
     ppk_used: bool = False

@@ -61,6 +61,8 @@ def ike_sa_row(sa: IkeSa, now: float) -> dict[str, Any]:
         if sa.established_at is None
         else max(0, round(now - sa.established_at)),
         "rekey_in": _in(sa.rekey_at, now),
+        "local_auth": sa.auth_methods.get("local_auth"),
+        "remote_auth": sa.auth_methods.get("remote_auth"),
         "children": [child_row(c, now) for c in sa.children],
     }
 

@@ -69,6 +69,7 @@ DEFAULT_PLUGINS = [
     "pkcs1",
     "pkcs8",
     "constraints",
+    "revocation",
     "kernel-libipsec",
     "kernel-netlink",
     "socket-default",
@@ -517,7 +518,7 @@ class StrongSwan:
         return env
 
     def write_config(self) -> None:
-        for sub in ("", "x509", "x509ca", "private", "pubkey"):
+        for sub in ("", "x509", "x509ca", "x509crl", "private", "pubkey"):
             (self.swanctl_dir / sub).mkdir(parents=True, exist_ok=True)
         self.conf_path.write_text(render_settings(self.settings))
         swanctl = self.swanctl_dir / "swanctl.conf"
@@ -632,13 +633,14 @@ class StrongSwan:
         *,
         private_keys: Sequence[str | Path] = (),
         cacerts: Sequence[str | Path] = (),
+        crls: Sequence[str | Path] = (),
         extra: str = "",
         text: str | None = None,
     ) -> None:
         """Write swanctl.conf (from the builders, or `text` verbatim) and `--load-all`.
 
-        Certificates named in the connections' cert slots, `cacerts` and
-        `private_keys` are copied into x509/, x509ca/ and private/ first.
+        Certificates named in the connections' cert slots, `cacerts`, `crls` and
+        `private_keys` are copied into x509/, x509ca/, x509crl/ and private/ first.
         """
         for conn in connections:
             for path in (*conn.local_certs, *conn.remote_certs):
@@ -649,6 +651,8 @@ class StrongSwan:
             shutil.copy(path, self.swanctl_dir / "x509ca" / Path(path).name)
         for path in private_keys:
             shutil.copy(path, self.swanctl_dir / "private" / Path(path).name)
+        for path in crls:
+            shutil.copy(path, self.swanctl_dir / "x509crl" / Path(path).name)
         conf = text if text is not None else swanctl_conf(connections, psks, ppks, extra)
         (self.swanctl_dir / "swanctl.conf").write_text(conf)
         self.swanctl("--load-all", "--noprompt", "--file", str(self.swanctl_dir / "swanctl.conf"))

@@ -1,7 +1,8 @@
-"""IKE_AUTH, responder side (RFC 7296 1.2, 2.15, 2.21.2): identities, PSK AUTH, first child.
+"""IKE_AUTH, both roles (RFC 7296 1.2, 2.15, 2.21.2): identities, AUTH, first child.
 
-The PSK never enters the worker: the engine builds the signed octets and asks
-the keystore to verify the peer's AUTH and compute ours. Until it answers the
+Neither the PSK nor a private key enters the worker: the engine builds the
+signed octets and asks the keystore to verify the peer's AUTH and compute ours
+(PSK here; certificates and signatures through `auth_methods`). Until it answers the
 SA is AUTHENTICATING and a retransmitted request is ignored (the answer will be
 sent once). A failed authentication is answered with AUTHENTICATION_FAILED
 and the half-open SA is forgotten; a child that cannot be made (no proposal,
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ikefarm.shared.dos.admission import AUTH_PHASE
 from ikefarm.shared.ikev2.constants import AuthMethod, ExchangeType, NotifyType, PayloadType
 from ikefarm.shared.ikev2.effects import Effect, InitialContact, KeystoreRequest, Log, SaEvent
-from ikefarm.shared.ikev2.exchanges import ppk
+from ikefarm.shared.ikev2.exchanges import auth_methods, ppk
 from ikefarm.shared.ikev2.exchanges.child_create import respond_child
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import AuthPayload, IdPayload, NotifyPayload, Payload
@@ -34,13 +35,19 @@ def identity_matches(configured: str | None, presented: str) -> bool:
     """strongSwan-style: unset or `%any` matches anything, `*` wildcards match within."""
     if configured is None or configured in ("%any", "*"):
         return True
+    dn = auth_methods.dn_matches(configured, presented)
+    if dn is not None:
+        return dn
     if "*" in configured:
         return fnmatch.fnmatchcase(presented, configured)
     return configured == presented
 
 
-def choose_vpn(sa: IkeSa, idi: IdPayload, idr: IdPayload | None) -> VpnPolicy | None:
-    """The VPN for this peer: addresses fit (IKE_SA_INIT), IDi fits remote-id, IDr our local-id."""
+def choose_vpn(
+    sa: IkeSa, idi: IdPayload, idr: IdPayload | None, method: int | None = None
+) -> VpnPolicy | None:
+    """The VPN for this peer: addresses fit (IKE_SA_INIT), IDi fits remote-id, IDr our local-id;
+    among those, one that takes the peer's AUTH `method` comes first."""
     presented = str(idi)
     exact: list[VpnPolicy] = []
     loose: list[VpnPolicy] = []
@@ -51,6 +58,8 @@ def choose_vpn(sa: IkeSa, idi: IdPayload, idr: IdPayload | None) -> VpnPolicy | 
             continue
         (exact if vpn.remote_id == presented else loose).append(vpn)
     found = exact + loose
+    if method is not None:
+        found.sort(key=lambda vpn: not auth_methods.accepts(vpn, method))  # stable
     return found[0] if found else None
 
 
@@ -90,10 +99,10 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
         return _fail(engine, sa, request, "no_identity", now)
     if auth is None:
         return _fail(engine, sa, request, "eap_not_supported", now, remote_id=str(idi))
-    vpn = choose_vpn(sa, idi, idr if isinstance(idr, IdPayload) else None)
+    vpn = choose_vpn(sa, idi, idr if isinstance(idr, IdPayload) else None, int(auth.method))
     if vpn is None:
         return _fail(engine, sa, request, "no_matching_vpn", now, remote_id=str(idi))
-    if vpn.remote_auth != "pre-shared-key" or auth.method != AuthMethod.SHARED_KEY_MIC:
+    if not auth_methods.accepts(vpn, auth.method) or not auth_methods.same_kind(vpn):
         return _fail(engine, sa, request, "auth_method", now, method=int(auth.method), vpn=vpn.name)
     effects, done = ppk.respond(engine, sa, request, vpn, idi, now)  # RFC 8784
     if done:
@@ -106,15 +115,26 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
 def ask_psk_auth(
     engine: IkeEngine, sa: IkeSa, request: Message, vpn: VpnPolicy, idi: IdPayload, peer_auth: bytes
 ) -> list[Effect]:
-    """Have the keystore verify the peer's AUTH and compute ours with the SA's SK_pi/SK_pr."""
+    """Have the keystore verify the peer's AUTH and compute ours with the SA's SK_pi/SK_pr:
+    by PSK (`peer_auth` is what to check, the NO_PPK_AUTH data when RFC 8784 says so) or by
+    certificate (the AUTH payload; a NO_PPK_AUTH is not consulted on that path)."""
     assert sa.keys is not None
-    local_id = IdPayload.from_string(vpn.local_id, PayloadType.IDr)
+    auth = request.get(AuthPayload)
+    assert auth is not None
+    local_id = auth_methods.identity_payload(vpn.local_id, PayloadType.IDr)
     verify = signed_octets(sa.init_request, sa.nonce_r, sa.keys.sk_pi, idi, sa)
     sign = signed_octets(sa.init_response, sa.nonce_i, sa.keys.sk_pr, local_id, sa)
     request_id = engine.new_request_id()
     engine.keystore_waits[request_id] = sa.local_spi
     sa.state = IkeSaState.AUTHENTICATING
     sa.pending = {"request": request, "vpn": vpn, "idi": idi, "idr": local_id}
+    sa.pending["remote_method"] = int(auth.method)
+    if vpn.remote_auth == auth_methods.PUBKEY:
+        params = auth_methods.cert_request(
+            sa, vpn, "verify-and-sign", peer=request, peer_id=idi, peer_auth=auth,
+            verify_octets=verify, sign_octets=sign,
+        )  # fmt: skip
+        return [KeystoreRequest(request_id, auth_methods.CERT_AUTH, params)]
     assert sa.algorithms is not None and sa.algorithms.prf is not None
     params = {
         "prf_id": sa.algorithms.prf[0],
@@ -174,9 +194,12 @@ def keystore_answered(
 
     payloads: list[Payload] = [
         pending["idr"],
-        AuthPayload(AuthMethod.SHARED_KEY_MIC, reply["auth"]),
+        *auth_methods.our_auth(vpn, reply),
         *ppk.auth_response_notifies(sa),
     ]
+    used = auth_methods.count_methods(
+        engine, sa, int(reply.get("method") or AuthMethod.SHARED_KEY_MIC), pending["remote_method"]
+    )
     effects: list[Effect] = []
     child = respond_child(engine, sa, vpn, request, now, first_child=True)
     payloads += child.payloads
@@ -193,6 +216,7 @@ def keystore_answered(
         "spi_r": sa.spi_r.hex(),
         "proposal": sa.algorithms.ike_summary(),
         "ppk_used": sa.ppk_used,
+        **used,
     }
     effects += response_effects
     effects.append(SaEvent("ike-established", sa.unique_id, vpn.name, detail))
@@ -220,11 +244,14 @@ def initiator_sign(
     other than the SA's is the one without PPK, for NO_PPK_AUTH (RFC 8784 3)."""
     assert sa.vpn is not None and sa.keys is not None and sa.algorithms is not None
     assert sa.algorithms.prf is not None
-    idi = IdPayload.from_string(sa.vpn.local_id, PayloadType.IDi)
+    idi = auth_methods.identity_payload(sa.vpn.local_id, PayloadType.IDi)
     sign = signed_octets(sa.init_request, sa.nonce_r, sk_pi or sa.keys.sk_pi, idi, sa)
     request_id = engine.new_request_id()
     engine.keystore_waits[request_id] = sa.local_spi
     sa.pending = {"step": "sign", "idi": idi}
+    if sa.vpn.local_auth == auth_methods.PUBKEY:
+        params = auth_methods.cert_request(sa, sa.vpn, "sign", sign_octets=sign)
+        return [KeystoreRequest(request_id, auth_methods.CERT_AUTH, params)]
     params = {
         "prf_id": sa.algorithms.prf[0],
         "local_id": sa.vpn.local_id,
@@ -237,21 +264,27 @@ def initiator_sign(
     return [KeystoreRequest(request_id, PSK_AUTH, params)]
 
 
-def _initiator_send_auth(engine: IkeEngine, sa: IkeSa, auth: bytes, now: float) -> list[Effect]:
+def _initiator_send_auth(
+    engine: IkeEngine, sa: IkeSa, reply: dict[str, Any], now: float
+) -> list[Effect]:
     from ikefarm.shared.ikev2.exchanges.child_create import initiator_child_payloads
 
     assert sa.vpn is not None
     idi: IdPayload = sa.pending["idi"]
     sa.local_id = idi
-    payloads: list[Payload] = [idi]
+    payloads: list[Payload] = [idi, *auth_methods.certificate_payloads(sa.vpn)]
+    payloads += auth_methods.certreq_payloads(engine.policy, [sa.vpn])
     if not any(
         other is not sa and other.vpn is sa.vpn and other.established_at is not None
         for other in engine.sas.values()
     ):
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     if sa.vpn.remote_id:
-        payloads.append(IdPayload.from_string(sa.vpn.remote_id, PayloadType.IDr))
-    payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, ppk.our_auth(sa, auth)))
+        payloads.append(auth_methods.identity_payload(sa.vpn.remote_id, PayloadType.IDr))
+    method = int(reply.get("method") or AuthMethod.SHARED_KEY_MIC)
+    auth = AuthPayload(method, ppk.our_auth(sa, reply["auth"]))
+    sa.pending["local_method"] = int(auth.method)
+    payloads.append(auth)
     payloads += ppk.auth_request_notifies(sa, engine)
     context: dict[str, Any] = {}
     policy = sa.requested_child
@@ -262,6 +295,7 @@ def _initiator_send_auth(engine: IkeEngine, sa: IkeSa, auth: bytes, now: float) 
         payloads += child_payloads
     if sa.vpn.mobike:
         payloads.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
+    context["local_method"] = sa.pending.get("local_method")
     sa.pending = {}
     sa.state = IkeSaState.AUTHENTICATING
     return engine.send_request(sa, ExchangeType.IKE_AUTH, payloads, now, "ike_auth", context)
@@ -282,7 +316,7 @@ def initiator_response(
     assert sa.algorithms.prf is not None
     if not identity_matches(sa.vpn.remote_id, str(idr)):
         return _initiator_failed(engine, sa, "unexpected_identity", now, remote_id=str(idr))
-    if sa.vpn.remote_auth != "pre-shared-key" or auth.method != AuthMethod.SHARED_KEY_MIC:
+    if not auth_methods.accepts(sa.vpn, auth.method):
         return _initiator_failed(engine, sa, "auth_method", now, method=int(auth.method))
     ppk_failure = ppk.initiator_settle(engine, sa, response)  # RFC 8784: did it use the PPK?
     if ppk_failure is not None:
@@ -291,6 +325,12 @@ def initiator_response(
     request_id = engine.new_request_id()
     engine.keystore_waits[request_id] = sa.local_spi
     sa.pending = {"step": "verify", "response": response, "context": context, "idr": idr}
+    sa.pending["remote_method"] = int(auth.method)
+    if sa.vpn.remote_auth == auth_methods.PUBKEY:
+        params = auth_methods.cert_request(
+            sa, sa.vpn, "verify", peer=response, peer_id=idr, peer_auth=auth, verify_octets=verify
+        )
+        return [KeystoreRequest(request_id, auth_methods.CERT_AUTH, params)]
     params = {
         "prf_id": sa.algorithms.prf[0],
         "local_id": sa.vpn.local_id,
@@ -341,7 +381,7 @@ def _initiator_keystore_answered(
         more = ppk.initiator_signed(engine, sa, reply["auth"], now)  # NO_PPK_AUTH to sign
         if more is not None:
             return more
-        return _initiator_send_auth(engine, sa, reply["auth"], now)
+        return _initiator_send_auth(engine, sa, reply, now)
     sa.pending = {}
     if not reply.get("verified"):
         return _initiator_failed(engine, sa, str(reply.get("reason") or "auth_mismatch"), now)
@@ -356,6 +396,10 @@ def _initiator_keystore_answered(
     sa.rekey_at = now + vpn.rekey_time if vpn.rekey_time else None
     sa.expire_at = now + vpn.rekey_time + vpn.over_time if vpn.rekey_time else None
     engine.count("ike_sa_established")
+    context = pending["context"]
+    used = auth_methods.count_methods(
+        engine, sa, context.pop("local_method", None), pending["remote_method"]
+    )
     detail = {
         "local": str(sa.local),
         "remote": str(sa.remote),
@@ -365,12 +409,12 @@ def _initiator_keystore_answered(
         "spi_r": sa.spi_r.hex(),
         "proposal": sa.algorithms.ike_summary(),
         "ppk_used": sa.ppk_used,
+        **used,
     }
     effects: list[Effect] = [
         SaEvent("ike-established", sa.unique_id, vpn.name, detail),
         Log(0, "ike", "ike_sa_established", {"vpn": vpn.name, "unique_id": sa.unique_id, **detail}),
     ]
-    context = pending["context"]
     if context:
         effects += initiator_child_complete(
             engine, sa, response, context, now, first_child=True

@@ -28,7 +28,7 @@ from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.crypto.protection import SkProtection
 from ikefarm.shared.ikev2.effects import Effect, Endpoint, HalfOpen, Log, SendDatagram
 from ikefarm.shared.ikev2.errors import UnsupportedCriticalPayload
-from ikefarm.shared.ikev2.exchanges import ppk
+from ikefarm.shared.ikev2.exchanges import auth_methods, ppk
 from ikefarm.shared.ikev2.exchanges.natd import detect_nat, natd_notifies
 from ikefarm.shared.ikev2.message import Message, ParsedMessage, encode_message, peek_header
 from ikefarm.shared.ikev2.payloads import KePayload, NoncePayload, NotifyPayload, Payload, SaPayload
@@ -235,6 +235,7 @@ def respond(
     )
     sa.peer_fragmentation = request.notify(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED) is not None
     sa.peer_childless = request.notify(NotifyType.CHILDLESS_IKEV2_SUPPORTED) is not None
+    auth_methods.learn_peer_hashes(sa, request)
 
     payloads: list[Payload] = [
         SaPayload([selection.response()]),
@@ -250,6 +251,8 @@ def respond(
     if sa.peer_childless:
         payloads.append(NotifyPayload(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
     payloads += ppk.init_response_notifies(engine, sa, request)  # USE_PPK (RFC 8784 3)
+    payloads += auth_methods.init_notifies(candidates)
+    payloads += auth_methods.certreq_payloads(engine.policy, candidates)
 
     engine.sas[spi_r] = sa
     engine.init_index[(request.spi_i, remote.address, remote.port)] = spi_r
@@ -367,6 +370,7 @@ def _send_init(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         payloads.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
     payloads.append(NotifyPayload(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
     payloads += ppk.init_request_notifies(sa.vpn)  # USE_PPK (RFC 8784 3)
+    payloads += auth_methods.init_notifies([sa.vpn])
     sa.next_request_id = 0
     effects = engine.send_request(
         sa, ExchangeType.IKE_SA_INIT, payloads, now, "ike_sa_init", protected=False
@@ -441,6 +445,7 @@ def initiator_response(
     engine.count("dh_computed")
     sa.peer_fragmentation = response.notify(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED) is not None
     sa.peer_childless = response.notify(NotifyType.CHILDLESS_IKEV2_SUPPORTED) is not None
+    auth_methods.learn_peer_hashes(sa, response)
     nat = detect_nat(response, sa.local, sa.remote)
     if nat is not None:
         sa.nat_local, sa.nat_remote = nat

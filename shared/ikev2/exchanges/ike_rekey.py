@@ -95,6 +95,7 @@ def _new_sa(
         nat_local=old.nat_local,
         nat_remote=old.nat_remote,
         ppk_used=old.ppk_used,
+        auth_methods=dict(old.auth_methods),
         established_at=now,
         last_seen=now,
     )

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ServiceUnavailableError
 
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import CookieSecrets
+from ikefarm.shared.bus.runtime import ServiceUnavailable
 from ikefarm.shared.dos.cookies import CookieJar, first_record, jar_from_record, rotated
 from ikefarm.shared.observability.logging import get_logger
 
@@ -51,7 +52,14 @@ class CookieSecretStore:
 
     async def start(self) -> None:
         js = self.nc.jetstream()
-        self._kv = await js.create_key_value(bucket=subjects.COOKIE_SECRET_BUCKET, history=1)
+        try:
+            self._kv = await js.create_key_value(bucket=subjects.COOKIE_SECRET_BUCKET, history=1)
+        except ServiceUnavailableError:
+            raise ServiceUnavailable(
+                "ingress keeps the farm's cookie secret in a JetStream KV bucket "
+                f"({subjects.COOKIE_SECRET_BUCKET}): enable JetStream on the NATS server "
+                "(nats-server -js)"
+            ) from None
         await self.refresh(create=True)
         self._tasks.append(asyncio.create_task(self._rotate_loop(), name="cookie-rotate"))
         self._tasks.append(asyncio.create_task(self._watch_loop(), name="cookie-watch"))

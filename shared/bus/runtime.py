@@ -399,4 +399,9 @@ def run_service(
         log_format=config.telemetry.log_format,
     )
     configure_tracing(service_cls.name, runtime.instance, config.telemetry.otlp_endpoint)
-    return asyncio.run(runtime.run())
+    try:
+        return asyncio.run(runtime.run())
+    except ServiceUnavailable as exc:
+        # found only once connected (e.g. the broker lacks JetStream): one sentence, exit 1
+        print(f"ikefarm {service_cls.name}: {exc}", file=sys.stderr)
+        return 1

@@ -171,7 +171,7 @@ class Supervisor:
                 child.restarts += 1
                 child.next_start = now + min(0.5 * 2 ** min(child.restarts, 6), 30.0)
                 log.control(
-                    "service_exited", instance=child.instance, code=code, restarts=child.restarts
+                    "service_exited", child=child.instance, code=code, restarts=child.restarts
                 )
             elif now >= child.next_start:
                 child.next_start = 0.0
@@ -188,7 +188,7 @@ class Supervisor:
             try:
                 child.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.control("service_killed", instance=child.instance)
+                log.control("service_killed", child=child.instance)
                 child.process.kill()
                 child.process.wait()
         if self.broker is not None:

@@ -170,14 +170,16 @@ class SubsystemLogger:
             limit = _levels.get(facility, {}).get(self.subsystem)
             if limit is None or level > limit:
                 continue
-            structlog.get_logger().msg(
-                event,
+            # one dict, so a field named like a context key (service, instance) can never
+            # make the call itself fail: a log line must not take its process down
+            record = {
                 **_context,
-                subsystem=self.subsystem,
-                level=level,
-                facility=facility,
                 **fields,
-            )
+                "subsystem": self.subsystem,
+                "level": level,
+                "facility": facility,
+            }
+            structlog.get_logger().msg(event, **record)
 
     def audit(self, event: str, **fields: Any) -> None:
         self.at(0, event, **fields)

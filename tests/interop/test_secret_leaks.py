@@ -9,16 +9,23 @@ are the secrets searched for, raw, hex or base64, in the capture and in
 ikefarm's log (every service at level 3, the most a production log carries
 below the key-dumping level 4). Another kind of secret (a private key for
 certificate authentication) is one more entry in `secrets`.
+
+The farm's embedded broker admits no user that may read `>` (each service
+only its own subjects), so the gateway here runs on an operator's open
+nats-server in its namespace, which the recorder can read whole.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from ikefarm.shared.bus.embedded import nats_server_binary
 from tests.harness.bus_capture import BusCapture
 from tests.harness.gateway import Gateway
 from tests.harness.netns import NetnsPair
@@ -77,13 +84,52 @@ def connection(name: str, identity: str, ppk: bool) -> Connection:
     )
 
 
+OPEN_NATS_PORT = 4222
+
+
+@pytest.fixture
+def open_nats(netns_pair: NetnsPair, tmp_path: Path) -> Iterator[str]:
+    """A nats-server without authorization on the gateway namespace's loopback."""
+    server = netns_pair.gw.popen(
+        [
+            nats_server_binary(),
+            "-js",
+            "--store_dir",
+            str(tmp_path / "open-nats"),
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            str(OPEN_NATS_PORT),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        reachable = netns_pair.gw.run(
+            [sys.executable, "-c", _PROBE, str(OPEN_NATS_PORT)], timeout=15, check=False
+        )
+        assert reachable.returncode == 0, "the open nats-server did not listen"
+        yield f"nats://127.0.0.1:{OPEN_NATS_PORT}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+_PROBE = (
+    "import sys; from ikefarm.shared.bus.embedded import wait_for_port; "
+    "sys.exit(0 if wait_for_port('127.0.0.1', int(sys.argv[1]), 10) else 1)"
+)
+
+
 def test_psk_and_ppk_handshakes_leak_no_secret(
+    open_nats: str,
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
     tmp_path: Path,
 ) -> None:
     ppk_table = f'\n[[ike.ppk]]\nname = "p"\nid = "{PPK_ID}"\nsecret = "0x{PPK.hex()}"\n'
+    ppk_table += f'\n[nats]\nurl = "{open_nats}"\n'
     gateway = gateway_factory(netns_pair.gw, psk=PSK, extra=ppk_table, log_level=3)
     capture = BusCapture(netns_pair.gw, gateway.workdir / "state", tmp_path / "bus.msgpack")
     capture.start()

@@ -62,3 +62,13 @@ def test_secrets_are_redacted_below_level_4() -> None:
     assert first["sk_d"] == "<redacted>" and first["nested"]["psk"] == "<redacted>"
     assert second["sk_d"] == "aabbcc"
     assert text.count("hunter2") == 0
+
+
+def test_a_field_named_like_a_context_key_never_breaks_the_call() -> None:
+    """The supervisor once logged `instance=` of a child and crashed `ikefarm up` with it."""
+    stream = io.StringIO()
+    configure_logging("up", "supervisor", {}, stream=stream)
+    get_logger("daemon").audit("service_exited", instance="ike-0", code=1)
+    (line,) = lines(stream)
+    assert line["instance"] == "ike-0" and line["service"] == "up"
+    assert line["level"] == 0 and line["code"] == 1

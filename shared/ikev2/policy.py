@@ -192,6 +192,9 @@ class RetransmitPolicy:
     limit: int
 
 
+JUNOS_INITIATOR_HALF_OPEN_TIMEOUT = 60.0
+
+
 @dataclass(frozen=True)
 class EnginePolicy:
     vpns: tuple[VpnPolicy, ...]
@@ -199,6 +202,10 @@ class EnginePolicy:
     initiator_only: bool
     make_before_break: bool
     half_open_timeout: float
+    # Junos (seed 000): "Initiator continues to use 60 seconds" for its half-open SAs. It
+    # applies where the operator configured [ike.session.half-open]; otherwise the vSR
+    # retransmission schedule alone ends an unanswered initiation.
+    initiator_half_open_timeout: float | None = None
     fragment_size: int = 1280
     tx_invalid_cookie: bool = False  # JunosE (seed 002): answer unknown SPIs, rate-limited
     ike_port: int = 500
@@ -324,6 +331,11 @@ def engine_policy(config: Config) -> EnginePolicy:
         initiator_only=options.initiator_only,
         make_before_break=options.make_before_break,
         half_open_timeout=float(ike.session.half_open.timeout),
+        initiator_half_open_timeout=(
+            JUNOS_INITIATOR_HALF_OPEN_TIMEOUT
+            if any(path.startswith("ike.session.half-open") for path in config.explicit)
+            else None
+        ),
         tx_invalid_cookie=bool(options.tx_invalid_cookie),
         ike_port=config.ingress.ike_port,
         natt_port=config.ingress.natt_port,

@@ -5,8 +5,11 @@ from __future__ import annotations
 from ikefarm.proto.messages import IkeLoad
 from ikefarm.shared.dos.admission import share
 from ikefarm.shared.ikev2.effects import HalfOpen, Log, PeerFailed
+from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.sa import IkeSaState
 from tests.dos_helpers import feed, guarded_pair, init_requests, sent
+from tests.engine_helpers import INITIATOR_TOML, config
 
 DOS = "[ike.global-options.dos-protection]\n"
 HALF_OPEN = "[ike.session.half-open]\n"
@@ -158,3 +161,21 @@ def test_half_open_timeout_is_the_responders_half_open_lifetime() -> None:
     assert len(engine.sas) == 1
     engine.on_timer(1030.0)
     assert engine.sas == {} and engine.counters["half_open_expired"] == 1
+
+
+def test_an_initiator_with_junos_half_open_settings_gives_up_after_60_seconds() -> None:
+    """Seed 000: the responder's half-open timeout is configurable, the initiator keeps 60 s.
+    Without [ike.session.half-open] the retransmission schedule alone decides (vSR)."""
+    junos = IkeEngine(engine_policy(config(INITIATOR_TOML, HALF_OPEN + "timeout = 30\n")), shard=2)
+    junos.initiate("hq", None, 1000.0)
+    (sa,) = junos.sas.values()
+    assert sa.half_open_deadline == 1060.0
+    junos.on_timer(1059.9)
+    assert len(junos.sas) == 1
+    junos.on_timer(1060.0)
+    assert junos.sas == {} and junos.counters["half_open_expired"] == 1
+
+    vsr = IkeEngine(engine_policy(config(INITIATOR_TOML)), shard=2)
+    vsr.initiate("hq", None, 1000.0)
+    (sa,) = vsr.sas.values()
+    assert sa.half_open_deadline is None

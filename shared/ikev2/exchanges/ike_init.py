@@ -342,6 +342,8 @@ def initiate(
         dh=DhExchange.generate(group[0]),
         requested_child=child,
     )
+    if engine.policy.initiator_half_open_timeout is not None:
+        sa.half_open_deadline = now + engine.policy.initiator_half_open_timeout
     engine.sas[sa.spi_i] = sa
     engine.count("ike_sa_initiated")
     effects: list[Effect] = [

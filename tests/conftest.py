@@ -64,7 +64,9 @@ TEST_MASTER_KEY = "0x" + "6d61737465722d6b65792d666f722d74657374732d6f6e6c79"
 
 
 @pytest.fixture(autouse=True)
-def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("IKEFARM_LOG_LEVEL", raising=False)
+    # a config without [farm] state-dir must not touch the machine's /var/lib/ikefarm
+    monkeypatch.setenv("IKEFARM_STATE_DIR", str(tmp_path / "default-state"))
     monkeypatch.setenv("IKEFARM_MASTER_KEY", TEST_MASTER_KEY)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import datetime
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
+    NoEncryption,
+    PrivateFormat,
     PublicFormat,
     load_der_private_key,
     load_pem_private_key,
@@ -96,8 +98,13 @@ class CertStore:
         return len(self._credentials)
 
     @classmethod
-    def from_config(cls, config: Config) -> CertStore:
-        """Read keys, anchors and CRLs; CertificateFileError names the file that is wrong."""
+    def from_config(
+        cls, config: Config, sealed_keys: Mapping[str, bytes] | None = None
+    ) -> CertStore:
+        """Read keys, anchors and CRLs; CertificateFileError names the file that is wrong.
+
+        `sealed_keys` (VPN name -> PKCS#8 DER, from the keystore's encrypted store) are
+        used instead of reading `local-private-key` again."""
         credentials = []
         for vpn in config.ike.vpn:
             key_path = vpn.local_private_key
@@ -108,7 +115,8 @@ class CertStore:
                     f"vpn {vpn.name}: local-private-key without local-certificate"
                 )
             certificate = load_certificates(vpn.local_certificate)[0]
-            key = load_private_key(key_path)
+            stored = (sealed_keys or {}).get(vpn.name)
+            key = load_private_key(key_path) if stored is None else private_key_from_der(stored)
             spki = certificate.public_key().public_bytes(*_SPKI)
             if spki != key.public_key().public_bytes(*_SPKI):
                 raise CertificateFileError(
@@ -234,6 +242,24 @@ def cert_auth(store: CertStore, request: CertAuthRequest) -> CertAuthReply:
     return CertAuthReply(
         verified=True, method=signed.method, auth=signed.auth, peer_subject=subject
     )
+
+
+def private_key_der(key: PrivateKey) -> bytes:
+    """PKCS#8 DER of a key, for the keystore's sealed store (never written anywhere else)."""
+    return key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+
+
+def private_key_from_der(data: bytes) -> PrivateKey:
+    return load_der_private_key(data, password=None)  # type: ignore[return-value]
+
+
+def private_keys_of(config: Config) -> dict[str, bytes]:
+    """VPN name -> PKCS#8 DER of each `local-private-key`, to seal into the store."""
+    return {
+        vpn.name: private_key_der(load_private_key(vpn.local_private_key))
+        for vpn in config.ike.vpn
+        if vpn.local_private_key
+    }
 
 
 def load_private_key(path: str) -> PrivateKey:

@@ -41,7 +41,12 @@ from ikefarm.proto.messages import (
     TransportKeyRequest,
 )
 from ikefarm.services.keystore import ppk as ppk_module
-from ikefarm.services.keystore.certs import CertificateFileError, CertStore, cert_auth
+from ikefarm.services.keystore.certs import (
+    CertificateFileError,
+    CertStore,
+    cert_auth,
+    private_keys_of,
+)
 from ikefarm.services.keystore.ppk import BadMixRequest, PpkStore
 from ikefarm.services.keystore.psk import PskStore, UnknownPurpose, UnsupportedPrf, psk_secrets
 from ikefarm.services.keystore.store import (
@@ -58,6 +63,7 @@ from ikefarm.shared.bus.sealed import public_bytes
 from ikefarm.shared.config.loader import Config
 
 TRANSPORT_KEY = ("transport-key", "bus")
+PRIVATE_KEY = "private-key"  # a VPN's `local-private-key`, PKCS#8 DER, sealed with the rest
 
 
 class KeystoreUnavailable(ServiceUnavailable):
@@ -79,6 +85,10 @@ def load_store(config: Config) -> tuple[SecretStore, bool]:
     store = open_store(config)
     changed = store.replace_kind("psk", psk_secrets(config), ORIGIN_CONFIG)
     changed |= store.replace_kind(ppk_module.KIND, ppk_module.ppk_secrets(config), ORIGIN_CONFIG)
+    private_keys = [
+        StoredSecret(PRIVATE_KEY, vpn, der) for vpn, der in private_keys_of(config).items()
+    ]
+    changed |= store.replace_kind(PRIVATE_KEY, private_keys, ORIGIN_CONFIG)
     if store.get(*TRANSPORT_KEY) is None:
         private = X25519PrivateKey.generate().private_bytes(
             Encoding.Raw, PrivateFormat.Raw, NoEncryption()
@@ -117,7 +127,8 @@ class KeystoreService(ServiceBase):
         transport = store.get(*TRANSPORT_KEY)
         assert transport is not None
         self._transport = X25519PrivateKey.from_private_bytes(transport.secret)
-        self.certs = CertStore.from_config(self.config)
+        sealed_keys = {entry.name: entry.secret for entry in store.entries(PRIVATE_KEY)}
+        self.certs = CertStore.from_config(self.config, sealed_keys)
         for endpoint, request_type, handler, subject in (
             ("psk-auth", PskAuthRequest, self.on_psk_auth, subjects.KEYSTORE_PSK_AUTH),
             ("ppk-mix", PpkMixRequest, self.on_ppk_mix, subjects.KEYSTORE_PPK_MIX),

@@ -62,7 +62,7 @@ class KeystoreLocked(RuntimeError):
 class StoredSecret:
     """One secret and what may be said about it; `repr` shows the length of the secret only."""
 
-    kind: str  # "psk", "ppk", "transport-key"; later "private-key", "trust-anchor"
+    kind: str  # "psk", "ppk", "transport-key", "private-key"
     name: str
     secret: bytes = field(repr=False)
     attributes: dict[str, Any] = field(default_factory=dict)

@@ -149,6 +149,10 @@ class EmbeddedNats:
 
 
 def default_state_dir() -> Path:
+    """Where state goes when `[farm] state-dir` is unset: $IKEFARM_STATE_DIR, else
+    /var/lib/ikefarm as root, else the XDG state home."""
+    if os.environ.get("IKEFARM_STATE_DIR"):
+        return Path(os.environ["IKEFARM_STATE_DIR"])
     if os.geteuid() == 0:
         return Path("/var/lib/ikefarm")
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")

@@ -375,7 +375,9 @@ SCHEMA = Section(
         ),
         "farm": Section(
             {
-                "state-dir": Text(default=None, doc="default /var/lib/ikefarm (root)"),
+                "state-dir": Text(
+                    default=None, doc="default $IKEFARM_STATE_DIR, else /var/lib/ikefarm (root)"
+                ),
                 "ike-workers": Int(1, 256, default=1, doc="ike worker processes `up` starts"),
                 "ingress-instances": Int(1, 64, default=1, doc="ingress processes `up` starts"),
             },

@@ -144,3 +144,20 @@ def test_a_key_that_is_not_the_certificates_stops_the_keystore(pki: Pki) -> None
     config = parse_config(config_text(pki, gw.cert_path, broken, pki.write_crl()))
     with pytest.raises(ServiceUnavailable, match="not an unencrypted PEM/DER private key"):
         KeystoreService.preflight(config)
+
+
+def test_private_keys_are_sealed_in_the_store_with_the_other_secrets(
+    pki: Pki, tmp_path: Path
+) -> None:
+    from ikefarm.services.keystore.certs import private_key_der
+    from ikefarm.services.keystore.service import PRIVATE_KEY, load_store, open_store
+
+    gw = pki.issue("gw", dns="gw.example")
+    store_file = tmp_path / "sealed.bin"
+    text = config_text(pki, gw.cert_path, gw.key_path, pki.write_crl())
+    config = parse_config(text + f'\n[keystore]\nstore-file = "{store_file}"\n')
+    load_store(config)
+    der = private_key_der(gw.key)
+    assert der not in store_file.read_bytes()  # sealed, not copied
+    (entry,) = open_store(config).entries(PRIVATE_KEY)
+    assert (entry.name, entry.secret) == ("rw", der)

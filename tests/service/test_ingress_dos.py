@@ -166,10 +166,11 @@ async def test_rotation_is_one_compare_and_set_and_the_previous_secret_still_wor
         assert b.gate.cookies is not None and b.gate.cookies.verify(
             old, b"n" * 32, "192.0.2.2", b"s" * 8
         )
-        rotations = (
-            first.counters["cookie_secret_rotated"] + second.counters["cookie_secret_rotated"]
-        )
-        assert rotations >= 1
+        # a rotation, not a re-creation: the new record carries the old secret as previous
+        # (who rotated is not asserted: on a loaded machine the KV ack of the winning
+        # compare-and-set can time out, and the record then arrives through the watch)
+        for jar in (a.gate.cookies, b.gate.cookies):
+            assert jar.previous is not None and jar.previous.version == start
         await asyncio.sleep(1.2)
         # rotations never skip a version: the loser of a compare-and-set takes the winner's
         assert abs(a.secrets.version - b.secrets.version) <= 1  # type: ignore[union-attr,operator]

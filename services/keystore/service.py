@@ -160,18 +160,21 @@ class KeystoreService(ServiceBase):
             "crls": len(self.certs.crls),
         }
 
+    def _outcome(self, operation: str, outcome: str, succeeded: bool, **fields: Any) -> None:
+        """Count an answer by outcome; log it at level 2, a refusal at level 1."""
+        self.runtime.counters[f"{operation}.{outcome}"] += 1
+        self.log.at(2 if succeeded else 1, operation, result=outcome, **fields)
+
     async def on_cert_auth(self, request: CertAuthRequest, _msg: Any) -> CertAuthReply:
         try:
             reply = cert_auth(self.certs, request)
         except UnknownPurpose as exc:
             self.runtime.counters["cert_auth.bad_purpose"] += 1
             raise BusError("bad_field", f"CertAuthRequest.{exc}") from None
-        outcome = "verified" if reply.verified else reply.reason
-        self.runtime.counters[f"cert_auth.{outcome}"] += 1
-        self.log.at(
-            2 if reply.verified else 1,
+        self._outcome(
             "cert_auth",
-            result=outcome,
+            "verified" if reply.verified else reply.reason,
+            reply.verified,
             vpn=request.vpn,
             purpose=request.purpose,
             peer=reply.peer_subject or None,
@@ -188,12 +191,10 @@ class KeystoreService(ServiceBase):
         except UnknownPurpose as exc:
             self.runtime.counters["psk_auth.bad_purpose"] += 1
             raise BusError("bad_field", f"PskAuthRequest.{exc}") from None
-        outcome = "verified" if reply.verified else reply.reason.replace("auth_", "")
-        self.runtime.counters[f"psk_auth.{outcome}"] += 1
-        self.log.at(
-            1 if not reply.verified else 2,
+        self._outcome(
             "psk_auth",
-            result=outcome,
+            "verified" if reply.verified else reply.reason.replace("auth_", ""),
+            reply.verified,
             local_id=request.local_id,
             remote_id=request.remote_id,
             entry=entry.label if entry is not None else None,
@@ -212,12 +213,10 @@ class KeystoreService(ServiceBase):
         except BadMixRequest as exc:
             self.runtime.counters["ppk_mix.bad_request"] += 1
             raise BusError("bad_field", f"PpkMixRequest.{exc}") from None
-        outcome = "mixed" if reply.found else reply.reason
-        self.runtime.counters[f"ppk_mix.{outcome}"] += 1
-        self.log.at(
-            2 if reply.found else 1,
+        self._outcome(
             "ppk_mix",
-            result=outcome,
+            "mixed" if reply.found else reply.reason,
+            reply.found,
             ppk=entry.name if entry is not None else None,
             ppk_id=request.ppk_id.hex(),
             prf_id=request.prf_id,

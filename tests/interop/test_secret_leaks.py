@@ -25,12 +25,15 @@ from pathlib import Path
 
 import pytest
 
+from ikefarm.services.keystore.certs import private_key_der
 from ikefarm.shared.bus.embedded import nats_server_binary
 from tests.harness.bus_capture import BusCapture
-from tests.harness.gateway import Gateway
+from tests.harness.gateway import Gateway, farm_config
 from tests.harness.netns import NetnsPair
 from tests.harness.strongswan import Child, Connection, Ppk, Psk, StrongSwan
+from tests.interop.test_cert_strongswan import cert_vpn, strongswan_conn
 from tests.leaks import find_secrets
+from tests.pki import Pki
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -162,3 +165,40 @@ def test_psk_and_ppk_handshakes_leak_no_secret(
     assert find_secrets(log, secrets) == []
     show = gateway.show_text("details") + str(gateway.show())
     assert find_secrets(show, secrets) == []
+
+
+def test_certificate_handshake_leaks_no_private_key(
+    open_nats: str,
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path: Path,
+) -> None:
+    """strongSwan authenticates with certificates (RFC 7427) while the bus is recorded: the
+    gateway's private key (PKCS#8 DER, its raw scalar/exponent too) and the IKE SA keys
+    appear neither on the bus nor in ikefarm's level-3 log."""
+    pki = Pki(tmp_path / "pki", "ecdsa")
+    gw, peer_cert = pki.issue("gw", dns="gw.example"), pki.issue("peer", dns="peer.example")
+    vpn = cert_vpn("rw", gw, remote_id="peer.example", remote_address="any")
+    text = farm_config(tmp_path, psks=[], vpns=[vpn], log_level=3)
+    text += f'\n[ike.pki]\nca-certificates = ["{pki.ca_path}"]\ncrls = ["{pki.write_crl()}"]\n'
+    text += f'\n[nats]\nurl = "{open_nats}"\n'
+    gateway = gateway_factory(netns_pair.gw, config_text=text)
+    capture = BusCapture(netns_pair.gw, tmp_path / "state", tmp_path / "bus.msgpack")
+    capture.start()
+
+    netns_pair.peer.add_address("lo", "10.200.0.1/32")
+    peer = strongswan_factory(netns_pair.peer, log_levels={"ike": 4})
+    peer.load([strongswan_conn(peer_cert, pki.ca_path)], private_keys=[peer_cert.key_path])
+    peer.initiate(child="net", timeout=20)
+    (row,) = gateway.wait_sas(1)
+    assert row["local_auth"] == "DIGITAL_SIGNATURE"
+    capture.stop()
+
+    private = gw.key.private_numbers().private_value  # type: ignore[union-attr]
+    scalar = private.to_bytes((private.bit_length() + 7) // 8, "big")
+    derived = [key for values in strongswan_keys(peer.log_text()).values() for key in values]
+    secrets = [private_key_der(gw.key), scalar, *derived]
+    assert derived, "strongSwan logged no IKE SA keys to search for"
+    assert find_secrets(capture.blob(), secrets) == []
+    assert find_secrets(gateway.log_text(), secrets) == []

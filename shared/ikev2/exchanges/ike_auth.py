@@ -107,12 +107,12 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
     effects, done = ppk.respond(engine, sa, request, vpn, idi, now)  # RFC 8784
     if done:
         return effects
-    return effects + ask_psk_auth(
+    return effects + ask_keystore_auth(
         engine, sa, request, vpn, idi, ppk.peer_auth_data(sa, request, auth)
     )
 
 
-def ask_psk_auth(
+def ask_keystore_auth(
     engine: IkeEngine, sa: IkeSa, request: Message, vpn: VpnPolicy, idi: IdPayload, peer_auth: bytes
 ) -> list[Effect]:
     """Have the keystore verify the peer's AUTH and compute ours with the SA's SK_pi/SK_pr:

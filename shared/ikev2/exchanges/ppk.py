@@ -266,6 +266,6 @@ def keystore_answered(
         effects, done = _without_ppk(engine, sa, request, vpn, "no_ppk_in_keystore", now)
         if done:
             return effects
-    return effects + ike_auth.ask_psk_auth(
+    return effects + ike_auth.ask_keystore_auth(
         engine, sa, request, vpn, idi, peer_auth_data(sa, request, auth)
     )

@@ -94,12 +94,47 @@ IKE_INITIATE = f"{PREFIX}.ike.initiate"
 # One NATS user per service (and one for the CLI): what each may publish and subscribe to.
 # `ikefarm up` writes these into its embedded nats-server's `authorization` block
 # (shared/bus/auth.py); `ikefarm config nats-auth` prints them for an external NATS.
-# Every user may use request/reply inboxes and NATS micro discovery; nothing else is
-# implied. Only ike workers may publish to `ikefarm.keystore.>` computations.
+# Every user has its own reply inbox prefix (`_INBOX_<user>.`, nats-py's `inbox_prefix`) and
+# may subscribe only there: no user can read, nor publish into, another user's replies. Answers
+# to the requests a user serves go out through the broker's `allow_responses` (the reply subject
+# of a request it received), never through a blanket `_INBOX.>` right. NATS micro discovery is
+# per service kind: a service user answers `$SRV.<verb>.ikefarm-<its kind>[.<id>]` only, so a
+# reply to `$SRV.INFO.ikefarm-keystore` can come from the keystore user alone; the bare
+# `$SRV.PING/INFO/STATS` stay subscribable for generic tools (`nats micro ls`), and the CLI
+# never asks them. Only ike workers may publish to `ikefarm.keystore.>` computations.
 
-INBOXES = "_INBOX.>"  # replies to our requests, answers to the requests we serve
-MICRO = "$SRV.>"  # NATS micro discovery: PING / INFO / STATS
+MICRO_PREFIX = "$SRV"
+MICRO_VERBS = ("PING", "INFO", "STATS")
+MICRO_NAME_PREFIX = f"{PREFIX}-"  # a service registers with NATS micro as `ikefarm-<kind>`
 ADMIN_USER = "admin"  # the `ikefarm` CLI: status, show, initiate, rekey, ...
+
+
+def inbox_prefix(user: str) -> str:
+    """The reply inbox prefix of a bus user (a service kind, or `admin` for the CLI)."""
+    return f"_INBOX_{user}"
+
+
+def own_inboxes(user: str) -> str:
+    return f"{inbox_prefix(user)}.>"
+
+
+def micro_name(service: str) -> str:
+    """The NATS micro service name of a service kind."""
+    return f"{MICRO_NAME_PREFIX}{service}"
+
+
+def micro_subject(verb: str, service: str) -> str:
+    """`$SRV.<verb>.ikefarm-<service>`: discovery asked of one service kind only."""
+    return f"{MICRO_PREFIX}.{verb}.{micro_name(service)}"
+
+
+def _micro_answered(service: str) -> tuple[str, ...]:
+    """The discovery subjects a service's micro registration subscribes to."""
+    return (
+        *(f"{MICRO_PREFIX}.{verb}" for verb in MICRO_VERBS),
+        f"{MICRO_PREFIX}.*.{micro_name(service)}",
+        f"{MICRO_PREFIX}.*.{micro_name(service)}.*",
+    )
 
 
 def own_subjects(service: str) -> str:
@@ -162,7 +197,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "flow": {"publish": (), "subscribe": (own_subjects("flow"), f"{PREFIX}.event.>")},
     ADMIN_USER: {
         "publish": (
-            MICRO,
+            f"{MICRO_PREFIX}.>",
             IKE_SHOW,
             IKE_COMMAND,
             IKE_INITIATE,
@@ -176,9 +211,14 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 def permissions(user: str) -> dict[str, tuple[str, ...]]:
-    """The publish and subscribe allow-lists of one user, inboxes and discovery included."""
+    """The publish and subscribe allow-lists of one user, its own inbox and discovery included.
+
+    A user may publish to its own inbox (a message to itself, see
+    `shared/bus/runtime.subscriptions_in_place`), never to another user's.
+    """
     table = PERMISSIONS[user]
+    discovery = _micro_answered(user) if user in SERVICES else ()
     return {
-        "publish": (INBOXES, *table["publish"]),
-        "subscribe": (INBOXES, MICRO, *table["subscribe"]),
+        "publish": (own_inboxes(user), *table["publish"]),
+        "subscribe": (own_inboxes(user), *discovery, *table["subscribe"]),
     }

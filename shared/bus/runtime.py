@@ -130,11 +130,18 @@ class Runtime:
         self._requests = 0
         self._errors = 0
         self._subscriptions: list[Any] = []
+        self._connected = False
+        self._last_connect_error = -1e9
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def connect(self, attempts: int | None = None) -> Client:
-        """Connect with backoff; once connected nats-py reconnects on its own, forever."""
+        """Connect with backoff; once connected nats-py reconnects on its own, forever.
+
+        A stop request (SIGTERM) ends the attempt at once: nats-py's connect() with
+        unlimited reconnects retries an unreachable broker inside the call forever, so
+        it runs as a task raced against the stop event.
+        """
         delay = 0.1
         attempt = 0
         auth: dict[str, str] = {}
@@ -143,20 +150,36 @@ class Runtime:
             auth = {"user": user.user, "password": user.password}
         while True:
             attempt += 1
-            try:
-                return await nats.connect(
+            connecting = asyncio.ensure_future(
+                nats.connect(
                     servers=[self.nats_url],
                     **auth,
                     name=self.instance,
+                    # replies come to this service kind's own inbox prefix, the only one
+                    # its bus user may subscribe to (proto/subjects.py)
+                    inbox_prefix=subjects.inbox_prefix(self.name),
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25,
                     connect_timeout=2,
                     allow_reconnect=True,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
-                    error_cb=self._on_error,
+                    error_cb=self._on_connect_error,
                     closed_cb=self._on_closed,
                 )
+            )
+            stopping = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if self._stop.is_set():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                raise ConnectionAbortedError("stopped while connecting")
+            try:
+                nc = connecting.result()
+                self._connected = True
+                return nc
             except Exception as exc:
                 if attempts is not None and attempt >= attempts:
                     raise
@@ -169,6 +192,18 @@ class Runtime:
                 except TimeoutError:
                     pass
                 delay = min(delay * 2, 5.0)
+
+    async def _on_connect_error(self, exc: Exception) -> None:
+        """Before the first connection nats-py retries inside connect(): say why (level 0, an
+        operator must see a service that cannot reach its broker), at most every 5 s."""
+        if self._connected:
+            await self._on_error(exc)
+            return
+        now = time.monotonic()
+        if now - self._last_connect_error >= 5.0:
+            self._last_connect_error = now
+            reason = str(exc) or type(exc).__name__
+            log.audit("nats_connect_failed", url=self.nats_url, error=reason)
 
     async def _on_disconnected(self) -> None:
         self.counters["nats_disconnects"] += 1

@@ -159,10 +159,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         except Exception as exc:
             print(f"ikefarm status: cannot reach NATS at {url}: {exc}", file=sys.stderr)
             return 2
+        problems: list[str] = []
         try:
-            rows = await discover(nc, window=args.wait)
+            rows = await discover(nc, window=args.wait, problems=problems)
         finally:
             await nc.close()
+        for problem in problems:
+            print(f"ikefarm status: {problem}", file=sys.stderr)
         if args.json:
             import json
             from dataclasses import asdict
@@ -185,8 +188,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ikefarm.proto import envelope, subjects
     from ikefarm.proto.messages import IkeShow, IkeShowRequest
     from ikefarm.shared.cli.manage import connect
-    from ikefarm.shared.cli.status import gather
-    from ikefarm.shared.ikev2.show import format_details, format_summary
+    from ikefarm.shared.cli.status import gather, shown
+    from ikefarm.shared.ikev2.show import format_details, format_summary, row_problem
 
     unknown = [w for w in args.words if w != "details"]
     if unknown:
@@ -216,9 +219,23 @@ def cmd_show(args: argparse.Namespace) -> int:
             if not reply.data:  # the broker's "no responders" status
                 continue
             try:
-                rows.extend(envelope.unpack_reply(reply.data, IkeShow).sas)
+                show = envelope.unpack_reply(reply.data, IkeShow)
             except envelope.BusError as exc:
-                print(f"ikefarm show: a worker answered badly: {exc}", file=sys.stderr)
+                print(
+                    f"ikefarm show: a worker answered badly: {shown(str(exc), 200)}",
+                    file=sys.stderr,
+                )
+                continue
+            for row in show.sas:
+                problem = row_problem(row)
+                if problem is None:
+                    rows.append(row)
+                else:
+                    print(
+                        f"ikefarm show: ignored a malformed row from {shown(show.instance)}: "
+                        f"{problem}",
+                        file=sys.stderr,
+                    )
         rows.sort(key=lambda r: r["unique_id"])
         if args.json:
             import json

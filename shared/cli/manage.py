@@ -104,9 +104,13 @@ async def connect(url: str, credentials: str | None = None) -> Any:
 
         user = read_credentials(credentials)
         auth = {"user": user.user, "password": user.password}
+    from ikefarm.proto import subjects
+
     return await nats.connect(
         servers=[url],
         **auth,
+        # the CLI's replies come to its own inbox prefix, the only one user admin may read
+        inbox_prefix=subjects.inbox_prefix(subjects.ADMIN_USER),
         connect_timeout=2,
         max_reconnect_attempts=1,
         reconnect_time_wait=0.1,
@@ -196,6 +200,7 @@ async def _show_rows(nc: Any, window: float) -> list[tuple[dict[str, Any], int]]
     from ikefarm.proto import envelope, subjects
     from ikefarm.proto.messages import IkeShow, IkeShowRequest
     from ikefarm.shared.cli.status import gather
+    from ikefarm.shared.ikev2.show import row_problem
 
     rows: list[tuple[dict[str, Any], int]] = []
     for reply in await gather(nc, subjects.IKE_SHOW, envelope.pack(IkeShowRequest()), window):
@@ -203,7 +208,7 @@ async def _show_rows(nc: Any, window: float) -> list[tuple[dict[str, Any], int]]
             show = envelope.unpack_reply(reply.data, IkeShow)
         except envelope.BusError:
             continue
-        rows += [(row, show.shard) for row in show.sas]
+        rows += [(row, show.shard) for row in show.sas if row_problem(row) is None]
     return sorted(rows, key=lambda r: r[0].get("unique_id", 0))
 
 

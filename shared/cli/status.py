@@ -1,9 +1,16 @@
-"""`ikefarm status`: services found through NATS micro discovery ($SRV.INFO / $SRV.STATS)."""
+"""`ikefarm status`: services found through NATS micro discovery ($SRV.INFO / $SRV.STATS).
+
+Discovery asks each service kind on its own subject (`$SRV.INFO.ikefarm-<kind>`), which only
+that kind's bus user may subscribe to (proto/subjects.py), and keeps a reply only when it names
+the kind asked and is well formed: another bus user cannot slip a row in, and a malformed
+reply is an error line, never a crash.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +20,15 @@ from nats.aio.client import Client
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import Stats, StatsRequest
 
-SERVICE_PREFIX = "ikefarm-"
+SERVICE_PREFIX = subjects.MICRO_NAME_PREFIX
+# an instance name becomes a subject token (`ikefarm.<service>.<instance>.stats`)
+_INSTANCE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value that came from the bus, safe to print on one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -47,52 +62,97 @@ async def gather(nc: Client, subject: str, payload: bytes = b"", window: float =
     return replies
 
 
-async def discover(nc: Client, window: float = 0.5) -> list[ServiceRow]:
-    """One row per running ikefarm service instance, with its own counters."""
-    infos = [json.loads(m.data) for m in await gather(nc, "$SRV.INFO", window=window)]
-    stats = {
-        json.loads(m.data)["id"]: json.loads(m.data)
-        for m in await gather(nc, "$SRV.STATS", window=window)
-    }
+async def discover(
+    nc: Client, window: float = 0.5, problems: list[str] | None = None
+) -> list[ServiceRow]:
+    """One row per running ikefarm service instance, with its own counters.
+
+    `problems` collects one line per reply that was left out.
+    """
+    problems = problems if problems is not None else []
+    found = await asyncio.gather(*(_discover_kind(nc, kind, window) for kind in subjects.SERVICES))
     rows: list[ServiceRow] = []
-    for info in infos:
-        if not info.get("name", "").startswith(SERVICE_PREFIX):
+    for kind_rows, kind_problems in found:
+        rows += kind_rows
+        problems += kind_problems
+    rows.sort(key=lambda r: (subjects.SERVICES.index(r.name), r.instance))
+    return rows
+
+
+def _json_map(raw: bytes) -> dict[str, Any] | None:
+    try:
+        decoded = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
+async def _discover_kind(
+    nc: Client, service: str, window: float
+) -> tuple[list[ServiceRow], list[str]]:
+    """The instances of one service kind, asked on that kind's own discovery subjects."""
+    name = subjects.micro_name(service)
+    problems: list[str] = []
+    infos, stat_replies = await asyncio.gather(
+        gather(nc, subjects.micro_subject("INFO", service), window=window),
+        gather(nc, subjects.micro_subject("STATS", service), window=window),
+    )
+    stats: dict[str, dict[str, Any]] = {}
+    for msg in stat_replies:
+        reply = _json_map(msg.data)
+        if reply is not None and reply.get("name") == name and isinstance(reply.get("id"), str):
+            stats[reply["id"]] = reply
+    rows: list[ServiceRow] = []
+    for msg in infos:
+        if not msg.data:  # the broker's "no responders" status
             continue
-        service = info["name"][len(SERVICE_PREFIX) :]
-        instance = (info.get("metadata") or {}).get("instance", info["id"])
-        micro_stats = stats.get(info["id"], {})
+        info = _json_map(msg.data)
+        if info is None or info.get("name") != name:
+            got = info.get("name") if info is not None else msg.data[:40]
+            problems.append(f"ignored a discovery reply for {name} that names {shown(got)}")
+            continue
+        metadata = info.get("metadata") if isinstance(info.get("metadata"), dict) else {}
+        instance = metadata.get("instance", info.get("id"))
+        version = info.get("version", "?")
+        if not isinstance(instance, str) or not _INSTANCE.fullmatch(instance):
+            problems.append(f"ignored a {service} instance named {shown(instance)}")
+            continue
+        if not isinstance(version, str):
+            problems.append(f"ignored {service} instance {instance}: version {shown(version)}")
+            continue
         detail = await _instance_stats(nc, service, instance)
-        endpoints = micro_stats.get("endpoints") or []
+        micro_stats = stats.get(str(info.get("id")), {})
+        endpoints = [e for e in micro_stats.get("endpoints") or [] if isinstance(e, dict)]
+
+        def endpoint_sum(key: str, endpoints: list[dict[str, Any]] = endpoints) -> int:
+            return sum(e[key] for e in endpoints if isinstance(e.get(key), int))
+
         rows.append(
             ServiceRow(
                 name=service,
                 instance=instance,
-                version=info.get("version", "?"),
+                version=version,
                 uptime=detail.uptime if detail else 0.0,
-                requests=detail.requests
-                if detail
-                else sum(e.get("num_requests", 0) for e in endpoints),
-                errors=detail.errors if detail else sum(e.get("num_errors", 0) for e in endpoints),
+                requests=detail.requests if detail else endpoint_sum("num_requests"),
+                errors=detail.errors if detail else endpoint_sum("num_errors"),
                 counters=detail.counters if detail else {},
                 gauges=detail.gauges if detail else {},
             )
         )
-    rows.sort(
-        key=lambda r: (
-            subjects.SERVICES.index(r.name) if r.name in subjects.SERVICES else 99,
-            r.instance,
-        )
-    )
-    return rows
+    return rows, problems
 
 
 async def _instance_stats(nc: Client, service: str, instance: str) -> Stats | None:
+    """The instance's own counters, kept only when they come from that service and instance."""
     subject = subjects.instance_endpoint(service, instance, "stats")
     try:
         reply = await nc.request(subject, envelope.pack(StatsRequest()), timeout=1.0)
-        return envelope.unpack_reply(reply.data, Stats)
+        stats = envelope.unpack_reply(reply.data, Stats)
     except Exception:
         return None
+    if stats.service != service or stats.instance != instance:
+        return None
+    return stats
 
 
 def format_uptime(seconds: float) -> str:

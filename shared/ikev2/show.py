@@ -118,3 +118,74 @@ def format_details(rows: list[dict[str, Any]]) -> str:
             out.append(f"    local  {' '.join(c['local_ts'])}")
             out.append(f"    remote {' '.join(c['remote_ts'])}")
     return "\n".join(out)
+
+
+# What a row gathered from the bus must hold before the CLI formats it: the types that
+# `ike_sa_row` / `child_row` produce. A row from a worker of another version, or one a
+# misbehaving client slipped in, is reported and left out, never a crash.
+_OPTIONAL_STR = (str, type(None))
+_OPTIONAL_INT = (int, type(None))
+IKE_SA_ROW_FIELDS: dict[str, tuple[type, ...]] = {
+    "vpn": _OPTIONAL_STR,
+    "unique_id": (int,),
+    "state": (str,),
+    "spi_i": (str,),
+    "spi_r": (str,),
+    "local_address": (str,),
+    "local_port": (int,),
+    "remote_address": (str,),
+    "remote_port": (int,),
+    "local_id": _OPTIONAL_STR,
+    "remote_id": _OPTIONAL_STR,
+    "proposal": (str,),
+    "established_ago": _OPTIONAL_INT,
+    "rekey_in": _OPTIONAL_INT,
+    "children": (list,),
+}
+CHILD_ROW_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "unique_id": (int,),
+    "reqid": (int,),
+    "state": (str,),
+    "mode": (str,),
+    "proposal": (str,),
+    "spi_in": (str,),
+    "spi_out": (str,),
+    "bytes_in": (int,),
+    "packets_in": (int,),
+    "bytes_out": (int,),
+    "packets_out": (int,),
+    "installed_ago": (int,),
+    "rekey_in": _OPTIONAL_INT,
+    "expires_in": _OPTIONAL_INT,
+    "local_ts": (list,),
+    "remote_ts": (list,),
+}
+
+
+def _field_problem(row: object, fields: dict[str, tuple[type, ...]], what: str) -> str | None:
+    if not isinstance(row, dict):
+        return f"{what} is a {type(row).__name__}, not a table"
+    for key, types in fields.items():
+        if key not in row:
+            return f"{what} has no {key!r}"
+        value = row[key]
+        # bool is an int to Python; no field here may be one
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"{what} has {key!r} of type {type(value).__name__}"
+    return None
+
+
+def row_problem(row: object) -> str | None:
+    """Why an IKE SA row cannot be shown (None when it can)."""
+    problem = _field_problem(row, IKE_SA_ROW_FIELDS, "the IKE SA row")
+    if problem is not None:
+        return problem
+    assert isinstance(row, dict)
+    for child in row["children"]:
+        problem = _field_problem(child, CHILD_ROW_FIELDS, "a child SA row")
+        if problem is not None:
+            return problem
+        if not all(isinstance(ts, str) for ts in (*child["local_ts"], *child["remote_ts"])):
+            return "a child SA row has a traffic selector that is not text"
+    return None

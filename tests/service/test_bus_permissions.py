@@ -22,7 +22,6 @@ from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import PskAuthReply, PskAuthRequest
 from ikefarm.shared.bus.auth import authorization_block, ensure_credentials, read_credentials
 from ikefarm.shared.bus.embedded import EmbeddedNats
-from ikefarm.shared.config.loader import load_config
 from tests.service.test_up import SERVICES, status, wait_for
 
 KEYSTORE_SUBJECTS = (subjects.KEYSTORE_PSK_AUTH, subjects.KEYSTORE_CERT_AUTH)
@@ -64,29 +63,6 @@ def test_credentials_files_are_private_and_reused(tmp_path: Path) -> None:
     assert '"ikefarm.keystore.>"' in block and "allow_responses: true" in block
 
 
-@pytest.fixture
-def farm(ikefarm_argv: list[str], loopback_config: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
-    log_path = tmp_path / "up.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [*ikefarm_argv, "up", "-c", str(loopback_config)], stdout=log, stderr=log
-        )
-    state_dir = Path(load_config(loopback_config).farm.state_dir)
-    try:
-        rows = wait_for(
-            lambda: (r := status(ikefarm_argv, loopback_config)) and set(r) == SERVICES and r, 30
-        )
-        assert rows and set(rows) == SERVICES, log_path.read_text()[-3000:]
-        yield state_dir, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 async def _keystore_request(url: str, credentials: Path) -> tuple[object, list[str]]:
     """Ask the keystore for a PSK AUTH as this user: its reply or the exception, and errors."""
     user = read_credentials(credentials)
@@ -96,7 +72,12 @@ async def _keystore_request(url: str, credentials: Path) -> tuple[object, list[s
         errors.append(str(exc))
 
     nc = await nats.connect(
-        url, user=user.user, password=user.password, error_cb=on_error, max_reconnect_attempts=1
+        url,
+        user=user.user,
+        password=user.password,
+        inbox_prefix=subjects.inbox_prefix(user.user),
+        error_cb=on_error,
+        max_reconnect_attempts=1,
     )
     request = PskAuthRequest(5, "gw.example", "peer.example", b"o", b"a" * 32, b"s")
     try:
@@ -110,9 +91,9 @@ async def _keystore_request(url: str, credentials: Path) -> tuple[object, list[s
 
 
 def test_up_gives_each_service_its_own_user(  # type: ignore[no-untyped-def]
-    farm, ikefarm_argv: list[str], loopback_config: Path
+    authorized_farm, ikefarm_argv: list[str], loopback_config: Path
 ) -> None:
-    state_dir, log_path = farm
+    state_dir, log_path = authorized_farm
     up = json.loads((state_dir / "up.json").read_text())
     auth_dir = Path(up["credentials_dir"])
     assert stat.S_IMODE(auth_dir.stat().st_mode) == 0o700

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ikefarm.services.keystore import store as keystore_store
 from ikefarm.services.keystore.service import KeystoreService, KeystoreUnavailable, load_store
@@ -310,3 +312,33 @@ def test_the_keystore_alone_deletes_the_variable_it_read(
     KeystoreService.receive_master_key(config, None)
     assert KEY_VARIABLE not in os.environ
     KeystoreService.preflight(config)  # opened with the key it took
+
+
+@pytest.fixture
+def key_text() -> str:
+    """The tests' key, read before any example takes it out of the environment."""
+    return the_test_key()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(sent=st.binary(max_size=5000) | st.text(max_size=200).map(str.encode))
+def test_anything_down_the_pipe_opens_or_is_refused(
+    fresh_keystore_process: None, loopback_config: Path, key_text: str, sent: bytes
+) -> None:
+    """Whatever comes through the pipe: the store made with the tests' key opens only with
+    that key, anything else is a KeystoreUnavailable sentence, never a crash."""
+    config = load_config(loopback_config)
+    if not keystore_store.store_path(config).exists():
+        load_store(config)
+    read_end, write_end = os.pipe()
+    os.write(write_end, sent)
+    os.close(write_end)
+    KeystoreService.receive_master_key(config, read_end)
+    try:
+        KeystoreService.preflight(config)
+    except KeystoreUnavailable as exc:
+        assert str(exc).startswith("keystore locked: ")
+    else:
+        assert sent.strip() == key_text.encode()

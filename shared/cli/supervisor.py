@@ -95,8 +95,8 @@ class Child:
                 )
             finally:
                 os.close(read_end)
-            # a few hundred octets at most (the keystore refuses more): the pipe buffer takes
-            # them whole, so this never waits for the child
+            # at most 4096 characters (the preflight refused more): the pipe buffer (64 KiB)
+            # takes them whole, so this never waits for the child
             view = memoryview(master_key)
             with contextlib.suppress(BrokenPipeError):  # it died already: restarted as usual
                 while view:

@@ -56,6 +56,7 @@ from ikefarm.services.keystore.store import (
     SecretStore,
     StoredSecret,
     master_key,
+    receive_master_key,
     store_path,
 )
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
@@ -111,6 +112,12 @@ class KeystoreService(ServiceBase):
         self.ppks = PpkStore([])
         self._transport: X25519PrivateKey | None = None
         self.certs = CertStore()
+
+    @classmethod
+    def receive_master_key(cls, config: Config, fd: int | None) -> None:
+        """At process start: read the master key once (the pipe `fd` from `ikefarm up`, else
+        the environment variable, which is then deleted from this process's environment)."""
+        receive_master_key(config, fd)
 
     @classmethod
     def preflight(cls, config: Config) -> None:

@@ -15,10 +15,13 @@ File layout (all integers big-endian):
 
     key = HKDF-SHA256(master key, salt, info = b"ikefarm keystore v1", 32 octets)
 
-The master key comes from the file `[keystore] master-key-file` or, when that
-is unset, from the environment variable named by `master-key-env`; both accept
-the secret encodings of the configuration (plain text, `0x` hex, `0s` base64)
-and must give at least 16 octets. A missing master key, a wrong one (the GCM
+The master key comes from the file `[keystore] master-key-file` (readable by
+its owner only, like ssh's keys: a mode with group or other bits is refused) or,
+when that is unset, from the environment variable named by `master-key-env`;
+under `ikefarm up` the supervisor takes that variable out of every environment
+and hands the key to the keystore alone through a pipe (`receive_master_key`).
+All accept the secret encodings of the configuration (plain text, `0x` hex,
+`0s` base64) and must give at least 16 octets. A missing master key, a wrong one (the GCM
 tag does not verify) or a damaged file is a `KeystoreLocked` error naming the
 cause, never the key; the file is then left exactly as it was. Writes go to a
 temporary file (mode 0600) renamed over the old one, so a crash never leaves a
@@ -27,7 +30,9 @@ half-written store.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,21 +115,93 @@ def store_path(config: Config) -> Path:
     return (Path(state_dir) if state_dir else default_state_dir()) / STORE_FILE
 
 
+# what this process was handed once at start (`receive_master_key`), and where it came from
+_received: bytearray | None = None
+_received_from = ""
+MAX_MASTER_KEY_TEXT = 4096  # characters; far beyond any encoding of a sane key
+
+
+def master_key_variables(config: Config) -> list[str]:
+    """The environment variables that may carry the master key: the configured one and the
+    default name, which no process but the keystore has any use for."""
+    names = [config.keystore.master_key_env or "", "IKEFARM_MASTER_KEY"]
+    return [name for name in dict.fromkeys(names) if name]
+
+
+def receive_master_key(config: Config, fd: int | None = None) -> None:
+    """Take the master key into this process once, at start, and leave no copy behind.
+
+    With `fd` (the pipe `ikefarm up` hands the keystore): read it to its end and close it.
+    Without, and with no `master-key-file`: read the environment variable and delete it
+    from this process's environment, so nothing started later inherits it. A read that
+    fails is remembered as no key; `master_key` then says so."""
+    global _received, _received_from
+    if fd is not None:
+        raw = bytearray()
+        try:
+            while len(raw) <= MAX_MASTER_KEY_TEXT:
+                chunk = os.read(fd, MAX_MASTER_KEY_TEXT + 1)
+                if not chunk:
+                    break
+                raw += chunk
+        except OSError:
+            raw = bytearray()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _received, _received_from = raw, f"the pipe from ikefarm up (fd {fd})"
+    elif not config.keystore.master_key_file:
+        variable = config.keystore.master_key_env
+        value = os.environ.get(variable, "") if variable else ""
+        if value:
+            _received = bytearray(value.encode())
+            _received_from = f"environment variable {variable}"
+    for variable in master_key_variables(config):
+        os.environ.pop(variable, None)
+
+
+def check_key_file_mode(path: Path, mode: int) -> None:
+    """Refuse a key file others may read, in ssh's words."""
+    if mode & 0o077:
+        raise KeystoreLocked(
+            f"permissions {stat.S_IMODE(mode):04o} for {path} are too open; "
+            "it must be readable by its owner only (chmod 600)"
+        )
+
+
+def _text(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise KeystoreLocked(f"master key in {source} is not UTF-8 text") from None
+
+
+def _read_key_file(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            check_key_file_mode(Path(path), os.fstat(handle.fileno()).st_mode)
+            return _text(handle.read(MAX_MASTER_KEY_TEXT + 1), f"file {path}")
+    except OSError as exc:
+        raise KeystoreLocked(
+            f"cannot read the master key file {path} ([keystore] master-key-file): {exc.strerror}"
+        ) from None
+
+
 def master_key(config: Config, environ: dict[str, str] | None = None) -> bytes:
-    """The master key from its file or environment variable; KeystoreLocked says what is missing."""
-    environ = dict(os.environ) if environ is None else environ
+    """The master key this process received, else from its file or environment variable;
+    KeystoreLocked says what is missing, never the key."""
     path = config.keystore.master_key_file
     variable = config.keystore.master_key_env
-    if path:
-        try:
-            raw = Path(path).read_text().strip()
-        except OSError as exc:
-            raise KeystoreLocked(
-                f"cannot read the master key file {path} ([keystore] master-key-file): "
-                f"{exc.strerror}"
-            ) from None
+    if _received is not None:
+        raw = _text(bytes(_received), _received_from).strip()
+        source = _received_from
+        if not raw:
+            raise KeystoreLocked(f"no master key: nothing came through {source}")
+    elif path:
+        raw = _read_key_file(path).strip()
         source = f"file {path}"
     else:
+        environ = dict(os.environ) if environ is None else environ
         raw = environ.get(variable, "").strip() if variable else ""
         if not raw:
             raise KeystoreLocked(
@@ -132,6 +209,10 @@ def master_key(config: Config, environ: dict[str, str] | None = None) -> bytes:
                 f"{variable or '<[keystore] master-key-env>'}"
             )
         source = f"environment variable {variable}"
+    if len(raw) > MAX_MASTER_KEY_TEXT:
+        raise KeystoreLocked(
+            f"master key in {source} is longer than {MAX_MASTER_KEY_TEXT} characters"
+        )
     try:
         key = decode_secret(raw)
     except ValueRefused as exc:

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -65,8 +66,10 @@ class EmbeddedNats:
         port: int | None = None,
         host: str = "127.0.0.1",
         config_file: Path | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
+        self.environ = environ  # None: this process's own (`ikefarm up` passes one without secrets)
         self.config_file = config_file  # e.g. the per-service users (shared/bus/auth.py)
         self.host = host
         self.port = port  # None until the first start: the server picks it
@@ -101,6 +104,7 @@ class EmbeddedNats:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=self.environ,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe enough
         )
         deadline = time.monotonic() + timeout

@@ -131,6 +131,11 @@ def cmd_service(args: argparse.Namespace) -> int:
     config = _load_or_exit(path)
     module_name, class_name = SERVICE_CLASSES[args.name].split(":")
     service_cls = getattr(importlib.import_module(module_name), class_name)
+    if args.name == "keystore":
+        service_cls.receive_master_key(config, args.master_key_fd)
+    elif args.master_key_fd is not None:
+        print(f"ikefarm {args.name}: --master-key-fd is for the keystore only", file=sys.stderr)
+        return 2
     options: dict[str, Any] = {"shard": args.shard, "config_path": str(Path(path).resolve())}
     credentials = getattr(args, "nats_credentials", None) or config.nats.credentials
     if credentials is None:
@@ -363,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--state-dir", help=argparse.SUPPRESS)
     service.add_argument(
         "--nats-credentials", help="file with this service's NATS user (default: none)"
+    )
+    service.add_argument(
+        "--master-key-fd",
+        type=int,
+        help="keystore: read the master key from this inherited pipe (how `ikefarm up` hands it)",
     )
     service.set_defaults(func=cmd_service)
 

@@ -1,31 +1,66 @@
 """`ikefarm up`: the embedded broker and one OS process per service instance, supervised.
 
 A service that exits on its own is restarted with backoff (a gateway keeps
-serving). SIGTERM or SIGINT stops every child (SIGTERM, then SIGKILL after a
-grace period), then the broker, and exits 0. Children carry PR_SET_PDEATHSIG so
-even a killed supervisor leaves nothing behind.
+serving); so is the embedded broker, on the same port and store, retried with
+backoff until it starts, each failure logged at level 0. `up.json` in the state
+directory always names the broker and children running now (null while one is
+down). SIGTERM or SIGINT stops every child (SIGTERM, then SIGKILL after a grace
+period), then the broker, and exits 0. Children carry PR_SET_PDEATHSIG so even a
+killed supervisor leaves nothing behind.
+
+The master key: `up` takes the variable named by `[keystore] master-key-env`
+(and `IKEFARM_MASTER_KEY`) out of its own environment before it starts anything,
+so neither the broker nor any service inherits it, and hands the key to each
+keystore process it starts through a pipe (`--master-key-fd`), never on a command
+line. With `[keystore] master-key-file` the keystore reads the file itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ikefarm.shared.bus.auth import CREDENTIALS_DIR, ensure_credentials, write_server_config
-from ikefarm.shared.bus.embedded import EmbeddedNats, default_state_dir, die_with_parent
+from ikefarm.shared.bus.embedded import (
+    BrokerError,
+    EmbeddedNats,
+    default_state_dir,
+    die_with_parent,
+)
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.observability.logging import get_logger
 
 log = get_logger("daemon")
 GRACE_SECONDS = 3.0
 UP_STATE_FILE = "up.json"
+DEFAULT_MASTER_KEY_ENV = "IKEFARM_MASTER_KEY"
+MASTER_KEY_FD_OPTION = "--master-key-fd"
+# the broker's restart backoff: 0.5 s doubling to 30 s; back to 0.5 s after a stable run
+BROKER_BACKOFF_FIRST = 0.5
+BROKER_BACKOFF_MAX = 30.0
+BROKER_STABLE_SECONDS = 60.0
+
+
+def take_master_key(config: Config) -> bytearray | None:
+    """Remove the master key variables from this process's environment; return the key text
+    when the keystore is to get it from `up` (no `master-key-file`), else None."""
+    variable = config.keystore.master_key_env
+    key: bytearray | None = None
+    if not config.keystore.master_key_file and variable and os.environ.get(variable):
+        key = bytearray(os.environ[variable].encode())
+    for name in {variable, DEFAULT_MASTER_KEY_ENV}:
+        if name:
+            os.environ.pop(name, None)
+    return key
 
 
 @dataclass
@@ -38,12 +73,36 @@ class Child:
     next_start: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,  # noqa: PLW1509
-        )
+    def start(self, environ: Mapping[str, str], master_key: bytearray | None = None) -> None:
+        """Start the process; `master_key` goes down a pipe whose read end only it inherits."""
+        if master_key is None:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                env=environ,
+                preexec_fn=die_with_parent,  # noqa: PLW1509
+            )
+            return
+        read_end, write_end = os.pipe()
+        try:
+            try:
+                self.process = subprocess.Popen(
+                    [*self.argv, MASTER_KEY_FD_OPTION, str(read_end)],
+                    stdin=subprocess.DEVNULL,
+                    env=environ,
+                    pass_fds=(read_end,),
+                    preexec_fn=die_with_parent,  # noqa: PLW1509
+                )
+            finally:
+                os.close(read_end)
+            # at most 4096 characters (the preflight refused more): the pipe buffer (64 KiB)
+            # takes them whole, so this never waits for the child
+            view = memoryview(master_key)
+            with contextlib.suppress(BrokenPipeError):  # it died already: restarted as usual
+                while view:
+                    view = view[os.write(write_end, view) :]
+        finally:
+            os.close(write_end)
 
     @property
     def running(self) -> bool:
@@ -113,6 +172,12 @@ class Supervisor:
         self.children: list[Child] = []
         self.stopping = False
         self.credentials_dir: Path | None = None
+        self.nats_url = ""
+        self.environ: dict[str, str] = {}
+        self._master_key: bytearray | None = None
+        self.broker_failures = 0  # exits and failed starts since it last ran stably
+        self.broker_next_start = 0.0  # monotonic time of the next attempt; 0: none planned
+        self.broker_started_at = 0.0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.control("supervisor_signal", signal=signal.Signals(signum).name)
@@ -121,6 +186,9 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        # before anything is started: no child may inherit the master key
+        self._master_key = take_master_key(self.config)
+        self.environ = dict(os.environ)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         nats_url = self.config.nats.url
         if not nats_url:
@@ -129,8 +197,13 @@ class Supervisor:
             users = ensure_credentials(self.credentials_dir)
             server_config = write_server_config(self.credentials_dir, users)
             store = Path(self.config.nats.store_dir or self.state_dir / "nats")
-            self.broker = EmbeddedNats(store, config_file=server_config)
-            self.broker.start()
+            self.broker = EmbeddedNats(store, config_file=server_config, environ=self.environ)
+            try:
+                self.broker.start()
+            except (BrokerError, OSError) as exc:
+                print(f"ikefarm up: the embedded nats-server did not start: {exc}", file=sys.stderr)
+                return 1
+            self.broker_started_at = time.monotonic()
             nats_url = self.broker.url
             log.audit(
                 "embedded_nats_started", url=nats_url, pid=self.broker.pid, users=sorted(users)
@@ -138,12 +211,14 @@ class Supervisor:
         elif self.config.nats.credentials and Path(self.config.nats.credentials).is_dir():
             # an external NATS set up with `ikefarm config nats-auth DIR`
             self.credentials_dir = Path(self.config.nats.credentials)
+        self.nats_url = nats_url
         self.children = plan_children(self.config, self.config_path, nats_url, self.credentials_dir)
-        for child in self.children:
-            child.start()
-        self._write_state(nats_url)
-        print(f"ikefarm up: nats {nats_url}, {len(self.children)} service processes", flush=True)
         try:
+            for child in self.children:
+                self._start(child)
+            self._write_state()
+            count = len(self.children)
+            print(f"ikefarm up: nats {nats_url}, {count} service processes", flush=True)
             while not self.stopping:
                 self._supervise()
                 time.sleep(0.1)
@@ -151,18 +226,18 @@ class Supervisor:
             self._shutdown()
         return 0
 
+    def _start(self, child: Child) -> None:
+        """Start one child; only the keystore gets the master key (a fresh pipe each time)."""
+        key = self._master_key if child.service == "keystore" else None
+        try:
+            child.start(self.environ, key)
+        except OSError as exc:
+            child.process = None
+            log.audit("service_start_failed", child=child.instance, error=str(exc))
+
     def _supervise(self) -> None:
         now = time.monotonic()
-        broker = self.broker
-        if broker is not None and broker.process is not None and broker.process.poll() is not None:
-            # the services keep reconnecting; bring their broker back on the same port and store
-            log.audit("embedded_nats_exited", code=broker.process.returncode)
-            broker.process = None
-            try:
-                broker.start()
-                log.audit("embedded_nats_restarted", url=broker.url, pid=broker.pid)
-            except Exception as exc:
-                log.control("embedded_nats_restart_failed", error=str(exc))
+        changed = self._supervise_broker(now)
         for child in self.children:
             if child.running or self.stopping:
                 continue
@@ -173,9 +248,53 @@ class Supervisor:
                 log.control(
                     "service_exited", child=child.instance, code=code, restarts=child.restarts
                 )
+                changed = True
             elif now >= child.next_start:
                 child.next_start = 0.0
-                child.start()
+                self._start(child)
+                changed = True
+        if changed:
+            self._write_state()
+
+    def _supervise_broker(self, now: float) -> bool:
+        """Bring the embedded broker back on the same port and store (the services keep
+        reconnecting to that URL): after an exit or a failed start, retry with backoff until
+        it runs. True when what runs changed (up.json is then rewritten)."""
+        broker = self.broker
+        if broker is None or self.stopping:
+            return False
+        if broker.process is not None and broker.process.poll() is None:
+            return False
+        if self.broker_next_start == 0.0:
+            code = None
+            if broker.process is not None:
+                code = broker.process.returncode
+                broker.process = None
+                if now - self.broker_started_at >= BROKER_STABLE_SECONDS:
+                    self.broker_failures = 0
+            self.broker_failures += 1
+            delay = min(BROKER_BACKOFF_FIRST * 2 ** (self.broker_failures - 1), BROKER_BACKOFF_MAX)
+            self.broker_next_start = now + delay
+            if code is not None:
+                log.audit("embedded_nats_exited", code=code, restart_in=delay)
+            return True
+        if now < self.broker_next_start:
+            return False
+        self.broker_next_start = 0.0
+        try:
+            broker.start()
+        except (BrokerError, OSError) as exc:
+            broker.process = None
+            log.audit(
+                "embedded_nats_restart_failed",
+                error=str(exc),
+                failures=self.broker_failures,
+                retry_in=min(BROKER_BACKOFF_FIRST * 2**self.broker_failures, BROKER_BACKOFF_MAX),
+            )
+            return False
+        self.broker_started_at = time.monotonic()
+        log.audit("embedded_nats_restarted", url=broker.url, pid=broker.pid)
+        return True
 
     def _shutdown(self) -> None:
         for child in self.children:
@@ -193,20 +312,30 @@ class Supervisor:
                 child.process.wait()
         if self.broker is not None:
             self.broker.stop()
+        if self._master_key is not None:
+            self._master_key[:] = bytes(len(self._master_key))
         (self.state_dir / UP_STATE_FILE).unlink(missing_ok=True)
         log.audit("supervisor_stopped")
 
-    def _write_state(self, nats_url: str) -> None:
+    def _write_state(self) -> None:
+        """up.json: the processes running now (null for one that is down), written whole
+        (a temporary file renamed over the old one) so a reader never sees half of it."""
+        broker = self.broker
         state = {
-            "nats_url": nats_url,
+            "nats_url": self.nats_url,
             "pid": os.getpid(),
             "config": self.config_path,
-            "broker_pid": self.broker.pid if self.broker else None,
-            "children": {c.instance: c.process.pid for c in self.children if c.process},
+            "broker_pid": broker.pid if broker and broker.process else None,
+            "children": {
+                c.instance: c.process.pid if c.running and c.process else None
+                for c in self.children
+            },
             "credentials_dir": str(self.credentials_dir) if self.credentials_dir else None,
         }
         path = self.state_dir / UP_STATE_FILE
-        path.write_text(json.dumps(state, indent=2))
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(state, indent=2))
+        os.replace(temporary, path)
 
 
 def read_up_state(state_dir: Path) -> dict[str, Any] | None:

@@ -232,6 +232,16 @@ async def test_master_key_from_a_file(nats_server: EmbeddedNats, tmp_path: Path)
     key_file = tmp_path / "master.key"
     key_file.write_text("0s" + "bWFzdGVyLWtleS1mcm9tLWEtZmlsZS0wMTIz" + "\n")
     config = keystore_config(tmp_path, f'master-key-file = "{key_file}"')
+    # readable by group or others: refused in ssh's words, whatever the key
+    for mode in (0o644, 0o640, 0o604):
+        key_file.chmod(mode)
+        with pytest.raises(KeystoreUnavailable) as too_open:
+            KeystoreService.preflight(config)
+        assert str(too_open.value) == (
+            f"keystore locked: permissions {mode:04o} for {key_file} are too open; "
+            "it must be readable by its owner only (chmod 600)"
+        )
+    key_file.chmod(0o600)
     runtime = await start(config, nats_server.url)
     await runtime.stop()
     # the environment's key is not the file's: the file wins, the env key cannot open it

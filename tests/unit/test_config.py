@@ -359,3 +359,11 @@ def test_wildcard_listen_address_is_refused() -> None:
         "192.0.2.1",
         "2001:db8::1",
     ]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sorted(EXAMPLE.parent.glob("*.toml")), EXAMPLE.parents[2] / "shared/config/default.toml"],
+)
+def test_shipped_configs_check(path: Path) -> None:
+    assert parse_config(path.read_text(), str(path))

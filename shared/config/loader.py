@@ -368,6 +368,7 @@ def cross_check(config: Config) -> list[ConfigProblem]:
             )
     if ike.vpn and not listen_addresses:
         problem("ingress.listen", "no address to listen on: set it or a vpn local-address")
+    problems.extend(psk_problems(config))
 
     reduce = ike.session.half_open.thresholds.reduce_timeout
     if (reduce.count is None) != (reduce.timeout is None):
@@ -380,6 +381,69 @@ def cross_check(config: Config) -> list[ConfigProblem]:
             f"{aging.low_watermark} must not exceed high-watermark {aging.high_watermark}",
         )
     problems.extend(ConfigProblem(path, text) for path, text in certificate_problems(config))
+    return problems
+
+
+def _psk_identity(configured: str | None) -> str | None:
+    """An `[[ike.pre-shared-key]]` side as the keystore matches it: None matches any identity."""
+    return None if configured is None or configured == PSK_ANY_ID else configured
+
+
+PSK_ANY_ID = "%any"  # strongSwan's wildcard identity, as the keystore takes it
+
+
+def psk_problems(config: Config) -> list[ConfigProblem]:
+    """Every enabled VPN that authenticates by PSK needs an `[[ike.pre-shared-key]]` entry its
+    identities can select, or every handshake fails with AUTHENTICATION_FAILED.
+
+    The rule is the keystore's (services/keystore/psk.py): an entry side that is unset or
+    `%any` fits any identity, a named side fits that identity exactly. The keystore is
+    asked with the VPN's local-id (else its local-address, else `%any`) and the identity
+    the peer presents, which fits the VPN's remote-id as the engine matches it (unset,
+    `%any` or `*` any, `*` globs, DNs; shared/ikev2/exchanges/ike_auth.py). Where an
+    identity is only known at run time (a certificate's subject) nothing is refused.
+    """
+    from ikefarm.shared.ikev2.exchanges.ike_auth import identity_matches
+
+    named_remotes: dict[str | None, set[str | None]] = {}  # local-id -> remote-ids, None: any
+    for entry in config.ike.pre_shared_key:
+        local = _psk_identity(entry.local_id)
+        named_remotes.setdefault(local, set()).add(_psk_identity(entry.remote_id))
+
+    def fits(local: str | None, remote_id: str | None) -> bool:
+        """Some entry for `local` takes an identity the VPN's `remote_id` accepts."""
+        remotes = named_remotes.get(local, set())
+        if not remotes:
+            return False
+        if remote_id is None or None in remotes or remote_id in remotes:
+            return True
+        return any(r is not None and identity_matches(remote_id, r) for r in remotes)
+
+    problems: list[ConfigProblem] = []
+    for index, vpn in enumerate(config.ike.vpn):
+        methods = (vpn.ike_policy.local_auth_method, vpn.ike_policy.remote_auth_method)
+        if not vpn.enabled or "pre-shared-key" not in methods:
+            continue
+        local_id = vpn.local_id
+        if local_id is None and vpn.local_certificate:
+            continue  # the certificate's subject DN: known once the file is read
+        if local_id is None:
+            local_id = vpn.local_address or PSK_ANY_ID
+        remote_id = vpn.remote_id
+        if remote_id in (PSK_ANY_ID, "*"):
+            remote_id = None
+        if not (fits(local_id, remote_id) or fits(None, remote_id)):
+            ids = f"local-id {show_value(local_id)} and remote-id " + (
+                "any" if remote_id is None else show_value(remote_id)
+            )
+            problems.append(
+                ConfigProblem(
+                    f"ike.vpn[{index}]",
+                    f"vpn {show_value(vpn.name)} authenticates by pre-shared key but no "
+                    f'[[ike.pre-shared-key]] fits its {ids} (an unset or "%any" side fits '
+                    "any identity)",
+                )
+            )
     return problems
 
 

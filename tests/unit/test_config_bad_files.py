@@ -170,6 +170,7 @@ def test_table_arrays_are_bounded() -> None:
 
 def bad_files(directory: Path) -> dict[str, tuple[Path, str]]:
     """Each issue-16 input and the line its refusal must print."""
+    example = EXAMPLE.read_text()
     files = {
         "binary": (os.urandom(8192).replace(b"\0", b"\1") + b"\0", "<file>: "),
         "utf8": (EXAMPLE.read_bytes().replace(b'"rw"', b'"r\xc3w"'), "not UTF-8: invalid byte"),
@@ -178,6 +179,15 @@ def bad_files(directory: Path) -> dict[str, tuple[Path, str]]:
         "million": (
             "[ingress]\nlisten = [" + ",".join(["1"] * 1_000_000) + "]\n",
             "ingress.listen: [... 1000000 items] has more than the 1024 items allowed",
+        ),
+        "nobody": (
+            example.replace('name = "rw"', 'name = "rw"\nremote-id = "nobody.example"').replace(
+                'local-id = "gw.example"\nremote-id = "peer.example"\nike-policy',
+                'local-id = "gw.example"\nike-policy',
+            ),
+            'ike.vpn[0]: vpn "rw" authenticates by pre-shared key but no '
+            '[[ike.pre-shared-key]] fits its local-id "gw.example" and remote-id '
+            '"nobody.example"',
         ),
     }
     paths = {}
@@ -188,6 +198,7 @@ def bad_files(directory: Path) -> dict[str, tuple[Path, str]]:
         else:
             path.write_text(content)
         paths[name] = (path, expected)
+    assert 'remote-id = "nobody.example"' in paths["nobody"][0].read_text()
     return paths
 
 
@@ -216,7 +227,9 @@ def test_the_example_config_checks() -> None:
     assert result.returncode == 0 and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name", ["binary", "utf8", "deep-arrays", "deep-tables", "million"])
+@pytest.mark.parametrize(
+    "name", ["binary", "utf8", "deep-arrays", "deep-tables", "million", "nobody"]
+)
 def test_config_check_refuses_bad_files(
     name: str, issue_files: dict[str, tuple[Path, str]]
 ) -> None:
@@ -224,7 +237,7 @@ def test_config_check_refuses_bad_files(
     assert_refused(run("config", "check", str(path)), path, expected)
 
 
-@pytest.mark.parametrize("name", ["binary", "utf8", "deep-tables", "million"])
+@pytest.mark.parametrize("name", ["binary", "utf8", "deep-tables", "million", "nobody"])
 def test_up_refuses_bad_files_before_starting_anything(
     name: str, issue_files: dict[str, tuple[Path, str]], tmp_path: Path
 ) -> None:

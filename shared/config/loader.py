@@ -468,6 +468,9 @@ def _check_proposal(path: str, proposal: Node, *, is_ike: bool) -> list[ConfigPr
 # --- rendering -------------------------------------------------------------------------------
 
 
+_TOML_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # not allowed raw in a TOML basic string
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, Secret):
         return '"<masked>"'
@@ -479,7 +482,7 @@ def _toml_value(value: Any) -> str:
         return f'"{value}"'
     if isinstance(value, str):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        return '"' + _TOML_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", escaped) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

@@ -71,6 +71,12 @@ def test_unreadable_paths_are_config_errors(tmp_path: Path) -> None:
     assert "<file>: cannot read: Is a directory" in file_refusal(tmp_path)
 
 
+def test_control_characters_render_as_toml_escapes() -> None:
+    config = parse_config('[[ike.pool]]\nname = "a\\nb\\u0001\\\\c\\u2028"\n')
+    assert 'name = "a\\u000ab\\u0001\\\\c\u2028"' in config.render()
+    assert parse_config(config.render()).ike.pool[0].name == "a\nb\x01\\c\u2028"
+
+
 def test_toml_syntax_error_gives_line_and_column() -> None:
     message = refusal("[ike.global-options]\nretransmit-tries = = 3\n")
     assert "<toml>: Invalid value (at line 2, column 20)" in message
@@ -235,6 +241,15 @@ def test_config_check_refuses_bad_files(
 ) -> None:
     path, expected = issue_files[name]
     assert_refused(run("config", "check", str(path)), path, expected)
+
+
+def test_up_with_a_symlink_loop_is_refused(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)
+    env = {**os.environ, "IKEFARM_STATE_DIR": str(tmp_path / "state")}
+    result = run("up", "-c", str(loop), env=env)
+    assert_refused(result, loop, "<file>: cannot read: Too many levels of symbolic links")
+    assert not (tmp_path / "state").exists()
 
 
 @pytest.mark.parametrize("name", ["binary", "utf8", "deep-tables", "million", "nobody"])

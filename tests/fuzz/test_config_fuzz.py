@@ -31,6 +31,8 @@ from ikefarm.shared.config.loader import (
     nesting_depth,
     parse_config,
 )
+from ikefarm.shared.config.schema import SCHEMA
+from ikefarm.shared.config.tree import Section, TableList, iter_reference
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "ops" / "examples" / "psk-responder.toml"
 EXAMPLE_BYTES = EXAMPLE.read_bytes()
@@ -171,7 +173,8 @@ def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON escapes are TOML basic-string ones
+        # JSON's escapes are TOML basic-string ones; JSON leaves DEL raw, TOML does not
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
@@ -201,6 +204,33 @@ def test_random_values_under_every_key(assignment: re.Match[str], value: Any) ->
         for secret in _strings(value):
             if len(secret) >= 6:
                 assert secret not in str(result)
+
+
+LEAVES = sorted(
+    path for path, spec in iter_reference(SCHEMA) if not isinstance(spec, Section | TableList)
+)
+
+
+def nest(path: str, value: Any) -> tuple[str, Any]:
+    """`ike.vpn[].name` and a value as the top key and the inline value that sets it."""
+    for segment in reversed(path.split(".")[1:]):
+        key = segment.removesuffix("[]")
+        value = {key: [value] if segment.endswith("[]") else value}
+    top = path.split(".", maxsplit=1)[0]
+    return top, value
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(LEAVES), values), min_size=1, max_size=6))
+def test_random_values_under_any_schema_key(assignments: list[tuple[str, Any]]) -> None:
+    merged: dict[str, Any] = {}
+    for path, value in assignments:
+        top, nested = nest(path, value)
+        merged[top] = nested  # a later one under the same top key wins
+    text = "".join(f"{key} = {toml_value(value)}\n" for key, value in merged.items())
+    result = load(text.encode())
+    if isinstance(result, Config):
+        assert parse_config(result.render()).render() == result.render()
 
 
 def _strings(value: Any) -> list[str]:

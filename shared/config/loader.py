@@ -201,6 +201,7 @@ def nesting_depth(text: str, limit: int) -> tuple[int, int, str]:
     depth = deepest = 0
     line = 1
     statement = 0  # where the current statement (outside brackets) starts
+    opened = False  # whether a bracket or `=` of this statement was seen: looked at once
     header_at = -1  # where a `[table]` header being read starts
     header = key = ""
     pos = 0
@@ -209,7 +210,7 @@ def nesting_depth(text: str, limit: int) -> tuple[int, int, str]:
         if mark == "\n":
             line += 1
             if depth == 0:
-                statement = pos
+                statement, opened = pos, False
         elif mark == "#":
             end = text.find("\n", pos)
             pos = len(text) if end < 0 else end
@@ -239,8 +240,10 @@ def nesting_depth(text: str, limit: int) -> tuple[int, int, str]:
             line += text.count("\n", pos, end)
             pos = end
         elif mark in "[{":
-            if depth == 0 and not text[statement : match.start()].strip():
-                header_at = match.start()
+            if depth == 0 and not opened:
+                opened = True
+                if not text[statement : match.start()].strip():
+                    header_at = match.start()
             depth += 1
             if depth > limit:
                 where = f"{header}.{key}" if header and key else header or key or "<toml>"
@@ -251,7 +254,8 @@ def nesting_depth(text: str, limit: int) -> tuple[int, int, str]:
             if depth == 0 and header_at >= 0:
                 header = text[header_at:pos].strip("[] \t")
                 header_at, key = -1, ""
-        elif depth == 0:  # "="
+        elif depth == 0 and not opened:  # "="
+            opened = True
             key = text[statement : match.start()].strip()
     return deepest, 0, ""
 

@@ -388,12 +388,12 @@ def cross_check(config: Config) -> list[ConfigProblem]:
     return problems
 
 
+PSK_ANY_ID = "%any"  # strongSwan's wildcard identity, as the keystore takes it
+
+
 def _psk_identity(configured: str | None) -> str | None:
     """An `[[ike.pre-shared-key]]` side as the keystore matches it: None matches any identity."""
     return None if configured is None or configured == PSK_ANY_ID else configured
-
-
-PSK_ANY_ID = "%any"  # strongSwan's wildcard identity, as the keystore takes it
 
 
 def psk_problems(config: Config) -> list[ConfigProblem]:

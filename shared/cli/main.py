@@ -34,6 +34,14 @@ def _load_or_exit(path: str) -> Config:
         raise SystemExit(1) from None
 
 
+def _absolute(path: str) -> str:
+    """The config path the services are given; a symlink loop is left for load_config to name."""
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return path
+
+
 def _running_farm(args: argparse.Namespace, config: Config | None) -> dict[str, Any] | None:
     """The `up.json` of a running `ikefarm up`: --state-dir, the config's, or the default."""
     from ikefarm.shared.bus.embedded import default_state_dir
@@ -90,7 +98,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from ikefarm.shared.cli.supervisor import Supervisor
     from ikefarm.shared.observability.logging import configure_logging
 
-    path = str(Path(args.config).resolve()) if args.config else bundled_config_path()
+    path = _absolute(args.config) if args.config else bundled_config_path()
     config = _load_or_exit(path)
     configure_logging(
         "up", "supervisor", config.ike.logging.to_dict(), log_format=config.telemetry.log_format

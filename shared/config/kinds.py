@@ -9,15 +9,94 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+SHOWN_CHARS = 48  # a value longer than this is shown cut, with its length
+MAX_LIST_ITEMS = 1024  # a list option holds at most this many values
 
 
 class ValueRefused(ValueError):
     """A value that does not fit its kind; the text says what would."""
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def printable(text: str) -> str:
+    """`text` on one line: control, line and paragraph separators as escapes."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char.isprintable():
+            out.append(char)
+        elif char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif ord(char) < 0x100:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}")
+    return "".join(out)
+
+
+def one_line(text: str, limit: int) -> str:
+    """`text` printable and cut at `limit` characters, saying how long it was."""
+    if len(text) > limit:
+        return f"{printable(text[:limit])}... ({len(text)} characters)"
+    return printable(text)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def show_value(raw: Any) -> str:
+    """A TOML value for an error message: short values whole, long ones cut with their length.
+
+    Never recurses into containers, so a value nested thousands deep or a list of a
+    million items is named in a few characters.
+    """
+    if isinstance(raw, str):
+        if len(raw) > SHOWN_CHARS:
+            return f"{_quoted(raw[: SHOWN_CHARS - 16] + '...')} ({len(raw)} characters)"
+        return _quoted(raw)
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    if isinstance(raw, int):
+        text = str(raw)
+        return text if len(text) <= SHOWN_CHARS else f"an integer of {len(text)} digits"
+    if isinstance(raw, datetime.date | datetime.time):
+        return raw.isoformat()
+    if isinstance(raw, list):
+        if not raw:
+            return "[]"
+        if len(raw) <= 8 and not any(isinstance(item, list | Mapping) for item in raw):
+            text = "[" + ", ".join(show_value(item) for item in raw) + "]"
+            if len(text) <= SHOWN_CHARS:
+                return text
+        return f"[... {_plural(len(raw), 'item')}]"
+    if isinstance(raw, Mapping):
+        if not raw:
+            return "{}"
+        return f"{{... {_plural(len(raw), 'key')}}}"
+    return one_line(repr(raw), SHOWN_CHARS)
+
+
+def _quoted(text: str) -> str:
+    return '"' + printable(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def show_key(key: str) -> str:
+    """A key as TOML writes it: bare when it can be, else quoted (and cut when long)."""
+    return key if _BARE_KEY.fullmatch(key) else show_value(key)
 
 
 @dataclass(frozen=True)
@@ -186,7 +265,8 @@ class LevelOrDisable(IntOrKeyword):
     maximum: int | None = 4
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
+# digit counts bounded: int() of a longer run is slow or refused (sys.int_info), and none fits
+_DURATION = re.compile(r"^\s*(\d{1,15})\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
@@ -240,7 +320,7 @@ class RateKind(Kind):
 
     def parse(self, raw: Any) -> Rate:
         text = raw if isinstance(raw, str) else ""
-        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        match = re.fullmatch(r"\s*(\d{1,15})\s*/\s*(\d{1,15})\s*", text)
         if not match:
             raise ValueRefused('must be "count/seconds", each part 1-86400')
         count, seconds = int(match.group(1)), int(match.group(2))
@@ -364,6 +444,7 @@ class ListOf(Kind):
     min_items: int = 0
     single_ok: bool = True  # a lone value counts as a one-item list
     doc: str = ""
+    max_items: int = MAX_LIST_ITEMS
 
     def parse(self, raw: Any) -> list[Any]:
         if not isinstance(raw, list):
@@ -372,12 +453,14 @@ class ListOf(Kind):
             raw = [raw]
         if len(raw) < self.min_items:
             raise ValueRefused(f"needs at least {self.min_items} item(s)")
+        if len(raw) > self.max_items:
+            raise ValueRefused(f"has more than the {self.max_items} items allowed")
         parsed = []
         for index, item in enumerate(raw):
             try:
                 parsed.append(self.item.parse(item))
             except ValueRefused as exc:
-                raise ValueRefused(f"item {index}: {exc}") from None
+                raise ValueRefused(f"item {index} {show_value(item)} {exc}") from None
         return parsed
 
     def describe(self) -> str:

@@ -4,28 +4,42 @@
 kebab-case keys, `config.ike.global_options.retransmit_tries`) or raises
 `ConfigError` carrying every problem found, each naming the key, the value and
 what is allowed. Secrets are `Secret` objects and render as `<masked>`.
+
+Whatever the file holds (binary data, bytes that are not UTF-8, values nested
+thousands deep, a list of a million items), loading raises nothing but
+`ConfigError`, and each problem is one short line: values are cut to a few dozen
+characters with their length, at most `MAX_PROBLEMS` problems are listed.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ikefarm.shared.config.kinds import Rate, Secret
+from ikefarm.shared.config.kinds import Rate, Secret, one_line, show_value
 from ikefarm.shared.config.schema import SCHEMA
-from ikefarm.shared.config.tree import ConfigProblem, WalkResult, walk_section
+from ikefarm.shared.config.tree import MAX_PROBLEMS, ConfigProblem, WalkResult, walk_section
+
+MAX_FILE_SIZE = 4 * 1024 * 1024  # octets; a real configuration is a few KiB
+MAX_NESTING = 32  # arrays and inline tables inside each other; the schema needs a handful
 
 
 class ConfigError(ValueError):
-    def __init__(self, source: str, problems: list[ConfigProblem]) -> None:
+    def __init__(self, source: str, problems: list[ConfigProblem], omitted: int = 0) -> None:
         self.source = source
         self.problems = problems
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} configuration error(s)\n{lines}")
+        shown = problems[:MAX_PROBLEMS]
+        omitted += len(problems) - len(shown)
+        total = len(shown) + omitted
+        lines = "\n".join(f"  {p}" for p in shown)
+        if omitted:
+            lines += f"\n  ... and {omitted} more problem(s) not shown"
+        super().__init__(f"{one_line(source, 256)}: {total} configuration error(s)\n{lines}")
 
 
 class Node:
@@ -110,26 +124,150 @@ def _strip_secrets(value: Any) -> Any:
 def load_config(path: str | Path) -> Config:
     source = str(path)
     try:
-        text = Path(path).read_text()
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_FILE_SIZE + 1)
     except OSError as exc:
-        raise ConfigError(
-            source, [ConfigProblem("<file>", f"cannot read: {exc.strerror}")]
-        ) from None
-    return parse_config(text, source)
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(source, [ConfigProblem("<file>", f"cannot read: {reason}")]) from None
+    except ValueError as exc:  # a path with a NUL byte
+        raise ConfigError(source, [ConfigProblem("<file>", f"cannot read: {exc}")]) from None
+    return parse_config(decode_config(data, source), source)
+
+
+def _where(data: bytes, offset: int) -> str:
+    line = data.count(b"\n", 0, offset) + 1
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    return f"line {line}, column {column} (byte offset {offset})"
+
+
+def decode_config(data: bytes, source: str = "<memory>") -> str:
+    """The text of a config file, or ConfigError: too large, binary, or not UTF-8 (TOML 1.0)."""
+
+    def refuse(message: str) -> ConfigError:
+        return ConfigError(source, [ConfigProblem("<file>", message)])
+
+    if len(data) > MAX_FILE_SIZE:
+        raise refuse(f"larger than {MAX_FILE_SIZE // (1024 * 1024)} MiB: not a configuration")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise refuse(f"a binary file, not TOML text: NUL byte at {_where(data, nul)}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refuse(f"not UTF-8: invalid byte at {_where(data, exc.start)}") from None
 
 
 def parse_config(text: str, source: str = "<memory>") -> Config:
+    if len(text) > MAX_FILE_SIZE:
+        raise ConfigError(
+            source, [ConfigProblem("<file>", f"larger than {MAX_FILE_SIZE} characters")]
+        )
+    too_deep = nesting_problem(text)
+    if too_deep is not None:
+        raise ConfigError(source, [too_deep])
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [ConfigProblem("<toml>", str(exc))]) from None
+    except RecursionError:  # nesting_problem should have said so first
+        raise ConfigError(
+            source, [ConfigProblem("<toml>", f"nested deeper than {MAX_NESTING} levels")]
+        ) from None
+    except ValueError as exc:  # int() of a number beyond sys.get_int_max_str_digits()
+        reason = "a number has too many digits" if "digits" in str(exc) else str(exc)
+        raise ConfigError(source, [ConfigProblem("<toml>", reason)]) from None
     result = WalkResult(value=None)
     data = walk_section(SCHEMA, raw, "", result)
     config = Config(data, result.explicit, source)
     result.problems.extend(cross_check(config))
     if result.problems:
-        raise ConfigError(source, result.problems)
+        raise ConfigError(source, result.problems, result.omitted)
     return config
+
+
+# what matters for nesting: string and comment openers (their insides are skipped), brackets,
+# braces, `=` (ends a key) and newlines (end a statement outside brackets)
+_NESTING_TOKEN = re.compile(r'"""|\'\'\'|["\'#\[\]{}=\n]')
+_BASIC_STRING_END = re.compile(r'(?:[^"\\\n]|\\.)*"')
+_MULTILINE_BASIC_END = re.compile(r'(?:[^"\\]|\\.|"(?!""))*"""', re.DOTALL)
+
+
+def nesting_depth(text: str, limit: int) -> tuple[int, int, str]:
+    """How deep arrays and inline tables (and table headers) nest in TOML `text`, without
+    parsing it: (depth, line, key) where the depth first exceeds `limit`, else the deepest
+    depth seen with (0, ""). tomllib recurses once per level, so a file nested thousands
+    deep must be refused before it gets there.
+    """
+    depth = deepest = 0
+    line = 1
+    statement = 0  # where the current statement (outside brackets) starts
+    opened = False  # whether a bracket or `=` of this statement was seen: looked at once
+    header_at = -1  # where a `[table]` header being read starts
+    header = key = ""
+    pos = 0
+    while match := _NESTING_TOKEN.search(text, pos):
+        mark, pos = match.group(), match.end()
+        if mark == "\n":
+            line += 1
+            if depth == 0:
+                statement, opened = pos, False
+        elif mark == "#":
+            end = text.find("\n", pos)
+            pos = len(text) if end < 0 else end
+        elif mark in ('"', "'"):
+            if mark == '"':
+                closed = _BASIC_STRING_END.match(text, pos)
+                end = closed.end() if closed else -1
+            else:
+                end = text.find("'", pos) + 1 or -1
+                if end > 0 and "\n" in text[pos:end]:
+                    end = -1
+            if end < 0:  # unterminated: tomllib says where
+                newline = text.find("\n", pos)
+                pos = len(text) if newline < 0 else newline
+            else:
+                pos = end
+        elif mark in ('"""', "'''"):
+            if mark == '"""':
+                closed = _MULTILINE_BASIC_END.match(text, pos)
+                end = closed.end() if closed else len(text)
+            else:
+                found = text.find("'''", pos)
+                end = len(text) if found < 0 else found + 3
+            for _ in range(2):  # `""""` ends a string with a quote: up to two more may follow
+                if text.startswith(mark[0], end):
+                    end += 1
+            line += text.count("\n", pos, end)
+            pos = end
+        elif mark in "[{":
+            if depth == 0 and not opened:
+                opened = True
+                if not text[statement : match.start()].strip():
+                    header_at = match.start()
+            depth += 1
+            if depth > limit:
+                where = f"{header}.{key}" if header and key else header or key or "<toml>"
+                return depth, line, where
+            deepest = max(deepest, depth)
+        elif mark in "]}":
+            depth = max(0, depth - 1)
+            if depth == 0 and header_at >= 0:
+                header = text[header_at:pos].strip("[] \t")
+                header_at, key = -1, ""
+        elif depth == 0 and not opened:  # "="
+            opened = True
+            key = text[statement : match.start()].strip()
+    return deepest, 0, ""
+
+
+def nesting_problem(text: str) -> ConfigProblem | None:
+    depth, line, key = nesting_depth(text, MAX_NESTING)
+    if depth <= MAX_NESTING:
+        return None
+    return ConfigProblem(
+        one_line(key, 128),
+        f"arrays or inline tables nested deeper than {MAX_NESTING} levels (line {line})",
+    )
 
 
 def ppk_identity(ppk: Node) -> bytes | None:
@@ -169,7 +307,7 @@ def cross_check(config: Config) -> list[ConfigProblem]:
             if identity in identities:
                 problem(
                     path,
-                    f"PPK identity {identity.hex()} (hex) is already used by "
+                    f"PPK identity {one_line(identity.hex(), 64)} (hex) is already used by "
                     f"{identities[identity]}",
                 )
             else:
@@ -196,22 +334,28 @@ def cross_check(config: Config) -> list[ConfigProblem]:
         path = f"ike.vpn[{index}]"
         template = vpn.ike_policy.template
         if template is not None and template not in ike_templates:
-            problem(f"{path}.ike-policy.template", f'"{template}" is not an ike-policy-template')
+            problem(
+                f"{path}.ike-policy.template",
+                f"{show_value(template)} is not an ike-policy-template",
+            )
         template = vpn.ipsec_policy.template
         if template is not None and template not in ipsec_templates:
             problem(
-                f"{path}.ipsec-policy.template", f'"{template}" is not an ipsec-policy-template'
+                f"{path}.ipsec-policy.template",
+                f"{show_value(template)} is not an ipsec-policy-template",
             )
         if vpn.ppk is not None and vpn.ppk not in ppk_names:
-            problem(f"{path}.ppk", f'"{vpn.ppk}" is not the name of an [[ike.ppk]]')
+            problem(f"{path}.ppk", f"{show_value(vpn.ppk)} is not the name of an [[ike.ppk]]")
         for pool in vpn.vip_pool:
             if pool not in pools and pool != "radius":
-                problem(f"{path}.vip-pool", f'"{pool}" is not the name of an [[ike.pool]]')
+                problem(
+                    f"{path}.vip-pool", f"{show_value(pool)} is not the name of an [[ike.pool]]"
+                )
         if vpn.local_address is not None:
             listen_addresses.append(vpn.local_address)
         for request in vpn.vip_request:
             if not ipaddress.ip_address(request).is_unspecified:
-                problem(f"{path}.vip-request", f'"{request}" must be 0.0.0.0 or ::')
+                problem(f"{path}.vip-request", f"{show_value(request)} must be 0.0.0.0 or ::")
         for s_index, policy in enumerate(vpn.security_policy):
             routes = policy.inject_routes
             sp_path = f"{path}.security-policy[{s_index}].inject-routes"
@@ -223,11 +367,12 @@ def cross_check(config: Config) -> list[ConfigProblem]:
         if ipaddress.ip_address(address).is_unspecified:
             problem(
                 f"ingress.listen[{index}]",
-                f'"{address}" is a wildcard: name the addresses to listen on (NAT detection '
-                "needs the real local address of each datagram)",
+                f"{show_value(address)} is a wildcard: name the addresses to listen on (NAT "
+                "detection needs the real local address of each datagram)",
             )
     if ike.vpn and not listen_addresses:
         problem("ingress.listen", "no address to listen on: set it or a vpn local-address")
+    problems.extend(psk_problems(config))
 
     reduce = ike.session.half_open.thresholds.reduce_timeout
     if (reduce.count is None) != (reduce.timeout is None):
@@ -240,6 +385,69 @@ def cross_check(config: Config) -> list[ConfigProblem]:
             f"{aging.low_watermark} must not exceed high-watermark {aging.high_watermark}",
         )
     problems.extend(ConfigProblem(path, text) for path, text in certificate_problems(config))
+    return problems
+
+
+PSK_ANY_ID = "%any"  # strongSwan's wildcard identity, as the keystore takes it
+
+
+def _psk_identity(configured: str | None) -> str | None:
+    """An `[[ike.pre-shared-key]]` side as the keystore matches it: None matches any identity."""
+    return None if configured is None or configured == PSK_ANY_ID else configured
+
+
+def psk_problems(config: Config) -> list[ConfigProblem]:
+    """Every enabled VPN that authenticates by PSK needs an `[[ike.pre-shared-key]]` entry its
+    identities can select, or every handshake fails with AUTHENTICATION_FAILED.
+
+    The rule is the keystore's (services/keystore/psk.py): an entry side that is unset or
+    `%any` fits any identity, a named side fits that identity exactly. The keystore is
+    asked with the VPN's local-id (else its local-address, else `%any`) and the identity
+    the peer presents, which fits the VPN's remote-id as the engine matches it (unset,
+    `%any` or `*` any, `*` globs, DNs; shared/ikev2/exchanges/ike_auth.py). Where an
+    identity is only known at run time (a certificate's subject) nothing is refused.
+    """
+    from ikefarm.shared.ikev2.exchanges.ike_auth import identity_matches
+
+    named_remotes: dict[str | None, set[str | None]] = {}  # local-id -> remote-ids, None: any
+    for entry in config.ike.pre_shared_key:
+        local = _psk_identity(entry.local_id)
+        named_remotes.setdefault(local, set()).add(_psk_identity(entry.remote_id))
+
+    def fits(local: str | None, remote_id: str | None) -> bool:
+        """Some entry for `local` takes an identity the VPN's `remote_id` accepts."""
+        remotes = named_remotes.get(local, set())
+        if not remotes:
+            return False
+        if remote_id is None or None in remotes or remote_id in remotes:
+            return True
+        return any(r is not None and identity_matches(remote_id, r) for r in remotes)
+
+    problems: list[ConfigProblem] = []
+    for index, vpn in enumerate(config.ike.vpn):
+        methods = (vpn.ike_policy.local_auth_method, vpn.ike_policy.remote_auth_method)
+        if not vpn.enabled or "pre-shared-key" not in methods:
+            continue
+        local_id = vpn.local_id
+        if local_id is None and vpn.local_certificate:
+            continue  # the certificate's subject DN: known once the file is read
+        if local_id is None:
+            local_id = vpn.local_address or PSK_ANY_ID
+        remote_id = vpn.remote_id
+        if remote_id in (PSK_ANY_ID, "*"):
+            remote_id = None
+        if not (fits(local_id, remote_id) or fits(None, remote_id)):
+            ids = f"local-id {show_value(local_id)} and remote-id " + (
+                "any" if remote_id is None else show_value(remote_id)
+            )
+            problems.append(
+                ConfigProblem(
+                    f"ike.vpn[{index}]",
+                    f"vpn {show_value(vpn.name)} authenticates by pre-shared key but no "
+                    f'[[ike.pre-shared-key]] fits its {ids} (an unset or "%any" side fits '
+                    "any identity)",
+                )
+            )
     return problems
 
 
@@ -264,6 +472,9 @@ def _check_proposal(path: str, proposal: Node, *, is_ike: bool) -> list[ConfigPr
 # --- rendering -------------------------------------------------------------------------------
 
 
+_TOML_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # not allowed raw in a TOML basic string
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, Secret):
         return '"<masked>"'
@@ -275,7 +486,7 @@ def _toml_value(value: Any) -> str:
         return f'"{value}"'
     if isinstance(value, str):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        return '"' + _TOML_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", escaped) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

@@ -3,7 +3,8 @@
 A `Section` is a TOML table with a fixed set of keys; a `TableList` is an array of
 tables (`[[ike.vpn]]`) whose items are sections. The walk collects every problem
 (unknown key with the nearest valid name, refused value with its range) instead
-of stopping at the first, so an operator fixes a file in one pass.
+of stopping at the first, so an operator fixes a file in one pass. Each problem is
+one line naming the key; values appear only as `show_value` cuts them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ikefarm.shared.config.kinds import Kind, ValueRefused
+from ikefarm.shared.config.kinds import Kind, ValueRefused, one_line, show_key, show_value
+
+MAX_TABLE_ITEMS = 10_000  # items of one array of tables ([[ike.vpn]], ...)
+MAX_PROBLEMS = 100  # problems kept and reported; the rest are only counted
+MAX_PATH_CHARS = 512
+MAX_MESSAGE_CHARS = 1024
 
 
 @dataclass
@@ -32,8 +38,14 @@ class TableList:
 
 @dataclass(frozen=True)
 class ConfigProblem:
+    """One problem, one line: whatever a message was built from, it stays printable and short."""
+
     path: str
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", one_line(self.path, MAX_PATH_CHARS))
+        object.__setattr__(self, "message", one_line(self.message, MAX_MESSAGE_CHARS))
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"
@@ -44,14 +56,17 @@ class WalkResult:
     value: Any
     explicit: set[str] = field(default_factory=set)
     problems: list[ConfigProblem] = field(default_factory=list)
+    omitted: int = 0  # problems beyond MAX_PROBLEMS, counted only
 
+    @property
+    def full(self) -> bool:
+        return len(self.problems) >= MAX_PROBLEMS
 
-def _show(raw: Any) -> str:
-    if isinstance(raw, str):
-        return f'"{raw}"'
-    if isinstance(raw, bool):
-        return "true" if raw else "false"
-    return repr(raw)
+    def add(self, path: str, message: str) -> None:
+        if self.full:
+            self.omitted += 1
+        else:
+            self.problems.append(ConfigProblem(path, message))
 
 
 def nearest_key(unknown: str, known: list[str]) -> str | None:
@@ -61,16 +76,19 @@ def nearest_key(unknown: str, known: list[str]) -> str | None:
 
 def walk_section(section: Section, raw: Any, path: str, result: WalkResult) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
-        result.problems.append(ConfigProblem(path, f"must be a table, got {_show(raw)}"))
+        result.add(path, f"must be a table, got {show_value(raw)}")
         raw = {}
     known = list(section.fields)
     for key in raw:
         if key not in section.fields:
+            if result.full:  # spare the nearest-name search for what is not shown
+                result.omitted += 1
+                continue
             hint = nearest_key(key, known)
             suggestion = (
                 f"; did you mean '{hint}'?" if hint else f"; valid keys: {', '.join(known)}"
             )
-            result.problems.append(ConfigProblem(_join(path, key), f"unknown key{suggestion}"))
+            result.add(_join(path, show_key(key)), f"unknown key{suggestion}")
     out: dict[str, Any] = {}
     for key, spec in section.fields.items():
         child_path = _join(path, key)
@@ -85,8 +103,8 @@ def walk_section(section: Section, raw: Any, path: str, result: WalkResult) -> d
             try:
                 out[key] = spec.parse(raw[key])
             except ValueRefused as exc:
-                shown = "<masked>" if "secret" in key else _show(raw[key])
-                result.problems.append(ConfigProblem(child_path, f"{shown} {exc}"))
+                shown = "<masked>" if "secret" in key else show_value(raw[key])
+                result.add(child_path, f"{shown} {exc}")
                 out[key] = spec.default
         else:
             out[key] = spec.default
@@ -97,7 +115,10 @@ def walk_table_list(spec: TableList, raw: Any, path: str, result: WalkResult) ->
     if isinstance(raw, Mapping):
         raw = [raw]
     if not isinstance(raw, list):
-        result.problems.append(ConfigProblem(path, "must be an array of tables ([[...]])"))
+        result.add(path, "must be an array of tables ([[...]])")
+        return []
+    if len(raw) > MAX_TABLE_ITEMS:
+        result.add(path, f"{show_value(raw)} has more than the {MAX_TABLE_ITEMS} items allowed")
         return []
     items = []
     seen: dict[Any, int] = {}
@@ -107,13 +128,11 @@ def walk_table_list(spec: TableList, raw: Any, path: str, result: WalkResult) ->
         if spec.key is not None:
             name = parsed.get(spec.key)
             if name is None:
-                result.problems.append(ConfigProblem(item_path, f"'{spec.key}' is required"))
+                result.add(item_path, f"'{spec.key}' is required")
             elif name in seen:
-                result.problems.append(
-                    ConfigProblem(
-                        f"{item_path}.{spec.key}",
-                        f"{_show(name)} is already used by {path}[{seen[name]}]",
-                    )
+                result.add(
+                    f"{item_path}.{spec.key}",
+                    f"{show_value(name)} is already used by {path}[{seen[name]}]",
                 )
             else:
                 seen[name] = index

@@ -21,8 +21,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from ikefarm.shared.config.kinds import one_line, show_value
 from ikefarm.shared.ikev2.constants import IdType
 
+MAX_FILE_SIZE = 16 * 1024 * 1024  # a certificate chain, CRL or key; not /dev/zero
 PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 PEM_CRL = b"-----BEGIN X509 CRL-----"
 DN_PREFIX = "asn1dn:#"  # how IdPayload prints a DER DN identity
@@ -35,9 +37,27 @@ class CertificateFileError(ValueError):
 def read_file(path: str | Path) -> bytes:
     """A file named in the config; CertificateFileError says which and why it cannot be read."""
     try:
-        return Path(path).read_bytes()
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_FILE_SIZE + 1)
     except OSError as exc:
-        raise CertificateFileError(f"{path}: {exc.strerror or exc}") from None
+        raise CertificateFileError(f"{_shown(path)}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise CertificateFileError(f"{_shown(path)}: {exc}") from None
+    if len(data) > MAX_FILE_SIZE:
+        raise CertificateFileError(f"{_shown(path)}: larger than {MAX_FILE_SIZE >> 20} MiB")
+    return data
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long for the file system
+        return False
+
+
+def _shown(path: str | Path) -> str:
+    """A path as error messages name it: whole when short, else cut with its length."""
+    return one_line(str(path), 64)
 
 
 def load_certificates(path: str | Path) -> list[x509.Certificate]:
@@ -48,7 +68,7 @@ def load_certificates(path: str | Path) -> list[x509.Certificate]:
             return x509.load_pem_x509_certificates(data)
         return [x509.load_der_x509_certificate(data)]
     except ValueError:
-        raise CertificateFileError(f"{path}: not a PEM or DER X.509 certificate") from None
+        raise CertificateFileError(f"{_shown(path)}: not a PEM or DER X.509 certificate") from None
 
 
 def load_crl(path: str | Path) -> x509.CertificateRevocationList:
@@ -58,7 +78,7 @@ def load_crl(path: str | Path) -> x509.CertificateRevocationList:
             return x509.load_pem_x509_crl(data)
         return x509.load_der_x509_crl(data)
     except ValueError:
-        raise CertificateFileError(f"{path}: not a PEM or DER X.509 CRL") from None
+        raise CertificateFileError(f"{_shown(path)}: not a PEM or DER X.509 CRL") from None
 
 
 def der(cert: x509.Certificate) -> bytes:
@@ -171,9 +191,9 @@ def certificate_problems(config: Any) -> list[tuple[str, str]]:
             problems += _file_problem(
                 f"{where}.local-certificate", vpn.local_certificate, load_certificates
             )
-        if vpn.local_private_key and not Path(vpn.local_private_key).is_file():
+        if vpn.local_private_key and not _is_file(vpn.local_private_key):
             problems.append(
-                (f"{where}.local-private-key", f'"{vpn.local_private_key}" is not a file')
+                (f"{where}.local-private-key", f"{show_value(vpn.local_private_key)} is not a file")
             )
         if local == "pubkey":
             for key in ("local-certificate", "local-private-key"):
@@ -183,7 +203,7 @@ def certificate_problems(config: Any) -> list[tuple[str, str]]:
             problems.append(
                 (
                     "ike.pki.ca-certificates",
-                    f"vpn {vpn.name}: remote-auth-method pubkey needs a trust anchor",
+                    f"vpn {show_value(vpn.name)}: remote-auth-method pubkey needs a trust anchor",
                 )
             )
     return problems

@@ -27,6 +27,9 @@ CONFIG = """
 retransmit-tries = 1
 retransmit-timeout = 0.2
 
+[[ike.pre-shared-key]]
+secret = "management-test-psk"
+
 [[ike.vpn]]
 name = "hq"
 local-address = "127.0.0.1"

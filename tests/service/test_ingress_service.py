@@ -331,6 +331,7 @@ async def test_default_addresses_are_the_enabled_vpn_local_addresses(
     path = tmp_path / "vpn.toml"
     path.write_text(
         f"[ingress]\nike-port = {ike_port}\nnatt-port = {natt_port}\n\n"
+        '[[ike.pre-shared-key]]\nsecret = "ingress-test-psk"\n\n'
         '[[ike.vpn]]\nname = "a"\nlocal-address = "127.0.0.1"\n\n'
         '[[ike.vpn]]\nname = "b"\nlocal-address = "127.0.0.1"\n\n'
         '[[ike.vpn]]\nname = "off"\nenabled = false\nlocal-address = "::1"\n'

@@ -359,3 +359,103 @@ def test_wildcard_listen_address_is_refused() -> None:
         "192.0.2.1",
         "2001:db8::1",
     ]
+
+
+def psk_config(entries: list[tuple[str | None, str | None]], vpn_ids: str) -> str:
+    """The example with these `[[ike.pre-shared-key]]` (local-id, remote-id) entries and the
+    VPN's `local-id`/`remote-id` lines replaced by `vpn_ids`."""
+    text = EXAMPLE.read_text()
+    psk_start = text.index("[[ike.pre-shared-key]]")
+    psk_end = text.index("[[ike.vpn]]")
+    keys = ""
+    for local, remote in entries:
+        keys += "[[ike.pre-shared-key]]\n"
+        keys += f'local-id = "{local}"\n' if local is not None else ""
+        keys += f'remote-id = "{remote}"\n' if remote is not None else ""
+        keys += 'secret = "0sc2VjcmV0LXNlY3JldC1zZWNyZXQ="\n'
+    vpn = text[psk_end:].replace('local-id = "gw.example"\nremote-id = "peer.example"\n', vpn_ids)
+    return text[:psk_start] + keys + "\n" + vpn
+
+
+@pytest.mark.parametrize(
+    ("entries", "vpn_ids"),
+    [
+        ([("gw.example", "peer.example")], 'local-id = "gw.example"\nremote-id = "peer.example"\n'),
+        ([("gw.example", None)], 'local-id = "gw.example"\nremote-id = "nobody.example"\n'),
+        ([(None, "peer.example")], 'local-id = "gw.example"\nremote-id = "peer.example"\n'),
+        ([("%any", "%any")], 'local-id = "gw.example"\nremote-id = "peer.example"\n'),
+        ([("gw.example", "a.peer.example")], 'local-id = "gw.example"\nremote-id = "*.peer.*"\n'),
+        ([("gw.example", "peer.example")], 'local-id = "gw.example"\n'),
+        ([("gw.example", "peer.example")], 'local-id = "gw.example"\nremote-id = "%any"\n'),
+        ([("192.0.2.1", "peer.example")], 'remote-id = "peer.example"\n'),
+        (
+            [("other.example", "peer.example"), ("gw.example", "x")],
+            'local-id = "gw.example"\nremote-id = "x"\n',
+        ),
+    ],
+    ids=[
+        "exact", "entry-any-remote", "entry-any-local", "entry-%any", "vpn-glob", "vpn-any-remote",
+        "vpn-%any-remote", "local-id-from-local-address", "second-entry",
+    ],
+)  # fmt: skip
+def test_psk_vpn_with_a_fitting_pre_shared_key_is_accepted(
+    entries: list[tuple[str | None, str | None]], vpn_ids: str
+) -> None:
+    assert parse_config(psk_config(entries, vpn_ids)).ike.vpn[0].name == "rw"
+
+
+@pytest.mark.parametrize(
+    ("entries", "vpn_ids", "ids"),
+    [
+        (
+            [("gw.example", "peer.example")],
+            'local-id = "gw.example"\nremote-id = "nobody.example"\n',
+            'local-id "gw.example" and remote-id "nobody.example"',
+        ),
+        (
+            [("gw.example", "peer.example")],
+            'local-id = "gw2.example"\nremote-id = "peer.example"\n',
+            'local-id "gw2.example" and remote-id "peer.example"',
+        ),
+        (
+            [("gw.example", "peer.example")],
+            'remote-id = "peer.example"\n',
+            'local-id "192.0.2.1" and remote-id "peer.example"',
+        ),
+        (
+            # the keystore matches an entry's named side exactly: it is no glob
+            [("gw.example", "*.peer.example")],
+            'local-id = "gw.example"\nremote-id = "a.peer.example"\n',
+            'local-id "gw.example" and remote-id "a.peer.example"',
+        ),
+        (
+            [("gw.example", "b.other.example")],
+            'local-id = "gw.example"\nremote-id = "*.peer.example"\n',
+            'local-id "gw.example" and remote-id "*.peer.example"',
+        ),
+        ([], 'local-id = "gw.example"\n', 'local-id "gw.example" and remote-id any'),
+    ],
+    ids=["remote", "local", "implicit-local", "entry-glob", "vpn-glob", "no-entry"],
+)
+def test_psk_vpn_without_a_fitting_pre_shared_key_is_refused(
+    entries: list[tuple[str | None, str | None]], vpn_ids: str, ids: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_config(psk_config(entries, vpn_ids))
+    assert str(refused.value).splitlines()[1:] == [
+        f'  ike.vpn[0]: vpn "rw" authenticates by pre-shared key but no [[ike.pre-shared-key]] '
+        f'fits its {ids} (an unset or "%any" side fits any identity)'
+    ]
+
+
+def test_psk_check_skips_disabled_vpns() -> None:
+    text = psk_config([("gw.example", "peer.example")], 'remote-id = "nobody.example"\n')
+    assert parse_config(text.replace('name = "rw"', 'name = "rw"\nenabled = false'))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sorted(EXAMPLE.parent.glob("*.toml")), EXAMPLE.parents[2] / "shared/config/default.toml"],
+)
+def test_shipped_configs_check(path: Path) -> None:
+    assert parse_config(path.read_text(), str(path))

@@ -196,7 +196,7 @@ class _Sa:
         return f"{type(self).__name__}(spi=0x{self.spi:08x}, {self.transform.name}{esn})"
 
     @property
-    def events(self) -> bool:
+    def has_events(self) -> bool:
         """Whether lifetime events wait in `take_events()`."""
         return bool(self._events)
 

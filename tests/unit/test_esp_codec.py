@@ -322,7 +322,7 @@ def test_lifetimes_are_reported_once_each() -> None:
     assert [(e.direction, e.kind, e.limit) for e in seen_in] == [
         ("in", e.kind, e.limit) for e in seen_out
     ]
-    assert not outbound.events and outbound.take_events() == []
+    assert not outbound.has_events and outbound.take_events() == []
     # reporting is all: the SA goes on until the caller deletes it
     assert outbound.counters.packets == inbound.counters.packets == 7
 

@@ -20,6 +20,7 @@ from tests.esp_helpers import SPI, ipv4_packet, ipv6_packet, keys
 # ours -> scapy's names (scapy.layers.ipsec.CRYPT_ALGOS / AUTH_ALGOS)
 ORACLE: list[tuple[tuple[str, str | None], str, str | None]] = [
     (("aes128-gcm-128", None), "AES-GCM", None),
+    (("aes192-gcm-128", None), "AES-GCM", None),
     (("aes256-gcm-128", None), "AES-GCM", None),
     (("chacha20-poly1305", None), "CHACHA20-POLY1305", None),
     (("aes128-cbc", "hmac-sha256"), "AES-CBC", "SHA2-256-128"),

@@ -160,6 +160,11 @@ def receive_master_key(config: Config, fd: int | None = None) -> None:
         os.environ.pop(variable, None)
 
 
+def received_master_key() -> bytearray | None:
+    """A copy of the master key text `receive_master_key` took in, if it took one."""
+    return None if _received is None else bytearray(_received)
+
+
 def check_key_file_mode(path: Path, mode: int) -> None:
     """Refuse a key file others may read, in ssh's words."""
     if mode & 0o077:

@@ -103,10 +103,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     configure_logging(
         "up", "supervisor", config.ike.logging.to_dict(), log_format=config.telemetry.log_format
     )
+    master_key = None
+    if args.master_key_fd is not None:
+        # read once before the preflight opens the store; the keystore gets it down its own pipe
+        from ikefarm.services.keystore.store import receive_master_key, received_master_key
+
+        receive_master_key(config, args.master_key_fd)
+        master_key = received_master_key()
     refused = _preflight_all(config)
     if refused:
         return refused
-    return Supervisor(config, path).run()
+    return Supervisor(config, path, master_key=master_key).run()
 
 
 def _preflight_all(config: Config) -> int:
@@ -364,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the whole farm (embedded nats-server by default)")
+    up.add_argument(
+        "--master-key-fd",
+        type=int,
+        help="read the keystore's master key from this inherited descriptor (a file or pipe) "
+        "instead of the environment; `ops/up` hands its key file this way",
+    )
     up.add_argument("-c", "--config", help="TOML config (default: bundled loopback example)")
     up.set_defaults(func=cmd_up)
 

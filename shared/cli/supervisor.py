@@ -164,7 +164,9 @@ def plan_children(
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: str) -> None:
+    def __init__(
+        self, config: Config, config_path: str, master_key: bytearray | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.state_dir = state_dir_of(config)
@@ -175,6 +177,7 @@ class Supervisor:
         self.nats_url = ""
         self.environ: dict[str, str] = {}
         self._master_key: bytearray | None = None
+        self._given_master_key = master_key  # read from `up --master-key-fd`
         self.broker_failures = 0  # exits and failed starts since it last ran stably
         self.broker_next_start = 0.0  # monotonic time of the next attempt; 0: none planned
         self.broker_started_at = 0.0
@@ -188,6 +191,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         # before anything is started: no child may inherit the master key
         self._master_key = take_master_key(self.config)
+        if self._given_master_key is not None:
+            self._master_key = self._given_master_key
         self.environ = dict(os.environ)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         nats_url = self.config.nats.url

@@ -156,6 +156,40 @@ def test_the_master_key_reaches_the_keystore_alone(farm: Farm, ikefarm_argv: lis
     assert farm.process.wait(timeout=10) == 0
 
 
+def test_up_takes_the_key_on_a_descriptor_and_no_environment_holds_it(
+    ikefarm_argv: list[str], loopback_config: Path, tmp_path: Path
+) -> None:
+    """`ops/up`'s way: `ikefarm up --master-key-fd 3 3<FILE` with no key in any environment,
+    up's own included; the keystore still opens the store."""
+    key_file = tmp_path / "master.key"
+    key_file.write_text(the_test_key())
+    key_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != "IKEFARM_MASTER_KEY"}
+    log = (tmp_path / "up-fd.log").open("w+")
+    env["KEY_FILE"] = str(key_file)
+    argv = [*ikefarm_argv, "up", "-c", str(loopback_config), "--master-key-fd", "3"]
+    # as ops/up runs it: the shell opens the file on descriptor 3 and execs `ikefarm up`
+    process = subprocess.Popen(
+        ["bash", "-c", 'exec "$@" 3<"$KEY_FILE"', "up", *argv], stdout=log, stderr=log, env=env
+    )
+    running = Farm(process, loopback_config, log)
+    try:
+        rows = farm_up(ikefarm_argv, running)
+        assert rows["keystore"]["gauges"]["psk_entries"] == 1
+        pids = running_pids(running)
+        for pid in [process.pid, *pids.values()]:
+            assert_no_master_key(pid)
+        # up read the descriptor once and closed it
+        assert not (Path(f"/proc/{process.pid}/fd") / "3").exists()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
 def key_file_config(config: Path, key_file: Path) -> Path:
     text = config.read_text() + f'\n[keystore]\nmaster-key-file = "{key_file}"\n'
     config.write_text(text)

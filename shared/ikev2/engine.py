@@ -65,6 +65,7 @@ from ikefarm.shared.ikev2.sa import (
     IkeSa,
     IkeSaState,
     OutstandingRequest,
+    SaTable,
 )
 
 # IPv6 minimum MTU minus IPv6 (40) and UDP (8) headers and the non-ESP marker (4):
@@ -90,7 +91,7 @@ class IkeEngine:
         self.shard = shard
         self.random = random
         self.uniform = uniform or random_module.SystemRandom().uniform
-        self.sas: dict[bytes, IkeSa] = {}
+        self.sas = SaTable()
         # responder half-open SAs by (SPIi, peer address, peer port), to answer a
         # retransmitted IKE_SA_INIT with the same response (RFC 7296 2.1)
         self.init_index: dict[tuple[bytes, str, int], bytes] = {}
@@ -558,25 +559,20 @@ class IkeEngine:
     ) -> list[Effect]:
         """Delete other SAs between these identities: the peer has forgotten them (RFC 7296 2.4)."""
         effects: list[Effect] = []
-        for sa in list(self.sas.values()):
-            if sa.unique_id == keep_unique_id or sa.established_at is None:
-                continue
-            if (
-                sa.local_id is not None
-                and sa.remote_id is not None
-                and (str(sa.local_id) == local_id and str(sa.remote_id) == remote_id)
-            ):
+        for sa in self.sas.established_between(local_id, remote_id):
+            if sa.unique_id != keep_unique_id and sa.local_spi in self.sas:
                 self.count("initial_contact_deletes")
                 effects += self.remove_sa(sa, "initial contact", now)
         return effects
 
     @property
     def half_open_count(self) -> int:
-        return sum(1 for sa in self.sas.values() if sa.established_at is None)
+        """SAs not established yet, both roles (kept by the SA table, O(1))."""
+        return self.sas.half_open
 
     @property
     def established_count(self) -> int:
-        return sum(1 for sa in self.sas.values() if sa.state == IkeSaState.ESTABLISHED)
+        return self.sas.established
 
 
 ResponseHandler = Callable[[IkeEngine, IkeSa, Message, dict[str, Any], float], list[Effect]]

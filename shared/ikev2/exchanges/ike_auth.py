@@ -274,10 +274,7 @@ def _initiator_send_auth(
     sa.local_id = idi
     payloads: list[Payload] = [idi, *auth_methods.certificate_payloads(sa.vpn)]
     payloads += auth_methods.certreq_payloads(engine.policy, [sa.vpn])
-    if not any(
-        other is not sa and other.vpn is sa.vpn and other.established_at is not None
-        for other in engine.sas.values()
-    ):
+    if not engine.sas.has_established(sa.vpn):
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     if sa.vpn.remote_id:
         payloads.append(auth_methods.identity_payload(sa.vpn.remote_id, PayloadType.IDr))

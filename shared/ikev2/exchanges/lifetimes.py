@@ -2,7 +2,9 @@
 
 A child is rekeyed at `rekey-time` minus a random part of `rand-time` and
 deleted at `life-time` if it is still there; an IKE SA is rekeyed at its
-`rekey-time` minus jitter and deleted at `rekey-time + over-time`. Both ends
+`rekey-time` minus a random part of `rand-time` (from its first establishment
+on, so SAs set up together after a restart do not all rekey at once) and
+deleted at `rekey-time + over-time`. Both ends
 run these timers; the jitter makes collisions rare and 2.8.1/2.8.2 resolve them.
 """
 
@@ -11,10 +13,28 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ikefarm.shared.ikev2.effects import Effect, Log
+from ikefarm.shared.ikev2.policy import VpnPolicy
 from ikefarm.shared.ikev2.sa import ChildSaState, IkeSa, IkeSaState
 
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
+
+
+def ike_rekey_after(engine: IkeEngine, vpn: VpnPolicy | None) -> float | None:
+    """Seconds from establishment to an IKE SA's rekey: `rekey-time` minus a random part of
+    `rand-time`, drawn from the engine's injectable source (strongSwan's rand_time)."""
+    if vpn is None or not vpn.rekey_time:
+        return None
+    jitter = engine.uniform(0.0, vpn.rand_time) if vpn.rand_time else 0.0
+    return max(0.0, vpn.rekey_time - jitter)
+
+
+def start_ike_sa(engine: IkeEngine, sa: IkeSa, now: float) -> None:
+    """Set the rekey and expiry times of an IKE SA established (or made by a rekey) at `now`."""
+    vpn = sa.vpn
+    after = ike_rekey_after(engine, vpn)
+    sa.rekey_at = now + after if after is not None else None
+    sa.expire_at = now + vpn.rekey_time + vpn.over_time if vpn and vpn.rekey_time else None
 
 
 def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:

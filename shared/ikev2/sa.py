@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -152,9 +154,10 @@ class IkeSa:
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        if name in _COUNTED_FIELDS:
-            table = self.__dict__.get("table")
-            if table is not None:
+        table = self.__dict__.get("table")
+        if table is not None:
+            table.touch(self)  # its next deadline may have moved
+            if name in _COUNTED_FIELDS:
                 table.recount(self)
 
     @property
@@ -208,17 +211,29 @@ def _count_key(sa: IkeSa) -> _CountKey:
 
 
 class SaTable(dict[bytes, IkeSa]):
-    """An engine's IKE SAs by local SPI, with the counts admission and load reports read.
+    """An engine's IKE SAs by local SPI, with the counts admission and load reports read,
+    and a heap of the SAs' next deadlines for the timers.
 
     The counts change with the SAs (insertion, removal, and every assignment to a
     field in `_COUNTED_FIELDS`, through `IkeSa.__setattr__`), so reading them is
     O(1): no walk over the table per IKE_SA_INIT or per load report. The same
     bookkeeping indexes established SAs by their identities (initial contact,
     RFC 7296 2.4) and by VPN policy.
+
+    Timers: an SA is "touched" when it is inserted, when any of its fields is
+    assigned, and when the engine hands it an input (which may change it in place:
+    children, the outstanding request, `pending`). `deadline(sa)` is recomputed
+    for the touched SAs only, when the next deadline or the due SAs are asked for,
+    so `next_deadline()` and a timer tick cost O(log n) per SA that changed or is due.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: Callable[[IkeSa], float | None] | None = None) -> None:
         super().__init__()
+        self._deadline = deadline
+        self._touched: dict[int, IkeSa] = {}
+        self._heap: list[tuple[float, int, IkeSa]] = []
+        self._scheduled: dict[int, tuple[float, int]] = {}  # id(sa) -> its live heap entry
+        self._sequence = itertools.count()
         self.half_open = 0  # established_at is None, either role
         self.established = 0  # state ESTABLISHED
         self.responder_half_open = 0  # of the half-open, those the peer initiated
@@ -265,6 +280,60 @@ class SaTable(dict[bytes, IkeSa]):
         self._apply(sa, sa.counted_as, -1)
         sa.counted_as = None
         sa.table = None
+        self._touched.pop(id(sa), None)
+        self._scheduled.pop(id(sa), None)  # its heap entry is stale from now on
+
+    # -- deadlines ------------------------------------------------------------------------
+
+    def touch(self, sa: IkeSa) -> None:
+        """`sa` may have changed: recompute its deadline before the next one is read."""
+        if self._deadline is not None:
+            self._touched[id(sa)] = sa
+
+    def _schedule(self) -> None:
+        assert self._deadline is not None
+        while self._touched:
+            _key, sa = self._touched.popitem()
+            if sa.table is not self:
+                continue
+            when = self._deadline(sa)
+            live = self._scheduled.get(id(sa))
+            if live is not None and live[0] == when:
+                continue
+            if when is None:
+                self._scheduled.pop(id(sa), None)
+                continue
+            entry = (when, next(self._sequence))
+            self._scheduled[id(sa)] = entry
+            heapq.heappush(self._heap, (*entry, sa))
+        if len(self._heap) > 2 * len(self._scheduled) + 64:  # mostly stale entries: compact
+            self._heap = [e for e in self._heap if self._live(e)]
+            heapq.heapify(self._heap)
+
+    def _live(self, entry: tuple[float, int, IkeSa]) -> bool:
+        when, sequence, sa = entry
+        return self._scheduled.get(id(sa)) == (when, sequence) and sa.table is self
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of any SA, or None when no SA has one."""
+        self._schedule()
+        while self._heap and not self._live(self._heap[0]):
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def due(self, now: float) -> list[IkeSa]:
+        """The SAs whose deadline is `now` or earlier, earliest first; each is touched, so
+        its next deadline is computed after the caller has run its timers."""
+        self._schedule()
+        due: list[IkeSa] = []
+        while self._heap and self._heap[0][0] <= now:
+            entry = heapq.heappop(self._heap)
+            if self._live(entry):
+                sa = entry[2]
+                del self._scheduled[id(sa)]
+                self.touch(sa)
+                due.append(sa)
+        return due
 
     def _apply(self, sa: IkeSa, key: _CountKey | None, delta: int) -> None:
         if key is None:

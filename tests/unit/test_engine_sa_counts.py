@@ -1,9 +1,11 @@
-"""The SA table's counts (half-open, established, per peer, by identities) follow every change.
+"""The SA table's counts (half-open, established, per peer, by identities) and its deadline
+heap follow every change.
 
-Admission before DH and the load reports read these counts once per IKE_SA_INIT;
-they are kept incrementally (shared/ikev2/sa.py SaTable). Here many handshakes,
-deletes, rekeys (also crossing ones), failures, half-open timeouts, dead peers and
-initial contacts run through sans-I/O engines, and after every step the counts
+Admission before DH and the load reports read these counts once per IKE_SA_INIT,
+and the ike service asks for the next deadline after every input; both are kept
+incrementally (shared/ikev2/sa.py SaTable). Here many handshakes, deletes, rekeys
+(also crossing ones), failures, half-open timeouts, dead peers and initial contacts
+run through sans-I/O engines, and after every step the counts and the next deadline
 must equal a recount by walking the table: the walk lives only in this test.
 """
 
@@ -24,7 +26,7 @@ from ikefarm.shared.ikev2.effects import (
     KeystoreRequest,
     SendDatagram,
 )
-from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.engine import SA_TIMERS, IkeEngine
 from ikefarm.shared.ikev2.policy import RetransmitPolicy, engine_policy
 from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState, SaTable
 from tests.engine_helpers import INITIATOR_TOML, RESPONDER_TOML, config, keystore_stand_in
@@ -70,7 +72,22 @@ def recount(table: SaTable) -> dict[str, Any]:
     }
 
 
+def walked_deadline(engine: IkeEngine) -> float | None:
+    """The next deadline by walking every SA (what next_deadline() did before the heap)."""
+    deadlines = [
+        sa.half_open_deadline
+        for sa in engine.sas.values()
+        if sa.half_open_deadline is not None and sa.established_at is None
+    ]
+    deadlines += [sa.outstanding.next_at for sa in engine.sas.values() if sa.outstanding]
+    for sa in engine.sas.values():
+        if sa.established_at is not None:
+            deadlines += [d for timer in SA_TIMERS if (d := timer.deadline(sa)) is not None]
+    return min(deadlines) if deadlines else None
+
+
 def assert_counts(engine: IkeEngine) -> None:
+    assert engine.next_deadline() == walked_deadline(engine)
     table = engine.sas
     truth = recount(table)
     load = local_load(engine)
@@ -320,3 +337,38 @@ def test_removed_sa_leaves_no_count_and_can_join_another_table() -> None:
     assert other.established == 1
     sa.state = IkeSaState.DELETING  # a later change moves the other table's counts only
     assert other.established == 0 and responder.established_count == 0
+
+
+def test_a_timer_tick_touches_only_the_sas_that_are_due() -> None:
+    """With many SAs, next_deadline() and on_timer() recompute the deadlines of the SAs
+    that changed or came due, not of every SA (the service asks after every input)."""
+    net = network(11, peers=1)
+    (node,) = [n for a, n in net.nodes.items() if a != "192.0.2.1"]
+    responder = net.nodes["192.0.2.1"].engine
+    for _ in range(30):
+        net.run(node.engine.initiate("hq", "net", net.now), node)
+        net.now += 1.0
+    assert responder.established_count == 30
+    computed: list[IkeSa] = []
+    recompute = responder.sas._deadline
+    assert recompute is not None
+
+    def counting(sa: IkeSa) -> float | None:
+        computed.append(sa)
+        return recompute(sa)
+
+    responder.sas._deadline = counting
+    first = responder.next_deadline()
+    assert first is not None and computed == []  # nothing changed: nothing recomputed
+    (oldest,) = [sa for sa in responder.sas.values() if recompute(sa) == first]
+    computed.clear()
+    net.now = first
+    responder.on_timer(net.now)  # the first SA's DPD check, say: only it is due
+    responder.next_deadline()
+    assert {id(sa) for sa in computed} == {id(oldest)}
+    # a datagram for one SA recomputes that SA only
+    computed.clear()
+    other = next(sa for sa in responder.sas.values() if sa is not oldest)
+    responder.delete_ike(other, net.now)
+    responder.next_deadline()
+    assert {id(sa) for sa in computed} == {id(other)}

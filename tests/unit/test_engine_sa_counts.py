@@ -11,6 +11,7 @@ must equal a recount by walking the table: the walk lives only in this test.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ikefarm.shared.ikev2.effects import (
     KeystoreRequest,
     SendDatagram,
 )
-from ikefarm.shared.ikev2.engine import SA_TIMERS, IkeEngine
+from ikefarm.shared.ikev2.engine import CHILD_SPI_SLACK, SA_TIMERS, IkeEngine
 from ikefarm.shared.ikev2.policy import RetransmitPolicy, engine_policy
 from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState, SaTable
 from tests.engine_helpers import INITIATOR_TOML, RESPONDER_TOML, config, keystore_stand_in
@@ -372,3 +373,27 @@ def test_a_timer_tick_touches_only_the_sas_that_are_due() -> None:
     responder.delete_ike(other, net.now)
     responder.next_deadline()
     assert {id(sa) for sa in computed} == {id(other)}
+
+
+def test_child_spis_are_unique_without_a_walk_per_child() -> None:
+    """new_child_spi never returns an SPI a child has, and its memory of handed-out SPIs
+    stays bounded (rebuilt from the children now and then, not walked per child)."""
+    net = network(12, peers=1)
+    (node,) = [n for a, n in net.nodes.items() if a != "192.0.2.1"]
+    net.run(node.engine.initiate("hq", "net", net.now), node)
+    responder = net.nodes["192.0.2.1"].engine
+    (sa,) = responder.sas.values()
+    (child,) = sa.children
+    fresh = (n.to_bytes(4, "big") for n in itertools.count(1000))
+    draws = [b"\x00\x00\x00\x07", child.spi_in]  # reserved, then the child's own SPI
+
+    def source(size: int) -> bytes:
+        return draws.pop(0) if draws else next(fresh)
+
+    responder.random = source
+    assert responder.new_child_spi() == (1000).to_bytes(4, "big")
+    handed = {responder.new_child_spi() for _ in range(5000)}
+    assert len(handed) == 5000 and child.spi_in not in handed
+    assert len(responder._child_spis) <= 2 * 1 + CHILD_SPI_SLACK + 1  # rebuilt: bounded
+    draws[:] = [child.spi_in]  # after the rebuilds the live child's SPI is still refused
+    assert responder.new_child_spi() != child.spi_in

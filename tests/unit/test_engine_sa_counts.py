@@ -397,3 +397,24 @@ def test_child_spis_are_unique_without_a_walk_per_child() -> None:
     assert len(responder._child_spis) <= 2 * 1 + CHILD_SPI_SLACK + 1  # rebuilt: bounded
     draws[:] = [child.spi_in]  # after the rebuilds the live child's SPI is still refused
     assert responder.new_child_spi() != child.spi_in
+
+
+def test_times_the_timers_would_skip_do_not_keep_them_due() -> None:
+    """An SA being deleted (or a child already going) does not act on its lifetimes: those
+    times are no deadline, else next_deadline() stays in the past and the worker's
+    timer loop spins until the Delete completes."""
+    net = network(13, peers=1)
+    (node,) = [n for a, n in net.nodes.items() if a != "192.0.2.1"]
+    net.run(node.engine.initiate("hq", "net", net.now), node)
+    engine = node.engine
+    (sa,) = engine.sas.values()
+    (child,) = sa.children
+    net.lossy.add(node.address)  # the Delete is never answered
+    net.run(engine.delete_ike(sa, net.now), node)
+    assert sa.state == IkeSaState.DELETING and sa.outstanding is not None
+    sa.expire_at = net.now - 1.0
+    child.expire_at = net.now - 1.0
+    due = engine.next_deadline()
+    assert due == sa.outstanding.next_at and due > net.now
+    assert engine.on_timer(net.now) == []
+    assert engine.next_deadline() == due

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
 
 
+_ALIVE = (ChildSaState.INSTALLED, ChildSaState.REKEYED, ChildSaState.REKEYING)
+
+
 def ike_rekey_after(engine: IkeEngine, vpn: VpnPolicy | None) -> float | None:
     """Seconds from establishment to an IKE SA's rekey: `rekey-time` minus a random part of
     `rand-time`, drawn from the engine's injectable source (strongSwan's rand_time)."""
@@ -49,8 +52,7 @@ def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     if sa.state not in (IkeSaState.ESTABLISHED, IkeSaState.REKEYING):
         return effects
     for child in list(sa.children):
-        alive = child.state in (ChildSaState.INSTALLED, ChildSaState.REKEYED, ChildSaState.REKEYING)
-        if alive and child.expire_at is not None and now >= child.expire_at:
+        if child.state in _ALIVE and child.expire_at is not None and now >= child.expire_at:
             child.expire_at = None
             engine.count("child_sa_expired")
             effects.append(Log(1, "child", "child_sa_expired", {"unique_id": child.unique_id}))
@@ -67,7 +69,15 @@ def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
 
 
 def deadline(sa: IkeSa) -> float | None:
-    times = [t for t in (sa.rekey_at, sa.expire_at) if t is not None]
-    for child in sa.children:
-        times += [t for t in (child.rekey_at, child.expire_at) if t is not None]
+    """The earliest time `on_timer` acts on, in the states it acts in: a time it would skip
+    (an SA being deleted, a child already going) must not keep the timers due forever."""
+    times: list[float] = []
+    if sa.state == IkeSaState.ESTABLISHED:
+        times += [t for t in (sa.rekey_at, sa.expire_at) if t is not None]
+    if sa.state in (IkeSaState.ESTABLISHED, IkeSaState.REKEYING):
+        for child in sa.children:
+            if child.state in _ALIVE and child.expire_at is not None:
+                times.append(child.expire_at)
+            if child.state == ChildSaState.INSTALLED and child.rekey_at is not None:
+                times.append(child.rekey_at)
     return min(times) if times else None

@@ -130,21 +130,45 @@ def unpack_reply(raw: bytes, expect: type[M] | None = None) -> Any:
     raise BusError("bad_encoding", "reply is neither ok nor error")
 
 
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    hint: Any
+    required: bool  # no default: a body without it is refused
+
+
+# the fields of each message class with their resolved type hints: typing.get_type_hints
+# is slow (it evaluates every annotation), and build() runs per bus message
+_SCHEMAS: dict[type, tuple[_Field, ...]] = {}
+
+
+def _schema(cls: type) -> tuple[_Field, ...]:
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        hints = typing.get_type_hints(cls)
+        schema = tuple(
+            _Field(
+                f.name,
+                hints[f.name],
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(cls)
+        )
+        _SCHEMAS[cls] = schema
+    return schema
+
+
 def build(cls: type[M], body: Any) -> M:
     name = getattr(cls, "KIND", "") or cls.__name__
     if not isinstance(body, dict):
         raise BusError("bad_field", f"{name} body is not a map")
-    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in _schema(cls):
         if f.name not in body:
-            has_default = (
-                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            )
-            if has_default:
+            if not f.required:
                 continue
             raise BusError("missing_field", f"{name}.{f.name} is missing")
-        values[f.name] = _coerce(hints[f.name], body[f.name], f"{cls.__name__}.{f.name}")
+        values[f.name] = _coerce(f.hint, body[f.name], f"{cls.__name__}.{f.name}")
     return cls(**values)
 
 

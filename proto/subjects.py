@@ -165,6 +165,8 @@ _COOKIE_SECRET_API = (
     f"$JS.API.CONSUMER.CREATE.{_COOKIE_STREAM}",
     f"$JS.API.CONSUMER.CREATE.{_COOKIE_STREAM}.>",
     f"$JS.API.CONSUMER.DELETE.{_COOKIE_STREAM}.>",
+    f"$JS.API.CONSUMER.INFO.{_COOKIE_STREAM}.>",  # the watch reads its consumer's info
+    f"$JS.FC.{_COOKIE_STREAM}.>",  # flow-control answers of the watch's ordered consumer
     f"$KV.{COOKIE_SECRET_BUCKET}.>",
 )
 

@@ -37,6 +37,7 @@ from ikefarm.proto.messages import (
     OutboundDatagram,
     PeerBackoff,
 )
+from ikefarm.services.ingress import major_version
 from ikefarm.services.ingress.cookie_secret import CookieSecretStore
 from ikefarm.services.ingress.routing import (
     NAT_KEEPALIVE,
@@ -122,6 +123,7 @@ class IngressService(ServiceBase):
         self._load_seq = time.time_ns() // 1_000_000  # above any earlier life's
         self._reported_pending = -1
         self._load_task: asyncio.Task[None] | None = None
+        self._major_version_answers = major_version.new_bucket()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -247,6 +249,8 @@ class IngressService(ServiceBase):
         )
         if isinstance(verdict, Dropped) and verdict.reason in _UNTRACED_DROPS:
             return
+        if isinstance(verdict, Dropped) and verdict.reason == "invalid_major_version":
+            self._answer_major_version(endpoint, item.data, remote_address, remote_port, now)
         gated: Verdict | None = None
         if isinstance(verdict, Route) and verdict.subject == subjects.IKE_INIT:
             gated = self._gate(verdict, remote_address, now)
@@ -348,6 +352,20 @@ class IngressService(ServiceBase):
             verdict = self.gate.decide(request, remote_address, now)
         self._log_mode_changes()
         return verdict
+
+    def _answer_major_version(
+        self, endpoint: LocalEndpoint, data: bytes, address: str, port: int, now: float
+    ) -> None:
+        """RFC 7296 2.5: tell the sender of a higher major version which one we speak."""
+        message = data[len(NON_ESP_MARKER) :] if endpoint.natt else data
+        answer = major_version.answer(message)
+        if answer is None:
+            return
+        if not self._major_version_answers.allow(now):
+            self.runtime.counters["invalid_major_version_rate_limited"] += 1
+            return
+        self._send_raw(endpoint, answer, address, port)
+        self.runtime.counters["invalid_major_version_sent"] += 1
 
     def _send_raw(self, endpoint: LocalEndpoint, data: bytes, address: str, port: int) -> None:
         protocol = self.endpoints.get((endpoint.address, endpoint.port))

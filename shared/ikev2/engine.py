@@ -65,11 +65,14 @@ from ikefarm.shared.ikev2.sa import (
     IkeSa,
     IkeSaState,
     OutstandingRequest,
+    SaTable,
 )
 
 # IPv6 minimum MTU minus IPv6 (40) and UDP (8) headers and the non-ESP marker (4):
 # strongSwan's default fragment size leaves the same room (RFC 7383 2.5.1).
 DEFAULT_FRAGMENT_SIZE = 1280 - 40 - 8 - 4
+# inbound child SPIs remembered beyond twice those in use before the set is rebuilt
+CHILD_SPI_SLACK = 1024
 
 
 class IkeEngine:
@@ -90,11 +93,13 @@ class IkeEngine:
         self.shard = shard
         self.random = random
         self.uniform = uniform or random_module.SystemRandom().uniform
-        self.sas: dict[bytes, IkeSa] = {}
+        self.sas = SaTable(deadline=_deadline)
         # responder half-open SAs by (SPIi, peer address, peer port), to answer a
         # retransmitted IKE_SA_INIT with the same response (RFC 7296 2.1)
         self.init_index: dict[tuple[bytes, str, int], bytes] = {}
         self.keystore_waits: dict[int, bytes] = {}
+        self._child_spis: set[bytes] = set()
+        self._child_spis_limit = CHILD_SPI_SLACK
         self.counters: Counter[str] = Counter()
         self._unique_ids = itertools.count(1)
         self._request_ids = itertools.count(1)
@@ -108,10 +113,19 @@ class IkeEngine:
                 return spi
 
     def new_child_spi(self) -> bytes:
-        used = {c.spi_in for sa in self.sas.values() for c in sa.children}
+        """An inbound child SPI none of our children has (0-255 are reserved, RFC 4303).
+
+        The SPIs handed out are remembered: a superset of those in use, since every
+        child's comes from here. When it outgrows twice the children of its last
+        rebuild, it is rebuilt from the children: O(1) amortized, no walk per child.
+        """
+        if len(self._child_spis) > self._child_spis_limit:
+            self._child_spis = {c.spi_in for sa in self.sas.values() for c in sa.children}
+            self._child_spis_limit = 2 * len(self._child_spis) + CHILD_SPI_SLACK
         while True:
             spi = self.random(4)
-            if int.from_bytes(spi, "big") >= 256 and spi not in used:  # 0-255 reserved (RFC 4303)
+            if int.from_bytes(spi, "big") >= 256 and spi not in self._child_spis:
+                self._child_spis.add(spi)
                 return spi
 
     def new_unique_id(self) -> int:
@@ -211,6 +225,7 @@ class IkeEngine:
         self, sa: IkeSa, build: Callable[[float], list[Effect]], now: float
     ) -> list[Effect]:
         """Run `build` now if the window is free, else when the outstanding request completes."""
+        self.sas.touch(sa)
         if sa.outstanding is None and sa.state not in (IkeSaState.AUTHENTICATING,):
             return build(now)
         sa.queued.append(build)
@@ -306,6 +321,7 @@ class IkeEngine:
             if shard_of_spi(our_spi) != self.shard:
                 return self.drop("wrong_shard", shard=shard_of_spi(our_spi))
             return invalid_spi.answer(self, header, local, remote, now)
+        self.sas.touch(sa)  # what follows may change it in place (children, requests)
         peer_spi = header.spi_i if header.is_initiator else header.spi_r
         connecting = (
             sa.state == IkeSaState.CONNECTING and header.exchange_type == ExchangeType.IKE_SA_INIT
@@ -448,39 +464,46 @@ class IkeEngine:
         if sa is None:
             self.count("keystore_reply_orphaned")
             return []
+        self.sas.touch(sa)
         if sa.pending.get("step") == ppk.PPK_MIX:
             return ppk.keystore_answered(self, sa, reply, error, now)
         return ike_auth.keystore_answered(self, sa, reply, error, now)
 
     def on_timer(self, now: float) -> list[Effect]:
+        """Run the timers that are due: only the SAs whose deadline has come are touched."""
         effects: list[Effect] = []
-        for sa in list(self.sas.values()):
-            outstanding = sa.outstanding
-            if outstanding is not None and now >= outstanding.next_at:
-                effects += self._retransmit(sa, outstanding, now)
-                if sa.local_spi not in self.sas:
-                    continue
-            if (
-                sa.half_open_deadline is not None
-                and now >= sa.half_open_deadline
-                and sa.established_at is None
-            ):
-                self.count("half_open_expired")
-                effects.append(
-                    Log(
-                        1,
-                        "ike",
-                        "half_open_expired",
-                        {"unique_id": sa.unique_id, "peer": str(sa.remote)},
-                    )
+        for sa in self.sas.due(now):
+            if sa.table is self.sas:  # not removed by an earlier one's timers
+                effects += self._sa_timers(sa, now)
+        return effects
+
+    def _sa_timers(self, sa: IkeSa, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        outstanding = sa.outstanding
+        if outstanding is not None and now >= outstanding.next_at:
+            effects += self._retransmit(sa, outstanding, now)
+            if sa.local_spi not in self.sas:
+                return effects
+        if (
+            sa.half_open_deadline is not None
+            and now >= sa.half_open_deadline
+            and sa.established_at is None
+        ):
+            self.count("half_open_expired")
+            effects.append(
+                Log(
+                    1,
+                    "ike",
+                    "half_open_expired",
+                    {"unique_id": sa.unique_id, "peer": str(sa.remote)},
                 )
-                effects += self.remove_sa(sa, "half-open timeout", now)
-                continue
-            if sa.established_at is not None:
-                for timer in SA_TIMERS:
-                    if sa.local_spi not in self.sas:
-                        break
-                    effects += timer.on_timer(self, sa, now)
+            )
+            return effects + self.remove_sa(sa, "half-open timeout", now)
+        if sa.established_at is not None:
+            for timer in SA_TIMERS:
+                if sa.local_spi not in self.sas:
+                    break
+                effects += timer.on_timer(self, sa, now)
         return effects
 
     def _retransmit(self, sa: IkeSa, outstanding: OutstandingRequest, now: float) -> list[Effect]:
@@ -514,18 +537,8 @@ class IkeEngine:
         return dpd.peer_dead(self, sa, now)
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            sa.half_open_deadline
-            for sa in self.sas.values()
-            if sa.half_open_deadline is not None and sa.established_at is None
-        ]
-        deadlines += [
-            sa.outstanding.next_at for sa in self.sas.values() if sa.outstanding is not None
-        ]
-        for sa in self.sas.values():
-            if sa.established_at is not None:
-                deadlines += [d for timer in SA_TIMERS if (d := timer.deadline(sa)) is not None]
-        return min(deadlines) if deadlines else None
+        """When `on_timer` has something to do next (O(log n): a heap of the SAs' deadlines)."""
+        return self.sas.next_deadline()
 
     # -- operations (management commands and timers call these) -------------------------------
 
@@ -535,22 +548,27 @@ class IkeEngine:
 
     def create_child(self, sa: IkeSa, policy_name: str, now: float) -> list[Effect]:
         """Negotiate one more child SA on an established IKE SA (CREATE_CHILD_SA)."""
+        self.sas.touch(sa)
         return create_child_sa.initiate_new_child(self, sa, policy_name, now)
 
     def rekey_child(self, sa: IkeSa, child: ChildSa, now: float) -> list[Effect]:
         """Replace a child SA by a fresh one (CREATE_CHILD_SA with REKEY_SA), then delete it."""
+        self.sas.touch(sa)
         return create_child_sa.initiate_child_rekey(self, sa, child, now)
 
     def rekey_ike(self, sa: IkeSa, now: float) -> list[Effect]:
         """Replace the IKE SA by a fresh one that inherits the children (RFC 7296 2.18)."""
+        self.sas.touch(sa)
         return create_child_sa.initiate_ike_rekey(self, sa, now)
 
     def delete_child(self, sa: IkeSa, child: ChildSa, now: float) -> list[Effect]:
         """Delete one child SA with the peer (INFORMATIONAL with a Delete payload)."""
+        self.sas.touch(sa)
         return informational.initiate_child_delete(self, sa, child, now)
 
     def delete_ike(self, sa: IkeSa, now: float, reason: str = "deleted") -> list[Effect]:
         """Delete the IKE SA and its children with the peer."""
+        self.sas.touch(sa)
         return informational.initiate_ike_delete(self, sa, now, reason)
 
     def initial_contact(
@@ -558,25 +576,20 @@ class IkeEngine:
     ) -> list[Effect]:
         """Delete other SAs between these identities: the peer has forgotten them (RFC 7296 2.4)."""
         effects: list[Effect] = []
-        for sa in list(self.sas.values()):
-            if sa.unique_id == keep_unique_id or sa.established_at is None:
-                continue
-            if (
-                sa.local_id is not None
-                and sa.remote_id is not None
-                and (str(sa.local_id) == local_id and str(sa.remote_id) == remote_id)
-            ):
+        for sa in self.sas.established_between(local_id, remote_id):
+            if sa.unique_id != keep_unique_id and sa.local_spi in self.sas:
                 self.count("initial_contact_deletes")
                 effects += self.remove_sa(sa, "initial contact", now)
         return effects
 
     @property
     def half_open_count(self) -> int:
-        return sum(1 for sa in self.sas.values() if sa.established_at is None)
+        """SAs not established yet, both roles (kept by the SA table, O(1))."""
+        return self.sas.half_open
 
     @property
     def established_count(self) -> int:
-        return sum(1 for sa in self.sas.values() if sa.state == IkeSaState.ESTABLISHED)
+        return self.sas.established
 
 
 ResponseHandler = Callable[[IkeEngine, IkeSa, Message, dict[str, Any], float], list[Effect]]
@@ -588,6 +601,18 @@ RESPONSE_HANDLERS: dict[str, ResponseHandler] = {
 }
 # modules with per-SA timers: `on_timer(engine, sa, now)` and `deadline(sa)`
 SA_TIMERS = (lifetimes, dpd, nat_keepalive)
+
+
+def _deadline(sa: IkeSa) -> float | None:
+    """The SA's next deadline: a retransmission, the half-open timeout, its SA timers."""
+    deadlines: list[float] = []
+    if sa.half_open_deadline is not None and sa.established_at is None:
+        deadlines.append(sa.half_open_deadline)
+    if sa.outstanding is not None:
+        deadlines.append(sa.outstanding.next_at)
+    if sa.established_at is not None:
+        deadlines += [d for timer in SA_TIMERS if (d := timer.deadline(sa)) is not None]
+    return min(deadlines) if deadlines else None
 
 
 def _exchange_name(exchange_type: int) -> str:

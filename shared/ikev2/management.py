@@ -558,12 +558,35 @@ def watch_for(outcome: Outcome, command: Command) -> Watch | None:
     return Watch(outcome.ike_unique_id, child, existing=existing, established=existing)
 
 
+# the AUTH methods (RFC 7296 3.8, RFC 7427) in the words charon and the vSR print
+AUTH_METHOD_WORDS = {
+    "RSA_DIGITAL_SIGNATURE": "RSA signature",
+    "SHARED_KEY_MIC": "pre-shared key",
+    "DSS_DIGITAL_SIGNATURE": "DSS signature",
+    "ECDSA_SHA256_P256": "ECDSA-256 signature",
+    "ECDSA_SHA384_P384": "ECDSA-384 signature",
+    "ECDSA_SHA512_P521": "ECDSA-521 signature",
+    "GENERIC_SECURE_PASSWORD": "secure password method",
+    "NULL_AUTH": "NULL authentication",
+    "DIGITAL_SIGNATURE": "digital signature",
+}
+
+
+def _with_method(method: object) -> str:
+    """' with <method>' for an AUTH method name from the SA event, '' when it is unknown."""
+    if not method:
+        return ""
+    return f" with {AUTH_METHOD_WORDS.get(str(method), str(method))}"
+
+
 def established_lines(
     sa: IkeSa | None, detail: dict[str, Any], label: str, now: float
 ) -> list[str]:
+    local_method = _with_method(detail.get("local_auth"))
+    remote_method = _with_method(detail.get("remote_auth"))
     lines = [
-        f"authentication of '{detail.get('local_id')}' (myself) with pre-shared key",
-        f"authentication of '{detail.get('remote_id')}' with pre-shared key successful",
+        f"authentication of '{detail.get('local_id')}' (myself){local_method}",
+        f"authentication of '{detail.get('remote_id')}'{remote_method} successful",
         f"IKE_SA {label} established between {detail.get('local', '').split('[')[0]}"
         f"[{detail.get('local_id')}]...{detail.get('remote', '').split('[')[0]}"
         f"[{detail.get('remote_id')}]",

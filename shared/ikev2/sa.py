@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 from ikefarm.shared.ikev2.crypto.dh import DhExchange
 from ikefarm.shared.ikev2.crypto.keys import ChildSaKeys, IkeSaKeys
@@ -145,6 +148,17 @@ class IkeSa:
     successor: IkeSa | None = field(default=None, repr=False)  # the IKE SA that replaced this one
     # the peer's IKE rekey that crossed ours (RFC 7296 2.8.2)
     collision: IkeSa | None = field(default=None, repr=False)
+    # the table holding this SA and what it counts this SA as (SaTable)
+    table: SaTable | None = field(default=None, init=False, repr=False, compare=False)
+    counted_as: _CountKey | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        table = self.__dict__.get("table")
+        if table is not None:
+            table.touch(self)  # its next deadline may have moved
+            if name in _COUNTED_FIELDS:
+                table.recount(self)
 
     @property
     def local_spi(self) -> bytes:
@@ -171,3 +185,188 @@ class IkeSa:
 
     def child_by_spi_out(self, spi: bytes) -> ChildSa | None:
         return next((c for c in self.children if c.spi_out == spi), None)
+
+
+# what SaTable counts an SA as, from the fields in _COUNTED_FIELDS:
+# (half-open, established, responder half-open peer address, identities of an established SA,
+#  its VPN policy's id while established)
+_CountKey = tuple[bool, bool, str | None, tuple[str, str] | None, int | None]
+_COUNTED_FIELDS = frozenset(
+    {"state", "established_at", "is_initiator", "remote", "local_id", "remote_id", "vpn"}
+)
+
+
+def _count_key(sa: IkeSa) -> _CountKey:
+    half_open = sa.established_at is None
+    identities = None
+    if not half_open and sa.local_id is not None and sa.remote_id is not None:
+        identities = (str(sa.local_id), str(sa.remote_id))
+    return (
+        half_open,
+        sa.state == IkeSaState.ESTABLISHED,
+        sa.remote.address if half_open and not sa.is_initiator else None,
+        identities,
+        id(sa.vpn) if not half_open and sa.vpn is not None else None,
+    )
+
+
+class SaTable(dict[bytes, IkeSa]):
+    """An engine's IKE SAs by local SPI, with the counts admission and load reports read,
+    and a heap of the SAs' next deadlines for the timers.
+
+    The counts change with the SAs (insertion, removal, and every assignment to a
+    field in `_COUNTED_FIELDS`, through `IkeSa.__setattr__`), so reading them is
+    O(1): no walk over the table per IKE_SA_INIT or per load report. The same
+    bookkeeping indexes established SAs by their identities (initial contact,
+    RFC 7296 2.4) and by VPN policy.
+
+    Timers: an SA is "touched" when it is inserted, when any of its fields is
+    assigned, and when the engine hands it an input (which may change it in place:
+    children, the outstanding request, `pending`). `deadline(sa)` is recomputed
+    for the touched SAs only, when the next deadline or the due SAs are asked for,
+    so `next_deadline()` and a timer tick cost O(log n) per SA that changed or is due.
+    """
+
+    def __init__(self, deadline: Callable[[IkeSa], float | None] | None = None) -> None:
+        super().__init__()
+        self._deadline = deadline
+        self._touched: dict[int, IkeSa] = {}
+        self._heap: list[tuple[float, int, IkeSa]] = []
+        self._scheduled: dict[int, tuple[float, int]] = {}  # id(sa) -> its live heap entry
+        self._sequence = itertools.count()
+        self.half_open = 0  # established_at is None, either role
+        self.established = 0  # state ESTABLISHED
+        self.responder_half_open = 0  # of the half-open, those the peer initiated
+        self.half_open_peers: Counter[str] = Counter()  # responder half-open SAs by peer address
+        self._by_identities: dict[tuple[str, str], dict[int, IkeSa]] = {}
+        self._established_by_vpn: Counter[int] = Counter()
+
+    def __setitem__(self, spi: bytes, sa: IkeSa) -> None:
+        known = self.get(spi)
+        if known is sa:
+            return
+        if sa.table is not None:
+            raise ValueError("the IKE SA is already in an SA table")
+        if known is not None:
+            self._forget(known)
+        super().__setitem__(spi, sa)
+        sa.table = self
+        self.recount(sa)
+
+    def __delitem__(self, spi: bytes) -> None:
+        self._forget(self[spi])
+        super().__delitem__(spi)
+
+    def pop(self, spi: bytes, *default: Any) -> Any:
+        sa = self.get(spi)
+        if sa is None:
+            return super().pop(spi, *default)
+        self._forget(sa)
+        return super().pop(spi)
+
+    def _refused(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise TypeError("SaTable changes only by [spi] = sa, del and pop")
+
+    clear = popitem = setdefault = update = __ior__ = _refused  # type: ignore[assignment]
+
+    def recount(self, sa: IkeSa) -> None:
+        key = _count_key(sa)
+        if key != sa.counted_as:
+            self._apply(sa, sa.counted_as, -1)
+            self._apply(sa, key, 1)
+            sa.counted_as = key
+
+    def _forget(self, sa: IkeSa) -> None:
+        self._apply(sa, sa.counted_as, -1)
+        sa.counted_as = None
+        sa.table = None
+        self._touched.pop(id(sa), None)
+        self._scheduled.pop(id(sa), None)  # its heap entry is stale from now on
+
+    # -- deadlines ------------------------------------------------------------------------
+
+    def touch(self, sa: IkeSa) -> None:
+        """`sa` may have changed: recompute its deadline before the next one is read."""
+        if self._deadline is not None:
+            self._touched[id(sa)] = sa
+
+    def _schedule(self) -> None:
+        assert self._deadline is not None
+        while self._touched:
+            _key, sa = self._touched.popitem()
+            if sa.table is not self:
+                continue
+            when = self._deadline(sa)
+            live = self._scheduled.get(id(sa))
+            if live is not None and live[0] == when:
+                continue
+            if when is None:
+                self._scheduled.pop(id(sa), None)
+                continue
+            entry = (when, next(self._sequence))
+            self._scheduled[id(sa)] = entry
+            heapq.heappush(self._heap, (*entry, sa))
+        if len(self._heap) > 2 * len(self._scheduled) + 64:  # mostly stale entries: compact
+            self._heap = [e for e in self._heap if self._live(e)]
+            heapq.heapify(self._heap)
+
+    def _live(self, entry: tuple[float, int, IkeSa]) -> bool:
+        when, sequence, sa = entry
+        return self._scheduled.get(id(sa)) == (when, sequence) and sa.table is self
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of any SA, or None when no SA has one."""
+        self._schedule()
+        while self._heap and not self._live(self._heap[0]):
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def due(self, now: float) -> list[IkeSa]:
+        """The SAs whose deadline is `now` or earlier, earliest first; each is touched, so
+        its next deadline is computed after the caller has run its timers."""
+        self._schedule()
+        due: list[IkeSa] = []
+        while self._heap and self._heap[0][0] <= now:
+            entry = heapq.heappop(self._heap)
+            if self._live(entry):
+                sa = entry[2]
+                del self._scheduled[id(sa)]
+                self.touch(sa)
+                due.append(sa)
+        return due
+
+    def _apply(self, sa: IkeSa, key: _CountKey | None, delta: int) -> None:
+        if key is None:
+            return
+        half_open, established, peer, identities, vpn = key
+        self.half_open += delta if half_open else 0
+        self.established += delta if established else 0
+        if peer is not None:
+            self.responder_half_open += delta
+            _add(self.half_open_peers, peer, delta)
+        if vpn is not None:
+            _add(self._established_by_vpn, vpn, delta)
+        if identities is not None:
+            bucket = self._by_identities.setdefault(identities, {})
+            if delta > 0:
+                bucket[id(sa)] = sa
+            else:
+                bucket.pop(id(sa), None)
+                if not bucket:
+                    del self._by_identities[identities]
+
+    def established_between(self, local_id: str, remote_id: str) -> Iterable[IkeSa]:
+        """Established (or since rekeyed, deleting) SAs between these identities."""
+        return list(self._by_identities.get((local_id, remote_id), {}).values())
+
+    def has_established(self, vpn: VpnPolicy) -> bool:
+        """Whether an SA of this VPN policy object was established and is still here."""
+        return self._established_by_vpn.get(id(vpn), 0) > 0
+
+
+def _add(counter: Counter[Any], key: Any, delta: int) -> None:
+    value = counter.get(key, 0) + delta
+    if value > 0:
+        counter[key] = value
+    else:
+        counter.pop(key, None)

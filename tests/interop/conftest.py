@@ -4,9 +4,11 @@
     strongswan_factory  make(ns, name="strongswan", *, start=True, **opts) -> StrongSwan
     libreswan_factory   make(ns, name="libreswan", *, start=True, **opts) -> Libreswan
 
-A factory skips the test (saying how to install it) when its peer is missing;
-CI runs ops/install-test-peers first, so there nothing is skipped. When a
-test fails, the tail of every peer's log is attached to its report.
+A factory skips the test (saying what is missing and how to install it) when
+its peer, root, or a tool is missing; under `CI=true` it fails the test instead
+(tests/harness/prerequisites.py): CI runs ops/install-test-peers first, so a
+missing prerequisite there is a broken run, not a pass. When a test fails, the
+tail of every peer's log is attached to its report.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # makes `tests.harness` importable without an install
     sys.path.insert(0, str(_REPO))
 
-from tests.harness import libreswan, netns, strongswan  # noqa: E402
+from tests.harness import libreswan, netns, prerequisites, strongswan  # noqa: E402
 from tests.harness.gateway import Gateway  # noqa: E402
 from tests.harness.libreswan import Libreswan  # noqa: E402
 from tests.harness.netns import Namespace, NetnsPair  # noqa: E402
@@ -35,10 +37,12 @@ _PEERS = pytest.StashKey[list[Any]]()
 
 def _require_netns() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: interop tests create network namespaces")
+        prerequisites.missing("needs root: interop tests create network namespaces")
     for tool in ("ip", "unshare", "mount"):
         if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}: run ops/install-test-peers (iproute2, util-linux)")
+            prerequisites.missing(
+                f"needs {tool}: run ops/install-test-peers (iproute2, util-linux)"
+            )
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +76,7 @@ def strongswan_factory(
     _require_netns()
     reason = strongswan.missing()
     if reason:
-        pytest.skip(reason)
+        prerequisites.missing(reason)
     made: list[StrongSwan] = []
 
     def make(
@@ -131,7 +135,7 @@ def libreswan_factory(
     _require_netns()
     reason = libreswan.missing()
     if reason:
-        pytest.skip(reason)
+        prerequisites.missing(reason)
     made: list[Libreswan] = []
 
     def make(

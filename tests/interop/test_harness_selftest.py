@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.harness import netns
+from tests.harness import netns, prerequisites
 from tests.harness.libreswan import (
     Libreswan,
     LibreswanConn,
@@ -454,7 +454,7 @@ def test_strongswan_pair_cert_auth(
 
 def test_namespace_cleanup_when_the_test_body_fails() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: creates network namespaces")
+        prerequisites.missing("needs root: creates network namespaces")
     procs: list[subprocess.Popen[bytes]] = []
     names: list[str] = []
     with pytest.raises(RuntimeError, match="boom"), Namespace("a") as a, Namespace("b") as b:
@@ -470,7 +470,7 @@ def test_namespace_cleanup_when_the_test_body_fails() -> None:
 
 def test_wait_udp_port_and_stale_namespace_reaping() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: creates network namespaces")
+        prerequisites.missing("needs root: creates network namespaces")
     with Namespace("u") as ns:
         ns.popen(
             [

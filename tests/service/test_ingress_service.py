@@ -22,8 +22,8 @@ from ikefarm.services.ingress.service import IngressService
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime, subscriptions_in_place
 from ikefarm.shared.config.loader import load_config
-from ikefarm.shared.ikev2.constants import NON_ESP_MARKER, ExchangeType
-from ikefarm.shared.ikev2.message import Message, encode_message
+from ikefarm.shared.ikev2.constants import NON_ESP_MARKER, ExchangeType, NotifyType
+from ikefarm.shared.ikev2.message import Message, encode_message, parse_message
 from ikefarm.shared.ikev2.payloads import NoncePayload
 from tests.harness.ports import udp_ports
 
@@ -363,3 +363,37 @@ async def test_two_instances_share_the_endpoints_and_both_learn_init_routes(
         await wait_until(lambda: second.counters["init_route_learned"] == 1)
     finally:
         await second.stop()
+
+
+async def test_a_version_3_ike_sa_init_gets_invalid_major_version_rate_limited(
+    farm: Farm, peer: socket.socket
+) -> None:
+    """RFC 7296 2.5: answered from the socket it reached (NAT-T port: with the non-ESP
+    marker), in version 2, never handed to a worker; a burst is cut by the token bucket."""
+    version_3 = bytearray(ike())
+    version_3[17] = 0x30
+    peer.sendto(bytes(version_3), ("127.0.0.1", farm.ike_port))
+    answer, source = await asyncio.to_thread(peer.recvfrom, 2048)
+    assert source == ("127.0.0.1", farm.ike_port)
+    parsed = parse_message(answer)
+    assert parsed.header.major_version == 2 and parsed.header.is_response
+    assert parsed.header.spi_i == SPI_I and parsed.header.exchange_type == ExchangeType.IKE_SA_INIT
+    assert parsed.message is not None
+    assert [p.notify_type for p in parsed.message.payloads] == [NotifyType.INVALID_MAJOR_VERSION]
+    peer.sendto(NON_ESP_MARKER + bytes(version_3), ("127.0.0.1", farm.natt_port))
+    answer, source = await asyncio.to_thread(peer.recvfrom, 2048)
+    assert source == ("127.0.0.1", farm.natt_port)
+    assert answer.startswith(NON_ESP_MARKER)
+    assert parse_message(answer[len(NON_ESP_MARKER) :]).header.major_version == 2
+    counters = farm.runtime.counters
+    for _ in range(40):
+        peer.sendto(bytes(version_3), ("127.0.0.1", farm.ike_port))
+    await wait_until(
+        lambda: (
+            counters["invalid_major_version_sent"] + counters["invalid_major_version_rate_limited"]
+            == 42
+        )
+    )
+    assert counters["invalid_major_version_rate_limited"] > 0
+    assert counters["dropped.invalid_major_version"] == 42
+    assert farm.received.empty()  # no worker saw any of them

@@ -17,6 +17,7 @@ from ikefarm.proto.messages import CertAuthRequest
 from ikefarm.services.keystore.certs import CertStore, cert_auth
 from ikefarm.services.keystore.psk import UnknownPurpose
 from ikefarm.shared.config.loader import parse_config
+from ikefarm.shared.ikev2 import management
 from ikefarm.shared.ikev2.certs import (
     certreq_authority,
     dn_from_text,
@@ -36,6 +37,7 @@ from ikefarm.shared.ikev2.effects import KeystoreRequest
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.exchanges.auth_methods import identity_payload
 from ikefarm.shared.ikev2.exchanges.ike_auth import signed_octets
+from ikefarm.shared.ikev2.management import Watches, parse_words
 from ikefarm.shared.ikev2.message import parse_message
 from ikefarm.shared.ikev2.payloads import CertPayload, CertReqPayload, IdPayload
 from ikefarm.shared.ikev2.policy import engine_policy
@@ -432,3 +434,40 @@ def test_the_responder_picks_the_vpn_that_takes_the_peers_auth_method(tmp_path: 
     (r_sa,) = responder.sas.values()
     assert r_sa.state == IkeSaState.ESTABLISHED and r_sa.vpn is not None
     assert r_sa.vpn.name == "rw"  # the certificate VPN, though the PSK one comes first
+
+
+def test_initiate_prints_the_signature_methods_not_pre_shared_key(tmp_path: Path) -> None:
+    """`initiate` (and its vSR lines) names the AUTH method each side really used."""
+    wire = cert_pair(Pki(tmp_path, "ecdsa"))
+    command = parse_words("initiate", ["child-sa", "security-policy", "net"])
+    outcome = management.execute(wire.initiator.engine, command, wire.now)
+    watch = management.watch_for(outcome, command)
+    assert watch is not None
+    watches = Watches()
+    watches.add(watch)
+    wire.run(outcome.effects, wire.initiator)
+    assert watches.observe(wire.initiator.engine, wire.initiator.effects, wire.now) == [watch]
+    assert watch.ok
+    assert watch.lines[:2] == [
+        "authentication of 'peer.example' (myself) with digital signature",
+        "authentication of 'gw.example' with digital signature successful",
+    ]
+    assert not any("pre-shared key" in line for line in watch.lines)
+
+
+def test_established_lines_word_each_method_as_charon_does() -> None:
+    detail = {"local_id": "a", "remote_id": "b", "local": "192.0.2.1[500]", "remote": "x[500]"}
+    mixed = {**detail, "local_auth": "SHARED_KEY_MIC", "remote_auth": "ECDSA_SHA256_P256"}
+    assert management.established_lines(None, mixed, "hq[1]", 0.0)[:2] == [
+        "authentication of 'a' (myself) with pre-shared key",
+        "authentication of 'b' with ECDSA-256 signature successful",
+    ]
+    rsa = {**detail, "local_auth": "RSA_DIGITAL_SIGNATURE", "remote_auth": "METHOD_200"}
+    assert management.established_lines(None, rsa, "hq[1]", 0.0)[:2] == [
+        "authentication of 'a' (myself) with RSA signature",
+        "authentication of 'b' with METHOD_200 successful",
+    ]
+    assert management.established_lines(None, detail, "hq[1]", 0.0)[:2] == [
+        "authentication of 'a' (myself)",  # no method known: none is claimed
+        "authentication of 'b' successful",
+    ]

@@ -194,3 +194,38 @@ def test_lifetimes_trigger_rekeys() -> None:
     requests = [parse_message(d).header.exchange_type for a, d in wire.log]
     assert ExchangeType.CREATE_CHILD_SA in requests
     assert any(isinstance(e, SendDatagram) for e in wire.initiator.effects)
+
+
+def test_first_ike_rekey_is_jittered_by_rand_time_like_later_ones() -> None:
+    """The IKE SA's first rekey_at is rekey-time minus a draw from the engine's source in
+    [0, rand-time], as for SAs made by a rekey: SAs established together (after a
+    restart) do not all rekey at once."""
+    lifetimes = (
+        '[[ike.ike-policy-template]]\nname = "jit"\nrekey-time = "1000s"\nrand-time = "100s"\n'
+        "[[ike.ike-policy-template.ike-proposal]]\n"
+        'aead-alg = "aes256-gcm-128"\nprf-alg = "hmac-sha384"\ndh-group = "x25519"\n'
+    )
+    vpn = 'ike-policy = { template = "jit" }'
+    wire = pair(lifetimes, lifetimes, responder_vpn=vpn, initiator_vpn=vpn)
+    draws: list[tuple[float, float]] = []  # the IKE SA ones: [0, rand-time]
+    fractions = iter([0.25, 0.5, 0.75, 1.0])
+
+    def uniform(low: float, high: float) -> float:
+        if high != 100.0:
+            return low  # a child's jitter, a retransmission's
+        draws.append((low, high))
+        return low + next(fractions) * (high - low)
+
+    for side in (wire.initiator, wire.responder):
+        side.engine.uniform = uniform
+    i_sa, r_sa = established(wire)
+    assert draws == [(0.0, 100.0), (0.0, 100.0)]  # one draw per side's IKE SA
+    jitters = {round(sa.established_at + 1000.0 - sa.rekey_at, 6) for sa in (i_sa, r_sa)}
+    assert jitters == {25.0, 50.0}
+    assert i_sa.expire_at == i_sa.established_at + 1000.0 + 100.0  # over-time: 10% of rekey
+    # an SA made by a rekey draws the same way
+    draws.clear()
+    wire.run(wire.initiator.engine.rekey_ike(i_sa, wire.now), wire.initiator)
+    (new_i,) = wire.initiator.engine.sas.values()
+    assert draws == [(0.0, 100.0), (0.0, 100.0)]  # both sides' new SA
+    assert new_i.established_at + 1000.0 - new_i.rekey_at in (75.0, 100.0)

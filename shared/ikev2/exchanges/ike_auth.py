@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ikefarm.shared.dos.admission import AUTH_PHASE
 from ikefarm.shared.ikev2.constants import AuthMethod, ExchangeType, NotifyType, PayloadType
 from ikefarm.shared.ikev2.effects import Effect, InitialContact, KeystoreRequest, Log, SaEvent
-from ikefarm.shared.ikev2.exchanges import auth_methods, ppk
+from ikefarm.shared.ikev2.exchanges import auth_methods, lifetimes, ppk
 from ikefarm.shared.ikev2.exchanges.child_create import respond_child
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import AuthPayload, IdPayload, NotifyPayload, Payload
@@ -188,8 +188,7 @@ def keystore_answered(
     sa.half_open_deadline = None
     sa.expected_request_id = request.message_id + 1
     sa.peer_mobike = request.notify(NotifyType.MOBIKE_SUPPORTED) is not None
-    sa.rekey_at = now + vpn.rekey_time if vpn.rekey_time else None
-    sa.expire_at = now + vpn.rekey_time + vpn.over_time if vpn.rekey_time else None
+    lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")
 
     payloads: list[Payload] = [
@@ -274,10 +273,7 @@ def _initiator_send_auth(
     sa.local_id = idi
     payloads: list[Payload] = [idi, *auth_methods.certificate_payloads(sa.vpn)]
     payloads += auth_methods.certreq_payloads(engine.policy, [sa.vpn])
-    if not any(
-        other is not sa and other.vpn is sa.vpn and other.established_at is not None
-        for other in engine.sas.values()
-    ):
+    if not engine.sas.has_established(sa.vpn):
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     if sa.vpn.remote_id:
         payloads.append(auth_methods.identity_payload(sa.vpn.remote_id, PayloadType.IDr))
@@ -393,8 +389,7 @@ def _initiator_keystore_answered(
     sa.established_at = now
     sa.expected_request_id = 0
     sa.peer_mobike = response.notify(NotifyType.MOBIKE_SUPPORTED) is not None
-    sa.rekey_at = now + vpn.rekey_time if vpn.rekey_time else None
-    sa.expire_at = now + vpn.rekey_time + vpn.over_time if vpn.rekey_time else None
+    lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")
     context = pending["context"]
     used = auth_methods.count_methods(

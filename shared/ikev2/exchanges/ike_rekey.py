@@ -20,6 +20,7 @@ from ikefarm.shared.ikev2.crypto.keys import derive_rekeyed_ike_sa_keys
 from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.crypto.protection import SkProtection
 from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
+from ikefarm.shared.ikev2.exchanges import lifetimes
 from ikefarm.shared.ikev2.exchanges.child_create import NONCE_SIZE, notify_name
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import KePayload, NoncePayload, NotifyPayload, SaPayload
@@ -30,14 +31,6 @@ if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
 
 RETRY_AFTER_FAILURE = 60.0
-
-
-def _rekey_after(engine: IkeEngine, sa: IkeSa) -> float | None:
-    vpn = sa.vpn
-    if vpn is None or not vpn.rekey_time:
-        return None
-    jitter = engine.uniform(0.0, vpn.rand_time) if vpn.rand_time else 0.0
-    return max(0.0, vpn.rekey_time - jitter)
 
 
 def _new_sa(
@@ -99,10 +92,7 @@ def _new_sa(
         established_at=now,
         last_seen=now,
     )
-    after = _rekey_after(engine, new)
-    new.rekey_at = now + after if after is not None else None
-    if old.vpn is not None and old.vpn.rekey_time:
-        new.expire_at = now + old.vpn.rekey_time + old.vpn.over_time
+    lifetimes.start_ike_sa(engine, new, now)
     engine.sas[new.local_spi] = new
     return new
 

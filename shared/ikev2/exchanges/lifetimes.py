@@ -2,7 +2,9 @@
 
 A child is rekeyed at `rekey-time` minus a random part of `rand-time` and
 deleted at `life-time` if it is still there; an IKE SA is rekeyed at its
-`rekey-time` minus jitter and deleted at `rekey-time + over-time`. Both ends
+`rekey-time` minus a random part of `rand-time` (from its first establishment
+on, so SAs set up together after a restart do not all rekey at once) and
+deleted at `rekey-time + over-time`. Both ends
 run these timers; the jitter makes collisions rare and 2.8.1/2.8.2 resolve them.
 """
 
@@ -11,10 +13,31 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ikefarm.shared.ikev2.effects import Effect, Log
+from ikefarm.shared.ikev2.policy import VpnPolicy
 from ikefarm.shared.ikev2.sa import ChildSaState, IkeSa, IkeSaState
 
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
+
+
+_ALIVE = (ChildSaState.INSTALLED, ChildSaState.REKEYED, ChildSaState.REKEYING)
+
+
+def ike_rekey_after(engine: IkeEngine, vpn: VpnPolicy | None) -> float | None:
+    """Seconds from establishment to an IKE SA's rekey: `rekey-time` minus a random part of
+    `rand-time`, drawn from the engine's injectable source (strongSwan's rand_time)."""
+    if vpn is None or not vpn.rekey_time:
+        return None
+    jitter = engine.uniform(0.0, vpn.rand_time) if vpn.rand_time else 0.0
+    return max(0.0, vpn.rekey_time - jitter)
+
+
+def start_ike_sa(engine: IkeEngine, sa: IkeSa, now: float) -> None:
+    """Set the rekey and expiry times of an IKE SA established (or made by a rekey) at `now`."""
+    vpn = sa.vpn
+    after = ike_rekey_after(engine, vpn)
+    sa.rekey_at = now + after if after is not None else None
+    sa.expire_at = now + vpn.rekey_time + vpn.over_time if vpn and vpn.rekey_time else None
 
 
 def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
@@ -29,8 +52,7 @@ def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     if sa.state not in (IkeSaState.ESTABLISHED, IkeSaState.REKEYING):
         return effects
     for child in list(sa.children):
-        alive = child.state in (ChildSaState.INSTALLED, ChildSaState.REKEYED, ChildSaState.REKEYING)
-        if alive and child.expire_at is not None and now >= child.expire_at:
+        if child.state in _ALIVE and child.expire_at is not None and now >= child.expire_at:
             child.expire_at = None
             engine.count("child_sa_expired")
             effects.append(Log(1, "child", "child_sa_expired", {"unique_id": child.unique_id}))
@@ -47,7 +69,15 @@ def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
 
 
 def deadline(sa: IkeSa) -> float | None:
-    times = [t for t in (sa.rekey_at, sa.expire_at) if t is not None]
-    for child in sa.children:
-        times += [t for t in (child.rekey_at, child.expire_at) if t is not None]
+    """The earliest time `on_timer` acts on, in the states it acts in: a time it would skip
+    (an SA being deleted, a child already going) must not keep the timers due forever."""
+    times: list[float] = []
+    if sa.state == IkeSaState.ESTABLISHED:
+        times += [t for t in (sa.rekey_at, sa.expire_at) if t is not None]
+    if sa.state in (IkeSaState.ESTABLISHED, IkeSaState.REKEYING):
+        for child in sa.children:
+            if child.state in _ALIVE and child.expire_at is not None:
+                times.append(child.expire_at)
+            if child.state == ChildSaState.INSTALLED and child.rekey_at is not None:
+                times.append(child.rekey_at)
     return min(times) if times else None

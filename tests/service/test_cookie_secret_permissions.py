@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nats
 
+from ikefarm.proto import subjects
 from ikefarm.services.ingress.cookie_secret import CookieSecretStore
 from ikefarm.shared.bus.auth import ensure_credentials, write_server_config
 from ikefarm.shared.bus.embedded import EmbeddedNats
@@ -37,7 +38,13 @@ async def _two_ingress_instances(
     counters: list[Counter[str]] = []
     jars: list[list[CookieJar]] = []
     for _ in range(2):
-        nc = await nats.connect(url, user=user, password=password, error_cb=on_error)
+        nc = await nats.connect(
+            url,
+            user=user,
+            password=password,
+            inbox_prefix=subjects.inbox_prefix(user),
+            error_cb=on_error,
+        )
         clients.append(nc)
         counter: Counter[str] = Counter()
         taken: list[CookieJar] = []

@@ -15,6 +15,13 @@ reason. The gate sees the farm's load from the workers' `IkeLoad` and the
 other ingress instances' `IngressLoad`; this instance reports its own pending
 inits the same way. The cookie secret comes from the farm's KV bucket
 (`cookie_secret.py`).
+
+Owned shards: the same `IkeLoad` reports tell which shards have a live worker
+(`routing.ShardOwners`); a datagram for a shard nobody owns, or a new
+IKE_SA_INIT while no worker reports at all, is dropped and counted
+(`dropped.shard_unowned`, `dropped.no_worker`) instead of being published to a
+subject nobody listens to. For its first `OWNERS_LEARNING` seconds an ingress
+has not heard every worker yet and forwards as before.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import time
 from typing import Any, cast
 
@@ -40,10 +48,13 @@ from ikefarm.proto.messages import (
 from ikefarm.services.ingress.cookie_secret import CookieSecretStore
 from ikefarm.services.ingress.routing import (
     NAT_KEEPALIVE,
+    NO_WORKER,
+    SHARD_UNOWNED,
     Dropped,
     InitRouteTable,
     Route,
     Router,
+    ShardOwners,
     canonical_address,
 )
 from ikefarm.services.ingress.sockets import LocalEndpoint, local_endpoints, open_udp_socket
@@ -51,7 +62,7 @@ from ikefarm.shared.bus.runtime import Runtime, ServiceBase
 from ikefarm.shared.dos.cookies import CookieJar, init_request
 from ikefarm.shared.dos.gate import COOKIE, DROP, IngressGate, Verdict
 from ikefarm.shared.dos.limits import dos_limits
-from ikefarm.shared.dos.load import FarmLoad
+from ikefarm.shared.dos.load import STALE_AFTER, FarmLoad
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER
 from ikefarm.shared.observability.tracing import tracer
 
@@ -61,6 +72,12 @@ RECEIVE_QUEUE_SIZE = 4096
 _UNTRACED_DROPS = frozenset({"nat_keepalive", "esp_in_udp", "empty"})
 LOAD_INTERVAL = 1.0  # s between IngressLoad reports when nothing changes
 MODE_CHECK = 0.25  # s between looks at the gate's modes (cookies on/off, limits)
+# workers report every second (services/ike LOAD_INTERVAL): after this long listening an
+# ingress has heard every live one, and a shard still unreported has no owner
+OWNERS_LEARNING = STALE_AFTER * 1.0
+# datagrams for shards nobody owns can come in floods: one debug line per this many seconds
+UNOWNED_LOG_EVERY = 1.0
+_UNOWNED_DROPS = frozenset({SHARD_UNOWNED, NO_WORKER})
 
 
 class _Received:
@@ -122,6 +139,8 @@ class IngressService(ServiceBase):
         self._load_seq = time.time_ns() // 1_000_000  # above any earlier life's
         self._reported_pending = -1
         self._load_task: asyncio.Task[None] | None = None
+        self._unowned_log_at = -math.inf
+        self._unowned_unlogged = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -155,6 +174,7 @@ class IngressService(ServiceBase):
             self.runtime.counters,
         )
         await self.secrets.start()
+        self.router.owners = ShardOwners(time.monotonic(), OWNERS_LEARNING)
         await self.runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_ike_load)
         await self.runtime.subscribe(subjects.INGRESS_LOAD, IngressLoad, self.on_ingress_load)
         await self.runtime.subscribe(subjects.INGRESS_BACKOFF, PeerBackoff, self.on_backoff)
@@ -188,11 +208,15 @@ class IngressService(ServiceBase):
         self.endpoints.clear()
 
     def gauges(self) -> dict[str, Any]:
-        self.router.init_routes.purge(time.monotonic())
+        now = time.monotonic()
+        self.router.init_routes.purge(now)
+        owners = self.router.owners
         return {
             "sockets": len(self.endpoints),
             "init_routes": len(self.router.init_routes),
             "receive_queue": self._queue.qsize(),
+            "owned_shards": owners.shards(now) if owners is not None else [],
+            "owners_learning": owners.learning(now) if owners is not None else True,
             "dos": self.dos_state(),
         }
 
@@ -246,6 +270,10 @@ class IngressService(ServiceBase):
             now=now,
         )
         if isinstance(verdict, Dropped) and verdict.reason in _UNTRACED_DROPS:
+            return
+        if isinstance(verdict, Dropped) and verdict.reason in _UNOWNED_DROPS:
+            # counted by the router; no span each, so a flood of them costs no traces
+            self._log_unowned(verdict, remote_address, remote_port, now)
             return
         gated: Verdict | None = None
         if isinstance(verdict, Route) and verdict.subject == subjects.IKE_INIT:
@@ -326,6 +354,20 @@ class IngressService(ServiceBase):
                 remote=f"{remote_address}[{remote_port}]",
             )
 
+    def _log_unowned(self, dropped: Dropped, address: str, port: int, now: float) -> None:
+        if now - self._unowned_log_at < UNOWNED_LOG_EVERY:
+            self._unowned_unlogged += 1
+            return
+        self.log.debug(
+            "datagram_dropped",
+            reason=dropped.reason,
+            shard=dropped.shard,
+            remote=f"{address}[{port}]",
+            not_logged_before=self._unowned_unlogged,
+        )
+        self._unowned_log_at = now
+        self._unowned_unlogged = 0
+
     @staticmethod
     def _annotate(span: Any, route: Route) -> None:
         header = route.header
@@ -371,9 +413,14 @@ class IngressService(ServiceBase):
     # --- farm-wide load ----------------------------------------------------------------------
 
     async def on_ike_load(self, message: IkeLoad, _msg: Msg) -> None:
-        refused = self.gate.load.update_shard(message, time.monotonic())
+        now = time.monotonic()
+        refused = self.gate.load.update_shard(message, now)
         if refused is not None:
             self.runtime.counters[f"load_refused.{refused}"] += 1
+            return
+        if self.router.owners is not None:
+            # validated by update_shard: a shard number and a positive finite interval
+            self.router.owners.reported(message.shard, message.interval, now)
 
     async def on_ingress_load(self, message: IngressLoad, _msg: Msg) -> None:
         refused = self.gate.load.update_ingress(message, time.monotonic())

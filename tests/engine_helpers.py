@@ -8,6 +8,7 @@ tests use the real keystore over NATS).
 from __future__ import annotations
 
 import hmac
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,3 +200,20 @@ def pair(
         Side(initiator, initiator_psk, "192.0.2.2", ppks=dict(initiator_ppks or {})),
         Side(responder, b"shared-secret-0123456789", "192.0.2.1", ppks=dict(responder_ppks or {})),
     )
+
+
+def container_sizes(root: object, path: str, seen: set[int], out: dict[str, int]) -> None:
+    """The entries of every dict, list, set and deque reachable from `root`, by attribute
+    path; the members of one container are summed under `[*]` (their keys are peers, SPIs)."""
+    if id(root) in seen or isinstance(root, str | bytes | int | float | bool | type(None)):
+        return
+    seen.add(id(root))
+    if isinstance(root, dict | list | set | frozenset | deque | tuple):
+        out[path] = out.get(path, 0) + len(root)
+    members = root.values() if isinstance(root, dict) else root
+    if isinstance(root, dict | list | tuple | set | frozenset | deque):
+        for value in members:  # type: ignore[union-attr]
+            container_sizes(value, f"{path}[*]", seen, out)
+    elif hasattr(root, "__dict__") and not callable(root):
+        for name, value in vars(root).items():
+            container_sizes(value, f"{path}.{name}", seen, out)

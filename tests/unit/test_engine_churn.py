@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-from collections import deque
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.exchanges import informational
 from ikefarm.shared.ikev2.sa import IkeSaState
 from tests.dos_helpers import guarded_pair
-from tests.engine_helpers import Nat, Wire
+from tests.engine_helpers import Nat, Wire, container_sizes
 
 PSK = b"shared-secret-0123456789"
 # every per-peer table the worker keeps: backoffs and incoming exchange rates (seed 000)
@@ -82,30 +81,13 @@ def _cycle(wire: Wire, index: int) -> None:
     wire.log.clear()
 
 
-def _containers(root: object, path: str, seen: set[int], out: dict[str, int]) -> None:
-    """The entries of every dict, list, set and deque reachable from `root`, by attribute
-    path; the members of one container are summed under `[*]` (their keys are peers, SPIs)."""
-    if id(root) in seen or isinstance(root, str | bytes | int | float | bool | type(None)):
-        return
-    seen.add(id(root))
-    if isinstance(root, dict | list | set | frozenset | deque | tuple):
-        out[path] = out.get(path, 0) + len(root)
-    members = root.values() if isinstance(root, dict) else root
-    if isinstance(root, dict | list | tuple | set | frozenset | deque):
-        for value in members:  # type: ignore[union-attr]
-            _containers(value, f"{path}[*]", seen, out)
-    elif hasattr(root, "__dict__") and not callable(root):
-        for name, value in vars(root).items():
-            _containers(value, f"{path}.{name}", seen, out)
-
-
 def _sizes(*engines: IkeEngine) -> dict[str, int]:
     out: dict[str, int] = {}
     seen: set[int] = set()
     for name, engine in zip(("initiator", "responder"), engines, strict=True):
         # the configuration is read-only: leave it out of the walk
         seen.add(id(engine.policy))
-        _containers(engine, name, seen, out)
+        container_sizes(engine, name, seen, out)
     return out
 
 

@@ -171,8 +171,14 @@ class ShardOwners:
 
     def __init__(self, started: float, learning: float) -> None:
         self._until: dict[int, float] = {}
+        self._learning = learning
         self._learning_until = started + learning
         self._latest = -math.inf  # when the freshest report goes stale
+
+    def relearn(self, now: float) -> None:
+        """This process was stopped or starved: the reports it missed may be queued unread,
+        so learn again as after a start."""
+        self._learning_until = max(self._learning_until, now + self._learning)
 
     def reported(self, shard: int, interval: float, now: float) -> None:
         """A worker reported `shard`'s load, promising the next within `interval` seconds."""

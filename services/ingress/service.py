@@ -21,7 +21,9 @@ Owned shards: the same `IkeLoad` reports tell which shards have a live worker
 IKE_SA_INIT while no worker reports at all, is dropped and counted
 (`dropped.shard_unowned`, `dropped.no_worker`) instead of being published to a
 subject nobody listens to. For its first `OWNERS_LEARNING` seconds an ingress
-has not heard every worker yet and forwards as before.
+has not heard every worker yet and forwards as before; so too after it was
+itself stopped or starved (`owners_relearn`), when the reports it missed may
+still wait unread behind the datagrams.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ MODE_CHECK = 0.25  # s between looks at the gate's modes (cookies on/off, limits
 # workers report every second (services/ike LOAD_INTERVAL): after this long listening an
 # ingress has heard every live one, and a shard still unreported has no owner
 OWNERS_LEARNING = STALE_AFTER * 1.0
+# this long without a beat of the load task (every MODE_CHECK / 5): the process was stopped
+# or starved, and the workers' reports it missed may still be unread
+STALLED_AFTER = 0.5
 # datagrams for shards nobody owns can come in floods: one debug line per this many seconds
 UNOWNED_LOG_EVERY = 1.0
 _UNOWNED_DROPS = frozenset({SHARD_UNOWNED, NO_WORKER})
@@ -141,6 +146,7 @@ class IngressService(ServiceBase):
         self._load_task: asyncio.Task[None] | None = None
         self._unowned_log_at = -math.inf
         self._unowned_unlogged = 0
+        self._beat = time.monotonic()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -262,6 +268,7 @@ class IngressService(ServiceBase):
         remote_address = canonical_address(str(item.remote[0]))
         remote_port = int(item.remote[1])
         now = time.monotonic()
+        self._check_stall(now)
         verdict = self.router.route(
             item.data,
             natt=endpoint.natt,
@@ -353,6 +360,12 @@ class IngressService(ServiceBase):
                 local=str(endpoint),
                 remote=f"{remote_address}[{remote_port}]",
             )
+
+    def _check_stall(self, now: float) -> None:
+        if now - self._beat > STALLED_AFTER and self.router.owners is not None:
+            self.router.owners.relearn(now)
+            self.runtime.counters["owners_relearn"] += 1
+        self._beat = max(self._beat, now)
 
     def _log_unowned(self, dropped: Dropped, address: str, port: int, now: float) -> None:
         if now - self._unowned_log_at < UNOWNED_LOG_EVERY:
@@ -447,6 +460,7 @@ class IngressService(ServiceBase):
             await asyncio.sleep(MODE_CHECK / 5)
             since += MODE_CHECK / 5
             now = time.monotonic()
+            self._check_stall(now)
             pending = self.gate.load.own_pending(now)
             if pending == self._reported_pending and since < LOAD_INTERVAL:
                 continue

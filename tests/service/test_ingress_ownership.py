@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,3 +148,16 @@ async def test_only_shards_with_a_reporting_worker_get_datagrams(
     assert stats.counters["dropped.shard_unowned"] == 2
     assert stats.counters["dropped.no_worker"] == 1
     assert stats.gauges["owned_shards"] == [STAND_IN_SHARD]
+
+
+async def test_an_ingress_that_was_stopped_learns_again_before_judging(setup: Setup) -> None:
+    async with stand_in_workers(setup.nc, STAND_IN_SHARD, interval=0.2):
+        await wait_until(lambda: setup.owned() == [STAND_IN_SHARD])
+        await wait_until(lambda: not setup.service.gauges()["owners_learning"])
+        setup.send(auth_for(STAND_IN_SHARD))
+        # this whole process stalls (as under SIGSTOP): the worker's last report seen is
+        # stale by far, its newer ones wait unread behind the datagram
+        time.sleep(1.0)  # blocks the event loop on purpose
+        assert await setup.next_subject() == subjects.ike_shard(STAND_IN_SHARD)
+    assert setup.ingress.counters["owners_relearn"] >= 1
+    assert setup.ingress.counters["dropped.shard_unowned"] == 0

@@ -230,6 +230,9 @@ def test_shard_owners_follow_the_workers_reports() -> None:
     # three intervals without a report: the worker is gone
     assert not owners.owned(7, 6.6) and not owners.any_owned(6.6)
     assert owners.shards(6.6) == []
+    # this process was stopped: what it missed may still be unread, so it learns again
+    owners.relearn(now=7.0)
+    assert owners.learning(9.9) and owners.owned(7, 9.9) and not owners.learning(10.0)
     owners.reported(7, interval=0.5, now=10.0)  # back, reporting faster
     assert owners.owned(7, 11.5) and not owners.owned(7, 11.6)
     for shard, interval in ((-1, 1.0), (1 << 16, 1.0), (1, 0.0), (1, float("nan"))):

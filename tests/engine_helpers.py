@@ -8,6 +8,7 @@ tests use the real keystore over NATS).
 from __future__ import annotations
 
 import hmac
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,13 +114,33 @@ class Side:
 
 
 @dataclass
+class Nat:
+    """A NAPT in front of the initiator: its datagrams leave from `outside`, each inside port
+    mapped to its own outside port (so a float to 4500 changes the port the responder sees)."""
+
+    outside: str
+    ports: dict[int, int] = field(default_factory=dict)
+    first_port: int = 40000
+
+    def translate(self, inside: Endpoint) -> Endpoint:
+        port = self.ports.setdefault(inside.port, self.first_port + len(self.ports))
+        return Endpoint(self.outside, port)
+
+    def untranslate(self, outside: Endpoint, inside_address: str) -> Endpoint:
+        inside = {v: k for k, v in self.ports.items()}
+        return Endpoint(inside_address, inside[outside.port])
+
+
+@dataclass
 class Wire:
-    """Two engines joined by a lossless in-memory network; `drop` filters datagrams."""
+    """Two engines joined by a lossless in-memory network; `drop` filters datagrams; `nat`
+    puts the initiator behind a NAPT."""
 
     initiator: Side
     responder: Side
     now: float = 1000.0
     log: list[tuple[str, bytes]] = field(default_factory=list)
+    nat: Nat | None = None
 
     def side(self, address: str) -> Side:
         return self.initiator if address == self.initiator.address else self.responder
@@ -147,13 +168,15 @@ class Wire:
                 self.log.append((side.address, effect.data))
                 if drop is not None and drop(side, effect):
                     continue
-                target = self.side(effect.remote.address)
-                out = target.engine.receive(
-                    effect.data,
-                    Endpoint(effect.remote.address, effect.remote.port),
-                    Endpoint(effect.local.address, effect.local.port),
-                    self.now,
-                )
+                source = Endpoint(effect.local.address, effect.local.port)
+                destination = Endpoint(effect.remote.address, effect.remote.port)
+                if self.nat is not None:
+                    if side is self.initiator:
+                        source = self.nat.translate(source)
+                    elif destination.address == self.nat.outside:
+                        destination = self.nat.untranslate(destination, self.initiator.address)
+                target = self.side(destination.address)
+                out = target.engine.receive(effect.data, destination, source, self.now)
                 queue += [(target, e) for e in out]
 
 
@@ -177,3 +200,20 @@ def pair(
         Side(initiator, initiator_psk, "192.0.2.2", ppks=dict(initiator_ppks or {})),
         Side(responder, b"shared-secret-0123456789", "192.0.2.1", ppks=dict(responder_ppks or {})),
     )
+
+
+def container_sizes(root: object, path: str, seen: set[int], out: dict[str, int]) -> None:
+    """The entries of every dict, list, set and deque reachable from `root`, by attribute
+    path; the members of one container are summed under `[*]` (their keys are peers, SPIs)."""
+    if id(root) in seen or isinstance(root, str | bytes | int | float | bool | type(None)):
+        return
+    seen.add(id(root))
+    if isinstance(root, dict | list | set | frozenset | deque | tuple):
+        out[path] = out.get(path, 0) + len(root)
+    members = root.values() if isinstance(root, dict) else root
+    if isinstance(root, dict | list | tuple | set | frozenset | deque):
+        for value in members:  # type: ignore[union-attr]
+            container_sizes(value, f"{path}[*]", seen, out)
+    elif hasattr(root, "__dict__") and not callable(root):
+        for name, value in vars(root).items():
+            container_sizes(value, f"{path}.{name}", seen, out)

@@ -135,6 +135,9 @@ class IkeService(ServiceBase):
                 subject, IkeCommand, self.on_command, queue=subjects.QUEUE_IKE_WORKERS
             )
         await runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_load)
+        # ingress forwards to a shard only while its owner reports: the first report goes
+        # out before this worker counts as started, not up to a LOAD_INTERVAL later
+        await self.publish_load()
         self._timer = asyncio.create_task(self.run_timers())
         self._reporter = asyncio.create_task(self.report_load())
         self.log.control("ike_worker_ready", shard=self.shard)
@@ -218,12 +221,15 @@ class IkeService(ServiceBase):
                 async with asyncio.timeout(LOAD_INTERVAL):
                     await self._load_dirty.wait()
             self._load_dirty.clear()
-            try:
-                await self.runtime.publish(subjects.IKE_LOAD, self.load_snapshot())
-            except Exception as exc:  # the next round tries again
-                self.runtime.counters["load_publish_failed"] += 1
-                self.log.debug("load_publish_failed", error=type(exc).__name__)
+            await self.publish_load()
             await asyncio.sleep(LOAD_MIN_SPACING)
+
+    async def publish_load(self) -> None:
+        try:
+            await self.runtime.publish(subjects.IKE_LOAD, self.load_snapshot())
+        except Exception as exc:  # the next round tries again
+            self.runtime.counters["load_publish_failed"] += 1
+            self.log.debug("load_publish_failed", error=type(exc).__name__)
 
     async def on_show(self, request: IkeShowRequest, msg: Msg) -> None:
         now = time.monotonic()

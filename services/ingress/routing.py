@@ -12,6 +12,13 @@ On the NAT-T port (RFC 3948 2.2) IKE messages follow a 4-octet non-ESP marker,
 a single 0xFF octet is a NAT-keepalive (RFC 3948 2.3) and anything else is
 ESP-in-UDP, which belongs to the kernel. Every datagram that is not routed is
 dropped with a reason the service counts (DESIGN principle 6).
+
+Publishing on NATS is fire-and-forget: a datagram for a shard no worker owns
+would vanish without a trace. `ShardOwners` knows which shards have a live
+owner from the load reports every worker publishes (`IkeLoad`, at start and
+every second); the `Router` drops what is for a shard nobody owns
+(`dropped.shard_unowned`) and a new IKE_SA_INIT when no worker at all reports
+(`dropped.no_worker`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 
 from ikefarm.proto import subjects
 from ikefarm.proto.sharding import MAX_SHARDS, shard_of_spi
+from ikefarm.shared.dos.load import STALE_AFTER
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER, ExchangeType
 from ikefarm.shared.ikev2.errors import MalformedMessage
 from ikefarm.shared.ikev2.message import IkeHeader, peek_header
@@ -34,15 +42,18 @@ DEFAULT_INIT_ROUTE_CAPACITY = 100_000
 
 ROUTE_INIT = "init"
 ROUTE_SHARD = "shard"
+SHARD_UNOWNED = "shard_unowned"
+NO_WORKER = "no_worker"
 
 
 class Dropped(Exception):
     """The datagram is not for an ike worker; `counter` is the stats label to count."""
 
-    def __init__(self, reason: str, counter: str | None = None) -> None:
+    def __init__(self, reason: str, counter: str | None = None, shard: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.counter = counter or f"dropped.{reason}"
+        self.shard = shard
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,54 @@ class InitRouteTable:
             del self._entries[key]
 
 
+class ShardOwners:
+    """Which shards have a live owner: a worker reported the shard's load within the last
+    `STALE_AFTER` of its report intervals (the staleness rule of `shared/dos/load.py`).
+
+    Reports start when a worker starts, so a worker owns its shard from its first one.
+    An ingress that started less than `learning` seconds ago may not have heard every
+    worker yet: until then a shard nobody reported counts as owned. Lookups are O(1);
+    the table holds at most one entry per shard. Time is an argument (monotonic seconds).
+    """
+
+    def __init__(self, started: float, learning: float) -> None:
+        self._until: dict[int, float] = {}
+        self._learning = learning
+        self._learning_until = started + learning
+        self._latest = -math.inf  # when the freshest report goes stale
+
+    def relearn(self, now: float) -> None:
+        """This process was stopped or starved: the reports it missed may be queued unread,
+        so learn again as after a start."""
+        self._learning_until = max(self._learning_until, now + self._learning)
+
+    def reported(self, shard: int, interval: float, now: float) -> None:
+        """A worker reported `shard`'s load, promising the next within `interval` seconds."""
+        if not 0 <= shard < MAX_SHARDS:
+            raise ValueError(f"shard {shard} out of range 0-{MAX_SHARDS - 1}")
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError("interval must be a positive number of seconds")
+        until = now + STALE_AFTER * interval
+        self._until[shard] = until
+        self._latest = max(self._latest, until)
+
+    def learning(self, now: float) -> bool:
+        return now < self._learning_until
+
+    def owned(self, shard: int, now: float) -> bool:
+        until = self._until.get(shard)
+        return (until is not None and now <= until) or now < self._learning_until
+
+    def any_owned(self, now: float) -> bool:
+        return now <= self._latest or now < self._learning_until
+
+    def shards(self, now: float) -> list[int]:
+        """The shards reported fresh (not counting the learning time); forgets stale ones."""
+        for shard in [s for s, until in self._until.items() if now > until]:
+            del self._until[shard]
+        return sorted(self._until)
+
+
 def route_datagram(
     datagram: bytes,
     *,
@@ -199,9 +258,11 @@ class Router:
         self,
         counters: Counter[str] | None = None,
         init_routes: InitRouteTable | None = None,
+        owners: ShardOwners | None = None,
     ) -> None:
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.init_routes = init_routes if init_routes is not None else InitRouteTable()
+        self.owners = owners  # None: every shard is taken as owned
 
     def route(
         self,
@@ -221,8 +282,24 @@ class Router:
                 init_routes=self.init_routes,
                 now=now,
             )
+            if self.owners is not None:
+                route = self._to_an_owner(route, self.owners, now)
         except Dropped as dropped:
             self.counters[dropped.counter] += 1
             return dropped
         self.counters[route.counter] += 1
+        return route
+
+    def _to_an_owner(self, route: Route, owners: ShardOwners, now: float) -> Route:
+        if route.shard is not None and not owners.owned(route.shard, now):
+            header = route.header
+            if header.exchange_type == ExchangeType.IKE_SA_INIT and header.spi_r == ZERO_SPI:
+                # an init route to a worker that is gone: the half-open SA went with it,
+                # any other worker may start afresh
+                self.counters["init_route_unowned"] += 1
+                route = Route(subjects.IKE_INIT, ROUTE_INIT, None, header, route.data)
+            else:
+                raise Dropped(SHARD_UNOWNED, shard=route.shard)
+        if route.kind == ROUTE_INIT and not owners.any_owned(now):
+            raise Dropped(NO_WORKER)
         return route

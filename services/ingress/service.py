@@ -15,6 +15,15 @@ reason. The gate sees the farm's load from the workers' `IkeLoad` and the
 other ingress instances' `IngressLoad`; this instance reports its own pending
 inits the same way. The cookie secret comes from the farm's KV bucket
 (`cookie_secret.py`).
+
+Owned shards: the same `IkeLoad` reports tell which shards have a live worker
+(`routing.ShardOwners`); a datagram for a shard nobody owns, or a new
+IKE_SA_INIT while no worker reports at all, is dropped and counted
+(`dropped.shard_unowned`, `dropped.no_worker`) instead of being published to a
+subject nobody listens to. For its first `OWNERS_LEARNING` seconds an ingress
+has not heard every worker yet and forwards as before; so too after it was
+itself stopped or starved (`owners_relearn`), when the reports it missed may
+still wait unread behind the datagrams.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import time
 from typing import Any, cast
 
@@ -41,10 +51,13 @@ from ikefarm.services.ingress import major_version
 from ikefarm.services.ingress.cookie_secret import CookieSecretStore
 from ikefarm.services.ingress.routing import (
     NAT_KEEPALIVE,
+    NO_WORKER,
+    SHARD_UNOWNED,
     Dropped,
     InitRouteTable,
     Route,
     Router,
+    ShardOwners,
     canonical_address,
 )
 from ikefarm.services.ingress.sockets import LocalEndpoint, local_endpoints, open_udp_socket
@@ -52,7 +65,7 @@ from ikefarm.shared.bus.runtime import Runtime, ServiceBase
 from ikefarm.shared.dos.cookies import CookieJar, init_request
 from ikefarm.shared.dos.gate import COOKIE, DROP, IngressGate, Verdict
 from ikefarm.shared.dos.limits import dos_limits
-from ikefarm.shared.dos.load import FarmLoad
+from ikefarm.shared.dos.load import STALE_AFTER, FarmLoad
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER
 from ikefarm.shared.observability.tracing import tracer
 
@@ -62,6 +75,15 @@ RECEIVE_QUEUE_SIZE = 4096
 _UNTRACED_DROPS = frozenset({"nat_keepalive", "esp_in_udp", "empty"})
 LOAD_INTERVAL = 1.0  # s between IngressLoad reports when nothing changes
 MODE_CHECK = 0.25  # s between looks at the gate's modes (cookies on/off, limits)
+# workers report every second (services/ike LOAD_INTERVAL): after this long listening an
+# ingress has heard every live one, and a shard still unreported has no owner
+OWNERS_LEARNING = STALE_AFTER * 1.0
+# this long without a beat of the load task (every MODE_CHECK / 5): the process was stopped
+# or starved, and the workers' reports it missed may still be unread
+STALLED_AFTER = 0.5
+# datagrams for shards nobody owns can come in floods: one debug line per this many seconds
+UNOWNED_LOG_EVERY = 1.0
+_UNOWNED_DROPS = frozenset({SHARD_UNOWNED, NO_WORKER})
 
 
 class _Received:
@@ -124,6 +146,9 @@ class IngressService(ServiceBase):
         self._reported_pending = -1
         self._load_task: asyncio.Task[None] | None = None
         self._major_version_answers = major_version.new_bucket()
+        self._unowned_log_at = -math.inf
+        self._unowned_unlogged = 0
+        self._beat = time.monotonic()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -157,6 +182,7 @@ class IngressService(ServiceBase):
             self.runtime.counters,
         )
         await self.secrets.start()
+        self.router.owners = ShardOwners(time.monotonic(), OWNERS_LEARNING)
         await self.runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_ike_load)
         await self.runtime.subscribe(subjects.INGRESS_LOAD, IngressLoad, self.on_ingress_load)
         await self.runtime.subscribe(subjects.INGRESS_BACKOFF, PeerBackoff, self.on_backoff)
@@ -190,11 +216,15 @@ class IngressService(ServiceBase):
         self.endpoints.clear()
 
     def gauges(self) -> dict[str, Any]:
-        self.router.init_routes.purge(time.monotonic())
+        now = time.monotonic()
+        self.router.init_routes.purge(now)
+        owners = self.router.owners
         return {
             "sockets": len(self.endpoints),
             "init_routes": len(self.router.init_routes),
             "receive_queue": self._queue.qsize(),
+            "owned_shards": owners.shards(now) if owners is not None else [],
+            "owners_learning": owners.learning(now) if owners is not None else True,
             "dos": self.dos_state(),
         }
 
@@ -240,6 +270,7 @@ class IngressService(ServiceBase):
         remote_address = canonical_address(str(item.remote[0]))
         remote_port = int(item.remote[1])
         now = time.monotonic()
+        self._check_stall(now)
         verdict = self.router.route(
             item.data,
             natt=endpoint.natt,
@@ -251,6 +282,10 @@ class IngressService(ServiceBase):
             return
         if isinstance(verdict, Dropped) and verdict.reason == "invalid_major_version":
             self._answer_major_version(endpoint, item.data, remote_address, remote_port, now)
+        if isinstance(verdict, Dropped) and verdict.reason in _UNOWNED_DROPS:
+            # counted by the router; no span each, so a flood of them costs no traces
+            self._log_unowned(verdict, remote_address, remote_port, now)
+            return
         gated: Verdict | None = None
         if isinstance(verdict, Route) and verdict.subject == subjects.IKE_INIT:
             gated = self._gate(verdict, remote_address, now)
@@ -330,6 +365,26 @@ class IngressService(ServiceBase):
                 remote=f"{remote_address}[{remote_port}]",
             )
 
+    def _check_stall(self, now: float) -> None:
+        if now - self._beat > STALLED_AFTER and self.router.owners is not None:
+            self.router.owners.relearn(now)
+            self.runtime.counters["owners_relearn"] += 1
+        self._beat = max(self._beat, now)
+
+    def _log_unowned(self, dropped: Dropped, address: str, port: int, now: float) -> None:
+        if now - self._unowned_log_at < UNOWNED_LOG_EVERY:
+            self._unowned_unlogged += 1
+            return
+        self.log.debug(
+            "datagram_dropped",
+            reason=dropped.reason,
+            shard=dropped.shard,
+            remote=f"{address}[{port}]",
+            not_logged_before=self._unowned_unlogged,
+        )
+        self._unowned_log_at = now
+        self._unowned_unlogged = 0
+
     @staticmethod
     def _annotate(span: Any, route: Route) -> None:
         header = route.header
@@ -389,9 +444,14 @@ class IngressService(ServiceBase):
     # --- farm-wide load ----------------------------------------------------------------------
 
     async def on_ike_load(self, message: IkeLoad, _msg: Msg) -> None:
-        refused = self.gate.load.update_shard(message, time.monotonic())
+        now = time.monotonic()
+        refused = self.gate.load.update_shard(message, now)
         if refused is not None:
             self.runtime.counters[f"load_refused.{refused}"] += 1
+            return
+        if self.router.owners is not None:
+            # validated by update_shard: a shard number and a positive finite interval
+            self.router.owners.reported(message.shard, message.interval, now)
 
     async def on_ingress_load(self, message: IngressLoad, _msg: Msg) -> None:
         refused = self.gate.load.update_ingress(message, time.monotonic())
@@ -418,6 +478,7 @@ class IngressService(ServiceBase):
             await asyncio.sleep(MODE_CHECK / 5)
             since += MODE_CHECK / 5
             now = time.monotonic()
+            self._check_stall(now)
             pending = self.gate.load.own_pending(now)
             if pending == self._reported_pending and since < LOAD_INTERVAL:
                 continue

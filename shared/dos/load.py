@@ -204,10 +204,22 @@ class BackoffTable:
     def add(self, peer: str, phase: str, seconds: float, now: float) -> None:
         if not math.isfinite(seconds) or seconds <= 0:
             return
+        self._forget_expired(now)
         self._until.pop(peer, None)
         self._until[peer] = (now + min(seconds, 180.0), phase)
         while len(self._until) > self.capacity:
             self._until.popitem(last=False)
+
+    def _forget_expired(self, now: float) -> None:
+        # oldest-added first; two per add keep the table to the peers still backing off
+        # (give or take the longest backoff), not every peer that ever failed
+        for _ in range(2):
+            if not self._until:
+                return
+            peer, (until, _phase) = next(iter(self._until.items()))
+            if until > now:
+                return
+            del self._until[peer]
 
     def phase(self, peer: str, now: float) -> str | None:
         """The phase whose failure `peer` is backing off from, or None."""

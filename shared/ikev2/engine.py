@@ -274,7 +274,9 @@ class IkeEngine:
         was_established = sa.established_at is not None
         sa.state = IkeSaState.DELETED
         self.sas.pop(sa.local_spi, None)
-        self.init_index.pop((sa.spi_i, sa.remote.address, sa.remote.port), None)
+        key = sa.init_index_key
+        if key is not None and self.init_index.get(key) == sa.local_spi:
+            del self.init_index[key]
         for request_id, spi in list(self.keystore_waits.items()):
             if spi == sa.local_spi:
                 del self.keystore_waits[request_id]

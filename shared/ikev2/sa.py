@@ -135,6 +135,9 @@ class IkeSa:
     # initiator: the keys without PPK, kept until the responder says whether it used the PPK
     no_ppk_keys: IkeSaKeys | None = field(default=None, repr=False)
     half_open_deadline: float | None = None
+    # responder: this SA's key in the engine's init_index, as the IKE_SA_INIT arrived; the
+    # peer's port may float to 4500 later (RFC 7296 2.23), so `remote` no longer names it
+    init_index_key: tuple[bytes, str, int] | None = field(default=None, repr=False)
     last_seen: float = 0.0  # last verified protected message from the peer (liveness, DPD)
     established_at: float | None = None
     rekey_at: float | None = None

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from ikefarm.proto import envelope
 from ikefarm.proto.envelope import BusError, BusMessage
 from ikefarm.proto.messages import CookieSecrets, IkeLoad, IngressLoad, PeerBackoff
+from ikefarm.services.ingress.routing import ShardOwners
 from ikefarm.shared.dos.cookies import jar_from_record
 from ikefarm.shared.dos.load import BackoffTable, FarmLoad
 
@@ -58,6 +59,11 @@ def apply(message: BusMessage) -> None:
         assert reason is None or isinstance(reason, str)
         assert load.half_open(10.0) >= 0 and load.pending(10.0) >= 0
         load.peer_half_open("198.51.100.1", 10.0)
+        owners = ShardOwners(started=0.0, learning=0.0)
+        if reason is None:  # ingress takes an accepted report as its shard's owner
+            owners.reported(message.shard, message.interval, 10.0)
+            assert owners.owned(message.shard, 10.0) and owners.shards(10.0) == [message.shard]
+        assert owners.any_owned(10.0) == (reason is None)
     elif isinstance(message, IngressLoad):
         reason = load.update_ingress(message, 10.0)
         assert reason is None or isinstance(reason, str)

@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -130,6 +131,7 @@ def flood(
     network: str = BENCHMARK_RANGE,
     listen: bool = False,
     linger: float = 1.0,
+    on_go: bool = False,
 ) -> dict[str, object]:
     template, nonce_at, nonce_length = template_request()
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -137,6 +139,9 @@ def flood(
     listener = Listener(network) if listen else None
     if listener is not None:
         listener.start()
+    if on_go:  # everything slow is done: the caller decides the moment the flood starts
+        print("ready", flush=True)
+        sys.stdin.readline()
     addresses = sources(network)
     used: set[str] = set()
     sent = errors = 0
@@ -186,11 +191,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", default=BENCHMARK_RANGE)
     parser.add_argument("--listen", action="store_true", help="count the answers")
     parser.add_argument("--linger", type=float, default=1.0, help="s to listen after the flood")
+    parser.add_argument(
+        "--on-go", action="store_true", help='print "ready", flood once a line comes on stdin'
+    )
     args = parser.parse_args(argv)
     if args.count < 1 or args.count > 1_000_000 or args.duration > 600:
         parser.error("count 1-1000000, duration at most 600 s")
     result = flood(
-        args.target, args.count, args.rate, args.duration, args.sources, args.listen, args.linger
+        args.target,
+        args.count,
+        args.rate,
+        args.duration,
+        args.sources,
+        args.listen,
+        args.linger,
+        args.on_go,
     )
     print(json.dumps(result), flush=True)
     return 0

@@ -34,11 +34,32 @@ COOKIE_THRESHOLD = 5
 HALF_OPEN_LIMIT = 20
 
 
-def start_flood(ns: Namespace, target: str, count: int, rate: float, duration: float) -> Any:
+def start_flood(
+    ns: Namespace, target: str, count: int, rate: float, duration: float, *, on_go: bool = False
+) -> Any:
+    """The flooder; with `on_go` it prepares (`ready(process)`), then waits for `go(process)`."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     argv = [sys.executable, "-m", "tests.harness.flooder", "--target", target]
     argv += ["--count", str(count), "--rate", str(rate), "--duration", str(duration)]
-    return ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    if on_go:
+        argv.append("--on-go")
+    return ns.popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE if on_go else subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+
+
+def ready(process: Any) -> None:
+    assert process.stdout.readline().strip() == "ready", process.stderr.read()
+
+
+def go(process: Any) -> None:
+    process.stdin.write("go\n")
+    process.stdin.flush()
 
 
 def flood_result(process: Any, timeout: float = 120) -> dict[str, Any]:
@@ -155,9 +176,14 @@ def test_a_stalled_worker_fills_init_limit_job_load_and_nothing_more(
         "cookie-threshold = 0\nblock-threshold = 0\ninit-limit-job-load = 3\n",
     )
     worker_pid = next(pid for name, pid in gateway.service_pids().items() if name.startswith("ike"))
-    os.kill(worker_pid, signal.SIGSTOP)
+    # the flood starts at once after the stop: ingress stops forwarding to a worker that has
+    # not reported for three seconds (no_worker); this test is about the seconds before
+    flooder = start_flood(netns_pair.peer, netns_pair.gw_v4, 10, 20, 10, on_go=True)
+    ready(flooder)
     try:
-        flood = flood_result(start_flood(netns_pair.peer, netns_pair.gw_v4, 10, 20, 10))
+        os.kill(worker_pid, signal.SIGSTOP)
+        go(flooder)
+        flood = flood_result(flooder)
         assert flood["sent"] == 10
         counters = wait_for(
             lambda: (

@@ -27,7 +27,7 @@ from ikefarm.shared.ikev2.payloads import NotifyPayload
 from tests.dos_helpers import init_requests
 from tests.engine_helpers import RESPONDER_TOML
 from tests.harness.ports import udp_ports
-from tests.service.test_ingress_service import wait_until
+from tests.service.test_ingress_service import stand_in_workers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,7 +114,7 @@ async def test_a_cookie_from_one_instance_is_accepted_by_the_other(
     )
     nc = await nats.connect(nats_server.url)
     inits = await collector(nc, subjects.IKE_INIT)
-    async with started(first, second):
+    async with started(first, second), stand_in_workers(nc, 0):
         versions = [r.service.secrets.version for r in (first, second)]  # type: ignore[union-attr]
         assert versions[0] == versions[1] is not None
         (request,) = init_requests(1)
@@ -237,7 +237,7 @@ async def test_job_load_counts_inits_a_stalled_worker_has_not_answered(
     )
     nc = await nats.connect(nats_server.url)
     stalled = await collector(nc, subjects.IKE_INIT)  # takes inits, never answers
-    async with started(ingress):
+    async with started(ingress), stand_in_workers(nc, 0):
         sockets = peer_sockets(4)
         for sock, request in zip(sockets, init_requests(4), strict=True):
             sock.sendto(request, ("127.0.0.1", ike_port))
@@ -256,7 +256,7 @@ async def test_backoff_from_a_worker_reaches_ingress_and_bad_bus_input_is_counte
 ) -> None:
     ike_port, _config, ingress, _unused = two_ingress(nats_server, tmp_path, "")
     nc = await nats.connect(nats_server.url)
-    async with started(ingress):
+    async with started(ingress), stand_in_workers(nc, 0):
         await nc.publish(
             subjects.INGRESS_BACKOFF, envelope.pack(PeerBackoff("127.0.0.1", "init", 30.0))
         )
@@ -297,7 +297,7 @@ async def test_the_cookie_secret_travels_only_inside_the_store(
         "cookie-secret-lifetime = 1\n"
         '[ike.global-options.dos-protection]\ncookie-threshold = "always"\n',
     )
-    async with started(first, second):
+    async with started(first, second), stand_in_workers(nc, 0):
         (sock,) = peer_sockets(1)
         for request in init_requests(3):
             sock.sendto(request, ("127.0.0.1", ike_port))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from ikefarm.proto import envelope, subjects
-from ikefarm.proto.messages import Datagram, InitRoute, OutboundDatagram, Stats, StatsRequest
+from ikefarm.proto.messages import (
+    Datagram,
+    IkeLoad,
+    InitRoute,
+    OutboundDatagram,
+    Stats,
+    StatsRequest,
+)
 from ikefarm.proto.sharding import spi_for_shard
 from ikefarm.services.ingress.service import IngressService
 from ikefarm.shared.bus.embedded import EmbeddedNats
@@ -28,6 +36,9 @@ from ikefarm.shared.ikev2.payloads import NoncePayload
 from tests.harness.ports import udp_ports
 
 SPI_I = bytes.fromhex("a1a2a3a4a5a6a7a8")
+# shards the tests below route to; their stand-in owners report for them (ingress forwards
+# only to a shard some worker reports)
+OWNED_SHARDS = (3, 7, 12)
 
 
 def ike(
@@ -81,6 +92,28 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Non
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def stand_in_workers(nc: Client, *shards: int, interval: float = 1.0) -> AsyncIterator[None]:
+    """The load reports (IkeLoad) ike workers owning `shards` publish, every half `interval`,
+    while the block runs: for tests where a plain subscriber stands in for the worker."""
+    seq = itertools.count(1)
+
+    async def report() -> None:
+        while True:
+            for shard in shards:
+                load = IkeLoad(f"stand-in-{shard}", shard, next(seq), 0, 0, interval)
+                await nc.publish(subjects.IKE_LOAD, envelope.pack(load))
+            await asyncio.sleep(interval / 2)
+
+    task = asyncio.create_task(report())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 @pytest.fixture
 async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]:
     ike_port, natt_port = udp_ports(2)
@@ -101,7 +134,8 @@ async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]
     await nc.subscribe("ikefarm.ike.shard.*.datagram", cb=collect)
     await subscriptions_in_place(nc)
     try:
-        yield Farm(runtime, nc, ike_port, natt_port, received)
+        async with stand_in_workers(nc, *OWNED_SHARDS):
+            yield Farm(runtime, nc, ike_port, natt_port, received)
     finally:
         await nc.close()
         await runtime.stop()

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from ikefarm.proto.messages import IkeLoad, IngressLoad
 from ikefarm.shared.dos.cookies import CookieJar, CookieSecret, InitRequest
 from ikefarm.shared.dos.gate import COOKIE, DROP, FORWARD, IngressGate
-from ikefarm.shared.dos.load import PENDING_TTL, FarmLoad
+from ikefarm.shared.dos.load import PENDING_TTL, BackoffTable, FarmLoad
 from ikefarm.shared.ikev2.constants import NotifyType
 from ikefarm.shared.ikev2.message import parse_message
 from tests.dos_helpers import limits_of
@@ -193,3 +193,14 @@ def test_a_restarted_worker_counting_from_zero_still_retires_pending_inits() -> 
     assert g.load.own_pending(NOW) == 1
     g.load.update_shard(snapshot(seq=10, answered=2), NOW)
     assert g.load.own_pending(NOW) == 0
+
+
+def test_backoff_table_forgets_expired_peers_as_new_ones_come() -> None:
+    table = BackoffTable()
+    for index in range(100):  # a new failing peer every 10 s, each backing off 5 s
+        table.add(f"198.51.100.{index + 1}", "auth", 5.0, now=10.0 * index)
+        assert table.phase(f"198.51.100.{index + 1}", now=10.0 * index) == "auth"
+    assert len(table) == 1  # not one entry per peer that ever failed
+    table.add("203.0.113.1", "init", 60.0, now=1000.0)
+    table.add("203.0.113.2", "init", 5.0, now=1001.0)
+    assert len(table) == 2 and table.phase("203.0.113.1", now=1050.0) == "init"

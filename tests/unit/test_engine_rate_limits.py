@@ -28,6 +28,10 @@ def test_sliding_window_allows_count_per_seconds() -> None:
     for key in range(5):
         bounded.allow(key, 0.0)
     assert len(bounded._events) == 2
+    # a key whose events all left the window is forgotten as others come
+    for second in range(100):
+        assert bounded.allow(f"peer-{second}", 20.0 * second)
+    assert len(bounded._events) == 1
 
 
 def test_keepalive_rate_drops_the_excess_dpd_and_keeps_the_message_id() -> None:

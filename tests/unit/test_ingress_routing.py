@@ -11,6 +11,7 @@ from ikefarm.services.ingress.routing import (
     InitRouteTable,
     Route,
     Router,
+    ShardOwners,
     canonical_address,
     route_datagram,
 )
@@ -214,5 +215,58 @@ def test_router_counts_every_verdict() -> None:
         "routed.shard": 1,
         "nat_keepalive": 1,
         "esp_in_udp": 1,
+        "dropped.truncated_header": 1,
+    }
+
+
+def test_shard_owners_follow_the_workers_reports() -> None:
+    owners = ShardOwners(started=0.0, learning=3.0)
+    # listening for less than three report intervals: not every worker was heard yet
+    assert owners.learning(2.9) and owners.owned(7, 2.9) and owners.any_owned(2.9)
+    assert not owners.learning(3.0) and not owners.owned(7, 3.0) and not owners.any_owned(3.0)
+    owners.reported(7, interval=1.0, now=3.5)
+    assert owners.owned(7, 6.5) and owners.any_owned(6.5) and owners.shards(6.5) == [7]
+    assert not owners.owned(8, 6.5)
+    # three intervals without a report: the worker is gone
+    assert not owners.owned(7, 6.6) and not owners.any_owned(6.6)
+    assert owners.shards(6.6) == []
+    # this process was stopped: what it missed may still be unread, so it learns again
+    owners.relearn(now=7.0)
+    assert owners.learning(9.9) and owners.owned(7, 9.9) and not owners.learning(10.0)
+    owners.reported(7, interval=0.5, now=10.0)  # back, reporting faster
+    assert owners.owned(7, 11.5) and not owners.owned(7, 11.6)
+    for shard, interval in ((-1, 1.0), (1 << 16, 1.0), (1, 0.0), (1, float("nan"))):
+        with pytest.raises(ValueError):
+            owners.reported(shard, interval, now=12.0)
+
+
+def test_router_drops_what_no_worker_owns_by_reason() -> None:
+    owners = ShardOwners(started=0.0, learning=0.0)
+    table = InitRouteTable()
+    router = Router(init_routes=table, owners=owners)
+    common = {"natt": False, "remote_address": PEER, "remote_port": 500, "now": 1.0}
+    auth_for = {s: ike(ExchangeType.IKE_AUTH, SPI_I, spi_for_shard(s, bytes(6))) for s in (1, 2)}
+    # nobody reports yet: a new IKE_SA_INIT has no worker, a shard's datagram no owner
+    no_worker = router.route(ike(), **common)
+    assert isinstance(no_worker, Dropped) and no_worker.counter == "dropped.no_worker"
+    unowned = router.route(auth_for[1], **common)
+    assert isinstance(unowned, Dropped) and unowned.reason == "shard_unowned"
+    assert unowned.shard == 1
+    owners.reported(1, interval=1.0, now=1.0)
+    assert isinstance(router.route(ike(), **common), Route)  # any worker takes a new one
+    assert isinstance(router.route(auth_for[1], **common), Route)
+    assert isinstance(router.route(auth_for[2], **common), Dropped)
+    # a retransmitted IKE_SA_INIT pinned to a worker that is gone goes to any worker
+    table.learn(PEER, 500, SPI_I, shard=2, lifetime=30.0, now=1.0)
+    fallback = router.route(ike(), **common)
+    assert isinstance(fallback, Route) and fallback.subject == subjects.IKE_INIT
+    # malformed input is still dropped for what it is, before any ownership question
+    assert isinstance(router.route(b"junk", **common), Dropped)
+    assert dict(router.counters) == {
+        "dropped.no_worker": 1,
+        "dropped.shard_unowned": 2,
+        "routed.init": 2,
+        "routed.shard": 1,
+        "init_route_unowned": 1,
         "dropped.truncated_header": 1,
     }

@@ -255,7 +255,8 @@ def respond(
     payloads += auth_methods.certreq_payloads(engine.policy, candidates)
 
     engine.sas[spi_r] = sa
-    engine.init_index[(request.spi_i, remote.address, remote.port)] = spi_r
+    engine.init_index[key] = spi_r
+    sa.init_index_key = key
     effects = _mode_logs(engine, None) + engine.respond(sa, request, payloads, protected=False)
     sa.init_response = sa.last_response.datagrams[0] if sa.last_response else b""
     effects.append(HalfOpen(request.spi_i, remote, lifetime))

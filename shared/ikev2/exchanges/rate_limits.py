@@ -39,6 +39,7 @@ class SlidingWindow:
     _events: OrderedDict[object, deque[float]] = field(default_factory=OrderedDict)
 
     def allow(self, key: object, now: float) -> bool:
+        self._forget_idle(now)
         window = self._events.get(key)
         if window is None:
             window = self._events[key] = deque()
@@ -51,6 +52,19 @@ class SlidingWindow:
         window.append(now)
         self._events.move_to_end(key)
         return True
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop keys whose events all left the window, so the table holds the peers of the
+        last `rate.seconds`, not every peer ever seen. Keys are in the order of their last
+        accepted event: the first one is the idlest. Two per call keep up with one new key
+        per call."""
+        for _ in range(2):
+            if not self._events:
+                return
+            key, window = next(iter(self._events.items()))
+            if window and window[-1] > now - self.rate.seconds:
+                return
+            del self._events[key]
 
 
 def classify(sa: IkeSa, request: Message) -> tuple[str, object] | None:

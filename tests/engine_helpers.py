@@ -202,6 +202,22 @@ def pair(
     )
 
 
+# Containers that grow and are cut back by design (amortized O(1)), not per-SA leftovers:
+# their bound is checked by `assert_bounded_caches` instead of an exact size.
+BOUNDED_CACHES = frozenset({"_child_spis"})
+
+
+def assert_bounded_caches(engine: Any) -> None:
+    """The engine's remembered child SPIs stay within the bound its rebuild keeps."""
+    from ikefarm.shared.ikev2 import engine as engine_module
+
+    live = sum(len(sa.children) for sa in engine.sas.values())
+    assert len(engine._child_spis) <= engine._child_spis_limit + 1
+    assert engine._child_spis_limit <= 2 * max(live, len(engine._child_spis)) + (
+        engine_module.CHILD_SPI_SLACK
+    )
+
+
 def container_sizes(root: object, path: str, seen: set[int], out: dict[str, int]) -> None:
     """The entries of every dict, list, set and deque reachable from `root`, by attribute
     path; the members of one container are summed under `[*]` (their keys are peers, SPIs)."""
@@ -216,4 +232,5 @@ def container_sizes(root: object, path: str, seen: set[int], out: dict[str, int]
             container_sizes(value, f"{path}[*]", seen, out)
     elif hasattr(root, "__dict__") and not callable(root):
         for name, value in vars(root).items():
-            container_sizes(value, f"{path}.{name}", seen, out)
+            if name not in BOUNDED_CACHES:
+                container_sizes(value, f"{path}.{name}", seen, out)

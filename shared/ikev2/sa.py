@@ -213,6 +213,10 @@ def _count_key(sa: IkeSa) -> _CountKey:
     )
 
 
+# stale timer-heap entries (of removed or rescheduled SAs) tolerated before a compaction
+STALE_TIMER_SLACK = 64
+
+
 class SaTable(dict[bytes, IkeSa]):
     """An engine's IKE SAs by local SPI, with the counts admission and load reports read,
     and a heap of the SAs' next deadlines for the timers.
@@ -309,7 +313,7 @@ class SaTable(dict[bytes, IkeSa]):
             entry = (when, next(self._sequence))
             self._scheduled[id(sa)] = entry
             heapq.heappush(self._heap, (*entry, sa))
-        if len(self._heap) > 2 * len(self._scheduled) + 64:  # mostly stale entries: compact
+        if len(self._heap) > 2 * len(self._scheduled) + STALE_TIMER_SLACK:  # mostly stale: compact
             self._heap = [e for e in self._heap if self._live(e)]
             heapq.heapify(self._heap)
 

@@ -33,6 +33,7 @@ from ikefarm.shared.ikev2.sa import IkeSaState
 from tests.engine_helpers import (
     INITIATOR_TOML,
     RESPONDER_TOML,
+    assert_bounded_caches,
     container_sizes,
     keystore_stand_in,
 )
@@ -193,5 +194,6 @@ async def test_a_worker_holds_after_many_handshakes_what_it_held_after_a_few(
 
     changed = {path: (baseline.get(path), after.get(path)) for path in baseline.keys() | after}
     assert {p: sizes for p, sizes in changed.items() if sizes[0] != sizes[1]} == {}
+    assert_bounded_caches(worker.engine)
     assert worker.engine.counters["ike_sa_deleted_by_peer"] == WARM_UP + CYCLES
     assert farm.ingress.counters["dropped.shard_unowned"] == 0

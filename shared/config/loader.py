@@ -22,8 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from ikefarm.shared.config.kinds import Rate, Secret, one_line, show_value
+from ikefarm.shared.config.planned import planned_problems
 from ikefarm.shared.config.schema import SCHEMA
-from ikefarm.shared.config.tree import MAX_PROBLEMS, ConfigProblem, WalkResult, walk_section
+from ikefarm.shared.config.tree import (
+    MAX_PROBLEMS,
+    ConfigProblem,
+    Section,
+    TableList,
+    WalkResult,
+    iter_reference,
+    walk_section,
+)
 
 MAX_FILE_SIZE = 4 * 1024 * 1024  # octets; a real configuration is a few KiB
 MAX_NESTING = 32  # arrays and inline tables inside each other; the schema needs a handful
@@ -157,6 +166,13 @@ def decode_config(data: bytes, source: str = "<memory>") -> str:
         raise refuse(f"not UTF-8: invalid byte at {_where(data, exc.start)}") from None
 
 
+LEAF_DEFAULTS: dict[str, Any] = {
+    path: spec.default
+    for path, spec in iter_reference(SCHEMA)
+    if not isinstance(spec, Section | TableList)
+}
+
+
 def parse_config(text: str, source: str = "<memory>") -> Config:
     if len(text) > MAX_FILE_SIZE:
         raise ConfigError(
@@ -180,6 +196,7 @@ def parse_config(text: str, source: str = "<memory>") -> Config:
     data = walk_section(SCHEMA, raw, "", result)
     config = Config(data, result.explicit, source)
     result.problems.extend(cross_check(config))
+    result.problems.extend(planned_problems(data, result.explicit, LEAF_DEFAULTS))
     if result.problems:
         raise ConfigError(source, result.problems, result.omitted)
     return config

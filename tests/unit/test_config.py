@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ikefarm.shared.config.kinds import Rate, Secret
-from ikefarm.shared.config.loader import ConfigError, parse_config
+from ikefarm.shared.config.loader import LEAF_DEFAULTS, ConfigError, parse_config
+from ikefarm.shared.config.planned import planned_for
 from ikefarm.shared.config.schema import SCHEMA
 from ikefarm.shared.config.tree import Section, TableList, iter_reference
 
@@ -40,15 +41,26 @@ SEED_RANGES = [
 ]
 
 
+def in_range(section: str, key: str, value: int) -> None:
+    """A value inside the seed's range loads, or is refused only as not implemented yet."""
+    if planned_for(f"{section}.{key}") is None or LEAF_DEFAULTS[f"{section}.{key}"] == value:
+        assert parse_config(table(section, key, str(value)))
+        return
+    with pytest.raises(ConfigError) as refused:
+        parse_config(table(section, key, str(value)))
+    problems = [str(p) for p in refused.value.problems]
+    assert all("not implemented yet" in p for p in problems), problems
+
+
 @pytest.mark.parametrize(("section", "key", "low", "high"), SEED_RANGES)
 def test_integer_range_boundaries(section: str, key: str, low: int, high: int | None) -> None:
-    assert parse_config(table(section, key, str(low)))
+    in_range(section, key, low)
     with pytest.raises(ConfigError) as refused:
         parse_config(table(section, key, str(low - 1)))
     assert f"{section}.{key}" in str(refused.value)
     assert str(low - 1) in str(refused.value)
     if high is not None:
-        assert parse_config(table(section, key, str(high)))
+        in_range(section, key, high)
         with pytest.raises(ConfigError) as refused:
             parse_config(table(section, key, str(high + 1)))
         message = str(refused.value)

@@ -72,9 +72,9 @@ def test_unreadable_paths_are_config_errors(tmp_path: Path) -> None:
 
 
 def test_control_characters_render_as_toml_escapes() -> None:
-    config = parse_config('[[ike.pool]]\nname = "a\\nb\\u0001\\\\c\\u2028"\n')
+    config = parse_config('[[ike.ike-policy-template]]\nname = "a\\nb\\u0001\\\\c\\u2028"\n')
     assert 'name = "a\\u000ab\\u0001\\\\c\u2028"' in config.render()
-    assert parse_config(config.render()).ike.pool[0].name == "a\nb\x01\\c\u2028"
+    assert parse_config(config.render()).ike.ike_policy_template[0].name == "a\nb\x01\\c\u2028"
 
 
 def test_toml_syntax_error_gives_line_and_column() -> None:

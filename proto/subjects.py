@@ -54,6 +54,14 @@ INGRESS_BACKOFF = f"{PREFIX}.ingress.backoff"
 # only ingress reads or writes it.
 COOKIE_SECRET_BUCKET = "ikefarm-cookie-secret"  # noqa: S105 - a bucket name, not a secret
 COOKIE_RECORD = "record"
+# JetStream KV bucket of unique-id reservations: key `shard-<n>` holds the next id counter
+# of that shard not yet handed to a worker, so a restarted worker never reuses an id
+UNIQUE_ID_BUCKET = "ikefarm-unique-ids"
+
+
+def unique_id_key(shard: int) -> str:
+    return f"shard-{shard}"
+
 
 # ike -> kernel: child SA install/delete (request/reply).
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
@@ -154,21 +162,27 @@ def _discovery(service: str) -> tuple[str, ...]:
     )
 
 
-# What nats-py's KV client sends for the cookie secret bucket (create, get, CAS update,
-# watch): only ingress may touch it.
-_COOKIE_STREAM = f"KV_{COOKIE_SECRET_BUCKET}"
-_COOKIE_SECRET_API = (
-    f"$JS.API.STREAM.INFO.{_COOKIE_STREAM}",
-    f"$JS.API.STREAM.CREATE.{_COOKIE_STREAM}",
-    f"$JS.API.STREAM.MSG.GET.{_COOKIE_STREAM}",
-    f"$JS.API.DIRECT.GET.{_COOKIE_STREAM}.>",
-    f"$JS.API.CONSUMER.CREATE.{_COOKIE_STREAM}",
-    f"$JS.API.CONSUMER.CREATE.{_COOKIE_STREAM}.>",
-    f"$JS.API.CONSUMER.DELETE.{_COOKIE_STREAM}.>",
-    f"$JS.API.CONSUMER.INFO.{_COOKIE_STREAM}.>",  # the watch reads its consumer's info
-    f"$JS.FC.{_COOKIE_STREAM}.>",  # flow-control answers of the watch's ordered consumer
-    f"$KV.{COOKIE_SECRET_BUCKET}.>",
-)
+def _kv_api(bucket: str, *, watch: bool = False) -> tuple[str, ...]:
+    """What nats-py's KV client sends for one bucket: create, get, CAS update (and watch)."""
+    stream = f"KV_{bucket}"
+    api = (
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$KV.{bucket}.>",
+    )
+    if not watch:
+        return api
+    return (
+        *api,
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",  # the watch reads its consumer's info
+        f"$JS.FC.{stream}.>",  # flow-control answers of the watch's ordered consumer
+    )
+
 
 PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "ingress": {
@@ -176,7 +190,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             IKE_INIT,
             f"{PREFIX}.ike.shard.*.datagram",
             INGRESS_LOAD,
-            *_COOKIE_SECRET_API,
+            *_kv_api(COOKIE_SECRET_BUCKET, watch=True),  # only ingress holds the secret
         ),
         "subscribe": (own_subjects("ingress"), IKE_LOAD),
     },
@@ -191,6 +205,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             f"{PREFIX}.kernel.child.>",
             f"{PREFIX}.kernel.trap.>",
             f"{PREFIX}.event.>",
+            *_kv_api(UNIQUE_ID_BUCKET),
         ),
         "subscribe": (own_subjects("ike"),),
     },

@@ -52,7 +52,9 @@ from ikefarm.proto.messages import (
     TrapInstall,
     TrapRemove,
 )
+from ikefarm.services.ike import unique_ids
 from ikefarm.services.ike.ppk_client import PpkClient
+from ikefarm.services.ike.unique_ids import UniqueIds
 from ikefarm.shared.bus.runtime import ServiceBase
 from ikefarm.shared.dos.admission import WorkerAdmission, local_load
 from ikefarm.shared.dos.limits import dos_limits
@@ -104,8 +106,17 @@ class IkeService(ServiceBase):
             workers=int(self.config.farm.ike_workers),
             load=FarmLoad(self.runtime.instance),
         )
+        # unique ids reserved farm-wide before the first SA can want one
+        self._ids_wanted = asyncio.Event()
+        self.unique_ids = UniqueIds(self.shard, on_want=self._ids_wanted.set)
+        assert self.runtime.nc is not None
+        self._id_bucket = await unique_ids.open_bucket(self.runtime.nc)
+        self.unique_ids.add_block(*await unique_ids.reserve(self._id_bucket, self.shard, 1))
         self.engine = IkeEngine(
-            engine_policy(self.config.without_secrets()), self.shard, dos=self.admission
+            engine_policy(self.config.without_secrets()),
+            self.shard,
+            dos=self.admission,
+            unique_ids=self.unique_ids.take,
         )
         # IKE_SA_INIT answered (or refused) per ingress instance, reported in IkeLoad
         self.inits_answered: dict[str, int] = {}
@@ -140,12 +151,16 @@ class IkeService(ServiceBase):
         await self.publish_load()
         self._timer = asyncio.create_task(self.run_timers())
         self._reporter = asyncio.create_task(self.report_load())
+        self._id_keeper = asyncio.create_task(
+            unique_ids.keep_reserved(self._id_bucket, self.unique_ids, self._ids_wanted, self.log)
+        )
         self.log.control("ike_worker_ready", shard=self.shard)
 
     async def teardown(self) -> None:
         self._stopping = True
         self._timer.cancel()
         self._reporter.cancel()
+        self._id_keeper.cancel()
         for task in list(self._tasks):
             task.cancel()
         for future in self._waiting.values():
@@ -154,6 +169,7 @@ class IkeService(ServiceBase):
     def gauges(self) -> dict[str, Any]:
         return {
             "shard": self.shard,
+            "unique_ids_overrun": self.unique_ids.overrun,
             "ike_sas": len(self.engine.sas),
             "half_open": self.engine.half_open_count,
             "half_open_peak": self.half_open_peak,

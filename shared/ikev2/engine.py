@@ -84,6 +84,7 @@ class IkeEngine:
         random: Callable[[int], bytes] = os.urandom,
         uniform: Callable[[float, float], float] | None = None,
         dos: WorkerAdmission | None = None,
+        unique_ids: Callable[[], int] | None = None,
     ) -> None:
         self.policy = policy
         # DoS limits (issue 5): admission before DH, backoffs, incoming exchange rates
@@ -102,6 +103,9 @@ class IkeEngine:
         self._child_spis_limit = CHILD_SPI_SLACK
         self.counters: Counter[str] = Counter()
         self._unique_ids = itertools.count(1)
+        # the ike service reserves farm-wide ids that survive its restarts; alone (tests)
+        # the engine counts from 1 with the shard as the high part, as in the SPI
+        self._unique_id_source = unique_ids
         self._request_ids = itertools.count(1)
 
     # -- identifiers -------------------------------------------------------------------------
@@ -129,7 +133,8 @@ class IkeEngine:
                 return spi
 
     def new_unique_id(self) -> int:
-        # unique across the farm: the shard is the high part, as in the SPI
+        if self._unique_id_source is not None:
+            return self._unique_id_source()
         return self.shard * 100_000 + next(self._unique_ids)
 
     def new_request_id(self) -> int:

@@ -197,3 +197,43 @@ async def test_a_worker_holds_after_many_handshakes_what_it_held_after_a_few(
     assert_bounded_caches(worker.engine)
     assert worker.engine.counters["ike_sa_deleted_by_peer"] == WARM_UP + CYCLES
     assert farm.ingress.counters["dropped.shard_unowned"] == 0
+
+
+async def _handshake_unique_ids(farm: Farm) -> set[int]:
+    """Establish and delete one SA; the unique ids the worker gave its IKE SA and child."""
+    peer, worker = farm.peer, farm.worker
+    now = asyncio.get_running_loop().time()
+    peer.run(peer.engine.initiate("hq", "net", now), now)
+    await wait_until(
+        lambda: any(
+            sa.state == IkeSaState.ESTABLISHED and sa.children for sa in worker.engine.sas.values()
+        )
+    )
+    ids = {sa.unique_id for sa in worker.engine.sas.values()}
+    ids |= {child.unique_id for sa in worker.engine.sas.values() for child in sa.children}
+    await wait_until(
+        lambda: any(sa.state == IkeSaState.ESTABLISHED for sa in peer.engine.sas.values())
+    )
+    (sa,) = peer.engine.sas.values()
+    now = asyncio.get_running_loop().time()
+    peer.run(peer.engine.delete_ike(sa, now, "flushed"), now)
+    await wait_until(lambda: not peer.engine.sas and not worker.engine.sas)
+    return ids
+
+
+async def test_a_restarted_worker_never_reuses_an_earlier_life_s_unique_ids(
+    farm: Farm, nats_server: EmbeddedNats
+) -> None:
+    first_life = await _handshake_unique_ids(farm) | await _handshake_unique_ids(farm)
+    assert len(first_life) == 4  # two IKE SAs, two children
+    await farm.ike.stop()
+    farm.ike = Runtime(
+        IkeService, farm.ike.config, nats_server.url, instance="ike-1", options={"shard": 1}
+    )
+    await farm.ike.start()
+    try:
+        second_life = await _handshake_unique_ids(farm)
+        assert min(second_life) > max(first_life)
+        assert farm.worker.unique_ids.overrun == 0
+    finally:
+        await farm.ike.stop()

@@ -1,4 +1,9 @@
-"""Kernel: programs child SAs and policies (XFRM through pyroute2, or in memory).
+"""Kernel: programs child SAs, policies, traps and routes through the chosen backend.
+
+Backends (backends.py): `netlink` (Linux XFRM and routes through pyroute2,
+netlink.py), `userspace` (the userspace ESP dataplane, loaded when present),
+`auto` (netlink when the kernel takes an ESP state, else userspace: probed once
+at start and logged at level 1 with the reason) and `memory` (a test double).
 
 Endpoints (request/reply): `subjects.KERNEL_CHILD_INSTALL` (ChildInstall ->
 KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck) and
@@ -10,6 +15,7 @@ Install requests carry session keys: nothing here logs or returns them.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ikefarm.proto import subjects
@@ -23,14 +29,15 @@ from ikefarm.proto.messages import (
     TrapInstall,
     TrapRemove,
 )
+from ikefarm.services.kernel import backends
 from ikefarm.services.kernel.memory import InvalidChild, KernelRefusal, MemoryKernel
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
 from ikefarm.shared.config.loader import Config
 
-NETLINK_NOT_IMPLEMENTED = (
-    'netlink backend not implemented yet; use backend = "memory" '
-    "([kernel] backend; XFRM programming through pyroute2 comes with a later issue)"
-)
+
+async def _settle(result: Any) -> Any:
+    """A backend answers directly (memory) or with an awaitable (netlink, userspace)."""
+    return await result if inspect.isawaitable(result) else result
 
 
 class BackendNotAvailable(ServiceUnavailable):
@@ -44,16 +51,33 @@ class KernelService(ServiceBase):
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
-        self.backend: MemoryKernel | None = None
+        self.backend: Any = None
+        self.choice: backends.Choice | None = None
 
     @classmethod
-    def preflight(cls, config: Config) -> None:
-        if config.kernel.backend != "memory":
-            raise BackendNotAvailable(NETLINK_NOT_IMPLEMENTED)
+    def preflight(cls, config: Config) -> backends.Choice:
+        try:
+            return backends.choose(config.kernel.backend)
+        except backends.BackendUnavailable as exc:
+            raise BackendNotAvailable(str(exc)) from None
+
+    def _make_backend(self, choice: backends.Choice) -> Any:
+        if choice.backend == "memory":
+            return MemoryKernel()
+        if choice.backend == "netlink":
+            from ikefarm.services.kernel.netlink import NetlinkKernel
+
+            try:
+                return NetlinkKernel.from_config(self.config)
+            except (KernelRefusal, OSError) as exc:
+                raise BackendNotAvailable(f"netlink backend: {exc}") from None
+        cls = backends.userspace_class()
+        factory = getattr(cls, "from_config", None)
+        return factory(self.config) if factory is not None else cls()
 
     async def setup(self) -> None:
-        self.preflight(self.config)
-        self.backend = MemoryKernel()
+        self.choice = self.preflight(self.config)
+        self.backend = self._make_backend(self.choice)
         await self.runtime.add_endpoint(
             "child-install", ChildInstall, self.on_install, subject=subjects.KERNEL_CHILD_INSTALL
         )
@@ -69,7 +93,12 @@ class KernelService(ServiceBase):
         await self.runtime.add_endpoint(
             "trap-remove", TrapRemove, self.on_trap_remove, subject=subjects.KERNEL_TRAP_REMOVE
         )
-        self.log.control("kernel_backend", backend=self.backend.name)
+        self.log.control("kernel_backend", backend=self.backend.name, reason=self.choice.reason)
+
+    async def teardown(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            await _settle(close())
 
     def gauges(self) -> dict[str, Any]:
         if self.backend is None:
@@ -82,14 +111,14 @@ class KernelService(ServiceBase):
             "traps": len(self.backend.traps),
         }
 
-    def _backend(self) -> MemoryKernel:
+    def _backend(self) -> Any:
         assert self.backend is not None
         return self.backend
 
     async def on_install(self, request: ChildInstall, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            sa_in, sa_out = backend.install(request)
+            sa_in, sa_out = await _settle(backend.install(request))
         except InvalidChild as exc:
             self.runtime.counters["child_install.invalid"] += 1
             raise BusError("bad_field", f"ChildInstall: {exc}") from None
@@ -128,7 +157,7 @@ class KernelService(ServiceBase):
     async def on_delete(self, request: ChildDelete, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            child = backend.delete(request)
+            child = await _settle(backend.delete(request))
         except KernelRefusal as exc:
             self.runtime.counters[f"child_delete.{exc.code}"] += 1
             self.log.control(
@@ -163,10 +192,20 @@ class KernelService(ServiceBase):
     async def on_trap_install(self, request: TrapInstall, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            trap, replaced = backend.install_trap(request)
+            trap, replaced = await _settle(backend.install_trap(request))
         except InvalidChild as exc:
             self.runtime.counters["trap_install.invalid"] += 1
             raise BusError("bad_field", f"TrapInstall: {exc}") from None
+        except KernelRefusal as exc:
+            self.runtime.counters[f"trap_install.{exc.code}"] += 1
+            self.log.control(
+                "trap_install_refused",
+                backend=backend.name,
+                vpn=request.vpn,
+                reqid=request.reqid,
+                error=exc.text,
+            )
+            return KernelAck(ok=False, error=exc.text)
         self.runtime.counters["trap_install.ok"] += 1
         self.log.control(
             "trap_installed",
@@ -183,7 +222,7 @@ class KernelService(ServiceBase):
     async def on_trap_remove(self, request: TrapRemove, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            trap = backend.remove_trap(request)
+            trap = await _settle(backend.remove_trap(request))
         except KernelRefusal as exc:
             self.runtime.counters[f"trap_remove.{exc.code}"] += 1
             return KernelAck(ok=False, error=exc.text)

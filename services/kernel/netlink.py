@@ -33,7 +33,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ikefarm.proto.messages import ChildDelete, ChildInstall, TrapInstall, TrapRemove
+from ikefarm.proto.messages import (
+    ChildDelete,
+    ChildInstall,
+    KernelAcquire,
+    KernelExpire,
+    TrapInstall,
+    TrapRemove,
+)
 from ikefarm.services.kernel import xfrm
 from ikefarm.services.kernel.memory import (
     InvalidChild,
@@ -486,6 +493,45 @@ class NetlinkKernel:
 
     def show_routes(self) -> list[dict[str, Any]]:
         return self.routes.show()
+
+    # -- events -------------------------------------------------------------------------------
+    def open_events(self) -> xfrm.XfrmEvents:
+        """A socket on the kernel's ACQUIRE and EXPIRE groups (the service polls it)."""
+        return xfrm.XfrmEvents(self.netns)
+
+    def event_message(self, event: xfrm.Acquire | xfrm.Expire) -> KernelAcquire | KernelExpire:
+        """The bus message for one kernel event; an expiring SA is named from the books."""
+        if isinstance(event, xfrm.Acquire):
+            return KernelAcquire(
+                backend=self.name,
+                reqid=event.reqid,
+                local_address=event.src,
+                remote_address=event.dst,
+                local_ts=event.selector_src,
+                remote_ts=event.selector_dst,
+            )
+        sa = event.sa
+        spi = sa.spi.to_bytes(4, "big")
+        entry = next(
+            (
+                e
+                for d in ("in", "out")
+                if (e := self.books.sad.get((spi, d))) is not None and e.dst == sa.dst
+            ),
+            None,
+        )
+        return KernelExpire(
+            backend=self.name,
+            hard=event.hard,
+            unique_id=entry.unique_id if entry is not None else 0,
+            reqid=sa.reqid,
+            direction=entry.direction if entry is not None else "",
+            spi=spi,
+            src=sa.src,
+            dst=sa.dst,
+            bytes=sa.bytes,
+            packets=sa.packets,
+        )
 
 
 def _delete_of(request: ChildInstall) -> ChildDelete:

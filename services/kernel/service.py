@@ -15,6 +15,7 @@ Install requests carry session keys: nothing here logs or returns them.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Any
 
@@ -24,6 +25,7 @@ from ikefarm.proto.messages import (
     ChildDelete,
     ChildInstall,
     KernelAck,
+    KernelAcquire,
     KernelShowRequest,
     KernelState,
     TrapInstall,
@@ -53,6 +55,8 @@ class KernelService(ServiceBase):
         super().__init__(runtime)
         self.backend: Any = None
         self.choice: backends.Choice | None = None
+        self.events: Any = None  # the backend's ACQUIRE/EXPIRE source, if it has one
+        self._publishing: set[asyncio.Task[None]] = set()
 
     @classmethod
     def preflight(cls, config: Config) -> backends.Choice:
@@ -94,8 +98,34 @@ class KernelService(ServiceBase):
             "trap-remove", TrapRemove, self.on_trap_remove, subject=subjects.KERNEL_TRAP_REMOVE
         )
         self.log.control("kernel_backend", backend=self.backend.name, reason=self.choice.reason)
+        if hasattr(self.backend, "open_events"):
+            self.events = self.backend.open_events()
+            asyncio.get_running_loop().add_reader(self.events.fileno(), self._on_events)
+
+    def _on_events(self) -> None:
+        """Kernel ACQUIRE/EXPIRE notifications -> bus events (one publish per event)."""
+        for event in self.events.read():
+            message = self.backend.event_message(event)
+            if isinstance(message, KernelAcquire):
+                subject = subjects.EVENT_KERNEL_ACQUIRE
+                self.runtime.counters["event.acquire"] += 1
+                self.log.control("kernel_acquire", reqid=message.reqid, remote_ts=message.remote_ts)
+            else:
+                subject = subjects.EVENT_KERNEL_EXPIRE
+                kind = "hard" if message.hard else "soft"
+                self.runtime.counters[f"event.expire_{kind}"] += 1
+                self.log.control(
+                    "kernel_expire", kind=kind, spi=message.spi.hex(), unique_id=message.unique_id
+                )
+            task = asyncio.ensure_future(self.runtime.publish(subject, message))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
 
     async def teardown(self) -> None:
+        if self.events is not None:
+            asyncio.get_running_loop().remove_reader(self.events.fileno())
+            self.events.close()
+            self.events = None
         close = getattr(self.backend, "close", None)
         if close is not None:
             await _settle(close())
@@ -109,6 +139,7 @@ class KernelService(ServiceBase):
             "sas": len(self.backend.sad),
             "policies": self.backend.policy_count,
             "traps": len(self.backend.traps),
+            "events_malformed": self.events.malformed if self.events is not None else 0,
         }
 
     def _backend(self) -> Any:

@@ -342,3 +342,19 @@ def test_selector_text_to_xfrm_prefixes() -> None:
     assert selector_parts("2001:db8::/64[udp]")[0].proto == 17
     with pytest.raises(ValueError, match="single port"):
         selector_parts("10.0.0.0/24[tcp/1000-2000]")
+
+
+async def test_expire_events_name_the_child_from_the_books(esp_faked: NetlinkKernel) -> None:
+    from tests.xfrm_helpers import expire
+
+    await esp_faked.install(child(unique_id=5))
+    recorded = esp_faked.xfrm.states[("192.0.2.1", 0xC0000005)]  # type: ignore[attr-defined]
+    [(_seq, event)] = list(xfrm.parse_messages(expire(recorded, hard=False)))
+    assert isinstance(event, xfrm.Expire)
+    message = esp_faked.event_message(event)
+    assert (message.unique_id, message.direction, message.hard) == (5, "in", False)
+    assert message.spi == (0xC0000005).to_bytes(4, "big") and message.reqid == 3
+    stranger = dataclasses.replace(recorded, spi=0x1234)
+    [(_seq, unknown)] = list(xfrm.parse_messages(expire(stranger, hard=True)))
+    message = esp_faked.event_message(unknown)  # type: ignore[arg-type]
+    assert (message.unique_id, message.direction, message.hard) == (0, "", True)

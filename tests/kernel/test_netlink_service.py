@@ -6,6 +6,7 @@ test creates (the service itself would program the namespace it runs in).
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
@@ -15,7 +16,13 @@ import pytest
 from nats.aio.client import Client
 
 from ikefarm.proto import envelope, subjects
-from ikefarm.proto.messages import KernelAck, KernelShowRequest, KernelState, TrapRemove
+from ikefarm.proto.messages import (
+    KernelAck,
+    KernelAcquire,
+    KernelShowRequest,
+    KernelState,
+    TrapRemove,
+)
 from ikefarm.services.kernel.backends import Choice, probe_esp
 from ikefarm.services.kernel.netlink import NetlinkKernel, NetlinkOptions
 from ikefarm.services.kernel.service import KernelService
@@ -107,3 +114,37 @@ async def test_trap_and_refused_child_over_the_bus(
     assert ack.ok
     assert netns.run(["ip", "xfrm", "policy"]).stdout.strip() == ""
     assert '"backend": "netlink"' in log_stream.getvalue()
+
+
+async def test_traffic_on_a_trap_publishes_an_acquire_event(
+    kernel: Runtime, client: Client, netns: Namespace
+) -> None:
+    """A packet toward the trap's remote selector: the kernel's ACQUIRE goes out on the bus."""
+    for argv in (
+        ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+        ["ip", "link", "set", "v0", "up"],
+        ["ip", "link", "set", "v1", "up"],
+        ["ip", "addr", "add", "10.100.0.1/24", "dev", "v0"],
+        ["ip", "route", "add", "10.200.0.0/24", "dev", "v0"],
+    ):
+        netns.run(argv)
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_event(msg: Any) -> None:
+        await received.put(msg.data)
+
+    await client.subscribe(subjects.EVENT_KERNEL_ACQUIRE, cb=on_event)
+    await client.flush()
+    ack, _ = await ask(client, subjects.KERNEL_TRAP_INSTALL, trap(), KernelAck)
+    assert ack.ok
+    await asyncio.to_thread(netns.ping, "10.200.0.9", timeout=1.0)
+    event = envelope.unpack(await asyncio.wait_for(received.get(), timeout=10), KernelAcquire)
+    assert event == KernelAcquire(
+        backend="netlink",
+        reqid=3,
+        local_address="192.0.2.1",
+        remote_address="198.51.100.2",
+        local_ts="10.100.0.1/32",
+        remote_ts="10.200.0.9/32",
+    )
+    assert kernel.counters["event.acquire"] >= 1

@@ -230,6 +230,7 @@ class NetlinkKernel:
         self._policy_users: dict[tuple[Any, ...], int] = {}
         self._programmed: dict[int, _Programmed] = {}  # child unique id -> kernel state
         self._trap_programmed: dict[int, _Programmed] = {}  # reqid -> kernel state
+        self._lifetimes: dict[tuple[bytes, str], xfrm.Lifetime] = {}  # for show
         self.refusals = 0
 
     @classmethod
@@ -435,10 +436,14 @@ class NetlinkKernel:
                 raise _refusal(exc) from None
             raise
         self._programmed[request.unique_id] = done
+        for sa, spec in zip((sa_in, sa_out), specs, strict=True):
+            self._lifetimes[(sa.spi, sa.direction)] = spec.lifetime
         return sa_in, sa_out
 
     async def delete(self, request: ChildDelete) -> _Child:
         child = self.books.delete(request)
+        for key in child.sa_keys:
+            self._lifetimes.pop(key, None)
         done = self._programmed.pop(child.unique_id, None)
         if done is not None:
             await self._undo(done)
@@ -484,8 +489,14 @@ class NetlinkKernel:
 
     def show(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         sas, policies = self.books.show()
-        for row, sa in zip(sas, self.books.sad.values(), strict=True):
+        for row, (key, sa) in zip(sas, self.books.sad.items(), strict=True):
             row["counters"] = self.counters(sa)
+            lifetime = self._lifetimes.get(key)
+            if lifetime is not None:
+                row["lifetime"] = {
+                    "soft_seconds": lifetime.soft_seconds,
+                    "hard_seconds": lifetime.hard_seconds,
+                }
         return sas, policies
 
     def show_traps(self) -> list[dict[str, Any]]:

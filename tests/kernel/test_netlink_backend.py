@@ -358,3 +358,24 @@ async def test_expire_events_name_the_child_from_the_books(esp_faked: NetlinkKer
     [(_seq, unknown)] = list(xfrm.parse_messages(expire(stranger, hard=True)))
     message = esp_faked.event_message(unknown)  # type: ignore[arg-type]
     assert (message.unique_id, message.direction, message.hard) == (0, "", True)
+
+
+async def test_show_kernel_lists_algorithms_lifetimes_counters_never_keys(
+    esp_faked: NetlinkKernel,
+) -> None:
+    from ikefarm.proto.messages import KernelState
+    from ikefarm.shared.cli.main import kernel_lines
+
+    await esp_faked.install(child())
+    await esp_faked.install_trap(trap())
+    sas, policies_ = esp_faked.show()
+    assert {row["counters"] is None for row in sas} == {True}  # the fake SAD has no counters
+    sas[0]["counters"] = {"bytes": 1400, "packets": 1, "use_time": 0}  # as GETSA reports them
+    text = "\n".join(kernel_lines(KernelState("netlink", sas, policies_, esp_faked.show_traps())))
+    assert "spi c0000001 198.51.100.2 -> 192.0.2.1 reqid 3 tunnel" in text
+    assert "AES_GCM_16 esn replay 1024" in text
+    assert "bytes 1400 packets 1" in text
+    assert text.count("rekey 3600s life 3960s") == 2
+    assert "trap hq/net reqid 3 10.100.0.0/24 === 10.200.0.0/24" in text
+    for key in (KEY_IN, KEY_OUT):
+        assert key.hex() not in text and key.hex() not in repr(sas)

@@ -136,6 +136,10 @@ def selector_parts(text: str) -> list[_Part]:
     return [_Part(str(n), proto, port) for n in networks]
 
 
+def _version(part: _Part) -> int:
+    return ipaddress.ip_network(part.network).version
+
+
 def _selector(src: _Part, dst: _Part) -> xfrm.Selector:
     proto = src.proto or dst.proto
     return xfrm.Selector(src.network, dst.network, proto=proto, sport=src.port, dport=dst.port)
@@ -330,6 +334,8 @@ class NetlinkKernel:
             if_id = opts.svti_id_out if entry.direction == "out" else opts.svti_id_in
             for src in selector_parts(entry.src):
                 for dst in selector_parts(entry.dst):
+                    if _version(src) != _version(dst):
+                        continue  # an IPv4 selector never pairs with an IPv6 one
                     try:
                         selector = _selector(src, dst)
                     except ValueError as exc:
@@ -340,6 +346,8 @@ class NetlinkKernel:
                             selector, entry.direction, priority, (template,), if_id=if_id
                         )
                     )
+        if entries and not specs:
+            raise InvalidChild("no local and remote traffic selector of the same address family")
         return specs
 
     @staticmethod

@@ -448,6 +448,16 @@ class Selector:
     dport: int = 0
     ifindex: int = 0
 
+    def __post_init__(self) -> None:
+        src = ipaddress.ip_network(self.src, strict=False)
+        dst = ipaddress.ip_network(self.dst, strict=False)
+        if src.version != dst.version:
+            raise ValueError("selector source and destination are of different families")
+        if not 0 <= self.proto <= 255 or not all(
+            0 <= p <= 0xFFFF for p in (self.sport, self.dport)
+        ):
+            raise ValueError("selector protocol or port out of range")
+
     def fields(self, prefix: str = "sel_") -> dict[str, Any]:
         src = ipaddress.ip_network(self.src, strict=False)
         dst = ipaddress.ip_network(self.dst, strict=False)

@@ -379,3 +379,15 @@ async def test_show_kernel_lists_algorithms_lifetimes_counters_never_keys(
     assert "trap hq/net reqid 3 10.100.0.0/24 === 10.200.0.0/24" in text
     for key in (KEY_IN, KEY_OUT):
         assert key.hex() not in text and key.hex() not in repr(sas)
+
+
+async def test_mixed_family_selectors_pair_only_within_a_family(
+    gateway: Namespace, real: NetlinkKernel
+) -> None:
+    await real.install_trap(trap(local_ts=["10.100.0.0/24", "2001:db8:1::/64"],
+                                 remote_ts=["10.200.0.0/24"]))  # fmt: skip
+    assert real.policy_count == 3  # the IPv6 local selector has no IPv6 partner
+    await real.remove_trap(TrapRemove(vpn="hq", name="net", reqid=3))
+    with pytest.raises(ValueError, match="same address family"):
+        await real.install_trap(trap(local_ts=["2001:db8:1::/64"]))
+    assert policies(gateway).strip() == "" and real.traps == {}

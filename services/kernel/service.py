@@ -146,6 +146,12 @@ class KernelService(ServiceBase):
         assert self.backend is not None
         return self.backend
 
+    def _refused(self, action: str, exc: KernelRefusal, **fields: Any) -> KernelAck:
+        """Count a refusal by its code, log it (no key material in `fields`), answer it."""
+        self.runtime.counters[f"{action}.{exc.code}"] += 1
+        self.log.control(f"{action}_refused", backend=self.backend.name, error=exc.text, **fields)
+        return KernelAck(ok=False, error=exc.text)
+
     async def on_install(self, request: ChildInstall, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
@@ -154,17 +160,14 @@ class KernelService(ServiceBase):
             self.runtime.counters["child_install.invalid"] += 1
             raise BusError("bad_field", f"ChildInstall: {exc}") from None
         except KernelRefusal as exc:
-            self.runtime.counters[f"child_install.{exc.code}"] += 1
-            self.log.control(
-                "child_install_refused",
-                backend=backend.name,
+            return self._refused(
+                "child_install",
+                exc,
                 unique_id=request.unique_id,
                 reqid=request.reqid,
                 spi_in=request.spi_in.hex(),
                 spi_out=request.spi_out.hex(),
-                error=exc.text,
             )
-            return KernelAck(ok=False, error=exc.text)
         self.runtime.counters["child_install.ok"] += 1
         self.log.control(
             "child_installed",
@@ -228,15 +231,7 @@ class KernelService(ServiceBase):
             self.runtime.counters["trap_install.invalid"] += 1
             raise BusError("bad_field", f"TrapInstall: {exc}") from None
         except KernelRefusal as exc:
-            self.runtime.counters[f"trap_install.{exc.code}"] += 1
-            self.log.control(
-                "trap_install_refused",
-                backend=backend.name,
-                vpn=request.vpn,
-                reqid=request.reqid,
-                error=exc.text,
-            )
-            return KernelAck(ok=False, error=exc.text)
+            return self._refused("trap_install", exc, vpn=request.vpn, reqid=request.reqid)
         self.runtime.counters["trap_install.ok"] += 1
         self.log.control(
             "trap_installed",

@@ -658,6 +658,16 @@ def _replay_esn(window: int) -> bytes:
     return REPLAY_ESN_FORMAT.pack(bmp_len, 0, 0, 0, 0, window)
 
 
+def _mark_and_if_id(mark: Mark | None, if_id: int) -> list[list[Any]]:
+    """XFRMA_MARK then XFRMA_IF_ID, each only when set (the order iproute2 uses)."""
+    attrs: list[list[Any]] = []
+    if mark is not None:
+        attrs.append(["XFRMA_MARK", {"v": mark.value, "m": mark.mask}])
+    if if_id:
+        attrs.append(["XFRMA_IF_ID", if_id])
+    return attrs
+
+
 def _finish(msg: nlmsg, msg_type: int, flags: int, seq: int, pid: int) -> bytes:
     msg["header"]["type"] = msg_type
     msg["header"]["flags"] = flags
@@ -721,11 +731,7 @@ def encode_sa(spec: SaSpec, *, update: bool = False, seq: int = 0, pid: int = 0)
         )
     if use_esn_attr:
         attrs.append(["XFRMA_REPLAY_ESN_VAL", _replay_esn(spec.replay_window)])
-    if spec.mark is not None:
-        attrs.append(["XFRMA_MARK", {"v": spec.mark.value, "m": spec.mark.mask}])
-    if spec.if_id:
-        attrs.append(["XFRMA_IF_ID", spec.if_id])
-    msg["attrs"] = attrs
+    msg["attrs"] = attrs + _mark_and_if_id(spec.mark, spec.if_id)
     msg_type = XFRM_MSG_UPDSA if update else XFRM_MSG_NEWSA
     return _finish(msg, msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, pid)
 
@@ -757,9 +763,7 @@ def _usersa_id(
         if source.version != address.version:
             raise ValueError("SA source and destination are of different families")
         attrs.append(["XFRMA_SRCADDR", _packed(source)])
-    if mark is not None:
-        attrs.append(["XFRMA_MARK", {"v": mark.value, "m": mark.mask}])
-    msg["attrs"] = attrs
+    msg["attrs"] = attrs + _mark_and_if_id(mark, 0)
     return _finish(msg, msg_type, flags, seq, pid)
 
 
@@ -815,11 +819,7 @@ def encode_policy(spec: PolicySpec, *, update: bool = False, seq: int = 0, pid: 
     attrs: list[list[Any]] = []
     if spec.templates:
         attrs.append(["XFRMA_TMPL", b"".join(t.pack() for t in spec.templates)])
-    if spec.mark is not None:
-        attrs.append(["XFRMA_MARK", {"v": spec.mark.value, "m": spec.mark.mask}])
-    if spec.if_id:
-        attrs.append(["XFRMA_IF_ID", spec.if_id])
-    msg["attrs"] = attrs
+    msg["attrs"] = attrs + _mark_and_if_id(spec.mark, spec.if_id)
     msg_type = XFRM_MSG_UPDPOLICY if update else XFRM_MSG_NEWPOLICY
     return _finish(msg, msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, pid)
 
@@ -838,12 +838,7 @@ def encode_policy_delete(
     body = selector.fields("sel_")
     body.update({"index": 0, "dir": DIRECTIONS[direction]})
     msg.update(body)
-    attrs: list[list[Any]] = []
-    if mark is not None:
-        attrs.append(["XFRMA_MARK", {"v": mark.value, "m": mark.mask}])
-    if if_id:
-        attrs.append(["XFRMA_IF_ID", if_id])
-    msg["attrs"] = attrs
+    msg["attrs"] = _mark_and_if_id(mark, if_id)
     return _finish(msg, XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK, seq, pid)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ikefarm.proto.messages import ChildDelete, ChildInstall, TrapInstall, TrapRemove
+from ikefarm.proto.messages import ChildInstall, TrapRemove
 from ikefarm.services.kernel import xfrm
 from ikefarm.services.kernel.backends import probe_esp
 from ikefarm.services.kernel.memory import KernelRefusal
@@ -30,67 +30,24 @@ from ikefarm.services.kernel.netlink import (
 from ikefarm.shared.config.loader import parse_config
 from ikefarm.shared.ikev2.constants import EncrId, IntegId
 from tests.harness.netns import Namespace
+from tests.service.test_kernel_memory import ENCR_KEY_IN, ENCR_KEY_OUT, delete_of
+from tests.service.test_kernel_memory import child as memory_child
+from tests.service.test_kernel_traps import trap
 
 pytestmark = pytest.mark.kernel
 
-KEY_IN = bytes(range(0x10, 0x34))
-KEY_OUT = bytes(range(0x40, 0x64))
+KEY_IN, KEY_OUT = ENCR_KEY_IN, ENCR_KEY_OUT
 
 
 def child(unique_id: int = 1, **changes: Any) -> ChildInstall:
-    base = ChildInstall(
-        unique_id=unique_id,
-        ike_unique_id=10,
-        name="net",
-        vpn="hq",
-        reqid=3,
-        protocol="esp",
-        mode="tunnel",
-        local_address="192.0.2.1",
-        local_port=4500,
-        remote_address="198.51.100.2",
-        remote_port=4501,
-        spi_in=(0xC0000000 + unique_id).to_bytes(4, "big"),
-        spi_out=(0xC1000000 + unique_id).to_bytes(4, "big"),
-        encr_id=EncrId.AES_GCM_16,
-        encr_key_bits=256,
-        integ_id=None,
-        encr_key_in=KEY_IN,
-        encr_key_out=KEY_OUT,
-        integ_key_in=b"",
-        integ_key_out=b"",
-        esn=True,
-        replay_window=1024,
-        udp_encap=True,
-        local_ts=["10.100.0.0/24"],
-        remote_ts=["10.200.0.0/24", "10.201.0.0/24"],
+    """The memory tests' child in VPN hq, reqid 3, with ESN and a 1024-packet window."""
+    base = memory_child(
+        unique_id,
+        spi_in=f"{0xC0000000 + unique_id:08x}",
+        spi_out=f"{0xC1000000 + unique_id:08x}",
     )
-    return dataclasses.replace(base, **changes)
-
-
-def delete_of(install: ChildInstall) -> ChildDelete:
-    return ChildDelete(
-        install.unique_id,
-        install.reqid,
-        install.spi_in,
-        install.spi_out,
-        install.local_address,
-        install.remote_address,
-    )
-
-
-def trap(reqid: int = 3, **changes: Any) -> TrapInstall:
-    base = TrapInstall(
-        vpn="hq",
-        name="net",
-        reqid=reqid,
-        mode="tunnel",
-        local_address="192.0.2.1",
-        remote_address="198.51.100.2",
-        local_ts=["10.100.0.0/24"],
-        remote_ts=["10.200.0.0/24"],
-    )
-    return dataclasses.replace(base, **changes)
+    fields: dict[str, Any] = {"vpn": "hq", "reqid": 3, "esn": True, "replay_window": 1024}
+    return dataclasses.replace(base, **(fields | changes))
 
 
 class EspStatesRecorded(xfrm.XfrmSocket):

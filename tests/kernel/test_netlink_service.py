@@ -11,7 +11,6 @@ import io
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
-import nats
 import pytest
 from nats.aio.client import Client
 
@@ -69,10 +68,8 @@ async def kernel(
 
 
 @pytest.fixture
-async def client(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
-    nc = await nats.connect(nats_server.url)
-    yield nc
-    await nc.close()
+def client(nats_client: Client) -> Client:
+    return nats_client
 
 
 async def ask(nc: Client, subject: str, message: Any, answer: type[Any]) -> tuple[Any, bytes]:

@@ -16,28 +16,16 @@ import pytest
 from ikefarm.services.kernel import xfrm
 from tests.harness.netns import Namespace
 from tests.kernel.capture import netlink_requests, without_seq_and_pid
+from tests.xfrm_helpers import GCM, sa_spec
 
 pytestmark = pytest.mark.kernel
 
-KEY20 = bytes(range(1, 21))  # AES-128 key + 4-octet salt (RFC 4106)
 KEY16 = bytes(range(0x10, 0x20))
 KEY32 = bytes(range(0x20, 0x40))
-GCM = xfrm.Algorithm("rfc4106(gcm(aes))", KEY20, 128)
-IP_GCM = ["aead", "rfc4106(gcm(aes))", "0x" + KEY20.hex(), "128"]
+IP_GCM = ["aead", "rfc4106(gcm(aes))", "0x" + GCM.key.hex(), "128"]
 IP_STATE = ["ip", "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp"]
 IP_SA = [*IP_STATE, "spi", "0xc0ffee01", "reqid", "7", "mode", "tunnel"]
-
-
-def _sa(**fields: object) -> xfrm.SaSpec:
-    base: dict[str, object] = {
-        "src": "192.0.2.1",
-        "dst": "192.0.2.2",
-        "spi": 0xC0FFEE01,
-        "reqid": 7,
-        "aead": GCM,
-    }
-    base.update(fields)
-    return xfrm.SaSpec(**base)  # type: ignore[arg-type]
+_sa = sa_spec  # 192.0.2.1 -> 192.0.2.2, SPI 0xc0ffee01, reqid 7, AES-GCM-128 with salt
 
 
 CBC_HMAC = {

@@ -31,6 +31,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ikefarm.proto.messages import (
@@ -84,6 +85,8 @@ INTEG_NAMES: dict[int, tuple[str, int]] = {
     IntegId.HMAC_SHA2_384_192: ("hmac(sha384)", 192),
     IntegId.HMAC_SHA2_512_256: ("hmac(sha512)", 256),
 }
+
+ACQ_EXPIRES = Path("/proc/sys/net/core/xfrm_acq_expires")
 
 # default priority when a security policy leaves it at 0: lower wins, narrower is lower
 DEFAULT_PRIORITY_BASE = 200_000
@@ -236,12 +239,29 @@ class NetlinkKernel:
         self._trap_programmed: dict[int, _Programmed] = {}  # reqid -> kernel state
         self._lifetimes: dict[tuple[bytes, str], xfrm.Lifetime] = {}  # for show
         self.refusals = 0
+        self.warnings: list[str] = []  # start-up settings the kernel did not take
 
     @classmethod
     def from_config(cls, config: Config, netns: str | None = None) -> NetlinkKernel:
+        """The backend for `config`: SPD hash thresholds set and, in the service's own
+        namespace, the kernel's acquire lifetime set to `acquire-timeout`."""
         backend = cls(NetlinkOptions.from_config(config), netns=netns)
         backend.set_spd_hash()
+        if netns is None:
+            backend.set_acquire_timeout(config.ike.global_options.acquire_timeout)
         return backend
+
+    def set_acquire_timeout(self, seconds: int) -> None:
+        """How long the kernel keeps the larval state of an ACQUIRE (and so queues nothing
+        new for that flow) before giving up: `net.core.xfrm_acq_expires` of this namespace.
+
+        A sysctl this process may not write (a read-only /proc/sys) is noted in
+        `warnings` and the kernel's own value stays.
+        """
+        try:
+            ACQ_EXPIRES.write_text(f"{int(seconds)}\n")
+        except OSError as exc:
+            self.warnings.append(f"acquire-timeout not applied ({ACQ_EXPIRES}: {exc.strerror})")
 
     def __repr__(self) -> str:
         return f"NetlinkKernel(children={self.child_count}, sas={len(self.sad)})"

@@ -98,6 +98,8 @@ class KernelService(ServiceBase):
             "trap-remove", TrapRemove, self.on_trap_remove, subject=subjects.KERNEL_TRAP_REMOVE
         )
         self.log.control("kernel_backend", backend=self.backend.name, reason=self.choice.reason)
+        for warning in getattr(self.backend, "warnings", ()):
+            self.log.control("kernel_backend_warning", backend=self.backend.name, warning=warning)
         if hasattr(self.backend, "open_events"):
             self.events = self.backend.open_events()
             asyncio.get_running_loop().add_reader(self.events.fileno(), self._on_events)

@@ -348,3 +348,22 @@ async def test_mixed_family_selectors_pair_only_within_a_family(
     with pytest.raises(ValueError, match="same address family"):
         await real.install_trap(trap(local_ts=["2001:db8:1::/64"]))
     assert policies(gateway).strip() == "" and real.traps == {}
+
+
+def test_acquire_timeout_becomes_the_namespace_acquire_lifetime(
+    gateway: Namespace, ikefarm_argv: list[str]
+) -> None:
+    """From the service's own namespace (here: a process started in the test namespace)."""
+    script = (
+        "from ikefarm.services.kernel.netlink import NetlinkKernel\n"
+        "from ikefarm.shared.config.loader import parse_config\n"
+        "config = parse_config('[ike.global-options]\\nacquire-timeout = 7\\n')\n"
+        "backend = NetlinkKernel.from_config(config)\n"
+        "print(backend.warnings)\n"
+        "backend.close()\n"
+    )
+    before = gateway.run(["cat", "/proc/sys/net/core/xfrm_acq_expires"]).stdout.strip()
+    done = gateway.run([ikefarm_argv[0], "-c", script], timeout=60)
+    assert done.stdout.strip() == "[]"
+    assert before != "7"
+    assert gateway.run(["cat", "/proc/sys/net/core/xfrm_acq_expires"]).stdout.strip() == "7"

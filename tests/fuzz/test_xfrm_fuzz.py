@@ -1,14 +1,19 @@
 """Malformed netlink into the XFRM decoder (services/kernel/xfrm.py): a typed message or
-XfrmDecodeError, never another exception, and never a key in what it returns."""
+XfrmDecodeError, never another exception, and never a key in what it returns; malformed
+kernel event messages on the bus: typed or refused."""
 
 from __future__ import annotations
 
 import errno
 import struct
 
+import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ikefarm.proto import envelope
+from ikefarm.proto.envelope import BusError
+from ikefarm.proto.messages import KernelAcquire, KernelExpire
 from ikefarm.services.kernel import xfrm
 from tests.xfrm_helpers import ack, acquire, expire, sa_dump_entry, sa_spec
 
@@ -84,3 +89,24 @@ def test_lying_attribute_and_message_lengths(
         struct.pack_into("=HH", data, xfrm.NLMSG_HDRLEN + spec[1], nla_len, nla_type)
     struct.pack_into("=I", data, 0, msg_len)
     _decode(bytes(data))
+
+
+@FUZZ
+@given(
+    st.sampled_from([KernelAcquire, KernelExpire]),
+    st.dictionaries(
+        st.sampled_from(
+            ["backend", "reqid", "hard", "spi", "src", "dst", "bytes", "local_ts", "unique_id"]
+        ),
+        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text() | st.binary(),
+        max_size=9,
+    ),
+)
+def test_kernel_event_messages_decode_typed_or_refused(kind: type, body: dict) -> None:  # type: ignore[type-arg]
+    raw = msgpack.packb({"v": 1, "kind": kind.KIND, "body": body})
+    try:
+        decoded = envelope.unpack(raw, kind)
+    except BusError as exc:
+        assert exc.code in {"bad_version", "bad_field", "missing_field", "bad_encoding"}
+    else:
+        assert isinstance(decoded.reqid, int) and isinstance(decoded.backend, str)

@@ -71,15 +71,17 @@ def acquire(reqid: int = 7, seq: int = 0) -> bytes:
     return bytes(msg.data)
 
 
-def ack(error: int, seq: int, request: bytes, extack: str = "") -> bytes:
-    """NLMSG_ERROR answering `request` (its header echoed), with an extack message if given."""
-    flags = 0
+def ack(error: int, seq: int, request: bytes, extack: str = "", *, whole: bool = False) -> bytes:
+    """NLMSG_ERROR answering `request` (its header echoed, or all of it when `whole`), with
+    an extack message if given."""
+    flags = 0 if whole else xfrm.NLM_F_CAPPED
     tlvs = b""
     if extack:
-        flags = xfrm.NLM_F_ACK_TLVS
+        flags |= xfrm.NLM_F_ACK_TLVS
         text = extack.encode() + b"\0"
         tlvs = struct.pack("=HH", 4 + len(text), xfrm.NLMSGERR_ATTR_MSG) + text
         tlvs += bytes(-len(tlvs) % 4)
-    body = struct.pack("=i", -error) + request[: xfrm.NLMSG_HDRLEN] + tlvs
+    echoed = request if whole else request[: xfrm.NLMSG_HDRLEN]
+    body = struct.pack("=i", -error) + echoed + bytes(-len(echoed) % 4) + tlvs
     header = struct.pack("=IHHII", xfrm.NLMSG_HDRLEN + len(body), xfrm.NLMSG_ERROR, flags, seq, 0)
     return header + body

@@ -47,7 +47,8 @@ NLM_F_DUMP = 0x300
 NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
-NLM_F_ACK_TLVS = 0x200
+NLM_F_CAPPED = 0x100  # on NLMSG_ERROR: only the request's header is echoed
+NLM_F_ACK_TLVS = 0x200  # on NLMSG_ERROR: extended-ack attributes follow
 NLMSGERR_ATTR_MSG = 1
 
 NLMSG_HDRLEN = 16
@@ -1089,9 +1090,9 @@ def _parse_one(data: bytes, offset: int, length: int, msg_type: int, seq: int) -
         flags = struct.unpack_from("=H", data, offset + 6)[0]
         extack = ""
         if flags & NLM_F_ACK_TLVS:
-            # the echoed request header says how much of it follows (its length if capped)
+            # the request is echoed whole, or only its header when the kernel capped it
             inner_len = struct.unpack_from("=I", data, body + 4)[0]
-            capped = code == 0 or inner_len > length - NLMSG_HDRLEN - 4
+            capped = bool(flags & NLM_F_CAPPED) or inner_len > length - NLMSG_HDRLEN - 4
             start = body + 4 + (NLMSG_HDRLEN if capped else ((inner_len + 3) & ~3))
             tlvs = _walk_attrs(data, start, end, {}) if start <= end else {}
             text = tlvs.get(NLMSGERR_ATTR_MSG, b"")

@@ -79,6 +79,9 @@ def test_acks_carry_errno_and_extack_text() -> None:
     assert ok == xfrm.Ack(error=0, extack="", seq=5)
     refused = _one(ack(errno.ENOSYS, 5, request, "Requested AEAD algorithm not found"))
     assert refused == xfrm.Ack(errno.ENOSYS, "Requested AEAD algorithm not found", 5)
+    # without NLM_F_CAPPED the whole request comes back first, the text after it
+    whole = _one(ack(errno.EINVAL, 5, request, "Invalid replay window", whole=True))
+    assert whole == xfrm.Ack(errno.EINVAL, "Invalid replay window", 5)
 
 
 def test_refusal_text_names_errno_and_request() -> None:

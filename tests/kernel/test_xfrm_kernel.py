@@ -164,3 +164,14 @@ def test_trap_policy_raises_an_acquire_event(
         assert larval and larval[0].spi == 0
     finally:
         events.close()
+
+
+def test_backend_probe_answers_from_the_kernel_and_leaves_nothing(netns: Namespace) -> None:
+    from ikefarm.services.kernel.backends import probe_esp
+
+    accepted, why = probe_esp.__wrapped__(netns.name)  # not the per-process cached answer
+    if accepted:
+        assert why == "the kernel took an ESP state (probe added and removed)"
+    else:
+        assert why.startswith("kernel refused XFRM_MSG_NEWSA: "), why
+    assert netns.run(["ip", "xfrm", "state"]).stdout.strip() == ""

@@ -88,6 +88,26 @@ CASES: dict[str, tuple[list[str], Callable[[], bytes]]] = {
             update=True,
         ),
     ),
+    "transport-with-selector": (
+        ["ip", "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp",
+         "spi", "0xc0ffee01", "reqid", "7", "mode", "transport", *IP_GCM,
+         "sel", "src", "192.0.2.1/32", "dst", "192.0.2.2/32", "proto", "udp", "dport", "53"],
+        lambda: xfrm.encode_sa(
+            _sa(mode="transport",
+                selector=xfrm.Selector("192.0.2.1/32", "192.0.2.2/32", proto=17, dport=53))
+        ),
+    ),
+    "chacha20-poly1305-ipv6-natt": (
+        ["ip", "xfrm", "state", "add", "src", "2001:db8::1", "dst", "2001:db8::2",
+         "proto", "esp", "spi", "0x2000", "reqid", "9", "mode", "tunnel",
+         "aead", "rfc7539esp(chacha20,poly1305)", "0x" + bytes(range(36)).hex(), "128",
+         "encap", "espinudp", "4500", "4500", "::"],
+        lambda: xfrm.encode_sa(
+            _sa(src="2001:db8::1", dst="2001:db8::2", spi=0x2000, reqid=9,
+                aead=xfrm.Algorithm("rfc7539esp(chacha20,poly1305)", bytes(range(36)), 128),
+                encap=xfrm.Encap(4500, 4500))
+        ),
+    ),
     "delete": (
         ["ip", "xfrm", "state", "delete", "src", "192.0.2.1", "dst", "192.0.2.2",
          "proto", "esp", "spi", "0xc0ffee01"],

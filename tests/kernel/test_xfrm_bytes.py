@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from ikefarm.services.kernel import xfrm
+from ikefarm.services.kernel.netlink import NetlinkKernel, NetlinkOptions, PolicyOptions
 from tests.harness.netns import Namespace
 from tests.kernel.capture import netlink_requests, without_seq_and_pid
 from tests.xfrm_helpers import GCM, sa_spec
@@ -163,3 +164,34 @@ def test_sequence_and_port_id_are_placed_in_the_header() -> None:
     assert request[8:12] == (0x01020304).to_bytes(4, "little")
     assert request[12:16] == (0x0A0B0C0D).to_bytes(4, "little")
     assert without_seq_and_pid(request) == xfrm.encode_sa(_sa())
+
+
+async def test_child_install_sends_what_iproute2_sends(netns: Namespace, strace: str) -> None:
+    """From a ChildInstall to the kernel request: the backend's inbound SA (AES-GCM-16,
+    ESN with a 4096 window, NAT-T, rekey/life times, svti-id-in) is iproute2's, octet for octet.
+    The SAD is the recording stand-in (this kernel holds no ESP state); the bytes are real."""
+    from tests.kernel.test_netlink_backend import KEY_IN, EspStatesRecorded, child
+
+    options = NetlinkOptions(
+        policies={
+            ("hq", "net"): PolicyOptions(
+                svti_id_in=100, svti_id_out=101, rekey_time=3600, life_time=3960
+            )
+        }
+    )
+    backend = NetlinkKernel(options, netns=netns.name, socket=EspStatesRecorded(netns.name))
+    try:
+        await backend.install(child(replay_window=4096))
+        inbound = backend.xfrm.states[("192.0.2.1", 0xC0000001)]  # type: ignore[attr-defined]
+    finally:
+        backend.close()
+    argv = [
+        "ip", "xfrm", "state", "add", "src", "198.51.100.2", "dst", "192.0.2.1",
+        "proto", "esp", "spi", "0xc0000001", "reqid", "3", "mode", "tunnel",
+        "aead", "rfc4106(gcm(aes))", "0x" + KEY_IN.hex(), "128",
+        "encap", "espinudp", "4501", "4500", "0.0.0.0",
+        "replay-window", "4096", "flag", "esn", "if_id", "100",
+        "limit", "time-soft", "3600", "limit", "time-hard", "3960",
+    ]  # fmt: skip
+    sent = netlink_requests(netns.name, argv)
+    assert xfrm.encode_sa(inbound).hex(" ") == without_seq_and_pid(sent[-1]).hex(" ")

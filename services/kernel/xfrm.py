@@ -1,8 +1,8 @@
 """Linux XFRM netlink messages on pyroute2's `nlmsg`/`nla` classes, and a small XFRM socket.
 
 pyroute2 ships no XFRM SA/SP API, so the message bodies and attributes the
-kernel-netlink backend needs are declared here (layouts from the Linux uapi
-`xfrm.h`, see docs/kernel-netlink.md): SA add/update/delete (`XFRM_MSG_NEWSA`,
+kernel-netlink backend needs are declared here (laid out as the kernel's XFRM
+user API defines them, see docs/kernel-netlink.md): SA add/update/delete (`XFRM_MSG_NEWSA`,
 `UPDSA`, `DELSA`), counters (`GETSA`), policies (`NEWPOLICY`, `UPDPOLICY`,
 `DELPOLICY`), SPD hash thresholds (`NEWSPDINFO`, `GETSPDINFO`) and the ACQUIRE
 and EXPIRE notifications of the multicast groups.
@@ -31,7 +31,7 @@ from typing import Any
 
 from pyroute2.netlink import nla, nlmsg, nlmsgerr
 
-# -- constants (uapi linux/xfrm.h, linux/netlink.h) ---------------------------------------------
+# -- constants of the kernel's netlink and XFRM user API ----------------------------------------
 
 NETLINK_XFRM = 6
 SOL_NETLINK = 270

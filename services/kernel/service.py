@@ -142,6 +142,7 @@ class KernelService(ServiceBase):
             "policies": self.backend.policy_count,
             "traps": len(self.backend.traps),
             "events_malformed": self.events.malformed if self.events is not None else 0,
+            "events_overruns": self.events.overruns if self.events is not None else 0,
         }
 
     def _backend(self) -> Any:

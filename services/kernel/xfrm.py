@@ -1305,6 +1305,7 @@ class XfrmEvents:
         self.sock = open_socket(netns, groups=(XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE))
         self.sock.setblocking(False)
         self.malformed = 0
+        self.overruns = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -1320,6 +1321,11 @@ class XfrmEvents:
                 data = self.sock.recv(1 << 16)
             except BlockingIOError:
                 return events
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.overruns += 1  # the kernel dropped events for us: read on
+                continue
             try:
                 for _seq, message in parse_messages(data):
                     if isinstance(message, (Acquire, Expire)):

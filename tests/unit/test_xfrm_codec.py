@@ -125,7 +125,7 @@ def test_attribute_announcing_a_longer_key_is_refused() -> None:
 def test_event_socket_counts_malformed_datagrams_and_keeps_reading() -> None:
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     events = xfrm.XfrmEvents.__new__(xfrm.XfrmEvents)
-    events.sock, events.malformed = ours, 0
+    events.sock, events.malformed, events.overruns = ours, 0, 0
     ours.setblocking(False)
     try:
         kernel.send(b"\xff" * 7)
@@ -153,3 +153,27 @@ def test_event_socket_counts_malformed_datagrams_and_keeps_reading() -> None:
 def test_impossible_specs_are_refused_before_encoding(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         sa_spec(**bad)
+
+
+def test_event_socket_counts_kernel_overruns_and_reads_on() -> None:
+    """ENOBUFS: the kernel dropped notifications for a slow reader; later ones still come."""
+
+    class Overrun:
+        def __init__(self) -> None:
+            self.answers: list[bytes | OSError] = [
+                OSError(errno.ENOBUFS, "No buffer space available"),
+                acquire(),
+            ]
+
+        def recv(self, _size: int) -> bytes:
+            if not self.answers:
+                raise BlockingIOError
+            answer = self.answers.pop(0)
+            if isinstance(answer, OSError):
+                raise answer
+            return answer
+
+    events = xfrm.XfrmEvents.__new__(xfrm.XfrmEvents)
+    events.sock, events.malformed, events.overruns = Overrun(), 0, 0  # type: ignore[assignment]
+    assert [type(e) for e in events.read()] == [xfrm.Acquire]
+    assert events.overruns == 1

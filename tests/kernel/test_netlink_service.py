@@ -110,7 +110,11 @@ async def test_trap_and_refused_child_over_the_bus(
     )
     assert ack.ok
     assert netns.run(["ip", "xfrm", "policy"]).stdout.strip() == ""
-    assert '"backend": "netlink"' in log_stream.getvalue()
+    started = [line for line in log_stream.getvalue().splitlines() if "kernel_backend" in line]
+    assert (
+        started and '"backend": "netlink"' in started[0] and '"reason": "configured"' in started[0]
+    )
+    assert '"level": 1' in started[0]
 
 
 async def test_traffic_on_a_trap_publishes_an_acquire_event(

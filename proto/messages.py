@@ -323,6 +323,37 @@ class TrapRemove(BusMessage):
     reqid: int
 
 
+@message("kernel-acquire")
+class KernelAcquire(BusMessage):
+    """The dataplane has traffic for a trap policy and no SA: initiate the child of `reqid`.
+
+    `local_address`/`remote_address` are the template's (tunnel) endpoints,
+    `local_ts`/`remote_ts` the triggering packet's selector (RFC 7296 2.9)."""
+
+    backend: str
+    reqid: int
+    local_address: str
+    remote_address: str
+    local_ts: str
+    remote_ts: str
+
+
+@message("kernel-expire")
+class KernelExpire(BusMessage):
+    """An SA reached its soft (rekey the child) or hard (it is gone) lifetime."""
+
+    backend: str
+    hard: bool
+    unique_id: int  # the child's, 0 when the kernel service does not know the SA
+    reqid: int
+    direction: str  # "in", "out" or "" when unknown
+    spi: bytes
+    src: str
+    dst: str
+    bytes: int
+    packets: int
+
+
 # --- ike workers ------------------------------------------------------------------------------
 
 

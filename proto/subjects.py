@@ -84,6 +84,11 @@ KEYSTORE_CERT_AUTH = f"{PREFIX}.keystore.cert.auth"
 EVENT_IKE_SA = f"{PREFIX}.event.ike-sa"
 EVENT_CHILD_SA = f"{PREFIX}.event.child-sa"
 
+# kernel -> ike (and anyone): the dataplane asks for a child SA (ACQUIRE: traffic hit a trap
+# policy) or says one reached its soft (rekey) or hard (gone) lifetime (EXPIRE).
+EVENT_KERNEL_ACQUIRE = f"{PREFIX}.event.kernel.acquire"
+EVENT_KERNEL_EXPIRE = f"{PREFIX}.event.kernel.expire"
+
 # CLI -> all ike workers: show commands gathered from every instance.
 IKE_SHOW = f"{PREFIX}.ike.show"
 # ike -> every ike worker: INITIAL_CONTACT received, drop older SAs of these identities.
@@ -204,13 +209,17 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             f"{PREFIX}.keystore.>",
             f"{PREFIX}.kernel.child.>",
             f"{PREFIX}.kernel.trap.>",
-            f"{PREFIX}.event.>",
+            EVENT_IKE_SA,
+            EVENT_CHILD_SA,
             *_kv_api(UNIQUE_ID_BUCKET),
         ),
-        "subscribe": (own_subjects("ike"),),
+        "subscribe": (own_subjects("ike"), EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE),
     },
     "keystore": {"publish": (), "subscribe": (own_subjects("keystore"),)},
-    "kernel": {"publish": (f"{PREFIX}.event.>",), "subscribe": (own_subjects("kernel"),)},
+    "kernel": {
+        "publish": (EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE),
+        "subscribe": (own_subjects("kernel"),),
+    },
     "flow": {"publish": (), "subscribe": (own_subjects("flow"), f"{PREFIX}.event.>")},
     ADMIN_USER: {
         "publish": (

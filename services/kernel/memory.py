@@ -289,6 +289,11 @@ class MemoryKernel:
                     )
         return tuple(policies)
 
+    def child_policies(self, unique_id: int) -> tuple[PolicyEntry, ...]:
+        """The policies recorded for one installed child (empty if unknown)."""
+        child = self._children.get(unique_id)
+        return child.policies if child is not None else ()
+
     def delete(self, request: ChildDelete) -> _Child:
         """Remove a child's SAs and policies, found by unique id or else by its inbound SPI."""
         child = self._children.get(request.unique_id)

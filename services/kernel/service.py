@@ -1,4 +1,9 @@
-"""Kernel: programs child SAs and policies (XFRM through pyroute2, or in memory).
+"""Kernel: programs child SAs, policies, traps and routes through the chosen backend.
+
+Backends (backends.py): `netlink` (Linux XFRM and routes through pyroute2,
+netlink.py), `userspace` (the userspace ESP dataplane, loaded when present),
+`auto` (netlink when the kernel takes an ESP state, else userspace: probed once
+at start and logged at level 1 with the reason) and `memory` (a test double).
 
 Endpoints (request/reply): `subjects.KERNEL_CHILD_INSTALL` (ChildInstall ->
 KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck) and
@@ -10,6 +15,8 @@ Install requests carry session keys: nothing here logs or returns them.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from typing import Any
 
 from ikefarm.proto import subjects
@@ -18,19 +25,21 @@ from ikefarm.proto.messages import (
     ChildDelete,
     ChildInstall,
     KernelAck,
+    KernelAcquire,
     KernelShowRequest,
     KernelState,
     TrapInstall,
     TrapRemove,
 )
+from ikefarm.services.kernel import backends
 from ikefarm.services.kernel.memory import InvalidChild, KernelRefusal, MemoryKernel
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
 from ikefarm.shared.config.loader import Config
 
-NETLINK_NOT_IMPLEMENTED = (
-    'netlink backend not implemented yet; use backend = "memory" '
-    "([kernel] backend; XFRM programming through pyroute2 comes with a later issue)"
-)
+
+async def _settle(result: Any) -> Any:
+    """A backend answers directly (memory) or with an awaitable (netlink, userspace)."""
+    return await result if inspect.isawaitable(result) else result
 
 
 class BackendNotAvailable(ServiceUnavailable):
@@ -44,16 +53,35 @@ class KernelService(ServiceBase):
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
-        self.backend: MemoryKernel | None = None
+        self.backend: Any = None
+        self.choice: backends.Choice | None = None
+        self.events: Any = None  # the backend's ACQUIRE/EXPIRE source, if it has one
+        self._publishing: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def preflight(cls, config: Config) -> None:
-        if config.kernel.backend != "memory":
-            raise BackendNotAvailable(NETLINK_NOT_IMPLEMENTED)
+    def preflight(cls, config: Config) -> backends.Choice:
+        try:
+            return backends.choose(config.kernel.backend)
+        except backends.BackendUnavailable as exc:
+            raise BackendNotAvailable(str(exc)) from None
+
+    def _make_backend(self, choice: backends.Choice) -> Any:
+        if choice.backend == "memory":
+            return MemoryKernel()
+        if choice.backend == "netlink":
+            from ikefarm.services.kernel.netlink import NetlinkKernel
+
+            try:
+                return NetlinkKernel.from_config(self.config)
+            except (KernelRefusal, OSError) as exc:
+                raise BackendNotAvailable(f"netlink backend: {exc}") from None
+        cls = backends.userspace_class()
+        factory = getattr(cls, "from_config", None)
+        return factory(self.config) if factory is not None else cls()
 
     async def setup(self) -> None:
-        self.preflight(self.config)
-        self.backend = MemoryKernel()
+        self.choice = self.preflight(self.config)
+        self.backend = self._make_backend(self.choice)
         await self.runtime.add_endpoint(
             "child-install", ChildInstall, self.on_install, subject=subjects.KERNEL_CHILD_INSTALL
         )
@@ -69,7 +97,40 @@ class KernelService(ServiceBase):
         await self.runtime.add_endpoint(
             "trap-remove", TrapRemove, self.on_trap_remove, subject=subjects.KERNEL_TRAP_REMOVE
         )
-        self.log.control("kernel_backend", backend=self.backend.name)
+        self.log.control("kernel_backend", backend=self.backend.name, reason=self.choice.reason)
+        for warning in getattr(self.backend, "warnings", ()):
+            self.log.control("kernel_backend_warning", backend=self.backend.name, warning=warning)
+        if hasattr(self.backend, "open_events"):
+            self.events = self.backend.open_events()
+            asyncio.get_running_loop().add_reader(self.events.fileno(), self._on_events)
+
+    def _on_events(self) -> None:
+        """Kernel ACQUIRE/EXPIRE notifications -> bus events (one publish per event)."""
+        for event in self.events.read():
+            message = self.backend.event_message(event)
+            if isinstance(message, KernelAcquire):
+                subject = subjects.EVENT_KERNEL_ACQUIRE
+                self.runtime.counters["event.acquire"] += 1
+                self.log.control("kernel_acquire", reqid=message.reqid, remote_ts=message.remote_ts)
+            else:
+                subject = subjects.EVENT_KERNEL_EXPIRE
+                kind = "hard" if message.hard else "soft"
+                self.runtime.counters[f"event.expire_{kind}"] += 1
+                self.log.control(
+                    "kernel_expire", kind=kind, spi=message.spi.hex(), unique_id=message.unique_id
+                )
+            task = asyncio.ensure_future(self.runtime.publish(subject, message))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+    async def teardown(self) -> None:
+        if self.events is not None:
+            asyncio.get_running_loop().remove_reader(self.events.fileno())
+            self.events.close()
+            self.events = None
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            await _settle(close())
 
     def gauges(self) -> dict[str, Any]:
         if self.backend is None:
@@ -80,31 +141,36 @@ class KernelService(ServiceBase):
             "sas": len(self.backend.sad),
             "policies": self.backend.policy_count,
             "traps": len(self.backend.traps),
+            "events_malformed": self.events.malformed if self.events is not None else 0,
+            "events_overruns": self.events.overruns if self.events is not None else 0,
         }
 
-    def _backend(self) -> MemoryKernel:
+    def _backend(self) -> Any:
         assert self.backend is not None
         return self.backend
+
+    def _refused(self, action: str, exc: KernelRefusal, **fields: Any) -> KernelAck:
+        """Count a refusal by its code, log it (no key material in `fields`), answer it."""
+        self.runtime.counters[f"{action}.{exc.code}"] += 1
+        self.log.control(f"{action}_refused", backend=self.backend.name, error=exc.text, **fields)
+        return KernelAck(ok=False, error=exc.text)
 
     async def on_install(self, request: ChildInstall, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            sa_in, sa_out = backend.install(request)
+            sa_in, sa_out = await _settle(backend.install(request))
         except InvalidChild as exc:
             self.runtime.counters["child_install.invalid"] += 1
             raise BusError("bad_field", f"ChildInstall: {exc}") from None
         except KernelRefusal as exc:
-            self.runtime.counters[f"child_install.{exc.code}"] += 1
-            self.log.control(
-                "child_install_refused",
-                backend=backend.name,
+            return self._refused(
+                "child_install",
+                exc,
                 unique_id=request.unique_id,
                 reqid=request.reqid,
                 spi_in=request.spi_in.hex(),
                 spi_out=request.spi_out.hex(),
-                error=exc.text,
             )
-            return KernelAck(ok=False, error=exc.text)
         self.runtime.counters["child_install.ok"] += 1
         self.log.control(
             "child_installed",
@@ -128,7 +194,7 @@ class KernelService(ServiceBase):
     async def on_delete(self, request: ChildDelete, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            child = backend.delete(request)
+            child = await _settle(backend.delete(request))
         except KernelRefusal as exc:
             self.runtime.counters[f"child_delete.{exc.code}"] += 1
             self.log.control(
@@ -163,10 +229,12 @@ class KernelService(ServiceBase):
     async def on_trap_install(self, request: TrapInstall, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            trap, replaced = backend.install_trap(request)
+            trap, replaced = await _settle(backend.install_trap(request))
         except InvalidChild as exc:
             self.runtime.counters["trap_install.invalid"] += 1
             raise BusError("bad_field", f"TrapInstall: {exc}") from None
+        except KernelRefusal as exc:
+            return self._refused("trap_install", exc, vpn=request.vpn, reqid=request.reqid)
         self.runtime.counters["trap_install.ok"] += 1
         self.log.control(
             "trap_installed",
@@ -183,7 +251,7 @@ class KernelService(ServiceBase):
     async def on_trap_remove(self, request: TrapRemove, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            trap = backend.remove_trap(request)
+            trap = await _settle(backend.remove_trap(request))
         except KernelRefusal as exc:
             self.runtime.counters[f"trap_remove.{exc.code}"] += 1
             return KernelAck(ok=False, error=exc.text)

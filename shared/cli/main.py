@@ -8,9 +8,12 @@ import importlib
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ikefarm.shared.config.loader import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from ikefarm.proto.messages import KernelState
 
 SERVICE_CLASSES = {
     "ingress": "ikefarm.services.ingress.service:IngressService",
@@ -305,26 +308,46 @@ def cmd_show_kernel(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(body, indent=2))
             return 0
-        print(f"backend {state.backend}")
-        for sa in state.sas:
-            encap = f" encap udp {sa['src_port']}->{sa['dst_port']}" if sa.get("encap") else ""
-            print(
-                f"sa {sa['direction']:3} spi {sa['spi']} {sa['src']} -> {sa['dst']}"
-                f" reqid {sa['reqid']} {sa['mode']}{encap}"
-            )
-        for policy in state.policies:
-            print(
-                f"policy {policy['direction']:3} {policy['src']} -> {policy['dst']}"
-                f" reqid {policy['reqid']} {policy['mode']}"
-            )
-        for trap in state.traps:
-            print(
-                f"trap {trap['vpn']}/{trap['name']} reqid {trap['reqid']}"
-                f" {' '.join(trap['local_ts'])} === {' '.join(trap['remote_ts'])}"
-            )
+        for line in kernel_lines(state):
+            print(line)
         return 0
 
     return asyncio.run(run())
+
+
+def kernel_lines(state: KernelState) -> list[str]:
+    """`show kernel` as text: SAs (algorithms and key sizes, never keys; the dataplane's
+    counters and lifetimes where the backend reports them), policies, traps."""
+    lines = [f"backend {state.backend}"]
+    for sa in state.sas:
+        encap = f" encap udp {sa['src_port']}->{sa['dst_port']}" if sa.get("encap") else ""
+        algorithms = sa.get("encr") or ""
+        if sa.get("integ"):
+            algorithms += f"/{sa['integ']}"
+        esn = " esn" if sa.get("esn") else ""
+        line = (
+            f"sa {sa['direction']:3} spi {sa['spi']} {sa['src']} -> {sa['dst']}"
+            f" reqid {sa['reqid']} {sa['mode']}{encap} {algorithms}{esn}"
+            f" replay {sa.get('replay_window', 0)}"
+        )
+        counters = sa.get("counters")
+        if counters:
+            line += f" bytes {counters['bytes']} packets {counters['packets']}"
+        lifetime = sa.get("lifetime")
+        if lifetime:
+            line += f" rekey {lifetime['soft_seconds']}s life {lifetime['hard_seconds']}s"
+        lines.append(line)
+    for policy in state.policies:
+        lines.append(
+            f"policy {policy['direction']:3} {policy['src']} -> {policy['dst']}"
+            f" reqid {policy['reqid']} {policy['mode']}"
+        )
+    for trap in state.traps:
+        lines.append(
+            f"trap {trap['vpn']}/{trap['name']} reqid {trap['reqid']}"
+            f" {' '.join(trap['local_ts'])} === {' '.join(trap['remote_ts'])}"
+        )
+    return lines
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -42,21 +42,10 @@ class Planned:
         )
 
 
-_KERNEL = "kernel dataplane"
 _VIP = "virtual IPs and MOBIKE"
 _FLOW = "flow sessions"
 
 PLANNED: tuple[Planned, ...] = (
-    Planned("ike.global-options.acquire-timeout", 10, _KERNEL),
-    Planned("ike.global-options.install-routes", 10, _KERNEL),
-    Planned("ike.global-options.routing-table", 10, _KERNEL),
-    Planned("ike.global-options.routing-table-prio", 10, _KERNEL),
-    Planned("ike.global-options.sp-hash-ipv4", 10, _KERNEL),
-    Planned("ike.global-options.sp-hash-ipv6", 10, _KERNEL),
-    Planned("ike.vpn[].security-policy[].priority", 10, _KERNEL),
-    Planned("ike.vpn[].security-policy[].svti-id-in", 10, _KERNEL),
-    Planned("ike.vpn[].security-policy[].svti-id-out", 10, _KERNEL),
-    Planned("ike.vpn[].security-policy[].inject-routes", 10, _KERNEL),
     Planned("ike.global-options.install-vip-on", 13, _VIP),
     Planned("ike.global-options.mobike-prefer-best-path", 13, _VIP),
     Planned("ike.ike-policy-template[].mobike", 13, _VIP),

@@ -430,7 +430,16 @@ SCHEMA = Section(
             },
             doc="ikefarm: secrets at rest; the keystore starts only with the right master key",
         ),
-        "kernel": Section({"backend": Choice(("memory", "netlink"), default="memory")}),
+        "kernel": Section(
+            {
+                "backend": Choice(
+                    ("auto", "netlink", "userspace", "memory"),
+                    default="auto",
+                    doc="auto: netlink if the kernel takes ESP states, else userspace;"
+                    " memory: a test double",
+                )
+            }
+        ),
         "flow": Section(
             {
                 "max-sessions": Int(1, 100_000_000, default=1_000_000),

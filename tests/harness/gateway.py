@@ -256,8 +256,12 @@ def farm_config(
     global_options: dict[str, Any] | None = None,
     dpd_delay: str = "0s",
     dpd_action: str = "restart",
+    kernel_backend: str = "memory",
 ) -> str:
-    """A whole ikefarm config: PSKs (local-id, remote-id, secret), `vpn_config()` blocks."""
+    """A whole ikefarm config: PSKs (local-id, remote-id, secret), `vpn_config()` blocks.
+
+    The kernel backend defaults to `memory` (the test double): these farms test IKE.
+    """
     options = "".join(
         f"{key} = {json.dumps(value)}\n" for key, value in (global_options or {}).items()
     )
@@ -268,6 +272,7 @@ def farm_config(
     )
     return (
         f'[farm]\nstate-dir = "{Path(workdir) / "state"}"\nike-workers = {workers}\n\n'
+        f'[kernel]\nbackend = "{kernel_backend}"\n\n'
         f"[ike.logging.daemon]\ndefault = {log_level}\n\n"
         f"[ike.global-options]\n{options}\n"
         f'[[ike.ike-policy-template]]\nname = "ikepol"\ndpd-delay = "{dpd_delay}"\n'

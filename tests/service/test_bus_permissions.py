@@ -212,3 +212,18 @@ def test_up_against_an_external_nats_set_up_with_config_nats_auth(
             process.terminate()
             process.wait(15)
             log.close()
+
+
+def test_kernel_events_reach_ike_and_come_only_from_the_kernel() -> None:
+    for subject in (subjects.EVENT_KERNEL_ACQUIRE, subjects.EVENT_KERNEL_EXPIRE):
+        for user in subjects.PERMISSIONS:
+            allowed = subjects.permissions(user)
+            publishes = any(nats_match(p, subject) for p in allowed["publish"])
+            subscribes = any(nats_match(p, subject) for p in allowed["subscribe"])
+            assert publishes == (user == "kernel"), (user, subject)
+            assert subscribes == (user in ("ike", "flow", subjects.ADMIN_USER)), (user, subject)
+    # ike hears the kernel's events, not every event on the bus; the kernel publishes no other
+    ike = subjects.permissions("ike")["subscribe"]
+    assert not any(nats_match(p, subjects.EVENT_IKE_SA) for p in ike)
+    kernel = subjects.permissions("kernel")["publish"]
+    assert not any(nats_match(p, subjects.EVENT_CHILD_SA) for p in kernel)

@@ -123,6 +123,7 @@ async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]
     gateway = parse_config(
         ports
         + f'[keystore]\nstore-file = "{tmp_path / "keystore.bin"}"\n'
+        + '[kernel]\nbackend = "memory"\n'
         + RESPONDER_TOML.format(extra="", extra_vpn="").replace("192.0.2.1", LOOPBACK)
     )
     runtimes = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,7 @@ from ikefarm.proto.messages import (
     KernelShowRequest,
     KernelState,
 )
+from ikefarm.services.kernel import backends
 from ikefarm.services.kernel.service import BackendNotAvailable, KernelService
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime
@@ -33,6 +35,8 @@ from ikefarm.shared.observability.logging import configure_logging
 ENCR_KEY_IN = bytes(range(0x10, 0x34))  # 36 octets: AES-256 + 4-octet GCM salt
 ENCR_KEY_OUT = bytes(range(0x40, 0x64))
 KEYS = (ENCR_KEY_IN, ENCR_KEY_OUT)
+
+MEMORY = parse_config('[kernel]\nbackend = "memory"\n')
 
 
 def child(unique_id: int = 1, spi_in: str = "c0000001", spi_out: str = "c1000001") -> ChildInstall:
@@ -87,7 +91,7 @@ def log_stream() -> Iterator[io.StringIO]:
 
 @pytest.fixture
 async def kernel(nats_server: EmbeddedNats, log_stream: io.StringIO) -> AsyncIterator[Runtime]:
-    runtime = Runtime(KernelService, parse_config(""), nats_server.url, instance="kernel-0")
+    runtime = Runtime(KernelService, MEMORY, nats_server.url, instance="kernel-0")
     await runtime.start()
     try:
         yield runtime
@@ -249,21 +253,35 @@ async def test_malformed_requests_get_structured_errors(
     assert len(state.sas) == 2
 
 
-async def test_netlink_backend_refuses_to_start(nats_server: EmbeddedNats) -> None:
-    config = parse_config('[kernel]\nbackend = "netlink"\n')
-    runtime = Runtime(KernelService, config, nats_server.url, instance="kernel-nl")
+def _without_userspace_backend() -> None:
+    if importlib.util.find_spec(backends.USERSPACE_MODULE) is not None:
+        pytest.skip(f"{backends.USERSPACE_MODULE} exists: these tests cover its absence")
+
+
+async def test_userspace_backend_refuses_to_start_while_not_implemented(
+    nats_server: EmbeddedNats,
+) -> None:
+    _without_userspace_backend()
+    config = parse_config('[kernel]\nbackend = "userspace"\n')
+    runtime = Runtime(KernelService, config, nats_server.url, instance="kernel-us")
     try:
-        with pytest.raises(BackendNotAvailable, match="netlink backend not implemented yet"):
+        with pytest.raises(BackendNotAvailable, match="userspace backend not implemented yet"):
             await runtime.start()
     finally:
         await runtime.stop()
 
 
-def test_netlink_backend_process_exits_non_zero_with_the_reason(
+def test_auto_backend_process_says_what_it_chose_or_why_it_cannot_start(
     nats_server: EmbeddedNats, tmp_path: Path, ikefarm_argv: list[str]
 ) -> None:
-    path = tmp_path / "netlink.toml"
-    path.write_text('[kernel]\nbackend = "netlink"\n')
+    """`auto` probes the kernel: netlink where it takes an ESP state, else userspace (not
+    implemented yet, so the process exits 1 quoting the kernel's refusal)."""
+    _without_userspace_backend()
+    path = tmp_path / "auto.toml"
+    path.write_text("[ike.logging.daemon]\ndefault = 1\n")  # backend left at its default
+    accepted, why = backends.probe_esp()
+    if accepted:
+        pytest.skip(f"this kernel takes ESP states ({why}): auto picks netlink here")
     result = subprocess.run(
         [*ikefarm_argv, "service", "kernel", "-c", str(path), "--nats", nats_server.url],
         capture_output=True,
@@ -271,7 +289,8 @@ def test_netlink_backend_process_exits_non_zero_with_the_reason(
         timeout=60,
     )
     assert result.returncode == 1
-    assert 'netlink backend not implemented yet; use backend = "memory"' in result.stderr
+    assert "auto chose the userspace backend (kernel refused XFRM_MSG_NEWSA: " in result.stderr
+    assert "it is not implemented yet" in result.stderr
     assert "Traceback" not in result.stderr
 
 

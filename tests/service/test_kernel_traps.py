@@ -31,6 +31,8 @@ from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.config.loader import parse_config
 from ikefarm.shared.ikev2.constants import EncrId
 
+MEMORY = parse_config('[kernel]\nbackend = "memory"\n')
+
 
 def trap(reqid: int = 3, **changes: Any) -> TrapInstall:
     base = TrapInstall(
@@ -48,7 +50,7 @@ def trap(reqid: int = 3, **changes: Any) -> TrapInstall:
 
 @pytest.fixture
 async def kernel(nats_server: EmbeddedNats) -> AsyncIterator[Runtime]:
-    runtime = Runtime(KernelService, parse_config(""), nats_server.url, instance="kernel-t")
+    runtime = Runtime(KernelService, MEMORY, nats_server.url, instance="kernel-t")
     await runtime.start()
     try:
         yield runtime

@@ -124,7 +124,7 @@ def test_seed_defaults() -> None:
     assert config.flow.session_timeouts.tcp == 1800
     assert config.flow.session_timeouts.udp == 60
     assert config.flow.tcp_session.tcp_initial_timeout == 20
-    assert config.kernel.backend == "memory"
+    assert config.kernel.backend == "auto"
     assert config.nats.url == ""
 
 

@@ -32,14 +32,8 @@ def test_every_planned_path_names_a_schema_key(planned) -> None:  # type: ignore
 
 # a non-default value per kind of planned key, set inside the example so everything else is valid
 SETTINGS = [
-    ("[ike.global-options]\ninstall-routes = true\n", "ike.global-options.install-routes", 10),
-    ("[ike.global-options]\nrouting-table = 100\n", "ike.global-options.routing-table", 10),
-    (
-        "[ike.global-options.sp-hash-ipv4]\nlocal = 24\n",
-        "ike.global-options.sp-hash-ipv4.local",
-        10,
-    ),
     ("[ike.global-options]\nsnmp = true\n", "ike.global-options.snmp", None),
+    ("[ike.global-options]\nthreads = 4\n", "ike.global-options.threads", None),
     ("[flow]\nmax-sessions = 10\n", "flow.max-sessions", 12),
     ("[flow.session-timeouts]\nudp = 30\n", "flow.session-timeouts.udp", 12),
     ('[[ike.pool]]\nname = "p"\naddress = ["10.9.0.0/24"]\n', "ike.pool[0].name", 13),
@@ -74,10 +68,10 @@ def test_planned_keys_inside_vpn_items_are_refused_with_their_index() -> None:
 def test_a_planned_key_at_its_default_loads() -> None:
     config = parse_config(
         EXAMPLE.read_text()
-        + "\n[ike.global-options]\ninstall-routes = false\nrouting-table = 220\n"
+        + "\n[ike.global-options]\nsnmp = false\nthreads = 16\n"
         + "[flow]\nmax-sessions = 1000000\n"
     )
-    assert config.is_explicit("ike.global-options.install-routes")
+    assert config.is_explicit("ike.global-options.snmp")
 
 
 def test_only_the_planned_value_of_a_choice_is_refused() -> None:

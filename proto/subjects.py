@@ -76,6 +76,15 @@ KEYSTORE_CERT_AUTH = f"{PREFIX}.keystore.cert.auth"
 EVENT_IKE_SA = f"{PREFIX}.event.ike-sa"
 EVENT_CHILD_SA = f"{PREFIX}.event.child-sa"
 
+# Flow sessions (issue 12, docs/flow-sessions.md). kernel (dataplane) -> flow: batched session
+# events (FlowEvents): first packets, TCP state changes, periodic refreshes; never per packet.
+FLOW_EVENTS = f"{PREFIX}.flow.events"
+# flow -> kernel (dataplane): sessions closed or refused, table full (FlowVerdicts).
+KERNEL_FLOW_VERDICTS = f"{PREFIX}.kernel.flow.verdicts"
+# CLI -> flow: `show|clear security flow session ...` (request/reply).
+FLOW_SHOW = f"{PREFIX}.flow.show"
+FLOW_CLEAR = f"{PREFIX}.flow.clear"
+
 # CLI -> all ike workers: show commands gathered from every instance.
 IKE_SHOW = f"{PREFIX}.ike.show"
 # ike -> every ike worker: INITIAL_CONTACT received, drop older SAs of these identities.
@@ -195,8 +204,14 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "subscribe": (own_subjects("ike"),),
     },
     "keystore": {"publish": (), "subscribe": (own_subjects("keystore"),)},
-    "kernel": {"publish": (f"{PREFIX}.event.>",), "subscribe": (own_subjects("kernel"),)},
-    "flow": {"publish": (), "subscribe": (own_subjects("flow"), f"{PREFIX}.event.>")},
+    "kernel": {
+        "publish": (f"{PREFIX}.event.>", FLOW_EVENTS),
+        "subscribe": (own_subjects("kernel"),),
+    },
+    "flow": {
+        "publish": (KERNEL_FLOW_VERDICTS,),
+        "subscribe": (own_subjects("flow"), f"{PREFIX}.event.>"),
+    },
     ADMIN_USER: {
         "publish": (
             f"{MICRO_PREFIX}.>",
@@ -205,6 +220,8 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             IKE_INITIATE,
             f"{PREFIX}.ike.shard.*.command",
             KERNEL_SHOW,
+            FLOW_SHOW,
+            FLOW_CLEAR,
             *(subject for service in SERVICES for subject in _discovery(service)),
         ),
         "subscribe": (f"{PREFIX}.event.>",),

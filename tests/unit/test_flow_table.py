@@ -423,7 +423,7 @@ def test_bad_words_are_refused(verb: str, words: list[str]) -> None:
 
 
 def test_summary_counts_states_protocols_and_table_use() -> None:
-    table, s = populated()
+    table, _ = populated()
     table.handshake_done(TCP_KEY, 1.0)
     summary = table.summary(1.0)
     assert summary["sessions_in_use"] == 5 and summary["maximum_sessions"] == 1_000_000

@@ -33,7 +33,8 @@ HELP = {
     "rekey": "rekey IKE or child SAs: rekey ike-sa vpn NAME | rekey child-sa unique-id N",
     "reauth": "reauthenticate IKE SAs (honours make-before-break): reauth ike-sa vpn NAME",
     "flush": "delete IKE or child SAs: flush child-sa security-policy NAME",
-    "clear": "JunosE: clear sa all|tunnel NAME|state STATE [phase 1|2]",
+    "clear": "JunosE: clear sa all|tunnel NAME|state STATE [phase 1|2]; Junos SRX: clear "
+    "security flow session all|session-identifier N|protocol NAME|...",
 }
 
 
@@ -54,6 +55,8 @@ def add_parsers(commands: Any) -> None:
             help="seconds to wait for the outcome (initiate) or the deletes (flush, clear)",
         )
         parser.add_argument("--wait", type=float, default=0.5, help="seconds to gather answers")
+        if verb == "clear":
+            parser.add_argument("--json", action="store_true", help="flow sessions: as JSON")
         parser.set_defaults(func=cmd_manage, verb=verb)
 
 
@@ -61,6 +64,10 @@ def cmd_manage(args: argparse.Namespace) -> int:
     from ikefarm.shared.cli.main import _load_or_exit, _nats_url
     from ikefarm.shared.ikev2.management import CommandError, parse_words
 
+    if args.verb == "clear" and args.words[:1] == ["security"]:
+        from ikefarm.shared.cli.flow import cmd_flow
+
+        return cmd_flow("clear", args, list(args.words))
     try:
         command = parse_words(args.verb, list(args.words))
     except CommandError as exc:

@@ -454,8 +454,10 @@ SCHEMA = Section(
                     {
                         "tcp-initial-timeout": Int(4, 300, default=20, doc="s; minimum 4"),
                         "time-wait-state": Int(
-                            2, 600, default=None, doc="s a closed TCP session is held; unset: "
-                            "a close invalidates it"
+                            2,
+                            600,
+                            default=None,
+                            doc="s a closed TCP session is held; unset: a close invalidates it",
                         ),
                         "rst-invalidate-session": Bool(default=False),
                         "fin-invalidate-session": Bool(default=False),

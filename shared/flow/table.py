@@ -41,6 +41,7 @@ NEVER = float("inf")
 
 # why a session left the table (Closed.reason) or was never made (refusal counters)
 AGED, CLEARED, HANDSHAKE_TIMEOUT, TEMPLATE_GONE = "aged", "cleared", "handshake-timeout", "leaf"
+SOURCE_GONE = "source"  # the source (conntrack) removed the flow itself
 REFUSED_FULL, REFUSED_NO_SYN = "max-sessions", "no-syn"
 
 
@@ -353,6 +354,11 @@ class SessionTable:
             session.state = TIME_WAIT
             session.timeout = wait
             self._set_deadline(session, min(session.deadline, now + wait))
+
+    def forget(self, key: FiveTuple, reason: str) -> list[Closed]:
+        """The source dropped the flow itself (conntrack destroyed its entry)."""
+        session = self.by_key.get(key)
+        return self._remove(session, reason) if session is not None else []
 
     # --- time --------------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ class FlowService(ServiceBase):
                 log=self.log,
             )
             try:
-                await self.conntrack.start(self.now())
+                await self.conntrack.start(self.now(), clock=self.now)
             except ConntrackUnavailable as exc:
                 raise ServiceUnavailable(str(exc)) from None
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ from ikefarm.proto.messages import (
     FlowVerdicts,
 )
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
+from ikefarm.shared.config.loader import Config
 from ikefarm.shared.flow.events import EventError, apply_batch, check_batch, verdicts
 from ikefarm.shared.flow.filters import FilterError, parse_words
 from ikefarm.shared.flow.settings import FlowSettings
@@ -54,6 +56,16 @@ class FlowService(ServiceBase):
         self._verdict_seq = 0
         self._full = False
         self.conntrack: Any = None
+
+    @classmethod
+    def preflight(cls, config: Config) -> None:
+        """The netlink source reads and deletes conntrack entries: that takes root
+        (CAP_NET_ADMIN); say so before `up` starts restarting the service forever."""
+        if config.flow.source == "netlink" and os.geteuid() != 0:
+            raise ServiceUnavailable(
+                '[flow] source = "netlink" needs root (CAP_NET_ADMIN) for ctnetlink; '
+                'run as root or use source = "dataplane"'
+            )
 
     @staticmethod
     def now() -> float:

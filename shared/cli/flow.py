@@ -49,7 +49,7 @@ def cmd_flow(verb: str, args: argparse.Namespace, words: list[str]) -> int:
 
 
 async def _run(verb: str, words: list[str], url: str, args: argparse.Namespace, config: Any) -> int:
-    from ikefarm.proto import envelope, subjects
+    from ikefarm.proto import subjects
     from ikefarm.proto.messages import (
         FlowClearRequest,
         FlowClearResult,
@@ -57,7 +57,7 @@ async def _run(verb: str, words: list[str], url: str, args: argparse.Namespace, 
         FlowShowRequest,
     )
     from ikefarm.shared.cli.main import _nats_credentials
-    from ikefarm.shared.cli.manage import connect
+    from ikefarm.shared.cli.manage import connect, request_one
 
     name = f"ikefarm {verb} security flow session"
     try:
@@ -71,16 +71,19 @@ async def _run(verb: str, words: list[str], url: str, args: argparse.Namespace, 
         else (subjects.FLOW_CLEAR, FlowClearRequest(words), FlowClearResult)
     )
     try:
-        reply = await nc.request(subject, envelope.pack(request), timeout=args.wait + 2)
-        answer = envelope.unpack_reply(reply.data, reply_type)
-    except envelope.BusError as exc:
-        print(f"{name}: refused: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # no responders, timeout
-        print(f"{name}: no flow service answered ({type(exc).__name__})", file=sys.stderr)
-        return 2
+        answer, failed = await request_one(
+            nc,
+            subject,
+            request,
+            reply_type,
+            timeout=args.wait + 2,
+            name=name,
+            answerer="flow service",
+        )
     finally:
         await nc.close()
+    if failed is not None:
+        return failed
     if verb == "clear":
         return _print_clear(answer, args)
     return _print_show(answer, args, name)

@@ -154,24 +154,46 @@ def _message(command: Any, timeout: float) -> Any:
     )
 
 
-async def _initiate(nc: Any, command: Any, args: argparse.Namespace, config: Any) -> int:
+async def request_one(
+    nc: Any,
+    subject: str,
+    message: Any,
+    reply_type: Any,
+    *,
+    timeout: float,
+    name: str,
+    answerer: str,
+) -> tuple[Any, int | None]:
+    """One request to one service: (its answer, None), or (None, exit code) after saying why
+    on stderr: 1 when the service refused, 2 when nobody answered."""
     from ikefarm.proto import envelope
+
+    try:
+        reply = await nc.request(subject, envelope.pack(message), timeout=timeout)
+        return envelope.unpack_reply(reply.data, reply_type), None
+    except envelope.BusError as exc:
+        print(f"{name}: refused: {exc}", file=sys.stderr)
+        return None, 1
+    except Exception as exc:  # no responders, timeout
+        print(f"{name}: no {answerer} answered ({type(exc).__name__})", file=sys.stderr)
+        return None, 2
+
+
+async def _initiate(nc: Any, command: Any, args: argparse.Namespace, config: Any) -> int:
     from ikefarm.proto.messages import IkeCommandResult
 
     subject = await _initiate_subject(nc, command, args, config)
-    try:
-        reply = await nc.request(
-            subject,
-            envelope.pack(_message(command, args.timeout)),
-            timeout=args.timeout + 5,
-        )
-        result = envelope.unpack_reply(reply.data, IkeCommandResult)
-    except envelope.BusError as exc:
-        print(f"ikefarm initiate: refused: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # no responders, timeout
-        print(f"ikefarm initiate: no ike worker answered ({type(exc).__name__})", file=sys.stderr)
-        return 2
+    result, failed = await request_one(
+        nc,
+        subject,
+        _message(command, args.timeout),
+        IkeCommandResult,
+        timeout=args.timeout + 5,
+        name="ikefarm initiate",
+        answerer="ike worker",
+    )
+    if failed is not None:
+        return failed
     for line in result.lines:
         print(line)
     if not result.ok:

@@ -14,19 +14,8 @@ from ikefarm.shared.flow.events import EventError, apply_batch, check_batch
 from ikefarm.shared.flow.filters import FilterError, parse_words
 from ikefarm.shared.flow.settings import FlowSettings
 from ikefarm.shared.flow.table import SessionTable
+from tests.fuzz.test_dos_bus_fuzz import wire_values
 
-wire_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=8)
-    | st.binary(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
-    ),
-    max_leaves=12,
-)
 addresses = st.sampled_from(["10.0.0.1", "10.0.0.2", "::1", "2001:db8::2", "239.1.1.1", "x", ""])
 good_tuples = st.fixed_dictionaries(
     {

@@ -35,6 +35,7 @@ from ikefarm.services.flow.service import FlowService
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime, subscriptions_in_place
 from ikefarm.shared.config.loader import parse_config
+from tests.harness.runtime import running
 
 CONFIG = """
 [flow]
@@ -81,12 +82,8 @@ def recorded() -> list[FlowEvents]:
 
 @pytest.fixture
 async def flow(nats_server: EmbeddedNats) -> AsyncIterator[Runtime]:
-    runtime = Runtime(FlowService, parse_config(CONFIG), nats_server.url, instance="flow-0")
-    await runtime.start()
-    try:
+    async with running(FlowService, parse_config(CONFIG), nats_server.url, "flow-0") as runtime:
         yield runtime
-    finally:
-        await runtime.stop()
 
 
 @pytest.fixture

@@ -27,8 +27,11 @@ from tests.harness.prerequisites import missing
 
 pytestmark = pytest.mark.kernel
 
+# loopback stays untracked: the netlink service test runs its nats-server in the namespace
 NFT_RULES = """
 table inet ikefarm_flow_test {
+    chain raw_prerouting { type filter hook prerouting priority raw; iifname "lo" notrack; }
+    chain raw_output { type filter hook output priority raw; oifname "lo" notrack; }
     chain input { type filter hook input priority 0; ct state new counter; }
     chain output { type filter hook output priority 0; ct state new counter; }
 }

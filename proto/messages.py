@@ -423,8 +423,9 @@ class FlowOpen:
 
 @dataclass(frozen=True)
 class FlowChange:
-    """A TCP state change: "established" (the handshake completed), "fin" or "rst";
-    `direction` "in" (from the side that opened the flow) or "out"."""
+    """A TCP state change: "established" (the handshake completed), "fin" or "rst".
+    `direction` "in": the packet went the way `init` says; "out": the other way. `init` may
+    be either tuple of the session (the dataplane reports what it has at hand)."""
 
     init: FlowTuple
     change: str

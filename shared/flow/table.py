@@ -109,6 +109,10 @@ class Session:
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         self.alive = True
 
+    def __lt__(self, other: Session) -> bool:
+        """Never: heap entries of equal time and ID (a stale and a live one) stay unordered."""
+        return False
+
     @property
     def protocol(self) -> int:
         return self.init[0]
@@ -142,7 +146,6 @@ class SessionTable:
         self.by_key: dict[FiveTuple, Session] = {}
         self.by_id: dict[int, Session] = {}
         self._heap: list[tuple[float, int, Session]] = []
-        self._seq = itertools.count()
         self._ids = itertools.count(1)
         self.aggressive = False
         self.counters: dict[str, int] = {}
@@ -187,7 +190,7 @@ class SessionTable:
         session.deadline = deadline
         if deadline < session.scheduled:
             session.scheduled = deadline
-            heapq.heappush(self._heap, (deadline, next(self._seq), session))
+            heapq.heappush(self._heap, (deadline, session.id, session))
 
     def _restart(self, session: Session, timeout: int, now: float) -> None:
         session.timeout = timeout

@@ -164,7 +164,7 @@ def apply_event(
     (the kernel's own ageing, or `conntrack -D`) removes it."""
     if kind == "destroy":
         return table.forget(entry.init, SOURCE_GONE), []
-    session = table.by_key.get(entry.init)
+    session = table.lookup(entry.init)
     if session is None:
         outcome = _open(table, entry, now, tunnel_ports, first_packet=kind == "new")
         return [], [outcome] if isinstance(outcome, Refused) else []
@@ -190,7 +190,7 @@ def apply_dump(
     short: list[tuple[CtEntry, Session]] = []
     for entry in entries:
         seen.add(entry.init)
-        session = table.by_key.get(entry.init)
+        session = table.lookup(entry.init)
         if session is None:
             outcome = _open(table, entry, now, tunnel_ports, first_packet=False)
             if isinstance(outcome, Refused):

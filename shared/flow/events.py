@@ -187,7 +187,7 @@ def apply_batch(table: SessionTable, batch: CheckedBatch, now: float) -> Applied
 
 def _direction(table: SessionTable, key: FiveTuple, direction: int) -> int:
     """The end that sent the FIN: the event's direction relative to the session's own."""
-    session = table.by_key.get(key)
+    session = table.lookup(key)
     if session is not None and key != session.init and key == session.reply:
         return INIT if direction == REPLY else REPLY
     return direction

@@ -69,12 +69,11 @@ class Session:
         "ingress",
         "init",
         "kind",
-        "last_seen",
         "leaves",
+        "nat_reply",
         "packets_in",
         "packets_out",
         "policy",
-        "reply",
         "resource_manager",
         "scheduled",
         "start",
@@ -88,7 +87,8 @@ class Session:
     def __init__(self, session_id: int, init: FiveTuple, reply: FiveTuple, now: float) -> None:
         self.id = session_id
         self.init = init
-        self.reply = reply
+        # the answer's tuple when it is not the opening one reversed (NAT); None saves a tuple
+        self.nat_reply = reply if reply != reverse(init) else None
         self.ingress = ""
         self.egress = ""
         self.policy = ""
@@ -102,7 +102,6 @@ class Session:
         self.valid = True
         self.fins = 0  # INIT | REPLY: which ends sent a FIN
         self.timeout = 0  # seconds of inactivity the session lives (the one now in force)
-        self.last_seen = now
         self.deadline = NEVER
         self.scheduled = NEVER  # the time of this session's live heap entry
         self.start = now
@@ -112,6 +111,10 @@ class Session:
     def __lt__(self, other: Session) -> bool:
         """Never: heap entries of equal time and ID (a stale and a live one) stay unordered."""
         return False
+
+    @property
+    def reply(self) -> FiveTuple:
+        return self.nat_reply if self.nat_reply is not None else reverse(self.init)
 
     @property
     def protocol(self) -> int:
@@ -152,6 +155,16 @@ class SessionTable:
         self._apps: dict[tuple[int, int], list[Application]] = {}
         for app in settings.applications:
             self._apps.setdefault((app.protocol, app.destination_port), []).append(app)
+
+    def lookup(self, key: FiveTuple) -> Session | None:
+        """The session a packet of either direction belongs to. Only the opening tuple is a
+        key (and the answer's, under NAT): the answer of a plain flow is found reversed."""
+        session = self.by_key.get(key)
+        if session is None:
+            session = self.by_key.get(reverse(key))
+            if session is not None and session.reply != key:
+                return None
+        return session
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -194,7 +207,6 @@ class SessionTable:
 
     def _restart(self, session: Session, timeout: int, now: float) -> None:
         session.timeout = timeout
-        session.last_seen = now
         self._set_deadline(session, now + timeout)
 
     def _invalidate(self, session: Session, now: float) -> None:
@@ -223,7 +235,7 @@ class SessionTable:
     ) -> Session | Refused:
         """The first packet of a flow. `syn`: a TCP first packet that is a SYN (the others open
         a session only with no-syn-check). An existing session of that tuple is refreshed."""
-        existing = self.by_key.get(init)
+        existing = self.lookup(init)
         if existing is not None and existing.kind != TEMPLATE:
             self.refresh(init, now)
             return existing
@@ -240,7 +252,8 @@ class SessionTable:
         app = self.application_for(init, policy)
         session.application = app.name if app is not None else ""
         self._add(session)
-        self.by_key[reply] = session
+        if session.nat_reply is not None:  # NAT: the answer is a key of its own
+            self.by_key[session.nat_reply] = session
         if init[0] == TCP and syn:
             session.state = HANDSHAKE
             self._restart(session, self.settings.tcp_initial_timeout, now)
@@ -299,19 +312,18 @@ class SessionTable:
         counters (packets in, bytes in, packets out, bytes out: totals) are taken as they are.
         During the TCP handshake each packet restarts tcp-initial-timeout (seed 003).
         An invalidated session is not brought back by traffic."""
-        session = self.by_key.get(key)
+        session = self.lookup(key)
         if session is None:
             return None
         if counters is not None:
             session.packets_in, session.bytes_in, session.packets_out, session.bytes_out = counters
-        if session.valid and now > session.last_seen:
-            session.last_seen = now
+        if session.valid and now + session.timeout > session.deadline:
             self._set_deadline(session, now + session.timeout)
         return session
 
     def handshake_done(self, key: FiveTuple, now: float) -> Session | None:
         """The three-way handshake completed: the application/protocol timeout takes over."""
-        session = self.by_key.get(key)
+        session = self.lookup(key)
         if session is None or session.protocol != TCP or session.state != HANDSHAKE:
             return session
         session.state = ESTABLISHED
@@ -323,7 +335,7 @@ class SessionTable:
         """A FIN from one end. fin-invalidate-session: invalid at the first FIN, from either
         end. Otherwise the session closes once both ends sent theirs: it is held for
         time-wait-state seconds when set, else terminated (invalidated, seed 003)."""
-        session = self.by_key.get(key)
+        session = self.lookup(key)
         if session is None or session.protocol != TCP:
             return session
         session.fins |= direction
@@ -339,7 +351,7 @@ class SessionTable:
         """A TCP RST. rst-invalidate-session: invalidated at once. Otherwise the session closes
         into time-wait when time-wait-state is set, and is left as it is when not (an RST
         alone does not end a session, docs/flow-sessions.md)."""
-        session = self.by_key.get(key)
+        session = self.lookup(key)
         if session is None or session.protocol != TCP:
             return session
         if self.settings.rst_invalidate_session:
@@ -360,7 +372,7 @@ class SessionTable:
 
     def forget(self, key: FiveTuple, reason: str) -> list[Closed]:
         """The source dropped the flow itself (conntrack destroyed its entry)."""
-        session = self.by_key.get(key)
+        session = self.lookup(key)
         return self._remove(session, reason) if session is not None else []
 
     # --- time --------------------------------------------------------------------------------
@@ -413,8 +425,8 @@ class SessionTable:
         closed = [Closed(session, reason)]
         self.by_id.pop(session.id, None)
         self.count(f"closed.{reason}")
-        for key in (session.init, session.reply):
-            if self.by_key.get(key) is session:
+        for key in (session.init, session.nat_reply):
+            if key is not None and self.by_key.get(key) is session:
                 del self.by_key[key]
         if session.kind == TEMPLATE:
             for leaf in list((session.leaves or {}).values()):

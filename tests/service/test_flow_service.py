@@ -40,13 +40,19 @@ from tests.harness.runtime import running
 CONFIG = """
 [flow]
 max-sessions = 6
+[flow.tcp-session]
+rst-invalidate-session = true
+"""
+# for the ageing tests only: the others must not see a session age while the machine is slow
+SHORT = (
+    CONFIG
+    + """
+tcp-initial-timeout = 4
 [flow.session-timeouts]
 udp = 4
 invalidated = 4
-[flow.tcp-session]
-rst-invalidate-session = true
-tcp-initial-timeout = 4
 """
+)
 
 PING = FlowTuple(1, "10.200.0.2", 7, "10.100.0.2", 7)
 TCP = FlowTuple(6, "10.200.0.2", 40000, "10.100.0.2", 22)
@@ -83,6 +89,12 @@ def recorded() -> list[FlowEvents]:
 @pytest.fixture
 async def flow(nats_server: EmbeddedNats) -> AsyncIterator[Runtime]:
     async with running(FlowService, parse_config(CONFIG), nats_server.url, "flow-0") as runtime:
+        yield runtime
+
+
+@pytest.fixture
+async def short_flow(nats_server: EmbeddedNats) -> AsyncIterator[Runtime]:
+    async with running(FlowService, parse_config(SHORT), nats_server.url, "flow-0") as runtime:
         yield runtime
 
 
@@ -158,7 +170,7 @@ async def test_recorded_flows_show_with_protocol_counters_and_timeouts(
     assert (sessions[1]["packets_in"], sessions[1]["bytes_out"]) == (1, 84)
     assert (sessions[6]["bytes_in"], sessions[6]["bytes_out"]) == (2900, 3100)
     assert sessions[6]["state"] == "established" and 1790 <= sessions[6]["timeout"] <= 1800
-    assert sessions[17]["timeout"] <= 4 and sessions[17]["in_interface"] == "tun-rw"
+    assert 50 <= sessions[17]["timeout"] <= 60 and sessions[17]["in_interface"] == "tun-rw"
     tunnel = (await show(nats_client, "tunnel")).rows
     assert [r["in"] for r in tunnel] == [[17, "198.51.100.2", 500, "192.0.2.1", 500]]
     summary = (await show(nats_client, "summary")).summary
@@ -166,21 +178,20 @@ async def test_recorded_flows_show_with_protocol_counters_and_timeouts(
 
 
 async def test_udp_ages_out_and_the_dataplane_is_told(
-    flow: Runtime, nats_client: Client, verdicts: list[FlowVerdicts]
+    short_flow: Runtime, nats_client: Client, verdicts: list[FlowVerdicts]
 ) -> None:
     await feed(nats_client, recorded())
-    await rows_when(nats_client, 1, "protocol", "udp")
-    assert await rows_when(nats_client, 0, "protocol", "udp") == []
 
     async def told() -> bool:
         return any(v.init == UDP and v.reason == "aged" for b in verdicts for v in b.closed)
 
-    assert await eventually(told)
-    assert flow.counters["closed.aged"] >= 1
+    assert await eventually(told)  # it was opened, and aged after its 4 s
+    assert (await show(nats_client, "destination-port", "53")).rows == []
+    assert short_flow.counters["closed.aged"] >= 1
 
 
 async def test_rst_invalidates_and_an_unanswered_syn_goes(
-    flow: Runtime, nats_client: Client
+    short_flow: Runtime, nats_client: Client
 ) -> None:
     await feed(nats_client, recorded())
     await rows_when(nats_client, 1, "protocol", "tcp")
@@ -201,7 +212,7 @@ async def test_rst_invalidates_and_an_unanswered_syn_goes(
     assert row["timeout"] <= 4
     # the SYN without answer leaves after tcp-initial-timeout (4 s), the ssh one after 4 s too
     assert await rows_when(nats_client, 0, "protocol", "tcp") == []
-    assert flow.counters["closed.handshake-timeout"] == 1
+    assert short_flow.counters["closed.handshake-timeout"] == 1
 
 
 async def test_clear_by_protocol_and_all_keeps_the_tunnel(

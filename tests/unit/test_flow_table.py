@@ -464,3 +464,17 @@ def test_refresh_pushes_no_timer_and_tick_touches_only_what_is_due() -> None:
     assert table.tick(59.0) == [] and len(table._heap) == heap_size  # nothing due, nothing done
     assert table.tick(60.0) == [] and len(table._heap) == heap_size  # re-armed at 90, lazily
     assert len(table.tick(90.0)) == 2000 and len(table) == 0
+
+
+def test_nat_reply_is_its_own_key_and_a_plain_reverse_does_not_match_it() -> None:
+    table = SessionTable(FlowSettings())
+    init = (17, "10.200.0.2", 40001, "198.51.100.9", 53)
+    translated = (17, "198.51.100.9", 53, "192.0.2.1", 61000)  # the answer to the NAT address
+    session = opened(table, init, reply=translated)
+    assert table.lookup(translated) is session and table.lookup(init) is session
+    assert table.lookup((17, "198.51.100.9", 53, "10.200.0.2", 40001)) is None
+    plain = opened(table, UDP_KEY)
+    assert plain.nat_reply is None and table.lookup(plain.reply) is plain
+    assert session_row(session, 0.0)["out"] == list(translated)
+    table.clear(parse_words("clear", ["all"])[0])
+    assert table.by_key == {}

@@ -208,9 +208,7 @@ def apply_dump(
             short.append((entry, session))
     closed: list[Closed] = []
     gone = [
-        s
-        for s in table.by_id.values()
-        if s.kind != "leaf" and s.init not in seen and s.start < started
+        s for s in table.sessions() if s.kind != "leaf" and s.init not in seen and s.start < started
     ]
     for session in gone:
         closed += table.forget(session.init, SOURCE_GONE)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ikefarm.shared.flow.settings import TCP, Application, FlowSettings, protocol_name
@@ -38,6 +38,7 @@ HANDSHAKE, ESTABLISHED, FIN_WAIT, TIME_WAIT, ACTIVE = (
 )
 INIT, REPLY = 1, 2  # directions: the packet went the session's way (in), or back (out)
 NEVER = float("inf")
+TUNNEL_ROLE, RESOURCE_MANAGER_ROLE = "tunnel", "resource-manager"
 
 # why a session left the table (Closed.reason) or was never made (refusal counters)
 AGED, CLEARED, HANDSHAKE_TIMEOUT, TEMPLATE_GONE = "aged", "cleared", "handshake-timeout", "leaf"
@@ -74,13 +75,12 @@ class Session:
         "packets_in",
         "packets_out",
         "policy",
-        "resource_manager",
+        "role",
         "scheduled",
         "start",
         "state",
         "template",
         "timeout",
-        "tunnel",
         "valid",
     )
 
@@ -94,8 +94,7 @@ class Session:
         self.policy = ""
         self.application = ""
         self.kind = UNICAST
-        self.tunnel = False
-        self.resource_manager = False
+        self.role = ""  # TUNNEL_ROLE, RESOURCE_MANAGER_ROLE or "" (one slot for both flags)
         self.template: Session | None = None
         self.leaves: dict[str, Session] | None = None
         self.state = ACTIVE
@@ -111,6 +110,16 @@ class Session:
     def __lt__(self, other: Session) -> bool:
         """Never: heap entries of equal time and ID (a stale and a live one) stay unordered."""
         return False
+
+    @property
+    def tunnel(self) -> bool:
+        """An IKE/ESP flow of the gateway itself."""
+        return self.role is TUNNEL_ROLE
+
+    @property
+    def resource_manager(self) -> bool:
+        """A flow a dataplane opened on its own behalf (a pinhole)."""
+        return self.role is RESOURCE_MANAGER_ROLE
 
     @property
     def reply(self) -> FiveTuple:
@@ -147,7 +156,7 @@ class SessionTable:
     def __init__(self, settings: FlowSettings) -> None:
         self.settings = settings
         self.by_key: dict[FiveTuple, Session] = {}
-        self.by_id: dict[int, Session] = {}
+        self._count = 0  # sessions held, leaves included
         self._heap: list[tuple[float, int, Session]] = []
         self._ids = itertools.count(1)
         self.aggressive = False
@@ -166,8 +175,23 @@ class SessionTable:
                 return None
         return session
 
+    def sessions(self) -> Iterator[Session]:
+        """Every session, in the order they opened (a command's walk, O(table)); there is no
+        index by ID, to keep a session small: `session-identifier` walks too."""
+        for key, session in self.by_key.items():
+            if key is not session.init and key != session.init:
+                continue  # a NAT answer's own key
+            yield session
+            if session.leaves:
+                yield from list(session.leaves.values())
+
+    @property
+    def by_id(self) -> dict[int, Session]:
+        """Sessions by ID, built on demand (commands and tests, not the packet path)."""
+        return {session.id: session for session in self.sessions()}
+
     def __len__(self) -> int:
-        return len(self.by_id)
+        return self._count
 
     def count(self, name: str, by: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + by
@@ -243,12 +267,12 @@ class SessionTable:
             return self._open_multicast(init, now, ingress, egress, policy, existing)
         if init[0] == TCP and not syn and not self.settings.no_syn_check:
             return self._refuse(init, REFUSED_NO_SYN)
-        if len(self.by_id) >= self.settings.max_sessions:
+        if self._count >= self.settings.max_sessions:
             return self._refuse(init, REFUSED_FULL)
         reply = reply if reply is not None else reverse(init)
         session = Session(next(self._ids), init, reply, now)
         session.ingress, session.egress, session.policy = ingress, egress, policy
-        session.tunnel, session.resource_manager = tunnel, resource_manager
+        session.role = TUNNEL_ROLE if tunnel else RESOURCE_MANAGER_ROLE if resource_manager else ""
         app = self.application_for(init, policy)
         session.application = app.name if app is not None else ""
         self._add(session)
@@ -274,7 +298,7 @@ class SessionTable:
         """A template session per (source, group, ports) and a leaf per outgoing interface or
         tunnel; the leaves die with the template (seed 003)."""
         needed = (template is None) + (template is None or egress not in (template.leaves or {}))
-        if len(self.by_id) + needed > self.settings.max_sessions:
+        if self._count + needed > self.settings.max_sessions:
             return self._refuse(init, REFUSED_FULL)
         if template is None:
             template = Session(next(self._ids), init, init, now)
@@ -288,13 +312,13 @@ class SessionTable:
             app = self.application_for(init, policy)
             leaf.application = app.name if app is not None else ""
             template.leaves[egress] = leaf
-            self.by_id[leaf.id] = leaf
+            self._count += 1
             self._check_watermarks()
         self._restart(template, self._template_timeout(template), now)
         return template.leaves[egress]
 
     def _add(self, session: Session) -> None:
-        self.by_id[session.id] = session
+        self._count += 1
         self.by_key[session.init] = session
         self._check_watermarks()
 
@@ -423,7 +447,7 @@ class SessionTable:
             return []
         session.alive = False
         closed = [Closed(session, reason)]
-        self.by_id.pop(session.id, None)
+        self._count -= 1
         self.count(f"closed.{reason}")
         for key in (session.init, session.nat_reply):
             if key is not None and self.by_key.get(key) is session:
@@ -441,7 +465,7 @@ class SessionTable:
     def _check_watermarks(self) -> None:
         """Aggressive aging starts above high-watermark percent of max-sessions and stops
         below low-watermark percent (seed 003). Integer arithmetic, O(1)."""
-        used = len(self.by_id) * 100
+        used = self._count * 100
         limit = self.settings.max_sessions
         if not self.aggressive and used > self.settings.high_watermark * limit:
             self.aggressive = True
@@ -453,12 +477,9 @@ class SessionTable:
     # --- commands ----------------------------------------------------------------------------
 
     def select(self, match: SessionFilter) -> Iterator[Session]:
-        if match.session_id is not None:
-            session = self.by_id.get(match.session_id)
-            candidates: Iterable[Session] = (session,) if session is not None else ()
-        else:
-            candidates = list(self.by_id.values())
-        for session in candidates:
+        for session in list(self.sessions()):
+            if match.session_id is not None and session.id != match.session_id:
+                continue
             if match.matches(session):
                 yield session
 
@@ -475,7 +496,7 @@ class SessionTable:
         """`show security flow session summary`: counts by state and protocol, table use."""
         by_protocol: dict[str, int] = {}
         valid = pending = invalid = unicast = multicast = 0
-        for session in self.by_id.values():
+        for session in self.sessions():
             name = protocol_name(session.protocol)
             by_protocol[name] = by_protocol.get(name, 0) + 1
             if session.kind == UNICAST:
@@ -493,7 +514,7 @@ class SessionTable:
             "unicast_sessions": unicast,
             "multicast_sessions": multicast,
             "failed_sessions": refused,
-            "sessions_in_use": len(self.by_id),
+            "sessions_in_use": self._count,
             "valid_sessions": valid,
             "pending_sessions": pending,
             "invalidated_sessions": invalid,

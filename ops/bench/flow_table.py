@@ -10,10 +10,14 @@ real dump is not included.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import gc
 import ipaddress
 import os
 import resource
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -93,17 +97,98 @@ def bench(sessions: int, conntrack: int) -> list[tuple[str, str]]:
     return results
 
 
+NFT = """table inet bench {
+    chain raw_output { type filter hook output priority raw; oifname "lo" notrack; }
+    chain input { type filter hook input priority 0; ct state new counter; }
+}
+"""
+SENDER = """
+import socket, sys
+count = int(sys.argv[1])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for n in range(count):
+    sock.sendto(b"x", ("198.51.100.1" if n % 2 else "198.51.100.3", 1 + (n // 2) % 65535))
+"""
+
+
+def _ip(*argv: str, stdin: str | None = None) -> None:
+    subprocess.run(["ip", *argv], check=True, input=stdin, text=True, capture_output=True)
+
+
+def bench_kernel(entries: int) -> list[tuple[str, str]]:
+    """Real conntrack: `entries` UDP flows sent into a namespace whose nftables rule makes the
+    kernel track them; the netlink source follows their NFCT events, then dumps them all."""
+    from ikefarm.services.flow.conntrack import ConntrackSource
+
+    gw, peer = f"ikfbench-gw-{os.getpid()}", f"ikfbench-pe-{os.getpid()}"
+    _ip("netns", "add", gw)
+    _ip("netns", "add", peer)
+    try:
+        _ip("link", "add", "b0", "netns", gw, "type", "veth", "peer", "name", "b1", "netns", peer)
+        for ns, dev, addresses in ((gw, "b0", ("198.51.100.1/24", "198.51.100.3/24")),
+                                   (peer, "b1", ("198.51.100.2/24",))):  # fmt: skip
+            for address in addresses:
+                _ip("-n", ns, "addr", "add", address, "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+        _ip("netns", "exec", gw, "nft", "-f", "-", stdin=NFT)
+        _ip("netns", "exec", gw, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=600")
+
+        async def run() -> list[tuple[str, str]]:
+            table = SessionTable(FlowSettings(max_sessions=entries * 2))
+            source = ConntrackSource(table, netns=gw, enable_accounting=False)
+            await source.start(0.0)
+            try:
+                start = time.perf_counter()
+                sender = await asyncio.create_subprocess_exec(
+                    "ip", "netns", "exec", peer, sys.executable, "-c", SENDER, str(entries)
+                )
+                await sender.wait()
+                sent = time.perf_counter() - start
+                while len(table) < entries and time.perf_counter() - start < 300:
+                    await source.poll(time.perf_counter() - start)  # what the ticker does
+                    await asyncio.sleep(0.25)
+                evented = time.perf_counter() - start
+                lost = source.counters["conntrack.conntrack_events_lost"]
+                held = len(table)
+                polled = time.perf_counter()
+                await source.poll(1.0, force=True)
+                polled = time.perf_counter() - polled
+                return [
+                    (f"kernel conntrack: {entries:,} UDP flows sent (s)", f"{sent:.2f}"),
+                    ("kernel conntrack: all in the table after (s)", f"{evented:.2f}"),
+                    ("kernel conntrack: sessions held / event overruns", f"{held:,} / {lost}"),
+                    (
+                        f"kernel conntrack: dump + apply of {len(table):,} entries (s)",
+                        f"{polled:.2f}",
+                    ),
+                ]
+            finally:
+                await source.stop()
+
+        return asyncio.run(run())
+    finally:
+        for ns in (peer, gw):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                _ip("netns", "del", ns)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--conntrack", type=int, default=100_000)
+    parser.add_argument(
+        "--kernel", type=int, default=0, help="also N real conntrack entries (root, netns)"
+    )
     parser.add_argument("--results", help="append a section to this markdown file")
     args = parser.parse_args()
     results = bench(args.sessions, args.conntrack)
+    if args.kernel:
+        results += bench_kernel(args.kernel)
     lines = [
         f"## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: flow-session table",
         "",
         f"Command: `ops/bench/flow-table --sessions {args.sessions} --conntrack {args.conntrack}"
+        + (f" --kernel {args.kernel}" if args.kernel else "")
         + (f" --results {args.results}`" if args.results else "`"),
         "",
         "| measure | value |",

@@ -2,7 +2,9 @@
 
 Sessions come from conntrack: a dump at start, then NFCT events (new, update, destroy) as
 they happen, and a dump every `POLL_INTERVAL` seconds for the counters (conntrack sends no
-event per packet; a session whose counters moved is refreshed). The session table decides
+event per packet; a session whose counters moved is refreshed), or less often when dumps
+take long (at most a fifth of the time goes to dumping). Events lost to a full socket buffer
+are made up by the next dump. The session table decides
 when a session ends: ageing, clearing and refusal (max-sessions) delete the conntrack entry,
 and an entry whose kernel timeout is shorter than the table's is extended so the kernel does
 not end it first. Parsing and the table updates are sans-I/O (`shared/flow/conntrack.py`).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,9 @@ POLL_INTERVAL = 2.0  # s between dumps that read the counters
 NFCT_GROUPS = 0x1 | 0x2 | 0x4
 ACCOUNTING = Path("/proc/sys/net/netfilter/nf_conntrack_acct")
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
+SO_RCVBUFFORCE = 33  # linux/socket.h: SO_RCVBUF beyond rmem_max, for CAP_NET_ADMIN
+EVENT_BUFFER = 16 << 20  # room for a burst of NFCT events before the kernel drops some
+DUMP_SHARE = 4  # a dump that took d seconds is not repeated before 4 d more (CPU bound)
 
 
 class ConntrackUnavailable(RuntimeError):
@@ -81,6 +87,7 @@ class ConntrackSource:
         self._requests: dict[int, Any] = {}
         self._reader: asyncio.Task[None] | None = None
         self._last_poll = -1e18
+        self._interval = poll_interval
         self._clock: Any = None
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -100,6 +107,8 @@ class ConntrackSource:
             kwargs = {"netns": self.netns} if self.netns else {}
             self._events = AsyncNFCTSocket(**kwargs)
             await self._events.bind(groups=NFCT_GROUPS)
+            with contextlib.suppress(OSError, AttributeError):  # root only; else the default
+                self._events.socket.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, EVENT_BUFFER)
             for family in FAMILIES:
                 self._requests[family] = AsyncNFCTSocket(nfgen_family=family, **kwargs)
         except Exception as exc:
@@ -167,14 +176,17 @@ class ConntrackSource:
 
     async def poll(self, now: float, force: bool = False) -> None:
         """Every poll interval: a dump for counters and missed events (called by the ticker)."""
-        if not force and now - self._last_poll < self.poll_interval:
+        if not force and now - self._last_poll < self._interval:
             return
         self._last_poll = now
+        began = time.monotonic()
         try:
             entries = await self._dump()
         except Exception as exc:
             self._note("conntrack_dump_failed", error=type(exc).__name__)
             return
+        # a large conntrack table takes long to dump and parse: keep the dumps to a share
+        self._interval = max(self.poll_interval, DUMP_SHARE * (time.monotonic() - began))
         current = self._clock()
         closed, refused, short = apply_dump(
             self.table, entries, current, self.tunnel_ports, started=now

@@ -314,7 +314,8 @@ class SessionTable:
             template.leaves[egress] = leaf
             self._count += 1
             self._check_watermarks()
-        self._restart(template, self._template_timeout(template), now)
+        if template.valid:  # an invalidated group is not brought back
+            self._restart(template, self._template_timeout(template), now)
         return template.leaves[egress]
 
     def _add(self, session: Session) -> None:

@@ -201,6 +201,27 @@ class ConntrackSource:
             )
         await self.closed([], refused)
 
+    async def verify(self, sessions: list[Any], now: float) -> None:
+        """Before the table ends sessions whose time is up, ask the kernel about each: one
+        whose counters moved since the last dump saw traffic and is refreshed instead
+        (dumps of a large conntrack table come seldom). Costs what is due."""
+        for session in sessions:
+            tuple_orig = _nfct_tuple(session.init)
+            sock = self._requests.get(tuple_orig.family)
+            if sock is None:
+                continue
+            try:
+                answer = await sock.entry("get", tuple_orig=tuple_orig)
+            except Exception:  # ENOENT: gone from the kernel; the table ends it too
+                self.counters["conntrack.verify_gone"] += 1
+                continue
+            entry = parse_entry(answer[0]) if answer else None
+            if entry is None or entry.counters is None:
+                continue
+            if entry.counters[0] != session.packets_in or entry.counters[2] != session.packets_out:
+                self.counters["conntrack.verify_refreshed"] += 1
+                self.table.refresh(session.init, now, entry.counters)
+
     # --- enforcement ---------------------------------------------------------------------------
 
     async def closed(self, closed: list[Closed], refused: list[Refused]) -> None:

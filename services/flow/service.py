@@ -148,9 +148,10 @@ class FlowService(ServiceBase):
         while True:
             try:
                 now = self.now()
-                closed = self.table.tick(now)
                 if self.conntrack is not None:
                     await self.conntrack.poll(now)
+                    await self.conntrack.verify(self.table.due(now), now)
+                closed = self.table.tick(now)
                 if closed:
                     for item in closed:
                         self.runtime.counters[f"closed.{item.reason}"] += 1

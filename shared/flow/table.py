@@ -405,6 +405,25 @@ class SessionTable:
     def next_deadline(self) -> float:
         return self._heap[0][0] if self._heap else NEVER
 
+    def due(self, now: float) -> list[Session]:
+        """The sessions whose time is up at `now`, left in place: a source that learns of
+        traffic only now and then (conntrack) looks at them before `tick` ends them. Costs
+        what is due, like `tick`."""
+        heap = self._heap
+        live: list[tuple[float, int, Session]] = []
+        out: list[Session] = []
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            when, _, session = entry
+            if not session.alive or when != session.scheduled:
+                continue  # stale: dropped here as tick would
+            live.append(entry)
+            if session.deadline <= now:
+                out.append(session)
+        for entry in live:
+            heapq.heappush(heap, entry)
+        return out
+
     def tick(self, now: float) -> list[Closed]:
         """Age out what is due; in aggressive aging, invalidate what has less than early-ageout
         left. Costs what comes due (plus, while aggressive, what is within early-ageout)."""

@@ -226,3 +226,52 @@ async def test_max_sessions_refuses_and_deletes_the_new_entry(traffic: NetnsPair
             client.kill()
     finally:
         await source.stop()
+
+
+async def test_a_session_due_with_traffic_since_the_last_dump_is_kept(
+    traffic: NetnsPair,
+) -> None:
+    """Dumps of a large conntrack table come seldom: before a session is aged, the kernel is
+    asked whether it saw traffic, and a session whose counters moved is refreshed instead."""
+    source, table, clock = await started(traffic, FlowSettings(udp=30, icmp=30))
+    client = make_traffic(traffic)
+    try:
+
+        async def udp_seen() -> bool:
+            await source.poll(clock.now, force=True)
+            return 17 in sessions_by_protocol(table)
+
+        assert await eventually(udp_seen)
+        udp = sessions_by_protocol(table)[17]
+        # one more datagram of the same flow (from the same port, so the client goes first),
+        # and no dump after it
+        client.kill()
+        client.wait()
+        again = traffic.peer.run([sys.executable, "-c", RESEND], check=False, timeout=20)
+        assert again.returncode == 0, again.stderr
+        clock.now += 31
+        due = table.due(clock.now)
+        assert udp in due
+        await source.verify(due, clock.now)
+        closed = table.tick(clock.now)
+        assert udp not in {c.session for c in closed} and udp.alive
+        assert udp.packets_in == 2 and source.counters["conntrack.verify_refreshed"] >= 1
+        assert "dport=5353" in conntrack_list(traffic, "udp")
+        # with no more traffic it goes at its next deadline
+        clock.now += 31
+        await source.verify(table.due(clock.now), clock.now)
+        assert udp in {c.session for c in table.tick(clock.now)}
+    finally:
+        client.kill()
+        await source.stop()
+
+
+RESEND = f"""
+import socket
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+udp.bind(("192.0.2.2", 40001))
+udp.settimeout(5)
+udp.sendto(b"again", ("192.0.2.1", {UDP_PORT}))
+udp.recvfrom(2048)
+"""

@@ -478,3 +478,15 @@ def test_nat_reply_is_its_own_key_and_a_plain_reverse_does_not_match_it() -> Non
     assert session_row(session, 0.0)["out"] == list(translated)
     table.clear(parse_words("clear", ["all"])[0])
     assert table.by_key == {}
+
+
+def test_due_names_what_is_up_and_leaves_it_for_tick() -> None:
+    table = SessionTable(FlowSettings(udp=10))
+    idle = opened(table, udp(1), 0.0)
+    busy = opened(table, udp(2), 0.0)
+    table.refresh(udp(2), 5.0)
+    assert table.due(10.0) == [idle]
+    assert table.due(10.0) == [idle] and len(table) == 2  # nothing removed
+    table.refresh(udp(1), 10.0)  # the source found traffic after all
+    assert table.tick(10.0) == [] and table.due(15.0) == [busy]
+    assert closed_ids(table.tick(20.0)) == {idle.id, busy.id}

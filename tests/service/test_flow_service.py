@@ -349,3 +349,45 @@ async def test_cli_show_and_clear_in_the_srx_layout(
         cli, ikefarm_argv, url, "clear", "security", "flow", "session", "protocol", "bogus"
     )
     assert bad.returncode == 2 and "protocol" in bad.stderr
+
+
+WATERMARKS = """
+[flow]
+max-sessions = 10
+[flow.aging]
+high-watermark = 50
+low-watermark = 30
+early-ageout = 100
+"""
+
+
+async def test_aggressive_aging_kicks_in_and_out_at_the_watermarks(
+    nats_server: EmbeddedNats, nats_client: Client
+) -> None:
+    config = parse_config(WATERMARKS)
+    async with running(FlowService, config, nats_server.url, "flow-0") as flow:
+        six = [
+            FlowOpen(
+                init=FlowTuple(17, "10.200.0.2", 50000 + n, "10.100.0.2", 53),
+                ingress="t",
+                egress="e",
+            )
+            for n in range(6)
+        ]
+        await feed(nats_client, [FlowEvents(instance="kernel-0", seq=1, opened=six[:5])])
+        await rows_when(nats_client, 5)
+        assert (await show(nats_client, "summary")).summary["aggressive_aging"] is False  # 50%
+        await feed(nats_client, [FlowEvents(instance="kernel-0", seq=2, opened=six[5:])])
+
+        async def gone() -> bool:
+            summary = (await show(nats_client, "summary")).summary
+            return summary["sessions_in_use"] == 0 and not summary["aggressive_aging"]
+
+        # above 50% every session (60 s left < early-ageout 100) is invalidated, so all go
+        # after the invalidated 4 s, and below 30% aggressive aging stops
+        assert await eventually(gone, timeout=30)
+        assert flow.service is not None
+        counters = flow.service.gauges()
+        assert counters["table.aggressive_aging.on"] == 1
+        assert counters["table.aggressive_aging.off"] == 1
+        assert counters["table.early_ageout"] == 6

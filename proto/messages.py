@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ikefarm.proto.envelope import BusMessage, message
@@ -416,3 +416,121 @@ class IkeCommandResult(BusMessage):
     pending_ike: list[int] = field(default_factory=list)  # IKE SAs whose Delete is under way
     # [IKE SA, child SA] unique ids whose Delete is under way
     pending_child: list[list[int]] = field(default_factory=list)
+
+
+# --- flow sessions (issue 12; shared/flow, docs/flow-sessions.md) ------------------------------
+# The dataplane (kernel service) publishes batches of session events on `subjects.FLOW_EVENTS`;
+# nothing is published per packet: only a flow's first packet, its TCP state changes, and the
+# sessions that saw traffic since the last batch (their totals) cross the bus.
+
+
+@dataclass(frozen=True)
+class FlowTuple:
+    """A 5-tuple as the packet carries it. ICMP echo: both ports are the identifier."""
+
+    protocol: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+
+
+@dataclass(frozen=True)
+class FlowOpen:
+    """The first packet of a flow (after decryption, or before encryption). `reply`: the
+    tuple of the answer when it is not `init` reversed (NAT). `tcp_flags` of that first
+    packet ("S" for a SYN). `age`: seconds between the packet and the batch."""
+
+    init: FlowTuple
+    ingress: str
+    egress: str
+    policy: str = ""
+    reply: FlowTuple | None = None
+    tcp_flags: str = ""
+    tunnel: bool = False  # an IKE/ESP flow of the gateway itself
+    resource_manager: bool = False
+    age: float = 0.0
+
+
+@dataclass(frozen=True)
+class FlowChange:
+    """A TCP state change: "established" (the handshake completed), "fin" or "rst".
+    `direction` "in": the packet went the way `init` says; "out": the other way. `init` may
+    be either tuple of the session (the dataplane reports what it has at hand)."""
+
+    init: FlowTuple
+    change: str
+    direction: str = "in"
+    age: float = 0.0
+
+
+@dataclass(frozen=True)
+class FlowRefresh:
+    """A session that saw traffic since the last batch: counters are totals since it opened,
+    `idle` the seconds since its last packet."""
+
+    init: FlowTuple
+    idle: float
+    packets_in: int
+    bytes_in: int
+    packets_out: int
+    bytes_out: int
+
+
+@message("flow-events")
+class FlowEvents(BusMessage):
+    """kernel (dataplane) -> flow: one batch, applied in order opened, changes, refreshes.
+    A batch with any malformed item is refused whole and changes nothing."""
+
+    instance: str
+    seq: int
+    opened: list[FlowOpen] = field(default_factory=list)
+    changes: list[FlowChange] = field(default_factory=list)
+    refreshes: list[FlowRefresh] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FlowVerdict:
+    """A flow the dataplane must forget (and drop the packets of until a new first packet):
+    reason "aged", "cleared", "handshake-timeout", "leaf", "max-sessions", "no-syn"."""
+
+    init: FlowTuple
+    reason: str
+
+
+@message("flow-verdicts")
+class FlowVerdicts(BusMessage):
+    """flow -> kernel (dataplane): sessions closed or refused since the last one, and whether
+    the table is full (refuse new flows locally until it is not)."""
+
+    seq: int
+    closed: list[FlowVerdict] = field(default_factory=list)
+    table_full: bool = False
+
+
+@message("flow-show-request")
+class FlowShowRequest(BusMessage):
+    """CLI -> flow: `show security flow session` words (shared/flow/filters.py)."""
+
+    words: list[str] = field(default_factory=list)
+
+
+@message("flow-show")
+class FlowShow(BusMessage):
+    instance: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    truncated: int = 0  # rows matched beyond the answer's limit
+
+
+@message("flow-clear-request")
+class FlowClearRequest(BusMessage):
+    """CLI -> flow: `clear security flow session` words."""
+
+    words: list[str] = field(default_factory=list)
+
+
+@message("flow-clear-result")
+class FlowClearResult(BusMessage):
+    instance: str
+    count: int

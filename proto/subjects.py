@@ -88,6 +88,14 @@ EVENT_CHILD_SA = f"{PREFIX}.event.child-sa"
 # policy) or says one reached its soft (rekey) or hard (gone) lifetime (EXPIRE).
 EVENT_KERNEL_ACQUIRE = f"{PREFIX}.event.kernel.acquire"
 EVENT_KERNEL_EXPIRE = f"{PREFIX}.event.kernel.expire"
+# Flow sessions (issue 12, docs/flow-sessions.md). kernel (dataplane) -> flow: batched session
+# events (FlowEvents): first packets, TCP state changes, periodic refreshes; never per packet.
+FLOW_EVENTS = f"{PREFIX}.flow.events"
+# flow -> kernel (dataplane): sessions closed or refused, table full (FlowVerdicts).
+KERNEL_FLOW_VERDICTS = f"{PREFIX}.kernel.flow.verdicts"
+# CLI -> flow: `show|clear security flow session ...` (request/reply).
+FLOW_SHOW = f"{PREFIX}.flow.show"
+FLOW_CLEAR = f"{PREFIX}.flow.clear"
 
 # CLI -> all ike workers: show commands gathered from every instance.
 IKE_SHOW = f"{PREFIX}.ike.show"
@@ -217,10 +225,13 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "keystore": {"publish": (), "subscribe": (own_subjects("keystore"),)},
     "kernel": {
-        "publish": (EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE),
+        "publish": (EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE, FLOW_EVENTS),
         "subscribe": (own_subjects("kernel"),),
     },
-    "flow": {"publish": (), "subscribe": (own_subjects("flow"), f"{PREFIX}.event.>")},
+    "flow": {
+        "publish": (KERNEL_FLOW_VERDICTS,),
+        "subscribe": (own_subjects("flow"), f"{PREFIX}.event.>"),
+    },
     ADMIN_USER: {
         "publish": (
             f"{MICRO_PREFIX}.>",
@@ -229,6 +240,8 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             IKE_INITIATE,
             f"{PREFIX}.ike.shard.*.command",
             KERNEL_SHOW,
+            FLOW_SHOW,
+            FLOW_CLEAR,
             *(subject for service in SERVICES for subject in _discovery(service)),
         ),
         "subscribe": (f"{PREFIX}.event.>",),

@@ -207,6 +207,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     if args.what == "kernel":
         return cmd_show_kernel(args)
+    if args.what == "security":
+        from ikefarm.shared.cli.flow import cmd_flow
+
+        return cmd_flow("show", args, ["security", *args.words])
 
     from ikefarm.proto import envelope, subjects
     from ikefarm.proto.messages import IkeShow, IkeShowRequest
@@ -429,10 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     show = commands.add_parser(
-        "show", help="show state: `show ike-sa [details]`, `show kernel` (SAs, policies, traps)"
+        "show",
+        help="show state: `show ike-sa [details]`, `show kernel` (SAs, policies, traps), "
+        "`show security flow session [summary] [filters]`",
     )
-    show.add_argument("what", choices=["ike-sa", "kernel"])
-    show.add_argument("words", nargs="*", help="details: SPIs, algorithms, child SAs")
+    show.add_argument("what", choices=["ike-sa", "kernel", "security"])
+    show.add_argument(
+        "words", nargs="*", help="ike-sa: details; security: flow session [summary] [filters]"
+    )
     show.add_argument("-c", "--config")
     show.add_argument("--nats")
     show.add_argument("--state-dir")

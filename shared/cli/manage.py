@@ -33,7 +33,8 @@ HELP = {
     "rekey": "rekey IKE or child SAs: rekey ike-sa vpn NAME | rekey child-sa unique-id N",
     "reauth": "reauthenticate IKE SAs (honours make-before-break): reauth ike-sa vpn NAME",
     "flush": "delete IKE or child SAs: flush child-sa security-policy NAME",
-    "clear": "JunosE: clear sa all|tunnel NAME|state STATE [phase 1|2]",
+    "clear": "JunosE: clear sa all|tunnel NAME|state STATE [phase 1|2]; Junos SRX: clear "
+    "security flow session all|session-identifier N|protocol NAME|...",
 }
 
 
@@ -54,6 +55,8 @@ def add_parsers(commands: Any) -> None:
             help="seconds to wait for the outcome (initiate) or the deletes (flush, clear)",
         )
         parser.add_argument("--wait", type=float, default=0.5, help="seconds to gather answers")
+        if verb == "clear":
+            parser.add_argument("--json", action="store_true", help="flow sessions: as JSON")
         parser.set_defaults(func=cmd_manage, verb=verb)
 
 
@@ -61,6 +64,10 @@ def cmd_manage(args: argparse.Namespace) -> int:
     from ikefarm.shared.cli.main import _load_or_exit, _nats_url
     from ikefarm.shared.ikev2.management import CommandError, parse_words
 
+    if args.verb == "clear" and args.words[:1] == ["security"]:
+        from ikefarm.shared.cli.flow import cmd_flow
+
+        return cmd_flow("clear", args, list(args.words))
     try:
         command = parse_words(args.verb, list(args.words))
     except CommandError as exc:
@@ -147,24 +154,46 @@ def _message(command: Any, timeout: float) -> Any:
     )
 
 
-async def _initiate(nc: Any, command: Any, args: argparse.Namespace, config: Any) -> int:
+async def request_one(
+    nc: Any,
+    subject: str,
+    message: Any,
+    reply_type: Any,
+    *,
+    timeout: float,
+    name: str,
+    answerer: str,
+) -> tuple[Any, int | None]:
+    """One request to one service: (its answer, None), or (None, exit code) after saying why
+    on stderr: 1 when the service refused, 2 when nobody answered."""
     from ikefarm.proto import envelope
+
+    try:
+        reply = await nc.request(subject, envelope.pack(message), timeout=timeout)
+        return envelope.unpack_reply(reply.data, reply_type), None
+    except envelope.BusError as exc:
+        print(f"{name}: refused: {exc}", file=sys.stderr)
+        return None, 1
+    except Exception as exc:  # no responders, timeout
+        print(f"{name}: no {answerer} answered ({type(exc).__name__})", file=sys.stderr)
+        return None, 2
+
+
+async def _initiate(nc: Any, command: Any, args: argparse.Namespace, config: Any) -> int:
     from ikefarm.proto.messages import IkeCommandResult
 
     subject = await _initiate_subject(nc, command, args, config)
-    try:
-        reply = await nc.request(
-            subject,
-            envelope.pack(_message(command, args.timeout)),
-            timeout=args.timeout + 5,
-        )
-        result = envelope.unpack_reply(reply.data, IkeCommandResult)
-    except envelope.BusError as exc:
-        print(f"ikefarm initiate: refused: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # no responders, timeout
-        print(f"ikefarm initiate: no ike worker answered ({type(exc).__name__})", file=sys.stderr)
-        return 2
+    result, failed = await request_one(
+        nc,
+        subject,
+        _message(command, args.timeout),
+        IkeCommandResult,
+        timeout=args.timeout + 5,
+        name="ikefarm initiate",
+        answerer="ike worker",
+    )
+    if failed is not None:
+        return failed
     for line in result.lines:
         print(line)
     if not result.ok:

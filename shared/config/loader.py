@@ -302,6 +302,12 @@ def certificate_problems(config: Config) -> list[tuple[str, str]]:
     return check(config)
 
 
+def flow_problems(flow: Any) -> list[tuple[str, str]]:
+    from ikefarm.shared.flow.settings import config_problems
+
+    return config_problems(flow.to_dict())
+
+
 def cross_check(config: Config) -> list[ConfigProblem]:
     """Rules that span keys: references, exclusive options, unique PPK identities."""
     problems: list[ConfigProblem] = []
@@ -401,6 +407,7 @@ def cross_check(config: Config) -> list[ConfigProblem]:
             "flow.aging.low-watermark",
             f"{aging.low_watermark} must not exceed high-watermark {aging.high_watermark}",
         )
+    problems.extend(ConfigProblem(path, text) for path, text in flow_problems(config.flow))
     problems.extend(ConfigProblem(path, text) for path, text in certificate_problems(config))
     return problems
 

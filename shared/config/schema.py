@@ -31,6 +31,7 @@ from ikefarm.shared.config.kinds import (
     ValueRefused,
 )
 from ikefarm.shared.config.tree import Section, TableList
+from ikefarm.shared.flow.settings import PROTOCOLS
 from ikefarm.shared.ikev2.crypto.registry import AlgorithmKind, UnknownAlgorithm, lookup
 from ikefarm.shared.observability.logging import SUBSYSTEMS
 
@@ -442,6 +443,12 @@ SCHEMA = Section(
         ),
         "flow": Section(
             {
+                "source": Choice(
+                    ("dataplane", "netlink"),
+                    default="dataplane",
+                    doc="ikefarm: sessions from the dataplane's bus events, or from kernel "
+                    "conntrack (pyroute2; ageing and clearing delete conntrack entries)",
+                ),
                 "max-sessions": Int(1, 100_000_000, default=1_000_000),
                 "session-timeouts": Section(
                     {
@@ -455,7 +462,12 @@ SCHEMA = Section(
                 "tcp-session": Section(
                     {
                         "tcp-initial-timeout": Int(4, 300, default=20, doc="s; minimum 4"),
-                        "time-wait-state": Int(2, 600, default=None, doc="s during handshake"),
+                        "time-wait-state": Int(
+                            2,
+                            600,
+                            default=None,
+                            doc="s a closed TCP session is held; unset: a close invalidates it",
+                        ),
                         "rst-invalidate-session": Bool(default=False),
                         "fin-invalidate-session": Bool(default=False),
                         "no-syn-check": Bool(default=False),
@@ -469,6 +481,28 @@ SCHEMA = Section(
                         "high-watermark": Int(0, 100, default=100, doc="percent of max-sessions"),
                         "low-watermark": Int(0, 100, default=100, doc="percent of max-sessions"),
                     }
+                ),
+                "application": TableList(
+                    Section(
+                        {
+                            "name": Text(default=None, doc="required; shown in sessions"),
+                            "protocol": IntOrKeyword(
+                                keywords=tuple(PROTOCOLS),
+                                minimum=0,
+                                maximum=255,
+                                default=None,
+                                doc="required",
+                            ),
+                            "destination-port": Int(0, 65535, default=0, doc="0 = any"),
+                            "inactivity-timeout": Int(
+                                4, 86400, default=None, doc="required; s, overrides the protocol's"
+                            ),
+                            "policy": ListOf(
+                                item=Text(), default=[], doc="policies it is tied to; [] = any"
+                            ),
+                        }
+                    ),
+                    doc="custom applications and their inactivity timeouts (seed 003)",
                 ),
             },
             doc="Junos SRX flow sessions (seed 003)",

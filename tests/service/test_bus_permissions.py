@@ -49,6 +49,29 @@ def test_only_ike_workers_may_publish_keystore_requests() -> None:
         assert any(nats_match(p, subjects.service_endpoint(service, "ping")) for p in subscribe)
 
 
+def test_flow_subjects_follow_the_roles() -> None:
+    """Only the kernel (dataplane) feeds flow events, only flow answers with verdicts, and
+    only the CLI asks for show/clear (docs/flow-sessions.md)."""
+    who_may = {
+        subjects.FLOW_EVENTS: {"kernel"},
+        subjects.KERNEL_FLOW_VERDICTS: {"flow"},
+        subjects.FLOW_SHOW: {subjects.ADMIN_USER},
+        subjects.FLOW_CLEAR: {subjects.ADMIN_USER},
+    }
+    for subject, publishers in who_may.items():
+        allowed = {
+            user
+            for user in subjects.PERMISSIONS
+            if any(nats_match(p, subject) for p in subjects.permissions(user)["publish"])
+        }
+        assert allowed == publishers, subject
+    flow_reads = subjects.permissions("flow")["subscribe"]
+    for subject in (subjects.FLOW_EVENTS, subjects.FLOW_SHOW, subjects.FLOW_CLEAR):
+        assert any(nats_match(p, subject) for p in flow_reads), subject
+    kernel_reads = subjects.permissions("kernel")["subscribe"]
+    assert any(nats_match(p, subjects.KERNEL_FLOW_VERDICTS) for p in kernel_reads)
+
+
 def test_credentials_files_are_private_and_reused(tmp_path: Path) -> None:
     first = ensure_credentials(tmp_path / "auth")
     assert set(first) == {*subjects.SERVICES, subjects.ADMIN_USER}
@@ -132,8 +155,9 @@ def test_up_gives_each_service_its_own_user(  # type: ignore[no-untyped-def]
     with pytest.raises(Exception, match=r"(?i)authorization"):
         asyncio.run(anonymous())
 
-    # the CLI (user admin) still works: status, show ike-sa, show kernel
-    for words in (["show", "ike-sa"], ["show", "kernel"], ["status"]):
+    # the CLI (user admin) still works: status, show ike-sa, show kernel, flow sessions
+    flow_summary = ["show", "security", "flow", "session", "summary"]
+    for words in (["show", "ike-sa"], ["show", "kernel"], ["status"], flow_summary):
         done = subprocess.run(
             [*ikefarm_argv, *words, "-c", str(loopback_config)],
             capture_output=True,

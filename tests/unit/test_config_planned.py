@@ -34,8 +34,7 @@ def test_every_planned_path_names_a_schema_key(planned) -> None:  # type: ignore
 SETTINGS = [
     ("[ike.global-options]\nsnmp = true\n", "ike.global-options.snmp", None),
     ("[ike.global-options]\nthreads = 4\n", "ike.global-options.threads", None),
-    ("[flow]\nmax-sessions = 10\n", "flow.max-sessions", 12),
-    ("[flow.session-timeouts]\nudp = 30\n", "flow.session-timeouts.udp", 12),
+    ("[flow.tcp-session]\ntcp-mss = 1360\n", "flow.tcp-session.tcp-mss", 12),
     ('[[ike.pool]]\nname = "p"\naddress = ["10.9.0.0/24"]\n', "ike.pool[0].name", 13),
 ]
 
@@ -69,7 +68,7 @@ def test_a_planned_key_at_its_default_loads() -> None:
     config = parse_config(
         EXAMPLE.read_text()
         + "\n[ike.global-options]\nsnmp = false\nthreads = 16\n"
-        + "[flow]\nmax-sessions = 1000000\n"
+        + "[flow.tcp-session]\nno-sequence-check = false\n"
     )
     assert config.is_explicit("ike.global-options.snmp")
 

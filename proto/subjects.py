@@ -59,6 +59,9 @@ COOKIE_RECORD = "record"
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
 KERNEL_CHILD_DELETE = f"{PREFIX}.kernel.child.delete"
 KERNEL_SHOW = f"{PREFIX}.kernel.show"
+# ike -> kernel: the public half of the kernel service's transport key, to seal child SA keys
+# to (`shared/bus/child_keys.py`); only the kernel user subscribes to `ikefarm.kernel.>`.
+KERNEL_TRANSPORT_KEY = f"{PREFIX}.kernel.transport-key"
 # ike -> kernel: trap policies (dpd-action trap; later start-action trap) (request/reply).
 KERNEL_TRAP_INSTALL = f"{PREFIX}.kernel.trap.install"
 KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
@@ -190,6 +193,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             f"{PREFIX}.keystore.>",
             f"{PREFIX}.kernel.child.>",
             f"{PREFIX}.kernel.trap.>",
+            KERNEL_TRANSPORT_KEY,
             f"{PREFIX}.event.>",
         ),
         "subscribe": (own_subjects("ike"),),

@@ -1,16 +1,28 @@
-"""Kernel: programs child SAs and policies (XFRM through pyroute2, or in memory).
+"""Kernel: programs child SAs and policies (a userspace ESP dataplane, or in memory).
 
 Endpoints (request/reply): `subjects.KERNEL_CHILD_INSTALL` (ChildInstall ->
 KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck) and
 `subjects.KERNEL_SHOW` (KernelShowRequest -> KernelState, never key material),
-`subjects.KERNEL_TRAP_INSTALL` (TrapInstall -> KernelAck) and
-`subjects.KERNEL_TRAP_REMOVE` (TrapRemove -> KernelAck).
-Install requests carry session keys: nothing here logs or returns them.
+`subjects.KERNEL_TRAP_INSTALL` (TrapInstall -> KernelAck),
+`subjects.KERNEL_TRAP_REMOVE` (TrapRemove -> KernelAck) and
+`subjects.KERNEL_TRANSPORT_KEY` (TransportKeyRequest -> TransportKeyReply).
+
+Install requests carry the child SA keys sealed to this service's transport key
+(`shared/bus/child_keys.py`), an X25519 key made at start and kept in memory
+only; a request with keys in clear is refused. Nothing here logs or returns a key.
+
+Backends (`[kernel] backend`): `memory` (a test double: SAD/SPD in a dict, no
+packet protected) and `userspace` (`userspace.py`, the ESP dataplane of
+docs/esp-dataplane.md).
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ikefarm.proto import subjects
 from ikefarm.proto.envelope import BusError
@@ -20,17 +32,57 @@ from ikefarm.proto.messages import (
     KernelAck,
     KernelShowRequest,
     KernelState,
+    SaEventNotice,
+    TransportKeyReply,
+    TransportKeyRequest,
     TrapInstall,
     TrapRemove,
 )
-from ikefarm.services.kernel.memory import InvalidChild, KernelRefusal, MemoryKernel
+from ikefarm.services.kernel.dataplane import Tunnel
+from ikefarm.services.kernel.memory import (
+    InvalidChild,
+    KernelRefusal,
+    MemoryKernel,
+    check_install,
+)
+from ikefarm.services.kernel.userspace import UserspaceKernel
+from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, open_child_keys
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
+from ikefarm.shared.bus.sealed import SealError, public_bytes
 from ikefarm.shared.config.loader import Config
+from ikefarm.shared.esp import LifetimeEvent
 
 NETLINK_NOT_IMPLEMENTED = (
     'netlink backend not implemented yet; use backend = "memory" '
     "([kernel] backend; XFRM programming through pyroute2 comes with a later issue)"
 )
+
+
+def userspace_refusals(config: Config) -> list[str]:
+    """The options set in `config` that the userspace backend cannot honour yet."""
+    refused = []
+    options = config.ike.global_options
+    if options.install_routes:
+        refused.append("[ike.global-options] install-routes (the TUN routes are in the main table)")
+    for family, bits in (("sp-hash-ipv4", 32), ("sp-hash-ipv6", 128)):
+        section = getattr(options, family.replace("-", "_"))
+        if section.local != bits or section.remote != bits:
+            refused.append(f"[ike.global-options] {family} (the userspace backend has no SPD hash)")
+    for template in config.ike.ipsec_policy_template:
+        if template.dpd_action == "trap":
+            refused.append(
+                f'ipsec-policy-template "{template.name}" dpd-action = "trap" (no ACQUIRE yet)'
+            )
+    for vpn in config.ike.vpn:
+        for policy in vpn.security_policy:
+            where = f'vpn "{vpn.name}" security-policy "{policy.name}"'
+            if policy.mode != "tunnel":
+                refused.append(f'{where} mode = "{policy.mode}"')
+            if policy.svti_id_in is not None or policy.svti_id_out is not None:
+                refused.append(f"{where} svti-id-in/svti-id-out")
+            if policy.inject_routes.next_hop is not None:
+                refused.append(f"{where} inject-routes")
+    return refused
 
 
 class BackendNotAvailable(ServiceUnavailable):
@@ -45,15 +97,49 @@ class KernelService(ServiceBase):
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
         self.backend: MemoryKernel | None = None
+        # child SA keys are sealed to this key; it lives in this process's memory only
+        self._transport = X25519PrivateKey.generate()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"KernelService(backend={self.backend!r})"
 
     @classmethod
     def preflight(cls, config: Config) -> None:
-        if config.kernel.backend != "memory":
+        backend = config.kernel.backend
+        if backend == "netlink":
             raise BackendNotAvailable(NETLINK_NOT_IMPLEMENTED)
+        if backend == "userspace":
+            refused = userspace_refusals(config)
+            if refused:
+                raise BackendNotAvailable(
+                    'not implemented with [kernel] backend = "userspace": ' + "; ".join(refused)
+                )
 
     async def setup(self) -> None:
         self.preflight(self.config)
-        self.backend = MemoryKernel()
+        if self.config.kernel.backend == "userspace":
+            backend = UserspaceKernel(
+                self.runtime.counters, natt_port=int(self.config.ingress.natt_port)
+            )
+            try:
+                backend.start(asyncio.get_running_loop())
+            except OSError as exc:
+                backend.stop()
+                raise BackendNotAvailable(
+                    f"userspace backend cannot open its TUN device: {exc.strerror or exc}"
+                    " (needs CAP_NET_ADMIN and /dev/net/tun)"
+                ) from None
+            backend.dataplane.on_lifetime = self.on_lifetime
+            self.backend = backend
+        else:
+            self.backend = MemoryKernel()
+        await self.runtime.add_endpoint(
+            "transport-key",
+            TransportKeyRequest,
+            self.on_transport_key,
+            subject=subjects.KERNEL_TRANSPORT_KEY,
+        )
         await self.runtime.add_endpoint(
             "child-install", ChildInstall, self.on_install, subject=subjects.KERNEL_CHILD_INSTALL
         )
@@ -71,6 +157,10 @@ class KernelService(ServiceBase):
         )
         self.log.control("kernel_backend", backend=self.backend.name)
 
+    async def teardown(self) -> None:
+        if isinstance(self.backend, UserspaceKernel):
+            self.backend.stop()
+
     def gauges(self) -> dict[str, Any]:
         if self.backend is None:
             return {}
@@ -86,10 +176,53 @@ class KernelService(ServiceBase):
         assert self.backend is not None
         return self.backend
 
+    async def on_transport_key(self, _request: TransportKeyRequest, _msg: Any) -> TransportKeyReply:
+        return TransportKeyReply(public_key=public_bytes(self._transport))
+
+    def _opened(self, request: ChildInstall) -> ChildInstall:
+        """The request with its sealed keys opened into the key fields, for the backend."""
+        if any(
+            (request.encr_key_in, request.encr_key_out, request.integ_key_in, request.integ_key_out)
+        ):
+            self.runtime.counters["child_install.keys_in_clear"] += 1
+            raise BusError("bad_field", "ChildInstall: keys must be sealed, not in clear")
+        keys = open_child_keys(
+            self._transport,
+            request.ephemeral,
+            request.sealed_keys,
+            request.spi_in,
+            request.spi_out,
+        )
+        return replace(
+            request,
+            ephemeral=b"",
+            sealed_keys=b"",
+            encr_key_in=keys.encr_key_in,
+            encr_key_out=keys.encr_key_out,
+            integ_key_in=keys.integ_key_in,
+            integ_key_out=keys.integ_key_out,
+        )
+
     async def on_install(self, request: ChildInstall, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            sa_in, sa_out = backend.install(request)
+            check_install(request)  # the fields first: a bad message is a bad message
+            opened = self._opened(request)
+        except InvalidChild as exc:
+            self.runtime.counters["child_install.invalid"] += 1
+            raise BusError("bad_field", f"ChildInstall: {exc}") from None
+        except SealError:
+            self.runtime.counters["child_install.sealed_keys"] += 1
+            self.log.control(
+                "child_install_refused",
+                backend=backend.name,
+                unique_id=request.unique_id,
+                spi_in=request.spi_in.hex(),
+                error=SEALED_KEYS_REFUSED,
+            )
+            return KernelAck(ok=False, error=SEALED_KEYS_REFUSED)
+        try:
+            sa_in, sa_out = backend.install(opened)
         except InvalidChild as exc:
             self.runtime.counters["child_install.invalid"] += 1
             raise BusError("bad_field", f"ChildInstall: {exc}") from None
@@ -190,3 +323,31 @@ class KernelService(ServiceBase):
         self.runtime.counters["trap_remove.ok"] += 1
         self.log.control("trap_removed", backend=backend.name, vpn=trap.vpn, reqid=trap.reqid)
         return KernelAck(ok=True)
+
+    def on_lifetime(self, tunnel: Tunnel, event: LifetimeEvent) -> None:
+        """A byte/packet lifetime of a dataplane SA reached: logged and published, once."""
+        self.log.control(
+            "child_sa_lifetime",
+            unique_id=tunnel.unique_id,
+            spi=f"{event.spi:08x}",
+            direction=event.direction,
+            kind=event.kind,
+            limit=event.limit,
+        )
+        notice = SaEventNotice(
+            f"child_sa_lifetime_{event.kind}",
+            0,
+            None,
+            self.runtime.instance,
+            {
+                "unique_id": tunnel.unique_id,
+                "spi": f"{event.spi:08x}",
+                "direction": event.direction,
+                "limit": event.limit,
+            },
+        )
+        task = asyncio.get_running_loop().create_task(
+            self.runtime.publish(subjects.EVENT_CHILD_SA, notice)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

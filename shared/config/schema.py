@@ -430,7 +430,16 @@ SCHEMA = Section(
             },
             doc="ikefarm: secrets at rest; the keystore starts only with the right master key",
         ),
-        "kernel": Section({"backend": Choice(("memory", "netlink"), default="memory")}),
+        "kernel": Section(
+            {
+                "backend": Choice(
+                    ("memory", "netlink", "userspace"),
+                    default="memory",
+                    doc="memory: a test double, no packet protected; userspace: the ESP"
+                    " dataplane of docs/esp-dataplane.md; netlink: not implemented yet",
+                )
+            }
+        ),
         "flow": Section(
             {
                 "max-sessions": Int(1, 100_000_000, default=1_000_000),

@@ -22,8 +22,11 @@ from ikefarm.proto.messages import (
     KernelAck,
     KernelShowRequest,
     KernelState,
+    TransportKeyReply,
+    TransportKeyRequest,
 )
 from ikefarm.services.kernel.service import BackendNotAvailable, KernelService
+from ikefarm.shared.bus.child_keys import ChildKeys, seal_child_keys
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.config.loader import parse_config
@@ -53,10 +56,6 @@ def child(unique_id: int = 1, spi_in: str = "c0000001", spi_out: str = "c1000001
         encr_id=EncrId.AES_GCM_16,
         encr_key_bits=256,
         integ_id=None,
-        encr_key_in=ENCR_KEY_IN,
-        encr_key_out=ENCR_KEY_OUT,
-        integ_key_in=b"",
-        integ_key_out=b"",
         esn=False,
         replay_window=32,
         udp_encap=True,
@@ -106,8 +105,19 @@ async def ask(nc: Client, subject: str, payload: bytes) -> bytes:
     return (await nc.request(subject, payload, timeout=2)).data
 
 
+async def sealed(nc: Client, request: ChildInstall) -> ChildInstall:
+    """`request` with ENCR_KEY_IN/OUT sealed to the kernel service, as an ike worker sends it."""
+    raw = await ask(nc, subjects.KERNEL_TRANSPORT_KEY, envelope.pack(TransportKeyRequest()))
+    public = envelope.unpack_reply(raw, TransportKeyReply).public_key
+    keys = ChildKeys(ENCR_KEY_IN, ENCR_KEY_OUT, b"", b"")
+    ephemeral, sealed_keys = seal_child_keys(public, request.spi_in, request.spi_out, keys)
+    return dataclasses.replace(request, ephemeral=ephemeral, sealed_keys=sealed_keys)
+
+
 async def install(nc: Client, request: ChildInstall) -> KernelAck:
-    raw = await ask(nc, subjects.KERNEL_CHILD_INSTALL, envelope.pack(request))
+    payload = envelope.pack(await sealed(nc, request))
+    assert not any(key in payload for key in KEYS)
+    raw = await ask(nc, subjects.KERNEL_CHILD_INSTALL, payload)
     assert not any(key in raw for key in KEYS)
     return envelope.unpack_reply(raw, KernelAck)
 
@@ -279,7 +289,8 @@ def test_show_rows_never_hold_key_bytes() -> None:
     from ikefarm.services.kernel.memory import MemoryKernel
 
     backend = MemoryKernel()
-    sa_in, sa_out = backend.install(child())
+    opened = dataclasses.replace(child(), encr_key_in=ENCR_KEY_IN, encr_key_out=ENCR_KEY_OUT)
+    sa_in, sa_out = backend.install(opened)
     text = repr(backend) + repr(sa_in) + repr(sa_out) + repr(backend.show())
     for key in KEYS:
         assert key.hex() not in text and repr(key) not in text

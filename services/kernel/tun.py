@@ -1,0 +1,162 @@
+"""The I/O of the userspace dataplane: its TUN device, routes, and ESP sockets.
+
+- TUN (`/dev/net/tun`, `IFF_TUN | IFF_NO_PI`): inner IP packets, one per read
+  and write. Routes for each child's remote traffic selectors point at it
+  (pyroute2), with a source address from the local selectors when this host
+  has one, so traffic the host itself originates is protected too.
+- ESP (IP protocol 50, RFC 4303): one raw socket per local address.
+- ESP in UDP (RFC 3948) on the NAT-T port: ingress owns the UDP socket, where
+  IKE arrives behind the non-ESP marker. The dataplane reads ESP-in-UDP from a
+  raw IPv4 UDP socket per local address whose classic BPF filter passes only
+  datagrams to the NAT-T port whose first four payload octets (the SPI) are not
+  zero and that are long enough for an ESP header; it sends from the NAT-T port
+  through the same raw socket, with a zero UDP checksum (RFC 3948 2.1 allows it
+  for IPv4). Ingress drops the same datagrams in the kernel with the mirror
+  filter (`services/ingress/sockets.py`), so neither sees the other's traffic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+from typing import Any
+
+from pyroute2 import IPRoute
+
+TUN_NAME = "ikefarm0"
+# room for the outer IPv4 header, UDP, ESP header, IV, the largest padding and trailer, ICV
+TUN_MTU = 1400
+_TUNSETIFF = 0x400454CA
+_IFF_TUN = 0x0001
+_IFF_NO_PI = 0x1000
+_SO_ATTACH_FILTER = 26
+_UDP_HEADER = struct.Struct("!HHHH")
+IPPROTO_ESP = 50
+
+
+def open_tun(name: str = TUN_NAME, mtu: int = TUN_MTU) -> tuple[int, int]:
+    """(fd, ifindex) of a new non-blocking TUN device `name`, up with `mtu`."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TUN | _IFF_NO_PI))
+        with IPRoute() as ipr:
+            (index,) = ipr.link_lookup(ifname=name)
+            ipr.link("set", index=index, mtu=mtu, state="up")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, index
+
+
+def _bpf(program: list[tuple[int, int, int, int]]) -> bytes:
+    return b"".join(struct.pack("HBBI", *insn) for insn in program)
+
+
+def esp_in_udp_filter(natt_port: int) -> list[tuple[int, int, int, int]]:
+    """cBPF over an IPv4 packet (raw socket): UDP to `natt_port`, >= 8 payload octets, SPI != 0."""
+    ldx_msh, ldh_ind, ld_ind, jeq, jge, ret = 0xB1, 0x48, 0x40, 0x15, 0x35, 0x06
+    return [
+        (ldx_msh, 0, 0, 0),  # X = 4 * (IHL)
+        (ldh_ind, 0, 0, 2),  # A = UDP destination port
+        (jeq, 0, 4, natt_port),
+        (ldh_ind, 0, 0, 4),  # A = UDP length
+        (jge, 0, 2, 8 + 8),  # header + SPI + sequence number
+        (ld_ind, 0, 0, 8),  # A = first payload word: the SPI, or the non-ESP marker
+        (jeq, 0, 1, 0),
+        (ret, 0, 0, 0),
+        (ret, 0, 0, 0x40000),
+    ]
+
+
+def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    import ctypes
+
+    code = ctypes.create_string_buffer(_bpf(program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+def open_esp_socket(address: str) -> socket.socket:
+    """A non-blocking raw IP-protocol-50 socket bound to `address` (IPv4 or IPv6)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_RAW, IPPROTO_ESP)
+    try:
+        sock.setblocking(False)
+        sock.bind((address, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def open_udp_encap_socket(address: str, natt_port: int) -> socket.socket:
+    """A non-blocking raw IPv4 UDP socket bound to `address` that reads ESP-in-UDP only."""
+    if ipaddress.ip_address(address).version != 4:
+        raise NotImplementedError("ESP in UDP over IPv6 is not implemented")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    try:
+        attach_filter(sock, esp_in_udp_filter(natt_port))
+        sock.setblocking(False)
+        sock.bind((address, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def udp_header(src_port: int, dst_port: int, payload_length: int) -> bytes:
+    """RFC 768 header with a zero checksum (RFC 3948 2.1, IPv4)."""
+    return _UDP_HEADER.pack(src_port, dst_port, 8 + payload_length, 0)
+
+
+class Routes:
+    """Routes to the TUN device, counted: a prefix two children share (a rekey) stays until
+    the last of them is gone."""
+
+    def __init__(self, ifindex: int) -> None:
+        self.ifindex = ifindex
+        self._users: dict[str, int] = {}
+        self._ipr: Any = IPRoute()
+
+    def close(self) -> None:
+        for prefix in list(self._users):
+            self._delete(prefix)
+        self._users.clear()
+        self._ipr.close()
+
+    def _source(self, version: int, local_nets: list[Any]) -> str | None:
+        """An address of this host inside the local selectors (as strongSwan picks one)."""
+        family = socket.AF_INET6 if version == 6 else socket.AF_INET
+        for message in self._ipr.get_addr(family=family):
+            address = ipaddress.ip_address(message.get_attr("IFA_ADDRESS"))
+            if any(address in net for net in local_nets if net.version == version):
+                return str(address)
+        return None
+
+    def add(self, prefix: str, local_nets: list[Any]) -> None:
+        count = self._users.get(prefix, 0)
+        self._users[prefix] = count + 1
+        if count:
+            return
+        network = ipaddress.ip_network(prefix)
+        extra: dict[str, Any] = {}
+        source = self._source(network.version, local_nets)
+        if source is not None:
+            extra["prefsrc"] = source
+        self._ipr.route("replace", dst=str(network), oif=self.ifindex, **extra)
+
+    def remove(self, prefix: str) -> None:
+        count = self._users.get(prefix, 0)
+        if count > 1:
+            self._users[prefix] = count - 1
+            return
+        self._users.pop(prefix, None)
+        self._delete(prefix)
+
+    def _delete(self, prefix: str) -> None:
+        with contextlib.suppress(Exception):  # gone already (the TUN device went down)
+            self._ipr.route("del", dst=prefix, oif=self.ifindex)

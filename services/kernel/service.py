@@ -123,9 +123,9 @@ class KernelService(ServiceBase):
                 self.runtime.counters, natt_port=int(self.config.ingress.natt_port)
             )
             try:
-                backend.start(asyncio.get_running_loop())
+                await backend.start()
             except OSError as exc:
-                backend.stop()
+                await backend.stop()
                 raise BackendNotAvailable(
                     f"userspace backend cannot open its TUN device: {exc.strerror or exc}"
                     " (needs CAP_NET_ADMIN and /dev/net/tun)"
@@ -159,7 +159,7 @@ class KernelService(ServiceBase):
 
     async def teardown(self) -> None:
         if isinstance(self.backend, UserspaceKernel):
-            self.backend.stop()
+            await self.backend.stop()
 
     def gauges(self) -> dict[str, Any]:
         if self.backend is None:
@@ -175,6 +175,16 @@ class KernelService(ServiceBase):
     def _backend(self) -> MemoryKernel:
         assert self.backend is not None
         return self.backend
+
+    async def _apply_routes(self) -> None:
+        """The userspace backend's routes to its TUN device, after an install or delete."""
+        if not isinstance(self.backend, UserspaceKernel):
+            return
+        try:
+            await self.backend.apply_routes()
+        except Exception as exc:  # the SAs stand; traffic finds no route until the next change
+            self.runtime.counters["routes_failed"] += 1
+            self.log.control("routes_failed", backend=self.backend.name, error=str(exc))
 
     async def on_transport_key(self, _request: TransportKeyRequest, _msg: Any) -> TransportKeyReply:
         return TransportKeyReply(public_key=public_bytes(self._transport))
@@ -238,6 +248,7 @@ class KernelService(ServiceBase):
                 error=exc.text,
             )
             return KernelAck(ok=False, error=exc.text)
+        await self._apply_routes()
         self.runtime.counters["child_install.ok"] += 1
         self.log.control(
             "child_installed",
@@ -273,6 +284,7 @@ class KernelService(ServiceBase):
                 error=exc.text,
             )
             return KernelAck(ok=False, error=exc.text)
+        await self._apply_routes()
         self.runtime.counters["child_delete.ok"] += 1
         self.log.control(
             "child_deleted",

@@ -25,7 +25,7 @@ import socket
 import struct
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2 import AsyncIPRoute
 
 TUN_NAME = "ikefarm0"
 # room for the outer IPv4 header, UDP, ESP header, IV, the largest padding and trailer, ICV
@@ -38,14 +38,14 @@ _UDP_HEADER = struct.Struct("!HHHH")
 IPPROTO_ESP = 50
 
 
-def open_tun(name: str = TUN_NAME, mtu: int = TUN_MTU) -> tuple[int, int]:
+async def open_tun(name: str = TUN_NAME, mtu: int = TUN_MTU) -> tuple[int, int]:
     """(fd, ifindex) of a new non-blocking TUN device `name`, up with `mtu`."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TUN | _IFF_NO_PI))
-        with IPRoute() as ipr:
-            (index,) = ipr.link_lookup(ifname=name)
-            ipr.link("set", index=index, mtu=mtu, state="up")
+        async with AsyncIPRoute() as ipr:
+            (index,) = await ipr.link_lookup(ifname=name)
+            await ipr.link("set", index=index, mtu=mtu, state="up")
     except BaseException:
         os.close(fd)
         raise
@@ -115,48 +115,50 @@ def udp_header(src_port: int, dst_port: int, payload_length: int) -> bytes:
 
 class Routes:
     """Routes to the TUN device, counted: a prefix two children share (a rekey) stays until
-    the last of them is gone."""
+    the last of them is gone. `add`/`remove` only count; `apply()` programs the difference
+    (pyroute2's netlink calls are coroutines: the backend's install stays synchronous)."""
 
     def __init__(self, ifindex: int) -> None:
         self.ifindex = ifindex
-        self._users: dict[str, int] = {}
-        self._ipr: Any = IPRoute()
+        self._users: dict[str, tuple[int, list[Any]]] = {}  # prefix -> (count, local nets)
+        self._installed: set[str] = set()
 
-    def close(self) -> None:
-        for prefix in list(self._users):
-            self._delete(prefix)
-        self._users.clear()
-        self._ipr.close()
+    def add(self, prefix: str, local_nets: list[Any]) -> None:
+        count, _nets = self._users.get(prefix, (0, local_nets))
+        self._users[prefix] = (count + 1, local_nets)
 
-    def _source(self, version: int, local_nets: list[Any]) -> str | None:
+    def remove(self, prefix: str) -> None:
+        count, nets = self._users.get(prefix, (0, []))
+        if count > 1:
+            self._users[prefix] = (count - 1, nets)
+        else:
+            self._users.pop(prefix, None)
+
+    @staticmethod
+    async def _source(ipr: Any, version: int, local_nets: list[Any]) -> str | None:
         """An address of this host inside the local selectors (as strongSwan picks one)."""
         family = socket.AF_INET6 if version == 6 else socket.AF_INET
-        for message in self._ipr.get_addr(family=family):
-            address = ipaddress.ip_address(message.get_attr("IFA_ADDRESS"))
+        async for message in await ipr.get_addr(family=family):
+            address = ipaddress.ip_address(message.get("IFA_ADDRESS"))
             if any(address in net for net in local_nets if net.version == version):
                 return str(address)
         return None
 
-    def add(self, prefix: str, local_nets: list[Any]) -> None:
-        count = self._users.get(prefix, 0)
-        self._users[prefix] = count + 1
-        if count:
+    async def apply(self, *, everything: bool = False) -> None:
+        """Add the routes now wanted, delete those no longer wanted (all with `everything`)."""
+        wanted = set() if everything else set(self._users)
+        if wanted == self._installed:
             return
-        network = ipaddress.ip_network(prefix)
-        extra: dict[str, Any] = {}
-        source = self._source(network.version, local_nets)
-        if source is not None:
-            extra["prefsrc"] = source
-        self._ipr.route("replace", dst=str(network), oif=self.ifindex, **extra)
-
-    def remove(self, prefix: str) -> None:
-        count = self._users.get(prefix, 0)
-        if count > 1:
-            self._users[prefix] = count - 1
-            return
-        self._users.pop(prefix, None)
-        self._delete(prefix)
-
-    def _delete(self, prefix: str) -> None:
-        with contextlib.suppress(Exception):  # gone already (the TUN device went down)
-            self._ipr.route("del", dst=prefix, oif=self.ifindex)
+        async with AsyncIPRoute() as ipr:
+            for prefix in sorted(self._installed - wanted):
+                with contextlib.suppress(Exception):  # gone already with the TUN device
+                    await ipr.route("del", dst=prefix, oif=self.ifindex)
+                self._installed.discard(prefix)
+            for prefix in sorted(wanted - self._installed):
+                network = ipaddress.ip_network(prefix)
+                extra: dict[str, Any] = {}
+                source = await self._source(ipr, network.version, self._users[prefix][1])
+                if source is not None:
+                    extra["prefsrc"] = source
+                await ipr.route("replace", dst=prefix, oif=self.ifindex, **extra)
+                self._installed.add(prefix)

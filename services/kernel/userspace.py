@@ -17,6 +17,7 @@ raise nothing), and the ESP algorithms the codec lacks (`shared/esp/`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
@@ -83,13 +84,22 @@ class UserspaceKernel(MemoryKernel):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._tun_fd, index = tun.open_tun(self.tun_name)
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self._tun_fd, index = await tun.open_tun(self.tun_name)
         self._routes = tun.Routes(index)
         loop.add_reader(self._tun_fd, self._read_tun)
 
-    def stop(self) -> None:
+    async def apply_routes(self) -> None:
+        """Program the routes the installs and deletes since the last call changed."""
+        if self._routes is not None:
+            await self._routes.apply()
+
+    async def stop(self) -> None:
+        if self._routes is not None:
+            with contextlib.suppress(Exception):
+                await self._routes.apply(everything=True)
+            self._routes = None
         loop = self._loop
         for table in (self._esp, self._udp):
             for entry in table.values():
@@ -97,9 +107,6 @@ class UserspaceKernel(MemoryKernel):
                     loop.remove_reader(entry.sock.fileno())
                 entry.sock.close()
             table.clear()
-        if self._routes is not None:
-            self._routes.close()
-            self._routes = None
         if self._tun_fd is not None:
             if loop is not None:
                 loop.remove_reader(self._tun_fd)

@@ -155,6 +155,8 @@ class IngressService(ServiceBase):
     async def setup(self) -> None:
         loop = asyncio.get_running_loop()
         wanted = local_endpoints(self.config)
+        # the userspace dataplane reads ESP-in-UDP from its own raw socket
+        esp_elsewhere = self.config.kernel.backend == "userspace"
         if not wanted:
             self.log.control(
                 "no_listen_address", hint="set [ingress] listen or a vpn local-address"
@@ -162,7 +164,9 @@ class IngressService(ServiceBase):
         try:
             for endpoint in wanted:
                 try:
-                    sock = open_udp_socket(endpoint.address, endpoint.port)
+                    sock = open_udp_socket(
+                        endpoint.address, endpoint.port, drop_esp=endpoint.natt and esp_elsewhere
+                    )
                 except OSError as exc:
                     raise OSError(
                         exc.errno, f"ingress cannot bind UDP {endpoint}: {exc.strerror}"

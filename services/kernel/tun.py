@@ -9,10 +9,11 @@
   IKE arrives behind the non-ESP marker. The dataplane reads ESP-in-UDP from a
   raw IPv4 UDP socket per local address whose classic BPF filter passes only
   datagrams to the NAT-T port whose first four payload octets (the SPI) are not
-  zero and that are long enough for an ESP header; it sends from the NAT-T port
-  through the same raw socket, with a zero UDP checksum (RFC 3948 2.1 allows it
-  for IPv4). Ingress drops the same datagrams in the kernel with the mirror
-  filter (`services/ingress/sockets.py`), so neither sees the other's traffic.
+  zero and that are long enough for an ESP header (`shared/esp/steering.py`);
+  it sends from the NAT-T port through the same raw socket, with a zero UDP
+  checksum (RFC 3948 2.1 allows it for IPv4). With this backend ingress drops
+  the same datagrams in the kernel with the mirror filter, so neither service
+  wakes up for the other's traffic.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
+from ikefarm.shared.esp.steering import attach_filter, esp_in_udp_only
+
 TUN_NAME = "ikefarm0"
 # room for the outer IPv4 header, UDP, ESP header, IV, the largest padding and trailer, ICV
 TUN_MTU = 1400
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
-_SO_ATTACH_FILTER = 26
 _UDP_HEADER = struct.Struct("!HHHH")
 IPPROTO_ESP = 50
 
@@ -50,34 +52,6 @@ async def open_tun(name: str = TUN_NAME, mtu: int = TUN_MTU) -> tuple[int, int]:
         os.close(fd)
         raise
     return fd, index
-
-
-def _bpf(program: list[tuple[int, int, int, int]]) -> bytes:
-    return b"".join(struct.pack("HBBI", *insn) for insn in program)
-
-
-def esp_in_udp_filter(natt_port: int) -> list[tuple[int, int, int, int]]:
-    """cBPF over an IPv4 packet (raw socket): UDP to `natt_port`, >= 8 payload octets, SPI != 0."""
-    ldx_msh, ldh_ind, ld_ind, jeq, jge, ret = 0xB1, 0x48, 0x40, 0x15, 0x35, 0x06
-    return [
-        (ldx_msh, 0, 0, 0),  # X = 4 * (IHL)
-        (ldh_ind, 0, 0, 2),  # A = UDP destination port
-        (jeq, 0, 4, natt_port),
-        (ldh_ind, 0, 0, 4),  # A = UDP length
-        (jge, 0, 2, 8 + 8),  # header + SPI + sequence number
-        (ld_ind, 0, 0, 8),  # A = first payload word: the SPI, or the non-ESP marker
-        (jeq, 0, 1, 0),
-        (ret, 0, 0, 0),
-        (ret, 0, 0, 0x40000),
-    ]
-
-
-def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
-    import ctypes
-
-    code = ctypes.create_string_buffer(_bpf(program))
-    fprog = struct.pack("HL", len(program), ctypes.addressof(code))
-    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
 
 def open_esp_socket(address: str) -> socket.socket:
@@ -99,7 +73,7 @@ def open_udp_encap_socket(address: str, natt_port: int) -> socket.socket:
         raise NotImplementedError("ESP in UDP over IPv6 is not implemented")
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
     try:
-        attach_filter(sock, esp_in_udp_filter(natt_port))
+        attach_filter(sock, esp_in_udp_only(natt_port))
         sock.setblocking(False)
         sock.bind((address, 0))
     except OSError:

@@ -170,6 +170,8 @@ def test_ping_and_tcp_through_the_userspace_dataplane(
     server_digest, client_digest = transfer(gw_ns, peer_ns, GW_INNER, upload=False)
     assert server_digest == client_digest == expected_digest(7)
 
+    # ingress's NAT-T socket filter kept every ESP packet away from it
+    assert gateway.counters("ingress").get("esp_in_udp", 0) == 0
     counters = gateway.counters("kernel")
     assert counters.get("esp.in.packets", 0) > 2 * TRANSFER_BYTES // 1500 // 2
     assert counters.get("esp.in.drop.integrity", 0) == 0

@@ -1,0 +1,103 @@
+"""What the userspace backend cannot do yet is refused with "not implemented", never ignored.
+
+At start (`KernelService.preflight`, which `ikefarm up` runs before anything
+starts) for the configuration options, and per child SA (`KernelAck` error,
+counted as `child_install.not_implemented`) for what a negotiation produced.
+Refused installs leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ikefarm.services.kernel.memory import KernelRefusal
+from ikefarm.services.kernel.service import BackendNotAvailable, KernelService
+from ikefarm.services.kernel.userspace import UserspaceKernel
+from ikefarm.shared.config.loader import parse_config
+from ikefarm.shared.ikev2.constants import EncrId
+from tests.service.test_kernel_memory import ENCR_KEY_IN, ENCR_KEY_OUT, child
+
+BASE = """
+[kernel]
+backend = "userspace"
+[[ike.pre-shared-key]]
+secret = "refusal-test-secret"
+[[ike.ipsec-policy-template]]
+name = "ipsecpol"
+{template}
+[[ike.ipsec-policy-template.esp-proposal]]
+aead-alg = ["aes256-gcm-128"]
+[[ike.vpn]]
+name = "hq"
+local-address = "192.0.2.1"
+remote-address = "192.0.2.2"
+ipsec-policy = {{ template = "ipsecpol" }}
+[[ike.vpn.security-policy]]
+name = "net"
+local-ts = {{ subnet = "10.100.0.0/24" }}
+remote-ts = {{ subnet = "10.200.0.0/24" }}
+{policy}
+"""
+
+
+def config(template: str = "", policy: str = "", top: str = "") -> str:
+    return top + BASE.format(template=template, policy=policy)
+
+
+def test_a_plain_userspace_configuration_passes() -> None:
+    KernelService.preflight(parse_config(config()))
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (config(policy='mode = "transport"'), 'mode = "transport"'),
+        (config(policy="svti-id-in = 5\nsvti-id-out = 6"), "svti-id-in/svti-id-out"),
+        (
+            config(policy='[ike.vpn.security-policy.inject-routes]\nnext-hop = "192.0.2.254"'),
+            "inject-routes",
+        ),
+        (config(template='dpd-action = "trap"'), 'dpd-action = "trap"'),
+        (config(top="[ike.global-options]\ninstall-routes = true\n"), "install-routes"),
+        (config(top="[ike.global-options.sp-hash-ipv4]\nlocal = 24\n"), "sp-hash-ipv4"),
+    ],
+)
+def test_options_the_userspace_backend_lacks_are_refused_at_start(text: str, named: str) -> None:
+    with pytest.raises(BackendNotAvailable) as refused:
+        KernelService.preflight(parse_config(text))
+    assert "not implemented" in str(refused.value) and named in str(refused.value)
+
+
+def opened(**changes: object) -> object:
+    keys = {"encr_key_in": ENCR_KEY_IN, "encr_key_out": ENCR_KEY_OUT}
+    return dataclasses.replace(child(), **{**keys, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"mode": "transport", "local_ts": [], "remote_ts": []}, "transport mode"),
+        ({"local_ts": ["10.100.0.0/24[tcp/80]"]}, "protocol/port"),
+        (
+            {
+                "local_address": "2001:db8::1",
+                "remote_address": "2001:db8::2",
+                "local_ts": ["2001:db8:1::/64"],
+                "remote_ts": ["2001:db8:2::/64"],
+            },
+            "ESP in UDP over IPv6",
+        ),
+        ({"encr_id": EncrId.AES_CCM_16}, "ESP transform"),
+    ],
+)
+def test_children_the_dataplane_lacks_are_refused_and_leave_nothing(
+    changes: dict[str, object], named: str
+) -> None:
+    backend = UserspaceKernel()  # not started: a refused child touches no device
+    with pytest.raises(KernelRefusal) as refused:
+        backend.install(opened(**changes))  # type: ignore[arg-type]
+    assert refused.value.code == "not_implemented"
+    assert refused.value.text.startswith("not implemented") and named in refused.value.text
+    assert backend.sad == {} and backend.child_count == 0 and len(backend.dataplane) == 0

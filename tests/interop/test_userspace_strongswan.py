@@ -19,7 +19,8 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -113,12 +114,22 @@ def kernel_state(gateway: Gateway) -> dict[str, object]:
     return dict(json.loads(result.stdout))
 
 
-def test_ping_and_tcp_through_the_userspace_dataplane(
+@dataclass
+class Tunnel:
+    gateway: Gateway
+    peer: StrongSwan
+    gw_ns: Namespace
+    peer_ns: Namespace
+    child: dict[str, Any]
+
+
+@pytest.fixture
+def tunnel(
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
-    tmp_path: Path,
-) -> None:
+) -> Tunnel:
+    """strongSwan's child SA to ikefarm, installed on both ends, no packet sent yet."""
     gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
     gw_ns.add_address("lo", f"{GW_INNER}/32")
     peer_ns.add_address("lo", f"{PEER_INNER}/32")
@@ -153,7 +164,11 @@ def test_ping_and_tcp_through_the_userspace_dataplane(
     assert child["encap"] == "yes"  # kernel-libipsec: ESP in UDP on 4500
     (row,) = gateway.wait_sas(1)
     assert row["children"][0]["state"] == "installed"
+    return Tunnel(gateway, peer, gw_ns, peer_ns, child)
 
+
+def test_ping_and_tcp_through_the_userspace_dataplane(tunnel: Tunnel) -> None:
+    gateway, child, gw_ns, peer_ns = tunnel.gateway, tunnel.child, tunnel.gw_ns, tunnel.peer_ns
     assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=3, timeout=10)
     assert gw_ns.ping(PEER_INNER, src=GW_INNER, count=3, timeout=10)
 
@@ -180,3 +195,87 @@ def test_ping_and_tcp_through_the_userspace_dataplane(
         timeout=5,
         what="one install",
     )
+
+
+# Run in the peer namespace: the UDP payload of the first ESP-in-UDP packet strongSwan sends
+# to the gateway's NAT-T port, read from the veth with a packet socket (ETH_P_ALL: only those
+# see outgoing packets).
+CAPTURE = r"""
+import socket, struct, sys
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003))  # ETH_P_ALL
+sock.bind((sys.argv[1], 0))
+sock.settimeout(20)
+print("capturing", flush=True)
+while True:
+    data = sock.recv(65535)
+    if len(data) < 28 or data[0] >> 4 != 4:
+        continue
+    ihl = (data[0] & 0x0F) * 4
+    if data[9] != 17 or data[16:20] != socket.inet_aton("192.0.2.1"):
+        continue
+    dport, length = struct.unpack("!2xH H", data[ihl : ihl + 6])
+    payload = data[ihl + 8 : ihl + length]
+    if dport == 4500 and len(payload) >= 8 and payload[:4] != bytes(4):
+        print(payload.hex(), flush=True)
+        break
+"""
+
+SEND = r"""
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for line in sys.stdin.read().split():
+    sock.sendto(bytes.fromhex(line) if line != "-" else b"", ("192.0.2.1", 4500))
+"""
+
+
+def test_replayed_forged_and_malformed_esp_is_dropped_and_counted(tunnel: Tunnel) -> None:
+    """On the wire: a replayed packet (replay), one with a later sequence number and the
+    old ICV (integrity), junk with the real SPI and unknown SPIs; none reaches the TUN
+    device, each is counted by reason, and the tunnel still carries traffic."""
+    gateway, gw_ns, peer_ns = tunnel.gateway, tunnel.gw_ns, tunnel.peer_ns
+    ifname = tunnel.peer_ns.run(["ip", "-o", "link", "show", "type", "veth"]).stdout
+    ifname = ifname.split(":")[1].strip().split("@")[0]
+    capture = peer_ns.popen(
+        [sys.executable, "-c", CAPTURE, ifname], stdout=-1, stderr=-1, text=True
+    )
+    assert capture.stdout is not None
+    assert capture.stdout.readline().strip() == "capturing"
+    assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=1, timeout=10)
+    out, err = capture.communicate(timeout=25)
+    assert out.strip(), err
+    genuine = bytes.fromhex(out.strip())
+    spi = genuine[:4]
+    assert spi.hex() == tunnel.child["spi-out"]
+
+    before = gateway.counters("kernel")
+    seq = int.from_bytes(genuine[4:8], "big")
+    forged = spi + (seq + 1000).to_bytes(4, "big") + genuine[8:]  # ICV no longer matches
+    junk = [
+        genuine,  # replayed
+        forged,
+        spi + bytes(4) + genuine[8:],  # sequence number 0 is never sent (RFC 4303 3.3.3)
+        spi + (seq + 2000).to_bytes(4, "big") + b"\x00" * 5,  # too short for IV and ICV
+        bytes.fromhex("0badc0de") + genuine[4:],  # unknown SPI
+        bytes.fromhex("0badc0df") + bytes(100),
+    ]
+    peer_ns.run([sys.executable, "-c", SEND], input=" ".join(j.hex() for j in junk))
+
+    def dropped() -> dict[str, int] | None:
+        now = gateway.counters("kernel")
+        delta = {
+            key.removeprefix("esp.in.drop."): now.get(key, 0) - before.get(key, 0)
+            for key in now
+            if key.startswith("esp.in.drop.")
+        }
+        return delta if sum(delta.values()) >= len(junk) else None
+
+    delta = wait_for(dropped, timeout=10, what="the forged packets dropped")
+    assert delta["replay"] == 2  # the replay, and sequence number 0
+    assert delta["integrity"] == 1
+    assert delta["too_short"] == 1
+    assert delta["unknown_spi"] == 2
+    after = gateway.counters("kernel")
+    assert after.get("esp.in.packets") == before.get("esp.in.packets")  # nothing to the TUN
+    # the window did not move for the forgery: the tunnel goes on
+    assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=2, timeout=10)
+    assert gw_ns.ping(PEER_INNER, src=GW_INNER, count=1, timeout=10)

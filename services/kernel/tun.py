@@ -38,6 +38,17 @@ _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 _UDP_HEADER = struct.Struct("!HHHH")
 IPPROTO_ESP = 50
+# a burst of ESP waits in the socket while the loop encrypts: room for about 2000 packets
+RECEIVE_BUFFER = 4 * 1024 * 1024
+_SO_RCVBUFFORCE = 33
+
+
+def _large_receive_buffer(sock: socket.socket) -> None:
+    """SO_RCVBUFFORCE (CAP_NET_ADMIN, above net.core.rmem_max), else what SO_RCVBUF gives."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECEIVE_BUFFER)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
 
 async def open_tun(name: str = TUN_NAME, mtu: int = TUN_MTU) -> tuple[int, int]:
@@ -59,6 +70,7 @@ def open_esp_socket(address: str) -> socket.socket:
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_RAW, IPPROTO_ESP)
     try:
+        _large_receive_buffer(sock)
         sock.setblocking(False)
         sock.bind((address, 0))
     except OSError:
@@ -74,6 +86,7 @@ def open_udp_encap_socket(address: str, natt_port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
     try:
         attach_filter(sock, esp_in_udp_only(natt_port))
+        _large_receive_buffer(sock)
         sock.setblocking(False)
         sock.bind((address, 0))
     except OSError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +39,9 @@ PORT = 5201
 # A TCP endpoint: the server sends or sinks TRANSFER_BYTES, printing the SHA-256 of what it
 # sent or received; the data is a seeded pseudo-random stream so both ends can check it.
 SERVER = r"""
-import hashlib, random, socket, sys
+import hashlib, random, socket, sys, time
 mode, address, port, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+pause = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0  # s between 64 KiB writes
 listener = socket.socket()
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 listener.bind((address, port))
@@ -49,7 +51,9 @@ conn, _ = listener.accept()
 digest = hashlib.sha256()
 if mode == "send":
     data = random.Random(7).randbytes(size)
-    conn.sendall(data)
+    for start in range(0, size, 65536):
+        conn.sendall(data[start : start + 65536])
+        time.sleep(pause)
     digest.update(data)
     conn.shutdown(socket.SHUT_WR)
     conn.recv(1)
@@ -86,13 +90,22 @@ print(digest.hexdigest(), flush=True)
 
 
 def transfer(
-    server_ns: Namespace, client_ns: Namespace, server_address: str, *, upload: bool
+    server_ns: Namespace,
+    client_ns: Namespace,
+    server_address: str,
+    *,
+    upload: bool,
+    pause: float = 0.0,
 ) -> tuple[str, str]:
-    """(server's digest, client's digest) of TRANSFER_BYTES sent by the client when `upload`."""
+    """(server's digest, client's digest) of TRANSFER_BYTES sent by the client when `upload`;
+    a downloading server pauses `pause` s after each 64 KiB (a transfer that lasts)."""
     server_mode, client_mode = ("sink", "send") if upload else ("send", "sink")
     args = [server_address, str(PORT), str(TRANSFER_BYTES)]
     server = server_ns.popen(
-        [sys.executable, "-c", SERVER, server_mode, *args], stdout=-1, stderr=-1, text=True
+        [sys.executable, "-c", SERVER, server_mode, *args, str(pause)],
+        stdout=-1,
+        stderr=-1,
+        text=True,
     )
     assert server.stdout is not None
     assert server.stdout.readline().strip() == "listening"
@@ -279,3 +292,48 @@ def test_replayed_forged_and_malformed_esp_is_dropped_and_counted(tunnel: Tunnel
     # the window did not move for the forgery: the tunnel goes on
     assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=2, timeout=10)
     assert gw_ns.ping(PEER_INNER, src=GW_INNER, count=1, timeout=10)
+
+
+def test_child_rekey_in_the_middle_of_a_transfer(tunnel: Tunnel) -> None:
+    """strongSwan rekeys the child while 20 MB flow to it: the transfer completes intact
+    (TCP recovers whatever the switch cost), the new SAs carry the rest, the old are gone."""
+    gateway, peer, gw_ns, peer_ns = tunnel.gateway, tunnel.peer, tunnel.gw_ns, tunnel.peer_ns
+    old = {tunnel.child["spi-in"], tunnel.child["spi-out"]}
+    result: dict[str, tuple[str, str]] = {}
+    flow = threading.Thread(
+        target=lambda: result.setdefault(
+            "digests", transfer(gw_ns, peer_ns, GW_INNER, upload=False, pause=0.025)
+        )
+    )
+    flow.start()  # 320 writes 25 ms apart: the transfer lasts 8 s or more
+    try:
+        wait_for(
+            lambda: gateway.counters("kernel").get("esp.out.packets", 0) > 100,
+            timeout=60,
+            what="the transfer under way",
+        )
+        peer.rekey(child="c-net")
+
+        def rekeyed() -> dict[str, Any] | None:
+            sas = peer.list_sas()
+            children = sas[0]["child-sas"] if sas else []
+            installed = [c for c in children if c["state"] == "INSTALLED"]
+            if len(installed) == 1 and {installed[0]["spi-in"], installed[0]["spi-out"]} != old:
+                return installed[0]
+            return None
+
+        new = wait_for(rekeyed, timeout=30, what="strongSwan's child rekeyed")
+    finally:
+        flow.join(timeout=180)
+    assert result["digests"] == (expected_digest(7), expected_digest(7))
+
+    def only_new_sas() -> dict[str, dict[str, Any]] | None:
+        rows = kernel_state(gateway)["sas"]
+        by_direction = {row["direction"]: row for row in rows}  # type: ignore[attr-defined]
+        return by_direction if len(rows) == 2 else None  # type: ignore[arg-type]
+
+    sas = wait_for(only_new_sas, timeout=15, what="the old SAs deleted at ikefarm")
+    assert sas["in"]["spi"] == new["spi-out"] and sas["out"]["spi"] == new["spi-in"]
+    assert not {sas["in"]["spi"], sas["out"]["spi"]} & old
+    assert (sas["out"]["packets"], sas["in"]["packets"]) > (1000, 0), sas  # the rest: on the new
+    assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=2, timeout=10)

@@ -308,9 +308,11 @@ def cmd_show_kernel(args: argparse.Namespace) -> int:
         print(f"backend {state.backend}")
         for sa in state.sas:
             encap = f" encap udp {sa['src_port']}->{sa['dst_port']}" if sa.get("encap") else ""
+            # the userspace backend counts per SA; the memory backend has no traffic
+            traffic = f", {sa['bytes']} bytes, {sa['packets']} packets" if "packets" in sa else ""
             print(
                 f"sa {sa['direction']:3} spi {sa['spi']} {sa['src']} -> {sa['dst']}"
-                f" reqid {sa['reqid']} {sa['mode']}{encap}"
+                f" reqid {sa['reqid']} {sa['mode']}{encap}{traffic}"
             )
         for policy in state.policies:
             print(

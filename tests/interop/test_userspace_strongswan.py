@@ -191,6 +191,9 @@ def test_ping_and_tcp_through_the_userspace_dataplane(tunnel: Tunnel) -> None:
     assert sas["in"]["spi"] == child["spi-out"] and sas["out"]["spi"] == child["spi-in"]
     assert sas["in"]["packets"] >= 6 and sas["out"]["packets"] >= 6  # echo requests + replies
     assert sas["in"]["encap"] is True
+    text = gateway.run_cli("show", "kernel").stdout
+    assert f"sa in  spi {child['spi-out']} 192.0.2.2 -> 192.0.2.1" in text
+    assert f"{sas['in']['bytes']} bytes, {sas['in']['packets']} packets" in text
 
     # upload: peer -> gw, then download: gw -> peer
     server_digest, client_digest = transfer(gw_ns, peer_ns, GW_INNER, upload=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
-from ikefarm.shared.esp.steering import attach_filter, esp_in_udp_only
+from ikefarm.shared.esp.steering import Instruction, attach_filter, esp_in_udp_only
 
 TUN_NAME = "ikefarm0"
 # room for the outer IPv4 header, UDP, ESP header, IV, the largest padding and trailer, ICV
@@ -65,11 +65,13 @@ async def open_tun(name: str = TUN_NAME, mtu: int = TUN_MTU) -> tuple[int, int]:
     return fd, index
 
 
-def open_esp_socket(address: str) -> socket.socket:
-    """A non-blocking raw IP-protocol-50 socket bound to `address` (IPv4 or IPv6)."""
-    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_RAW, IPPROTO_ESP)
+def _raw_socket(
+    family: int, protocol: int, address: str, program: list[Instruction] | None = None
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_RAW, protocol)
     try:
+        if program is not None:
+            attach_filter(sock, program)
         _large_receive_buffer(sock)
         sock.setblocking(False)
         sock.bind((address, 0))
@@ -77,22 +79,19 @@ def open_esp_socket(address: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def open_esp_socket(address: str) -> socket.socket:
+    """A non-blocking raw IP-protocol-50 socket bound to `address` (IPv4 or IPv6)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    return _raw_socket(family, IPPROTO_ESP, address)
 
 
 def open_udp_encap_socket(address: str, natt_port: int) -> socket.socket:
     """A non-blocking raw IPv4 UDP socket bound to `address` that reads ESP-in-UDP only."""
     if ipaddress.ip_address(address).version != 4:
         raise NotImplementedError("ESP in UDP over IPv6 is not implemented")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
-    try:
-        attach_filter(sock, esp_in_udp_only(natt_port))
-        _large_receive_buffer(sock)
-        sock.setblocking(False)
-        sock.bind((address, 0))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return _raw_socket(socket.AF_INET, socket.IPPROTO_UDP, address, esp_in_udp_only(natt_port))
 
 
 def udp_header(src_port: int, dst_port: int, payload_length: int) -> bytes:

@@ -27,7 +27,8 @@ import pytest
 
 from tests.harness.gateway import Gateway
 from tests.harness.netns import Namespace, NetnsPair, wait_for
-from tests.harness.strongswan import Child, Connection, Psk, StrongSwan
+from tests.harness.strongswan import StrongSwan
+from tests.interop.test_responder_strongswan import peer_connection, psk_for
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
@@ -150,27 +151,8 @@ def tunnel(
         gw_ns, psk=PSK, extra='\n[kernel]\nbackend = "userspace"\n', log_level=1
     )
     peer = strongswan_factory(peer_ns)
-    peer.load(
-        [
-            Connection(
-                name="c",
-                local_addrs="192.0.2.2",
-                remote_addrs="192.0.2.1",
-                local_id="a.peer.example",
-                remote_id="gw.example",
-                proposals="aes256gcm16-prfsha384-x25519",
-                children=[
-                    Child(
-                        name="c-net",
-                        local_ts="10.200.0.0/24",
-                        remote_ts="10.100.0.0/24",
-                        esp_proposals="aes256gcm16",
-                    )
-                ],
-            )
-        ],
-        psks=[Psk(PSK, ["a.peer.example", "gw.example"])],
-    )
+    # strongSwan's side as in the responder tests: child c-net, 10.200.0.0/24 === 10.100.0.0/24
+    peer.load([peer_connection()], psks=[psk_for("a.peer.example", secret=PSK)])
     peer.initiate(child="c-net", timeout=20)
     (sa,) = peer.list_sas()
     (child,) = sa["child-sas"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 
-import nats
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
@@ -48,13 +47,6 @@ async def kernel(nats_server: EmbeddedNats) -> AsyncIterator[Runtime]:
         yield runtime
     finally:
         await runtime.stop()
-
-
-@pytest.fixture
-async def client(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
-    nc = await nats.connect(nats_server.url)
-    yield nc
-    await nc.close()
 
 
 async def transport_key(nc: Client) -> bytes:
@@ -100,12 +92,14 @@ def test_any_opened_plaintext_unpacks_or_raises_seal_error(plain: bytes) -> None
     assert sum(2 + len(k) for k in dataclasses.astuple(keys)) == len(plain)
 
 
-async def test_sealed_install_is_opened_for_the_backend(kernel: Runtime, client: Client) -> None:
-    public = await transport_key(client)
+async def test_sealed_install_is_opened_for_the_backend(
+    kernel: Runtime, nats_client: Client
+) -> None:
+    public = await transport_key(nats_client)
     assert len(public) == 32
     ephemeral, sealed = seal_child_keys(public, SPI_IN, SPI_OUT, CHILD_KEYS)
     request = dataclasses.replace(child(), ephemeral=ephemeral, sealed_keys=sealed)
-    assert await send_install(client, envelope.pack(request)) == KernelAck(ok=True)
+    assert await send_install(nats_client, envelope.pack(request)) == KernelAck(ok=True)
     assert kernel.service is not None
     backend = kernel.service.backend  # type: ignore[attr-defined]
     lengths = {sa.direction: sa.encr_key_length for sa in backend.sad.values()}
@@ -113,9 +107,9 @@ async def test_sealed_install_is_opened_for_the_backend(kernel: Runtime, client:
     assert "transport" not in repr(kernel.service) and public.hex() not in repr(kernel.service)
 
 
-async def test_keys_in_clear_are_refused(kernel: Runtime, client: Client) -> None:
+async def test_keys_in_clear_are_refused(kernel: Runtime, nats_client: Client) -> None:
     clear = dataclasses.replace(child(), encr_key_in=b"\x01" * 36, encr_key_out=b"\x02" * 36)
-    raw = await ask(client, subjects.KERNEL_CHILD_INSTALL, envelope.pack(clear))
+    raw = await ask(nats_client, subjects.KERNEL_CHILD_INSTALL, envelope.pack(clear))
     with pytest.raises(BusError) as refused:
         envelope.unpack_reply(raw, KernelAck)
     assert refused.value.code == "bad_field" and "sealed" in refused.value.message
@@ -124,20 +118,20 @@ async def test_keys_in_clear_are_refused(kernel: Runtime, client: Client) -> Non
 
 
 async def test_keys_sealed_to_another_key_or_child_are_refused(
-    kernel: Runtime, client: Client
+    kernel: Runtime, nats_client: Client
 ) -> None:
     other = public_bytes(X25519PrivateKey.generate())  # e.g. before a kernel restart
     ephemeral, sealed = seal_child_keys(other, SPI_IN, SPI_OUT, CHILD_KEYS)
     request = dataclasses.replace(child(), ephemeral=ephemeral, sealed_keys=sealed)
     refused = KernelAck(ok=False, error=SEALED_KEYS_REFUSED)
-    assert await send_install(client, envelope.pack(request)) == refused
+    assert await send_install(nats_client, envelope.pack(request)) == refused
 
-    public = await transport_key(client)
+    public = await transport_key(nats_client)
     ephemeral, sealed = seal_child_keys(public, SPI_IN, SPI_OUT, CHILD_KEYS)
     moved = dataclasses.replace(child(spi_in="c0000009"), ephemeral=ephemeral, sealed_keys=sealed)
-    assert await send_install(client, envelope.pack(moved)) == refused
+    assert await send_install(nats_client, envelope.pack(moved)) == refused
     unsealed = child()  # neither keys nor seal
-    assert await send_install(client, envelope.pack(unsealed)) == refused
+    assert await send_install(nats_client, envelope.pack(unsealed)) == refused
     assert kernel.counters["child_install.sealed_keys"] == 3
     assert kernel.service is not None and kernel.service.gauges()["sas"] == 0
 

@@ -74,18 +74,23 @@ def _addresses(packet: bytes) -> tuple[int, int, int] | None:
 
 
 class _Selectors:
-    """Networks as (version, network int, mask int) for membership tests."""
+    """Networks as (network int, mask int) per IP version, for membership tests."""
 
-    __slots__ = ("_nets",)
+    __slots__ = ("_by_version",)
 
     def __init__(self, networks: Iterable[Network]) -> None:
-        self._nets = [
-            (n.version, int(n.network_address), _mask(n.version, n.prefixlen)) for n in networks
-        ]
+        self._by_version: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for n in networks:
+            self._by_version[n.version].append(
+                (int(n.network_address), _mask(n.version, n.prefixlen))
+            )
 
-    def __contains__(self, item: tuple[int, int]) -> bool:
-        version, address = item
-        return any(v == version and address & m == net for v, net, m in self._nets)
+    def contains(self, version: int, address: int) -> bool:
+        # a plain loop: per packet, cheaper than any() over a generator
+        for network, mask in self._by_version[version]:  # noqa: SIM110
+            if address & mask == network:
+                return True
+        return False
 
 
 @dataclass(eq=False)
@@ -116,13 +121,21 @@ class _PrefixIndex:
 
     def __init__(self) -> None:
         self._tables: dict[int, dict[int, dict[int, list[Tunnel]]]] = {4: {}, 6: {}}
-        self._lengths: dict[int, list[int]] = {4: [], 6: []}
+        # per version: (mask, table) for each prefix length in use, longest first
+        self._order: dict[int, list[tuple[int, dict[int, list[Tunnel]]]]] = {4: [], 6: []}
+
+    def _reorder(self, version: int) -> None:
+        by_length = self._tables[version]
+        self._order[version] = [
+            (_mask(version, length), by_length[length])
+            for length in sorted(by_length, reverse=True)
+        ]
 
     def add(self, network: Network, tunnel: Tunnel) -> None:
         by_length = self._tables[network.version]
         table = by_length.setdefault(network.prefixlen, {})
         table.setdefault(int(network.network_address), []).append(tunnel)
-        self._lengths[network.version] = sorted(by_length, reverse=True)
+        self._reorder(network.version)
 
     def remove(self, network: Network, tunnel: Tunnel) -> None:
         by_length = self._tables[network.version]
@@ -135,15 +148,14 @@ class _PrefixIndex:
             table.pop(key, None)
         if not table:
             by_length.pop(network.prefixlen, None)
-        self._lengths[network.version] = sorted(by_length, reverse=True)
+        self._reorder(network.version)
 
     def lookup(self, version: int, source: int, destination: int) -> Tunnel | None:
-        tables = self._tables[version]
-        for length in self._lengths[version]:
-            tunnels = tables[length].get(destination & _mask(version, length))
+        for mask, table in self._order[version]:
+            tunnels = table.get(destination & mask)
             if tunnels:
                 for tunnel in reversed(tunnels):
-                    if (version, source) in tunnel.local_selectors:
+                    if tunnel.local_selectors.contains(version, source):
                         return tunnel
         return None
 
@@ -230,10 +242,10 @@ class Dataplane:
         addresses = _addresses(inner)
         assert addresses is not None  # the codec delivered a whole IP packet
         version, source, destination = addresses
-        if (version, source) not in tunnel.remote_selectors or (
-            version,
-            destination,
-        ) not in tunnel.local_selectors:
+        if not (
+            tunnel.remote_selectors.contains(version, source)
+            and tunnel.local_selectors.contains(version, destination)
+        ):
             # RFC 4301 5.2: an inner packet outside the SA's selectors is discarded
             self.counters["esp.in.drop.policy"] += 1
             return None

@@ -1,10 +1,11 @@
 """Two ikefarm gateways, both with the userspace dataplane, ikefarm initiating.
 
-"peer" (192.0.2.2, inner 10.200.0.1) initiates to "gw" (192.0.2.1, inner
-10.100.0.1); there is no NAT between them, so the child SA is not
-UDP-encapsulated and ESP travels as IP protocol 50 on the raw sockets of both
-dataplanes. ESN is negotiated (`esn = [true]`). Ping both ways, then a TCP
-transfer each way with SHA-256 compared, and the counters of both ends agree.
+"peer" (192.0.2.2 or 2001:db8::2, inner 10.200.0.1) initiates to "gw"
+(192.0.2.1 or 2001:db8::1, inner 10.100.0.1); there is no NAT between them, so
+the child SA is not UDP-encapsulated and ESP travels as IP protocol 50 on the
+raw sockets of both dataplanes, over IPv4 and over IPv6. ESN is negotiated
+(`esn = [true]`). Ping both ways, then a TCP transfer each way with SHA-256
+compared, and the counters of both ends agree.
 """
 
 from __future__ import annotations
@@ -29,14 +30,18 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 PSK = "two-farms-psk-91c3e07d5a2b"
 
 
-def farm(workdir: Path, local: str, remote: str, local_ts: str, remote_ts: str) -> str:
+OUTER = {4: ("192.0.2.1", "192.0.2.2"), 6: ("2001:db8::1", "2001:db8::2")}
+
+
+def farm(workdir: Path, local: str, remote: str, local_ts: str, remote_ts: str, family: int) -> str:
+    gw, peer = OUTER[family]
     vpn = vpn_config(
         "hq",
         local_id=f"{local}.example",
         remote_id=f"{remote}.example",
         policies=[("net", local_ts, remote_ts)],
-        local_address="192.0.2.1" if local == "gw" else "192.0.2.2",
-        remote_address="192.0.2.2" if local == "gw" else "192.0.2.1",
+        local_address=gw if local == "gw" else peer,
+        remote_address=peer if local == "gw" else gw,
     )
     text = farm_config(
         workdir, psks=[(f"{local}.example", f"{remote}.example", PSK)], vpns=[vpn]
@@ -44,15 +49,16 @@ def farm(workdir: Path, local: str, remote: str, local_ts: str, remote_ts: str) 
     return text + '\n[kernel]\nbackend = "userspace"\n'
 
 
+@pytest.mark.parametrize("family", [4, 6], ids=["outer-ipv4", "outer-ipv6"])
 def test_two_farms_carry_ping_and_tcp_over_raw_esp_with_esn(
-    netns_pair: NetnsPair, gateway_factory: Callable[..., Gateway], tmp_path: Path
+    netns_pair: NetnsPair, gateway_factory: Callable[..., Gateway], tmp_path: Path, family: int
 ) -> None:
     gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
     gw_ns.add_address("lo", f"{GW_INNER}/32")
     peer_ns.add_address("lo", f"{PEER_INNER}/32")
     gw_dir, peer_dir = tmp_path / "gw", tmp_path / "peer"
-    gw_text = farm(gw_dir, "gw", "peer", "10.100.0.0/24", "10.200.0.0/24")
-    peer_text = farm(peer_dir, "peer", "gw", "10.200.0.0/24", "10.100.0.0/24")
+    gw_text = farm(gw_dir, "gw", "peer", "10.100.0.0/24", "10.200.0.0/24", family)
+    peer_text = farm(peer_dir, "peer", "gw", "10.200.0.0/24", "10.100.0.0/24", family)
     gateway = gateway_factory(gw_ns, config_text=gw_text)
     initiator = gateway_factory(peer_ns, config_text=peer_text)
 

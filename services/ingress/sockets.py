@@ -62,7 +62,7 @@ def open_udp_socket(address: str, port: int, *, drop_esp: bool = False) -> socke
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if drop_esp and family == socket.AF_INET:
+        if drop_esp:
             attach_filter(sock, not_esp_in_udp())
         if family == socket.AF_INET6:
             # "::" must not also take the IPv4 wildcard: IPv4 has sockets of its own

@@ -7,11 +7,12 @@
 - ESP (IP protocol 50, RFC 4303): one raw socket per local address.
 - ESP in UDP (RFC 3948) on the NAT-T port: ingress owns the UDP socket, where
   IKE arrives behind the non-ESP marker. The dataplane reads ESP-in-UDP from a
-  raw IPv4 UDP socket per local address whose classic BPF filter passes only
+  raw UDP socket per local address whose classic BPF filter passes only
   datagrams to the NAT-T port whose first four payload octets (the SPI) are not
   zero and that are long enough for an ESP header (`shared/esp/steering.py`);
   it sends from the NAT-T port through the same raw socket, with a zero UDP
-  checksum (RFC 3948 2.1 allows it for IPv4). With this backend ingress drops
+  checksum over IPv4 (RFC 3948 2.1 allows it) and one the kernel computes over
+  IPv6. With this backend ingress drops
   the same datagrams in the kernel with the mirror filter, so neither service
   wakes up for the other's traffic.
 """
@@ -28,7 +29,12 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
-from ikefarm.shared.esp.steering import Instruction, attach_filter, esp_in_udp_only
+from ikefarm.shared.esp.steering import (
+    Instruction,
+    attach_filter,
+    esp_in_udp_only,
+    esp_in_udp_only_ipv6,
+)
 
 TUN_NAME = "ikefarm0"
 # room for the outer IPv4 header, UDP, ESP header, IV, the largest padding and trailer, ICV
@@ -41,6 +47,7 @@ IPPROTO_ESP = 50
 # a burst of ESP waits in the socket while the loop encrypts: room for about 2000 packets
 RECEIVE_BUFFER = 4 * 1024 * 1024
 _SO_RCVBUFFORCE = 33
+_IPV6_CHECKSUM = 7  # linux/in6.h
 
 
 def _large_receive_buffer(sock: socket.socket) -> None:
@@ -88,14 +95,22 @@ def open_esp_socket(address: str) -> socket.socket:
 
 
 def open_udp_encap_socket(address: str, natt_port: int) -> socket.socket:
-    """A non-blocking raw IPv4 UDP socket bound to `address` that reads ESP-in-UDP only."""
-    if ipaddress.ip_address(address).version != 4:
-        raise NotImplementedError("ESP in UDP over IPv6 is not implemented")
-    return _raw_socket(socket.AF_INET, socket.IPPROTO_UDP, address, esp_in_udp_only(natt_port))
+    """A non-blocking raw UDP socket bound to `address` that reads ESP-in-UDP only.
+
+    IPv6 requires a UDP checksum (RFC 8200 8.1): the kernel computes it on send
+    (IPV6_CHECKSUM at offset 6) and checks it on receive."""
+    if ipaddress.ip_address(address).version == 4:
+        return _raw_socket(socket.AF_INET, socket.IPPROTO_UDP, address, esp_in_udp_only(natt_port))
+    sock = _raw_socket(
+        socket.AF_INET6, socket.IPPROTO_UDP, address, esp_in_udp_only_ipv6(natt_port)
+    )
+    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_CHECKSUM, 6)
+    return sock
 
 
 def udp_header(src_port: int, dst_port: int, payload_length: int) -> bytes:
-    """RFC 768 header with a zero checksum (RFC 3948 2.1, IPv4)."""
+    """RFC 768 header with a zero checksum (RFC 3948 2.1, IPv4; over IPv6 the kernel fills
+    it in, see `open_udp_encap_socket`)."""
     return _UDP_HEADER.pack(src_port, dst_port, 8 + payload_length, 0)
 
 

@@ -9,7 +9,7 @@ device and on each ESP socket, a bounded batch of packets per wake-up.
 
 Not implemented (refused per child with "not implemented", and at start for
 the configuration options that would ask for them, see `service.py`):
-transport mode, protocol/port traffic selectors, ESP in UDP over IPv6,
+transport mode, protocol/port traffic selectors,
 ACQUIRE for trap policies (traps are recorded, as by the memory backend, and
 raise nothing), and the ESP algorithms the codec lacks (`shared/esp/`).
 """
@@ -119,9 +119,6 @@ class UserspaceKernel(MemoryKernel):
         """The dataplane tunnel of a request, or KernelRefusal for what is not implemented."""
         if request.mode != "tunnel":
             raise not_implemented(f"{request.mode} mode in the userspace dataplane")
-        version = ipaddress.ip_address(request.local_address).version
-        if request.udp_encap and version != 4:
-            raise not_implemented("ESP in UDP over IPv6 in the userspace dataplane")
         try:
             local_nets = [n for s in request.local_ts for n in selector_networks(s)]
             remote_nets = [n for s in request.remote_ts for n in selector_networks(s)]
@@ -195,12 +192,13 @@ class UserspaceKernel(MemoryKernel):
         table = self._table(tunnel)
         entry = table.get(tunnel.local_address)
         if entry is None:
+            ipv4 = ipaddress.ip_address(tunnel.local_address).version == 4
             if tunnel.udp_encap:
                 sock = tun.open_udp_encap_socket(tunnel.local_address, self.natt_port)
-                offset_of = _udp_payload_offset
+                offset_of = _udp_payload_offset if ipv4 else _udp_header_only
             else:
                 sock = tun.open_esp_socket(tunnel.local_address)
-                offset_of = _ipv4_payload_offset if sock.family == socket.AF_INET else _no_offset
+                offset_of = _ipv4_payload_offset if ipv4 else _no_offset
             entry = table[tunnel.local_address] = _Socket(sock)
             if self._loop is not None:
                 self._loop.add_reader(sock.fileno(), self._read_esp, sock, offset_of)
@@ -284,6 +282,11 @@ def _ipv4_payload_offset(data: bytes) -> int | None:
 def _udp_payload_offset(data: bytes) -> int | None:
     offset = _ipv4_payload_offset(data)
     return offset + 8 if offset is not None and offset + 8 <= len(data) else None
+
+
+def _udp_header_only(data: bytes) -> int | None:
+    """Raw IPv6 sockets read from the UDP header on."""
+    return 8 if len(data) >= 8 else None
 
 
 def _no_offset(_data: bytes) -> int:

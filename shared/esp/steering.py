@@ -1,14 +1,15 @@
 """RFC 3948 2 classification done by the kernel: classic BPF socket filters for port 4500.
 
 IKE and ESP-in-UDP share the NAT-T port. Ingress owns the UDP socket; the
-userspace dataplane reads ESP-in-UDP from a raw IPv4 UDP socket. Two mirror
+userspace dataplane reads ESP-in-UDP from a raw UDP socket. Two mirror
 filters split the traffic without a per-packet hop between the services:
 
-- `ESP_IN_UDP_ONLY` (raw IPv4 socket, the packet starts at the IP header):
-  UDP to the NAT-T port with at least an ESP header (8 octets) of payload and
-  a non-zero first word (the SPI);
-- `NOT_ESP_IN_UDP` (ingress's UDP socket, the packet starts at the UDP
-  header): everything else, that is IKE behind the non-ESP marker, NAT
+- `esp_in_udp_only` (raw IPv4 socket, the packet starts at the IP header; and
+  `esp_in_udp_only_ipv6` for a raw IPv6 socket, where it starts at the UDP
+  header): UDP to the NAT-T port with at least an ESP header (8 octets) of
+  payload and a non-zero first word (the SPI);
+- `not_esp_in_udp` (ingress's UDP sockets, IPv4 and IPv6, the packet starts at
+  the UDP header): everything else, that is IKE behind the non-ESP marker, NAT
   keepalives and short junk, which ingress classifies and counts
   (`classify_udp_encap`).
 
@@ -21,7 +22,7 @@ import ctypes
 import socket
 import struct
 
-__all__ = ["attach_filter", "esp_in_udp_only", "not_esp_in_udp"]
+__all__ = ["attach_filter", "esp_in_udp_only", "esp_in_udp_only_ipv6", "not_esp_in_udp"]
 
 Instruction = tuple[int, int, int, int]  # code, jump if true, jump if false, k
 
@@ -42,6 +43,20 @@ def esp_in_udp_only(natt_port: int) -> list[Instruction]:
         (_LD_H_IND, 0, 0, 4),  # A = UDP length
         (_JGE, 0, 2, _MIN_UDP_LENGTH),
         (_LD_W_IND, 0, 0, 8),  # A = first payload word: the SPI, or the non-ESP marker
+        (_JEQ, 0, 1, 0),
+        _DROP,
+        _ACCEPT,
+    ]
+
+
+def esp_in_udp_only_ipv6(natt_port: int) -> list[Instruction]:
+    """For a raw IPv6 UDP socket (the packet starts at the UDP header): as `esp_in_udp_only`."""
+    return [
+        (_LD_H_ABS, 0, 0, 2),  # A = UDP destination port
+        (_JEQ, 0, 4, natt_port),
+        (_LD_H_ABS, 0, 0, 4),  # A = UDP length
+        (_JGE, 0, 2, _MIN_UDP_LENGTH),
+        (_LD_W_ABS, 0, 0, 8),  # A = first payload word
         (_JEQ, 0, 1, 0),
         _DROP,
         _ACCEPT,

@@ -1,7 +1,8 @@
 """Packets through the tunnel: strongSwan (kernel-libipsec) <-> ikefarm's userspace dataplane.
 
-strongSwan 5.9.8 initiates from "peer" (192.0.2.2, inner 10.200.0.1 on lo) to
-`ikefarm up` in "gw" (192.0.2.1, inner 10.100.0.1 on lo) with
+strongSwan 5.9.8 initiates from "peer" (192.0.2.2 or 2001:db8::2, inner
+10.200.0.1 on lo) to `ikefarm up` in "gw" (192.0.2.1 or 2001:db8::1, inner
+10.100.0.1 on lo) with
 `[kernel] backend = "userspace"`. This kernel has no ESP states, so both ends
 protect packets in userspace: strongSwan through kernel-libipsec (its TUN
 device `ipsec0`; it forces ESP in UDP on port 4500, faking a NAT), ikefarm
@@ -20,7 +21,7 @@ import json
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -137,22 +138,38 @@ class Tunnel:
     child: dict[str, Any]
 
 
+# outer (IKE and ESP) addresses of gw and peer by IP version; the inner ones stay IPv4
+OUTER = {4: ("192.0.2.1", "192.0.2.2"), 6: ("2001:db8::1", "2001:db8::2")}
+
+
+@pytest.fixture
+def outer(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(gw, peer) outer addresses: IPv4 unless a test asks `indirect` for 6."""
+    return OUTER[getattr(request, "param", 4)]
+
+
 @pytest.fixture
 def tunnel(
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
+    outer: tuple[str, str],
 ) -> Tunnel:
     """strongSwan's child SA to ikefarm, installed on both ends, no packet sent yet."""
     gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
     gw_ns.add_address("lo", f"{GW_INNER}/32")
     peer_ns.add_address("lo", f"{PEER_INNER}/32")
     gateway = gateway_factory(
-        gw_ns, psk=PSK, extra='\n[kernel]\nbackend = "userspace"\n', log_level=1
+        gw_ns,
+        psk=PSK,
+        address=outer[0],
+        extra='\n[kernel]\nbackend = "userspace"\n',
+        log_level=1,
     )
     peer = strongswan_factory(peer_ns)
     # strongSwan's side as in the responder tests: child c-net, 10.200.0.0/24 === 10.100.0.0/24
-    peer.load([peer_connection()], psks=[psk_for("a.peer.example", secret=PSK)])
+    connection = replace(peer_connection(), local_addrs=outer[1], remote_addrs=outer[0])
+    peer.load([connection], psks=[psk_for("a.peer.example", secret=PSK)])
     peer.initiate(child="c-net", timeout=20)
     (sa,) = peer.list_sas()
     (child,) = sa["child-sas"]
@@ -162,7 +179,10 @@ def tunnel(
     return Tunnel(gateway, peer, gw_ns, peer_ns, child)
 
 
-def test_ping_and_tcp_through_the_userspace_dataplane(tunnel: Tunnel) -> None:
+@pytest.mark.parametrize("outer", [4, 6], indirect=True, ids=["outer-ipv4", "outer-ipv6"])
+def test_ping_and_tcp_through_the_userspace_dataplane(
+    tunnel: Tunnel, outer: tuple[str, str]
+) -> None:
     gateway, child, gw_ns, peer_ns = tunnel.gateway, tunnel.child, tunnel.gw_ns, tunnel.peer_ns
     assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=3, timeout=10)
     assert gw_ns.ping(PEER_INNER, src=GW_INNER, count=3, timeout=10)
@@ -174,7 +194,7 @@ def test_ping_and_tcp_through_the_userspace_dataplane(tunnel: Tunnel) -> None:
     assert sas["in"]["packets"] >= 6 and sas["out"]["packets"] >= 6  # echo requests + replies
     assert sas["in"]["encap"] is True
     text = gateway.run_cli("show", "kernel").stdout
-    assert f"sa in  spi {child['spi-out']} 192.0.2.2 -> 192.0.2.1" in text
+    assert f"sa in  spi {child['spi-out']} {outer[1]} -> {outer[0]}" in text
     assert f"{sas['in']['bytes']} bytes, {sas['in']['packets']} packets" in text
 
     # upload: peer -> gw, then download: gw -> peer

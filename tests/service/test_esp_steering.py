@@ -15,7 +15,7 @@ import time
 import pytest
 
 from ikefarm.services.ingress.sockets import open_udp_socket
-from ikefarm.shared.esp.steering import attach_filter, esp_in_udp_only
+from ikefarm.shared.esp.steering import attach_filter, esp_in_udp_only, esp_in_udp_only_ipv6
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: a raw IPv4 UDP socket (CAP_NET_RAW)"
@@ -42,27 +42,33 @@ def drain(sock: socket.socket) -> list[bytes]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
+def free_port(address: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.bind((address, 0))
         return int(probe.getsockname()[1])
 
 
-def test_each_datagram_reaches_exactly_one_side() -> None:
-    port, other_port = free_port(), free_port()
-    ingress = open_udp_socket("127.0.0.1", port, drop_esp=True)
-    bystander = open_udp_socket("127.0.0.1", other_port)
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
-    attach_filter(raw, esp_in_udp_only(port))
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1"])
+def test_each_datagram_reaches_exactly_one_side(address: str) -> None:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    port, other_port = free_port(address), free_port(address)
+    ingress = open_udp_socket(address, port, drop_esp=True)
+    bystander = open_udp_socket(address, other_port)
+    raw = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    program = esp_in_udp_only(port) if family == socket.AF_INET else esp_in_udp_only_ipv6(port)
+    attach_filter(raw, program)
     raw.setblocking(False)
-    raw.bind(("127.0.0.1", 0))
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.bind((address, 0))
+    sender = socket.socket(family, socket.SOCK_DGRAM)
     try:
         for payload in DATAGRAMS.values():
-            sender.sendto(payload, ("127.0.0.1", port))
-        sender.sendto(DATAGRAMS["esp"], ("127.0.0.1", other_port))  # not the NAT-T port
+            sender.sendto(payload, (address, port))
+        sender.sendto(DATAGRAMS["esp"], (address, other_port))  # not the NAT-T port
         at_ingress = drain(ingress)
-        at_dataplane = [packet[(packet[0] & 0x0F) * 4 + 8 :] for packet in drain(raw)]
+        # a raw IPv4 socket reads the IP header too, a raw IPv6 socket from the UDP header on
+        header = (lambda p: (p[0] & 0x0F) * 4 + 8) if family == socket.AF_INET else (lambda p: 8)
+        at_dataplane = [packet[header(packet) :] for packet in drain(raw)]
     finally:
         for sock in (ingress, bystander, raw, sender):
             sock.close()

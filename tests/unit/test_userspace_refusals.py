@@ -80,15 +80,6 @@ def opened(**changes: object) -> object:
     [
         ({"mode": "transport", "local_ts": [], "remote_ts": []}, "transport mode"),
         ({"local_ts": ["10.100.0.0/24[tcp/80]"]}, "protocol/port"),
-        (
-            {
-                "local_address": "2001:db8::1",
-                "remote_address": "2001:db8::2",
-                "local_ts": ["2001:db8:1::/64"],
-                "remote_ts": ["2001:db8:2::/64"],
-            },
-            "ESP in UDP over IPv6",
-        ),
         ({"encr_id": EncrId.AES_CCM_16}, "ESP transform"),
     ],
 )

@@ -49,40 +49,13 @@ from ikefarm.services.kernel.userspace import UserspaceKernel
 from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, open_child_keys
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
 from ikefarm.shared.bus.sealed import SealError, public_bytes
-from ikefarm.shared.config.loader import Config
+from ikefarm.shared.config.loader import Config, userspace_backend_problems
 from ikefarm.shared.esp import LifetimeEvent
 
 NETLINK_NOT_IMPLEMENTED = (
     'netlink backend not implemented yet; use backend = "memory" '
     "([kernel] backend; XFRM programming through pyroute2 comes with a later issue)"
 )
-
-
-def userspace_refusals(config: Config) -> list[str]:
-    """The options set in `config` that the userspace backend cannot honour yet."""
-    refused = []
-    options = config.ike.global_options
-    if options.install_routes:
-        refused.append("[ike.global-options] install-routes (the TUN routes are in the main table)")
-    for family, bits in (("sp-hash-ipv4", 32), ("sp-hash-ipv6", 128)):
-        section = getattr(options, family.replace("-", "_"))
-        if section.local != bits or section.remote != bits:
-            refused.append(f"[ike.global-options] {family} (the userspace backend has no SPD hash)")
-    for template in config.ike.ipsec_policy_template:
-        if template.dpd_action == "trap":
-            refused.append(
-                f'ipsec-policy-template "{template.name}" dpd-action = "trap" (no ACQUIRE yet)'
-            )
-    for vpn in config.ike.vpn:
-        for policy in vpn.security_policy:
-            where = f'vpn "{vpn.name}" security-policy "{policy.name}"'
-            if policy.mode != "tunnel":
-                refused.append(f'{where} mode = "{policy.mode}"')
-            if policy.svti_id_in is not None or policy.svti_id_out is not None:
-                refused.append(f"{where} svti-id-in/svti-id-out")
-            if policy.inject_routes.next_hop is not None:
-                refused.append(f"{where} inject-routes")
-    return refused
 
 
 class BackendNotAvailable(ServiceUnavailable):
@@ -109,12 +82,10 @@ class KernelService(ServiceBase):
         backend = config.kernel.backend
         if backend == "netlink":
             raise BackendNotAvailable(NETLINK_NOT_IMPLEMENTED)
-        if backend == "userspace":
-            refused = userspace_refusals(config)
-            if refused:
-                raise BackendNotAvailable(
-                    'not implemented with [kernel] backend = "userspace": ' + "; ".join(refused)
-                )
+        # the configuration check refuses these already; a Config built in code is checked here
+        refused = userspace_backend_problems(config)
+        if refused:
+            raise BackendNotAvailable("; ".join(f"{p.path}: {p.message}" for p in refused))
 
     async def setup(self) -> None:
         self.preflight(self.config)

@@ -285,6 +285,40 @@ def certificate_problems(config: Config) -> list[tuple[str, str]]:
     return check(config)
 
 
+USERSPACE_NOT_IMPLEMENTED = 'not implemented with [kernel] backend = "userspace"'
+
+
+def userspace_backend_problems(config: Config) -> list[ConfigProblem]:
+    """Options the userspace kernel backend cannot honour yet (docs/esp-dataplane.md)."""
+    if config.kernel.backend != "userspace":
+        return []
+    problems: list[ConfigProblem] = []
+
+    def problem(path: str, why: str) -> None:
+        problems.append(ConfigProblem(path, f"{USERSPACE_NOT_IMPLEMENTED} ({why})"))
+
+    options = config.ike.global_options
+    if options.install_routes:
+        problem("ike.global-options.install-routes", "its TUN routes are in the main table")
+    for family, bits in (("sp-hash-ipv4", 32), ("sp-hash-ipv6", 128)):
+        section = options[family]
+        if section.local != bits or section.remote != bits:
+            problem(f"ike.global-options.{family}", "it has no SPD hash")
+    for index, template in enumerate(config.ike.ipsec_policy_template):
+        if template.dpd_action == "trap":
+            problem(f"ike.ipsec-policy-template[{index}].dpd-action", "trap: no ACQUIRE yet")
+    for index, vpn in enumerate(config.ike.vpn):
+        for s_index, policy in enumerate(vpn.security_policy):
+            path = f"ike.vpn[{index}].security-policy[{s_index}]"
+            if policy.mode != "tunnel":
+                problem(f"{path}.mode", f"{policy.mode} mode")
+            if policy.svti_id_in is not None or policy.svti_id_out is not None:
+                problem(f"{path}.svti-id-in", "no SVTI interfaces")
+            if policy.inject_routes.next_hop is not None:
+                problem(f"{path}.inject-routes", "no route injection")
+    return problems
+
+
 def cross_check(config: Config) -> list[ConfigProblem]:
     """Rules that span keys: references, exclusive options, unique PPK identities."""
     problems: list[ConfigProblem] = []
@@ -373,6 +407,7 @@ def cross_check(config: Config) -> list[ConfigProblem]:
     if ike.vpn and not listen_addresses:
         problem("ingress.listen", "no address to listen on: set it or a vpn local-address")
     problems.extend(psk_problems(config))
+    problems.extend(userspace_backend_problems(config))
 
     reduce = ike.session.half_open.thresholds.reduce_timeout
     if (reduce.count is None) != (reduce.timeout is None):

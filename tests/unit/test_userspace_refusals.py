@@ -1,6 +1,6 @@
 """What the userspace backend cannot do yet is refused with "not implemented", never ignored.
 
-At start (`KernelService.preflight`, which `ikefarm up` runs before anything
+At configuration check (`ikefarm config check`, and `ikefarm up` before anything
 starts) for the configuration options, and per child SA (`KernelAck` error,
 counted as `child_install.not_implemented`) for what a negotiation produced.
 Refused installs leave nothing behind.
@@ -13,9 +13,9 @@ import dataclasses
 import pytest
 
 from ikefarm.services.kernel.memory import KernelRefusal
-from ikefarm.services.kernel.service import BackendNotAvailable, KernelService
+from ikefarm.services.kernel.service import KernelService
 from ikefarm.services.kernel.userspace import UserspaceKernel
-from ikefarm.shared.config.loader import parse_config
+from ikefarm.shared.config.loader import USERSPACE_NOT_IMPLEMENTED, ConfigError, parse_config
 from ikefarm.shared.ikev2.constants import EncrId
 from tests.service.test_kernel_memory import ENCR_KEY_IN, ENCR_KEY_OUT, child
 
@@ -51,23 +51,34 @@ def test_a_plain_userspace_configuration_passes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "named"),
+    ("text", "path"),
     [
-        (config(policy='mode = "transport"'), 'mode = "transport"'),
-        (config(policy="svti-id-in = 5\nsvti-id-out = 6"), "svti-id-in/svti-id-out"),
+        (config(policy='mode = "transport"'), "ike.vpn[0].security-policy[0].mode"),
+        (config(policy="svti-id-in = 5\nsvti-id-out = 6"), "security-policy[0].svti-id-in"),
         (
             config(policy='[ike.vpn.security-policy.inject-routes]\nnext-hop = "192.0.2.254"'),
-            "inject-routes",
+            "security-policy[0].inject-routes",
         ),
-        (config(template='dpd-action = "trap"'), 'dpd-action = "trap"'),
-        (config(top="[ike.global-options]\ninstall-routes = true\n"), "install-routes"),
-        (config(top="[ike.global-options.sp-hash-ipv4]\nlocal = 24\n"), "sp-hash-ipv4"),
+        (config(template='dpd-action = "trap"'), "ike.ipsec-policy-template[0].dpd-action"),
+        (
+            config(top="[ike.global-options]\ninstall-routes = true\n"),
+            "ike.global-options.install-routes",
+        ),
+        (
+            config(top="[ike.global-options.sp-hash-ipv4]\nlocal = 24\n"),
+            "ike.global-options.sp-hash-ipv4",
+        ),
     ],
 )
-def test_options_the_userspace_backend_lacks_are_refused_at_start(text: str, named: str) -> None:
-    with pytest.raises(BackendNotAvailable) as refused:
-        KernelService.preflight(parse_config(text))
-    assert "not implemented" in str(refused.value) and named in str(refused.value)
+def test_options_the_userspace_backend_lacks_are_refused_at_config_check(
+    text: str, path: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_config(text)
+    (problem,) = refused.value.problems
+    assert path in problem.path and problem.message.startswith(USERSPACE_NOT_IMPLEMENTED)
+    # the same options with the memory backend (a test double that protects nothing) pass
+    parse_config(text.replace('backend = "userspace"', 'backend = "memory"'))
 
 
 def opened(**changes: object) -> object:

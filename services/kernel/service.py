@@ -141,6 +141,11 @@ class KernelService(ServiceBase):
             "sas": len(self.backend.sad),
             "policies": self.backend.policy_count,
             "traps": len(self.backend.traps),
+            **(
+                {"tunnels": len(self.backend.dataplane)}
+                if isinstance(self.backend, UserspaceKernel)
+                else {}
+            ),
         }
 
     def _backend(self) -> MemoryKernel:

@@ -84,5 +84,7 @@ def test_two_farms_carry_ping_and_tcp_over_raw_esp_with_esn(
     assert 1000 < theirs["in"]["packets"] <= ours["out"]["packets"]
     assert 1000 < ours["in"]["packets"] <= theirs["out"]["packets"]
     for side in (gateway, initiator):
+        (kernel,) = side.status()["kernel"]
+        assert kernel["gauges"]["backend"] == "userspace" and kernel["gauges"]["tunnels"] == 1
         counters = side.counters("kernel")
         assert not any(k.startswith("esp.in.drop.") and v for k, v in counters.items()), counters

@@ -19,6 +19,7 @@ docs/esp-dataplane.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -90,15 +91,20 @@ class KernelService(ServiceBase):
     async def setup(self) -> None:
         self.preflight(self.config)
         if self.config.kernel.backend == "userspace":
+            options = self.config.ike.global_options
             backend = UserspaceKernel(
-                self.runtime.counters, natt_port=int(self.config.ingress.natt_port)
+                self.runtime.counters,
+                natt_port=int(self.config.ingress.natt_port),
+                routing_table=int(options.routing_table),
+                routing_table_prio=int(options.routing_table_prio),
             )
             try:
                 await backend.start()
-            except OSError as exc:
-                await backend.stop()
+            except Exception as exc:  # OSError, or pyroute2's NetlinkError
+                with contextlib.suppress(Exception):
+                    await backend.stop()
                 raise BackendNotAvailable(
-                    f"userspace backend cannot open its TUN device: {exc.strerror or exc}"
+                    f"userspace backend cannot set up its TUN device and routes: {exc}"
                     " (needs CAP_NET_ADMIN and /dev/net/tun)"
                 ) from None
             backend.dataplane.on_lifetime = self.on_lifetime

@@ -2,8 +2,9 @@
 
 - TUN (`/dev/net/tun`, `IFF_TUN | IFF_NO_PI`): inner IP packets, one per read
   and write. Routes for each child's remote traffic selectors point at it
-  (pyroute2), with a source address from the local selectors when this host
-  has one, so traffic the host itself originates is protected too.
+  (pyroute2, in a table of their own, see `Routes`), with a source address
+  from the local selectors when this host has one, so traffic the host itself
+  originates is protected too.
 - ESP (IP protocol 50, RFC 4303): one raw socket per local address.
 - ESP in UDP (RFC 3948) on the NAT-T port: ingress owns the UDP socket, where
   IKE arrives behind the non-ESP marker. The dataplane reads ESP-in-UDP from a
@@ -115,14 +116,38 @@ def udp_header(src_port: int, dst_port: int, payload_length: int) -> bytes:
 
 
 class Routes:
-    """Routes to the TUN device, counted: a prefix two children share (a rekey) stays until
-    the last of them is gone. `add`/`remove` only count; `apply()` programs the difference
-    (pyroute2's netlink calls are coroutines: the backend's install stays synchronous)."""
+    """Routes to the TUN device in a table of their own, reached through a policy rule.
 
-    def __init__(self, ifindex: int) -> None:
+    Like strongSwan's kernel-libipsec the routes live in `table` (the configuration's
+    `routing-table`, 220) and a rule `from all lookup <table>` at `priority`
+    (`routing-table-prio`, 220) puts it before the main table, for IPv4 and IPv6; no
+    route of the main table is touched. The rule is added once (`start()`) and removed
+    with the routes (`apply(everything=True)`) unless it was there before.
+    Routes are counted: a prefix two children share (a rekey) stays until the last of
+    them is gone. `add`/`remove` only count; `apply()` programs the difference
+    (pyroute2's netlink calls are coroutines: the backend's install stays synchronous).
+    """
+
+    def __init__(self, ifindex: int, table: int = 220, priority: int = 220) -> None:
         self.ifindex = ifindex
+        self.table = table
+        self.priority = priority
         self._users: dict[str, tuple[int, list[Any]]] = {}  # prefix -> (count, local nets)
         self._installed: set[str] = set()
+        self._rules: list[int] = []  # the families whose rule we added
+
+    async def start(self) -> None:
+        async with AsyncIPRoute() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                present = [
+                    rule
+                    async for rule in await ipr.get_rules(family=family)
+                    if rule.get("FRA_TABLE") == self.table
+                    and rule.get("FRA_PRIORITY") == self.priority
+                ]
+                if not present:
+                    await ipr.rule("add", family=family, table=self.table, priority=self.priority)
+                    self._rules.append(family)
 
     def add(self, prefix: str, local_nets: list[Any]) -> None:
         count, _nets = self._users.get(prefix, (0, local_nets))
@@ -146,14 +171,15 @@ class Routes:
         return None
 
     async def apply(self, *, everything: bool = False) -> None:
-        """Add the routes now wanted, delete those no longer wanted (all with `everything`)."""
+        """Add the routes now wanted, delete those no longer wanted (all, and the rules we
+        added, with `everything`)."""
         wanted = set() if everything else set(self._users)
-        if wanted == self._installed:
+        if wanted == self._installed and not (everything and self._rules):
             return
         async with AsyncIPRoute() as ipr:
             for prefix in sorted(self._installed - wanted):
                 with contextlib.suppress(Exception):  # gone already with the TUN device
-                    await ipr.route("del", dst=prefix, oif=self.ifindex)
+                    await ipr.route("del", dst=prefix, oif=self.ifindex, table=self.table)
                 self._installed.discard(prefix)
             for prefix in sorted(wanted - self._installed):
                 network = ipaddress.ip_network(prefix)
@@ -161,5 +187,12 @@ class Routes:
                 source = await self._source(ipr, network.version, self._users[prefix][1])
                 if source is not None:
                     extra["prefsrc"] = source
-                await ipr.route("replace", dst=prefix, oif=self.ifindex, **extra)
+                await ipr.route("replace", dst=prefix, oif=self.ifindex, table=self.table, **extra)
                 self._installed.add(prefix)
+            if everything:
+                for family in self._rules:
+                    with contextlib.suppress(Exception):
+                        await ipr.rule(
+                            "del", family=family, table=self.table, priority=self.priority
+                        )
+                self._rules.clear()

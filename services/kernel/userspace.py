@@ -65,6 +65,8 @@ class UserspaceKernel(MemoryKernel):
         *,
         natt_port: int = 4500,
         tun_name: str = tun.TUN_NAME,
+        routing_table: int = 220,
+        routing_table_prio: int = 220,
         lifetime: Lifetime | None = None,
     ) -> None:
         super().__init__()
@@ -72,6 +74,7 @@ class UserspaceKernel(MemoryKernel):
         self.counters = self.dataplane.counters
         self.natt_port = natt_port
         self.tun_name = tun_name
+        self.routing = (routing_table, routing_table_prio)
         self.lifetime = lifetime or Lifetime()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tun_fd: int | None = None
@@ -87,7 +90,8 @@ class UserspaceKernel(MemoryKernel):
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._tun_fd, index = await tun.open_tun(self.tun_name)
-        self._routes = tun.Routes(index)
+        self._routes = tun.Routes(index, *self.routing)
+        await self._routes.start()
         loop.add_reader(self._tun_fd, self._read_tun)
 
     async def apply_routes(self) -> None:
@@ -153,14 +157,18 @@ class UserspaceKernel(MemoryKernel):
         entries = super().install(request)
         try:
             self._acquire_socket(tunnel)
-            self.dataplane.add(tunnel)
-            if self._routes is not None:
-                for network in tunnel.remote_nets:
-                    self._routes.add(str(network), tunnel.local_nets)
         except Exception as exc:
-            self._forget(tunnel)
             super().delete(_delete_of(request))
             raise KernelRefusal("dataplane", f"dataplane refused the child: {exc}") from None
+        try:
+            self.dataplane.add(tunnel)
+        except Exception as exc:
+            self._release_socket(tunnel)
+            super().delete(_delete_of(request))
+            raise KernelRefusal("dataplane", f"dataplane refused the child: {exc}") from None
+        if self._routes is not None:
+            for network in tunnel.remote_nets:
+                self._routes.add(str(network), tunnel.local_nets)
         return entries
 
     def delete(self, request: ChildDelete) -> _Child:

@@ -298,8 +298,6 @@ def userspace_backend_problems(config: Config) -> list[ConfigProblem]:
         problems.append(ConfigProblem(path, f"{USERSPACE_NOT_IMPLEMENTED} ({why})"))
 
     options = config.ike.global_options
-    if options.install_routes:
-        problem("ike.global-options.install-routes", "its TUN routes are in the main table")
     for family, bits in (("sp-hash-ipv4", 32), ("sp-hash-ipv6", 128)):
         section = options[family]
         if section.local != bits or section.remote != bits:

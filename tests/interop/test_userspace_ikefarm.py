@@ -88,3 +88,10 @@ def test_two_farms_carry_ping_and_tcp_over_raw_esp_with_esn(
         assert kernel["gauges"]["backend"] == "userspace" and kernel["gauges"]["tunnels"] == 1
         counters = side.counters("kernel")
         assert not any(k.startswith("esp.in.drop.") and v for k, v in counters.items()), counters
+
+    # a stopped farm leaves neither its TUN device nor its routing rule behind
+    assert "lookup 220" in gw_ns.run(["ip", "rule"]).stdout
+    gateway.stop()
+    assert "lookup 220" not in gw_ns.run(["ip", "rule"]).stdout
+    assert "lookup 220" not in gw_ns.run(["ip", "-6", "rule"]).stdout
+    assert "ikefarm0" not in gw_ns.run(["ip", "link"]).stdout

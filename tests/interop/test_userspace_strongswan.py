@@ -183,6 +183,10 @@ def test_ping_and_tcp_through_the_userspace_dataplane(
     tunnel: Tunnel, outer: tuple[str, str]
 ) -> None:
     gateway, child, gw_ns, peer_ns = tunnel.gateway, tunnel.child, tunnel.gw_ns, tunnel.peer_ns
+    # the route to the remote selector is in table 220, reached by a rule; main is untouched
+    assert "10.200.0.0/24 dev ikefarm0" in gw_ns.run(["ip", "route", "show", "table", "220"]).stdout
+    assert "ikefarm0" not in gw_ns.run(["ip", "route", "show"]).stdout
+    assert "220:\tfrom all lookup 220" in gw_ns.run(["ip", "rule"]).stdout
     assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=3, timeout=10)
     assert gw_ns.ping(PEER_INNER, src=GW_INNER, count=3, timeout=10)
 

@@ -61,10 +61,6 @@ def test_a_plain_userspace_configuration_passes() -> None:
         ),
         (config(template='dpd-action = "trap"'), "ike.ipsec-policy-template[0].dpd-action"),
         (
-            config(top="[ike.global-options]\ninstall-routes = true\n"),
-            "ike.global-options.install-routes",
-        ),
-        (
             config(top="[ike.global-options.sp-hash-ipv4]\nlocal = 24\n"),
             "ike.global-options.sp-hash-ipv4",
         ),

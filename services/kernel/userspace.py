@@ -130,6 +130,14 @@ class UserspaceKernel(MemoryKernel):
             raise not_implemented(str(exc)) from None
         except ValueError:
             raise InvalidChild("a traffic selector is not an address range") from None
+        remote = ipaddress.ip_address(request.remote_address)
+        if any(remote in network for network in remote_nets):
+            # its ESP (and IKE) would be routed into the tunnel itself; telling outer from
+            # inner packets to the same address needs marks on every socket: not done
+            raise not_implemented(
+                "a remote traffic selector that covers the peer's own address"
+                f" ({request.remote_address})"
+            )
         try:
             inbound, outbound = sa_pair(
                 request, lifetime_in=self.lifetime, lifetime_out=self.lifetime

@@ -88,6 +88,7 @@ def opened(**changes: object) -> object:
         ({"mode": "transport", "local_ts": [], "remote_ts": []}, "transport mode"),
         ({"local_ts": ["10.100.0.0/24[tcp/80]"]}, "protocol/port"),
         ({"encr_id": EncrId.AES_CCM_16}, "ESP transform"),
+        ({"remote_ts": ["0.0.0.0/0"]}, "covers the peer's own address (198.51.100.2)"),
     ],
 )
 def test_children_the_dataplane_lacks_are_refused_and_leave_nothing(

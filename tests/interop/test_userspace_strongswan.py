@@ -147,12 +147,30 @@ def outer(request: pytest.FixtureRequest) -> tuple[str, str]:
     return OUTER[getattr(request, "param", 4)]
 
 
+# strongSwan ESP proposal -> the esp-proposal ikefarm adds in front of its usual ones
+SUITES = {
+    "aes256gcm16": "",
+    "aes128-sha256": "",  # AES-CBC with HMAC-SHA-256: among the gateway's usual proposals
+    "chacha20poly1305": (
+        '[[ike.ipsec-policy-template.esp-proposal]]\naead-alg = ["chacha20-poly1305"]\n'
+        "esn = [false]\n"
+    ),
+}
+
+
+@pytest.fixture
+def esp(request: pytest.FixtureRequest) -> str:
+    """strongSwan's ESP proposal: AES-GCM-256 unless a test asks `indirect` for another."""
+    return str(getattr(request, "param", "aes256gcm16"))
+
+
 @pytest.fixture
 def tunnel(
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
     outer: tuple[str, str],
+    esp: str,
 ) -> Tunnel:
     """strongSwan's child SA to ikefarm, installed on both ends, no packet sent yet."""
     gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
@@ -163,11 +181,12 @@ def tunnel(
         psk=PSK,
         address=outer[0],
         extra='\n[kernel]\nbackend = "userspace"\n',
+        ipsec_template_extra=SUITES[esp],
         log_level=1,
     )
     peer = strongswan_factory(peer_ns)
     # strongSwan's side as in the responder tests: child c-net, 10.200.0.0/24 === 10.100.0.0/24
-    connection = replace(peer_connection(), local_addrs=outer[1], remote_addrs=outer[0])
+    connection = replace(peer_connection(esp=esp), local_addrs=outer[1], remote_addrs=outer[0])
     peer.load([connection], psks=[psk_for("a.peer.example", secret=PSK)])
     peer.initiate(child="c-net", timeout=20)
     (sa,) = peer.list_sas()
@@ -379,3 +398,15 @@ def test_child_rekey_in_the_middle_of_a_transfer(tunnel: Tunnel) -> None:
     assert not {sas["in"]["spi"], sas["out"]["spi"]} & old
     assert (sas["out"]["packets"], sas["in"]["packets"]) > (1000, 0), sas  # the rest: on the new
     assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=2, timeout=10)
+
+
+@pytest.mark.parametrize("esp", ["aes128-sha256", "chacha20poly1305"], indirect=True)
+def test_cbc_hmac_and_chacha20_poly1305_carry_traffic(tunnel: Tunnel, esp: str) -> None:
+    """The other two ESP families of the codec against strongSwan's implementation."""
+    encr = {"aes128-sha256": "AES_CBC", "chacha20poly1305": "CHACHA20_POLY1305"}[esp]
+    assert tunnel.child["encr-alg"] == encr
+    assert tunnel.peer_ns.ping(GW_INNER, src=PEER_INNER, count=3, timeout=10)
+    assert tunnel.gw_ns.ping(PEER_INNER, src=GW_INNER, count=3, timeout=10)
+    state = kernel_state(tunnel.gateway)
+    sas = {row["direction"]: row for row in state["sas"]}  # type: ignore[attr-defined]
+    assert sas["in"]["packets"] >= 6 and sas["out"]["packets"] >= 6

@@ -47,7 +47,8 @@ def selector_networks(selector: str) -> list[Network]:
     """The networks of one traffic selector as `str(TrafficSelector)` prints it.
 
     `10.0.0.0/24` and `10.0.0.1..10.0.0.5` are accepted; a selector with a
-    protocol or port (`...[tcp/80]`) raises NotImplementedError.
+    protocol or port (`...[tcp/80]`) raises NotImplementedError, anything else
+    that is not an address range ValueError.
     """
     if "[" in selector:
         raise NotImplementedError(
@@ -57,6 +58,8 @@ def selector_networks(selector: str) -> list[Network]:
     if ".." in selector:
         first, last = selector.split("..", 1)
         start, end = ipaddress.ip_address(first), ipaddress.ip_address(last)
+        if start.version != end.version:
+            raise ValueError("a range between two IP versions")
         return list(ipaddress.summarize_address_range(start, end))  # type: ignore[arg-type]
     return [ipaddress.ip_network(selector, strict=False)]
 

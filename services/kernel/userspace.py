@@ -7,11 +7,12 @@ TUN device and the ESP socket of its local address is opened (`tun.py`).
 The I/O runs in the kernel service's asyncio loop: `add_reader` on the TUN
 device and on each ESP socket, a bounded batch of packets per wake-up.
 
-Not implemented (refused per child with "not implemented", and at start for
-the configuration options that would ask for them, see `service.py`):
-transport mode, protocol/port traffic selectors,
-ACQUIRE for trap policies (traps are recorded, as by the memory backend, and
-raise nothing), and the ESP algorithms the codec lacks (`shared/esp/`).
+Not implemented (refused per child with "not implemented", and by the
+configuration check for the options that would ask for them,
+`shared/config/loader.py`): transport mode, protocol/port traffic selectors, a
+remote selector covering the peer's own address, ACQUIRE for trap policies
+(traps are recorded, as by the memory backend, and raise nothing), and the ESP
+algorithms the codec lacks (`shared/esp/`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ikefarm.services.kernel.dataplane import Dataplane
+from ikefarm.services.kernel.dataplane import Dataplane, selector_networks
 from ikefarm.services.kernel.userspace import _ipv4_payload_offset, _udp_payload_offset
 from tests.unit.test_userspace_dataplane import packet, tunnel_pair
 
@@ -87,3 +87,22 @@ def test_socket_header_offsets_stay_inside_the_datagram(data: bytes) -> None:
     for offset_of in (_ipv4_payload_offset, _udp_payload_offset):
         offset = offset_of(data)
         assert offset is None or 20 <= offset <= len(data)
+
+
+@FUZZ
+@given(
+    selector=st.one_of(
+        st.text(max_size=40),
+        st.builds(
+            lambda a, b: f"{a}..{b}",
+            st.ip_addresses().map(str),
+            st.ip_addresses().map(str),
+        ),
+    )
+)
+def test_any_selector_text_is_networks_or_a_clear_refusal(selector: str) -> None:
+    try:
+        networks = selector_networks(selector)
+    except (ValueError, NotImplementedError):
+        return
+    assert networks and all(n.version == networks[0].version for n in networks)

@@ -16,10 +16,14 @@ import pytest
 
 from ikefarm.services.ingress.sockets import open_udp_socket
 from ikefarm.shared.esp.steering import attach_filter, esp_in_udp_only, esp_in_udp_only_ipv6
+from tests.harness import prerequisites
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root: a raw IPv4 UDP socket (CAP_NET_RAW)"
-)
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    if os.geteuid() != 0:
+        prerequisites.missing("needs root: a raw UDP socket (CAP_NET_RAW)")
+
 
 DATAGRAMS = {
     "keepalive": b"\xff",

@@ -13,9 +13,8 @@
   zero and that are long enough for an ESP header (`shared/esp/steering.py`);
   it sends from the NAT-T port through the same raw socket, with a zero UDP
   checksum over IPv4 (RFC 3948 2.1 allows it) and one the kernel computes over
-  IPv6. With this backend ingress drops
-  the same datagrams in the kernel with the mirror filter, so neither service
-  wakes up for the other's traffic.
+  IPv6. With this backend ingress drops the same datagrams in the kernel with
+  the mirror filter, so neither service wakes up for the other's traffic.
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ from ikefarm.shared.esp.steering import (
 )
 
 TUN_NAME = "ikefarm0"
-# room for the outer IPv4 header, UDP, ESP header, IV, the largest padding and trailer, ICV
+# room for the outer IPv6 header (40), UDP (8), ESP header (8), IV (8 or 16), the largest
+# padding and trailer (17) and ICV (16) within a 1500-octet path
 TUN_MTU = 1400
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001

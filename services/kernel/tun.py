@@ -37,8 +37,9 @@ from ikefarm.shared.esp.steering import (
 )
 
 TUN_NAME = "ikefarm0"
-# room for the outer IPv6 header (40), UDP (8), ESP header (8), IV (8 or 16), the largest
-# padding and trailer (17) and ICV (16) within a 1500-octet path
+# room for outer IP header, UDP, ESP header, IV, padding, trailer and ICV within a 1500-octet
+# path: 97 octets at most with AES-GCM over IPv6 in UDP; CBC with HMAC-SHA-512 over IPv6 in
+# UDP can take 121, and such packets leave fragmented
 TUN_MTU = 1400
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001

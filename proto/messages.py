@@ -242,8 +242,14 @@ class CertAuthReply(BusMessage):
 
 @message("child-install")
 class ChildInstall(BusMessage):
-    """Install one child SA pair (in and out) and its policies. Carries session keys:
-    never logged below level 4."""
+    """Install one child SA pair (in and out) and its policies.
+
+    The keys travel sealed (`shared/bus/child_keys.py`): `sealed_keys` to the kernel
+    service's transport key (`subjects.KERNEL_TRANSPORT_KEY`) with the worker's
+    `ephemeral` X25519 key. The four `*_key_*` fields are empty on the bus (the
+    kernel service refuses a message that carries any of them) and filled in
+    only inside the kernel service, once opened, for its backend.
+    """
 
     unique_id: int
     ike_unique_id: int
@@ -261,15 +267,17 @@ class ChildInstall(BusMessage):
     encr_id: int
     encr_key_bits: int | None
     integ_id: int | None
-    encr_key_in: bytes = field(repr=False)
-    encr_key_out: bytes = field(repr=False)
-    integ_key_in: bytes = field(repr=False)
-    integ_key_out: bytes = field(repr=False)
     esn: bool
     replay_window: int
     udp_encap: bool
     local_ts: list[str]
     remote_ts: list[str]
+    ephemeral: bytes = field(default=b"", repr=False)
+    sealed_keys: bytes = field(default=b"", repr=False)
+    encr_key_in: bytes = field(default=b"", repr=False)
+    encr_key_out: bytes = field(default=b"", repr=False)
+    integ_key_in: bytes = field(default=b"", repr=False)
+    integ_key_out: bytes = field(default=b"", repr=False)
 
 
 @message("child-delete")

@@ -67,6 +67,9 @@ def unique_id_key(shard: int) -> str:
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
 KERNEL_CHILD_DELETE = f"{PREFIX}.kernel.child.delete"
 KERNEL_SHOW = f"{PREFIX}.kernel.show"
+# ike -> kernel: the public half of the kernel service's transport key, to seal child SA keys
+# to (`shared/bus/child_keys.py`); only the kernel user subscribes to `ikefarm.kernel.>`.
+KERNEL_TRANSPORT_KEY = f"{PREFIX}.kernel.transport-key"
 # ike -> kernel: trap policies (dpd-action trap; later start-action trap) (request/reply).
 KERNEL_TRAP_INSTALL = f"{PREFIX}.kernel.trap.install"
 KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
@@ -219,13 +222,15 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             f"{PREFIX}.kernel.trap.>",
             EVENT_IKE_SA,
             EVENT_CHILD_SA,
+            KERNEL_TRANSPORT_KEY,
             *_kv_api(UNIQUE_ID_BUCKET),
         ),
         "subscribe": (own_subjects("ike"), EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE),
     },
     "keystore": {"publish": (), "subscribe": (own_subjects("keystore"),)},
     "kernel": {
-        "publish": (EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE, FLOW_EVENTS),
+        # lifetimes the userspace dataplane counts go out as child-SA events
+        "publish": (EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE, EVENT_CHILD_SA, FLOW_EVENTS),
         "subscribe": (own_subjects("kernel"),),
     },
     "flow": {

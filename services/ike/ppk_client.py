@@ -15,12 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 from ikefarm.proto import subjects
-from ikefarm.proto.messages import (
-    PpkMixReply,
-    PpkMixRequest,
-    TransportKeyReply,
-    TransportKeyRequest,
-)
+from ikefarm.proto.messages import PpkMixReply, PpkMixRequest
+from ikefarm.services.ike.transport_keys import TransportKey
 from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.bus.sealed import REPLY, REQUEST, SealedChannel, SealError
 from ikefarm.shared.ikev2.crypto.keys import IkeSaKeys
@@ -30,23 +26,12 @@ class PpkClient:
     def __init__(self, runtime: Runtime, timeout: float) -> None:
         self.runtime = runtime
         self.timeout = timeout
-        self._public: bytes | None = None
-
-    async def _transport_key(self) -> bytes:
-        if self._public is None:
-            reply = await self.runtime.request(
-                subjects.KEYSTORE_TRANSPORT_KEY,
-                TransportKeyRequest(),
-                TransportKeyReply,
-                timeout=self.timeout,
-            )
-            self._public = reply.public_key
-        return self._public
+        self.transport_key = TransportKey(runtime, subjects.KEYSTORE_TRANSPORT_KEY, timeout)
 
     async def mix(self, params: dict[str, Any]) -> dict[str, Any]:
         """{"found", "keys"} for the engine; raises on a bus error or a reply that does not open."""
         keys: IkeSaKeys = params["keys"]
-        channel, ephemeral = SealedChannel.open_to(await self._transport_key())
+        channel, ephemeral = SealedChannel.open_to(await self.transport_key.get())
         request = PpkMixRequest(
             prf_id=params["prf_id"],
             ppk_id=params["ppk_id"],
@@ -58,14 +43,14 @@ class PpkClient:
                 subjects.KEYSTORE_PPK_MIX, request, PpkMixReply, timeout=self.timeout
             )
         except Exception:
-            self._public = None  # perhaps another transport key now: fetch it next time
+            self.transport_key.forget()  # perhaps another transport key now: fetch it next time
             raise
         if not reply.found:
             return {"found": False, "keys": None, "reason": reply.reason}
         try:
             plain = channel.open(REPLY, reply.sealed_keys)
         except SealError:
-            self._public = None
+            self.transport_key.forget()
             raise
         size = len(keys.sk_d)
         if len(plain) != 3 * size:

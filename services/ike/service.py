@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -54,7 +55,9 @@ from ikefarm.proto.messages import (
 )
 from ikefarm.services.ike import unique_ids
 from ikefarm.services.ike.ppk_client import PpkClient
+from ikefarm.services.ike.transport_keys import TransportKey
 from ikefarm.services.ike.unique_ids import UniqueIds
+from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, ChildKeys, seal_child_keys
 from ikefarm.shared.bus.runtime import ServiceBase
 from ikefarm.shared.dos.admission import WorkerAdmission, local_load
 from ikefarm.shared.dos.limits import dos_limits
@@ -130,6 +133,7 @@ class IkeService(ServiceBase):
         self._stopping = False
         self.watches = management.Watches()
         self.ppk_client = PpkClient(self.runtime, KEYSTORE_TIMEOUT)
+        self.kernel_key = TransportKey(self.runtime, subjects.KERNEL_TRANSPORT_KEY, KERNEL_TIMEOUT)
         self._waiting: dict[int, asyncio.Future[management.Watch]] = {}
         runtime = self.runtime
         await runtime.subscribe(
@@ -513,17 +517,34 @@ class IkeService(ServiceBase):
             encr_id=child.encr_id,
             encr_key_bits=child.encr_key_bits,
             integ_id=child.integ_id,
-            encr_key_in=child.encr_key_in,
-            encr_key_out=child.encr_key_out,
-            integ_key_in=child.integ_key_in,
-            integ_key_out=child.integ_key_out,
             esn=child.esn,
             replay_window=child.replay_window,
             udp_encap=child.udp_encap,
             local_ts=list(child.local_ts),
             remote_ts=list(child.remote_ts),
         )
-        await self._kernel(subjects.KERNEL_CHILD_INSTALL, message, "install", child.unique_id)
+        keys = ChildKeys(
+            child.encr_key_in, child.encr_key_out, child.integ_key_in, child.integ_key_out
+        )
+        # the keys go sealed to the kernel service's transport key (never in clear on the
+        # bus); a kernel service restarted since has another key: fetch it, seal again, once
+        for attempt in (1, 2):
+            try:
+                public = await self.kernel_key.get()
+            except Exception as exc:
+                self.runtime.counters["kernel_install_errors"] += 1
+                get_logger("kernel").control(
+                    "child_install_failed", unique_id=child.unique_id, error=type(exc).__name__
+                )
+                return
+            ephemeral, sealed = seal_child_keys(public, child.spi_in, child.spi_out, keys)
+            sealed_message = replace(message, ephemeral=ephemeral, sealed_keys=sealed)
+            error = await self._kernel(
+                subjects.KERNEL_CHILD_INSTALL, sealed_message, "install", child.unique_id
+            )
+            if error != SEALED_KEYS_REFUSED or attempt == 2:
+                return
+            self.kernel_key.forget()
 
     async def delete_child(self, effect: DeleteChildSa) -> None:
         message = ChildDelete(
@@ -536,7 +557,8 @@ class IkeService(ServiceBase):
         )
         await self._kernel(subjects.KERNEL_CHILD_DELETE, message, "delete", effect.unique_id)
 
-    async def _kernel(self, subject: str, message: Any, what: str, unique_id: int) -> None:
+    async def _kernel(self, subject: str, message: Any, what: str, unique_id: int) -> str | None:
+        """None when the kernel service took it, else the error (logged and counted)."""
         try:
             ack = await self.runtime.request(subject, message, KernelAck, timeout=KERNEL_TIMEOUT)
         except Exception as exc:
@@ -544,9 +566,11 @@ class IkeService(ServiceBase):
             get_logger("kernel").control(
                 f"child_{what}_failed", unique_id=unique_id, error=type(exc).__name__
             )
-            return
+            return type(exc).__name__
         if not ack.ok:
             self.runtime.counters[f"kernel_{what}_refused"] += 1
             get_logger("kernel").control(
                 f"child_{what}_refused", unique_id=unique_id, error=ack.error
             )
+            return ack.error
+        return None

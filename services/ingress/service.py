@@ -155,6 +155,9 @@ class IngressService(ServiceBase):
     async def setup(self) -> None:
         loop = asyncio.get_running_loop()
         wanted = local_endpoints(self.config)
+        # the userspace dataplane (or auto, which picks it without ESP in the kernel) reads
+        # ESP-in-UDP from its own raw socket; nothing else here decapsulates it yet
+        esp_elsewhere = self.config.kernel.backend in ("userspace", "auto")
         if not wanted:
             self.log.control(
                 "no_listen_address", hint="set [ingress] listen or a vpn local-address"
@@ -162,7 +165,9 @@ class IngressService(ServiceBase):
         try:
             for endpoint in wanted:
                 try:
-                    sock = open_udp_socket(endpoint.address, endpoint.port)
+                    sock = open_udp_socket(
+                        endpoint.address, endpoint.port, drop_esp=endpoint.natt and esp_elsewhere
+                    )
                 except OSError as exc:
                     raise OSError(
                         exc.errno, f"ingress cannot bind UDP {endpoint}: {exc.strerror}"

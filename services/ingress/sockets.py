@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ikefarm.services.ingress.routing import canonical_address
 from ikefarm.shared.config.loader import Config
+from ikefarm.shared.esp.steering import attach_filter, not_esp_in_udp
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,20 @@ def local_endpoints(config: Config) -> list[LocalEndpoint]:
     ]
 
 
-def open_udp_socket(address: str, port: int) -> socket.socket:
+def open_udp_socket(address: str, port: int, *, drop_esp: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to (address, port), SO_REUSEPORT set so several
-    ingress instances can share the endpoint (the kernel spreads datagrams by flow)."""
+    ingress instances can share the endpoint (the kernel spreads datagrams by flow).
+
+    `drop_esp` (the NAT-T port when the kernel service runs the userspace dataplane,
+    which reads ESP-in-UDP itself): a socket filter drops ESP-in-UDP in the kernel
+    (`shared/esp/steering.py`), so ingress never wakes up for a data packet."""
     version = ipaddress.ip_address(address).version
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if drop_esp:
+            attach_filter(sock, not_esp_in_udp())
         if family == socket.AF_INET6:
             # "::" must not also take the IPv4 wildcard: IPv4 has sockets of its own
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -138,7 +138,7 @@ def _host_prefix(address: str) -> str:
     return str(ipaddress.ip_network(address))
 
 
-def _check_install(request: ChildInstall) -> None:
+def check_install(request: ChildInstall) -> None:
     if request.protocol not in PROTOCOLS:
         raise InvalidChild(f"protocol must be one of {', '.join(PROTOCOLS)}")
     if request.mode not in MODES:
@@ -202,7 +202,7 @@ class MemoryKernel:
 
     def install(self, request: ChildInstall) -> tuple[SaEntry, SaEntry]:
         """Install both SAs and the policies of one child; all or nothing."""
-        _check_install(request)
+        check_install(request)
         if (request.spi_in, "in") in self.sad or (request.spi_out, "out") in self.sad:
             raise KernelRefusal("spi_exists", "spi exists")
         if request.unique_id in self._children:

@@ -1,23 +1,33 @@
 """Kernel: programs child SAs, policies, traps and routes through the chosen backend.
 
-Backends (backends.py): `netlink` (Linux XFRM and routes through pyroute2,
-netlink.py), `userspace` (the userspace ESP dataplane, loaded when present),
-`auto` (netlink when the kernel takes an ESP state, else userspace: probed once
-at start and logged at level 1 with the reason) and `memory` (a test double).
+Backends (`[kernel] backend`, backends.py): `netlink` (Linux XFRM and routes
+through pyroute2, netlink.py), `userspace` (userspace.py, the ESP dataplane of
+docs/esp-dataplane.md, for kernels without ESP), `auto` (netlink when the kernel
+takes an ESP state, else userspace: probed once at start and logged at level 1
+with the reason) and `memory` (a test double: SAD/SPD in a dict, no packet
+protected).
 
 Endpoints (request/reply): `subjects.KERNEL_CHILD_INSTALL` (ChildInstall ->
 KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck) and
 `subjects.KERNEL_SHOW` (KernelShowRequest -> KernelState, never key material),
-`subjects.KERNEL_TRAP_INSTALL` (TrapInstall -> KernelAck) and
-`subjects.KERNEL_TRAP_REMOVE` (TrapRemove -> KernelAck).
-Install requests carry session keys: nothing here logs or returns them.
+`subjects.KERNEL_TRAP_INSTALL` (TrapInstall -> KernelAck),
+`subjects.KERNEL_TRAP_REMOVE` (TrapRemove -> KernelAck) and
+`subjects.KERNEL_TRANSPORT_KEY` (TransportKeyRequest -> TransportKeyReply).
+
+Install requests carry the child SA keys sealed to this service's transport key
+(`shared/bus/child_keys.py`), an X25519 key made at start and kept in memory
+only; a request with keys in clear is refused. Nothing here logs or returns a key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+from dataclasses import replace
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ikefarm.proto import subjects
 from ikefarm.proto.envelope import BusError
@@ -28,13 +38,26 @@ from ikefarm.proto.messages import (
     KernelAcquire,
     KernelShowRequest,
     KernelState,
+    SaEventNotice,
+    TransportKeyReply,
+    TransportKeyRequest,
     TrapInstall,
     TrapRemove,
 )
 from ikefarm.services.kernel import backends
-from ikefarm.services.kernel.memory import InvalidChild, KernelRefusal, MemoryKernel
+from ikefarm.services.kernel.dataplane import Tunnel
+from ikefarm.services.kernel.memory import (
+    InvalidChild,
+    KernelRefusal,
+    MemoryKernel,
+    check_install,
+)
+from ikefarm.services.kernel.userspace import UserspaceKernel
+from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, open_child_keys
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
-from ikefarm.shared.config.loader import Config
+from ikefarm.shared.bus.sealed import SealError, public_bytes
+from ikefarm.shared.config.loader import Config, userspace_backend_problems
+from ikefarm.shared.esp import LifetimeEvent
 
 
 async def _settle(result: Any) -> Any:
@@ -57,13 +80,25 @@ class KernelService(ServiceBase):
         self.choice: backends.Choice | None = None
         self.events: Any = None  # the backend's ACQUIRE/EXPIRE source, if it has one
         self._publishing: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # child SA keys are sealed to this key; it lives in this process's memory only
+        self._transport = X25519PrivateKey.generate()
+
+    def __repr__(self) -> str:
+        return f"KernelService(backend={self.backend!r})"
 
     @classmethod
     def preflight(cls, config: Config) -> backends.Choice:
         try:
-            return backends.choose(config.kernel.backend)
+            choice = backends.choose(config.kernel.backend)
         except backends.BackendUnavailable as exc:
             raise BackendNotAvailable(str(exc)) from None
+        # the configuration check refuses these for an explicit "userspace" already; `auto`
+        # learns only here that it runs the userspace dataplane
+        refused = userspace_backend_problems(config, choice.backend)
+        if refused:
+            raise BackendNotAvailable("; ".join(f"{p.path}: {p.message}" for p in refused))
+        return choice
 
     def _make_backend(self, choice: backends.Choice) -> Any:
         if choice.backend == "memory":
@@ -75,13 +110,37 @@ class KernelService(ServiceBase):
                 return NetlinkKernel.from_config(self.config)
             except (KernelRefusal, OSError) as exc:
                 raise BackendNotAvailable(f"netlink backend: {exc}") from None
-        cls = backends.userspace_class()
-        factory = getattr(cls, "from_config", None)
-        return factory(self.config) if factory is not None else cls()
+        options = self.config.ike.global_options
+        return UserspaceKernel(
+            self.runtime.counters,
+            natt_port=int(self.config.ingress.natt_port),
+            routing_table=int(options.routing_table),
+            routing_table_prio=int(options.routing_table_prio),
+        )
+
+    async def _start_userspace(self, backend: UserspaceKernel) -> None:
+        try:
+            await backend.start()
+        except Exception as exc:  # OSError, or pyroute2's NetlinkError
+            with contextlib.suppress(Exception):
+                await backend.stop()
+            raise BackendNotAvailable(
+                f"userspace backend cannot set up its TUN device and routes: {exc}"
+                " (needs CAP_NET_ADMIN and /dev/net/tun)"
+            ) from None
+        backend.dataplane.on_lifetime = self.on_lifetime
 
     async def setup(self) -> None:
         self.choice = self.preflight(self.config)
         self.backend = self._make_backend(self.choice)
+        if isinstance(self.backend, UserspaceKernel):
+            await self._start_userspace(self.backend)
+        await self.runtime.add_endpoint(
+            "transport-key",
+            TransportKeyRequest,
+            self.on_transport_key,
+            subject=subjects.KERNEL_TRANSPORT_KEY,
+        )
         await self.runtime.add_endpoint(
             "child-install", ChildInstall, self.on_install, subject=subjects.KERNEL_CHILD_INSTALL
         )
@@ -128,6 +187,9 @@ class KernelService(ServiceBase):
             asyncio.get_running_loop().remove_reader(self.events.fileno())
             self.events.close()
             self.events = None
+        if isinstance(self.backend, UserspaceKernel):
+            await self.backend.stop()
+            return
         close = getattr(self.backend, "close", None)
         if close is not None:
             await _settle(close())
@@ -143,6 +205,11 @@ class KernelService(ServiceBase):
             "traps": len(self.backend.traps),
             "events_malformed": self.events.malformed if self.events is not None else 0,
             "events_overruns": self.events.overruns if self.events is not None else 0,
+            **(
+                {"tunnels": len(self.backend.dataplane)}
+                if isinstance(self.backend, UserspaceKernel)
+                else {}
+            ),
         }
 
     def _backend(self) -> Any:
@@ -155,10 +222,63 @@ class KernelService(ServiceBase):
         self.log.control(f"{action}_refused", backend=self.backend.name, error=exc.text, **fields)
         return KernelAck(ok=False, error=exc.text)
 
+    async def _apply_routes(self) -> None:
+        """The userspace backend's routes to its TUN device, after an install or delete."""
+        if not isinstance(self.backend, UserspaceKernel):
+            return
+        try:
+            await self.backend.apply_routes()
+        except Exception as exc:  # the SAs stand; traffic finds no route until the next change
+            self.runtime.counters["routes_failed"] += 1
+            self.log.control("routes_failed", backend=self.backend.name, error=str(exc))
+
+    async def on_transport_key(self, _request: TransportKeyRequest, _msg: Any) -> TransportKeyReply:
+        return TransportKeyReply(public_key=public_bytes(self._transport))
+
+    def _opened(self, request: ChildInstall) -> ChildInstall:
+        """The request with its sealed keys opened into the key fields, for the backend."""
+        if any(
+            (request.encr_key_in, request.encr_key_out, request.integ_key_in, request.integ_key_out)
+        ):
+            self.runtime.counters["child_install.keys_in_clear"] += 1
+            raise BusError("bad_field", "ChildInstall: keys must be sealed, not in clear")
+        keys = open_child_keys(
+            self._transport,
+            request.ephemeral,
+            request.sealed_keys,
+            request.spi_in,
+            request.spi_out,
+        )
+        return replace(
+            request,
+            ephemeral=b"",
+            sealed_keys=b"",
+            encr_key_in=keys.encr_key_in,
+            encr_key_out=keys.encr_key_out,
+            integ_key_in=keys.integ_key_in,
+            integ_key_out=keys.integ_key_out,
+        )
+
     async def on_install(self, request: ChildInstall, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
-            sa_in, sa_out = await _settle(backend.install(request))
+            check_install(request)  # the fields first: a bad message is a bad message
+            opened = self._opened(request)
+        except InvalidChild as exc:
+            self.runtime.counters["child_install.invalid"] += 1
+            raise BusError("bad_field", f"ChildInstall: {exc}") from None
+        except SealError:
+            self.runtime.counters["child_install.sealed_keys"] += 1
+            self.log.control(
+                "child_install_refused",
+                backend=backend.name,
+                unique_id=request.unique_id,
+                spi_in=request.spi_in.hex(),
+                error=SEALED_KEYS_REFUSED,
+            )
+            return KernelAck(ok=False, error=SEALED_KEYS_REFUSED)
+        try:
+            sa_in, sa_out = await _settle(backend.install(opened))
         except InvalidChild as exc:
             self.runtime.counters["child_install.invalid"] += 1
             raise BusError("bad_field", f"ChildInstall: {exc}") from None
@@ -171,6 +291,7 @@ class KernelService(ServiceBase):
                 spi_in=request.spi_in.hex(),
                 spi_out=request.spi_out.hex(),
             )
+        await self._apply_routes()
         self.runtime.counters["child_install.ok"] += 1
         self.log.control(
             "child_installed",
@@ -206,6 +327,7 @@ class KernelService(ServiceBase):
                 error=exc.text,
             )
             return KernelAck(ok=False, error=exc.text)
+        await self._apply_routes()
         self.runtime.counters["child_delete.ok"] += 1
         self.log.control(
             "child_deleted",
@@ -258,3 +380,31 @@ class KernelService(ServiceBase):
         self.runtime.counters["trap_remove.ok"] += 1
         self.log.control("trap_removed", backend=backend.name, vpn=trap.vpn, reqid=trap.reqid)
         return KernelAck(ok=True)
+
+    def on_lifetime(self, tunnel: Tunnel, event: LifetimeEvent) -> None:
+        """A byte/packet lifetime of a dataplane SA reached: logged and published, once."""
+        self.log.control(
+            "child_sa_lifetime",
+            unique_id=tunnel.unique_id,
+            spi=f"{event.spi:08x}",
+            direction=event.direction,
+            kind=event.kind,
+            limit=event.limit,
+        )
+        notice = SaEventNotice(
+            f"child_sa_lifetime_{event.kind}",
+            0,
+            None,
+            self.runtime.instance,
+            {
+                "unique_id": tunnel.unique_id,
+                "spi": f"{event.spi:08x}",
+                "direction": event.direction,
+                "limit": event.limit,
+            },
+        )
+        task = asyncio.get_running_loop().create_task(
+            self.runtime.publish(subjects.EVENT_CHILD_SA, notice)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

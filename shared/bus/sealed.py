@@ -1,4 +1,4 @@
-"""Key material that must cross the bus between an ike worker and the keystore, sealed.
+"""Key material that must cross the bus between an ike worker and the keystore or kernel, sealed.
 
 PPK mixing (RFC 8784 3) needs SK_d, SK_pi and SK_pr in the keystore (where the
 PPK is) and brings SK_d', SK_pi', SK_pr' back to the worker. Neither may be
@@ -16,6 +16,11 @@ request opens a `SealedChannel`:
 
 A worker and the keystore that never shared anything but a public key thus
 exchange keys the bus only sees encrypted; the ephemeral key lives for one request.
+
+Child SA keys (ESP KEYMAT, RFC 7296 2.17) reach the kernel service the same way
+(`shared/bus/child_keys.py`): the kernel service's transport key lives in its
+memory only, and the derivation uses its own `info` ("ikefarm kernel channel
+v1"), so a channel to one service never opens for the other.
 """
 
 from __future__ import annotations
@@ -54,27 +59,32 @@ class SealedChannel:
         return "SealedChannel(<key>)"
 
     @staticmethod
-    def _derive(private: X25519PrivateKey, peer_public: bytes, salt: bytes) -> SealedChannel:
+    def _derive(
+        private: X25519PrivateKey, peer_public: bytes, salt: bytes, info: bytes
+    ) -> SealedChannel:
         if len(peer_public) != PUBLIC_KEY_SIZE:
             raise SealError(f"public key is {len(peer_public)} octets, not {PUBLIC_KEY_SIZE}")
         try:
             shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
         except ValueError:
             raise SealError("public key is not a usable X25519 point") from None
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=INFO).derive(shared)
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(shared)
         return SealedChannel(key)
 
     @classmethod
-    def open_to(cls, keystore_public: bytes) -> tuple[SealedChannel, bytes]:
+    def open_to(cls, keystore_public: bytes, info: bytes = INFO) -> tuple[SealedChannel, bytes]:
         """The worker's side: a channel to the keystore and the ephemeral public key to send."""
         ephemeral = X25519PrivateKey.generate()
         mine = public_bytes(ephemeral)
-        return cls._derive(ephemeral, keystore_public, mine + keystore_public), mine
+        return cls._derive(ephemeral, keystore_public, mine + keystore_public, info), mine
 
     @classmethod
-    def accept(cls, transport: X25519PrivateKey, ephemeral_public: bytes) -> SealedChannel:
+    def accept(
+        cls, transport: X25519PrivateKey, ephemeral_public: bytes, info: bytes = INFO
+    ) -> SealedChannel:
         """The keystore's side, from its transport key and the worker's ephemeral public key."""
-        return cls._derive(transport, ephemeral_public, ephemeral_public + public_bytes(transport))
+        salt = ephemeral_public + public_bytes(transport)
+        return cls._derive(transport, ephemeral_public, salt, info)
 
     def seal(self, label: bytes, plaintext: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)

@@ -334,7 +334,9 @@ def kernel_lines(state: KernelState) -> list[str]:
             f" reqid {sa['reqid']} {sa['mode']}{encap} {algorithms}{esn}"
             f" replay {sa.get('replay_window', 0)}"
         )
-        counters = sa.get("counters")
+        # netlink reads the kernel's counters into "counters"; the userspace dataplane
+        # reports its own beside the SA's fields
+        counters = sa.get("counters") or (sa if "packets" in sa else None)
         if counters:
             line += f" bytes {counters['bytes']} packets {counters['packets']}"
         lifetime = sa.get("lifetime")

@@ -308,6 +308,41 @@ def flow_problems(flow: Any) -> list[tuple[str, str]]:
     return config_problems(flow.to_dict())
 
 
+USERSPACE_NOT_IMPLEMENTED = 'not implemented with [kernel] backend = "userspace"'
+
+
+def userspace_backend_problems(config: Config, backend: str | None = None) -> list[ConfigProblem]:
+    """Options the userspace kernel backend cannot honour yet (docs/esp-dataplane.md).
+
+    `backend`: the one the kernel service chose (`auto` resolves only at its start);
+    by default the configured one."""
+    if (backend or config.kernel.backend) != "userspace":
+        return []
+    problems: list[ConfigProblem] = []
+
+    def problem(path: str, why: str) -> None:
+        problems.append(ConfigProblem(path, f"{USERSPACE_NOT_IMPLEMENTED} ({why})"))
+
+    options = config.ike.global_options
+    for family, bits in (("sp-hash-ipv4", 32), ("sp-hash-ipv6", 128)):
+        section = options[family]
+        if section.local != bits or section.remote != bits:
+            problem(f"ike.global-options.{family}", "it has no SPD hash")
+    for index, template in enumerate(config.ike.ipsec_policy_template):
+        if template.dpd_action == "trap":
+            problem(f"ike.ipsec-policy-template[{index}].dpd-action", "trap: no ACQUIRE yet")
+    for index, vpn in enumerate(config.ike.vpn):
+        for s_index, policy in enumerate(vpn.security_policy):
+            path = f"ike.vpn[{index}].security-policy[{s_index}]"
+            if policy.mode != "tunnel":
+                problem(f"{path}.mode", f"{policy.mode} mode")
+            if policy.svti_id_in is not None or policy.svti_id_out is not None:
+                problem(f"{path}.svti-id-in", "no SVTI interfaces")
+            if policy.inject_routes.next_hop is not None:
+                problem(f"{path}.inject-routes", "no route injection")
+    return problems
+
+
 def cross_check(config: Config) -> list[ConfigProblem]:
     """Rules that span keys: references, exclusive options, unique PPK identities."""
     problems: list[ConfigProblem] = []
@@ -396,6 +431,7 @@ def cross_check(config: Config) -> list[ConfigProblem]:
     if ike.vpn and not listen_addresses:
         problem("ingress.listen", "no address to listen on: set it or a vpn local-address")
     problems.extend(psk_problems(config))
+    problems.extend(userspace_backend_problems(config))
 
     reduce = ike.session.half_open.thresholds.reduce_timeout
     if (reduce.count is None) != (reduce.timeout is None):

@@ -1,6 +1,7 @@
 """A sans-I/O userspace ESP codec (RFC 4303 tunnel mode, RFC 3948 classification).
 
-Not wired into any service yet: see docs/esp-dataplane.md.
+The kernel service's userspace backend runs it (services/kernel/userspace.py);
+see docs/esp-dataplane.md.
 """
 
 from ikefarm.shared.esp.install import sa_pair

@@ -1,5 +1,6 @@
 """The ESP SA pair of a child SA the IKEv2 engine negotiated (`ChildSaInstall`).
 
+Also from a `ChildInstall` the kernel service opened (same field names).
 The engine has already put each direction's keys in place (encr/integ_key_in
 protect what the peer sends us, RFC 7296 2.17), so this only maps fields.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from ikefarm.proto.messages import ChildInstall
 from ikefarm.shared.esp.sa import InboundSa, Lifetime, OutboundSa
 from ikefarm.shared.esp.transforms import EspTransform
 from ikefarm.shared.ikev2.effects import ChildSaInstall
@@ -17,7 +19,7 @@ __all__ = ["sa_pair"]
 
 
 def sa_pair(
-    install: ChildSaInstall,
+    install: ChildSaInstall | ChildInstall,
     *,
     lifetime_in: Lifetime | None = None,
     lifetime_out: Lifetime | None = None,

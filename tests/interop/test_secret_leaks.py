@@ -1,5 +1,8 @@
 """No secret on the bus or in the logs (levels 0-3) while strongSwan authenticates to ikefarm.
 
+The secrets include the ESP keys of the child SAs: they go to the kernel
+service sealed (shared/bus/child_keys.py) and must appear nowhere in clear.
+
 A recorder subscribed to `>` on the gateway's broker captures every message
 (subjects, headers, payloads) while strongSwan makes two IKE SAs with
 `ikefarm up`: one with the PSK only, one with the PSK and a PPK (RFC 8784).
@@ -40,8 +43,12 @@ PSK = "leak-hunt-psk-6b2f09e4a1c7d358"
 PPK = bytes.fromhex("a4c1e9077f3b52d86e10f4c2b9a75d13c8e2046f91ab37d5e6028c4f7b19a3e5")
 PPK_ID = "leak-hunt-ppk"
 
-# strongSwan's DBG4 dump of a derived key: "Sk_d secret => 48 bytes @ 0x..." then hex lines
-_KEY_HEADER = re.compile(r"(Sk_\w+|SK_\w+) secret => (\d+) bytes")
+# strongSwan's DBG4 dump of a derived key: "Sk_d secret => 48 bytes @ 0x..." then hex lines;
+# a child SA's ESP keys: "encryption initiator key => 36 bytes @ 0x..." (chd at level 4)
+_KEY_HEADER = re.compile(
+    r"(Sk_\w+|SK_\w+|(?:encryption|integrity) (?:initiator|responder))"
+    r"(?: secret| key) => (\d+) bytes"
+)
 _HEX_LINE = re.compile(r"(?:^|\s)\d+: ((?:[0-9A-F]{2} ){1,16})")  # "<c|1>   16: 3F AD ..."
 
 
@@ -53,7 +60,7 @@ def strongswan_keys(log: str) -> dict[str, list[bytes]]:
         header = _KEY_HEADER.search(line)
         if header is None:
             continue
-        name, size = header.group(1).lower(), int(header.group(2))
+        name, size = header.group(1).lower().replace(" ", "_"), int(header.group(2))
         octets = b""
         for follow in lines[index + 1 :]:
             dump = _HEX_LINE.search(follow)
@@ -128,7 +135,7 @@ def test_psk_and_ppk_handshakes_leak_no_secret(
     capture.start()
 
     netns_pair.peer.add_address("lo", "10.200.0.1/32")
-    peer = strongswan_factory(netns_pair.peer, log_levels={"ike": 4})
+    peer = strongswan_factory(netns_pair.peer, log_levels={"ike": 4, "chd": 4})
     peer.load(
         [connection("plain", "a.peer.example", False), connection("pq", "b.peer.example", True)],
         psks=[Psk(PSK, ["a.peer.example", "b.peer.example", "gw.example"])],
@@ -143,12 +150,19 @@ def test_psk_and_ppk_handshakes_leak_no_secret(
     keys = strongswan_keys(peer.log_text())
     for name in ("sk_d", "sk_pi", "sk_pr", "sk_ei", "sk_er"):
         assert name in keys, f"strongSwan did not log {name}: {sorted(keys)}"
+    # the ESP keys of both child SAs (AES-GCM: encryption keys with salt, no integrity key)
+    for name in ("encryption_initiator", "encryption_responder"):
+        assert len(keys.get(name, [])) == 2, f"strongSwan did not log {name}: {sorted(keys)}"
     derived = [key for values in keys.values() for key in values]
     assert len(keys["sk_d"]) >= 3  # two IKE SAs, and SK_d' after the PPK
     secrets = [PSK.encode(), PPK, *derived]
 
     subjects = {r["subject"] for r in records}
     assert "ikefarm.keystore.ppk.mix" in subjects and "ikefarm.keystore.psk.auth" in subjects
+    # the child SA keys did cross the bus to the kernel service: sealed, found nowhere
+    assert "ikefarm.kernel.transport-key" in subjects
+    installs = [r for r in records if r["subject"] == "ikefarm.kernel.child.install"]
+    assert len(installs) == 2
     assert find_secrets(capture.blob(), secrets) == []
     log = gateway.log_text()
     assert '"level": 3' in log or '"level": 2' in log  # the log was really this verbose

@@ -46,7 +46,15 @@ def child(unique_id: int = 1, **changes: Any) -> ChildInstall:
         spi_in=f"{0xC0000000 + unique_id:08x}",
         spi_out=f"{0xC1000000 + unique_id:08x}",
     )
-    fields: dict[str, Any] = {"vpn": "hq", "reqid": 3, "esn": True, "replay_window": 1024}
+    fields: dict[str, Any] = {
+        "vpn": "hq",
+        "reqid": 3,
+        "esn": True,
+        "replay_window": 1024,
+        # the keys as the kernel service hands them to its backend, once opened
+        "encr_key_in": KEY_IN,
+        "encr_key_out": KEY_OUT,
+    }
     return dataclasses.replace(base, **(fields | changes))
 
 

@@ -7,6 +7,7 @@ test creates (the service itself would program the namespace it runs in).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ from ikefarm.shared.config.loader import parse_config
 from ikefarm.shared.observability.logging import configure_logging
 from tests.harness.netns import Namespace
 from tests.kernel.test_netlink_backend import KEY_IN, KEY_OUT, child, trap
+from tests.service.test_kernel_memory import sealed
 
 pytestmark = pytest.mark.kernel
 NETLINK = parse_config('[kernel]\nbackend = "netlink"\n')
@@ -87,7 +89,8 @@ async def test_trap_and_refused_child_over_the_bus(
     assert state.backend == "netlink" and [t["reqid"] for t in state.traps] == [3]
 
     accepted, why = probe_esp(netns.name)
-    ack, raw = await ask(client, subjects.KERNEL_CHILD_INSTALL, child(), KernelAck)
+    request = await sealed(client, dataclasses.replace(child(), encr_key_in=b"", encr_key_out=b""))
+    ack, raw = await ask(client, subjects.KERNEL_CHILD_INSTALL, request, KernelAck)
     if accepted:
         assert ack.ok, f"this kernel takes ESP states ({why}) but refused the child: {ack}"
     else:

@@ -121,6 +121,8 @@ async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]
     path.write_text(
         '[ingress]\nlisten = ["127.0.0.1", "::1"]\n'
         f"ike-port = {ike_port}\nnatt-port = {natt_port}\n"
+        # no userspace dataplane beside it: ESP-in-UDP reaches ingress, which drops it
+        '[kernel]\nbackend = "memory"\n'
     )
     runtime = Runtime(IngressService, load_config(path), nats_server.url, instance="ingress-0")
     await runtime.start()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,14 +21,21 @@ from ikefarm.proto.messages import (
     KernelAck,
     KernelShowRequest,
     KernelState,
+    TransportKeyReply,
+    TransportKeyRequest,
 )
 from ikefarm.services.kernel import backends
 from ikefarm.services.kernel.service import BackendNotAvailable, KernelService
+from ikefarm.shared.bus.child_keys import ChildKeys, seal_child_keys
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.config.loader import parse_config
 from ikefarm.shared.ikev2.constants import EncrId
 from ikefarm.shared.observability.logging import configure_logging
+
+EXAMPLE_TEXT = (
+    Path(__file__).resolve().parents[2] / "ops" / "examples" / "psk-responder.toml"
+).read_text()
 
 ENCR_KEY_IN = bytes(range(0x10, 0x34))  # 36 octets: AES-256 + 4-octet GCM salt
 ENCR_KEY_OUT = bytes(range(0x40, 0x64))
@@ -57,10 +62,6 @@ def child(unique_id: int = 1, spi_in: str = "c0000001", spi_out: str = "c1000001
         encr_id=EncrId.AES_GCM_16,
         encr_key_bits=256,
         integ_id=None,
-        encr_key_in=ENCR_KEY_IN,
-        encr_key_out=ENCR_KEY_OUT,
-        integ_key_in=b"",
-        integ_key_out=b"",
         esn=False,
         replay_window=32,
         udp_encap=True,
@@ -110,8 +111,19 @@ async def ask(nc: Client, subject: str, payload: bytes) -> bytes:
     return (await nc.request(subject, payload, timeout=2)).data
 
 
+async def sealed(nc: Client, request: ChildInstall) -> ChildInstall:
+    """`request` with ENCR_KEY_IN/OUT sealed to the kernel service, as an ike worker sends it."""
+    raw = await ask(nc, subjects.KERNEL_TRANSPORT_KEY, envelope.pack(TransportKeyRequest()))
+    public = envelope.unpack_reply(raw, TransportKeyReply).public_key
+    keys = ChildKeys(ENCR_KEY_IN, ENCR_KEY_OUT, b"", b"")
+    ephemeral, sealed_keys = seal_child_keys(public, request.spi_in, request.spi_out, keys)
+    return dataclasses.replace(request, ephemeral=ephemeral, sealed_keys=sealed_keys)
+
+
 async def install(nc: Client, request: ChildInstall) -> KernelAck:
-    raw = await ask(nc, subjects.KERNEL_CHILD_INSTALL, envelope.pack(request))
+    payload = envelope.pack(await sealed(nc, request))
+    assert not any(key in payload for key in KEYS)
+    raw = await ask(nc, subjects.KERNEL_CHILD_INSTALL, payload)
     assert not any(key in raw for key in KEYS)
     return envelope.unpack_reply(raw, KernelAck)
 
@@ -253,52 +265,36 @@ async def test_malformed_requests_get_structured_errors(
     assert len(state.sas) == 2
 
 
-def _without_userspace_backend() -> None:
-    if importlib.util.find_spec(backends.USERSPACE_MODULE) is not None:
-        pytest.skip(f"{backends.USERSPACE_MODULE} exists: these tests cover its absence")
-
-
-async def test_userspace_backend_refuses_to_start_while_not_implemented(
-    nats_server: EmbeddedNats,
-) -> None:
-    _without_userspace_backend()
-    config = parse_config('[kernel]\nbackend = "userspace"\n')
-    runtime = Runtime(KernelService, config, nats_server.url, instance="kernel-us")
-    try:
-        with pytest.raises(BackendNotAvailable, match="userspace backend not implemented yet"):
-            await runtime.start()
-    finally:
-        await runtime.stop()
-
-
-def test_auto_backend_process_says_what_it_chose_or_why_it_cannot_start(
-    nats_server: EmbeddedNats, tmp_path: Path, ikefarm_argv: list[str]
-) -> None:
-    """`auto` probes the kernel: netlink where it takes an ESP state, else userspace (not
-    implemented yet, so the process exits 1 quoting the kernel's refusal)."""
-    _without_userspace_backend()
-    path = tmp_path / "auto.toml"
-    path.write_text("[ike.logging.daemon]\ndefault = 1\n")  # backend left at its default
+def test_auto_backend_says_what_it_chose_and_why() -> None:
+    """`auto` probes the kernel once: netlink where it takes an ESP state, else the userspace
+    dataplane, with the kernel's own refusal as the reason (logged at level 1 at start)."""
     accepted, why = backends.probe_esp()
+    choice = KernelService.preflight(parse_config(""))  # backend left at its default
     if accepted:
-        pytest.skip(f"this kernel takes ESP states ({why}): auto picks netlink here")
-    result = subprocess.run(
-        [*ikefarm_argv, "service", "kernel", "-c", str(path), "--nats", nats_server.url],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        assert choice == backends.Choice("netlink", f"auto: {why}")
+    else:
+        assert choice.backend == "userspace"
+        assert choice.reason.startswith("auto: kernel refused XFRM_MSG_NEWSA: ")
+
+
+def test_auto_on_userspace_refuses_what_the_dataplane_cannot_do() -> None:
+    if backends.probe_esp()[0]:
+        pytest.skip("this kernel takes ESP states: auto picks netlink, which does transport mode")
+    config = parse_config(
+        EXAMPLE_TEXT.replace('mode = "tunnel"', 'mode = "transport"').replace(
+            'backend = "memory"', 'backend = "auto"'
+        )
     )
-    assert result.returncode == 1
-    assert "auto chose the userspace backend (kernel refused XFRM_MSG_NEWSA: " in result.stderr
-    assert "it is not implemented yet" in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(BackendNotAvailable, match=r"security-policy\[0\]\.mode"):
+        KernelService.preflight(config)
 
 
 def test_show_rows_never_hold_key_bytes() -> None:
     from ikefarm.services.kernel.memory import MemoryKernel
 
     backend = MemoryKernel()
-    sa_in, sa_out = backend.install(child())
+    opened = dataclasses.replace(child(), encr_key_in=ENCR_KEY_IN, encr_key_out=ENCR_KEY_OUT)
+    sa_in, sa_out = backend.install(opened)
     text = repr(backend) + repr(sa_in) + repr(sa_out) + repr(backend.show())
     for key in KEYS:
         assert key.hex() not in text and repr(key) not in text

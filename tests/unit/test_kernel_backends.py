@@ -1,5 +1,5 @@
 """Choosing the kernel backend (services/kernel/backends.py): the probe's answer decides `auto`,
-and the userspace backend plugs in by module name when it exists."""
+an explicit backend is taken as configured."""
 
 from __future__ import annotations
 
@@ -24,26 +24,10 @@ def test_auto_takes_netlink_when_the_kernel_takes_esp(probe: dict) -> None:  # t
     )
 
 
-def test_auto_falls_to_userspace_refused_while_it_is_not_implemented(probe: dict) -> None:  # type: ignore[type-arg]
-    with pytest.raises(backends.BackendUnavailable) as refused:
-        backends.choose("auto")
-    text = str(refused.value)
-    assert "auto chose the userspace backend (kernel refused XFRM_MSG_NEWSA" in text
-    assert "not implemented yet" in text and 'backend = "memory"' in text
-
-
-def test_userspace_plugs_in_by_module_name(
-    probe: dict,  # type: ignore[type-arg]
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    with pytest.raises(backends.BackendUnavailable, match="userspace backend not implemented"):
-        backends.choose("userspace")
-    # a module providing the class (here a stand-in: the memory backend's module)
-    monkeypatch.setattr(backends, "USERSPACE_MODULE", "ikefarm.services.kernel.memory")
-    monkeypatch.setattr(backends, "USERSPACE_CLASS", "MemoryKernel")
-    assert backends.choose("userspace") == backends.Choice("userspace", "configured")
-    assert backends.choose("auto").backend == "userspace"
-    assert backends.userspace_class().__name__ == "MemoryKernel"
+def test_auto_takes_userspace_when_the_kernel_refuses_esp(probe: dict) -> None:  # type: ignore[type-arg]
+    assert backends.choose("auto") == backends.Choice(
+        "userspace", "auto: kernel refused XFRM_MSG_NEWSA: Function not implemented"
+    )
 
 
 def test_explicit_backends_do_not_probe(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,5 +37,6 @@ def test_explicit_backends_do_not_probe(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(backends, "probe_esp", no_probe)
     assert backends.choose("netlink") == backends.Choice("netlink", "configured")
     assert backends.choose("memory") == backends.Choice("memory", "configured")
+    assert backends.choose("userspace") == backends.Choice("userspace", "configured")
     with pytest.raises(backends.BackendUnavailable, match="unknown kernel backend"):
         backends.choose("pfkey")

@@ -1,0 +1,325 @@
+"""The `userspace` kernel backend: the SAD/SPD of the memory backend plus a live ESP dataplane.
+
+Bookkeeping (validation, SA and policy rows, traps, `show`) is the memory
+backend's (`memory.py`); on top, each child SA becomes a `Tunnel` of the
+userspace dataplane (`dataplane.py`), its remote selectors are routed to the
+TUN device and the ESP socket of its local address is opened (`tun.py`).
+The I/O runs in the kernel service's asyncio loop: `add_reader` on the TUN
+device and on each ESP socket, a bounded batch of packets per wake-up.
+
+Not implemented (refused per child with "not implemented", and by the
+configuration check for the options that would ask for them,
+`shared/config/loader.py`): transport mode, protocol/port traffic selectors, a
+remote selector covering the peer's own address, ACQUIRE for trap policies
+(traps are recorded, as by the memory backend, and raise nothing), and the ESP
+algorithms the codec lacks (`shared/esp/`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+from collections import Counter
+from typing import Any
+
+from ikefarm.proto.messages import ChildDelete, ChildInstall
+from ikefarm.services.kernel import tun
+from ikefarm.services.kernel.dataplane import Dataplane, Network, Send, Tunnel, selector_networks
+from ikefarm.services.kernel.memory import (
+    InvalidChild,
+    KernelRefusal,
+    MemoryKernel,
+    SaEntry,
+    _Child,
+    check_install,
+)
+from ikefarm.shared.esp import Lifetime, UnsupportedEspTransform, sa_pair
+
+BACKEND_NAME = "userspace"
+BATCH = 64  # packets handled per wake-up of one fd, so one busy fd cannot starve the loop
+MAX_PACKET = 65535
+
+
+def not_implemented(text: str) -> KernelRefusal:
+    return KernelRefusal("not_implemented", f"not implemented: {text}")
+
+
+class _Socket:
+    __slots__ = ("sock", "users")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.users = 0
+
+
+class UserspaceKernel(MemoryKernel):
+    """Child SAs protected by the userspace dataplane; `start()` opens the TUN device."""
+
+    name = BACKEND_NAME
+
+    def __init__(
+        self,
+        counters: Counter[str] | None = None,
+        *,
+        natt_port: int = 4500,
+        tun_name: str = tun.TUN_NAME,
+        routing_table: int = 220,
+        routing_table_prio: int = 220,
+        lifetime: Lifetime | None = None,
+    ) -> None:
+        super().__init__()
+        self.dataplane = Dataplane(counters)
+        self.counters = self.dataplane.counters
+        self.natt_port = natt_port
+        self.tun_name = tun_name
+        self.routing = (routing_table, routing_table_prio)
+        self.lifetime = lifetime or Lifetime()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tun_fd: int | None = None
+        self._routes: tun.Routes | None = None
+        self._esp: dict[str, _Socket] = {}  # raw IP-protocol-50 sockets by local address
+        self._udp: dict[str, _Socket] = {}  # raw ESP-in-UDP sockets by local address
+
+    def __repr__(self) -> str:
+        return f"UserspaceKernel(children={self.child_count}, sas={len(self.sad)})"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self._tun_fd, index = await tun.open_tun(self.tun_name)
+        self._routes = tun.Routes(index, *self.routing)
+        await self._routes.start()
+        loop.add_reader(self._tun_fd, self._read_tun)
+
+    async def apply_routes(self) -> None:
+        """Program the routes the installs and deletes since the last call changed."""
+        if self._routes is not None:
+            await self._routes.apply()
+
+    async def stop(self) -> None:
+        if self._routes is not None:
+            with contextlib.suppress(Exception):
+                await self._routes.apply(everything=True)
+            self._routes = None
+        loop = self._loop
+        for table in (self._esp, self._udp):
+            for entry in table.values():
+                if loop is not None:
+                    loop.remove_reader(entry.sock.fileno())
+                entry.sock.close()
+            table.clear()
+        if self._tun_fd is not None:
+            if loop is not None:
+                loop.remove_reader(self._tun_fd)
+            os.close(self._tun_fd)  # the TUN device goes with its last fd
+            self._tun_fd = None
+
+    # -- the backend interface ------------------------------------------------------------
+
+    def _tunnel(self, request: ChildInstall) -> Tunnel:
+        """The dataplane tunnel of a request, or KernelRefusal for what is not implemented."""
+        if request.mode != "tunnel":
+            raise not_implemented(f"{request.mode} mode in the userspace dataplane")
+        try:
+            local_nets = [n for s in request.local_ts for n in selector_networks(s)]
+            remote_nets = [n for s in request.remote_ts for n in selector_networks(s)]
+        except NotImplementedError as exc:
+            raise not_implemented(str(exc)) from None
+        except ValueError:
+            raise InvalidChild("a traffic selector is not an address range") from None
+        remote = ipaddress.ip_address(request.remote_address)
+        if any(remote in network for network in remote_nets):
+            # its ESP (and IKE) would be routed into the tunnel itself; telling outer from
+            # inner packets to the same address needs marks on every socket: not done
+            raise not_implemented(
+                "a remote traffic selector that covers the peer's own address"
+                f" ({request.remote_address})"
+            )
+        try:
+            inbound, outbound = sa_pair(
+                request, lifetime_in=self.lifetime, lifetime_out=self.lifetime
+            )
+        except UnsupportedEspTransform as exc:
+            raise not_implemented(f"ESP transform: {exc}") from None
+        except ValueError as exc:  # key lengths that do not fit the transform
+            raise InvalidChild(str(exc)) from None
+        return Tunnel(
+            unique_id=request.unique_id,
+            outbound=outbound,
+            inbound=inbound,
+            local_address=str(ipaddress.ip_address(request.local_address)),
+            remote_address=str(ipaddress.ip_address(request.remote_address)),
+            local_port=request.local_port,
+            remote_port=request.remote_port,
+            udp_encap=request.udp_encap,
+            local_nets=local_nets,
+            remote_nets=remote_nets,
+        )
+
+    def install(self, request: ChildInstall) -> tuple[SaEntry, SaEntry]:
+        check_install(request)
+        tunnel = self._tunnel(request)
+        entries = super().install(request)
+        try:
+            self._acquire_socket(tunnel)
+        except Exception as exc:
+            super().delete(_delete_of(request))
+            raise KernelRefusal("dataplane", f"dataplane refused the child: {exc}") from None
+        try:
+            self.dataplane.add(tunnel)
+        except Exception as exc:
+            self._release_socket(tunnel)
+            super().delete(_delete_of(request))
+            raise KernelRefusal("dataplane", f"dataplane refused the child: {exc}") from None
+        if self._routes is not None:
+            for network in tunnel.remote_nets:
+                self._routes.add(str(network), tunnel.local_nets)
+        return entries
+
+    def delete(self, request: ChildDelete) -> _Child:
+        child = super().delete(request)
+        tunnel = self.dataplane.tunnels.get(child.unique_id)
+        if tunnel is not None:
+            self._forget(tunnel)
+        return child
+
+    def _forget(self, tunnel: Tunnel) -> None:
+        if self.dataplane.remove(tunnel.unique_id) is not None and self._routes is not None:
+            for network in tunnel.remote_nets:
+                self._routes.remove(str(network))
+        self._release_socket(tunnel)
+
+    def show(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        sas, policies = super().show()
+        for row in sas:
+            counters = self.dataplane.show(row["unique_id"]).get(row["direction"], {})
+            row.update(counters)
+        return sas, policies
+
+    # -- sockets ----------------------------------------------------------------------------
+
+    def _table(self, tunnel: Tunnel) -> dict[str, _Socket]:
+        return self._udp if tunnel.udp_encap else self._esp
+
+    def _acquire_socket(self, tunnel: Tunnel) -> None:
+        table = self._table(tunnel)
+        entry = table.get(tunnel.local_address)
+        if entry is None:
+            ipv4 = ipaddress.ip_address(tunnel.local_address).version == 4
+            if tunnel.udp_encap:
+                sock = tun.open_udp_encap_socket(tunnel.local_address, self.natt_port)
+                offset_of = _udp_payload_offset if ipv4 else _udp_header_only
+            else:
+                sock = tun.open_esp_socket(tunnel.local_address)
+                offset_of = _ipv4_payload_offset if ipv4 else _no_offset
+            entry = table[tunnel.local_address] = _Socket(sock)
+            if self._loop is not None:
+                self._loop.add_reader(sock.fileno(), self._read_esp, sock, offset_of)
+        entry.users += 1
+
+    def _release_socket(self, tunnel: Tunnel) -> None:
+        table = self._table(tunnel)
+        entry = table.get(tunnel.local_address)
+        if entry is None:
+            return
+        entry.users -= 1
+        if entry.users <= 0:
+            del table[tunnel.local_address]
+            if self._loop is not None:
+                self._loop.remove_reader(entry.sock.fileno())
+            entry.sock.close()
+
+    # -- per packet -----------------------------------------------------------------------
+
+    def _read_tun(self) -> None:
+        fd = self._tun_fd
+        if fd is None:
+            return
+        outbound = self.dataplane.outbound
+        for _ in range(BATCH):
+            try:
+                packet = os.read(fd, MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.counters["esp.out.drop.tun_read"] += 1
+                return
+            send = outbound(packet)
+            if send is not None:
+                self._transmit(send)
+
+    def _transmit(self, send: Send) -> None:
+        tunnel = send.tunnel
+        try:
+            if tunnel.udp_encap:
+                sock = self._udp[tunnel.local_address].sock
+                header = tun.udp_header(tunnel.local_port, tunnel.remote_port, len(send.esp))
+                sock.sendto(header + send.esp, (tunnel.remote_address, 0))
+            else:
+                self._esp[tunnel.local_address].sock.sendto(send.esp, (tunnel.remote_address, 0))
+        except (KeyError, OSError):
+            self.counters["esp.out.drop.send_error"] += 1
+
+    def _read_esp(self, sock: socket.socket, offset_of: Any) -> None:
+        inbound = self.dataplane.inbound
+        fd = self._tun_fd
+        for _ in range(BATCH):
+            try:
+                data = sock.recv(MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.counters["esp.in.drop.socket_error"] += 1
+                return
+            offset = offset_of(data)
+            if offset is None:
+                self.counters["esp.in.drop.too_short"] += 1
+                continue
+            inner = inbound(data[offset:])
+            if inner is None or fd is None:
+                continue
+            try:
+                os.write(fd, inner)
+            except OSError:
+                self.counters["esp.in.drop.tun_write"] += 1
+
+
+def _ipv4_payload_offset(data: bytes) -> int | None:
+    """Raw IPv4 sockets read the IP header too."""
+    if not data:
+        return None
+    offset = (data[0] & 0x0F) * 4
+    return offset if 20 <= offset <= len(data) else None
+
+
+def _udp_payload_offset(data: bytes) -> int | None:
+    offset = _ipv4_payload_offset(data)
+    return offset + 8 if offset is not None and offset + 8 <= len(data) else None
+
+
+def _udp_header_only(data: bytes) -> int | None:
+    """Raw IPv6 sockets read from the UDP header on."""
+    return 8 if len(data) >= 8 else None
+
+
+def _no_offset(_data: bytes) -> int:
+    """Raw IPv6 sockets read from the payload on."""
+    return 0
+
+
+def _delete_of(request: ChildInstall) -> ChildDelete:
+    return ChildDelete(
+        unique_id=request.unique_id,
+        reqid=request.reqid,
+        spi_in=request.spi_in,
+        spi_out=request.spi_out,
+        local_address=request.local_address,
+        remote_address=request.remote_address,
+    )
+
+
+__all__ = ["BACKEND_NAME", "Network", "UserspaceKernel", "not_implemented"]

@@ -43,7 +43,13 @@ class Stats(BusMessage):
 
 @message("datagram")
 class Datagram(BusMessage):
-    """An IKE message received by ingress (non-ESP marker stripped), for an ike worker."""
+    """An IKE message received by ingress (non-ESP marker stripped), for an ike worker.
+
+    Ingress read and checked the fixed IKE header once (RFC 7296 3.1): major version 2,
+    Length equal to the octets of `data`, SPIi not zero. The header fields below are what it
+    read, so the worker does not read them again (`docs/architecture.md`, "One datagram's
+    way"); a datagram without them (`spi_i` empty) is read by the worker itself.
+    """
 
     local_address: str
     local_port: int
@@ -53,6 +59,14 @@ class Datagram(BusMessage):
     # the ingress instance that forwarded it: workers count the IKE_SA_INIT each ingress
     # handed them (`IkeLoad.inits`), so every ingress knows which of its own are pending
     via: str = ""
+    natt: bool = False  # it came to the NAT-T port, after a non-ESP marker (RFC 3948 2.2)
+    spi_i: bytes = b""  # 8 octets, or empty: the worker reads the header itself
+    spi_r: bytes = b""
+    next_payload: int = 0
+    minor_version: int = 0
+    exchange_type: int = 0
+    flags: int = 0  # I, V, R (RFC 7296 3.1); reserved bits already cleared
+    message_id: int = 0
 
 
 @message("datagram-out")

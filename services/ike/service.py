@@ -53,6 +53,7 @@ from ikefarm.proto.messages import (
     TrapRemove,
 )
 from ikefarm.services.ike.ppk_client import PpkClient
+from ikefarm.shared.bus.datagram import carried_header
 from ikefarm.shared.bus.runtime import ServiceBase
 from ikefarm.shared.dos.admission import WorkerAdmission, local_load
 from ikefarm.shared.dos.limits import dos_limits
@@ -170,12 +171,16 @@ class IkeService(ServiceBase):
     # -- inputs -----------------------------------------------------------------------------
 
     async def on_datagram(self, datagram: Datagram, msg: Msg) -> None:
+        header = carried_header(datagram)  # read once, by ingress
+        if header is None and datagram.spi_i:
+            self.runtime.counters["datagram_header_refused"] += 1
         try:
             effects = self.engine.receive(
                 datagram.data,
                 Endpoint(datagram.local_address, datagram.local_port),
                 Endpoint(datagram.remote_address, datagram.remote_port),
                 time.monotonic(),
+                header,
             )
         finally:
             # counted before anything is sent: the snapshot that shows the new half-open SA

@@ -141,21 +141,31 @@ def _overlaps(ours: str, theirs: str) -> bool:
     return mine.version == other.version and (mine.is_unspecified or other.is_unspecified)
 
 
+@dataclass(frozen=True)
+class _Held:
+    fd: int
+    path: Path
+    mutex: Path
+
+
 class EndpointClaim:
     """The shared locks this process holds on its farm's endpoints; `release` (or process
-    exit) gives them up."""
+    exit) gives them up. The last member of a farm to release an endpoint removes its file."""
 
     def __init__(self) -> None:
-        self._files: list[int] = []
+        self._files: list[_Held] = []
 
     def release(self) -> None:
-        for fd in self._files:
+        for held in self._files:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                _release_one(held)
         self._files.clear()
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def paths(self) -> list[Path]:
+        return [held.path for held in self._files]
 
 
 def claim(
@@ -174,14 +184,14 @@ def claim(
     namespace = _namespace()
     tag = _farm_tag(farm)
     held = into if into is not None else EndpointClaim()
-    taken: list[int] = []
+    taken: list[_Held] = []
     try:
         for address, port in endpoints:
             canonical = canonical_address(address)
             taken.append(_claim_one(directory, namespace, canonical, port, tag, holder))
     except BaseException:
-        for fd in taken:
-            os.close(fd)
+        for one in taken:
+            _release_one(one)
         raise
     held._files.extend(taken)
     return held
@@ -189,9 +199,10 @@ def claim(
 
 def _claim_one(
     directory: Path, namespace: str, address: str, port: int, tag: str, holder: str
-) -> int:
+) -> _Held:
     prefix = f"{namespace}-{port}-"
-    mutex = os.open(directory / f"{namespace}-{port}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    mutex_path = directory / f"{namespace}-{port}.lock"
+    mutex = os.open(mutex_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(mutex, fcntl.LOCK_EX)
         for entry in directory.iterdir():
@@ -218,9 +229,30 @@ def _claim_one(
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return _Held(fd, path, mutex_path)
     finally:
         os.close(mutex)  # also releases the mutex
+
+
+def _release_one(held: _Held) -> None:
+    """Give up one endpoint; remove its file when no other member of the farm holds it."""
+    try:
+        mutex = os.open(held.mutex, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        os.close(held.fd)
+        return
+    try:
+        fcntl.flock(mutex, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no one else holds it
+        except BlockingIOError:
+            pass
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                held.path.unlink()
+        os.close(held.fd)
+    finally:
+        os.close(mutex)
 
 
 def _still_held(path: Path) -> str | None:

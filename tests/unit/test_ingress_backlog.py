@@ -23,12 +23,18 @@ def init(*payloads: object) -> bytes:
     )
 
 
-def test_better_classes_first_and_fifo_inside_a_class() -> None:
+def test_better_classes_first_oldest_first_and_new_inits_newest_first() -> None:
     backlog: Backlog[str] = Backlog(10)
-    for name, klass in [("n1", NEW), ("c1", RETURNS_COOKIE), ("e1", ESTABLISHED), ("n2", NEW)]:
+    for name, klass in [
+        ("n1", NEW),
+        ("c1", RETURNS_COOKIE),
+        ("e1", ESTABLISHED),
+        ("n2", NEW),
+        ("c2", RETURNS_COOKIE),
+    ]:
         assert backlog.push(klass, name, now=0.0) is None
     backlog.push(ESTABLISHED, "e2", now=0.0)
-    assert [backlog.pop(0.0) for _ in range(6)] == ["e1", "e2", "c1", "n1", "n2", None]
+    assert [backlog.pop(0.0) for _ in range(7)] == ["e1", "e2", "c1", "c2", "n2", "n1", None]
     assert len(backlog) == 0
 
 
@@ -56,18 +62,20 @@ def test_established_datagrams_are_dropped_only_for_each_other() -> None:
     assert [backlog.pop(0.0), backlog.pop(0.0)] == [1, 2]
 
 
-def test_new_inits_that_waited_too_long_are_dropped_at_their_turn() -> None:
+def test_new_inits_that_waited_too_long_are_dropped() -> None:
     backlog: Backlog[str] = Backlog(10)
     backlog.push(NEW, "old", 0.0)
+    backlog.push(NEW, "younger", 0.1)
     backlog.push(ESTABLISHED, "old-established", 0.0)
     backlog.push(NEW, "fresh", NEW_MAX_WAIT)
-    later = NEW_MAX_WAIT + 0.5
-    assert [backlog.pop(later), backlog.pop(later), backlog.pop(later)] == [
-        "old-established",
+    later = NEW_MAX_WAIT + 0.05
+    assert [backlog.pop(later) for _ in range(4)] == [
+        "old-established",  # an SA's datagram is never too old here
         "fresh",
+        "younger",
         None,
     ]
-    assert backlog.stale == 1
+    assert backlog.stale == 1 and len(backlog) == 0
 
 
 def test_capacity_must_be_positive() -> None:

@@ -69,22 +69,6 @@ class Datagram(BusMessage):
     message_id: int = 0
 
 
-@message("datagram-out")
-class OutboundDatagram(BusMessage):
-    """An IKE message for ingress to send from local to remote (it adds the 4500 marker).
-
-    With `nat_keepalive`, `data` is the single 0xFF octet of a NAT-keepalive (RFC 3948
-    2.3), sent from the NAT-T port as it is, without the non-ESP marker.
-    """
-
-    local_address: str
-    local_port: int
-    remote_address: str
-    remote_port: int
-    data: bytes
-    nat_keepalive: bool = False
-
-
 @message("init-route")
 class InitRoute(BusMessage):
     """ike -> every ingress: a retransmitted IKE_SA_INIT from this peer and SPIi goes to `shard`."""
@@ -94,6 +78,27 @@ class InitRoute(BusMessage):
     remote_port: int
     shard: int
     lifetime: float
+
+
+@message("datagram-out")
+class OutboundDatagram(BusMessage):
+    """An IKE message for ingress to send from local to remote (it adds the 4500 marker).
+
+    With `nat_keepalive`, `data` is the single 0xFF octet of a NAT-keepalive (RFC 3948
+    2.3), sent from the NAT-T port as it is, without the non-ESP marker.
+
+    `init_route`: the answer to a new IKE_SA_INIT goes to the ingress instance that
+    forwarded it (`subjects.ingress_instance_send`), the one the peer's retransmissions
+    reach, with the route they must take: one bus message instead of two.
+    """
+
+    local_address: str
+    local_port: int
+    remote_address: str
+    remote_port: int
+    data: bytes
+    nat_keepalive: bool = False
+    init_route: InitRoute | None = None
 
 
 # --- DoS protection: farm-wide load (issue 5, shared/dos) -----------------------------------

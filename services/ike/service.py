@@ -187,7 +187,37 @@ class IkeService(ServiceBase):
             # also shows this init answered, so no ingress counts it twice
             if msg.subject == subjects.IKE_INIT and datagram.via:
                 self._init_answered(datagram.via)
+        if msg.subject == subjects.IKE_INIT and datagram.via:
+            effects = await self._answer_with_route(effects, datagram.via)
         await self.apply(effects)
+
+    async def _answer_with_route(self, effects: list[Effect], via: str) -> list[Effect]:
+        """An IKE_SA_INIT answer and its init route in one message, to the ingress instance
+        that forwarded the request (the one its retransmissions reach); the other effects
+        are left to `apply`. Without both, or for an odd instance name: as they were."""
+        subject = subjects.ingress_instance_send(via)
+        route = next((e for e in effects if isinstance(e, HalfOpen)), None)
+        if subject is None or route is None:
+            return effects
+        answer = next(
+            (e for e in effects if isinstance(e, SendDatagram) and e.remote == route.remote), None
+        )
+        if answer is None:
+            return effects
+        await self.runtime.publish(
+            subject,
+            OutboundDatagram(
+                answer.local.address,
+                answer.local.port,
+                answer.remote.address,
+                answer.remote.port,
+                answer.data,
+                init_route=InitRoute(
+                    route.spi_i, route.remote.address, route.remote.port, self.shard, route.lifetime
+                ),
+            ),
+        )
+        return [e for e in effects if e is not route and e is not answer]
 
     def _init_answered(self, via: str) -> None:
         if via not in self.inits_answered and len(self.inits_answered) >= MAX_INGRESS_TRACKED:

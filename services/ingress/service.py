@@ -237,6 +237,9 @@ class IngressService(ServiceBase):
         await self.runtime.subscribe(
             subjects.INGRESS_SEND, OutboundDatagram, self.on_send, queue=subjects.QUEUE_INGRESS
         )
+        own_send = subjects.ingress_instance_send(self.runtime.instance)
+        if own_send is not None:  # answers to the IKE_SA_INITs this instance forwarded
+            await self.runtime.subscribe(own_send, OutboundDatagram, self.on_send)
         # no queue group: every ingress instance must learn every init route
         await self.runtime.subscribe(subjects.INGRESS_INIT_ROUTE, InitRoute, self.on_init_route)
 
@@ -626,13 +629,16 @@ class IngressService(ServiceBase):
     # --- bus handlers ------------------------------------------------------------------------
 
     async def on_send(self, message: OutboundDatagram, _msg: Msg) -> None:
-        """Send an ike worker's datagram from the socket bound to its local endpoint."""
+        """Send an ike worker's datagram from the socket bound to its local endpoint (and
+        learn the init route an IKE_SA_INIT answer brings along)."""
         self._sends_since_yield += 1
         if self._sends_since_yield >= SEND_BATCH:
             # one read of the broker socket can bring hundreds of these: let the socket
             # reads and the routing task run between them
             self._sends_since_yield = 0
             await asyncio.sleep(0)
+        if message.init_route is not None:
+            self._learn_init_route(message.init_route)
         try:
             local = (canonical_address(message.local_address), message.local_port)
             remote = ipaddress.ip_address(message.remote_address)
@@ -681,6 +687,9 @@ class IngressService(ServiceBase):
 
     async def on_init_route(self, message: InitRoute, _msg: Msg) -> None:
         """A worker holds the half-open SA of (peer, SPIi): its retransmissions go there."""
+        self._learn_init_route(message)
+
+    def _learn_init_route(self, message: InitRoute) -> None:
         try:
             self.router.init_routes.learn(
                 message.remote_address,

@@ -214,6 +214,7 @@ def main() -> int:
     parser.add_argument("--peers", type=int, default=64, help="source ports")
     parser.add_argument("--instances", type=int, default=1, help="ingress processes")
     parser.add_argument("--code", type=Path, help="run the ingress from this checkout")
+    parser.add_argument("--profile", type=Path, help="cProfile the first ingress into FILE")
     parser.add_argument("--stand-in", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stand_in:
@@ -240,7 +241,11 @@ def main() -> int:
             config.write_text(config_text(ike_port, natt_port, base / "state"))
             names = [f"ingress-{i}" for i in range(args.instances)]
             for name in names:
-                argv = [sys.executable, "-m", "ikefarm.shared.cli.main", "service", "ingress"]
+                profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
+                if name != names[0]:
+                    profile = []
+                argv = [sys.executable, *profile, "-m", "ikefarm.shared.cli.main"]
+                argv += ["service", "ingress"]
                 argv += ["-c", str(config), "--nats", broker.url, "--instance", name]
                 children.append(subprocess.Popen(argv, env=environ, stdin=subprocess.DEVNULL))
             stand_in = [sys.executable, __file__, "--stand-in", broker.url]

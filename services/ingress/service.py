@@ -512,7 +512,7 @@ class IngressService(ServiceBase):
 
     def _gate(self, route: Route, remote_address: str, now: float) -> Verdict:
         """The DoS gate's verdict on a new IKE_SA_INIT (SPIr = 0, no init route)."""
-        request = init_request(route.data)
+        request = init_request(route.data, route.header)
         if request is None:
             verdict = self.gate.drop("malformed_ike_sa_init")
         else:

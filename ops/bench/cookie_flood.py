@@ -213,7 +213,10 @@ def run(rate: float, duration: float, timeout: float, workdir: Path) -> dict[str
             "gate.cookie_sent": counters.get("gate.cookie_sent", 0),
             "gate.cookie_valid": counters.get("gate.cookie_valid", 0),
             "gate.forwarded": counters.get("gate.forwarded", 0),
-            "dropped.queue_full": counters.get("dropped.queue_full", 0),
+            # what ingress dropped from its backlog (services/ingress/backlog.py)
+            "dropped.backlog": sum(
+                v for k, v in counters.items() if k.startswith("dropped.backlog")
+            ),
             "dh_computed": ike.get("dh_computed", 0),
         },
     }

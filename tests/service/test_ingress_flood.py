@@ -9,6 +9,7 @@ the backlog the tests look at is certain, not a matter of timing.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from ikefarm.proto import envelope, subjects
-from ikefarm.proto.messages import Datagram, Stats, StatsRequest
+from ikefarm.proto.messages import Datagram, InitRoute, OutboundDatagram, Stats, StatsRequest
 from ikefarm.proto.sharding import spi_for_shard
 from ikefarm.services.ingress.backlog import Backlog
 from ikefarm.services.ingress.service import IngressService
@@ -342,3 +343,62 @@ def test_a_second_ikefarm_up_on_the_same_address_and_port_is_refused(
     # the first farm is gone, and its files with it
     port = load_config(loopback_config).ingress.ike_port
     assert not list(lock_dir().glob(f"*-{port}-127.0.0.1.*"))
+
+
+async def test_each_instance_learns_the_init_routes_of_the_flows_it_serves(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Two instances, many peers: a worker's answer to an IKE_SA_INIT goes to the instance
+    that forwarded it, with the init route; the peer's retransmission (same flow, so the
+    same socket under SO_REUSEPORT) reaches that instance and goes to the worker that holds
+    the half-open SA, never to the queue group again."""
+    ike_port, natt_port = udp_ports(2)
+    farm = config(tmp_path, ike_port, natt_port)
+    instances = [
+        Runtime(IngressService, farm, nats_server.url, instance=f"ingress-{i}") for i in (0, 1)
+    ]
+    nc = await nats.connect(nats_server.url)
+    retransmitted: list[Datagram] = []
+
+    async def worker(msg: Msg) -> None:  # a stand-in worker of shard SHARD
+        datagram = envelope.unpack(msg.data, Datagram)
+        if msg.subject == subjects.ike_shard(SHARD):
+            retransmitted.append(datagram)
+            return
+        subject = subjects.ingress_instance_send(datagram.via)
+        assert subject is not None
+        answer = OutboundDatagram(
+            datagram.local_address,
+            datagram.local_port,
+            datagram.remote_address,
+            datagram.remote_port,
+            datagram.data[:8] + bytes(28),
+            init_route=InitRoute(
+                datagram.spi_i, datagram.remote_address, datagram.remote_port, SHARD, 30.0
+            ),
+        )
+        await nc.publish(subject, envelope.pack(answer))
+
+    await nc.subscribe(subjects.IKE_INIT, cb=worker)
+    await nc.subscribe(subjects.ike_shard(SHARD), cb=worker)
+    await subscriptions_in_place(nc)
+    peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(24)]
+    try:
+        async with running(*instances), stand_in_workers(nc, 0, SHARD):
+            for index, sock in enumerate(peers):
+                sock.setblocking(False)
+                sock.sendto(new_init(index), ("127.0.0.1", ike_port))
+            loop = asyncio.get_running_loop()
+            for index, sock in enumerate(peers):  # the answer came back: retransmit anyway
+                answer = await asyncio.wait_for(loop.sock_recv(sock, 2048), 10)
+                assert answer[:8] == spi(index)
+                sock.sendto(new_init(index), ("127.0.0.1", ike_port))
+            await wait_until(lambda: len(retransmitted) == len(peers))
+            assert sorted(d.spi_i for d in retransmitted) == sorted(spi(i) for i in range(24))
+            learned = [r.counters["init_route_learned"] for r in instances]
+            assert all(learned) and sum(learned) == len(peers), learned  # each its own flows
+            assert sum(r.counters["routed.init"] for r in instances) == len(peers)
+    finally:
+        for sock in peers:
+            sock.close()
+        await nc.close()

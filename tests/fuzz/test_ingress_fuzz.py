@@ -116,19 +116,18 @@ def test_router_never_raises_and_counts_every_datagram(
     assert len(table) <= 2
 
 
+def fresh_route(wire: bytes, natt: bool) -> Route:
+    """The route of one datagram from PEER with no init route learned."""
+    return route_datagram(
+        wire, natt=natt, remote_address=PEER, remote_port=4500, init_routes=InitRouteTable(), now=0
+    )
+
+
 @settings(max_examples=500, deadline=None)
 @given(ike_datagrams(), st.booleans())
 def test_mutated_ike_headers_route_by_the_spi_they_carry(data: bytes, natt: bool) -> None:
-    wire = NON_ESP_MARKER + data if natt else data
     try:
-        route = route_datagram(
-            wire,
-            natt=natt,
-            remote_address=PEER,
-            remote_port=4500,
-            init_routes=InitRouteTable(),
-            now=0,
-        )
+        route = fresh_route(NON_ESP_MARKER + data if natt else data, natt)
     except Dropped as dropped:
         assert dropped.counter in KNOWN_COUNTERS
         return
@@ -149,14 +148,7 @@ def test_the_carried_header_is_the_header_of_the_datagram(data: bytes, natt: boo
     """Whatever ingress routes reaches the worker with the header the octets hold, across
     the bus encoding, so the worker's engine sees what it would have read itself."""
     try:
-        route = route_datagram(
-            data,
-            natt=False,
-            remote_address=PEER,
-            remote_port=500,
-            init_routes=InitRouteTable(),
-            now=0,
-        )
+        route = fresh_route(data, natt=False)
     except Dropped:
         return
     message = datagram_message(

@@ -10,10 +10,12 @@ the backlog the tests look at is certain, not a matter of timing.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
@@ -32,10 +34,11 @@ from ikefarm.shared.config.loader import Config, load_config
 from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType
 from ikefarm.shared.ikev2.message import Message, encode_message
 from ikefarm.shared.ikev2.payloads import NoncePayload, NotifyPayload
-from ikefarm.shared.udp_endpoints import FARM_ID_ENV, LOCK_DIR_ENV, lock_dir
+from ikefarm.shared.udp_endpoints import FARM_ID_ENV, lock_dir
 from tests.harness.ports import udp_ports
+from tests.service.test_ingress_dos import started
 from tests.service.test_ingress_service import stand_in_workers, wait_until
-from tests.service.test_up import SERVICES, status, wait_for
+from tests.service.test_up import SERVICES, status
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -75,27 +78,6 @@ def config(tmp_path: Path, ike_port: int, natt_port: int, extra: str = NO_LIMITS
     return load_config(path)
 
 
-@pytest.fixture(autouse=True)
-def _private_lock_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """In-process farms lock their endpoints in a directory of their own (the `ikefarm up`
-    test below uses the host's)."""
-    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
-    monkeypatch.delenv(FARM_ID_ENV, raising=False)
-
-
-@asynccontextmanager
-async def running(*runtimes: Runtime) -> AsyncIterator[None]:
-    done: list[Runtime] = []
-    try:
-        for runtime in runtimes:
-            await runtime.start()
-            done.append(runtime)
-        yield
-    finally:
-        for runtime in reversed(done):
-            await runtime.stop()
-
-
 class Published:
     """Every datagram ingress publishes to a worker, in the order it published them."""
 
@@ -126,6 +108,33 @@ class Published:
         return out
 
 
+@dataclass
+class OneIngress:
+    runtime: Runtime
+    nc: Client
+    published: Published
+    ike_port: int
+
+    @property
+    def service(self) -> IngressService:
+        assert isinstance(self.runtime.service, IngressService)
+        return self.runtime.service
+
+
+@asynccontextmanager
+async def one_ingress(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[OneIngress]:
+    """A started ingress (no limits) with stand-in owners of shards 0 and SHARD."""
+    ike_port, natt_port = udp_ports(2)
+    runtime = Runtime(IngressService, config(tmp_path, ike_port, natt_port), nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    try:
+        published = await Published.on(nc)
+        async with started(runtime), stand_in_workers(nc, 0, SHARD):
+            yield OneIngress(runtime, nc, published, ike_port)
+    finally:
+        await nc.close()
+
+
 @pytest.fixture
 def peer() -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -137,13 +146,10 @@ def peer() -> Iterator[socket.socket]:
 async def test_established_and_cookie_datagrams_overtake_a_backlog_of_new_inits(
     nats_server: EmbeddedNats, tmp_path: Path, peer: socket.socket
 ) -> None:
-    ike_port, natt_port = udp_ports(2)
-    runtime = Runtime(IngressService, config(tmp_path, ike_port, natt_port), nats_server.url)
-    nc = await nats.connect(nats_server.url)
-    published = await Published.on(nc)
     new, cookies, sas = 1000, 30, 30
-    async with running(runtime), stand_in_workers(nc, 0, SHARD):
-        target = ("127.0.0.1", ike_port)
+    async with one_ingress(nats_server, tmp_path) as farm:
+        runtime, published = farm.runtime, farm.published
+        target = ("127.0.0.1", farm.ike_port)
         # all sent before ingress reads one: new inits first, the others behind them
         for index in range(new):
             peer.sendto(new_init(index), target)
@@ -158,7 +164,6 @@ async def test_established_and_cookie_datagrams_overtake_a_backlog_of_new_inits(
             ),
             timeout=60,
         )
-    await nc.close()
     kinds = published.kinds()
     assert kinds.count("e") == sas and kinds.count("c") == cookies, counters
     # the datagrams sent last were served before most of the new inits sent before them
@@ -181,16 +186,11 @@ async def test_established_and_cookie_datagrams_overtake_a_backlog_of_new_inits(
 async def test_a_full_backlog_drops_new_inits_for_established_sas_and_counts_them(
     nats_server: EmbeddedNats, tmp_path: Path, peer: socket.socket
 ) -> None:
-    ike_port, natt_port = udp_ports(2)
-    runtime = Runtime(IngressService, config(tmp_path, ike_port, natt_port), nats_server.url)
-    nc = await nats.connect(nats_server.url)
-    published = await Published.on(nc)
     new, sas = 600, 20
-    async with running(runtime), stand_in_workers(nc, 0, SHARD):
-        service = runtime.service
-        assert isinstance(service, IngressService)
-        service.backlog = Backlog(64)
-        target = ("127.0.0.1", ike_port)
+    async with one_ingress(nats_server, tmp_path) as farm:
+        runtime, published = farm.runtime, farm.published
+        farm.service.backlog = Backlog(64)
+        target = ("127.0.0.1", farm.ike_port)
         for index in range(new):
             peer.sendto(new_init(index), target)
         for index in range(sas):
@@ -210,10 +210,9 @@ async def test_a_full_backlog_drops_new_inits_for_established_sas_and_counts_the
         assert counters[dropped] >= new - 64 * 8, dict(counters)  # most new inits: no room
         assert counters["dropped.backlog.established"] == 0
         assert kinds.count("n") == new - counters[dropped] - counters["dropped.backlog_stale.new"]
-        stats = await ingress_stats(nc, runtime)
+        stats = await ingress_stats(farm.nc, runtime)
         assert stats.counters[dropped] == counters[dropped]
         assert stats.gauges["backlog"]["peak"] == 64
-    await nc.close()
 
 
 async def ingress_stats(nc: Client, runtime: Runtime) -> Stats:
@@ -230,13 +229,9 @@ async def ingress_stats(nc: Client, runtime: Runtime) -> Stats:
 async def test_datagrams_the_kernel_dropped_show_in_stats(
     nats_server: EmbeddedNats, tmp_path: Path, peer: socket.socket
 ) -> None:
-    ike_port, natt_port = udp_ports(2)
-    runtime = Runtime(IngressService, config(tmp_path, ike_port, natt_port), nats_server.url)
-    nc = await nats.connect(nats_server.url)
-    async with running(runtime), stand_in_workers(nc, 0, SHARD):
-        service = runtime.service
-        assert isinstance(service, IngressService)
-        sock = service.endpoints[("127.0.0.1", ike_port)].sock
+    async with one_ingress(nats_server, tmp_path) as farm:
+        runtime, nc, ike_port = farm.runtime, farm.nc, farm.ike_port
+        sock = farm.service.endpoints[("127.0.0.1", ike_port)].sock
         before = (await ingress_stats(nc, runtime)).gauges["socket"]
         assert before["drops"] == 0 and before["receive_buffer"] >= 1 << 20
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the minimum, about
@@ -248,7 +243,6 @@ async def test_datagrams_the_kernel_dropped_show_in_stats(
         assert after["drops"] == sent - runtime.counters["received"] > 0, after
         # the namespace's count includes these sockets' (and anyone else's)
         assert after["rcvbuf_errors"] >= after["drops"]
-    await nc.close()
 
 
 async def test_two_instances_share_the_endpoint_and_both_serve(
@@ -262,7 +256,7 @@ async def test_two_instances_share_the_endpoint_and_both_serve(
     published = await Published.on(nc)
     peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]
     try:
-        async with running(first, second), stand_in_workers(nc, 0, SHARD):
+        async with started(first, second), stand_in_workers(nc, 0, SHARD):
             for index, sock in enumerate(peers):  # 64 flows: SO_REUSEPORT spreads them
                 sock.sendto(new_init(index), ("127.0.0.1", ike_port))
             await wait_until(lambda: len(published.order) == len(peers))
@@ -286,7 +280,7 @@ async def test_another_farm_on_the_same_endpoint_is_refused_at_start(
     monkeypatch.setenv(FARM_ID_ENV, "up farm-a")
     ours = Runtime(IngressService, farm, nats_server.url, instance="ingress-0")
     sibling = Runtime(IngressService, farm, nats_server.url, instance="ingress-1")
-    async with running(ours, sibling):  # one farm's instances share
+    async with started(ours, sibling):  # one farm's instances share
         monkeypatch.setenv(FARM_ID_ENV, "up farm-b")
         other = Runtime(IngressService, farm, nats_server.url, instance="ingress-0")
         with pytest.raises(OSError, match=r"127\.0\.0\.1\[\d+\] is already served by another"):
@@ -294,55 +288,38 @@ async def test_another_farm_on_the_same_endpoint_is_refused_at_start(
         await other.stop()
         assert other.service is not None and not other.service.endpoints
     # the first farm is gone: the other may start now
-    async with running(Runtime(IngressService, farm, nats_server.url, instance="ingress-0")):
+    async with started(Runtime(IngressService, farm, nats_server.url, instance="ingress-0")):
         pass
 
 
 def test_a_second_ikefarm_up_on_the_same_address_and_port_is_refused(
-    ikefarm_argv: list[str], loopback_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    authorized_farm: tuple[Path, Path],
+    ikefarm_argv: list[str],
+    loopback_config: Path,
+    tmp_path: Path,
 ) -> None:
-    """Two `ikefarm up`, each with its own state dir, one listen address and ports: the second
-    stops at once and says why; the first goes on. The host's lock directory, as in use."""
-    monkeypatch.delenv(LOCK_DIR_ENV)
+    """Two `ikefarm up`, each with its own state dir, on one listen address and ports: the
+    second stops at once and says why; the first goes on. The host's lock directory."""
+    state_dir, _log = authorized_farm
     second_config = tmp_path / "second.toml"
     second_config.write_text(
-        loopback_config.read_text().replace(
-            f'state-dir = "{tmp_path / "state"}"', f'state-dir = "{tmp_path / "state-2"}"'
-        )
+        loopback_config.read_text().replace(f'"{state_dir}"', f'"{tmp_path / "state-2"}"')
     )
     assert second_config.read_text() != loopback_config.read_text()
-    log_path = tmp_path / "up.log"
-    with log_path.open("w") as log:
-        first = subprocess.Popen(
-            [*ikefarm_argv, "up", "-c", str(loopback_config)], stdout=log, stderr=log
-        )
-    try:
-        rows = wait_for(
-            lambda: (r := status(ikefarm_argv, loopback_config)) and set(r) == SERVICES and r, 30
-        )
-        assert rows and set(rows) == SERVICES, log_path.read_text()[-3000:]
-        second = subprocess.run(
-            [*ikefarm_argv, "up", "-c", str(second_config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert second.returncode == 1
-        assert "is already served by another ikefarm farm (ikefarm up pid" in second.stderr
-        assert f"pid {first.pid}, state dir {tmp_path / 'state'}" in second.stderr
-        assert not (tmp_path / "state-2" / "up.json").exists()  # it started nothing
-        assert set(status(ikefarm_argv, loopback_config)) == SERVICES
-    finally:
-        first.terminate()
-        try:
-            first.wait(15)
-        except subprocess.TimeoutExpired:
-            first.kill()
-            first.wait()
-    assert first.returncode == 0
-    # the first farm is gone, and its files with it
+    first_pid = json.loads((state_dir / "up.json").read_text())["pid"]
     port = load_config(loopback_config).ingress.ike_port
-    assert not list(lock_dir().glob(f"*-{port}-127.0.0.1.*"))
+    assert list(lock_dir().glob(f"*-{port}-127.0.0.1.*"))  # the first farm's, held
+    second = subprocess.run(
+        [*ikefarm_argv, "up", "-c", str(second_config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 1
+    assert "is already served by another ikefarm farm (ikefarm up pid" in second.stderr
+    assert f"pid {first_pid}, state dir {state_dir}" in second.stderr
+    assert not (tmp_path / "state-2" / "up.json").exists()  # it started nothing
+    assert set(status(ikefarm_argv, loopback_config)) == SERVICES
 
 
 async def test_each_instance_learns_the_init_routes_of_the_flows_it_serves(
@@ -384,7 +361,7 @@ async def test_each_instance_learns_the_init_routes_of_the_flows_it_serves(
     await subscriptions_in_place(nc)
     peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(24)]
     try:
-        async with running(*instances), stand_in_workers(nc, 0, SHARD):
+        async with started(*instances), stand_in_workers(nc, 0, SHARD):
             for index, sock in enumerate(peers):
                 sock.setblocking(False)
                 sock.sendto(new_init(index), ("127.0.0.1", ike_port))

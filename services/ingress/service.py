@@ -321,7 +321,11 @@ class IngressService(ServiceBase):
                 )
                 continue
             read += 1
-            self.received(endpoint, data, remote, now, received_ns)
+            try:
+                self.received(endpoint, data, remote, now, received_ns)
+            except Exception as exc:  # one bad datagram never stops the reading
+                counters["handler_failed"] += 1
+                self.log.control("datagram_handling_failed", error=type(exc).__name__)
         if read:
             counters["received"] += read
             counters["read_batches"] += 1

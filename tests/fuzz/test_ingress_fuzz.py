@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import Datagram
 from ikefarm.proto.sharding import shard_of_spi
+from ikefarm.services.ingress.backlog import CLASS_NAMES, Backlog
 from ikefarm.services.ingress.routing import (
     Dropped,
     InitRouteTable,
@@ -236,3 +237,37 @@ def test_a_malformed_datagram_message_is_refused_with_a_bus_error(
         assert exc.code in {"bad_field", "missing_field"}
         return
     carried_header(datagram)  # well-typed now: taken or refused, never an exception
+
+
+# --- the backlog under any sequence of arrivals and turns -----------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 8),
+    st.lists(
+        st.tuples(st.sampled_from(["push", "pop"]), st.integers(0, 2), st.floats(0, 0.6)),
+        max_size=80,
+    ),
+)
+def test_the_backlog_loses_nothing_uncounted_and_serves_the_best_class_first(
+    capacity: int, steps: list[tuple[str, int, float]]
+) -> None:
+    backlog: Backlog[tuple[int, int]] = Backlog(capacity)
+    now, pushed, served = 0.0, 0, 0
+    for action, klass, elapsed in steps:
+        now += elapsed
+        if action == "push":
+            waiting = backlog.sizes()
+            backlog.push(klass, (klass, pushed), now)
+            pushed += 1
+        else:
+            waiting = backlog.sizes()
+            item = backlog.pop(now)
+            if item is not None:
+                served += 1
+                better = [n for i, n in enumerate(CLASS_NAMES) if i < item[0]]
+                assert all(waiting[name] == 0 for name in better)
+        assert len(backlog) <= capacity
+        assert len(backlog) == sum(backlog.sizes().values())
+    assert pushed == served + sum(backlog.dropped) + backlog.stale + len(backlog)

@@ -59,6 +59,10 @@ class Datagram(BusMessage):
     # the ingress instance that forwarded it: workers count the IKE_SA_INIT each ingress
     # handed them (`IkeLoad.inits`), so every ingress knows which of its own are pending
     via: str = ""
+    # the `via` instance takes the answer to this IKE_SA_INIT on its own subject, with the
+    # init route (`OutboundDatagram.init_route`); an older ingress does not, and gets the
+    # answer on the queue group and the route by `InitRoute` as before
+    answer_direct: bool = False
     natt: bool = False  # it came to the NAT-T port, after a non-ESP marker (RFC 3948 2.2)
     spi_i: bytes = b""  # 8 octets, or empty: the worker reads the header itself
     spi_r: bytes = b""

@@ -187,7 +187,7 @@ class IkeService(ServiceBase):
             # also shows this init answered, so no ingress counts it twice
             if msg.subject == subjects.IKE_INIT and datagram.via:
                 self._init_answered(datagram.via)
-        if msg.subject == subjects.IKE_INIT and datagram.via:
+        if msg.subject == subjects.IKE_INIT and datagram.via and datagram.answer_direct:
             effects = await self._answer_with_route(effects, datagram.via)
         await self.apply(effects)
 

@@ -174,6 +174,7 @@ class IngressService(ServiceBase):
         self._worker: asyncio.Task[None] | None = None
         self._claim = EndpointClaim()
         self._sends_since_yield = 0
+        self._answers_direct = False  # subscribed to its own send subject
         self.gate = IngressGate(
             dos_limits(self.config),
             FarmLoad(self.runtime.instance),
@@ -240,6 +241,7 @@ class IngressService(ServiceBase):
         own_send = subjects.ingress_instance_send(self.runtime.instance)
         if own_send is not None:  # answers to the IKE_SA_INITs this instance forwarded
             await self.runtime.subscribe(own_send, OutboundDatagram, self.on_send)
+            self._answers_direct = True
         # no queue group: every ingress instance must learn every init route
         await self.runtime.subscribe(subjects.INGRESS_INIT_ROUTE, InitRoute, self.on_init_route)
 
@@ -463,6 +465,7 @@ class IngressService(ServiceBase):
                         remote=(remote_address, remote_port),
                         natt=endpoint.natt,
                         via=via,
+                        answer_direct=bool(via) and self._answers_direct,
                     ),
                 )
             except Exception as exc:

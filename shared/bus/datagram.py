@@ -33,6 +33,7 @@ def datagram_message(
     remote: tuple[str, int],
     natt: bool,
     via: str = "",
+    answer_direct: bool = False,
 ) -> Datagram:
     """The bus message of one routed IKE message (non-ESP marker stripped) and its header."""
     return Datagram(
@@ -42,6 +43,7 @@ def datagram_message(
         remote_port=remote[1],
         data=data,
         via=via,
+        answer_direct=answer_direct,
         natt=natt,
         spi_i=header.spi_i,
         spi_r=header.spi_r,

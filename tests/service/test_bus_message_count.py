@@ -16,11 +16,13 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from ikefarm.proto import subjects
+from ikefarm.proto import envelope, subjects
+from ikefarm.proto.messages import Datagram
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import subscriptions_in_place
 from ikefarm.shared.ikev2.sa import IkeSaState
-from tests.service.test_ike_churn import Farm, farm  # noqa: F401 (the fixture)
+from tests.dos_helpers import init_requests
+from tests.service.test_ike_churn import LOOPBACK, Farm, farm  # noqa: F401 (the fixture)
 from tests.service.test_ingress_service import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,3 +71,32 @@ async def test_one_handshake_costs_the_messages_the_design_says(
         subjects.EVENT_CHILD_SA: 1,
         subjects.IKE_INITIAL_CONTACT: 1,  # the initiator sent INITIAL_CONTACT (RFC 7296 2.4)
     }, seen
+
+
+async def test_an_older_ingress_gets_the_answer_and_the_route_apart(
+    farm: Farm,  # noqa: F811
+    nats_server: EmbeddedNats,
+) -> None:
+    """A Datagram without `answer_direct` (an ingress from before it): the worker answers on
+    the queue group and broadcasts the init route, as it did then."""
+    nc = await nats.connect(nats_server.url)
+    seen: list[str] = []
+
+    async def take(msg: Msg) -> None:
+        if msg.subject.startswith("ikefarm.ingress."):
+            seen.append(msg.subject)
+
+    await nc.subscribe(">", cb=take)
+    await subscriptions_in_place(nc)
+    await asyncio.sleep(0.2)
+    seen.clear()
+    (request,) = init_requests(1)
+    datagram = Datagram(LOOPBACK, 500, LOOPBACK, 40000, request, via="old-ingress")
+    await nc.publish(subjects.IKE_INIT, envelope.pack(datagram))
+    await wait_until(lambda: len(seen) >= 2)
+    await asyncio.sleep(0.2)
+    await nc.close()
+    assert sorted(s for s in seen if s != subjects.INGRESS_LOAD) == [
+        subjects.INGRESS_INIT_ROUTE,
+        subjects.INGRESS_SEND,
+    ], seen

@@ -342,6 +342,7 @@ async def test_each_instance_learns_the_init_routes_of_the_flows_it_serves(
         if msg.subject == subjects.ike_shard(SHARD):
             retransmitted.append(datagram)
             return
+        assert datagram.answer_direct  # this ingress takes the answer on its own subject
         subject = subjects.ingress_instance_send(datagram.via)
         assert subject is not None
         answer = OutboundDatagram(

@@ -9,11 +9,15 @@ routing task takes up to `ROUTE_BATCH` at a time, one span per IKE datagram so
 the worker continues the trace, a `Datagram` carrying the header already read
 (`shared/bus/datagram.py`) on the worker's subject; between batches it yields, so
 the bus (sends, load reports) and the sockets are served during a flood and their
-publications leave in one write. Sent: `OutboundDatagram` from `subjects.INGRESS_SEND` (queue group
-`ingress`) leaves from the socket bound to its local endpoint (a NAT-keepalive,
-flagged `nat_keepalive`, as its single 0xFF octet without the non-ESP marker,
-RFC 3948 2.3). Learned: the
-`InitRoute`s every worker publishes to all ingress instances.
+publications leave in one write. Sent: `OutboundDatagram` from `subjects.INGRESS_SEND`
+(queue group `ingress`) leaves from the socket bound to its local endpoint (a
+NAT-keepalive, flagged `nat_keepalive`, as its single 0xFF octet without the
+non-ESP marker, RFC 3948 2.3); the answer to an IKE_SA_INIT this instance
+forwarded comes on its own subject (`subjects.ingress_instance_send`) with the
+init route attached. Learned: those init routes, and the `InitRoute`s a worker
+publishes to all ingress instances otherwise. Every socket is claimed for this
+farm first (`shared/udp_endpoints.py`): another farm on it is refused at start.
+See `docs/architecture.md`.
 
 DoS gate (`shared/dos/gate.py`, issue 5): a new IKE_SA_INIT (SPIr = 0, no init
 route) is decided before it reaches a worker: forwarded, answered with a

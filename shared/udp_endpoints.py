@@ -15,7 +15,7 @@ before it starts anything) takes the endpoint's lock (`claim`):
   namespace, port, address and the farm's id for as long as it lives; the kernel
   releases it when the process ends, however it ends, so a farm that died leaves
   nothing that blocks the next one;
-- `claim` runs under an exclusive lock per (namespace, port) and refuses when a
+- `claim` runs under an exclusive lock on the directory and refuses when a
   file of another farm for the same port and an overlapping address (equal, or
   either one the wildcard of its family) is still held; a file nobody holds is
   removed.
@@ -145,7 +145,7 @@ def _overlaps(ours: str, theirs: str) -> bool:
 class _Held:
     fd: int
     path: Path
-    mutex: Path
+    mutex: Path  # the lock directory, flock'ed while claims are checked
 
 
 class EndpointClaim:
@@ -201,13 +201,12 @@ def _claim_one(
     directory: Path, namespace: str, address: str, port: int, tag: str, holder: str
 ) -> _Held:
     prefix = f"{namespace}-{port}-"
-    mutex_path = directory / f"{namespace}-{port}.lock"
-    mutex = os.open(mutex_path, os.O_RDWR | os.O_CREAT, 0o644)
+    mutex = os.open(directory, os.O_RDONLY)  # the directory itself: no file left behind
     try:
         fcntl.flock(mutex, fcntl.LOCK_EX)
         for entry in directory.iterdir():
             name = entry.name
-            if not name.startswith(prefix) or name.endswith(".lock"):
+            if not name.startswith(prefix):
                 continue
             their_address, _, their_tag = name[len(prefix) :].rpartition(".")
             if their_tag == tag or not _overlaps(address, their_address):
@@ -229,7 +228,7 @@ def _claim_one(
         except BaseException:
             os.close(fd)
             raise
-        return _Held(fd, path, mutex_path)
+        return _Held(fd, path, directory)
     finally:
         os.close(mutex)  # also releases the mutex
 
@@ -237,7 +236,7 @@ def _claim_one(
 def _release_one(held: _Held) -> None:
     """Give up one endpoint; remove its file when no other member of the farm holds it."""
     try:
-        mutex = os.open(held.mutex, os.O_RDWR | os.O_CREAT, 0o644)
+        mutex = os.open(held.mutex, os.O_RDONLY)
     except OSError:
         os.close(held.fd)
         return

@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("run as root: the benchmark makes network namespaces")
+    # the keystore starts only with a master key; this farm's keystore is thrown away after
+    # the run and holds nothing but the benchmark's PSK
+    os.environ.setdefault("IKEFARM_MASTER_KEY", "0x" + b"cookie-flood-bench-only".hex())
     with tempfile.TemporaryDirectory(prefix="ikefarm-bench-") as tmp:
         result = run(args.rate, args.duration, args.timeout, Path(tmp))
     print(json.dumps(result, indent=2))

@@ -59,9 +59,25 @@ def kinds() -> dict[str, type[BusMessage]]:
     return dict(_REGISTRY)
 
 
+# what msgpack takes as it is: no walk into these (pack runs once per bus message)
+_PLAIN = (str, bytes, int, float, bool, type(None))
+# the field names of each dataclass packed: dataclasses.fields() is slow per call
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, _PLAIN):
+        return value
+    cls = type(value)
+    names = _FIELD_NAMES.get(cls)
+    if names is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(value))
+    if names is not None:
+        wire = {}
+        for name in names:
+            item = getattr(value, name)
+            wire[name] = item if isinstance(item, _PLAIN) else _to_wire(item)
+        return wire
     if isinstance(value, list | tuple):
         return [_to_wire(v) for v in value]
     if isinstance(value, dict):
@@ -135,6 +151,8 @@ class _Field:
     name: str
     hint: Any
     required: bool  # no default: a body without it is refused
+    # the hint when it is one plain class: a value of exactly that type needs no more checks
+    plain: type | None = None
 
 
 # the fields of each message class with their resolved type hints: typing.get_type_hints
@@ -151,6 +169,7 @@ def _schema(cls: type) -> tuple[_Field, ...]:
                 f.name,
                 hints[f.name],
                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                hints[f.name] if hints[f.name] in _PLAIN else None,
             )
             for f in dataclasses.fields(cls)
         )
@@ -168,7 +187,11 @@ def build(cls: type[M], body: Any) -> M:
             if not f.required:
                 continue
             raise BusError("missing_field", f"{name}.{f.name} is missing")
-        values[f.name] = _coerce(f.hint, body[f.name], f"{cls.__name__}.{f.name}")
+        value = body[f.name]
+        if f.plain is not None and type(value) is f.plain:  # most fields of most messages
+            values[f.name] = value
+        else:
+            values[f.name] = _coerce(f.hint, value, f"{cls.__name__}.{f.name}")
     return cls(**values)
 
 

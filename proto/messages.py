@@ -43,7 +43,13 @@ class Stats(BusMessage):
 
 @message("datagram")
 class Datagram(BusMessage):
-    """An IKE message received by ingress (non-ESP marker stripped), for an ike worker."""
+    """An IKE message received by ingress (non-ESP marker stripped), for an ike worker.
+
+    Ingress read and checked the fixed IKE header once (RFC 7296 3.1): major version 2,
+    Length equal to the octets of `data`, SPIi not zero. The header fields below are what it
+    read, so the worker does not read them again (`docs/architecture.md`, "One datagram's
+    way"); a datagram without them (`spi_i` empty) is read by the worker itself.
+    """
 
     local_address: str
     local_port: int
@@ -53,22 +59,18 @@ class Datagram(BusMessage):
     # the ingress instance that forwarded it: workers count the IKE_SA_INIT each ingress
     # handed them (`IkeLoad.inits`), so every ingress knows which of its own are pending
     via: str = ""
-
-
-@message("datagram-out")
-class OutboundDatagram(BusMessage):
-    """An IKE message for ingress to send from local to remote (it adds the 4500 marker).
-
-    With `nat_keepalive`, `data` is the single 0xFF octet of a NAT-keepalive (RFC 3948
-    2.3), sent from the NAT-T port as it is, without the non-ESP marker.
-    """
-
-    local_address: str
-    local_port: int
-    remote_address: str
-    remote_port: int
-    data: bytes
-    nat_keepalive: bool = False
+    # the `via` instance takes the answer to this IKE_SA_INIT on its own subject, with the
+    # init route (`OutboundDatagram.init_route`); an older ingress does not, and gets the
+    # answer on the queue group and the route by `InitRoute` as before
+    answer_direct: bool = False
+    natt: bool = False  # it came to the NAT-T port, after a non-ESP marker (RFC 3948 2.2)
+    spi_i: bytes = b""  # 8 octets, or empty: the worker reads the header itself
+    spi_r: bytes = b""
+    next_payload: int = 0
+    minor_version: int = 0
+    exchange_type: int = 0
+    flags: int = 0  # I, V, R (RFC 7296 3.1); reserved bits already cleared
+    message_id: int = 0
 
 
 @message("init-route")
@@ -80,6 +82,27 @@ class InitRoute(BusMessage):
     remote_port: int
     shard: int
     lifetime: float
+
+
+@message("datagram-out")
+class OutboundDatagram(BusMessage):
+    """An IKE message for ingress to send from local to remote (it adds the 4500 marker).
+
+    With `nat_keepalive`, `data` is the single 0xFF octet of a NAT-keepalive (RFC 3948
+    2.3), sent from the NAT-T port as it is, without the non-ESP marker.
+
+    `init_route`: the answer to a new IKE_SA_INIT goes to the ingress instance that
+    forwarded it (`subjects.ingress_instance_send`), the one the peer's retransmissions
+    reach, with the route they must take: one bus message instead of two.
+    """
+
+    local_address: str
+    local_port: int
+    remote_address: str
+    remote_port: int
+    data: bytes
+    nat_keepalive: bool = False
+    init_route: InitRoute | None = None
 
 
 # --- DoS protection: farm-wide load (issue 5, shared/dos) -----------------------------------

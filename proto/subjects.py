@@ -6,6 +6,8 @@ Requests expect a reply; events are fire-and-forget publishes.
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "ikefarm"
 SERVICES = ("ingress", "ike", "keystore", "kernel", "flow")
 
@@ -40,6 +42,18 @@ def ike_shard_command(shard: int) -> str:
 
 # ike -> ingress: datagrams to send from a given local address/port (queue group ingress).
 INGRESS_SEND = f"{PREFIX}.ingress.send"
+# an ingress instance's name as one subject token (what `ingress_instance_send` accepts)
+_INSTANCE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def ingress_instance_send(instance: str) -> str | None:
+    """ike -> the ingress instance that forwarded an IKE_SA_INIT: its answer, with the init
+    route attached (`OutboundDatagram.init_route`); None for a name that is no subject token."""
+    if not _INSTANCE_TOKEN.fullmatch(instance):
+        return None
+    return f"{INGRESS_SEND}.{instance}"
+
+
 # ike -> every ingress: where a retransmitted IKE_SA_INIT must go (no queue group).
 INGRESS_INIT_ROUTE = f"{PREFIX}.ingress.init-route"
 
@@ -213,6 +227,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "ike": {
         "publish": (
             INGRESS_SEND,
+            f"{INGRESS_SEND}.*",
             INGRESS_INIT_ROUTE,
             INGRESS_BACKOFF,
             IKE_INITIAL_CONTACT,

@@ -58,6 +58,7 @@ from ikefarm.services.ike.ppk_client import PpkClient
 from ikefarm.services.ike.transport_keys import TransportKey
 from ikefarm.services.ike.unique_ids import UniqueIds
 from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, ChildKeys, seal_child_keys
+from ikefarm.shared.bus.datagram import carried_header
 from ikefarm.shared.bus.runtime import ServiceBase
 from ikefarm.shared.dos.admission import WorkerAdmission, local_load
 from ikefarm.shared.dos.limits import dos_limits
@@ -190,19 +191,53 @@ class IkeService(ServiceBase):
     # -- inputs -----------------------------------------------------------------------------
 
     async def on_datagram(self, datagram: Datagram, msg: Msg) -> None:
+        header = carried_header(datagram)  # read once, by ingress
+        if header is None and datagram.spi_i:
+            self.runtime.counters["datagram_header_refused"] += 1
         try:
             effects = self.engine.receive(
                 datagram.data,
                 Endpoint(datagram.local_address, datagram.local_port),
                 Endpoint(datagram.remote_address, datagram.remote_port),
                 time.monotonic(),
+                header,
             )
         finally:
             # counted before anything is sent: the snapshot that shows the new half-open SA
             # also shows this init answered, so no ingress counts it twice
             if msg.subject == subjects.IKE_INIT and datagram.via:
                 self._init_answered(datagram.via)
+        if msg.subject == subjects.IKE_INIT and datagram.via and datagram.answer_direct:
+            effects = await self._answer_with_route(effects, datagram.via)
         await self.apply(effects)
+
+    async def _answer_with_route(self, effects: list[Effect], via: str) -> list[Effect]:
+        """An IKE_SA_INIT answer and its init route in one message, to the ingress instance
+        that forwarded the request (the one its retransmissions reach); the other effects
+        are left to `apply`. Without both, or for an odd instance name: as they were."""
+        subject = subjects.ingress_instance_send(via)
+        route = next((e for e in effects if isinstance(e, HalfOpen)), None)
+        if subject is None or route is None:
+            return effects
+        answer = next(
+            (e for e in effects if isinstance(e, SendDatagram) and e.remote == route.remote), None
+        )
+        if answer is None:
+            return effects
+        await self.runtime.publish(
+            subject,
+            OutboundDatagram(
+                answer.local.address,
+                answer.local.port,
+                answer.remote.address,
+                answer.remote.port,
+                answer.data,
+                init_route=InitRoute(
+                    route.spi_i, route.remote.address, route.remote.port, self.shard, route.lifetime
+                ),
+            ),
+        )
+        return [e for e in effects if e is not route and e is not answer]
 
     def _init_answered(self, via: str) -> None:
         if via not in self.inits_answered and len(self.inits_answered) >= MAX_INGRESS_TRACKED:

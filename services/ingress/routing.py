@@ -23,7 +23,6 @@ every second); the `Router` drops what is for a shard nobody owns
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from ikefarm.shared.dos.load import STALE_AFTER
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER, ExchangeType
 from ikefarm.shared.ikev2.errors import MalformedMessage
 from ikefarm.shared.ikev2.message import IkeHeader, peek_header
+from ikefarm.shared.udp_endpoints import canonical_address
 
 NAT_KEEPALIVE = b"\xff"  # RFC 3948 2.3
 ZERO_SPI = bytes(8)
@@ -69,11 +69,6 @@ class Route:
     @property
     def counter(self) -> str:
         return f"routed.{self.kind}"
-
-
-def canonical_address(address: str) -> str:
-    """One spelling per address, so routes learned from workers match what sockets report."""
-    return str(ipaddress.ip_address(address))
 
 
 def our_spi(header: IkeHeader) -> bytes:
@@ -234,15 +229,24 @@ def route_datagram(
         header = peek_header(datagram)
     except MalformedMessage as exc:
         raise Dropped(exc.reason) from None
+    # the worker would drop these too (RFC 7296 3.1: Length is the whole message); checked
+    # once here, they never cost a bus message, and the header travels checked
+    if header.length > len(datagram):
+        raise Dropped("truncated_message")
+    if header.length < len(datagram):
+        raise Dropped("trailing_data")
 
-    if header.exchange_type == ExchangeType.IKE_SA_INIT and not header.is_response:
-        if header.spi_i == ZERO_SPI:
-            raise Dropped("zero_spi")  # RFC 7296 3.1: the initiator's SPI is never zero
-        if header.spi_r == ZERO_SPI:
-            shard = init_routes.lookup(remote_address, remote_port, header.spi_i, now)
-            if shard is None:
-                return Route(subjects.IKE_INIT, ROUTE_INIT, None, header, datagram)
-            return Route(subjects.ike_shard(shard), ROUTE_SHARD, shard, header, datagram)
+    if header.spi_i == ZERO_SPI:
+        raise Dropped("zero_spi")  # RFC 7296 3.1: the initiator's SPI is never zero
+    if (
+        header.exchange_type == ExchangeType.IKE_SA_INIT
+        and not header.is_response
+        and header.spi_r == ZERO_SPI
+    ):
+        shard = init_routes.lookup(remote_address, remote_port, header.spi_i, now)
+        if shard is None:
+            return Route(subjects.IKE_INIT, ROUTE_INIT, None, header, datagram)
+        return Route(subjects.ike_shard(shard), ROUTE_SHARD, shard, header, datagram)
 
     spi = our_spi(header)
     if spi == ZERO_SPI:

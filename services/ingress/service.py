@@ -1,12 +1,23 @@
 """Ingress: owns the UDP sockets (500/4500) and routes datagrams to ike workers.
 
-Received: NAT-T demultiplexing and routing (`routing.py`), one span per IKE
-datagram so the worker continues the trace, a `Datagram` on the worker's
-subject. Sent: `OutboundDatagram` from `subjects.INGRESS_SEND` (queue group
-`ingress`) leaves from the socket bound to its local endpoint (a NAT-keepalive,
-flagged `nat_keepalive`, as its single 0xFF octet without the non-ESP marker,
-RFC 3948 2.3). Learned: the
-`InitRoute`s every worker publishes to all ingress instances.
+Received: each socket is read in batches of up to `READ_BATCH` datagrams per
+readiness event (until it would block); each datagram's IKE header is read once
+there (NAT-T demultiplexing and routing, `routing.py`), and the datagram waits in
+the `backlog.py` priority queue: datagrams for existing SAs first, then
+IKE_SA_INITs that return a cookie, then new ones, each drop counted by class. The
+routing task takes up to `ROUTE_BATCH` at a time, one span per IKE datagram so
+the worker continues the trace, a `Datagram` carrying the header already read
+(`shared/bus/datagram.py`) on the worker's subject; between batches it yields, so
+the bus (sends, load reports) and the sockets are served during a flood and their
+publications leave in one write. Sent: `OutboundDatagram` from `subjects.INGRESS_SEND`
+(queue group `ingress`) leaves from the socket bound to its local endpoint (a
+NAT-keepalive, flagged `nat_keepalive`, as its single 0xFF octet without the
+non-ESP marker, RFC 3948 2.3); the answer to an IKE_SA_INIT this instance
+forwarded comes on its own subject (`subjects.ingress_instance_send`) with the
+init route attached. Learned: those init routes, and the `InitRoute`s a worker
+publishes to all ingress instances otherwise. Every socket is claimed for this
+farm first (`shared/udp_endpoints.py`): another farm on it is refused at start.
+See `docs/architecture.md`.
 
 DoS gate (`shared/dos/gate.py`, issue 5): a new IKE_SA_INIT (SPIr = 0, no init
 route) is decided before it reaches a worker: forwarded, answered with a
@@ -32,15 +43,16 @@ import asyncio
 import contextlib
 import ipaddress
 import math
+import os
+import socket
 import time
-from typing import Any, cast
+from typing import Any
 
 from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ikefarm.proto import subjects
 from ikefarm.proto.messages import (
-    Datagram,
     IkeLoad,
     IngressLoad,
     InitRoute,
@@ -48,19 +60,33 @@ from ikefarm.proto.messages import (
     PeerBackoff,
 )
 from ikefarm.services.ingress import major_version
+from ikefarm.services.ingress.backlog import (
+    CLASS_NAMES,
+    ESTABLISHED,
+    NEW,
+    RETURNS_COOKIE,
+    Backlog,
+    returns_cookie,
+)
 from ikefarm.services.ingress.cookie_secret import CookieSecretStore
 from ikefarm.services.ingress.routing import (
     NAT_KEEPALIVE,
     NO_WORKER,
+    ROUTE_SHARD,
     SHARD_UNOWNED,
     Dropped,
     InitRouteTable,
     Route,
     Router,
     ShardOwners,
-    canonical_address,
 )
-from ikefarm.services.ingress.sockets import LocalEndpoint, local_endpoints, open_udp_socket
+from ikefarm.services.ingress.sockets import (
+    LocalEndpoint,
+    local_endpoints,
+    open_udp_socket,
+    socket_statistics,
+)
+from ikefarm.shared.bus.datagram import datagram_message
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase
 from ikefarm.shared.dos.cookies import CookieJar, init_request
 from ikefarm.shared.dos.gate import COOKIE, DROP, IngressGate, Verdict
@@ -68,9 +94,25 @@ from ikefarm.shared.dos.limits import dos_limits
 from ikefarm.shared.dos.load import STALE_AFTER, FarmLoad
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER
 from ikefarm.shared.observability.tracing import tracer
+from ikefarm.shared.udp_endpoints import (
+    EndpointClaim,
+    canonical_address,
+    claim,
+    farm_id,
+)
 
-# received datagrams waiting to be routed; beyond this they are counted and dropped
+# received datagrams waiting to be routed; beyond this the worst class is dropped (backlog.py)
 RECEIVE_QUEUE_SIZE = 4096
+# datagrams read from one socket per readiness event before the loop runs something else:
+# reading and classifying one costs a few microseconds, routing it (gate, span, publish) far
+# more, so more are read than routed per turn of the loop: under a flood the backlog, not
+# the socket buffer, fills, and its classes decide what is served first
+READ_BATCH = 256
+# datagrams routed (and published) between two yields of the routing task
+ROUTE_BATCH = 32
+# sends from the bus between two yields: a read of the broker socket brings hundreds at once
+SEND_BATCH = 64
+MAX_DATAGRAM = 65535
 # drops that are normal traffic on the NAT-T port, not IKE: no span for them
 _UNTRACED_DROPS = frozenset({"nat_keepalive", "esp_in_udp", "empty"})
 LOAD_INTERVAL = 1.0  # s between IngressLoad reports when nothing changes
@@ -87,37 +129,34 @@ _UNOWNED_DROPS = frozenset({SHARD_UNOWNED, NO_WORKER})
 
 
 class _Received:
-    __slots__ = ("data", "endpoint", "received_ns", "remote")
+    """A datagram read and routed (its header read once), waiting for its turn."""
+
+    __slots__ = ("data", "endpoint", "received_ns", "remote_address", "remote_port", "verdict")
 
     def __init__(
-        self, endpoint: LocalEndpoint, data: bytes, remote: tuple[Any, ...], received_ns: int
+        self,
+        endpoint: LocalEndpoint,
+        data: bytes,
+        remote_address: str,
+        remote_port: int,
+        received_ns: int,
+        verdict: Route | Dropped,
     ) -> None:
         self.endpoint = endpoint
         self.data = data
-        self.remote = remote
+        self.remote_address = remote_address
+        self.remote_port = remote_port
         self.received_ns = received_ns
+        self.verdict = verdict
 
 
-class _UdpEndpoint(asyncio.DatagramProtocol):
-    """One bound socket; hands what it receives to the service's queue."""
+class _UdpEndpoint:
+    """One bound non-blocking socket: the loop calls `service.readable` when it has data."""
 
-    def __init__(self, service: IngressService, endpoint: LocalEndpoint) -> None:
-        self.service = service
+    def __init__(self, endpoint: LocalEndpoint, sock: socket.socket) -> None:
         self.endpoint = endpoint
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # the selector loop's UDP transport does not subclass DatagramTransport on 3.11
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.service.received(self.endpoint, data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self.service.runtime.counters["socket_errors"] += 1
-        self.service.log.debug(
-            "socket_error", local=str(self.endpoint), error=type(exc).__name__, errno=_errno(exc)
-        )
+        self.sock = sock
+        self.fd = sock.fileno()
 
 
 def _errno(exc: Exception) -> int | None:
@@ -134,8 +173,12 @@ class IngressService(ServiceBase):
         self.router = Router(self.runtime.counters, InitRouteTable())
         self.endpoints: dict[tuple[str, int], _UdpEndpoint] = {}
         self.natt_port: int = self.config.ingress.natt_port
-        self._queue: asyncio.Queue[_Received] = asyncio.Queue(RECEIVE_QUEUE_SIZE)
+        self.backlog: Backlog[_Received] = Backlog(RECEIVE_QUEUE_SIZE)
+        self._backlog_ready = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._claim = EndpointClaim()
+        self._sends_since_yield = 0
+        self._answers_direct = False  # subscribed to its own send subject
         self.gate = IngressGate(
             dos_limits(self.config),
             FarmLoad(self.runtime.instance),
@@ -163,6 +206,13 @@ class IngressService(ServiceBase):
                 "no_listen_address", hint="set [ingress] listen or a vpn local-address"
             )
         try:
+            # another farm on these endpoints is refused here; our own instances share them
+            claim(
+                [(e.address, e.port) for e in wanted],
+                farm_id(self.runtime.nats_url),
+                f"ingress {self.runtime.instance}, pid {os.getpid()}",
+                into=self._claim,
+            )
             for endpoint in wanted:
                 try:
                     sock = open_udp_socket(
@@ -172,9 +222,9 @@ class IngressService(ServiceBase):
                     raise OSError(
                         exc.errno, f"ingress cannot bind UDP {endpoint}: {exc.strerror}"
                     ) from None
-                protocol = _UdpEndpoint(self, endpoint)
-                await loop.create_datagram_endpoint(lambda p=protocol: p, sock=sock)
+                protocol = _UdpEndpoint(endpoint, sock)
                 self.endpoints[(endpoint.address, endpoint.port)] = protocol
+                loop.add_reader(protocol.fd, self.readable, protocol)
                 self.log.control("listening", local=str(endpoint), natt=endpoint.natt)
         except BaseException:
             self._close_sockets()
@@ -197,6 +247,10 @@ class IngressService(ServiceBase):
         await self.runtime.subscribe(
             subjects.INGRESS_SEND, OutboundDatagram, self.on_send, queue=subjects.QUEUE_INGRESS
         )
+        own_send = subjects.ingress_instance_send(self.runtime.instance)
+        if own_send is not None:  # answers to the IKE_SA_INITs this instance forwarded
+            await self.runtime.subscribe(own_send, OutboundDatagram, self.on_send)
+            self._answers_direct = True
         # no queue group: every ingress instance must learn every init route
         await self.runtime.subscribe(subjects.INGRESS_INIT_ROUTE, InitRoute, self.on_init_route)
 
@@ -215,10 +269,12 @@ class IngressService(ServiceBase):
             self._worker = None
 
     def _close_sockets(self) -> None:
+        loop = asyncio.get_running_loop()
         for protocol in self.endpoints.values():
-            if protocol.transport is not None:
-                protocol.transport.close()
+            loop.remove_reader(protocol.fd)
+            protocol.sock.close()
         self.endpoints.clear()
+        self._claim.release()
 
     def gauges(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -227,7 +283,9 @@ class IngressService(ServiceBase):
         return {
             "sockets": len(self.endpoints),
             "init_routes": len(self.router.init_routes),
-            "receive_queue": self._queue.qsize(),
+            "receive_queue": len(self.backlog),
+            "backlog": {**self.backlog.sizes(), "peak": self.backlog.peak},
+            "socket": socket_statistics([p.sock for p in self.endpoints.values()]),
             "owned_shards": owners.shards(now) if owners is not None else [],
             "owners_learning": owners.learning(now) if owners is not None else True,
             "dos": self.dos_state(),
@@ -253,44 +311,108 @@ class IngressService(ServiceBase):
 
     # --- received datagrams ------------------------------------------------------------------
 
-    def received(self, endpoint: LocalEndpoint, data: bytes, remote: tuple[Any, ...]) -> None:
-        """Socket callback: queue the datagram; the routing task does the rest."""
-        self.runtime.counters["received"] += 1
-        try:
-            self._queue.put_nowait(_Received(endpoint, data, remote, time.time_ns()))
-        except asyncio.QueueFull:
-            self.runtime.counters["dropped.queue_full"] += 1
-
-    async def _route_received(self) -> None:
-        while True:
-            item = await self._queue.get()
-            try:
-                await self.handle_datagram(item)
-            except Exception as exc:  # one bad datagram never stops the routing task
-                self.runtime.counters["handler_failed"] += 1
-                self.log.control("datagram_handling_failed", error=type(exc).__name__)
-
-    async def handle_datagram(self, item: _Received) -> None:
-        endpoint = item.endpoint
-        remote_address = canonical_address(str(item.remote[0]))
-        remote_port = int(item.remote[1])
+    def readable(self, protocol: _UdpEndpoint) -> None:
+        """Loop callback: read up to READ_BATCH datagrams (until the socket would block), read
+        each one's header and queue it by class; the routing task does the rest."""
+        sock, endpoint = protocol.sock, protocol.endpoint
+        counters = self.runtime.counters
+        received_ns = time.time_ns()
         now = time.monotonic()
-        self._check_stall(now)
+        self._check_stall(now)  # before routing: after a stop, shard owners are learned anew
+        read = 0
+        for _ in range(READ_BATCH):
+            try:
+                data, remote = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. an ICMP error queued on the socket
+                counters["socket_errors"] += 1
+                self.log.debug(
+                    "socket_error", local=str(endpoint), error=type(exc).__name__, errno=exc.errno
+                )
+                continue
+            read += 1
+            try:
+                self.received(endpoint, data, remote, now, received_ns)
+            except Exception as exc:  # one bad datagram never stops the reading
+                counters["handler_failed"] += 1
+                self.log.control("datagram_handling_failed", error=type(exc).__name__)
+        if read:
+            counters["received"] += read
+            counters["read_batches"] += 1
+            if read == READ_BATCH:
+                counters["read_batches_full"] += 1
+
+    def received(
+        self,
+        endpoint: LocalEndpoint,
+        data: bytes,
+        remote: tuple[Any, ...],
+        now: float,
+        received_ns: int,
+    ) -> None:
+        """One datagram read: routed (its header read here, once) and queued by class."""
+        remote_address = str(remote[0])
+        if ":" in remote_address:  # IPv4 text from the kernel is canonical already
+            remote_address = canonical_address(remote_address)
+        remote_port = int(remote[1])
         verdict = self.router.route(
-            item.data,
+            data,
             natt=endpoint.natt,
             remote_address=remote_address,
             remote_port=remote_port,
             now=now,
         )
-        if isinstance(verdict, Dropped) and verdict.reason in _UNTRACED_DROPS:
-            return
-        if isinstance(verdict, Dropped) and verdict.reason == "invalid_major_version":
-            self._answer_major_version(endpoint, item.data, remote_address, remote_port, now)
-        if isinstance(verdict, Dropped) and verdict.reason in _UNOWNED_DROPS:
+        if isinstance(verdict, Route):
+            if verdict.kind == ROUTE_SHARD:
+                klass = ESTABLISHED
+            elif returns_cookie(verdict.data, int(verdict.header.next_payload)):
+                klass = RETURNS_COOKIE
+            else:
+                klass = NEW
+        elif verdict.reason in _UNTRACED_DROPS:
+            return  # counted by the router
+        elif verdict.reason in _UNOWNED_DROPS:
             # counted by the router; no span each, so a flood of them costs no traces
             self._log_unowned(verdict, remote_address, remote_port, now)
             return
+        else:
+            klass = NEW  # dropped with a span and a log line, or answered (major version)
+        item = _Received(endpoint, data, remote_address, remote_port, received_ns, verdict)
+        dropped = self.backlog.push(klass, item, now)
+        if dropped is not None:
+            self.runtime.counters[f"dropped.backlog.{CLASS_NAMES[dropped]}"] += 1
+        self._backlog_ready.set()
+
+    async def _route_received(self) -> None:
+        counters = self.runtime.counters
+        while True:
+            if not len(self.backlog):
+                self._backlog_ready.clear()
+                await self._backlog_ready.wait()
+            now = time.monotonic()
+            self._check_stall(now)
+            for _ in range(ROUTE_BATCH):
+                item = self.backlog.pop(now)
+                if item is None:
+                    break
+                try:
+                    await self.handle_datagram(item, now)
+                except Exception as exc:  # one bad datagram never stops the routing task
+                    counters["handler_failed"] += 1
+                    self.log.control("datagram_handling_failed", error=type(exc).__name__)
+            if self.backlog.stale:
+                counters["dropped.backlog_stale.new"] = self.backlog.stale
+            # the reads, the sends and the broker get their turn; what was published in
+            # this batch leaves in one write to the broker
+            await asyncio.sleep(0)
+
+    async def handle_datagram(self, item: _Received, now: float) -> None:
+        endpoint = item.endpoint
+        remote_address, remote_port = item.remote_address, item.remote_port
+        verdict = item.verdict
+        if isinstance(verdict, Dropped) and verdict.reason == "invalid_major_version":
+            self._answer_major_version(endpoint, item.data, remote_address, remote_port, now)
         gated: Verdict | None = None
         if isinstance(verdict, Route) and verdict.subject == subjects.IKE_INIT:
             gated = self._gate(verdict, remote_address, now)
@@ -345,13 +467,14 @@ class IngressService(ServiceBase):
             try:
                 await self.runtime.publish(
                     verdict.subject,
-                    Datagram(
-                        local_address=endpoint.address,
-                        local_port=endpoint.port,
-                        remote_address=remote_address,
-                        remote_port=remote_port,
-                        data=verdict.data,
+                    datagram_message(
+                        verdict.header,
+                        verdict.data,
+                        local=(endpoint.address, endpoint.port),
+                        remote=(remote_address, remote_port),
+                        natt=endpoint.natt,
                         via=via,
+                        answer_direct=bool(via) and self._answers_direct,
                     ),
                 )
             except Exception as exc:
@@ -405,7 +528,7 @@ class IngressService(ServiceBase):
 
     def _gate(self, route: Route, remote_address: str, now: float) -> Verdict:
         """The DoS gate's verdict on a new IKE_SA_INIT (SPIr = 0, no init route)."""
-        request = init_request(route.data)
+        request = init_request(route.data, route.header)
         if request is None:
             verdict = self.gate.drop("malformed_ike_sa_init")
         else:
@@ -429,13 +552,31 @@ class IngressService(ServiceBase):
 
     def _send_raw(self, endpoint: LocalEndpoint, data: bytes, address: str, port: int) -> None:
         protocol = self.endpoints.get((endpoint.address, endpoint.port))
-        if protocol is None or protocol.transport is None:
+        if protocol is None:
             self.runtime.counters["send_no_socket"] += 1
             return
         if endpoint.natt:
             data = NON_ESP_MARKER + data  # RFC 3948 2.2
-        protocol.transport.sendto(data, (address, port))
-        self.runtime.counters["sent"] += 1
+        if self._sendto(protocol, data, address, port):
+            self.runtime.counters["sent"] += 1
+
+    def _sendto(self, protocol: _UdpEndpoint, data: bytes, address: str, port: int) -> bool:
+        """Send now or count why not: a full socket buffer drops (UDP), it never queues."""
+        try:
+            protocol.sock.sendto(data, (address, port))
+        except (BlockingIOError, InterruptedError):
+            self.runtime.counters["send_dropped.buffer_full"] += 1
+            return False
+        except OSError as exc:
+            self.runtime.counters["socket_errors"] += 1
+            self.log.debug(
+                "socket_error",
+                local=str(protocol.endpoint),
+                error=type(exc).__name__,
+                errno=_errno(exc),
+            )
+            return False
+        return True
 
     def _log_mode_changes(self) -> None:
         for change in self.gate.take_changes():
@@ -504,7 +645,16 @@ class IngressService(ServiceBase):
     # --- bus handlers ------------------------------------------------------------------------
 
     async def on_send(self, message: OutboundDatagram, _msg: Msg) -> None:
-        """Send an ike worker's datagram from the socket bound to its local endpoint."""
+        """Send an ike worker's datagram from the socket bound to its local endpoint (and
+        learn the init route an IKE_SA_INIT answer brings along)."""
+        self._sends_since_yield += 1
+        if self._sends_since_yield >= SEND_BATCH:
+            # one read of the broker socket can bring hundreds of these: let the socket
+            # reads and the routing task run between them
+            self._sends_since_yield = 0
+            await asyncio.sleep(0)
+        if message.init_route is not None:
+            self._learn_init_route(message.init_route)
         try:
             local = (canonical_address(message.local_address), message.local_port)
             remote = ipaddress.ip_address(message.remote_address)
@@ -513,7 +663,7 @@ class IngressService(ServiceBase):
             self.log.control("send_bad_address", local=message.local_address)
             return
         protocol = self.endpoints.get(local)
-        if protocol is None or protocol.transport is None:
+        if protocol is None:
             self.runtime.counters["send_no_socket"] += 1
             self.log.control("send_no_socket", local=f"{local[0]}[{local[1]}]", remote=str(remote))
             return
@@ -536,12 +686,13 @@ class IngressService(ServiceBase):
                     "send_bad_keepalive", local=str(protocol.endpoint), length=len(data)
                 )
                 return
-            protocol.transport.sendto(data, (str(remote), message.remote_port))
-            self.runtime.counters["sent_nat_keepalive"] += 1
+            if self._sendto(protocol, data, str(remote), message.remote_port):
+                self.runtime.counters["sent_nat_keepalive"] += 1
             return
         if protocol.endpoint.natt:
             data = NON_ESP_MARKER + data  # RFC 3948 2.2
-        protocol.transport.sendto(data, (str(remote), message.remote_port))
+        if not self._sendto(protocol, data, str(remote), message.remote_port):
+            return
         self.runtime.counters["sent"] += 1
         self.log.debug(
             "datagram_sent",
@@ -552,6 +703,9 @@ class IngressService(ServiceBase):
 
     async def on_init_route(self, message: InitRoute, _msg: Msg) -> None:
         """A worker holds the half-open SA of (peer, SPIi): its retransmissions go there."""
+        self._learn_init_route(message)
+
+    def _learn_init_route(self, message: InitRoute) -> None:
         try:
             self.router.init_routes.learn(
                 message.remote_address,

@@ -13,6 +13,12 @@ The master key: `up` takes the variable named by `[keystore] master-key-env`
 so neither the broker nor any service inherits it, and hands the key to each
 keystore process it starts through a pipe (`--master-key-fd`), never on a command
 line. With `[keystore] master-key-file` the keystore reads the file itself.
+
+The UDP endpoints: before it starts anything, `up` claims the ingress endpoints for
+this run of the farm (`shared/udp_endpoints.py`) and refuses to start, naming the
+holder, when another farm (or a forgotten `up`) serves an overlapping address and
+port; its ingress instances learn the run's farm id from the environment and share
+the endpoints with each other (SO_REUSEPORT), never with another farm.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +45,13 @@ from ikefarm.shared.bus.embedded import (
 )
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.observability.logging import get_logger
+from ikefarm.shared.udp_endpoints import (
+    FARM_ID_ENV,
+    EndpointClaim,
+    EndpointTaken,
+    claim,
+    local_endpoints,
+)
 
 log = get_logger("daemon")
 GRACE_SECONDS = 3.0
@@ -181,6 +195,7 @@ class Supervisor:
         self.broker_failures = 0  # exits and failed starts since it last ran stably
         self.broker_next_start = 0.0  # monotonic time of the next attempt; 0: none planned
         self.broker_started_at = 0.0
+        self.endpoints = EndpointClaim()  # this run's hold on the ingress UDP endpoints
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.control("supervisor_signal", signal=signal.Signals(signum).name)
@@ -195,6 +210,20 @@ class Supervisor:
             self._master_key = self._given_master_key
         self.environ = dict(os.environ)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        farm = f"up {uuid.uuid4().hex}"
+        try:
+            self.endpoints = claim(
+                [(e.address, e.port) for e in local_endpoints(self.config)],
+                farm,
+                f"ikefarm up pid {os.getpid()}, state dir {self.state_dir.resolve()}",
+            )
+        except EndpointTaken as exc:
+            print(f"ikefarm up: {exc.strerror}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"ikefarm up: cannot lock the ingress endpoints: {exc}", file=sys.stderr)
+            return 1
+        self.environ[FARM_ID_ENV] = farm
         nats_url = self.config.nats.url
         if not nats_url:
             # one NATS user per service, allowed only its own subjects (proto/subjects.py)
@@ -315,6 +344,7 @@ class Supervisor:
                 log.control("service_killed", child=child.instance)
                 child.process.kill()
                 child.process.wait()
+        self.endpoints.release()  # its ingress instances are gone: another farm may come
         if self.broker is not None:
             self.broker.stop()
         if self._master_key is not None:

@@ -99,7 +99,7 @@ NOTIFY_FIXED_OCTETS = 4  # RFC 7296 3.10: Protocol ID, SPI Size, Notify Message 
 MAX_CHAIN = 64  # payloads in one IKE_SA_INIT request; more is not a request we answer
 
 
-def init_request(datagram: bytes) -> InitRequest | None:
+def init_request(datagram: bytes, header: IkeHeader | None = None) -> InitRequest | None:
     """The gate's view of an IKE_SA_INIT request, read without decoding every payload.
 
     The gate answers floods, so it walks only the generic payload headers
@@ -107,11 +107,13 @@ def init_request(datagram: bytes) -> InitRequest | None:
     Ni (3.9, 16-256 octets) and a COOKIE notification, which is one only in
     first position (2.6). None when the message is not such a request: too short,
     a length that does not add up, an Encrypted payload, no valid Ni. The worker
-    still parses the whole message if the gate lets it through.
+    still parses the whole message if the gate lets it through. `header`: the datagram's
+    header when ingress has read it already.
     """
     if len(datagram) < IKE_HEADER_LENGTH:
         return None
-    header = IkeHeader.parse(datagram)
+    if header is None:
+        header = IkeHeader.parse(datagram)
     if header.length != len(datagram):
         return None
     offset, next_type, index = IKE_HEADER_LENGTH, int(header.next_payload), 0

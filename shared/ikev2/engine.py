@@ -48,6 +48,7 @@ from ikefarm.shared.ikev2.exchanges import (
 )
 from ikefarm.shared.ikev2.fragments import FragmentReassembler
 from ikefarm.shared.ikev2.message import (
+    IkeHeader,
     Message,
     ParsedMessage,
     decrypt_message,
@@ -308,11 +309,16 @@ class IkeEngine:
     # -- inputs -----------------------------------------------------------------------------
 
     def receive(
-        self, datagram: bytes, local: Endpoint, remote: Endpoint, now: float
+        self,
+        datagram: bytes,
+        local: Endpoint,
+        remote: Endpoint,
+        now: float,
+        header: IkeHeader | None = None,
     ) -> list[Effect]:
-        """One IKE datagram from `remote` to `local`."""
+        """One IKE datagram from `remote` to `local`; `header` when ingress already read it."""
         try:
-            parsed = parse_message(datagram)
+            parsed = parse_message(datagram, header)
         except MalformedMessage as exc:
             return self._malformed(datagram, exc, local, remote)
         header = parsed.header

@@ -310,10 +310,14 @@ def _message(header: IkeHeader, payloads: list[Payload], *, protected: bool) -> 
     )
 
 
-def parse_message(datagram: bytes) -> ParsedMessage:
-    """Step 1 of receiving: header, lengths and the outer payload chain."""
+def parse_message(datagram: bytes, header: IkeHeader | None = None) -> ParsedMessage:
+    """Step 1 of receiving: header, lengths and the outer payload chain.
+
+    `header`: the fixed header as ingress already read it from these octets (the worker gets
+    it with the datagram), so it is not read twice; the lengths are still checked here."""
     data = bytes(datagram)
-    header = peek_header(data)
+    if header is None:
+        header = peek_header(data)
     if header.length < IKE_HEADER_LENGTH or header.length > len(data):
         raise MalformedMessage("truncated_message", f"length {header.length}, have {len(data)}")
     if header.length < len(data):

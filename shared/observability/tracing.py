@@ -19,6 +19,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 _propagator = TraceContextTextMapPropagator()
 _provider: TracerProvider | None = None
+# one Tracer per name and provider: get_tracer builds a new one each call (~9 us), and
+# tracer() runs once per datagram and bus message
+_tracers: dict[str, tuple[TracerProvider, trace.Tracer]] = {}
 
 
 def configure_tracing(
@@ -41,9 +44,12 @@ def configure_tracing(
 
 
 def tracer(name: str = "ikefarm") -> trace.Tracer:
-    if _provider is not None:
-        return _provider.get_tracer(name)
-    return trace.get_tracer(name)
+    if _provider is None:
+        return trace.get_tracer(name)
+    found = _tracers.get(name)
+    if found is None or found[0] is not _provider:  # a provider installed since
+        found = _tracers[name] = (_provider, _provider.get_tracer(name))
+    return found[1]
 
 
 def shutdown_tracing() -> None:

@@ -28,6 +28,9 @@ from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
     Effect,
     Endpoint,
+    KeystoreAnswer,
+    KeystoreCall,
+    KeystoreRequest,
     Log,
     PeerFailed,
     SaEvent,
@@ -43,9 +46,9 @@ from ikefarm.shared.ikev2.exchanges import (
     invalid_spi,
     lifetimes,
     nat_keepalive,
-    ppk,
     rate_limits,
 )
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.fragments import FragmentReassembler
 from ikefarm.shared.ikev2.message import (
     Message,
@@ -97,7 +100,8 @@ class IkeEngine:
         # responder half-open SAs by (SPIi, peer address, peer port), to answer a
         # retransmitted IKE_SA_INIT with the same response (RFC 7296 2.1)
         self.init_index: dict[tuple[bytes, str, int], bytes] = {}
-        self.keystore_waits: dict[int, bytes] = {}
+        # keystore requests in flight: the SA (by local SPI) and the task that asked
+        self.keystore_waits: dict[int, tuple[bytes, Task]] = {}
         self._child_spis: set[bytes] = set()
         self._child_spis_limit = CHILD_SPI_SLACK
         self.counters: Counter[str] = Counter()
@@ -192,12 +196,11 @@ class IkeEngine:
         exchange: ExchangeType,
         payloads: list[Payload],
         now: float,
-        purpose: str,
-        context: dict[str, Any] | None = None,
+        task: Task,
         *,
         protected: bool = True,
     ) -> list[Effect]:
-        """Send our next request; it is retransmitted per seed 004 until answered."""
+        """Send `task`'s request; it is retransmitted per seed 004 until answered."""
         message = Message(
             exchange_type=exchange,
             spi_i=sa.spi_i,
@@ -212,31 +215,34 @@ class IkeEngine:
         sa.outstanding = OutstandingRequest(
             message_id=message.message_id,
             exchange=int(exchange),
-            purpose=purpose,
+            task=task,
             datagrams=[e.data for e in effects if isinstance(e, SendDatagram)],
             attempt=0,
             next_at=now + retransmit_timeout(self.policy.retransmit, 0, self.uniform),
-            context=context or {},
         )
         sa.next_request_id += 1
         return effects
 
-    def queue_request(
-        self, sa: IkeSa, build: Callable[[float], list[Effect]], now: float
-    ) -> list[Effect]:
-        """Run `build` now if the window is free, else when the outstanding request completes."""
+    def queue_task(self, sa: IkeSa, task: Task, now: float) -> list[Effect]:
+        """Start `task` now if the window is free, else when the outstanding request completes."""
         self.sas.touch(sa)
         if sa.outstanding is None and sa.state not in (IkeSaState.AUTHENTICATING,):
-            return build(now)
-        sa.queued.append(build)
+            return task.start(self, sa, now)
+        sa.queued.append(task)
         return []
 
     def request_done(self, sa: IkeSa, now: float) -> list[Effect]:
-        """The outstanding request is answered: free the window, start a queued one."""
+        """The outstanding request is answered: free the window, start a queued task."""
         sa.outstanding = None
         if sa.queued and sa.local_spi in self.sas:
-            return sa.queued.pop(0)(now)
+            return sa.queued.pop(0).start(self, sa, now)
         return []
+
+    def ask_keystore(self, sa: IkeSa, task: Task, request: KeystoreCall) -> KeystoreRequest:
+        """A keystore request on behalf of `task`; its answer goes to `task.keystore_answer`."""
+        request_id = self.new_request_id()
+        self.keystore_waits[request_id] = (sa.local_spi, task)
+        return KeystoreRequest(request_id, request)
 
     def respond(
         self, sa: IkeSa, request: Message, payloads: list[Payload], *, protected: bool = True
@@ -277,7 +283,8 @@ class IkeEngine:
         key = sa.init_index_key
         if key is not None and self.init_index.get(key) == sa.local_spi:
             del self.init_index[key]
-        for request_id, spi in list(self.keystore_waits.items()):
+        sa.passive = None
+        for request_id, (spi, _task) in list(self.keystore_waits.items()):
             if spi == sa.local_spi:
                 del self.keystore_waits[request_id]
         if announce and was_established and sa.successor is None:
@@ -438,7 +445,7 @@ class IkeEngine:
             return self.drop("unexpected_response", message_id=parsed.header.message_id)
         if parsed.header.exchange_type != outstanding.exchange:
             return self.drop("response_exchange_mismatch")
-        if outstanding.purpose == "ike_sa_init":
+        if outstanding.exchange == ExchangeType.IKE_SA_INIT:
             message = parsed.message
             if message is None:
                 return self.drop("ike_sa_init_encrypted")
@@ -451,25 +458,20 @@ class IkeEngine:
         if decrypted is None:
             return []
         sa.last_seen = now
-        handler = RESPONSE_HANDLERS.get(outstanding.purpose)
-        if handler is None:
-            self.count(f"response_unhandled.{outstanding.purpose}")
-            return self.request_done(sa, now)
-        return handler(self, sa, decrypted, outstanding.context, now)
+        return outstanding.task.process(self, sa, decrypted, now)
 
     def keystore_reply(
-        self, request_id: int, reply: dict[str, Any] | None, now: float, error: str | None = None
+        self, request_id: int, reply: KeystoreAnswer | None, now: float, error: str | None = None
     ) -> list[Effect]:
-        """The keystore's answer (or `error` when it could not answer) to a KeystoreRequest."""
-        spi = self.keystore_waits.pop(request_id, None)
-        sa = self.sas.get(spi) if spi is not None else None
-        if sa is None:
+        """The keystore's typed answer (or `error` when it could not answer) to a
+        KeystoreRequest: it goes to the task that asked."""
+        waiting = self.keystore_waits.pop(request_id, None)
+        sa = self.sas.get(waiting[0]) if waiting is not None else None
+        if sa is None or waiting is None:
             self.count("keystore_reply_orphaned")
             return []
         self.sas.touch(sa)
-        if sa.pending.get("step") == ppk.PPK_MIX:
-            return ppk.keystore_answered(self, sa, reply, error, now)
-        return ike_auth.keystore_answered(self, sa, reply, error, now)
+        return waiting[1].keystore_answer(self, sa, reply, error, now)
 
     def on_timer(self, now: float) -> list[Effect]:
         """Run the timers that are due: only the SAs whose deadline has come are touched."""
@@ -511,7 +513,7 @@ class IkeEngine:
     def _retransmit(self, sa: IkeSa, outstanding: OutstandingRequest, now: float) -> list[Effect]:
         retransmit = self.policy.retransmit
         if outstanding.attempt >= retransmit.tries:
-            self.count(f"request_timeout.{outstanding.purpose}")
+            self.count(f"request_timeout.{outstanding.task.name}")
             effects: list[Effect] = [
                 Log(
                     1,
@@ -594,13 +596,6 @@ class IkeEngine:
         return self.sas.established
 
 
-ResponseHandler = Callable[[IkeEngine, IkeSa, Message, dict[str, Any], float], list[Effect]]
-# each exchange module names the responses it handles, by the purpose of our request
-RESPONSE_HANDLERS: dict[str, ResponseHandler] = {
-    **ike_auth.RESPONSE_HANDLERS,
-    **informational.RESPONSE_HANDLERS,
-    **create_child_sa.RESPONSE_HANDLERS,
-}
 # modules with per-SA timers: `on_timer(engine, sa, now)` and `deadline(sa)`
 SA_TIMERS = (lifetimes, dpd, nat_keepalive)
 

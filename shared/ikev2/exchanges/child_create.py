@@ -15,7 +15,7 @@ request (RFC 7296 1.3, 2.17).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ikefarm.shared.ikev2.constants import (
     ExchangeType,
@@ -29,6 +29,7 @@ from ikefarm.shared.ikev2.crypto.dh import DhExchange, InvalidKeyExchange
 from ikefarm.shared.ikev2.crypto.integrity import Integrity
 from ikefarm.shared.ikev2.crypto.keys import derive_child_sa_keys
 from ikefarm.shared.ikev2.effects import ChildSaInstall, Effect, InstallChildSa, Log, SaEvent
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import (
     KePayload,
@@ -58,6 +59,20 @@ class ChildOutcome:
     child: ChildSa | None = None
     nonce_i: bytes = b""
     nonce_r: bytes = b""
+
+
+@dataclass(repr=False)
+class ChildRequest:
+    """What we proposed for a child (IKE_AUTH or CREATE_CHILD_SA), to check the answer."""
+
+    policy: SecurityPolicy
+    spi_in: bytes
+    local_ts: list[TrafficSelector]
+    remote_ts: list[TrafficSelector]
+    old_child: ChildSa | None = None  # a rekey: REKEY_SA named it
+    nonce_i: bytes = b""  # CREATE_CHILD_SA only: our Ni
+    dh: DhExchange | None = None  # PFS: our KEi's private half
+    retried: bool = False  # once after INVALID_KE_PAYLOAD (RFC 7296 1.3)
 
 
 def narrow(ours: TrafficSelector | None, theirs: list[TrafficSelector]) -> list[TrafficSelector]:
@@ -354,7 +369,7 @@ def initiator_child_payloads(
     first_child: bool,
     old_child: ChildSa | None = None,
     group: int | None = None,
-) -> tuple[list[Payload], dict[str, Any]]:
+) -> tuple[list[Payload], ChildRequest]:
     """The request payloads proposing `policy`'s child, with our SPI (and Ni/KEi outside IKE_AUTH).
 
     `old_child`: this is a rekey (REKEY_SA names it, its selectors are kept).
@@ -379,45 +394,37 @@ def initiator_child_payloads(
         assert local is not None and remote is not None
         local_list, remote_list = [local], [remote]
     payloads: list[Payload] = []
-    context: dict[str, Any] = {
-        "policy": policy,
-        "spi_in": spi_in,
-        "local_ts": local_list,
-        "remote_ts": remote_list,
-        "old_child": old_child,
-    }
+    request = ChildRequest(policy, spi_in, local_list, remote_list, old_child=old_child)
     if old_child is not None:
         payloads.append(NotifyPayload(NotifyType.REKEY_SA, ProtocolId.ESP, old_child.spi_in))
     if policy.mode == "transport":
         payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
     payloads.append(SaPayload(proposals))
     if not first_child:
-        nonce_i = engine.random(NONCE_SIZE)
-        payloads.append(NoncePayload(nonce_i))
-        context["nonce_i"] = nonce_i
+        request.nonce_i = engine.random(NONCE_SIZE)
+        payloads.append(NoncePayload(request.nonce_i))
         pfs = group
         if pfs is None and policy.esp_proposals and policy.esp_proposals[0].first(TransformType.DH):
             pfs = policy.esp_proposals[0].first(TransformType.DH)[0]  # type: ignore[index]
         if pfs is not None:
-            dh = DhExchange.generate(pfs)
-            payloads.append(KePayload(pfs, dh.public_bytes()))
-            context["dh"] = dh
+            request.dh = DhExchange.generate(pfs)
+            payloads.append(KePayload(pfs, request.dh.public_bytes()))
     payloads += [TsPayload(local_list, PayloadType.TSi), TsPayload(remote_list, PayloadType.TSr)]
-    return payloads, context
+    return payloads, request
 
 
 def initiator_child_complete(
     engine: IkeEngine,
     sa: IkeSa,
     response: Message,
-    context: dict[str, Any],
+    request: ChildRequest,
     now: float,
     *,
     first_child: bool,
 ) -> ChildOutcome:
     """Install the child the responder accepted, after checking it is what we offered."""
     outcome = ChildOutcome()
-    policy: SecurityPolicy = context["policy"]
+    policy = request.policy
     errors = [n for n in response.notifies() if n.is_error]
     if errors:
         engine.count("child_refused_by_peer")
@@ -443,8 +450,7 @@ def initiator_child_complete(
     selection = select_proposal(
         policy.esp_proposals, sa_payload.proposals, ProtocolId.ESP, ignore_dh=first_child
     )
-    local_ts: list[TrafficSelector] = context["local_ts"]
-    remote_ts: list[TrafficSelector] = context["remote_ts"]
+    local_ts, remote_ts = request.local_ts, request.remote_ts
     offered = (
         selection is not None
         and all(any(o.contains(s) for o in local_ts) for s in tsi)
@@ -465,8 +471,8 @@ def initiator_child_complete(
         if nonce is None:
             engine.count("child_response_incomplete")
             return outcome
-        nonce_i, nonce_r = context["nonce_i"], nonce.data
-        dh: DhExchange | None = context.get("dh")
+        nonce_i, nonce_r = request.nonce_i, nonce.data
+        dh = request.dh
         if algorithms.dh is not None:
             ke = response.get(KePayload)
             if (
@@ -491,7 +497,7 @@ def initiator_child_complete(
         sa,
         policy,
         algorithms,
-        spi_in=context["spi_in"],
+        spi_in=request.spi_in,
         spi_out=selection.offered.spi,
         nonce_i=nonce_i,
         nonce_r=nonce_r,
@@ -518,64 +524,62 @@ def notify_name(notify_type: int) -> str:
 # -- CREATE_CHILD_SA for one more child --------------------------------------------------------
 
 
+@dataclass(repr=False)
+class NewChildTask(Task):
+    """One more child with CREATE_CHILD_SA (RFC 7296 1.3.1), active."""
+
+    name: ClassVar[str] = "new_child"
+    exchange: ClassVar[ExchangeType] = ExchangeType.CREATE_CHILD_SA
+
+    policy: SecurityPolicy
+    request: ChildRequest | None = None
+
+    def start(
+        self, engine: IkeEngine, sa: IkeSa, now: float, group: int | None = None
+    ) -> list[Effect]:
+        payloads, request = initiator_child_payloads(
+            engine, sa, self.policy, first_child=False, group=group
+        )
+        request.retried = group is not None
+        self.request = request
+        return engine.send_request(sa, ExchangeType.CREATE_CHILD_SA, payloads, now, self)
+
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        assert self.request is not None
+        group = invalid_ke_group(engine, response, self.request)
+        if group is not None:
+            sa.outstanding = None
+            return self.start(engine, sa, now, group)
+        outcome = initiator_child_complete(
+            engine, successor(sa), response, self.request, now, first_child=False
+        )
+        return outcome.effects + engine.request_done(sa, now)
+
+
 def initiate_new_child(engine: IkeEngine, sa: IkeSa, policy_name: str, now: float) -> list[Effect]:
     """One more child on an established IKE SA (RFC 7296 1.3.1)."""
     assert sa.vpn is not None
     policy = next((p for p in sa.vpn.security_policies if p.name == policy_name), None)
     if policy is None:
         raise ValueError(f"vpn {sa.vpn.name!r} has no security-policy {policy_name!r}")
-
-    def build(when: float, group: int | None = None) -> list[Effect]:
-        payloads, context = initiator_child_payloads(
-            engine, sa, policy, first_child=False, group=group
-        )
-        return engine.send_request(
-            sa, ExchangeType.CREATE_CHILD_SA, payloads, when, "new_child", context
-        )
-
-    return engine.queue_request(sa, build, now)
+    return engine.queue_task(sa, NewChildTask(policy), now)
 
 
-def new_child_response(
-    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
-) -> list[Effect]:
-    retry = _invalid_ke_retry(engine, sa, response, context, now, "new_child")
-    if retry is not None:
-        return retry
-    outcome = initiator_child_complete(
-        engine, successor(sa), response, context, now, first_child=False
-    )
-    return outcome.effects + engine.request_done(sa, now)
-
-
-def _invalid_ke_retry(
-    engine: IkeEngine,
-    sa: IkeSa,
-    response: Message,
-    context: dict[str, Any],
-    now: float,
-    purpose: str,
-) -> list[Effect] | None:
-    """INVALID_KE_PAYLOAD in CREATE_CHILD_SA: retry once with the group the peer named."""
+def invalid_ke_group(engine: IkeEngine, response: Message, request: ChildRequest) -> int | None:
+    """INVALID_KE_PAYLOAD in CREATE_CHILD_SA: the group to retry with, once (RFC 7296 1.3)."""
     notify = response.notify(NotifyType.INVALID_KE_PAYLOAD)
-    if notify is None or len(notify.data) != 2 or context.get("retried"):
+    if notify is None or len(notify.data) != 2 or request.retried:
         return None
     group = int.from_bytes(notify.data, "big")
-    policy: SecurityPolicy = context["policy"]
     acceptable = {
-        g for spec in policy.esp_proposals for g, _ in spec.transforms.get(TransformType.DH, ())
+        g
+        for spec in request.policy.esp_proposals
+        for g, _ in spec.transforms.get(TransformType.DH, ())
     }
     if group not in acceptable:
         return None
     engine.count("child_invalid_ke_retries")
-    sa.outstanding = None
-    payloads, new_context = initiator_child_payloads(
-        engine, sa, policy, first_child=False, old_child=context.get("old_child"), group=group
-    )
-    new_context["retried"] = True
-    return engine.send_request(
-        sa, ExchangeType.CREATE_CHILD_SA, payloads, now, purpose, new_context
-    )
+    return group
 
 
 def successor(sa: IkeSa) -> IkeSa:
@@ -583,6 +587,3 @@ def successor(sa: IkeSa) -> IkeSa:
     while sa.successor is not None:
         sa = sa.successor
     return sa
-
-
-RESPONSE_HANDLERS = {"new_child": new_child_response}

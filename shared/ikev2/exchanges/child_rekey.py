@@ -10,17 +10,21 @@ one new child.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, ProtocolId
 from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
 from ikefarm.shared.ikev2.exchanges.child_create import (
+    ChildRequest,
     child_detail,
     initiator_child_complete,
     initiator_child_payloads,
+    invalid_ke_group,
     respond_child,
     successor,
 )
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import NotifyPayload
 from ikefarm.shared.ikev2.sa import ChildSa, ChildSaState, IkeSa
@@ -29,27 +33,54 @@ if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
 
 
+@dataclass(repr=False)
+class ChildRekeyTask(Task):
+    """Our rekey of `child` with CREATE_CHILD_SA and REKEY_SA (RFC 7296 1.3.3), active."""
+
+    name: ClassVar[str] = "child_rekey"
+    exchange: ClassVar[ExchangeType] = ExchangeType.CREATE_CHILD_SA
+
+    child: ChildSa
+    request: ChildRequest | None = None
+
+    def start(
+        self, engine: IkeEngine, sa: IkeSa, now: float, group: int | None = None
+    ) -> list[Effect]:
+        child = self.child
+        owner = successor(sa)
+        if child not in owner.children or child.state != ChildSaState.REKEYING:
+            return engine.request_done(owner, now)  # deleted or rekeyed by the peer meanwhile
+        payloads, request = initiator_child_payloads(
+            engine, owner, child.policy, first_child=False, old_child=child, group=group
+        )
+        request.retried = group is not None
+        self.request = request
+        if group is None:
+            engine.count("child_rekeys_initiated")
+        child.rekey_in_flight = True
+        return engine.send_request(owner, ExchangeType.CREATE_CHILD_SA, payloads, now, self)
+
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        assert self.request is not None
+        group = invalid_ke_group(engine, response, self.request)
+        if group is not None:
+            sa.outstanding = None
+            payloads, request = initiator_child_payloads(
+                engine, sa, self.child.policy, first_child=False, old_child=self.child, group=group
+            )
+            request.retried = True
+            self.request = request
+            return engine.send_request(sa, ExchangeType.CREATE_CHILD_SA, payloads, now, self)
+        return child_rekey_response(engine, sa, self.request, response, now)
+
+
 def initiate_child_rekey(engine: IkeEngine, sa: IkeSa, child: ChildSa, now: float) -> list[Effect]:
     if child.state != ChildSaState.INSTALLED:
         raise ValueError(f"child SA #{child.unique_id} is {child.state}, not installed")
     child.state = ChildSaState.REKEYING  # no second rekey while this one waits for the window
-
-    def build(when: float, group: int | None = None) -> list[Effect]:
-        owner = successor(sa)
-        if child not in owner.children or child.state != ChildSaState.REKEYING:
-            return engine.request_done(owner, when)  # deleted or rekeyed by the peer meanwhile
-        payloads, context = initiator_child_payloads(
-            engine, owner, child.policy, first_child=False, old_child=child, group=group
-        )
-        engine.count("child_rekeys_initiated")
-        child.rekey_in_flight = True
-        return engine.send_request(
-            owner, ExchangeType.CREATE_CHILD_SA, payloads, when, "child_rekey", context
-        )
-
     return [
         Log(1, "child", "rekeying_child_sa", {"vpn": child.policy.vpn, **child_detail(child)}),
-        *engine.queue_request(sa, build, now),
+        *engine.queue_task(sa, ChildRekeyTask(child), now),
     ]
 
 
@@ -95,16 +126,12 @@ def respond_child_rekey(
 
 
 def child_rekey_response(
-    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
+    engine: IkeEngine, sa: IkeSa, request: ChildRequest, response: Message, now: float
 ) -> list[Effect]:
-    from ikefarm.shared.ikev2.exchanges.child_create import _invalid_ke_retry
-
-    old: ChildSa = context["old_child"]
-    retry = _invalid_ke_retry(engine, sa, response, context, now, "child_rekey")
-    if retry is not None:
-        return retry
+    old = request.old_child
+    assert old is not None
     owner = successor(sa)
-    outcome = initiator_child_complete(engine, owner, response, context, now, first_child=False)
+    outcome = initiator_child_complete(engine, owner, response, request, now, first_child=False)
     effects = list(outcome.effects)
     new = outcome.child
     deletes: list[ChildSa] = []
@@ -166,6 +193,3 @@ def _then_delete(engine: IkeEngine, sa: IkeSa, children: list[ChildSa], now: flo
         if child in owner.children:
             effects += engine.delete_child(owner, child, now)
     return effects + engine.request_done(sa, now)
-
-
-RESPONSE_HANDLERS = {"child_rekey": child_rekey_response}

@@ -9,8 +9,8 @@ retransmitted request gets the identical answer.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar
 
 from ikefarm.shared.dos.admission import INIT_PHASE
 from ikefarm.shared.ikev2.constants import (
@@ -30,6 +30,7 @@ from ikefarm.shared.ikev2.effects import Effect, Endpoint, HalfOpen, Log, SendDa
 from ikefarm.shared.ikev2.errors import UnsupportedCriticalPayload
 from ikefarm.shared.ikev2.exchanges import auth_methods, ppk
 from ikefarm.shared.ikev2.exchanges.natd import detect_nat, natd_notifies
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message, ParsedMessage, encode_message, peek_header
 from ikefarm.shared.ikev2.payloads import KePayload, NoncePayload, NotifyPayload, Payload, SaPayload
 from ikefarm.shared.ikev2.policy import VpnPolicy
@@ -290,6 +291,15 @@ def _mode_logs(engine: IkeEngine, refused: str | None) -> list[Effect]:
 # -- initiator ----------------------------------------------------------------------------------
 
 
+@dataclass(repr=False)
+class IkeInitTask(Task):
+    """Our IKE_SA_INIT (active). Its state (DH, nonce, cookie) is the SA's own: the engine
+    hands the answer, unprotected, to `initiator_response` with the datagram it came in."""
+
+    name: ClassVar[str] = "ike_sa_init"
+    exchange: ClassVar[ExchangeType] = ExchangeType.IKE_SA_INIT
+
+
 def _proposals_payload(vpn: VpnPolicy) -> SaPayload:
     return SaPayload(
         [
@@ -310,6 +320,21 @@ def initiate(
 ) -> list[Effect]:
     """Start an IKE SA; `remote_address`/`remote_id` stand in for a VPN's "any" (a restart
     of an SA the peer initiated goes back to the address and identity it had)."""
+    return start(
+        engine, vpn_name, child_name, now, remote_address=remote_address, remote_id=remote_id
+    )[1]
+
+
+def start(
+    engine: IkeEngine,
+    vpn_name: str,
+    child_name: str | None,
+    now: float,
+    *,
+    remote_address: str | None = None,
+    remote_id: str | None = None,
+) -> tuple[IkeSa, list[Effect]]:
+    """`initiate`, returning the new IKE SA too; ValueError for a VPN that cannot initiate."""
     vpn = engine.policy.vpn(vpn_name)
     if vpn is None:
         raise ValueError(f"no enabled vpn named {vpn_name!r}")
@@ -355,7 +380,7 @@ def initiate(
             {"vpn": vpn.name, "unique_id": sa.unique_id, "remote": str(sa.remote)},
         )
     ]
-    return effects + _send_init(engine, sa, now)
+    return sa, effects + _send_init(engine, sa, now)
 
 
 def _send_init(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
@@ -376,7 +401,7 @@ def _send_init(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     payloads += auth_methods.init_notifies([sa.vpn])
     sa.next_request_id = 0
     effects = engine.send_request(
-        sa, ExchangeType.IKE_SA_INIT, payloads, now, "ike_sa_init", protected=False
+        sa, ExchangeType.IKE_SA_INIT, payloads, now, IkeInitTask(), protected=False
     )
     sa.init_request = sa.outstanding.datagrams[0] if sa.outstanding else b""
     return effects

@@ -23,6 +23,7 @@ from typing import Any
 from ikefarm.proto.sharding import shard_of_spi, spi_for_shard
 from ikefarm.shared.dos.admission import WorkerAdmission
 from ikefarm.shared.ikev2.constants import ExchangeType
+from ikefarm.shared.ikev2.crypto.dh import DhExchange
 from ikefarm.shared.ikev2.crypto.protection import IntegrityCheckFailed, MalformedEncryptedPayload
 from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
@@ -94,6 +95,8 @@ class IkeEngine:
         self.exchange_rates = rate_limits.ExchangeRates(dos.limits) if dos is not None else None
         self.invalid_spi_answers = invalid_spi.new_window()
         self.shard = shard
+        # every random octet (SPIs, nonces, IVs, DH private keys) and every jitter comes from
+        # these two: a test that injects seeded ones replays a negotiation byte for byte
         self.random = random
         self.uniform = uniform or random_module.SystemRandom().uniform
         self.sas = SaTable(deadline=_deadline)
@@ -131,6 +134,11 @@ class IkeEngine:
             if int.from_bytes(spi, "big") >= 256 and spi not in self._child_spis:
                 self._child_spis.add(spi)
                 return spi
+
+    def new_dh(self, group: int) -> DhExchange:
+        """A fresh DH key pair from the engine's source; with the system's source the
+        cryptography library's generator makes it (the same kernel CSPRNG, less Python)."""
+        return DhExchange.generate(group, None if self.random is os.urandom else self.random)
 
     def new_unique_id(self) -> int:
         # unique across the farm: the shard is the high part, as in the SPI
@@ -171,7 +179,7 @@ class IkeEngine:
         if message.protected:
             assert sa.protection is not None
             sk_e, sk_a = sa.outbound_keys()
-            single = encode_message(message, sa.protection, sk_e, sk_a)
+            single = encode_message(message, sa.protection, sk_e, sk_a, random=self.random)
             if (
                 sa.peer_fragmentation
                 and len(single) > DEFAULT_FRAGMENT_SIZE
@@ -179,7 +187,7 @@ class IkeEngine:
                 and sa.vpn.fragmentation
             ):
                 datagrams = encode_message_fragments(
-                    message, sa.protection, sk_e, sk_a, DEFAULT_FRAGMENT_SIZE
+                    message, sa.protection, sk_e, sk_a, DEFAULT_FRAGMENT_SIZE, random=self.random
                 )
             else:
                 datagrams = [single]

@@ -250,7 +250,7 @@ def respond_child(
                 NotifyType.INVALID_KE_PAYLOAD, data=algorithms.dh.to_bytes(2, "big")
             )
             return _refuse(engine, outcome, notify, "child_invalid_ke_payload", group=algorithms.dh)
-        dh = DhExchange.generate(algorithms.dh)
+        dh = engine.new_dh(algorithms.dh)
         try:
             shared_secret = dh.compute_shared(ke.key_data)
         except InvalidKeyExchange:
@@ -407,7 +407,7 @@ def initiator_child_payloads(
         if pfs is None and policy.esp_proposals and policy.esp_proposals[0].first(TransformType.DH):
             pfs = policy.esp_proposals[0].first(TransformType.DH)[0]  # type: ignore[index]
         if pfs is not None:
-            request.dh = DhExchange.generate(pfs)
+            request.dh = engine.new_dh(pfs)
             payloads.append(KePayload(pfs, request.dh.public_bytes()))
     payloads += [TsPayload(local_list, PayloadType.TSi), TsPayload(remote_list, PayloadType.TSr)]
     return payloads, request

@@ -21,7 +21,7 @@ from ikefarm.shared.ikev2.constants import (
     TransformType,
 )
 from ikefarm.shared.ikev2.crypto.cipher import Cipher
-from ikefarm.shared.ikev2.crypto.dh import DhExchange, InvalidKeyExchange, key_exchange_length
+from ikefarm.shared.ikev2.crypto.dh import InvalidKeyExchange, key_exchange_length
 from ikefarm.shared.ikev2.crypto.integrity import Integrity
 from ikefarm.shared.ikev2.crypto.keys import derive_ike_sa_keys
 from ikefarm.shared.ikev2.crypto.prf import Prf
@@ -185,7 +185,7 @@ def respond(
     if len(ke.key_data) != key_exchange_length(algorithms.dh):
         return engine.drop("bad_ke_length")
 
-    dh = DhExchange.generate(algorithms.dh)
+    dh = engine.new_dh(algorithms.dh)
     try:
         shared_secret = dh.compute_shared(ke.key_data)
     except InvalidKeyExchange:
@@ -365,7 +365,7 @@ def start(
         vpn=vpn,
         candidates=[vpn],
         nonce_i=engine.random(NONCE_SIZE),
-        dh=DhExchange.generate(group[0]),
+        dh=engine.new_dh(group[0]),
         requested_child=child,
     )
     if engine.policy.initiator_half_open_timeout is not None:
@@ -432,7 +432,7 @@ def initiator_response(
         if group not in acceptable or (sa.dh is not None and sa.dh.group == group):
             return _initiation_failed(engine, sa, "invalid_ke_payload", now, group=group)
         engine.count("invalid_ke_retries")
-        sa.dh = DhExchange.generate(group)
+        sa.dh = engine.new_dh(group)
         sa.outstanding = None
         return [
             Log(2, "ike", "retrying_with_group", {"unique_id": sa.unique_id, "group": group}),

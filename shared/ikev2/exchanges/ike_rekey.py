@@ -149,7 +149,7 @@ class IkeRekeyTask(Task):
         chosen = group or sa.algorithms.dh
         if chosen is None:
             chosen = sa.vpn.ike_proposals[0].first(TransformType.DH)[0]  # type: ignore[index]
-        self.dh = DhExchange.generate(chosen)
+        self.dh = engine.new_dh(chosen)
         self.nonce_i = engine.random(NONCE_SIZE)
         self.retried = group is not None
         proposals = [
@@ -334,7 +334,7 @@ def respond_ike_rekey(engine: IkeEngine, sa: IkeSa, request: Message, now: float
             request,
             [NotifyPayload(NotifyType.INVALID_KE_PAYLOAD, data=group.to_bytes(2, "big"))],
         )
-    dh = DhExchange.generate(group)
+    dh = engine.new_dh(group)
     try:
         shared_secret = dh.compute_shared(ke.key_data)
     except InvalidKeyExchange:

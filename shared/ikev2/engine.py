@@ -18,7 +18,7 @@ import os
 import random as random_module
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ikefarm.proto.sharding import shard_of_spi, spi_for_shard
 from ikefarm.shared.dos.admission import WorkerAdmission
@@ -72,11 +72,15 @@ from ikefarm.shared.ikev2.sa import (
     SaTable,
 )
 
+if TYPE_CHECKING:
+    from ikefarm.shared.ikev2.snapshot import SaSecrets, SaSnapshot
+
 # IPv6 minimum MTU minus IPv6 (40) and UDP (8) headers and the non-ESP marker (4):
 # strongSwan's default fragment size leaves the same room (RFC 7383 2.5.1).
 DEFAULT_FRAGMENT_SIZE = 1280 - 40 - 8 - 4
 # inbound child SPIs remembered beyond twice those in use before the set is rebuilt
 CHILD_SPI_SLACK = 1024
+UNIQUE_ID_RANGE = 100_000  # unique ids of shard s are s * UNIQUE_ID_RANGE + 1, + 2, ...
 
 
 class IkeEngine:
@@ -108,7 +112,7 @@ class IkeEngine:
         self._child_spis: set[bytes] = set()
         self._child_spis_limit = CHILD_SPI_SLACK
         self.counters: Counter[str] = Counter()
-        self._unique_ids = itertools.count(1)
+        self._last_unique_id = 0  # within this shard's range of unique ids
         self._request_ids = itertools.count(1)
 
     # -- identifiers -------------------------------------------------------------------------
@@ -142,7 +146,8 @@ class IkeEngine:
 
     def new_unique_id(self) -> int:
         # unique across the farm: the shard is the high part, as in the SPI
-        return self.shard * 100_000 + next(self._unique_ids)
+        self._last_unique_id += 1
+        return self.shard * UNIQUE_ID_RANGE + self._last_unique_id
 
     def new_request_id(self) -> int:
         return next(self._request_ids)
@@ -314,6 +319,30 @@ class IkeEngine:
                 )
             )
         return effects
+
+    # -- snapshots (shared/ikev2/snapshot.py) -------------------------------------------------
+
+    def snapshot(self, sa: IkeSa, now: float) -> tuple[SaSnapshot, SaSecrets]:
+        """The SA's state without keys, and its keys apart (the part to seal)."""
+        from ikefarm.shared.ikev2 import snapshot
+
+        return snapshot.take(sa, now)
+
+    def restore(self, state: SaSnapshot, secrets: SaSecrets, now: float) -> IkeSa:
+        """Continue an SA snapshotted elsewhere; SnapshotError when it does not fit here."""
+        from ikefarm.shared.ikev2 import snapshot
+
+        return snapshot.restore(self, state, secrets, now)
+
+    def adopt(self, sa: IkeSa) -> None:
+        """Register an SA built outside an exchange (a restored snapshot)."""
+        self.sas[sa.local_spi] = sa
+        self._child_spis.update(c.spi_in for c in sa.children)
+        # ids are never handed out twice: skip past the adopted ones in our range
+        base = self.shard * UNIQUE_ID_RANGE
+        for unique_id in (sa.unique_id, *(c.unique_id for c in sa.children)):
+            if base < unique_id < base + UNIQUE_ID_RANGE:
+                self._last_unique_id = max(self._last_unique_id, unique_id - base)
 
     # -- inputs -----------------------------------------------------------------------------
 

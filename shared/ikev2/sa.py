@@ -95,6 +95,17 @@ class OutstandingRequest:
 
 @dataclass
 class IkeSa:
+    """One IKE SA: the per-SA connection state the engine's exchanges act on.
+
+    It owns everything typed that the SA is (the role of aioquic's QuicConnection
+    object, without its I/O): SPIs, endpoints, algorithms and keys, message-ID
+    windows and the cached response, children, lifetimes and timers, and its tasks
+    (`exchanges/task.py`: the active one in `outstanding`, the `queued` ones, a
+    `passive` one waiting for the keystore). The engine is the SPI index and the
+    deadline heap around the SAs; `engine.snapshot(sa, now)` / `engine.restore(...)`
+    (`snapshot.py`) carry an SA to another engine, its keys apart.
+    """
+
     unique_id: int
     is_initiator: bool
     spi_i: bytes

@@ -127,10 +127,13 @@ class RetireOldTask(Task):
 
     name: ClassVar[str] = "retire_old"
 
-    old: IkeSa
+    old_spi: bytes  # the old SA's local SPI: it may be gone by then
 
     def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
-        retired = informational.initiate_ike_delete(engine, self.old, now, "reauthenticated")
+        old = engine.sas.get(self.old_spi)
+        retired = []
+        if old is not None:
+            retired = informational.initiate_ike_delete(engine, old, now, "reauthenticated")
         return retired + engine.request_done(sa, now)
 
 
@@ -174,7 +177,9 @@ def reauth(engine: IkeEngine, sa: IkeSa, now: float) -> Reestablished:
     )
     engine.count("reauths")
     if make_before_break:
-        done = reestablish(engine, sa, policies, now, reason="reauth", then=RetireOldTask(sa))
+        done = reestablish(
+            engine, sa, policies, now, reason="reauth", then=RetireOldTask(sa.local_spi)
+        )
         done.effects.insert(0, started)
         return done
     effects = informational.initiate_ike_delete(

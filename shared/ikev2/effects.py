@@ -131,6 +131,24 @@ class SaEvent:
 
 
 @dataclass(frozen=True)
+class SaFailed:
+    """An IKE SA we negotiate failed before it was established, and why (`ikefarm initiate`
+    reports it; the log line beside it is for people)."""
+
+    ike_unique_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChildFailed:
+    """A child we asked for (security policy `policy`) was not made, and why."""
+
+    ike_unique_id: int
+    policy: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class InitialContact:
     """RFC 7296 2.4: the peer has no other SA with us; drop older ones farm-wide."""
 
@@ -207,6 +225,8 @@ Effect = (
     | InstallChildSa
     | DeleteChildSa
     | SaEvent
+    | SaFailed
+    | ChildFailed
     | InitialContact
     | HalfOpen
     | SendKeepalive

@@ -35,6 +35,7 @@ from ikefarm.shared.ikev2.effects import (
     Log,
     PeerFailed,
     SaEvent,
+    SaFailed,
     SendDatagram,
 )
 from ikefarm.shared.ikev2.errors import MalformedMessage, UnsupportedCriticalPayload
@@ -562,7 +563,8 @@ class IkeEngine:
                         "exchange": _exchange_name(outstanding.exchange),
                         "tries": outstanding.attempt,
                     },
-                )
+                ),
+                SaFailed(sa.unique_id, "peer not responding"),
             ]
             sa.outstanding = None
             return effects + self.peer_dead(sa, now)

@@ -24,7 +24,8 @@ Reauthentication (seed 004) lives with the exchanges (`exchanges/reauth.py`);
 `reauth` runs it on each selected SA.
 
 `Watches` follows an initiation to its end (established, or failed and why) for
-`ikefarm initiate`, from the effects the engine returns.
+`ikefarm initiate`, from the typed effects the engine returns (`SaEvent`,
+`SaFailed`, `ChildFailed`), never from log event names.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
+from ikefarm.shared.ikev2.effects import ChildFailed, Effect, SaEvent, SaFailed
 from ikefarm.shared.ikev2.exchanges import ike_init, informational, reauth
 from ikefarm.shared.ikev2.policy import SecurityPolicy, VpnPolicy
 from ikefarm.shared.ikev2.sa import ChildSa, ChildSaState, IkeSa, IkeSaState
@@ -60,14 +61,6 @@ USAGE = {
 MAX_VALUE_LENGTH = 255
 IKE_STATES = tuple(str(s) for s in IkeSaState if s != IkeSaState.DELETED)
 CHILD_STATES = tuple(str(s) for s in ChildSaState if s != ChildSaState.DELETED)
-# logs that end an initiation (their `reason`, else this text, says why)
-_FAILURE_TEXT = {
-    "ike_sa_initiation_failed": "initiation failed",
-    "authentication_failed": "authentication failed",
-    "retransmits_exhausted": "peer not responding",
-    "keystore_unavailable": "keystore unavailable",
-}
-_IKE_FAILURES = frozenset(_FAILURE_TEXT)
 
 
 class CommandError(ValueError):
@@ -504,17 +497,14 @@ class Watches:
                     watch.lines.append(child_established_line(effect.detail))
                     if effect.detail.get("name") == watch.child:
                         watch.child_done = True
-            elif isinstance(effect, Log):
-                fields = effect.fields
-                if fields.get("unique_id") == uid and effect.event in _IKE_FAILURES:
-                    watch.reason = str(fields.get("reason") or _FAILURE_TEXT[effect.event])
-                elif (
-                    watch.child is not None
-                    and effect.subsystem == "child"
-                    and effect.level <= 1
-                    and fields.get("policy") == watch.child
-                ):
-                    watch.child_failed = str(fields.get("notify") or effect.event)
+            elif isinstance(effect, SaFailed) and effect.ike_unique_id == uid:
+                watch.reason = effect.reason
+            elif (
+                isinstance(effect, ChildFailed)
+                and watch.child is not None
+                and effect.policy == watch.child
+            ):
+                watch.child_failed = effect.reason
         if sa is None and not (watch.established and (watch.child is None or watch.child_done)):
             reason = watch.reason or ("deleted" if watch.established else "peer not responding")
             watch.lines.append(f"establishing IKE_SA {label} failed: {reason}")

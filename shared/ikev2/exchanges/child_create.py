@@ -28,7 +28,14 @@ from ikefarm.shared.ikev2.crypto.cipher import Cipher
 from ikefarm.shared.ikev2.crypto.dh import DhExchange, InvalidKeyExchange
 from ikefarm.shared.ikev2.crypto.integrity import Integrity
 from ikefarm.shared.ikev2.crypto.keys import derive_child_sa_keys
-from ikefarm.shared.ikev2.effects import ChildSaInstall, Effect, InstallChildSa, Log, SaEvent
+from ikefarm.shared.ikev2.effects import (
+    ChildFailed,
+    ChildSaInstall,
+    Effect,
+    InstallChildSa,
+    Log,
+    SaEvent,
+)
 from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import (
@@ -437,16 +444,13 @@ def initiator_child_complete(
                 {"vpn": policy.vpn, "policy": policy.name, "notify": name},
             )
         )
+        outcome.effects.append(ChildFailed(sa.unique_id, policy.name, name))
         return outcome
     sa_payload = response.get(SaPayload)
     tsi = selectors(response.get_type(PayloadType.TSi))
     tsr = selectors(response.get_type(PayloadType.TSr))
     if sa_payload is None or len(sa_payload.proposals) != 1 or not tsi or not tsr:
-        engine.count("child_response_incomplete")
-        outcome.effects.append(
-            Log(1, "child", "child_response_incomplete", {"policy": policy.name})
-        )
-        return outcome
+        return _not_made(engine, outcome, sa, policy, "child_response_incomplete")
     selection = select_proposal(
         policy.esp_proposals, sa_payload.proposals, ProtocolId.ESP, ignore_dh=first_child
     )
@@ -457,11 +461,7 @@ def initiator_child_complete(
         and all(any(o.contains(s) for o in remote_ts) for s in tsr)
     )
     if not offered or selection is None:
-        engine.count("child_response_not_offered")
-        outcome.effects.append(
-            Log(1, "child", "child_response_not_offered", {"policy": policy.name})
-        )
-        return outcome
+        return _not_made(engine, outcome, sa, policy, "child_response_not_offered")
     algorithms = selection.algorithms()
     shared_secret: bytes | None = None
     if first_child:
@@ -469,8 +469,7 @@ def initiator_child_complete(
     else:
         nonce = response.get(NoncePayload)
         if nonce is None:
-            engine.count("child_response_incomplete")
-            return outcome
+            return _not_made(engine, outcome, sa, policy, "child_response_incomplete")
         nonce_i, nonce_r = request.nonce_i, nonce.data
         dh = request.dh
         if algorithms.dh is not None:
@@ -481,13 +480,11 @@ def initiator_child_complete(
                 or int(ke.dh_group) != dh.group
                 or algorithms.dh != dh.group
             ):
-                engine.count("child_response_not_offered")
-                return outcome
+                return _not_made(engine, outcome, sa, policy, "child_response_not_offered")
             try:
                 shared_secret = dh.compute_shared(ke.key_data)
             except InvalidKeyExchange:
-                engine.count("child_invalid_ke_value")
-                return outcome
+                return _not_made(engine, outcome, sa, policy, "child_invalid_ke_value")
             engine.count("dh_computed")
     transport = (
         policy.mode == "transport" and response.notify(NotifyType.USE_TRANSPORT_MODE) is not None
@@ -511,6 +508,16 @@ def initiator_child_complete(
     outcome.child = child
     outcome.nonce_i, outcome.nonce_r = nonce_i, nonce_r
     outcome.effects += install_effects(sa, child)
+    return outcome
+
+
+def _not_made(
+    engine: IkeEngine, outcome: ChildOutcome, sa: IkeSa, policy: SecurityPolicy, reason: str
+) -> ChildOutcome:
+    """The answer does not give us the child we asked for: count, log, say so (typed)."""
+    engine.count(reason)
+    outcome.effects.append(Log(1, "child", reason, {"policy": policy.name}))
+    outcome.effects.append(ChildFailed(sa.unique_id, policy.name, reason))
     return outcome
 
 

@@ -26,6 +26,7 @@ from ikefarm.shared.ikev2.effects import (
     Log,
     PpkMixed,
     SaEvent,
+    SaFailed,
 )
 from ikefarm.shared.ikev2.exchanges import auth_methods, lifetimes, ppk
 from ikefarm.shared.ikev2.exchanges.child_create import (
@@ -43,6 +44,7 @@ from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
 
+KEYSTORE_UNAVAILABLE = "keystore unavailable"
 PSK_AUTH = "psk-auth"  # the KeystoreRequest operation for PSK AUTH (effects.PSK_AUTH)
 
 
@@ -100,6 +102,7 @@ def _fail(
             {"unique_id": sa.unique_id, "peer": str(sa.remote), "reason": reason, **fields},
         )
     )
+    effects.append(SaFailed(sa.unique_id, reason))
     effects += engine.remove_sa(sa, f"authentication failed: {reason}", now, announce=False)
     if not sa.is_initiator:
         effects += engine.peer_failed(sa.remote, AUTH_PHASE, now)
@@ -427,7 +430,8 @@ def _initiator_failed(
             "ike",
             "authentication_failed",
             {"unique_id": sa.unique_id, "peer": str(sa.remote), "reason": reason, **fields},
-        )
+        ),
+        SaFailed(sa.unique_id, reason),
     ]
     return effects + engine.remove_sa(sa, f"authentication failed: {reason}", now, announce=False)
 
@@ -449,7 +453,8 @@ def _initiator_keystore_answered(
                 "keystore_unavailable",
                 {"unique_id": sa.unique_id, "error": error or "no reply"},
             ),
-            *engine.remove_sa(sa, "keystore unavailable", now, announce=False),
+            SaFailed(sa.unique_id, KEYSTORE_UNAVAILABLE),
+            *engine.remove_sa(sa, KEYSTORE_UNAVAILABLE, now, announce=False),
         ]
     if task.step == "sign":
         if not reply.auth:

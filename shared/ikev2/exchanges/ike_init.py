@@ -26,7 +26,7 @@ from ikefarm.shared.ikev2.crypto.integrity import Integrity
 from ikefarm.shared.ikev2.crypto.keys import derive_ike_sa_keys
 from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.crypto.protection import SkProtection
-from ikefarm.shared.ikev2.effects import Effect, Endpoint, HalfOpen, Log, SendDatagram
+from ikefarm.shared.ikev2.effects import Effect, Endpoint, HalfOpen, Log, SaFailed, SendDatagram
 from ikefarm.shared.ikev2.errors import UnsupportedCriticalPayload
 from ikefarm.shared.ikev2.exchanges import auth_methods, ppk
 from ikefarm.shared.ikev2.exchanges.natd import detect_nat, natd_notifies
@@ -504,6 +504,7 @@ def _initiation_failed(
             "ike",
             "ike_sa_initiation_failed",
             {"unique_id": sa.unique_id, "reason": reason, **fields},
-        )
+        ),
+        SaFailed(sa.unique_id, reason),
     ]
     return effects + engine.remove_sa(sa, reason, now)

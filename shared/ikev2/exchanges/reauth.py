@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from ikefarm.shared.ikev2.effects import Effect, Log
+from ikefarm.shared.ikev2.effects import ChildFailed, Effect, Log
 from ikefarm.shared.ikev2.exchanges import ike_init, informational
 from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.policy import SecurityPolicy
@@ -114,7 +114,8 @@ class ReestablishChildTask(Task):
                     "child",
                     "child_sa_not_reestablished",
                     {"unique_id": sa.unique_id, "policy": self.policy.name, "error": str(exc)},
-                )
+                ),
+                ChildFailed(sa.unique_id, self.policy.name, "child_sa_not_reestablished"),
             ]
         if sa.outstanding is None:  # nothing went out: let the next queued task go
             effects += engine.request_done(sa, now)

@@ -8,6 +8,7 @@ tests use the real keystore over NATS).
 from __future__ import annotations
 
 import hmac
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,35 @@ def keystore_stand_in(
     auth = prf.compute(key, request.sign_octets) if request.purpose == "verify-and-sign" else b""
     return PskAuthReply(True, auth)
 
+
+class Seeded:
+    """A seeded random source for an engine (`random=s.octets, uniform=s.uniform`), whose
+    state can be copied into another engine's."""
+
+    def __init__(self, seed: int) -> None:
+        self.source = random.Random(seed)
+
+    def octets(self, n: int) -> bytes:
+        return self.source.randbytes(n)
+
+    def uniform(self, low: float, high: float) -> float:
+        return self.source.uniform(low, high)
+
+    def clone(self) -> Seeded:
+        copy = Seeded(0)
+        copy.source.setstate(self.source.getstate())
+        return copy
+
+
+# children with PFS (a CREATE_CHILD_SA carries a DH value): vpn `ipsec-policy = { template = "p" }`
+PFS_TEMPLATE = """
+[[ike.ipsec-policy-template]]
+name = "p"
+[[ike.ipsec-policy-template.esp-proposal]]
+enc-alg = "aes128-cbc"
+auth-alg = "hmac-sha256"
+dh-group = "ecp256"
+"""
 
 RESPONDER_TOML = """
 [[ike.pre-shared-key]]

@@ -365,10 +365,10 @@ def _task(task: Task, slot: str, secrets: SaSecrets) -> TaskSnapshot:
     kind = type(task).__name__
     if isinstance(task, ike_init.IkeInitTask | informational.LivenessTask):
         return TaskSnapshot(kind)
-    if isinstance(task, child_create.NewChildTask):
+    if isinstance(task, child_create.NewChildTask) and task.policy is not None:
         request = _child_request(task.request, slot, secrets)
         return TaskSnapshot(kind, policy=_policy_ref(task.policy), request=request)
-    if isinstance(task, child_rekey.ChildRekeyTask):
+    if isinstance(task, child_rekey.ChildRekeyTask) and task.child is not None:
         request = _child_request(task.request, slot, secrets)
         return TaskSnapshot(kind, child=task.child.unique_id, request=request)
     if isinstance(task, ike_rekey.IkeRekeyTask):
@@ -395,6 +395,18 @@ def _task(task: Task, slot: str, secrets: SaSecrets) -> TaskSnapshot:
     if isinstance(task, reauth.ReauthNewTask):
         return TaskSnapshot(kind, policies=[_policy_ref(p) for p in task.policies])
     raise SnapshotError(f"task {kind} cannot be snapshotted")
+
+
+# what the peer announced and what NAT detection found: copied as they are, both ways
+_FLAGS = (
+    "peer_fragmentation",
+    "peer_childless",
+    "peer_mobike",
+    "nat_local",
+    "nat_remote",
+    "ppk_used",
+    "peer_use_ppk",
+)
 
 
 def take(sa: IkeSa, now: float) -> tuple[SaSnapshot, SaSecrets]:
@@ -467,15 +479,9 @@ def take(sa: IkeSa, now: float) -> tuple[SaSnapshot, SaSecrets]:
             else None
         ),
         children=[_child(c, now) for c in sa.children],
-        peer_fragmentation=sa.peer_fragmentation,
-        peer_childless=sa.peer_childless,
-        peer_mobike=sa.peer_mobike,
         peer_signature_hashes=list(sa.peer_signature_hashes),
         auth_methods=dict(sa.auth_methods),
-        nat_local=sa.nat_local,
-        nat_remote=sa.nat_remote,
-        ppk_used=sa.ppk_used,
-        peer_use_ppk=sa.peer_use_ppk,
+        **{name: getattr(sa, name) for name in _FLAGS},
         half_open_deadline=_rel(sa.half_open_deadline, now),
         init_index_key=(
             [sa.init_index_key[0].hex(), sa.init_index_key[1], sa.init_index_key[2]]
@@ -604,12 +610,11 @@ class _Restorer:
         if kind == "LivenessTask":
             return informational.LivenessTask()
         if kind == "NewChildTask" and raw.policy is not None:
-            return child_create.NewChildTask(
-                self.policy(raw.policy), self.request(raw.request, slot)
-            )
+            request = self.request(raw.request, slot)
+            return child_create.NewChildTask(request=request, policy=self.policy(raw.policy))
         if kind == "ChildRekeyTask":
             request = self.request(raw.request, slot)
-            return child_rekey.ChildRekeyTask(self.child(raw.child), request)
+            return child_rekey.ChildRekeyTask(request=request, child=self.child(raw.child))
         if kind == "IkeRekeyTask":
             return ike_rekey.IkeRekeyTask(
                 spi=bytes.fromhex(raw.spi),
@@ -723,15 +728,9 @@ def _restore(engine: IkeEngine, snap: SaSnapshot, secrets: SaSecrets, now: float
             else None
         ),
         children=list(at.children.values()),
-        peer_fragmentation=snap.peer_fragmentation,
-        peer_childless=snap.peer_childless,
-        peer_mobike=snap.peer_mobike,
         peer_signature_hashes=tuple(snap.peer_signature_hashes),
         auth_methods=dict(snap.auth_methods),
-        nat_local=snap.nat_local,
-        nat_remote=snap.nat_remote,
-        ppk_used=snap.ppk_used,
-        peer_use_ppk=snap.peer_use_ppk,
+        **{name: getattr(snap, name) for name in _FLAGS},
         half_open_deadline=_at(snap.half_open_deadline, now),
         last_seen=now + snap.last_seen,
         established_at=_at(snap.established_at, now),

@@ -10,7 +10,6 @@ lets a test pin a negotiation down, and what a snapshot restored elsewhere
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
 import pytest
@@ -20,7 +19,15 @@ from ikefarm.shared.ikev2.crypto.dh import DhExchange, key_exchange_length
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.sa import IkeSaState
-from tests.engine_helpers import INITIATOR_TOML, RESPONDER_TOML, Side, Wire, config
+from tests.engine_helpers import (
+    INITIATOR_TOML,
+    PFS_TEMPLATE,
+    RESPONDER_TOML,
+    Seeded,
+    Side,
+    Wire,
+    config,
+)
 
 # AES-GCM as well as AES-CBC with HMAC: both IV kinds come from the source; PFS with an ECP
 # group and IKE with x25519, MODP and ECP, so every DH flavour is drawn from it
@@ -32,19 +39,13 @@ TEMPLATES = """
 name = "t"
 [[ike.ike-policy-template.ike-proposal]]
 {ike}
-[[ike.ipsec-policy-template]]
-name = "p"
-[[ike.ipsec-policy-template.esp-proposal]]
-enc-alg = "aes128-cbc"
-auth-alg = "hmac-sha256"
-dh-group = "ecp256"
-"""
+""" + PFS_TEMPLATE.replace("{", "{{").replace("}", "}}")
 VPN = 'ike-policy = { template = "t" }\nipsec-policy = { template = "p" }'
 
 
 def seeded(seed: int) -> tuple[Callable[[int], bytes], Callable[[float, float], float]]:
-    source = random.Random(seed)
-    return source.randbytes, source.uniform
+    source = Seeded(seed)
+    return source.octets, source.uniform
 
 
 def seeded_wire(seed: int, ike: str = GCM_X25519) -> Wire:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,9 @@ from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState
 from ikefarm.shared.ikev2.snapshot import SaSecrets, SaSnapshot, SnapshotError, restore, take
 from tests.engine_helpers import (
     INITIATOR_TOML,
+    PFS_TEMPLATE,
     RESPONDER_TOML,
+    Seeded,
     Side,
     Wire,
     config,
@@ -34,37 +35,11 @@ from tests.engine_helpers import (
 
 PSK = b"shared-secret-0123456789"
 # PFS on the child: a CREATE_CHILD_SA in flight carries a DH private value in its task
-TEMPLATES = """
-[[ike.ipsec-policy-template]]
-name = "p"
-[[ike.ipsec-policy-template.esp-proposal]]
-enc-alg = "aes128-cbc"
-auth-alg = "hmac-sha256"
-dh-group = "ecp256"
-"""
 VPN = 'ipsec-policy = { template = "p" }'
 
 
-class Seeded:
-    """A seeded source whose state can be copied into another engine."""
-
-    def __init__(self, seed: int) -> None:
-        self.source = random.Random(seed)
-
-    def octets(self, n: int) -> bytes:
-        return self.source.randbytes(n)
-
-    def uniform(self, low: float, high: float) -> float:
-        return self.source.uniform(low, high)
-
-    def clone(self) -> Seeded:
-        copy = Seeded(0)
-        copy.source.setstate(self.source.getstate())
-        return copy
-
-
 def engine(template: str, shard: int, source: Seeded) -> IkeEngine:
-    policy = engine_policy(config(template, TEMPLATES, VPN))
+    policy = engine_policy(config(template, PFS_TEMPLATE, VPN))
     return IkeEngine(policy, shard, random=source.octets, uniform=source.uniform)
 
 

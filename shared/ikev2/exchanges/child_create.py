@@ -532,31 +532,63 @@ def notify_name(notify_type: int) -> str:
 
 
 @dataclass(repr=False)
-class NewChildTask(Task):
-    """One more child with CREATE_CHILD_SA (RFC 7296 1.3.1), active."""
+class ChildProposalTask(Task):
+    """A CREATE_CHILD_SA proposing a child (one more, or a rekey): propose, retry once with
+    the group an INVALID_KE_PAYLOAD names (RFC 7296 1.3)."""
 
-    name: ClassVar[str] = "new_child"
     exchange: ClassVar[ExchangeType] = ExchangeType.CREATE_CHILD_SA
 
-    policy: SecurityPolicy
     request: ChildRequest | None = None
 
-    def start(
-        self, engine: IkeEngine, sa: IkeSa, now: float, group: int | None = None
+    def propose(
+        self,
+        engine: IkeEngine,
+        sa: IkeSa,
+        policy: SecurityPolicy,
+        now: float,
+        *,
+        group: int | None = None,
+        old_child: ChildSa | None = None,
     ) -> list[Effect]:
         payloads, request = initiator_child_payloads(
-            engine, sa, self.policy, first_child=False, group=group
+            engine, sa, policy, first_child=False, old_child=old_child, group=group
         )
         request.retried = group is not None
         self.request = request
         return engine.send_request(sa, ExchangeType.CREATE_CHILD_SA, payloads, now, self)
 
-    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+    def retried(
+        self, engine: IkeEngine, sa: IkeSa, response: Message, now: float
+    ) -> list[Effect] | None:
+        """The request again with the group the peer named, or None to go on."""
         assert self.request is not None
         group = invalid_ke_group(engine, response, self.request)
-        if group is not None:
-            sa.outstanding = None
-            return self.start(engine, sa, now, group)
+        if group is None:
+            return None
+        sa.outstanding = None
+        request = self.request
+        return self.propose(
+            engine, sa, request.policy, now, group=group, old_child=request.old_child
+        )
+
+
+@dataclass(repr=False)
+class NewChildTask(ChildProposalTask):
+    """One more child with CREATE_CHILD_SA (RFC 7296 1.3.1), active."""
+
+    name: ClassVar[str] = "new_child"
+
+    policy: SecurityPolicy | None = None
+
+    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+        assert self.policy is not None
+        return self.propose(engine, sa, self.policy, now)
+
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        retry = self.retried(engine, sa, response, now)
+        if retry is not None:
+            return retry
+        assert self.request is not None
         outcome = initiator_child_complete(
             engine, successor(sa), response, self.request, now, first_child=False
         )
@@ -569,7 +601,7 @@ def initiate_new_child(engine: IkeEngine, sa: IkeSa, policy_name: str, now: floa
     policy = next((p for p in sa.vpn.security_policies if p.name == policy_name), None)
     if policy is None:
         raise ValueError(f"vpn {sa.vpn.name!r} has no security-policy {policy_name!r}")
-    return engine.queue_task(sa, NewChildTask(policy), now)
+    return engine.queue_task(sa, NewChildTask(policy=policy), now)
 
 
 def invalid_ke_group(engine: IkeEngine, response: Message, request: ChildRequest) -> int | None:

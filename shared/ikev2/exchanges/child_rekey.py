@@ -13,18 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, ProtocolId
+from ikefarm.shared.ikev2.constants import NotifyType, ProtocolId
 from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
 from ikefarm.shared.ikev2.exchanges.child_create import (
+    ChildProposalTask,
     ChildRequest,
     child_detail,
     initiator_child_complete,
-    initiator_child_payloads,
-    invalid_ke_group,
     respond_child,
     successor,
 )
-from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import NotifyPayload
 from ikefarm.shared.ikev2.sa import ChildSa, ChildSaState, IkeSa
@@ -34,43 +32,28 @@ if TYPE_CHECKING:
 
 
 @dataclass(repr=False)
-class ChildRekeyTask(Task):
+class ChildRekeyTask(ChildProposalTask):
     """Our rekey of `child` with CREATE_CHILD_SA and REKEY_SA (RFC 7296 1.3.3), active."""
 
     name: ClassVar[str] = "child_rekey"
-    exchange: ClassVar[ExchangeType] = ExchangeType.CREATE_CHILD_SA
 
-    child: ChildSa
-    request: ChildRequest | None = None
+    child: ChildSa | None = None
 
-    def start(
-        self, engine: IkeEngine, sa: IkeSa, now: float, group: int | None = None
-    ) -> list[Effect]:
+    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         child = self.child
+        assert child is not None
         owner = successor(sa)
         if child not in owner.children or child.state != ChildSaState.REKEYING:
             return engine.request_done(owner, now)  # deleted or rekeyed by the peer meanwhile
-        payloads, request = initiator_child_payloads(
-            engine, owner, child.policy, first_child=False, old_child=child, group=group
-        )
-        request.retried = group is not None
-        self.request = request
-        if group is None:
-            engine.count("child_rekeys_initiated")
+        engine.count("child_rekeys_initiated")
         child.rekey_in_flight = True
-        return engine.send_request(owner, ExchangeType.CREATE_CHILD_SA, payloads, now, self)
+        return self.propose(engine, owner, child.policy, now, old_child=child)
 
     def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        retry = self.retried(engine, sa, response, now)
+        if retry is not None:
+            return retry
         assert self.request is not None
-        group = invalid_ke_group(engine, response, self.request)
-        if group is not None:
-            sa.outstanding = None
-            payloads, request = initiator_child_payloads(
-                engine, sa, self.child.policy, first_child=False, old_child=self.child, group=group
-            )
-            request.retried = True
-            self.request = request
-            return engine.send_request(sa, ExchangeType.CREATE_CHILD_SA, payloads, now, self)
         return child_rekey_response(engine, sa, self.request, response, now)
 
 
@@ -80,7 +63,7 @@ def initiate_child_rekey(engine: IkeEngine, sa: IkeSa, child: ChildSa, now: floa
     child.state = ChildSaState.REKEYING  # no second rekey while this one waits for the window
     return [
         Log(1, "child", "rekeying_child_sa", {"vpn": child.policy.vpn, **child_detail(child)}),
-        *engine.queue_task(sa, ChildRekeyTask(child), now),
+        *engine.queue_task(sa, ChildRekeyTask(child=child), now),
     ]
 
 

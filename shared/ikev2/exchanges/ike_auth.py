@@ -136,10 +136,9 @@ class IkeAuthResponder(Task):
         now: float,
     ) -> list[Effect]:
         sa.passive = None
+        mixed, answer = _kinds(reply)
         if self.step == "ppk-mix":
-            mixed = reply if isinstance(reply, PpkMixed) else None
             return ppk.responder_mixed(engine, sa, self, mixed, error, now)
-        answer = reply if isinstance(reply, PskAuthReply | CertAuthReply) else None
         return _responder_answered(engine, sa, self, answer, error, now)
 
 
@@ -171,11 +170,19 @@ class IkeAuthInitiator(Task):
         error: str | None,
         now: float,
     ) -> list[Effect]:
+        mixed, answer = _kinds(reply)
         if self.step == "ppk-mix":
-            mixed = reply if isinstance(reply, PpkMixed) else None
             return ppk.initiator_mixed(engine, sa, self, mixed, error, now)
-        answer = reply if isinstance(reply, PskAuthReply | CertAuthReply) else None
         return _initiator_keystore_answered(engine, sa, self, answer, error, now)
+
+
+def _kinds(
+    reply: KeystoreAnswer | None,
+) -> tuple[PpkMixed | None, PskAuthReply | CertAuthReply | None]:
+    """The keystore's answer as a PPK mix or as an AUTH answer (the other one None)."""
+    if isinstance(reply, PpkMixed):
+        return reply, None
+    return None, reply
 
 
 # -- responder ----------------------------------------------------------------------------------
@@ -436,6 +443,24 @@ def _initiator_failed(
     return effects + engine.remove_sa(sa, f"authentication failed: {reason}", now, announce=False)
 
 
+def initiator_keystore_unavailable(
+    engine: IkeEngine, sa: IkeSa, error: str | None, now: float
+) -> list[Effect]:
+    """Our negotiation cannot go on without the keystore: it fails (the responder keeps a
+    half-open SA and lets the peer retransmit instead)."""
+    engine.count("keystore_unavailable")
+    return [
+        Log(
+            1,
+            "ike",
+            "keystore_unavailable",
+            {"unique_id": sa.unique_id, "error": error or "no reply"},
+        ),
+        SaFailed(sa.unique_id, KEYSTORE_UNAVAILABLE),
+        *engine.remove_sa(sa, KEYSTORE_UNAVAILABLE, now, announce=False),
+    ]
+
+
 def _initiator_keystore_answered(
     engine: IkeEngine,
     sa: IkeSa,
@@ -445,17 +470,7 @@ def _initiator_keystore_answered(
     now: float,
 ) -> list[Effect]:
     if error is not None or reply is None:
-        engine.count("keystore_unavailable")
-        return [
-            Log(
-                1,
-                "ike",
-                "keystore_unavailable",
-                {"unique_id": sa.unique_id, "error": error or "no reply"},
-            ),
-            SaFailed(sa.unique_id, KEYSTORE_UNAVAILABLE),
-            *engine.remove_sa(sa, KEYSTORE_UNAVAILABLE, now, announce=False),
-        ]
+        return initiator_keystore_unavailable(engine, sa, error, now)
     if task.step == "sign":
         if not reply.auth:
             return _initiator_failed(engine, sa, reply.reason or "no_secret", now)

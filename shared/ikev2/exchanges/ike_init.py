@@ -309,20 +309,9 @@ def _proposals_payload(vpn: VpnPolicy) -> SaPayload:
     )
 
 
-def initiate(
-    engine: IkeEngine,
-    vpn_name: str,
-    child_name: str | None,
-    now: float,
-    *,
-    remote_address: str | None = None,
-    remote_id: str | None = None,
-) -> list[Effect]:
-    """Start an IKE SA; `remote_address`/`remote_id` stand in for a VPN's "any" (a restart
-    of an SA the peer initiated goes back to the address and identity it had)."""
-    return start(
-        engine, vpn_name, child_name, now, remote_address=remote_address, remote_id=remote_id
-    )[1]
+def initiate(engine: IkeEngine, vpn_name: str, child_name: str | None, now: float) -> list[Effect]:
+    """Start an IKE SA to the VPN's remote address (`start` without the SA)."""
+    return start(engine, vpn_name, child_name, now)[1]
 
 
 def start(
@@ -334,7 +323,9 @@ def start(
     remote_address: str | None = None,
     remote_id: str | None = None,
 ) -> tuple[IkeSa, list[Effect]]:
-    """`initiate`, returning the new IKE SA too; ValueError for a VPN that cannot initiate."""
+    """Start an IKE SA and return it; `remote_address`/`remote_id` stand in for a VPN's
+    "any" (a restart of an SA the peer initiated goes back to the address and identity it
+    had). ValueError for a VPN that cannot initiate."""
     vpn = engine.policy.vpn(vpn_name)
     if vpn is None:
         raise ValueError(f"no enabled vpn named {vpn_name!r}")

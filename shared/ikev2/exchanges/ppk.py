@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ikefarm.shared.ikev2.constants import NotifyType
 from ikefarm.shared.ikev2.crypto.keys import IkeSaKeys
-from ikefarm.shared.ikev2.effects import PPK_MIX, Effect, Log, PpkMix, PpkMixed, SaFailed
+from ikefarm.shared.ikev2.effects import PPK_MIX, Effect, Log, PpkMix, PpkMixed
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import AuthPayload, NotifyPayload, Payload
 from ikefarm.shared.ikev2.policy import VpnPolicy
@@ -245,12 +245,7 @@ def initiator_mixed(
     from ikefarm.shared.ikev2.exchanges import ike_auth
 
     if error is not None or reply is None:
-        engine.count("keystore_unavailable")
-        logged: list[Effect] = [
-            _log(sa, "keystore_unavailable", error=error or "no reply"),
-            SaFailed(sa.unique_id, "keystore unavailable"),
-        ]
-        return logged + engine.remove_sa(sa, "keystore unavailable", now, announce=False)
+        return ike_auth.initiator_keystore_unavailable(engine, sa, error, now)
     mixed = _mixed_keys(reply)
     if mixed is not None:
         sa.no_ppk_keys = sa.keys

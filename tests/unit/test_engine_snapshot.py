@@ -242,3 +242,41 @@ def test_garbage_never_parses_into_a_snapshot_without_a_clear_error(blob: bytes)
     for parse in (SaSnapshot.from_json, SaSecrets.from_bytes):
         with contextlib.suppress(SnapshotError):
             parse(blob)
+
+
+def test_a_restored_ike_rekey_in_flight_with_a_delete_queued_behind_it_completes() -> None:
+    """The active task (an IKE rekey, its DH value sealed apart) and a queued one (a child
+    delete) survive the snapshot; the restored SA finishes the rekey like the original."""
+    wire, i_source, _r_source = seeded_wire()
+    wire.run(wire.initiator.engine.initiate("hq", "net", wire.now), wire.initiator)
+    (i_sa,) = wire.initiator.engine.sas.values()
+    (child,) = i_sa.children
+    lost: list[SendDatagram] = []
+    wire.run(
+        wire.initiator.engine.rekey_ike(i_sa, wire.now),
+        wire.initiator,
+        drop=lambda side, effect: side is wire.initiator and not lost.append(effect),
+    )
+    assert len(lost) == 1 and i_sa.state == IkeSaState.REKEYING
+    assert not datagrams(wire.initiator.engine.delete_child(i_sa, child, wire.now))
+    assert len(i_sa.queued) == 1  # behind the rekey
+    snapshot, secrets = through_json(i_sa, wire.now)
+    assert snapshot.rekey_task == "outstanding" and [t.kind for t in snapshot.queued] == [
+        "ChildDeleteTask"
+    ]
+    assert "outstanding" in secrets.dh
+    adopter = engine(INITIATOR_TOML, 2, i_source.clone())
+    restored = restore(adopter, snapshot, secrets, wire.now)
+    assert restored.rekey_task is restored.outstanding.task  # type: ignore[union-attr]
+    due = adopter.next_deadline()
+    assert due is not None
+    retry = datagrams(adopter.on_timer(due))
+    assert retry == datagrams(wire.initiator.engine.on_timer(due)) == [lost[0].data]
+    # the restored initiator now talks to the responder on its own
+    wire.initiator.engine = adopter
+    wire.run([lost[0]], wire.initiator)
+    (new,) = adopter.sas.values()
+    assert new is not restored and new.state == IkeSaState.ESTABLISHED
+    assert [c.unique_id for c in new.children] == [child.unique_id]  # moved to the new SA
+    (r_new,) = wire.responder.engine.sas.values()
+    assert r_new.spi_i == new.spi_i and r_new.spi_r == new.spi_r

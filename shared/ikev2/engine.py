@@ -40,6 +40,8 @@ from ikefarm.shared.ikev2.effects import (
 )
 from ikefarm.shared.ikev2.errors import MalformedMessage, UnsupportedCriticalPayload
 from ikefarm.shared.ikev2.exchanges import (
+    child_create,
+    child_rekey,
     create_child_sa,
     dpd,
     ike_auth,
@@ -319,6 +321,21 @@ class IkeEngine:
                     },
                 )
             )
+        return effects + self._hand_over_child_tasks(sa, now)
+
+    def _hand_over_child_tasks(self, sa: IkeSa, now: float) -> list[Effect]:
+        """A rekeyed SA goes: the child work still queued on it (a delete, a rekey, one more
+        child) moves to the SA that now holds the children (RFC 7296 2.18), not lost."""
+        owner = sa.successor
+        while owner is not None and owner.successor is not None:
+            owner = owner.successor
+        waiting, sa.queued = sa.queued, []
+        if owner is None or owner.local_spi not in self.sas:
+            return []
+        effects: list[Effect] = []
+        for task in waiting:
+            if isinstance(task, ChildTasks):
+                effects += self.queue_task(owner, task, now)
         return effects
 
     # -- snapshots (shared/ikev2/snapshot.py) -------------------------------------------------
@@ -635,6 +652,12 @@ class IkeEngine:
         return self.sas.established
 
 
+# queued tasks about children: they follow the children to the SA that replaced theirs
+ChildTasks = (
+    informational.ChildDeleteTask,
+    child_rekey.ChildRekeyTask,
+    child_create.NewChildTask,
+)
 # modules with per-SA timers: `on_timer(engine, sa, now)` and `deadline(sa)`
 SA_TIMERS = (lifetimes, dpd, nat_keepalive)
 

@@ -243,7 +243,7 @@ class IkeEngine:
         """Start `task` now if the window is free, else when the outstanding request completes."""
         self.sas.touch(sa)
         if sa.outstanding is None and sa.state not in (IkeSaState.AUTHENTICATING,):
-            return task.start(self, sa, now)
+            return task.build(self, sa, now)
         sa.queued.append(task)
         return []
 
@@ -251,7 +251,7 @@ class IkeEngine:
         """The outstanding request is answered: free the window, start a queued task."""
         sa.outstanding = None
         if sa.queued and sa.local_spi in self.sas:
-            return sa.queued.pop(0).start(self, sa, now)
+            return sa.queued.pop(0).build(self, sa, now)
         return []
 
     def ask_keystore(self, sa: IkeSa, task: Task, request: KeystoreCall) -> KeystoreRequest:

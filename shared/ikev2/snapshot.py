@@ -544,7 +544,16 @@ def _selectors(raw: list[Ts]) -> list[TrafficSelector]:
 
 def _algorithms_from(raw: dict[str, Any]) -> Algorithms:
     def pair(value: Any) -> tuple[int, int | None] | None:
-        return None if value is None else (int(value[0]), value[1])
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not isinstance(value[0], int)
+            or not isinstance(value[1], int | None)
+        ):
+            raise SnapshotError(f"an algorithm is [transform id, key bits], not {value!r}")
+        return (value[0], value[1])
 
     encr = pair(raw["encr"])
     assert encr is not None
@@ -641,9 +650,9 @@ def restore(engine: IkeEngine, snapshot: SaSnapshot, secrets: SaSecrets, now: fl
     """Rebuild the SA of `snapshot` in `engine` at `now` and register it there."""
     try:
         return _restore(engine, snapshot, secrets, now)
-    except (KeyError, TypeError, ValueError, AssertionError) as exc:
-        if isinstance(exc, SnapshotError):
-            raise
+    except SnapshotError:
+        raise
+    except Exception as exc:  # anything a corrupted snapshot trips over: refused, never a crash
         raise SnapshotError(f"snapshot does not restore: {type(exc).__name__}: {exc}") from None
 
 

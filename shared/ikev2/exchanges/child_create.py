@@ -580,7 +580,7 @@ class NewChildTask(ChildProposalTask):
 
     policy: SecurityPolicy | None = None
 
-    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         assert self.policy is not None
         return self.propose(engine, sa, self.policy, now)
 

@@ -39,7 +39,7 @@ class ChildRekeyTask(ChildProposalTask):
 
     child: ChildSa | None = None
 
-    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         child = self.child
         assert child is not None
         owner = successor(sa)

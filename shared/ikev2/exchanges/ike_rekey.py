@@ -139,7 +139,7 @@ class IkeRekeyTask(Task):
     in_flight: bool = False  # the request is sent (a peer rekey crossing it collides, 2.8.2)
     deleted_by_peer: bool = False  # the peer won a collision and deleted the old SA
 
-    def start(
+    def build(
         self, engine: IkeEngine, sa: IkeSa, now: float, group: int | None = None
     ) -> list[Effect]:
         if sa.state != IkeSaState.REKEYING or sa.local_spi not in engine.sas:
@@ -198,7 +198,7 @@ def ike_rekey_response(
             engine.count("ike_rekey_invalid_ke_retries")
             sa.outstanding = None
             sa.rekey_task = task
-            return task.start(engine, sa, now, group)
+            return task.build(engine, sa, now, group)
     errors = [n for n in response.notifies() if n.is_error]
     if errors:
         theirs = sa.collision

@@ -195,7 +195,7 @@ class LivenessTask(Task):
     name: ClassVar[str] = "dpd"
     exchange: ClassVar[ExchangeType] = ExchangeType.INFORMATIONAL
 
-    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         return engine.send_request(sa, ExchangeType.INFORMATIONAL, [], now, self)
 
     def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
@@ -219,7 +219,7 @@ class ChildDeleteTask(Task):
     reason: str = "deleted"
     resolved: bool = False
 
-    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         if sa.local_spi not in engine.sas:
             return []
         child = self.child
@@ -256,7 +256,7 @@ class IkeDeleteTask(Task):
 
     reason: str = "deleted"
 
-    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         if sa.local_spi not in engine.sas:
             return []
         sa.state = IkeSaState.DELETING
@@ -329,10 +329,10 @@ def run_after_delete(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     effects: list[Effect] = []
     waiting, sa.after_delete = sa.after_delete, []
     for task in waiting:
-        effects += task.start(engine, sa, now)
+        effects += task.build(engine, sa, now)
     return effects
 
 
 def send_liveness(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     """An empty INFORMATIONAL request (RFC 7296 1.4): the peer must answer it."""
-    return LivenessTask().start(engine, sa, now)
+    return LivenessTask().build(engine, sa, now)

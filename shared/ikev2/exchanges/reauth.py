@@ -104,7 +104,7 @@ class ReestablishChildTask(Task):
 
     policy: SecurityPolicy
 
-    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         try:
             effects = engine.create_child(sa, self.policy.name, now)
         except (NotImplementedError, ValueError) as exc:
@@ -130,7 +130,7 @@ class RetireOldTask(Task):
 
     old_spi: bytes  # the old SA's local SPI: it may be gone by then
 
-    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         old = engine.sas.get(self.old_spi)
         retired = []
         if old is not None:
@@ -146,7 +146,7 @@ class ReauthNewTask(Task):
 
     policies: list[SecurityPolicy]
 
-    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         return reestablish(engine, sa, self.policies, now, reason="reauth").effects
 
 

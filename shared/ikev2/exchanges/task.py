@@ -8,7 +8,7 @@ only those waiting for the keystore outlive one call (`IkeSa.passive`). A task
 carries everything its exchange needs between its steps, so nothing lives in an
 untyped scratchpad:
 
-  start(engine, sa, now)                   build and send our request (active tasks);
+  build(engine, sa, now)                   build and send our request (active tasks);
   process(engine, sa, response, now)       the peer's answer to it;
   keystore_answer(engine, sa, reply, now)  the keystore's answer to a request the
                                            task made (`engine.ask_keystore`).
@@ -39,7 +39,7 @@ class Task:
     name: ClassVar[str] = "task"  # counters and logs: request_timeout.<name>, ...
     exchange: ClassVar[ExchangeType] = ExchangeType.INFORMATIONAL
 
-    def start(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
         """Build and send the request (the window is ours), or give it back (request_done)."""
         raise NotImplementedError(f"{type(self).__name__} is not an active task")
 

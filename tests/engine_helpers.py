@@ -8,16 +8,26 @@ tests use the real keystore over NATS).
 from __future__ import annotations
 
 import hmac
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ikefarm.proto.messages import CertAuthRequest
+from ikefarm.proto.messages import CertAuthReply, CertAuthRequest, PskAuthReply, PskAuthRequest
 from ikefarm.services.keystore.certs import CertStore, cert_auth
 from ikefarm.shared.config.loader import Config, parse_config
 from ikefarm.shared.ikev2.crypto.keys import mix_ppk
 from ikefarm.shared.ikev2.crypto.prf import Prf
-from ikefarm.shared.ikev2.effects import Effect, Endpoint, KeystoreRequest, SendDatagram
+from ikefarm.shared.ikev2.effects import (
+    Effect,
+    Endpoint,
+    KeystoreAnswer,
+    KeystoreCall,
+    KeystoreRequest,
+    PpkMix,
+    PpkMixed,
+    SendDatagram,
+)
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.exchanges.auth_methods import CERT_AUTH
 from ikefarm.shared.ikev2.policy import engine_policy
@@ -27,26 +37,56 @@ KEY_PAD = b"Key Pad for IKEv2"
 
 def keystore_stand_in(
     psk: bytes,
-    params: dict[str, Any],
+    request: KeystoreCall,
     operation: str = "psk-auth",
     ppks: dict[bytes, bytes] | None = None,
-) -> dict[str, Any]:
-    prf = Prf(params["prf_id"])
-    if operation == "ppk-mix":  # RFC 8784 3, as the keystore does it with the PPK of that PPK_ID
-        secret = (ppks or {}).get(params["ppk_id"])
+) -> KeystoreAnswer:
+    """The keystore's answer to a PSK AUTH or PPK mix request, typed as the engine takes it."""
+    prf = Prf(request.prf_id)  # type: ignore[union-attr]
+    if isinstance(request, PpkMix):  # RFC 8784 3, as the keystore does it with that PPK_ID's PPK
+        secret = (ppks or {}).get(request.ppk_id)
         if secret is None:
-            return {"found": False, "keys": None}
-        return {"found": True, "keys": mix_ppk(prf, secret, params["keys"])}
+            return PpkMixed(found=False, reason="no_ppk")
+        return PpkMixed(found=True, keys=mix_ppk(prf, secret, request.keys))
+    assert isinstance(request, PskAuthRequest)
     key = prf.compute(psk, KEY_PAD)
-    purpose = params.get("purpose", "verify-and-sign")
-    if purpose == "sign":
-        return {"verified": True, "auth": prf.compute(key, params["sign_octets"]), "reason": ""}
-    ok = hmac.compare_digest(prf.compute(key, params["verify_octets"]), params["verify_auth"])
+    if request.purpose == "sign":
+        return PskAuthReply(True, prf.compute(key, request.sign_octets))
+    ok = hmac.compare_digest(prf.compute(key, request.verify_octets), request.verify_auth)
     if not ok:
-        return {"verified": False, "auth": b"", "reason": "auth_mismatch"}
-    auth = prf.compute(key, params["sign_octets"]) if purpose == "verify-and-sign" else b""
-    return {"verified": True, "auth": auth, "reason": ""}
+        return PskAuthReply(False, b"", "auth_mismatch")
+    auth = prf.compute(key, request.sign_octets) if request.purpose == "verify-and-sign" else b""
+    return PskAuthReply(True, auth)
 
+
+class Seeded:
+    """A seeded random source for an engine (`random=s.octets, uniform=s.uniform`), whose
+    state can be copied into another engine's."""
+
+    def __init__(self, seed: int) -> None:
+        self.source = random.Random(seed)
+
+    def octets(self, n: int) -> bytes:
+        return self.source.randbytes(n)
+
+    def uniform(self, low: float, high: float) -> float:
+        return self.source.uniform(low, high)
+
+    def clone(self) -> Seeded:
+        copy = Seeded(0)
+        copy.source.setstate(self.source.getstate())
+        return copy
+
+
+# children with PFS (a CREATE_CHILD_SA carries a DH value): vpn `ipsec-policy = { template = "p" }`
+PFS_TEMPLATE = """
+[[ike.ipsec-policy-template]]
+name = "p"
+[[ike.ipsec-policy-template.esp-proposal]]
+enc-alg = "aes128-cbc"
+auth-alg = "hmac-sha256"
+dh-group = "ecp256"
+"""
 
 RESPONDER_TOML = """
 [[ike.pre-shared-key]]
@@ -92,15 +132,10 @@ def config(template: str, extra: str = "", extra_vpn: str = "") -> Config:
     return parse_config(template.format(extra=extra, extra_vpn=extra_vpn))
 
 
-def cert_keystore(store: CertStore, params: dict[str, Any]) -> dict[str, Any]:
+def cert_keystore(store: CertStore, request: KeystoreCall) -> CertAuthReply:
     """Certificate AUTH through the keystore's own code (services/keystore/certs.py)."""
-    answer = cert_auth(store, CertAuthRequest(**params))
-    return {
-        "verified": answer.verified,
-        "auth": answer.auth,
-        "method": answer.method,
-        "reason": answer.reason,
-    }
+    assert isinstance(request, CertAuthRequest)
+    return cert_auth(store, request)
 
 
 @dataclass
@@ -157,9 +192,9 @@ class Wire:
             if isinstance(effect, KeystoreRequest):
                 if effect.operation == CERT_AUTH:
                     assert side.certs is not None
-                    reply = cert_keystore(side.certs, effect.params)
+                    reply: KeystoreAnswer = cert_keystore(side.certs, effect.request)
                 else:
-                    reply = keystore_stand_in(side.psk, effect.params, effect.operation, side.ppks)
+                    reply = keystore_stand_in(side.psk, effect.request, effect.operation, side.ppks)
                 queue += [
                     (side, e)
                     for e in side.engine.keystore_reply(effect.request_id, reply, self.now)

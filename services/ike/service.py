@@ -48,7 +48,6 @@ from ikefarm.proto.messages import (
     OutboundDatagram,
     PeerBackoff,
     PskAuthReply,
-    PskAuthRequest,
     SaEventNotice,
     TrapInstall,
     TrapRemove,
@@ -72,17 +71,17 @@ from ikefarm.shared.ikev2.effects import (
     InitialContact,
     InstallChildSa,
     InstallTrap,
+    KeystoreAnswer,
     KeystoreRequest,
     Log,
     PeerFailed,
+    PpkMix,
     RemoveTrap,
     SaEvent,
     SendDatagram,
     SendKeepalive,
 )
 from ikefarm.shared.ikev2.engine import IkeEngine
-from ikefarm.shared.ikev2.exchanges.auth_methods import CERT_AUTH
-from ikefarm.shared.ikev2.exchanges.ppk import PPK_MIX
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
 from ikefarm.shared.observability.logging import get_logger
@@ -500,32 +499,20 @@ class IkeService(ServiceBase):
         task.add_done_callback(self._tasks.discard)
 
     async def ask_keystore(self, effect: KeystoreRequest) -> None:
-        reply: dict[str, Any] | None = None
+        reply: KeystoreAnswer | None = None
         error: str | None = None
+        call = effect.request
         try:
-            if effect.operation == PPK_MIX:  # RFC 8784: keys travel sealed, the PPK stays
-                reply = await self.ppk_client.mix(effect.params)
-            elif effect.operation == CERT_AUTH:
-                certified = await self.runtime.request(
-                    subjects.KEYSTORE_CERT_AUTH,
-                    CertAuthRequest(**effect.params),
-                    CertAuthReply,
-                    timeout=KEYSTORE_TIMEOUT,
+            if isinstance(call, PpkMix):  # RFC 8784: keys travel sealed, the PPK stays
+                reply = await self.ppk_client.mix(call)
+            elif isinstance(call, CertAuthRequest):
+                reply = await self.runtime.request(
+                    subjects.KEYSTORE_CERT_AUTH, call, CertAuthReply, timeout=KEYSTORE_TIMEOUT
                 )
-                reply = {
-                    "verified": certified.verified,
-                    "auth": certified.auth,
-                    "method": certified.method,
-                    "reason": certified.reason,
-                }
             else:
-                answer = await self.runtime.request(
-                    subjects.KEYSTORE_PSK_AUTH,
-                    PskAuthRequest(**effect.params),
-                    PskAuthReply,
-                    timeout=KEYSTORE_TIMEOUT,
+                reply = await self.runtime.request(
+                    subjects.KEYSTORE_PSK_AUTH, call, PskAuthReply, timeout=KEYSTORE_TIMEOUT
                 )
-                reply = {"verified": answer.verified, "auth": answer.auth, "reason": answer.reason}
         except Exception as exc:
             error = type(exc).__name__
             self.runtime.counters["keystore_errors"] += 1

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ikefarm.proto.messages import CertAuthReply, CertAuthRequest, PskAuthReply, PskAuthRequest
+from ikefarm.shared.ikev2.crypto.keys import IkeSaKeys
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -30,12 +33,47 @@ class SendDatagram:
 
 
 @dataclass(frozen=True)
+class PpkMix:
+    """RFC 8784 3: mix the PPK named `ppk_id` into SK_d, SK_pi and SK_pr of `keys`. Not a bus
+    message: the ike service seals the keys to the keystore (`services/ike/ppk_client.py`)."""
+
+    prf_id: int
+    ppk_id: bytes
+    keys: IkeSaKeys = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PpkMixed:
+    """The keystore's answer to a PpkMix, opened: the mixed keys when it has that PPK."""
+
+    found: bool
+    keys: IkeSaKeys | None = field(default=None, repr=False)
+    reason: str = ""
+
+
+# what the engine asks the keystore, and the typed answers it takes back
+KeystoreCall = PskAuthRequest | CertAuthRequest | PpkMix
+KeystoreAnswer = PskAuthReply | CertAuthReply | PpkMixed
+
+PSK_AUTH = "psk-auth"
+CERT_AUTH = "cert-auth"
+PPK_MIX = "ppk-mix"
+
+
+@dataclass(frozen=True)
 class KeystoreRequest:
     """A computation that needs a secret the engine must not hold (DESIGN principle 4)."""
 
     request_id: int
-    operation: str
-    params: dict[str, Any]
+    request: KeystoreCall
+
+    @property
+    def operation(self) -> str:
+        if isinstance(self.request, PpkMix):
+            return PPK_MIX
+        if isinstance(self.request, CertAuthRequest):
+            return CERT_AUTH
+        return PSK_AUTH
 
 
 @dataclass(frozen=True)
@@ -90,6 +128,24 @@ class SaEvent:
     ike_unique_id: int
     vpn: str | None
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SaFailed:
+    """An IKE SA we negotiate failed before it was established, and why (`ikefarm initiate`
+    reports it; the log line beside it is for people)."""
+
+    ike_unique_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChildFailed:
+    """A child we asked for (security policy `policy`) was not made, and why."""
+
+    ike_unique_id: int
+    policy: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -169,6 +225,8 @@ Effect = (
     | InstallChildSa
     | DeleteChildSa
     | SaEvent
+    | SaFailed
+    | ChildFailed
     | InitialContact
     | HalfOpen
     | SendKeepalive

@@ -18,23 +18,30 @@ import os
 import random as random_module
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ikefarm.proto.sharding import shard_of_spi, spi_for_shard
 from ikefarm.shared.dos.admission import WorkerAdmission
 from ikefarm.shared.ikev2.constants import ExchangeType
+from ikefarm.shared.ikev2.crypto.dh import DhExchange
 from ikefarm.shared.ikev2.crypto.protection import IntegrityCheckFailed, MalformedEncryptedPayload
 from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
     Effect,
     Endpoint,
+    KeystoreAnswer,
+    KeystoreCall,
+    KeystoreRequest,
     Log,
     PeerFailed,
     SaEvent,
+    SaFailed,
     SendDatagram,
 )
 from ikefarm.shared.ikev2.errors import MalformedMessage, UnsupportedCriticalPayload
 from ikefarm.shared.ikev2.exchanges import (
+    child_create,
+    child_rekey,
     create_child_sa,
     dpd,
     ike_auth,
@@ -43,9 +50,9 @@ from ikefarm.shared.ikev2.exchanges import (
     invalid_spi,
     lifetimes,
     nat_keepalive,
-    ppk,
     rate_limits,
 )
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.fragments import FragmentReassembler
 from ikefarm.shared.ikev2.message import (
     IkeHeader,
@@ -69,11 +76,15 @@ from ikefarm.shared.ikev2.sa import (
     SaTable,
 )
 
+if TYPE_CHECKING:
+    from ikefarm.shared.ikev2.snapshot import SaSecrets, SaSnapshot
+
 # IPv6 minimum MTU minus IPv6 (40) and UDP (8) headers and the non-ESP marker (4):
 # strongSwan's default fragment size leaves the same room (RFC 7383 2.5.1).
 DEFAULT_FRAGMENT_SIZE = 1280 - 40 - 8 - 4
 # inbound child SPIs remembered beyond twice those in use before the set is rebuilt
 CHILD_SPI_SLACK = 1024
+UNIQUE_ID_RANGE = 100_000  # unique ids of shard s are s * UNIQUE_ID_RANGE + 1, + 2, ...
 
 
 class IkeEngine:
@@ -93,19 +104,22 @@ class IkeEngine:
         self.exchange_rates = rate_limits.ExchangeRates(dos.limits) if dos is not None else None
         self.invalid_spi_answers = invalid_spi.new_window()
         self.shard = shard
+        # every random octet (SPIs, nonces, IVs, DH private keys) and every jitter comes from
+        # these two: a test that injects seeded ones replays a negotiation byte for byte
         self.random = random
         self.uniform = uniform or random_module.SystemRandom().uniform
         self.sas = SaTable(deadline=_deadline)
         # responder half-open SAs by (SPIi, peer address, peer port), to answer a
         # retransmitted IKE_SA_INIT with the same response (RFC 7296 2.1)
         self.init_index: dict[tuple[bytes, str, int], bytes] = {}
-        self.keystore_waits: dict[int, bytes] = {}
+        # keystore requests in flight: the SA (by local SPI) and the task that asked
+        self.keystore_waits: dict[int, tuple[bytes, Task]] = {}
         self._child_spis: set[bytes] = set()
         self._child_spis_limit = CHILD_SPI_SLACK
         self.counters: Counter[str] = Counter()
-        self._unique_ids = itertools.count(1)
-        # the ike service reserves farm-wide ids that survive its restarts; alone (tests)
-        # the engine counts from 1 with the shard as the high part, as in the SPI
+        self._last_unique_id = 0  # within this shard's range of unique ids
+        # the ike service reserves farm-wide ids that survive its restarts (its blocks never
+        # overlap, so adopted SAs keep theirs); alone (tests) the engine counts in its range
         self._unique_id_source = unique_ids
         self._request_ids = itertools.count(1)
 
@@ -133,10 +147,17 @@ class IkeEngine:
                 self._child_spis.add(spi)
                 return spi
 
+    def new_dh(self, group: int) -> DhExchange:
+        """A fresh DH key pair from the engine's source; with the system's source the
+        cryptography library's generator makes it (the same kernel CSPRNG, less Python)."""
+        return DhExchange.generate(group, None if self.random is os.urandom else self.random)
+
     def new_unique_id(self) -> int:
         if self._unique_id_source is not None:
             return self._unique_id_source()
-        return self.shard * 100_000 + next(self._unique_ids)
+        # unique across the farm: the shard is the high part, as in the SPI
+        self._last_unique_id += 1
+        return self.shard * UNIQUE_ID_RANGE + self._last_unique_id
 
     def new_request_id(self) -> int:
         return next(self._request_ids)
@@ -173,7 +194,7 @@ class IkeEngine:
         if message.protected:
             assert sa.protection is not None
             sk_e, sk_a = sa.outbound_keys()
-            single = encode_message(message, sa.protection, sk_e, sk_a)
+            single = encode_message(message, sa.protection, sk_e, sk_a, random=self.random)
             if (
                 sa.peer_fragmentation
                 and len(single) > DEFAULT_FRAGMENT_SIZE
@@ -181,7 +202,7 @@ class IkeEngine:
                 and sa.vpn.fragmentation
             ):
                 datagrams = encode_message_fragments(
-                    message, sa.protection, sk_e, sk_a, DEFAULT_FRAGMENT_SIZE
+                    message, sa.protection, sk_e, sk_a, DEFAULT_FRAGMENT_SIZE, random=self.random
                 )
             else:
                 datagrams = [single]
@@ -198,12 +219,11 @@ class IkeEngine:
         exchange: ExchangeType,
         payloads: list[Payload],
         now: float,
-        purpose: str,
-        context: dict[str, Any] | None = None,
+        task: Task,
         *,
         protected: bool = True,
     ) -> list[Effect]:
-        """Send our next request; it is retransmitted per seed 004 until answered."""
+        """Send `task`'s request; it is retransmitted per seed 004 until answered."""
         message = Message(
             exchange_type=exchange,
             spi_i=sa.spi_i,
@@ -218,31 +238,34 @@ class IkeEngine:
         sa.outstanding = OutstandingRequest(
             message_id=message.message_id,
             exchange=int(exchange),
-            purpose=purpose,
+            task=task,
             datagrams=[e.data for e in effects if isinstance(e, SendDatagram)],
             attempt=0,
             next_at=now + retransmit_timeout(self.policy.retransmit, 0, self.uniform),
-            context=context or {},
         )
         sa.next_request_id += 1
         return effects
 
-    def queue_request(
-        self, sa: IkeSa, build: Callable[[float], list[Effect]], now: float
-    ) -> list[Effect]:
-        """Run `build` now if the window is free, else when the outstanding request completes."""
+    def queue_task(self, sa: IkeSa, task: Task, now: float) -> list[Effect]:
+        """Start `task` now if the window is free, else when the outstanding request completes."""
         self.sas.touch(sa)
         if sa.outstanding is None and sa.state not in (IkeSaState.AUTHENTICATING,):
-            return build(now)
-        sa.queued.append(build)
+            return task.build(self, sa, now)
+        sa.queued.append(task)
         return []
 
     def request_done(self, sa: IkeSa, now: float) -> list[Effect]:
-        """The outstanding request is answered: free the window, start a queued one."""
+        """The outstanding request is answered: free the window, start a queued task."""
         sa.outstanding = None
         if sa.queued and sa.local_spi in self.sas:
-            return sa.queued.pop(0)(now)
+            return sa.queued.pop(0).build(self, sa, now)
         return []
+
+    def ask_keystore(self, sa: IkeSa, task: Task, request: KeystoreCall) -> KeystoreRequest:
+        """A keystore request on behalf of `task`; its answer goes to `task.keystore_answer`."""
+        request_id = self.new_request_id()
+        self.keystore_waits[request_id] = (sa.local_spi, task)
+        return KeystoreRequest(request_id, request)
 
     def respond(
         self, sa: IkeSa, request: Message, payloads: list[Payload], *, protected: bool = True
@@ -283,7 +306,8 @@ class IkeEngine:
         key = sa.init_index_key
         if key is not None and self.init_index.get(key) == sa.local_spi:
             del self.init_index[key]
-        for request_id, spi in list(self.keystore_waits.items()):
+        sa.passive = None
+        for request_id, (spi, _task) in list(self.keystore_waits.items()):
             if spi == sa.local_spi:
                 del self.keystore_waits[request_id]
         if announce and was_established and sa.successor is None:
@@ -304,7 +328,46 @@ class IkeEngine:
                     },
                 )
             )
+        return effects + self._hand_over_child_tasks(sa, now)
+
+    def _hand_over_child_tasks(self, sa: IkeSa, now: float) -> list[Effect]:
+        """A rekeyed SA goes: the child work still queued on it (a delete, a rekey, one more
+        child) moves to the SA that now holds the children (RFC 7296 2.18), not lost."""
+        owner = sa.successor
+        while owner is not None and owner.successor is not None:
+            owner = owner.successor
+        waiting, sa.queued = sa.queued, []
+        if owner is None or owner.local_spi not in self.sas:
+            return []
+        effects: list[Effect] = []
+        for task in waiting:
+            if isinstance(task, ChildTasks):
+                effects += self.queue_task(owner, task, now)
         return effects
+
+    # -- snapshots (shared/ikev2/snapshot.py) -------------------------------------------------
+
+    def snapshot(self, sa: IkeSa, now: float) -> tuple[SaSnapshot, SaSecrets]:
+        """The SA's state without keys, and its keys apart (the part to seal)."""
+        from ikefarm.shared.ikev2 import snapshot
+
+        return snapshot.take(sa, now)
+
+    def restore(self, state: SaSnapshot, secrets: SaSecrets, now: float) -> IkeSa:
+        """Continue an SA snapshotted elsewhere; SnapshotError when it does not fit here."""
+        from ikefarm.shared.ikev2 import snapshot
+
+        return snapshot.restore(self, state, secrets, now)
+
+    def adopt(self, sa: IkeSa) -> None:
+        """Register an SA built outside an exchange (a restored snapshot)."""
+        self.sas[sa.local_spi] = sa
+        self._child_spis.update(c.spi_in for c in sa.children)
+        # ids are never handed out twice: skip past the adopted ones in our range
+        base = self.shard * UNIQUE_ID_RANGE
+        for unique_id in (sa.unique_id, *(c.unique_id for c in sa.children)):
+            if base < unique_id < base + UNIQUE_ID_RANGE:
+                self._last_unique_id = max(self._last_unique_id, unique_id - base)
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -449,7 +512,7 @@ class IkeEngine:
             return self.drop("unexpected_response", message_id=parsed.header.message_id)
         if parsed.header.exchange_type != outstanding.exchange:
             return self.drop("response_exchange_mismatch")
-        if outstanding.purpose == "ike_sa_init":
+        if outstanding.exchange == ExchangeType.IKE_SA_INIT:
             message = parsed.message
             if message is None:
                 return self.drop("ike_sa_init_encrypted")
@@ -462,25 +525,20 @@ class IkeEngine:
         if decrypted is None:
             return []
         sa.last_seen = now
-        handler = RESPONSE_HANDLERS.get(outstanding.purpose)
-        if handler is None:
-            self.count(f"response_unhandled.{outstanding.purpose}")
-            return self.request_done(sa, now)
-        return handler(self, sa, decrypted, outstanding.context, now)
+        return outstanding.task.process(self, sa, decrypted, now)
 
     def keystore_reply(
-        self, request_id: int, reply: dict[str, Any] | None, now: float, error: str | None = None
+        self, request_id: int, reply: KeystoreAnswer | None, now: float, error: str | None = None
     ) -> list[Effect]:
-        """The keystore's answer (or `error` when it could not answer) to a KeystoreRequest."""
-        spi = self.keystore_waits.pop(request_id, None)
-        sa = self.sas.get(spi) if spi is not None else None
-        if sa is None:
+        """The keystore's typed answer (or `error` when it could not answer) to a
+        KeystoreRequest: it goes to the task that asked."""
+        waiting = self.keystore_waits.pop(request_id, None)
+        sa = self.sas.get(waiting[0]) if waiting is not None else None
+        if sa is None or waiting is None:
             self.count("keystore_reply_orphaned")
             return []
         self.sas.touch(sa)
-        if sa.pending.get("step") == ppk.PPK_MIX:
-            return ppk.keystore_answered(self, sa, reply, error, now)
-        return ike_auth.keystore_answered(self, sa, reply, error, now)
+        return waiting[1].keystore_answer(self, sa, reply, error, now)
 
     def on_timer(self, now: float) -> list[Effect]:
         """Run the timers that are due: only the SAs whose deadline has come are touched."""
@@ -522,7 +580,7 @@ class IkeEngine:
     def _retransmit(self, sa: IkeSa, outstanding: OutstandingRequest, now: float) -> list[Effect]:
         retransmit = self.policy.retransmit
         if outstanding.attempt >= retransmit.tries:
-            self.count(f"request_timeout.{outstanding.purpose}")
+            self.count(f"request_timeout.{outstanding.task.name}")
             effects: list[Effect] = [
                 Log(
                     1,
@@ -534,7 +592,8 @@ class IkeEngine:
                         "exchange": _exchange_name(outstanding.exchange),
                         "tries": outstanding.attempt,
                     },
-                )
+                ),
+                SaFailed(sa.unique_id, "peer not responding"),
             ]
             sa.outstanding = None
             return effects + self.peer_dead(sa, now)
@@ -605,13 +664,12 @@ class IkeEngine:
         return self.sas.established
 
 
-ResponseHandler = Callable[[IkeEngine, IkeSa, Message, dict[str, Any], float], list[Effect]]
-# each exchange module names the responses it handles, by the purpose of our request
-RESPONSE_HANDLERS: dict[str, ResponseHandler] = {
-    **ike_auth.RESPONSE_HANDLERS,
-    **informational.RESPONSE_HANDLERS,
-    **create_child_sa.RESPONSE_HANDLERS,
-}
+# queued tasks about children: they follow the children to the SA that replaced theirs
+ChildTasks = (
+    informational.ChildDeleteTask,
+    child_rekey.ChildRekeyTask,
+    child_create.NewChildTask,
+)
 # modules with per-SA timers: `on_timer(engine, sa, now)` and `deadline(sa)`
 SA_TIMERS = (lifetimes, dpd, nat_keepalive)
 

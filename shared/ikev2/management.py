@@ -20,14 +20,12 @@ they come back by the peer or by their start-action. Phase 1 names IKE SAs,
 phase 2 child SAs; without a phase an IKE SA goes with its children. A tunnel is
 a VPN.
 
-Reauthentication (seed 004) builds a new IKE SA with the same children from
-scratch, honouring `make-before-break`: true initiates the new SA and its
-children first and deletes the old one once they are up; false deletes the old
-one first and initiates when that is done. Each step logs a level-0 line, so the
-order can be followed (and is tested) from the log or the SA events.
+Reauthentication (seed 004) lives with the exchanges (`exchanges/reauth.py`);
+`reauth` runs it on each selected SA.
 
 `Watches` follows an initiation to its end (established, or failed and why) for
-`ikefarm initiate`, from the effects the engine returns.
+`ikefarm initiate`, from the typed effects the engine returns (`SaEvent`,
+`SaFailed`, `ChildFailed`), never from log event names.
 """
 
 from __future__ import annotations
@@ -36,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
-from ikefarm.shared.ikev2.exchanges import ike_init, informational
+from ikefarm.shared.ikev2.effects import ChildFailed, Effect, SaEvent, SaFailed
+from ikefarm.shared.ikev2.exchanges import ike_init, informational, reauth
 from ikefarm.shared.ikev2.policy import SecurityPolicy, VpnPolicy
 from ikefarm.shared.ikev2.sa import ChildSa, ChildSaState, IkeSa, IkeSaState
 
@@ -63,14 +61,6 @@ USAGE = {
 MAX_VALUE_LENGTH = 255
 IKE_STATES = tuple(str(s) for s in IkeSaState if s != IkeSaState.DELETED)
 CHILD_STATES = tuple(str(s) for s in ChildSaState if s != ChildSaState.DELETED)
-# logs that end an initiation (their `reason`, else this text, says why)
-_FAILURE_TEXT = {
-    "ike_sa_initiation_failed": "initiation failed",
-    "authentication_failed": "authentication failed",
-    "retransmits_exhausted": "peer not responding",
-    "keystore_unavailable": "keystore unavailable",
-}
-_IKE_FAILURES = frozenset(_FAILURE_TEXT)
 
 
 class CommandError(ValueError):
@@ -192,7 +182,7 @@ def _live(sa: IkeSa) -> bool:
     return (
         sa.state not in (IkeSaState.DELETED, IkeSaState.DELETING, IkeSaState.REKEYED)
         and informational.successor_of(sa) is None
-        and not sa.pending.get(informational.DELETE_QUEUED)
+        and sa.delete_reason is None
     )
 
 
@@ -275,9 +265,8 @@ def initiate_ike(
     remote_id: str | None = None,
 ) -> Outcome:
     """A new IKE SA for `vpn` (childless when `policy` is None and the peer allows, RFC 6023)."""
-    before = {sa.unique_id for sa in engine.sas.values()}
     try:
-        effects = ike_init.initiate(
+        new, effects = ike_init.start(
             engine,
             vpn.name,
             policy.name if policy else None,
@@ -287,8 +276,7 @@ def initiate_ike(
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    new = next((sa for sa in engine.sas.values() if sa.unique_id not in before), None)
-    if new is None:  # refused at once (nothing was sent)
+    if new.local_spi not in engine.sas:  # refused at once (nothing was sent)
         return Outcome(ok=False, error=f"initiating IKE_SA {vpn.name} failed", effects=effects)
     line = f"initiating IKE_SA {informational.ike_label(new)} to {new.remote.address}"
     return Outcome(count=1, lines=[line], effects=effects, ike_unique_id=new.unique_id)
@@ -333,7 +321,7 @@ def _reauth(engine: IkeEngine, command: Command, now: float) -> Outcome:
     for sa in _ike_sas(engine, command):
         if sa.state != IkeSaState.ESTABLISHED:
             continue
-        done = reauth(engine, sa, now)
+        done = reauth.reauth(engine, sa, now)
         outcome.effects += done.effects
         if done.ok:
             outcome.count += 1
@@ -389,144 +377,6 @@ _HANDLERS: dict[str, Callable[[IkeEngine, Command, float], Outcome]] = {
     "flush": _flush,
     "clear": _clear,
 }
-
-
-# -- reauthentication and restart ---------------------------------------------------------------
-
-
-def _wildcard(identity: str | None) -> bool:
-    return identity is None or identity in ("%any", "*") or "*" in identity
-
-
-def reestablish(
-    engine: IkeEngine,
-    old: IkeSa,
-    policies: list[SecurityPolicy],
-    now: float,
-    *,
-    reason: str,
-    then: Callable[[float], list[Effect]] | None = None,
-) -> Outcome:
-    """A fresh IKE SA to where `old` was, with `policies` as children; `then` once all are done.
-
-    The first child rides in IKE_AUTH, the others follow by CREATE_CHILD_SA on the
-    new SA; `then` is queued behind them, so it runs when every one of them has
-    been answered (or never, if the new SA fails: a make-before-break reauth then
-    keeps the old SA).
-    """
-    vpn = old.vpn
-    if vpn is None:
-        return Outcome.failed("the IKE SA has no vpn")
-    remote_address = old.remote.address if vpn.remote_address == "any" else None
-    remote_id = str(old.remote_id) if _wildcard(vpn.remote_id) and old.remote_id else None
-    try:
-        outcome = initiate_ike(
-            engine,
-            vpn,
-            policies[0] if policies else None,
-            now,
-            remote_address=remote_address,
-            remote_id=remote_id,
-        )
-    except CommandError as exc:
-        effects: list[Effect] = [
-            Log(1, "ike", "reestablish_failed", {"unique_id": old.unique_id, "error": str(exc)})
-        ]
-        return Outcome(ok=False, error=str(exc), effects=effects)
-    new = sa_by_unique_id(engine, outcome.ike_unique_id) if outcome.ike_unique_id else None
-    if new is None:
-        return outcome
-    outcome.effects.insert(
-        0,
-        Log(
-            0,
-            "ike",
-            "reestablishing_ike_sa",
-            {
-                "vpn": vpn.name,
-                "old": old.unique_id,
-                "new": new.unique_id,
-                "reason": reason,
-                "children": [p.name for p in policies],
-            },
-        ),
-    )
-    for policy in policies[1:]:
-        outcome.effects += engine.queue_request(new, _child_step(engine, new, policy), now)
-    if then is not None:
-
-        def finish(when: float) -> list[Effect]:
-            return then(when) + engine.request_done(new, when)
-
-        outcome.effects += engine.queue_request(new, finish, now)
-    return outcome
-
-
-def _child_step(
-    engine: IkeEngine, sa: IkeSa, policy: SecurityPolicy
-) -> Callable[[float], list[Effect]]:
-    """A queued CREATE_CHILD_SA for `policy` on `sa` that never stalls the queue."""
-
-    def step(when: float) -> list[Effect]:
-        try:
-            effects = engine.create_child(sa, policy.name, when)
-        except (NotImplementedError, ValueError) as exc:
-            effects = [
-                Log(
-                    1,
-                    "child",
-                    "child_sa_not_reestablished",
-                    {"unique_id": sa.unique_id, "policy": policy.name, "error": str(exc)},
-                )
-            ]
-        if sa.outstanding is None:  # nothing went out: let the next queued request go
-            effects += engine.request_done(sa, when)
-        return effects
-
-    return step
-
-
-def _policies_of(sa: IkeSa) -> list[SecurityPolicy]:
-    """The security policies of the SA's live children, each once, in order."""
-    policies: list[SecurityPolicy] = []
-    for child in sa.children:
-        if child.state in (ChildSaState.DELETING, ChildSaState.DELETED):
-            continue
-        if all(p.name != child.policy.name or p.vpn != child.policy.vpn for p in policies):
-            policies.append(child.policy)
-    return policies
-
-
-def reauth(engine: IkeEngine, sa: IkeSa, now: float) -> Outcome:
-    """Reauthenticate `sa`: new IKE SA and children from scratch, then the old one goes."""
-    policies = _policies_of(sa)
-    make_before_break = engine.policy.make_before_break
-    started = Log(
-        0,
-        "ike",
-        "reauthenticating_ike_sa",
-        {
-            "vpn": sa.vpn.name if sa.vpn else None,
-            "unique_id": sa.unique_id,
-            "make_before_break": make_before_break,
-            "children": [p.name for p in policies],
-        },
-    )
-    engine.count("reauths")
-    if make_before_break:
-
-        def retire_old(when: float) -> list[Effect]:
-            return informational.initiate_ike_delete(engine, sa, when, "reauthenticated")
-
-        outcome = reestablish(engine, sa, policies, now, reason="reauth", then=retire_old)
-        outcome.effects.insert(0, started)
-        return outcome
-
-    def build_new(when: float) -> list[Effect]:
-        return reestablish(engine, sa, policies, when, reason="reauth").effects
-
-    effects = informational.initiate_ike_delete(engine, sa, now, "reauthentication", then=build_new)
-    return Outcome(count=1, effects=[started, *effects])
 
 
 # -- following an initiation --------------------------------------------------------------------
@@ -647,17 +497,14 @@ class Watches:
                     watch.lines.append(child_established_line(effect.detail))
                     if effect.detail.get("name") == watch.child:
                         watch.child_done = True
-            elif isinstance(effect, Log):
-                fields = effect.fields
-                if fields.get("unique_id") == uid and effect.event in _IKE_FAILURES:
-                    watch.reason = str(fields.get("reason") or _FAILURE_TEXT[effect.event])
-                elif (
-                    watch.child is not None
-                    and effect.subsystem == "child"
-                    and effect.level <= 1
-                    and fields.get("policy") == watch.child
-                ):
-                    watch.child_failed = str(fields.get("notify") or effect.event)
+            elif isinstance(effect, SaFailed) and effect.ike_unique_id == uid:
+                watch.reason = effect.reason
+            elif (
+                isinstance(effect, ChildFailed)
+                and watch.child is not None
+                and effect.policy == watch.child
+            ):
+                watch.child_failed = effect.reason
         if sa is None and not (watch.established and (watch.child is None or watch.child_done)):
             reason = watch.reason or ("deleted" if watch.established else "peer not responding")
             watch.lines.append(f"establishing IKE_SA {label} failed: {reason}")

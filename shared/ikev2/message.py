@@ -20,6 +20,7 @@ octet of the datagram before the SK/SKF body, with final lengths.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -65,6 +66,9 @@ _SKF_FIELDS = SkfPayload.FIELDS
 P = TypeVar("P", bound=Payload)
 
 
+RandomSource = Callable[[int], bytes]  # n -> n random octets
+
+
 class SkProtectionLike(Protocol):
     """What the codec needs from the negotiated SK cipher (`crypto.protection.SkProtection`).
 
@@ -73,12 +77,21 @@ class SkProtectionLike(Protocol):
     associated data: every octet of the message before the body (IKE header
     with the final Length, earlier payloads, the SK header; for SKF also
     Fragment Number and Total Fragments). `open` raises the crypto package's
-    IntegrityCheckFailed / MalformedEncryptedPayload.
+    IntegrityCheckFailed / MalformedEncryptedPayload. `random` is where the IV comes from
+    (the engine's injectable source; the system's when None).
     """
 
     def encrypted_length(self, plaintext_len: int) -> int: ...
 
-    def seal(self, sk_e: bytes, sk_a: bytes, associated_data: bytes, plaintext: bytes) -> bytes: ...
+    def seal(
+        self,
+        sk_e: bytes,
+        sk_a: bytes,
+        associated_data: bytes,
+        plaintext: bytes,
+        *,
+        random: RandomSource | None = None,
+    ) -> bytes: ...
 
     def open(self, sk_e: bytes, sk_a: bytes, associated_data: bytes, body: bytes) -> bytes: ...
 
@@ -395,6 +408,7 @@ def _seal(
     plaintext: bytes,
     next_payload: int,
     fragment: tuple[int, int] | None = None,
+    random: RandomSource | None = None,
 ) -> bytes:
     """One SK (or, with `fragment` = (number, total), SKF) message around `plaintext`."""
     extra = b""
@@ -412,7 +426,7 @@ def _seal(
     associated_data = (
         _header(message, payload_type, IKE_HEADER_LENGTH + payload_length) + generic + extra
     )
-    body = protection.seal(sk_e, sk_a, associated_data, plaintext)
+    body = protection.seal(sk_e, sk_a, associated_data, plaintext, random=random)
     if len(body) != body_length:
         raise RuntimeError(f"seal produced {len(body)} octets, encrypted_length said {body_length}")
     return associated_data + body
@@ -423,8 +437,11 @@ def encode_message(
     protection: SkProtectionLike | None = None,
     sk_e: bytes = b"",
     sk_a: bytes = b"",
+    *,
+    random: RandomSource | None = None,
 ) -> bytes:
-    """The datagram for `message`; protected messages are sealed into one SK payload."""
+    """The datagram for `message`; protected messages are sealed into one SK payload
+    (its IV from `random`, the system's source when None)."""
     chain = encode_chain(message.payloads)
     if not message.protected:
         length = IKE_HEADER_LENGTH + len(chain)
@@ -432,7 +449,15 @@ def encode_message(
     if protection is None:
         raise ValueError("a protected message needs its SK protection")
     first = _first_type(message.payloads)
-    return _seal(message, protection, sk_e=sk_e, sk_a=sk_a, plaintext=chain, next_payload=first)
+    return _seal(
+        message,
+        protection,
+        sk_e=sk_e,
+        sk_a=sk_a,
+        plaintext=chain,
+        next_payload=first,
+        random=random,
+    )
 
 
 def encode_message_fragments(
@@ -441,6 +466,8 @@ def encode_message_fragments(
     sk_e: bytes,
     sk_a: bytes,
     max_fragment_size: int,
+    *,
+    random: RandomSource | None = None,
 ) -> list[bytes]:
     """The datagrams of `message` split into SKF fragments (RFC 7383 2.5).
 
@@ -487,6 +514,7 @@ def encode_message_fragments(
                 plaintext=piece,
                 next_payload=next_payload,
                 fragment=(index + 1, total),
+                random=random,
             )
         )
     return datagrams

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ikefarm.shared.ikev2.crypto.dh import DhExchange
 from ikefarm.shared.ikev2.crypto.keys import ChildSaKeys, IkeSaKeys
@@ -19,6 +19,9 @@ from ikefarm.shared.ikev2.fragments import FragmentReassembler
 from ikefarm.shared.ikev2.payloads import IdPayload, TrafficSelector
 from ikefarm.shared.ikev2.policy import SecurityPolicy, VpnPolicy
 from ikefarm.shared.ikev2.proposals import Algorithms
+
+if TYPE_CHECKING:
+    from ikefarm.shared.ikev2.exchanges.task import Task
 
 
 class IkeSaState(StrEnum):
@@ -84,15 +87,25 @@ class OutstandingRequest:
 
     message_id: int
     exchange: int
-    purpose: str
+    task: Task  # the active task: it sent the request and processes the response
     datagrams: list[bytes]
     attempt: int
     next_at: float
-    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class IkeSa:
+    """One IKE SA: the per-SA connection state the engine's exchanges act on.
+
+    It owns everything typed that the SA is (the role of aioquic's QuicConnection
+    object, without its I/O): SPIs, endpoints, algorithms and keys, message-ID
+    windows and the cached response, children, lifetimes and timers, and its tasks
+    (`exchanges/task.py`: the active one in `outstanding`, the `queued` ones, a
+    `passive` one waiting for the keystore). The engine is the SPI index and the
+    deadline heap around the SAs; `engine.snapshot(sa, now)` / `engine.restore(...)`
+    (`snapshot.py`) carry an SA to another engine, its keys apart.
+    """
+
     unique_id: int
     is_initiator: bool
     spi_i: bytes
@@ -142,10 +155,18 @@ class IkeSa:
     established_at: float | None = None
     rekey_at: float | None = None
     expire_at: float | None = None
-    pending: dict[str, Any] = field(default_factory=dict, repr=False)
     outstanding: OutstandingRequest | None = None
-    # requests waiting for the window: each builds and sends its message when called
-    queued: list[Callable[[float], list[Any]]] = field(default_factory=list, repr=False)
+    # tasks (exchanges/task.py): ours waiting for the window, started one at a time
+    queued: list[Task] = field(default_factory=list, repr=False)
+    # the peer's exchange we answer once the keystore has (IKE_AUTH responder)
+    passive: Task | None = field(default=None, repr=False)
+    # our IKE SA rekey (ike_rekey.IkeRekeyTask) while it is queued or in flight
+    rekey_task: Task | None = field(default=None, repr=False)
+    # our Delete of this IKE SA is queued or sent, for this reason
+    delete_reason: str | None = None
+    # what runs once this IKE SA is gone (a break-before-make reauth: the new SA)
+    after_delete: list[Task] = field(default_factory=list, repr=False)
+    nat_keepalive_at: float | None = None  # when the next NAT keepalive is due
     cookie: bytes | None = field(default=None, repr=False)
     requested_child: SecurityPolicy | None = None
     successor: IkeSa | None = field(default=None, repr=False)  # the IKE SA that replaced this one

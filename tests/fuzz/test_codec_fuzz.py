@@ -84,7 +84,9 @@ class NullProtection:
     def encrypted_length(self, plaintext_len: int) -> int:
         return plaintext_len
 
-    def seal(self, sk_e: bytes, sk_a: bytes, associated_data: bytes, plaintext: bytes) -> bytes:
+    def seal(
+        self, sk_e: bytes, sk_a: bytes, associated_data: bytes, plaintext: bytes, **_: Any
+    ) -> bytes:
         return plaintext
 
     def open(self, sk_e: bytes, sk_a: bytes, associated_data: bytes, body: bytes) -> bytes:

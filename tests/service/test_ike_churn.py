@@ -85,7 +85,7 @@ class Peer:
     def run(self, effects: list[Effect], now: float) -> None:
         for effect in effects:
             if isinstance(effect, KeystoreRequest):
-                reply = keystore_stand_in(PSK, effect.params, effect.operation)
+                reply = keystore_stand_in(PSK, effect.request, effect.operation)
                 self.run(self.engine.keystore_reply(effect.request_id, reply, now), now)
             elif isinstance(effect, SendDatagram):
                 natt = effect.local.port == self.gateway_ports[1]

@@ -416,7 +416,7 @@ def test_the_chain_through_an_intermediate_ca_is_sent_and_verified(tmp_path: Pat
     (r_sa,) = wire.responder.engine.sas.values()
     assert r_sa.state == IkeSaState.ESTABLISHED
     (asked,) = [e for e in wire.responder.effects if isinstance(e, KeystoreRequest)]
-    assert len(asked.params["peer_certs"]) == 2  # leaf, then the intermediate
+    assert len(asked.request.peer_certs) == 2  # leaf, then the intermediate
 
 
 def test_the_responder_picks_the_vpn_that_takes_the_peers_auth_method(tmp_path: Path) -> None:

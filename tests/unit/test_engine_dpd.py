@@ -184,7 +184,7 @@ class NatWire(Wire):
             side, effect = queue.pop(0)
             side.effects.append(effect)
             if isinstance(effect, KeystoreRequest):
-                reply = keystore_stand_in(side.psk, effect.params)
+                reply = keystore_stand_in(side.psk, effect.request)
                 queue += [
                     (side, e)
                     for e in side.engine.keystore_reply(effect.request_id, reply, self.now)

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, ProtocolId
 from ikefarm.shared.ikev2.effects import DeleteChildSa, InstallChildSa, KeystoreRequest, SaEvent
+from ikefarm.shared.ikev2.exchanges.informational import IkeDeleteTask
 from ikefarm.shared.ikev2.message import Message, encode_message, parse_message
 from ikefarm.shared.ikev2.payloads import DeletePayload, NotifyPayload
 from ikefarm.shared.ikev2.sa import IkeSaState
@@ -40,7 +41,7 @@ def test_psk_handshake_establishes_ike_and_child_on_both_sides() -> None:
     # the PSK never travels in a keystore request
     for effect in wire.responder.effects + wire.initiator.effects:
         if isinstance(effect, KeystoreRequest):
-            assert b"shared-secret" not in repr(effect.params).encode()
+            assert b"shared-secret" not in repr(effect.request).encode()
 
 
 def test_wrong_psk_gives_authentication_failed_and_no_sa_remains() -> None:
@@ -135,8 +136,7 @@ def test_delete_from_peer_removes_children_and_sa() -> None:
         ExchangeType.INFORMATIONAL,
         [DeletePayload(ProtocolId.IKE, [])],
         wire.now,
-        "informational",
-        {"kind": "delete_ike"},
+        IkeDeleteTask(),
     )
     wire.run(effects, wire.initiator)
     assert wire.responder.engine.sas == {} and wire.initiator.engine.sas == {}

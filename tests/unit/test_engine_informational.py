@@ -113,7 +113,7 @@ def test_a_delete_waits_for_the_busy_window() -> None:
     wire = pair()
     i_sa, _r_sa = established(wire)
     (child,) = i_sa.children
-    liveness = informational.send_liveness(wire.initiator.engine, i_sa, wire.now, "informational")
+    liveness = informational.send_liveness(wire.initiator.engine, i_sa, wire.now)
     queued = wire.initiator.engine.delete_child(i_sa, child, wire.now)
     assert not [e for e in queued if isinstance(e, SendDatagram)] and len(i_sa.queued) == 1
     wire.run(liveness, wire.initiator)

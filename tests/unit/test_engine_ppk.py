@@ -107,8 +107,8 @@ def test_ppk_used_both_roles_and_keys_agree() -> None:
     # the PPK is never in what the engine asks the keystore: only its PPK_ID
     for effect in wire.initiator.effects + wire.responder.effects:
         if isinstance(effect, KeystoreRequest):
-            assert PPK not in repr(effect.params).encode()
-            assert PPK.hex() not in repr(effect.params)
+            assert PPK not in repr(effect.request).encode()
+            assert PPK.hex() not in repr(effect.request)
 
 
 def test_unknown_ppk_id_not_required_establishes_without_ppk() -> None:

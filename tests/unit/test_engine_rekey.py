@@ -229,3 +229,22 @@ def test_first_ike_rekey_is_jittered_by_rand_time_like_later_ones() -> None:
     (new_i,) = wire.initiator.engine.sas.values()
     assert draws == [(0.0, 100.0), (0.0, 100.0)]  # both sides' new SA
     assert new_i.established_at + 1000.0 - new_i.rekey_at in (75.0, 100.0)
+
+
+def test_a_child_delete_queued_behind_our_ike_rekey_goes_out_on_the_new_sa() -> None:
+    """The old IKE SA is deleted right after the rekey; child work queued on it follows the
+    children to the new SA instead of being dropped with it (RFC 7296 2.18)."""
+    wire = pair()
+    i_sa, r_sa = established(wire)
+    (child,) = i_sa.children
+    effects = wire.initiator.engine.rekey_ike(i_sa, wire.now)
+    effects += wire.initiator.engine.delete_child(i_sa, child, wire.now)
+    assert len(i_sa.queued) == 1
+    wire.run(effects, wire.initiator)
+    (i_new,) = wire.initiator.engine.sas.values()
+    (r_new,) = wire.responder.engine.sas.values()
+    assert i_new is not i_sa and r_new is not r_sa
+    assert i_new.children == [] and r_new.children == []
+    assert i_new.outstanding is None and i_new.queued == []
+    deleted = [e for e in wire.initiator.effects if isinstance(e, DeleteChildSa)]
+    assert [e.unique_id for e in deleted] == [child.unique_id]

@@ -159,7 +159,7 @@ class Net:
             limit -= 1
             node, effect = queue.pop(0)
             if isinstance(effect, KeystoreRequest):
-                reply = keystore_stand_in(node.psk, effect.params, effect.operation)
+                reply = keystore_stand_in(node.psk, effect.request, effect.operation)
                 out = node.engine.keystore_reply(effect.request_id, reply, self.now)
                 queue += [(node, e) for e in out]
             elif isinstance(effect, InitialContact):  # the bus fan-out to every worker

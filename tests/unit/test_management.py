@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from ikefarm.shared.ikev2 import management
-from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
+from ikefarm.shared.ikev2.effects import ChildFailed, Effect, Log, SaEvent, SaFailed
 from ikefarm.shared.ikev2.management import Command, CommandError, Watches, parse_words
 from ikefarm.shared.ikev2.sa import ChildSaState, IkeSa, IkeSaState
 from tests.engine_helpers import Side, Wire, pair
@@ -282,6 +282,30 @@ def test_a_refused_first_child_fails_the_initiation_but_keeps_the_ike_sa() -> No
     assert not watch.ok
     assert watch.lines[-1] == "establishing CHILD_SA net failed: TS_UNACCEPTABLE"
     assert by_vpn(wire.initiator, "hq").state == IkeSaState.ESTABLISHED
+
+
+def test_the_outcome_comes_from_typed_failures_not_from_log_event_names() -> None:
+    """A log line named like a failure changes nothing; SaFailed/ChildFailed decide."""
+    wire = pair()
+    command = parse_words("initiate", ["child-sa", "security-policy", "net"])
+    outcome = management.execute(wire.initiator.engine, command, wire.now)
+    watch = management.watch_for(outcome, command)
+    assert watch is not None and outcome.ike_unique_id is not None
+    uid = outcome.ike_unique_id
+    watches = Watches()
+    watches.add(watch)
+    engine = wire.initiator.engine
+    lookalikes: list[Effect] = [
+        Log(1, "ike", "authentication_failed", {"unique_id": uid, "reason": "log-only"}),
+        Log(1, "child", "child_sa_refused", {"policy": "net", "notify": "LOG_ONLY"}),
+    ]
+    assert watches.observe(engine, lookalikes, wire.now) == []
+    assert watch.reason == "" and watch.child_failed == ""
+    (sa,) = engine.sas.values()
+    failed: list[Effect] = [ChildFailed(uid, "net", "TS_UNACCEPTABLE"), SaFailed(uid, "typed")]
+    failed += engine.remove_sa(sa, "test", wire.now)
+    assert watches.observe(engine, failed, wire.now) == [watch]
+    assert watch.lines == [f"establishing IKE_SA hq[{uid}] failed: typed"]
 
 
 # -- flush and clear: exactly what they name -----------------------------------------------------

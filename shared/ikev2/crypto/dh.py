@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric import dh, ec, x25519
 
@@ -115,6 +116,24 @@ _ECP: dict[int, tuple[type[ec.EllipticCurve], int, int]] = {
     DhId.ECP_521: (ec.SECP521R1, 66, 2**521 - 1),
 }
 
+# the order n of each curve's base point (FIPS 186-4 D.1.2; SEC 2 2.4-2.6): a scalar drawn
+# from a random source is reduced into [1, n - 1]
+_ECP_ORDER: dict[int, int] = {
+    DhId.ECP_256: int("FFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551", 16),
+    DhId.ECP_384: int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+        "581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    DhId.ECP_521: int(
+        "01FF" + "FFFFFFFF" * 7 + "FFFFFFFA"
+        "51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        16,
+    ),
+}
+# extra octets drawn beyond a scalar's size, so reducing them leaves no usable bias
+_EXTRA_OCTETS = 8
+
 _X25519_LENGTH = 32
 
 SUPPORTED_DH_GROUPS: frozenset[int] = frozenset(
@@ -161,6 +180,21 @@ def key_exchange_length(group: int) -> int:
 _PrivateKey = dh.DHPrivateKey | ec.EllipticCurvePrivateKey | x25519.X25519PrivateKey
 
 
+def _private_value(group: int, random: Callable[[int], bytes]) -> bytes:
+    """A private value for `from_private_bytes`, drawn from `random`."""
+    if group in _MODP_HEX:
+        # 1 < x < p - 1 (p has its top bit set: one octet fewer is always below it)
+        size = key_exchange_length(group)
+        x = int.from_bytes(random(size - 1), "big")
+        return max(x, 2).to_bytes(size, "big")
+    if group in _ECP:
+        size = _ECP[group][1]
+        order = _ECP_ORDER[group]
+        scalar = int.from_bytes(random(size + _EXTRA_OCTETS), "big") % (order - 1) + 1
+        return scalar.to_bytes(size, "big")
+    return random(_X25519_LENGTH)  # RFC 7748 5: any 32 octets, clamped by the library
+
+
 class DhExchange:
     """One side's ephemeral key pair of a key exchange in one group.
 
@@ -176,8 +210,12 @@ class DhExchange:
         self._private = private_key
 
     @classmethod
-    def generate(cls, group: int) -> DhExchange:
+    def generate(cls, group: int, random: Callable[[int], bytes] | None = None) -> DhExchange:
+        """A fresh key pair: from `random` (the engine's injectable source) when given,
+        else from the cryptography library's generator."""
         group = _check_group(group)
+        if random is not None:
+            return cls.from_private_bytes(group, _private_value(group, random))
         private: _PrivateKey
         if group in _MODP_HEX:
             private = _modp_parameters(group).generate_private_key()
@@ -208,6 +246,17 @@ class DhExchange:
 
     def __repr__(self) -> str:
         return f"DhExchange(group={DhId(self.group).name})"
+
+    def private_bytes(self) -> bytes:
+        """The private value in the form `from_private_bytes` takes: for a snapshot's sealed
+        part only (`shared/ikev2/snapshot.py`), never for a log or the bus."""
+        private = self._private
+        if isinstance(private, dh.DHPrivateKey):
+            return private.private_numbers().x.to_bytes(key_exchange_length(self.group), "big")
+        if isinstance(private, ec.EllipticCurvePrivateKey):
+            size = _ECP[self.group][1]
+            return private.private_numbers().private_value.to_bytes(size, "big")
+        return private.private_bytes_raw()
 
     def public_bytes(self) -> bytes:
         """This side's Key Exchange Data in the IKEv2 encoding of the group."""

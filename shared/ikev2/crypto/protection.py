@@ -25,6 +25,7 @@ for any body.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 
@@ -122,18 +123,21 @@ class SkProtection:
         associated_data: bytes,
         plaintext: bytes,
         iv: bytes | None = None,
+        *,
+        random: Callable[[int], bytes] | None = None,
     ) -> bytes:
         """The SK body protecting `plaintext` (the inner payload chain).
 
         The minimum padding is used, filled with zeros (RFC 7296 3.14 lets the
-        sender choose). `iv` defaults to fresh random octets; pass one only for
+        sender choose). `iv` defaults to fresh random octets from `random` (the
+        engine's injectable source; the system's when None); pass one only for
         known-answer tests.
         """
         self._check_keys(sk_e, sk_a)
         associated_data, plaintext = bytes(associated_data), bytes(plaintext)
         cipher = self.cipher
         if iv is None:
-            iv = os.urandom(cipher.iv_size)
+            iv = (random or os.urandom)(cipher.iv_size)
         elif len(iv) != cipher.iv_size:
             raise ValueError(f"IV must be {cipher.iv_size} octets, got {len(iv)}")
         pad_length = self._padded_length(len(plaintext)) - len(plaintext) - 1

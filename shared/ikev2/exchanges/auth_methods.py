@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from ikefarm.proto.messages import CertAuthReply, CertAuthRequest, PskAuthReply
 from ikefarm.shared.ikev2.certs import DN_PREFIX, dn_from_text, dn_identity_matches, looks_like_dn
 from ikefarm.shared.ikev2.constants import AuthMethod, CertEncoding, NotifyType, PayloadType
 from ikefarm.shared.ikev2.crypto.signature import hash_algorithms_data, parse_hash_algorithms
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 PSK = "pre-shared-key"
 PUBKEY = "pubkey"
-CERT_AUTH = "cert-auth"  # the KeystoreRequest operation for certificate AUTH
+CERT_AUTH = "cert-auth"  # the KeystoreRequest operation for certificate AUTH (effects.CERT_AUTH)
 
 SIGNATURE_METHODS = frozenset(
     {
@@ -140,10 +141,16 @@ def peer_certificates(message: Message) -> list[bytes]:
     ]
 
 
-def our_auth(vpn: VpnPolicy, reply: dict[str, Any]) -> list[Payload]:
+def reply_method(reply: PskAuthReply | CertAuthReply) -> int:
+    """The AUTH method of what the keystore signed: a certificate's, or the PSK's MIC."""
+    if isinstance(reply, CertAuthReply) and reply.method:
+        return int(reply.method)
+    return int(AuthMethod.SHARED_KEY_MIC)
+
+
+def our_auth(vpn: VpnPolicy, reply: PskAuthReply | CertAuthReply) -> list[Payload]:
     """CERT payloads (with certificates) and our AUTH payload from the keystore's answer."""
-    method = int(reply.get("method") or AuthMethod.SHARED_KEY_MIC)
-    return [*certificate_payloads(vpn), AuthPayload(method, reply["auth"])]
+    return [*certificate_payloads(vpn), AuthPayload(reply_method(reply), reply.auth)]
 
 
 def cert_request(
@@ -156,20 +163,20 @@ def cert_request(
     peer_auth: AuthPayload | None = None,
     verify_octets: bytes = b"",
     sign_octets: bytes = b"",
-) -> dict[str, Any]:
-    """Parameters of a CertAuthRequest: what to verify, what to sign, nothing secret."""
-    return {
-        "vpn": vpn.name,
-        "purpose": purpose,
-        "verify_octets": verify_octets,
-        "verify_method": int(peer_auth.method) if peer_auth is not None else 0,
-        "verify_auth": peer_auth.data if peer_auth is not None else b"",
-        "peer_certs": peer_certificates(peer) if peer is not None else [],
-        "peer_id_type": int(peer_id.id_type) if peer_id is not None else 0,
-        "peer_id_data": peer_id.data if peer_id is not None else b"",
-        "sign_octets": sign_octets,
-        "peer_hashes": signature_hashes_for_signing(sa),
-    }
+) -> CertAuthRequest:
+    """A CertAuthRequest: what to verify, what to sign, nothing secret."""
+    return CertAuthRequest(
+        vpn=vpn.name,
+        purpose=purpose,
+        verify_octets=verify_octets,
+        verify_method=int(peer_auth.method) if peer_auth is not None else 0,
+        verify_auth=peer_auth.data if peer_auth is not None else b"",
+        peer_certs=peer_certificates(peer) if peer is not None else [],
+        peer_id_type=int(peer_id.id_type) if peer_id is not None else 0,
+        peer_id_data=peer_id.data if peer_id is not None else b"",
+        sign_octets=sign_octets,
+        peer_hashes=signature_hashes_for_signing(sa),
+    )
 
 
 def count_methods(

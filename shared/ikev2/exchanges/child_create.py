@@ -15,7 +15,7 @@ request (RFC 7296 1.3, 2.17).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ikefarm.shared.ikev2.constants import (
     ExchangeType,
@@ -28,7 +28,15 @@ from ikefarm.shared.ikev2.crypto.cipher import Cipher
 from ikefarm.shared.ikev2.crypto.dh import DhExchange, InvalidKeyExchange
 from ikefarm.shared.ikev2.crypto.integrity import Integrity
 from ikefarm.shared.ikev2.crypto.keys import derive_child_sa_keys
-from ikefarm.shared.ikev2.effects import ChildSaInstall, Effect, InstallChildSa, Log, SaEvent
+from ikefarm.shared.ikev2.effects import (
+    ChildFailed,
+    ChildSaInstall,
+    Effect,
+    InstallChildSa,
+    Log,
+    SaEvent,
+)
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import (
     KePayload,
@@ -58,6 +66,20 @@ class ChildOutcome:
     child: ChildSa | None = None
     nonce_i: bytes = b""
     nonce_r: bytes = b""
+
+
+@dataclass(repr=False)
+class ChildRequest:
+    """What we proposed for a child (IKE_AUTH or CREATE_CHILD_SA), to check the answer."""
+
+    policy: SecurityPolicy
+    spi_in: bytes
+    local_ts: list[TrafficSelector]
+    remote_ts: list[TrafficSelector]
+    old_child: ChildSa | None = None  # a rekey: REKEY_SA named it
+    nonce_i: bytes = b""  # CREATE_CHILD_SA only: our Ni
+    dh: DhExchange | None = None  # PFS: our KEi's private half
+    retried: bool = False  # once after INVALID_KE_PAYLOAD (RFC 7296 1.3)
 
 
 def narrow(ours: TrafficSelector | None, theirs: list[TrafficSelector]) -> list[TrafficSelector]:
@@ -235,7 +257,7 @@ def respond_child(
                 NotifyType.INVALID_KE_PAYLOAD, data=algorithms.dh.to_bytes(2, "big")
             )
             return _refuse(engine, outcome, notify, "child_invalid_ke_payload", group=algorithms.dh)
-        dh = DhExchange.generate(algorithms.dh)
+        dh = engine.new_dh(algorithms.dh)
         try:
             shared_secret = dh.compute_shared(ke.key_data)
         except InvalidKeyExchange:
@@ -354,7 +376,7 @@ def initiator_child_payloads(
     first_child: bool,
     old_child: ChildSa | None = None,
     group: int | None = None,
-) -> tuple[list[Payload], dict[str, Any]]:
+) -> tuple[list[Payload], ChildRequest]:
     """The request payloads proposing `policy`'s child, with our SPI (and Ni/KEi outside IKE_AUTH).
 
     `old_child`: this is a rekey (REKEY_SA names it, its selectors are kept).
@@ -379,45 +401,37 @@ def initiator_child_payloads(
         assert local is not None and remote is not None
         local_list, remote_list = [local], [remote]
     payloads: list[Payload] = []
-    context: dict[str, Any] = {
-        "policy": policy,
-        "spi_in": spi_in,
-        "local_ts": local_list,
-        "remote_ts": remote_list,
-        "old_child": old_child,
-    }
+    request = ChildRequest(policy, spi_in, local_list, remote_list, old_child=old_child)
     if old_child is not None:
         payloads.append(NotifyPayload(NotifyType.REKEY_SA, ProtocolId.ESP, old_child.spi_in))
     if policy.mode == "transport":
         payloads.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
     payloads.append(SaPayload(proposals))
     if not first_child:
-        nonce_i = engine.random(NONCE_SIZE)
-        payloads.append(NoncePayload(nonce_i))
-        context["nonce_i"] = nonce_i
+        request.nonce_i = engine.random(NONCE_SIZE)
+        payloads.append(NoncePayload(request.nonce_i))
         pfs = group
         if pfs is None and policy.esp_proposals and policy.esp_proposals[0].first(TransformType.DH):
             pfs = policy.esp_proposals[0].first(TransformType.DH)[0]  # type: ignore[index]
         if pfs is not None:
-            dh = DhExchange.generate(pfs)
-            payloads.append(KePayload(pfs, dh.public_bytes()))
-            context["dh"] = dh
+            request.dh = engine.new_dh(pfs)
+            payloads.append(KePayload(pfs, request.dh.public_bytes()))
     payloads += [TsPayload(local_list, PayloadType.TSi), TsPayload(remote_list, PayloadType.TSr)]
-    return payloads, context
+    return payloads, request
 
 
 def initiator_child_complete(
     engine: IkeEngine,
     sa: IkeSa,
     response: Message,
-    context: dict[str, Any],
+    request: ChildRequest,
     now: float,
     *,
     first_child: bool,
 ) -> ChildOutcome:
     """Install the child the responder accepted, after checking it is what we offered."""
     outcome = ChildOutcome()
-    policy: SecurityPolicy = context["policy"]
+    policy = request.policy
     errors = [n for n in response.notifies() if n.is_error]
     if errors:
         engine.count("child_refused_by_peer")
@@ -430,32 +444,24 @@ def initiator_child_complete(
                 {"vpn": policy.vpn, "policy": policy.name, "notify": name},
             )
         )
+        outcome.effects.append(ChildFailed(sa.unique_id, policy.name, name))
         return outcome
     sa_payload = response.get(SaPayload)
     tsi = selectors(response.get_type(PayloadType.TSi))
     tsr = selectors(response.get_type(PayloadType.TSr))
     if sa_payload is None or len(sa_payload.proposals) != 1 or not tsi or not tsr:
-        engine.count("child_response_incomplete")
-        outcome.effects.append(
-            Log(1, "child", "child_response_incomplete", {"policy": policy.name})
-        )
-        return outcome
+        return _not_made(engine, outcome, sa, policy, "child_response_incomplete")
     selection = select_proposal(
         policy.esp_proposals, sa_payload.proposals, ProtocolId.ESP, ignore_dh=first_child
     )
-    local_ts: list[TrafficSelector] = context["local_ts"]
-    remote_ts: list[TrafficSelector] = context["remote_ts"]
+    local_ts, remote_ts = request.local_ts, request.remote_ts
     offered = (
         selection is not None
         and all(any(o.contains(s) for o in local_ts) for s in tsi)
         and all(any(o.contains(s) for o in remote_ts) for s in tsr)
     )
     if not offered or selection is None:
-        engine.count("child_response_not_offered")
-        outcome.effects.append(
-            Log(1, "child", "child_response_not_offered", {"policy": policy.name})
-        )
-        return outcome
+        return _not_made(engine, outcome, sa, policy, "child_response_not_offered")
     algorithms = selection.algorithms()
     shared_secret: bytes | None = None
     if first_child:
@@ -463,10 +469,9 @@ def initiator_child_complete(
     else:
         nonce = response.get(NoncePayload)
         if nonce is None:
-            engine.count("child_response_incomplete")
-            return outcome
-        nonce_i, nonce_r = context["nonce_i"], nonce.data
-        dh: DhExchange | None = context.get("dh")
+            return _not_made(engine, outcome, sa, policy, "child_response_incomplete")
+        nonce_i, nonce_r = request.nonce_i, nonce.data
+        dh = request.dh
         if algorithms.dh is not None:
             ke = response.get(KePayload)
             if (
@@ -475,13 +480,11 @@ def initiator_child_complete(
                 or int(ke.dh_group) != dh.group
                 or algorithms.dh != dh.group
             ):
-                engine.count("child_response_not_offered")
-                return outcome
+                return _not_made(engine, outcome, sa, policy, "child_response_not_offered")
             try:
                 shared_secret = dh.compute_shared(ke.key_data)
             except InvalidKeyExchange:
-                engine.count("child_invalid_ke_value")
-                return outcome
+                return _not_made(engine, outcome, sa, policy, "child_invalid_ke_value")
             engine.count("dh_computed")
     transport = (
         policy.mode == "transport" and response.notify(NotifyType.USE_TRANSPORT_MODE) is not None
@@ -491,7 +494,7 @@ def initiator_child_complete(
         sa,
         policy,
         algorithms,
-        spi_in=context["spi_in"],
+        spi_in=request.spi_in,
         spi_out=selection.offered.spi,
         nonce_i=nonce_i,
         nonce_r=nonce_r,
@@ -508,6 +511,16 @@ def initiator_child_complete(
     return outcome
 
 
+def _not_made(
+    engine: IkeEngine, outcome: ChildOutcome, sa: IkeSa, policy: SecurityPolicy, reason: str
+) -> ChildOutcome:
+    """The answer does not give us the child we asked for: count, log, say so (typed)."""
+    engine.count(reason)
+    outcome.effects.append(Log(1, "child", reason, {"policy": policy.name}))
+    outcome.effects.append(ChildFailed(sa.unique_id, policy.name, reason))
+    return outcome
+
+
 def notify_name(notify_type: int) -> str:
     try:
         return NotifyType(notify_type).name
@@ -518,64 +531,94 @@ def notify_name(notify_type: int) -> str:
 # -- CREATE_CHILD_SA for one more child --------------------------------------------------------
 
 
+@dataclass(repr=False)
+class ChildProposalTask(Task):
+    """A CREATE_CHILD_SA proposing a child (one more, or a rekey): propose, retry once with
+    the group an INVALID_KE_PAYLOAD names (RFC 7296 1.3)."""
+
+    exchange: ClassVar[ExchangeType] = ExchangeType.CREATE_CHILD_SA
+
+    request: ChildRequest | None = None
+
+    def propose(
+        self,
+        engine: IkeEngine,
+        sa: IkeSa,
+        policy: SecurityPolicy,
+        now: float,
+        *,
+        group: int | None = None,
+        old_child: ChildSa | None = None,
+    ) -> list[Effect]:
+        payloads, request = initiator_child_payloads(
+            engine, sa, policy, first_child=False, old_child=old_child, group=group
+        )
+        request.retried = group is not None
+        self.request = request
+        return engine.send_request(sa, ExchangeType.CREATE_CHILD_SA, payloads, now, self)
+
+    def retried(
+        self, engine: IkeEngine, sa: IkeSa, response: Message, now: float
+    ) -> list[Effect] | None:
+        """The request again with the group the peer named, or None to go on."""
+        assert self.request is not None
+        group = invalid_ke_group(engine, response, self.request)
+        if group is None:
+            return None
+        sa.outstanding = None
+        request = self.request
+        return self.propose(
+            engine, sa, request.policy, now, group=group, old_child=request.old_child
+        )
+
+
+@dataclass(repr=False)
+class NewChildTask(ChildProposalTask):
+    """One more child with CREATE_CHILD_SA (RFC 7296 1.3.1), active."""
+
+    name: ClassVar[str] = "new_child"
+
+    policy: SecurityPolicy | None = None
+
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+        assert self.policy is not None
+        return self.propose(engine, sa, self.policy, now)
+
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        retry = self.retried(engine, sa, response, now)
+        if retry is not None:
+            return retry
+        assert self.request is not None
+        outcome = initiator_child_complete(
+            engine, successor(sa), response, self.request, now, first_child=False
+        )
+        return outcome.effects + engine.request_done(sa, now)
+
+
 def initiate_new_child(engine: IkeEngine, sa: IkeSa, policy_name: str, now: float) -> list[Effect]:
     """One more child on an established IKE SA (RFC 7296 1.3.1)."""
     assert sa.vpn is not None
     policy = next((p for p in sa.vpn.security_policies if p.name == policy_name), None)
     if policy is None:
         raise ValueError(f"vpn {sa.vpn.name!r} has no security-policy {policy_name!r}")
-
-    def build(when: float, group: int | None = None) -> list[Effect]:
-        payloads, context = initiator_child_payloads(
-            engine, sa, policy, first_child=False, group=group
-        )
-        return engine.send_request(
-            sa, ExchangeType.CREATE_CHILD_SA, payloads, when, "new_child", context
-        )
-
-    return engine.queue_request(sa, build, now)
+    return engine.queue_task(sa, NewChildTask(policy=policy), now)
 
 
-def new_child_response(
-    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
-) -> list[Effect]:
-    retry = _invalid_ke_retry(engine, sa, response, context, now, "new_child")
-    if retry is not None:
-        return retry
-    outcome = initiator_child_complete(
-        engine, successor(sa), response, context, now, first_child=False
-    )
-    return outcome.effects + engine.request_done(sa, now)
-
-
-def _invalid_ke_retry(
-    engine: IkeEngine,
-    sa: IkeSa,
-    response: Message,
-    context: dict[str, Any],
-    now: float,
-    purpose: str,
-) -> list[Effect] | None:
-    """INVALID_KE_PAYLOAD in CREATE_CHILD_SA: retry once with the group the peer named."""
+def invalid_ke_group(engine: IkeEngine, response: Message, request: ChildRequest) -> int | None:
+    """INVALID_KE_PAYLOAD in CREATE_CHILD_SA: the group to retry with, once (RFC 7296 1.3)."""
     notify = response.notify(NotifyType.INVALID_KE_PAYLOAD)
-    if notify is None or len(notify.data) != 2 or context.get("retried"):
+    if notify is None or len(notify.data) != 2 or request.retried:
         return None
     group = int.from_bytes(notify.data, "big")
-    policy: SecurityPolicy = context["policy"]
     acceptable = {
-        g for spec in policy.esp_proposals for g, _ in spec.transforms.get(TransformType.DH, ())
+        g
+        for spec in request.policy.esp_proposals
+        for g, _ in spec.transforms.get(TransformType.DH, ())
     }
     if group not in acceptable:
         return None
     engine.count("child_invalid_ke_retries")
-    sa.outstanding = None
-    payloads, new_context = initiator_child_payloads(
-        engine, sa, policy, first_child=False, old_child=context.get("old_child"), group=group
-    )
-    new_context["retried"] = True
-    return engine.send_request(
-        sa, ExchangeType.CREATE_CHILD_SA, payloads, now, purpose, new_context
-    )
+    return group
 
 
 def successor(sa: IkeSa) -> IkeSa:
@@ -583,6 +626,3 @@ def successor(sa: IkeSa) -> IkeSa:
     while sa.successor is not None:
         sa = sa.successor
     return sa
-
-
-RESPONSE_HANDLERS = {"new_child": new_child_response}

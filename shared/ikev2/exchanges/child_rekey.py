@@ -10,14 +10,16 @@ one new child.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, ProtocolId
+from ikefarm.shared.ikev2.constants import NotifyType, ProtocolId
 from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
 from ikefarm.shared.ikev2.exchanges.child_create import (
+    ChildProposalTask,
+    ChildRequest,
     child_detail,
     initiator_child_complete,
-    initiator_child_payloads,
     respond_child,
     successor,
 )
@@ -29,27 +31,39 @@ if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
 
 
+@dataclass(repr=False)
+class ChildRekeyTask(ChildProposalTask):
+    """Our rekey of `child` with CREATE_CHILD_SA and REKEY_SA (RFC 7296 1.3.3), active."""
+
+    name: ClassVar[str] = "child_rekey"
+
+    child: ChildSa | None = None
+
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+        child = self.child
+        assert child is not None
+        owner = successor(sa)
+        if child not in owner.children or child.state != ChildSaState.REKEYING:
+            return engine.request_done(owner, now)  # deleted or rekeyed by the peer meanwhile
+        engine.count("child_rekeys_initiated")
+        child.rekey_in_flight = True
+        return self.propose(engine, owner, child.policy, now, old_child=child)
+
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        retry = self.retried(engine, sa, response, now)
+        if retry is not None:
+            return retry
+        assert self.request is not None
+        return child_rekey_response(engine, sa, self.request, response, now)
+
+
 def initiate_child_rekey(engine: IkeEngine, sa: IkeSa, child: ChildSa, now: float) -> list[Effect]:
     if child.state != ChildSaState.INSTALLED:
         raise ValueError(f"child SA #{child.unique_id} is {child.state}, not installed")
     child.state = ChildSaState.REKEYING  # no second rekey while this one waits for the window
-
-    def build(when: float, group: int | None = None) -> list[Effect]:
-        owner = successor(sa)
-        if child not in owner.children or child.state != ChildSaState.REKEYING:
-            return engine.request_done(owner, when)  # deleted or rekeyed by the peer meanwhile
-        payloads, context = initiator_child_payloads(
-            engine, owner, child.policy, first_child=False, old_child=child, group=group
-        )
-        engine.count("child_rekeys_initiated")
-        child.rekey_in_flight = True
-        return engine.send_request(
-            owner, ExchangeType.CREATE_CHILD_SA, payloads, when, "child_rekey", context
-        )
-
     return [
         Log(1, "child", "rekeying_child_sa", {"vpn": child.policy.vpn, **child_detail(child)}),
-        *engine.queue_request(sa, build, now),
+        *engine.queue_task(sa, ChildRekeyTask(child=child), now),
     ]
 
 
@@ -95,16 +109,12 @@ def respond_child_rekey(
 
 
 def child_rekey_response(
-    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
+    engine: IkeEngine, sa: IkeSa, request: ChildRequest, response: Message, now: float
 ) -> list[Effect]:
-    from ikefarm.shared.ikev2.exchanges.child_create import _invalid_ke_retry
-
-    old: ChildSa = context["old_child"]
-    retry = _invalid_ke_retry(engine, sa, response, context, now, "child_rekey")
-    if retry is not None:
-        return retry
+    old = request.old_child
+    assert old is not None
     owner = successor(sa)
-    outcome = initiator_child_complete(engine, owner, response, context, now, first_child=False)
+    outcome = initiator_child_complete(engine, owner, response, request, now, first_child=False)
     effects = list(outcome.effects)
     new = outcome.child
     deletes: list[ChildSa] = []
@@ -166,6 +176,3 @@ def _then_delete(engine: IkeEngine, sa: IkeSa, children: list[ChildSa], now: flo
         if child in owner.children:
             effects += engine.delete_child(owner, child, now)
     return effects + engine.request_done(sa, now)
-
-
-RESPONSE_HANDLERS = {"child_rekey": child_rekey_response}

@@ -7,7 +7,7 @@ else is one more child (child_create).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ikefarm.shared.ikev2.constants import NotifyType, ProtocolId
 from ikefarm.shared.ikev2.effects import Effect
@@ -49,10 +49,3 @@ def initiate_child_rekey(engine: IkeEngine, sa: IkeSa, child: ChildSa, now: floa
 
 def initiate_ike_rekey(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     return ike_rekey.initiate_ike_rekey(engine, sa, now)
-
-
-RESPONSE_HANDLERS: dict[str, Any] = {
-    **child_create.RESPONSE_HANDLERS,
-    **child_rekey.RESPONSE_HANDLERS,
-    **ike_rekey.RESPONSE_HANDLERS,
-}

@@ -37,8 +37,6 @@ from ikefarm.shared.ikev2.sa import ChildSa, ChildSaState, IkeSa, IkeSaState
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
 
-PURPOSE = "dpd"
-
 
 def _idle_since(sa: IkeSa) -> float:
     assert sa.established_at is not None
@@ -76,7 +74,7 @@ def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
             },
         )
     ]
-    return effects + informational.send_liveness(engine, sa, now, PURPOSE)
+    return effects + informational.send_liveness(engine, sa, now)
 
 
 def traffic_seen(engine: IkeEngine, unique_id: int, now: float) -> bool:
@@ -96,7 +94,7 @@ def traffic_seen(engine: IkeEngine, unique_id: int, now: float) -> bool:
 
 def peer_dead(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     """The peer did not answer our request in time: drop the SA, apply each dpd-action."""
-    if sa.state == IkeSaState.DELETING or sa.pending.get(informational.DELETE_QUEUED):
+    if sa.state == IkeSaState.DELETING or sa.delete_reason is not None:
         engine.count("delete_unanswered")
         effects = engine.remove_sa(sa, "delete not answered", now)
         return effects + informational.run_after_delete(engine, sa, now)
@@ -152,6 +150,6 @@ def restart_sa(
     engine: IkeEngine, old: IkeSa, policies: list[SecurityPolicy], now: float, *, reason: str
 ) -> list[Effect]:
     """Initiate a fresh IKE SA to where `old` was, negotiating `policies` (dpd restart, reauth)."""
-    from ikefarm.shared.ikev2.management import reestablish
+    from ikefarm.shared.ikev2.exchanges.reauth import reestablish
 
     return reestablish(engine, old, policies, now, reason=reason).effects

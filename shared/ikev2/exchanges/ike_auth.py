@@ -13,13 +13,29 @@ expect.
 from __future__ import annotations
 
 import fnmatch
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from ikefarm.proto.messages import CertAuthReply, PskAuthReply, PskAuthRequest
 from ikefarm.shared.dos.admission import AUTH_PHASE
-from ikefarm.shared.ikev2.constants import AuthMethod, ExchangeType, NotifyType, PayloadType
-from ikefarm.shared.ikev2.effects import Effect, InitialContact, KeystoreRequest, Log, SaEvent
+from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, PayloadType
+from ikefarm.shared.ikev2.effects import (
+    Effect,
+    InitialContact,
+    KeystoreAnswer,
+    Log,
+    PpkMixed,
+    SaEvent,
+    SaFailed,
+)
 from ikefarm.shared.ikev2.exchanges import auth_methods, lifetimes, ppk
-from ikefarm.shared.ikev2.exchanges.child_create import respond_child
+from ikefarm.shared.ikev2.exchanges.child_create import (
+    ChildRequest,
+    initiator_child_complete,
+    initiator_child_payloads,
+    respond_child,
+)
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import AuthPayload, IdPayload, NotifyPayload, Payload
 from ikefarm.shared.ikev2.policy import VpnPolicy
@@ -28,7 +44,8 @@ from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
 
-PSK_AUTH = "psk-auth"
+KEYSTORE_UNAVAILABLE = "keystore unavailable"
+PSK_AUTH = "psk-auth"  # the KeystoreRequest operation for PSK AUTH (effects.PSK_AUTH)
 
 
 def identity_matches(configured: str | None, presented: str) -> bool:
@@ -85,10 +102,90 @@ def _fail(
             {"unique_id": sa.unique_id, "peer": str(sa.remote), "reason": reason, **fields},
         )
     )
+    effects.append(SaFailed(sa.unique_id, reason))
     effects += engine.remove_sa(sa, f"authentication failed: {reason}", now, announce=False)
     if not sa.is_initiator:
         effects += engine.peer_failed(sa.remote, AUTH_PHASE, now)
     return effects
+
+
+# -- tasks ------------------------------------------------------------------------------------
+
+
+@dataclass(repr=False)
+class IkeAuthResponder(Task):
+    """The peer's IKE_AUTH while the keystore mixes a PPK and checks/computes AUTH (passive)."""
+
+    name: ClassVar[str] = "ike_auth"
+    exchange: ClassVar[ExchangeType] = ExchangeType.IKE_AUTH
+
+    request: Message
+    vpn: VpnPolicy
+    idi: IdPayload
+    step: Literal["ppk-mix", "auth"] = "auth"
+    ppk_id: bytes = b""  # the PPK the keystore mixes (RFC 8784 3)
+    idr: IdPayload | None = None  # our identity, once the keystore signs with it
+    remote_method: int = 0
+
+    def keystore_answer(
+        self,
+        engine: IkeEngine,
+        sa: IkeSa,
+        reply: KeystoreAnswer | None,
+        error: str | None,
+        now: float,
+    ) -> list[Effect]:
+        sa.passive = None
+        mixed, answer = _kinds(reply)
+        if self.step == "ppk-mix":
+            return ppk.responder_mixed(engine, sa, self, mixed, error, now)
+        return _responder_answered(engine, sa, self, answer, error, now)
+
+
+@dataclass(repr=False)
+class IkeAuthInitiator(Task):
+    """Our IKE_AUTH: PPK mix, our AUTH signed, the request, the peer's AUTH verified (active)."""
+
+    name: ClassVar[str] = "ike_auth"
+    exchange: ClassVar[ExchangeType] = ExchangeType.IKE_AUTH
+
+    step: Literal["ppk-mix", "sign", "verify"] = "sign"
+    idi: IdPayload | None = None  # our identity, as signed
+    ppk_auth: bytes | None = None  # AUTH with SK_pi' while NO_PPK_AUTH is signed (RFC 8784)
+    no_ppk_auth: bytes | None = None
+    local_method: int | None = None
+    child: ChildRequest | None = None  # the first child, proposed in the request
+    response: Message | None = None  # the peer's answer, while its AUTH is verified
+    idr: IdPayload | None = None
+    remote_method: int | None = None
+
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        return initiator_response(engine, sa, self, response, now)
+
+    def keystore_answer(
+        self,
+        engine: IkeEngine,
+        sa: IkeSa,
+        reply: KeystoreAnswer | None,
+        error: str | None,
+        now: float,
+    ) -> list[Effect]:
+        mixed, answer = _kinds(reply)
+        if self.step == "ppk-mix":
+            return ppk.initiator_mixed(engine, sa, self, mixed, error, now)
+        return _initiator_keystore_answered(engine, sa, self, answer, error, now)
+
+
+def _kinds(
+    reply: KeystoreAnswer | None,
+) -> tuple[PpkMixed | None, PskAuthReply | CertAuthReply | None]:
+    """The keystore's answer as a PPK mix or as an AUTH answer (the other one None)."""
+    if isinstance(reply, PpkMixed):
+        return reply, None
+    return None, reply
+
+
+# -- responder ----------------------------------------------------------------------------------
 
 
 def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[Effect]:
@@ -104,57 +201,55 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
         return _fail(engine, sa, request, "no_matching_vpn", now, remote_id=str(idi))
     if not auth_methods.accepts(vpn, auth.method) or not auth_methods.same_kind(vpn):
         return _fail(engine, sa, request, "auth_method", now, method=int(auth.method), vpn=vpn.name)
-    effects, done = ppk.respond(engine, sa, request, vpn, idi, now)  # RFC 8784
+    task = IkeAuthResponder(request, vpn, idi)
+    effects, done = ppk.respond(engine, sa, task, now)  # RFC 8784
     if done:
         return effects
-    return effects + ask_keystore_auth(
-        engine, sa, request, vpn, idi, ppk.peer_auth_data(sa, request, auth)
-    )
+    return effects + ask_keystore_auth(engine, sa, task)
 
 
-def ask_keystore_auth(
-    engine: IkeEngine, sa: IkeSa, request: Message, vpn: VpnPolicy, idi: IdPayload, peer_auth: bytes
-) -> list[Effect]:
+def ask_keystore_auth(engine: IkeEngine, sa: IkeSa, task: IkeAuthResponder) -> list[Effect]:
     """Have the keystore verify the peer's AUTH and compute ours with the SA's SK_pi/SK_pr:
-    by PSK (`peer_auth` is what to check, the NO_PPK_AUTH data when RFC 8784 says so) or by
+    by PSK (the data checked is the NO_PPK_AUTH one when RFC 8784 says so) or by
     certificate (the AUTH payload; a NO_PPK_AUTH is not consulted on that path)."""
     assert sa.keys is not None
+    request, vpn, idi = task.request, task.vpn, task.idi
     auth = request.get(AuthPayload)
     assert auth is not None
+    peer_auth = ppk.peer_auth_data(sa, request, auth)
     local_id = auth_methods.identity_payload(vpn.local_id, PayloadType.IDr)
     verify = signed_octets(sa.init_request, sa.nonce_r, sa.keys.sk_pi, idi, sa)
     sign = signed_octets(sa.init_response, sa.nonce_i, sa.keys.sk_pr, local_id, sa)
-    request_id = engine.new_request_id()
-    engine.keystore_waits[request_id] = sa.local_spi
+    task.step, task.idr, task.remote_method = "auth", local_id, int(auth.method)
     sa.state = IkeSaState.AUTHENTICATING
-    sa.pending = {"request": request, "vpn": vpn, "idi": idi, "idr": local_id}
-    sa.pending["remote_method"] = int(auth.method)
+    sa.passive = task
     if vpn.remote_auth == auth_methods.PUBKEY:
-        params = auth_methods.cert_request(
+        call = auth_methods.cert_request(
             sa, vpn, "verify-and-sign", peer=request, peer_id=idi, peer_auth=auth,
             verify_octets=verify, sign_octets=sign,
         )  # fmt: skip
-        return [KeystoreRequest(request_id, auth_methods.CERT_AUTH, params)]
+        return [engine.ask_keystore(sa, task, call)]
     assert sa.algorithms is not None and sa.algorithms.prf is not None
-    params = {
-        "prf_id": sa.algorithms.prf[0],
-        "local_id": vpn.local_id,
-        "remote_id": str(idi),
-        "verify_octets": verify,
-        "verify_auth": peer_auth,
-        "sign_octets": sign,
-    }
-    return [KeystoreRequest(request_id, PSK_AUTH, params)]
+    psk = PskAuthRequest(
+        prf_id=sa.algorithms.prf[0],
+        local_id=vpn.local_id,
+        remote_id=str(idi),
+        verify_octets=verify,
+        verify_auth=peer_auth,
+        sign_octets=sign,
+    )
+    return [engine.ask_keystore(sa, task, psk)]
 
 
-def keystore_answered(
-    engine: IkeEngine, sa: IkeSa, reply: dict[str, Any] | None, error: str | None, now: float
+def _responder_answered(
+    engine: IkeEngine,
+    sa: IkeSa,
+    task: IkeAuthResponder,
+    reply: PskAuthReply | CertAuthReply | None,
+    error: str | None,
+    now: float,
 ) -> list[Effect]:
-    if sa.is_initiator:
-        return _initiator_keystore_answered(engine, sa, reply, error, now)
-    pending = sa.pending
-    sa.pending = {}
-    request: Message = pending["request"]
+    request = task.request
     if error is not None or reply is None:
         # nothing decided: the peer retransmits and we ask again
         sa.state = IkeSaState.HALF_OPEN
@@ -167,21 +262,20 @@ def keystore_answered(
                 {"unique_id": sa.unique_id, "error": error or "no reply"},
             )
         ]
-    vpn: VpnPolicy = pending["vpn"]
-    idi: IdPayload = pending["idi"]
-    if not reply.get("verified"):
+    vpn, idi = task.vpn, task.idi
+    if not reply.verified:
         return _fail(
             engine,
             sa,
             request,
-            str(reply.get("reason") or "auth_mismatch"),
+            reply.reason or "auth_mismatch",
             now,
             remote_id=str(idi),
             vpn=vpn.name,
         )
 
     sa.vpn = vpn
-    sa.local_id = pending["idr"]
+    sa.local_id = task.idr
     sa.remote_id = idi
     sa.state = IkeSaState.ESTABLISHED
     sa.established_at = now
@@ -191,13 +285,14 @@ def keystore_answered(
     lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")
 
+    assert task.idr is not None
     payloads: list[Payload] = [
-        pending["idr"],
+        task.idr,
         *auth_methods.our_auth(vpn, reply),
         *ppk.auth_response_notifies(sa),
     ]
     used = auth_methods.count_methods(
-        engine, sa, int(reply.get("method") or AuthMethod.SHARED_KEY_MIC), pending["remote_method"]
+        engine, sa, auth_methods.reply_method(reply), task.remote_method
     )
     effects: list[Effect] = []
     child = respond_child(engine, sa, vpn, request, now, first_child=True)
@@ -237,7 +332,7 @@ def _peer_label(sa: IkeSa) -> str:
 
 
 def initiator_sign(
-    engine: IkeEngine, sa: IkeSa, now: float, sk_pi: bytes | None = None
+    engine: IkeEngine, sa: IkeSa, task: IkeAuthInitiator, now: float, sk_pi: bytes | None = None
 ) -> list[Effect]:
     """Ask the keystore for our AUTH over InitiatorSignedOctets (RFC 7296 2.15); `sk_pi`
     other than the SA's is the one without PPK, for NO_PPK_AUTH (RFC 8784 3)."""
@@ -245,60 +340,55 @@ def initiator_sign(
     assert sa.algorithms.prf is not None
     idi = auth_methods.identity_payload(sa.vpn.local_id, PayloadType.IDi)
     sign = signed_octets(sa.init_request, sa.nonce_r, sk_pi or sa.keys.sk_pi, idi, sa)
-    request_id = engine.new_request_id()
-    engine.keystore_waits[request_id] = sa.local_spi
-    sa.pending = {"step": "sign", "idi": idi}
+    task.step, task.idi = "sign", idi
     if sa.vpn.local_auth == auth_methods.PUBKEY:
-        params = auth_methods.cert_request(sa, sa.vpn, "sign", sign_octets=sign)
-        return [KeystoreRequest(request_id, auth_methods.CERT_AUTH, params)]
-    params = {
-        "prf_id": sa.algorithms.prf[0],
-        "local_id": sa.vpn.local_id,
-        "remote_id": _peer_label(sa),
-        "verify_octets": b"",
-        "verify_auth": b"",
-        "sign_octets": sign,
-        "purpose": "sign",
-    }
-    return [KeystoreRequest(request_id, PSK_AUTH, params)]
+        call = auth_methods.cert_request(sa, sa.vpn, "sign", sign_octets=sign)
+        return [engine.ask_keystore(sa, task, call)]
+    psk = PskAuthRequest(
+        prf_id=sa.algorithms.prf[0],
+        local_id=sa.vpn.local_id,
+        remote_id=_peer_label(sa),
+        verify_octets=b"",
+        verify_auth=b"",
+        sign_octets=sign,
+        purpose="sign",
+    )
+    return [engine.ask_keystore(sa, task, psk)]
 
 
 def _initiator_send_auth(
-    engine: IkeEngine, sa: IkeSa, reply: dict[str, Any], now: float
+    engine: IkeEngine,
+    sa: IkeSa,
+    task: IkeAuthInitiator,
+    reply: PskAuthReply | CertAuthReply,
+    now: float,
 ) -> list[Effect]:
-    from ikefarm.shared.ikev2.exchanges.child_create import initiator_child_payloads
-
-    assert sa.vpn is not None
-    idi: IdPayload = sa.pending["idi"]
-    sa.local_id = idi
-    payloads: list[Payload] = [idi, *auth_methods.certificate_payloads(sa.vpn)]
+    assert sa.vpn is not None and task.idi is not None
+    sa.local_id = task.idi
+    payloads: list[Payload] = [task.idi, *auth_methods.certificate_payloads(sa.vpn)]
     payloads += auth_methods.certreq_payloads(engine.policy, [sa.vpn])
     if not engine.sas.has_established(sa.vpn):
         payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
     if sa.vpn.remote_id:
         payloads.append(auth_methods.identity_payload(sa.vpn.remote_id, PayloadType.IDr))
-    method = int(reply.get("method") or AuthMethod.SHARED_KEY_MIC)
-    auth = AuthPayload(method, ppk.our_auth(sa, reply["auth"]))
-    sa.pending["local_method"] = int(auth.method)
+    auth = AuthPayload(auth_methods.reply_method(reply), ppk.our_auth(task, reply.auth))
+    task.local_method = int(auth.method)
     payloads.append(auth)
-    payloads += ppk.auth_request_notifies(sa, engine)
-    context: dict[str, Any] = {}
+    payloads += ppk.auth_request_notifies(sa, task, engine)
     policy = sa.requested_child
     if policy is None and not sa.peer_childless and sa.vpn.security_policies:
         policy = sa.vpn.security_policies[0]  # the peer cannot do childless (RFC 6023)
     if policy is not None:
-        child_payloads, context = initiator_child_payloads(engine, sa, policy, first_child=True)
+        child_payloads, task.child = initiator_child_payloads(engine, sa, policy, first_child=True)
         payloads += child_payloads
     if sa.vpn.mobike:
         payloads.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
-    context["local_method"] = sa.pending.get("local_method")
-    sa.pending = {}
     sa.state = IkeSaState.AUTHENTICATING
-    return engine.send_request(sa, ExchangeType.IKE_AUTH, payloads, now, "ike_auth", context)
+    return engine.send_request(sa, ExchangeType.IKE_AUTH, payloads, now, task)
 
 
 def initiator_response(
-    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
+    engine: IkeEngine, sa: IkeSa, task: IkeAuthInitiator, response: Message, now: float
 ) -> list[Effect]:
     """The responder's IKE_AUTH answer: have the keystore verify its AUTH before trusting it."""
     sa.outstanding = None
@@ -318,25 +408,23 @@ def initiator_response(
     if ppk_failure is not None:
         return _initiator_failed(engine, sa, ppk_failure, now)
     verify = signed_octets(sa.init_response, sa.nonce_i, sa.keys.sk_pr, idr, sa)
-    request_id = engine.new_request_id()
-    engine.keystore_waits[request_id] = sa.local_spi
-    sa.pending = {"step": "verify", "response": response, "context": context, "idr": idr}
-    sa.pending["remote_method"] = int(auth.method)
+    task.step, task.response, task.idr = "verify", response, idr
+    task.remote_method = int(auth.method)
     if sa.vpn.remote_auth == auth_methods.PUBKEY:
-        params = auth_methods.cert_request(
+        call = auth_methods.cert_request(
             sa, sa.vpn, "verify", peer=response, peer_id=idr, peer_auth=auth, verify_octets=verify
         )
-        return [KeystoreRequest(request_id, auth_methods.CERT_AUTH, params)]
-    params = {
-        "prf_id": sa.algorithms.prf[0],
-        "local_id": sa.vpn.local_id,
-        "remote_id": str(idr),
-        "verify_octets": verify,
-        "verify_auth": auth.data,
-        "sign_octets": b"",
-        "purpose": "verify",
-    }
-    return [KeystoreRequest(request_id, PSK_AUTH, params)]
+        return [engine.ask_keystore(sa, task, call)]
+    psk = PskAuthRequest(
+        prf_id=sa.algorithms.prf[0],
+        local_id=sa.vpn.local_id,
+        remote_id=str(idr),
+        verify_octets=verify,
+        verify_auth=auth.data,
+        sign_octets=b"",
+        purpose="verify",
+    )
+    return [engine.ask_keystore(sa, task, psk)]
 
 
 def _initiator_failed(
@@ -349,52 +437,60 @@ def _initiator_failed(
             "ike",
             "authentication_failed",
             {"unique_id": sa.unique_id, "peer": str(sa.remote), "reason": reason, **fields},
-        )
+        ),
+        SaFailed(sa.unique_id, reason),
     ]
     return effects + engine.remove_sa(sa, f"authentication failed: {reason}", now, announce=False)
 
 
-def _initiator_keystore_answered(
-    engine: IkeEngine, sa: IkeSa, reply: dict[str, Any] | None, error: str | None, now: float
+def initiator_keystore_unavailable(
+    engine: IkeEngine, sa: IkeSa, error: str | None, now: float
 ) -> list[Effect]:
-    from ikefarm.shared.ikev2.exchanges.child_create import initiator_child_complete
+    """Our negotiation cannot go on without the keystore: it fails (the responder keeps a
+    half-open SA and lets the peer retransmit instead)."""
+    engine.count("keystore_unavailable")
+    return [
+        Log(
+            1,
+            "ike",
+            "keystore_unavailable",
+            {"unique_id": sa.unique_id, "error": error or "no reply"},
+        ),
+        SaFailed(sa.unique_id, KEYSTORE_UNAVAILABLE),
+        *engine.remove_sa(sa, KEYSTORE_UNAVAILABLE, now, announce=False),
+    ]
 
-    pending = sa.pending
+
+def _initiator_keystore_answered(
+    engine: IkeEngine,
+    sa: IkeSa,
+    task: IkeAuthInitiator,
+    reply: PskAuthReply | CertAuthReply | None,
+    error: str | None,
+    now: float,
+) -> list[Effect]:
     if error is not None or reply is None:
-        engine.count("keystore_unavailable")
-        return [
-            Log(
-                1,
-                "ike",
-                "keystore_unavailable",
-                {"unique_id": sa.unique_id, "error": error or "no reply"},
-            ),
-            *engine.remove_sa(sa, "keystore unavailable", now, announce=False),
-        ]
-    if pending.get("step") == "sign":
-        if not reply.get("auth"):
-            return _initiator_failed(engine, sa, str(reply.get("reason") or "no_secret"), now)
-        more = ppk.initiator_signed(engine, sa, reply["auth"], now)  # NO_PPK_AUTH to sign
+        return initiator_keystore_unavailable(engine, sa, error, now)
+    if task.step == "sign":
+        if not reply.auth:
+            return _initiator_failed(engine, sa, reply.reason or "no_secret", now)
+        more = ppk.initiator_signed(engine, sa, task, reply.auth, now)  # NO_PPK_AUTH to sign
         if more is not None:
             return more
-        return _initiator_send_auth(engine, sa, reply, now)
-    sa.pending = {}
-    if not reply.get("verified"):
-        return _initiator_failed(engine, sa, str(reply.get("reason") or "auth_mismatch"), now)
+        return _initiator_send_auth(engine, sa, task, reply, now)
+    if not reply.verified:
+        return _initiator_failed(engine, sa, reply.reason or "auth_mismatch", now)
     vpn = sa.vpn
-    assert vpn is not None and sa.algorithms is not None
-    response: Message = pending["response"]
-    sa.remote_id = pending["idr"]
+    assert vpn is not None and sa.algorithms is not None and task.response is not None
+    response = task.response
+    sa.remote_id = task.idr
     sa.state = IkeSaState.ESTABLISHED
     sa.established_at = now
     sa.expected_request_id = 0
     sa.peer_mobike = response.notify(NotifyType.MOBIKE_SUPPORTED) is not None
     lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")
-    context = pending["context"]
-    used = auth_methods.count_methods(
-        engine, sa, context.pop("local_method", None), pending["remote_method"]
-    )
+    used = auth_methods.count_methods(engine, sa, task.local_method, task.remote_method)
     detail = {
         "local": str(sa.local),
         "remote": str(sa.remote),
@@ -410,11 +506,8 @@ def _initiator_keystore_answered(
         SaEvent("ike-established", sa.unique_id, vpn.name, detail),
         Log(0, "ike", "ike_sa_established", {"vpn": vpn.name, "unique_id": sa.unique_id, **detail}),
     ]
-    if context:
+    if task.child is not None:
         effects += initiator_child_complete(
-            engine, sa, response, context, now, first_child=True
+            engine, sa, response, task.child, now, first_child=True
         ).effects
     return effects + engine.request_done(sa, now)
-
-
-RESPONSE_HANDLERS = {"ike_auth": initiator_response}

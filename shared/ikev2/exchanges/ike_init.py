@@ -9,8 +9,8 @@ retransmitted request gets the identical answer.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar
 
 from ikefarm.shared.dos.admission import INIT_PHASE
 from ikefarm.shared.ikev2.constants import (
@@ -21,15 +21,16 @@ from ikefarm.shared.ikev2.constants import (
     TransformType,
 )
 from ikefarm.shared.ikev2.crypto.cipher import Cipher
-from ikefarm.shared.ikev2.crypto.dh import DhExchange, InvalidKeyExchange, key_exchange_length
+from ikefarm.shared.ikev2.crypto.dh import InvalidKeyExchange, key_exchange_length
 from ikefarm.shared.ikev2.crypto.integrity import Integrity
 from ikefarm.shared.ikev2.crypto.keys import derive_ike_sa_keys
 from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.crypto.protection import SkProtection
-from ikefarm.shared.ikev2.effects import Effect, Endpoint, HalfOpen, Log, SendDatagram
+from ikefarm.shared.ikev2.effects import Effect, Endpoint, HalfOpen, Log, SaFailed, SendDatagram
 from ikefarm.shared.ikev2.errors import UnsupportedCriticalPayload
 from ikefarm.shared.ikev2.exchanges import auth_methods, ppk
 from ikefarm.shared.ikev2.exchanges.natd import detect_nat, natd_notifies
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message, ParsedMessage, encode_message, peek_header
 from ikefarm.shared.ikev2.payloads import KePayload, NoncePayload, NotifyPayload, Payload, SaPayload
 from ikefarm.shared.ikev2.policy import VpnPolicy
@@ -184,7 +185,7 @@ def respond(
     if len(ke.key_data) != key_exchange_length(algorithms.dh):
         return engine.drop("bad_ke_length")
 
-    dh = DhExchange.generate(algorithms.dh)
+    dh = engine.new_dh(algorithms.dh)
     try:
         shared_secret = dh.compute_shared(ke.key_data)
     except InvalidKeyExchange:
@@ -290,6 +291,15 @@ def _mode_logs(engine: IkeEngine, refused: str | None) -> list[Effect]:
 # -- initiator ----------------------------------------------------------------------------------
 
 
+@dataclass(repr=False)
+class IkeInitTask(Task):
+    """Our IKE_SA_INIT (active). Its state (DH, nonce, cookie) is the SA's own: the engine
+    hands the answer, unprotected, to `initiator_response` with the datagram it came in."""
+
+    name: ClassVar[str] = "ike_sa_init"
+    exchange: ClassVar[ExchangeType] = ExchangeType.IKE_SA_INIT
+
+
 def _proposals_payload(vpn: VpnPolicy) -> SaPayload:
     return SaPayload(
         [
@@ -299,7 +309,12 @@ def _proposals_payload(vpn: VpnPolicy) -> SaPayload:
     )
 
 
-def initiate(
+def initiate(engine: IkeEngine, vpn_name: str, child_name: str | None, now: float) -> list[Effect]:
+    """Start an IKE SA to the VPN's remote address (`start` without the SA)."""
+    return start(engine, vpn_name, child_name, now)[1]
+
+
+def start(
     engine: IkeEngine,
     vpn_name: str,
     child_name: str | None,
@@ -307,9 +322,10 @@ def initiate(
     *,
     remote_address: str | None = None,
     remote_id: str | None = None,
-) -> list[Effect]:
-    """Start an IKE SA; `remote_address`/`remote_id` stand in for a VPN's "any" (a restart
-    of an SA the peer initiated goes back to the address and identity it had)."""
+) -> tuple[IkeSa, list[Effect]]:
+    """Start an IKE SA and return it; `remote_address`/`remote_id` stand in for a VPN's
+    "any" (a restart of an SA the peer initiated goes back to the address and identity it
+    had). ValueError for a VPN that cannot initiate."""
     vpn = engine.policy.vpn(vpn_name)
     if vpn is None:
         raise ValueError(f"no enabled vpn named {vpn_name!r}")
@@ -340,7 +356,7 @@ def initiate(
         vpn=vpn,
         candidates=[vpn],
         nonce_i=engine.random(NONCE_SIZE),
-        dh=DhExchange.generate(group[0]),
+        dh=engine.new_dh(group[0]),
         requested_child=child,
     )
     if engine.policy.initiator_half_open_timeout is not None:
@@ -355,7 +371,7 @@ def initiate(
             {"vpn": vpn.name, "unique_id": sa.unique_id, "remote": str(sa.remote)},
         )
     ]
-    return effects + _send_init(engine, sa, now)
+    return sa, effects + _send_init(engine, sa, now)
 
 
 def _send_init(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
@@ -376,7 +392,7 @@ def _send_init(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     payloads += auth_methods.init_notifies([sa.vpn])
     sa.next_request_id = 0
     effects = engine.send_request(
-        sa, ExchangeType.IKE_SA_INIT, payloads, now, "ike_sa_init", protected=False
+        sa, ExchangeType.IKE_SA_INIT, payloads, now, IkeInitTask(), protected=False
     )
     sa.init_request = sa.outstanding.datagrams[0] if sa.outstanding else b""
     return effects
@@ -407,7 +423,7 @@ def initiator_response(
         if group not in acceptable or (sa.dh is not None and sa.dh.group == group):
             return _initiation_failed(engine, sa, "invalid_ke_payload", now, group=group)
         engine.count("invalid_ke_retries")
-        sa.dh = DhExchange.generate(group)
+        sa.dh = engine.new_dh(group)
         sa.outstanding = None
         return [
             Log(2, "ike", "retrying_with_group", {"unique_id": sa.unique_id, "group": group}),
@@ -479,6 +495,7 @@ def _initiation_failed(
             "ike",
             "ike_sa_initiation_failed",
             {"unique_id": sa.unique_id, "reason": reason, **fields},
-        )
+        ),
+        SaFailed(sa.unique_id, reason),
     ]
     return effects + engine.remove_sa(sa, reason, now)

@@ -10,7 +10,8 @@ other end deletes the old SA, and the children end up on the surviving one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, ProtocolId, TransformType
 from ikefarm.shared.ikev2.crypto.cipher import Cipher
@@ -22,6 +23,7 @@ from ikefarm.shared.ikev2.crypto.protection import SkProtection
 from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
 from ikefarm.shared.ikev2.exchanges import lifetimes
 from ikefarm.shared.ikev2.exchanges.child_create import NONCE_SIZE, notify_name
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import KePayload, NoncePayload, NotifyPayload, SaPayload
 from ikefarm.shared.ikev2.proposals import Selection, select_proposal
@@ -123,56 +125,70 @@ def _rekeyed_effects(old: IkeSa, new: IkeSa) -> list[Effect]:
 # -- initiator ----------------------------------------------------------------------------------
 
 
-def initiate_ike_rekey(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
-    if sa.state != IkeSaState.ESTABLISHED or sa.vpn is None:
-        raise ValueError(f"IKE SA #{sa.unique_id} is {sa.state}, not established")
-    sa.state = IkeSaState.REKEYING
+@dataclass(repr=False)
+class IkeRekeyTask(Task):
+    """Our rekey of the IKE SA (RFC 7296 1.3.2), active; `sa.rekey_task` while it is ours."""
 
-    def build(when: float, group: int | None = None) -> list[Effect]:
+    name: ClassVar[str] = "ike_rekey"
+    exchange: ClassVar[ExchangeType] = ExchangeType.CREATE_CHILD_SA
+
+    spi: bytes = b""  # the new SA's SPIi
+    dh: DhExchange | None = None
+    nonce_i: bytes = b""
+    retried: bool = False  # once after INVALID_KE_PAYLOAD
+    in_flight: bool = False  # the request is sent (a peer rekey crossing it collides, 2.8.2)
+    deleted_by_peer: bool = False  # the peer won a collision and deleted the old SA
+
+    def build(
+        self, engine: IkeEngine, sa: IkeSa, now: float, group: int | None = None
+    ) -> list[Effect]:
         if sa.state != IkeSaState.REKEYING or sa.local_spi not in engine.sas:
-            return engine.request_done(sa, when)  # replaced or deleted meanwhile
+            return engine.request_done(sa, now)  # replaced or deleted meanwhile
         assert sa.vpn is not None and sa.algorithms is not None
-        spi = engine.new_ike_spi()
+        self.spi = engine.new_ike_spi()
         chosen = group or sa.algorithms.dh
         if chosen is None:
             chosen = sa.vpn.ike_proposals[0].first(TransformType.DH)[0]  # type: ignore[index]
-        dh = DhExchange.generate(chosen)
-        nonce_i = engine.random(NONCE_SIZE)
+        self.dh = engine.new_dh(chosen)
+        self.nonce_i = engine.random(NONCE_SIZE)
+        self.retried = group is not None
         proposals = [
-            spec.to_proposal(n, ProtocolId.IKE, spi)
+            spec.to_proposal(n, ProtocolId.IKE, self.spi)
             for n, spec in enumerate(sa.vpn.ike_proposals, 1)
         ]
         payloads = [
             SaPayload(proposals),
-            NoncePayload(nonce_i),
-            KePayload(chosen, dh.public_bytes()),
+            NoncePayload(self.nonce_i),
+            KePayload(chosen, self.dh.public_bytes()),
         ]
-        context = {"spi": spi, "dh": dh, "nonce_i": nonce_i, "retried": group is not None}
-        sa.pending["ike_rekey_in_flight"] = True
+        self.in_flight = True
         engine.count("ike_rekeys_initiated")
-        return engine.send_request(
-            sa, ExchangeType.CREATE_CHILD_SA, payloads, when, "ike_rekey", context
-        )
+        return engine.send_request(sa, ExchangeType.CREATE_CHILD_SA, payloads, now, self)
 
-    sa.pending["ike_rekey_build"] = build
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        return ike_rekey_response(engine, sa, self, response, now)
+
+
+def initiate_ike_rekey(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+    if sa.state != IkeSaState.ESTABLISHED or sa.vpn is None:
+        raise ValueError(f"IKE SA #{sa.unique_id} is {sa.state}, not established")
+    sa.state = IkeSaState.REKEYING
+    task = IkeRekeyTask()
+    sa.rekey_task = task
     return [
         Log(1, "ike", "rekeying_ike_sa", {"unique_id": sa.unique_id}),
-        *engine.queue_request(sa, build, now),
+        *engine.queue_task(sa, task, now),
     ]
 
 
 def ike_rekey_response(
-    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
+    engine: IkeEngine, sa: IkeSa, task: IkeRekeyTask, response: Message, now: float
 ) -> list[Effect]:
-    sa.pending.pop("ike_rekey_in_flight", None)
-    build = sa.pending.pop("ike_rekey_build", None)
+    task.in_flight = False
+    ours_still = sa.rekey_task is task
+    sa.rekey_task = None
     invalid_ke = response.notify(NotifyType.INVALID_KE_PAYLOAD)
-    if (
-        invalid_ke is not None
-        and len(invalid_ke.data) == 2
-        and not context.get("retried")
-        and build
-    ):
+    if invalid_ke is not None and len(invalid_ke.data) == 2 and not task.retried and ours_still:
         group = int.from_bytes(invalid_ke.data, "big")
         assert sa.vpn is not None
         acceptable = {
@@ -181,8 +197,8 @@ def ike_rekey_response(
         if group in acceptable:
             engine.count("ike_rekey_invalid_ke_retries")
             sa.outstanding = None
-            sa.pending["ike_rekey_build"] = build
-            return build(now, group)
+            sa.rekey_task = task
+            return task.build(engine, sa, now, group)
     errors = [n for n in response.notifies() if n.is_error]
     if errors:
         theirs = sa.collision
@@ -195,7 +211,8 @@ def ike_rekey_response(
     sa_payload = response.get(SaPayload)
     nonce = response.get(NoncePayload)
     ke = response.get(KePayload)
-    dh: DhExchange = context["dh"]
+    dh = task.dh
+    assert dh is not None
     if sa_payload is None or nonce is None or ke is None or len(sa_payload.proposals) != 1:
         return _rekey_failed(engine, sa, "incomplete_response", now)
     assert sa.vpn is not None
@@ -219,9 +236,9 @@ def ike_rekey_response(
         selection,
         shared_secret,
         we_initiated=True,
-        spi_i=context["spi"],
+        spi_i=task.spi,
         spi_r=spi_r,
-        nonce_i=context["nonce_i"],
+        nonce_i=task.nonce_i,
         nonce_r=nonce.data,
         now=now,
     )
@@ -229,7 +246,7 @@ def ike_rekey_response(
     theirs = sa.collision
     to_delete: list[IkeSa] = []
     winner = ours
-    if sa.pending.get("deleted_by_peer"):
+    if task.deleted_by_peer:
         # the peer won and already retired the old SA: ours is redundant (2.8.2)
         engine.count("ike_rekey_collisions")
         sa.outstanding = None
@@ -279,12 +296,12 @@ def deleted_by_peer_while_rekeying(engine: IkeEngine, sa: IkeSa, now: float) -> 
     """
     theirs = sa.collision
     outstanding = sa.outstanding
-    if theirs is None or outstanding is None or outstanding.purpose != "ike_rekey":
+    if theirs is None or outstanding is None or not isinstance(outstanding.task, IkeRekeyTask):
         return False
     if theirs.local_spi not in engine.sas:
         return False
     _move_children(sa, theirs)
-    sa.pending["deleted_by_peer"] = True
+    outstanding.task.deleted_by_peer = True
     engine.count("ike_rekey_lost_collision")
     return True
 
@@ -317,7 +334,7 @@ def respond_ike_rekey(engine: IkeEngine, sa: IkeSa, request: Message, now: float
             request,
             [NotifyPayload(NotifyType.INVALID_KE_PAYLOAD, data=group.to_bytes(2, "big"))],
         )
-    dh = DhExchange.generate(group)
+    dh = engine.new_dh(group)
     try:
         shared_secret = dh.compute_shared(ke.key_data)
     except InvalidKeyExchange:
@@ -347,13 +364,11 @@ def respond_ike_rekey(engine: IkeEngine, sa: IkeSa, request: Message, now: float
         ],
     )
     engine.count("ike_rekeys_answered")
-    if sa.state == IkeSaState.REKEYING and sa.pending.get("ike_rekey_in_flight"):
+    ours = sa.rekey_task
+    if sa.state == IkeSaState.REKEYING and isinstance(ours, IkeRekeyTask) and ours.in_flight:
         sa.collision = new  # ours crossed it: decide when our answer comes (2.8.2)
         return effects
     if sa.state == IkeSaState.REKEYING:
-        sa.pending.pop("ike_rekey_build", None)  # ours was only queued: the peer's rekey wins
+        sa.rekey_task = None  # ours was only queued: the peer's rekey wins
     _move_children(sa, new)
     return effects + _rekeyed_effects(sa, new)
-
-
-RESPONSE_HANDLERS = {"ike_rekey": ike_rekey_response}

@@ -20,22 +20,19 @@ acted upon (the engine drops an unprotected message on an SA with keys).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, ProtocolId
 from ikefarm.shared.ikev2.effects import DeleteChildSa, Effect, Log, SaEvent
 from ikefarm.shared.ikev2.exchanges import ike_rekey
+from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import DeletePayload, Payload
 from ikefarm.shared.ikev2.sa import ChildSa, ChildSaState, IkeSa, IkeSaState
 
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
-
-AfterDelete = Callable[[float], list[Effect]]
-AFTER_DELETE = "after_delete"  # sa.pending key: callbacks run once the IKE SA is gone
-DELETE_QUEUED = "delete_queued"  # sa.pending key: our Delete of this IKE SA is queued or sent
 
 
 # -- strongSwan-style lines (the seed's `flush` output and the level-0 audit log) ---------------
@@ -191,29 +188,89 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
 # -- initiator ----------------------------------------------------------------------------------
 
 
-def initiator_response(
-    engine: IkeEngine, sa: IkeSa, response: Message, context: dict[str, Any], now: float
-) -> list[Effect]:
-    """The answer to our INFORMATIONAL: a liveness check passed or a delete is acknowledged."""
-    if not response.protected:
-        return engine.drop("unprotected_informational")
-    kind = context.get("kind", "liveness")
-    effects: list[Effect] = _note_notifies(engine, sa, response)
-    if kind == "delete_ike":
+@dataclass(repr=False)
+class LivenessTask(Task):
+    """An empty INFORMATIONAL request (RFC 7296 1.4): the peer must answer it (DPD)."""
+
+    name: ClassVar[str] = "dpd"
+    exchange: ClassVar[ExchangeType] = ExchangeType.INFORMATIONAL
+
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+        return engine.send_request(sa, ExchangeType.INFORMATIONAL, [], now, self)
+
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        if not response.protected:
+            return engine.drop("unprotected_informational")
+        effects = _note_notifies(engine, sa, response)
+        engine.count("liveness_confirmed")
+        return effects + engine.request_done(sa, now)
+
+
+@dataclass(repr=False)
+class ChildDeleteTask(Task):
+    """Our Delete of one child (RFC 7296 1.4.1); it is uninstalled when the peer confirms.
+    Queued on the SA that held the child; `resolved` once it follows the child to the SA
+    that replaced it by a rekey."""
+
+    name: ClassVar[str] = "informational"
+    exchange: ClassVar[ExchangeType] = ExchangeType.INFORMATIONAL
+
+    child: ChildSa
+    reason: str = "deleted"
+    resolved: bool = False
+
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+        if sa.local_spi not in engine.sas:
+            return []
+        child = self.child
+        if not self.resolved:
+            owner = _owner(sa, child)
+            if owner is None or child.state == ChildSaState.DELETED:
+                return engine.request_done(sa, now)
+            if owner is not sa:  # the IKE SA was rekeyed meanwhile: the new one carries it
+                moved = ChildDeleteTask(child, self.reason, resolved=True)
+                return engine.queue_task(owner, moved, now) + engine.request_done(sa, now)
+        if not any(c is child for c in sa.children) or child.state == ChildSaState.DELETED:
+            return engine.request_done(sa, now)
+        payloads: list[Payload] = [DeletePayload(ProtocolId.ESP, [child.spi_in])]
+        return engine.send_request(sa, ExchangeType.INFORMATIONAL, payloads, now, self)
+
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        if not response.protected:
+            return engine.drop("unprotected_informational")
+        effects = _note_notifies(engine, sa, response)
+        child = self.child
+        if any(c is child for c in sa.children) and child.state != ChildSaState.DELETED:
+            engine.count("child_sa_deleted_by_us")
+            effects += _uninstall(sa, child, self.reason)
+        sa.children = [c for c in sa.children if c.state != ChildSaState.DELETED]
+        return effects + engine.request_done(sa, now)
+
+
+@dataclass(repr=False)
+class IkeDeleteTask(Task):
+    """Our Delete of the IKE SA and so its children (RFC 7296 1.4.1)."""
+
+    name: ClassVar[str] = "informational"
+    exchange: ClassVar[ExchangeType] = ExchangeType.INFORMATIONAL
+
+    reason: str = "deleted"
+
+    def build(self, engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
+        if sa.local_spi not in engine.sas:
+            return []
+        sa.state = IkeSaState.DELETING
+        payloads: list[Payload] = [DeletePayload(ProtocolId.IKE, [])]
+        return engine.send_request(sa, ExchangeType.INFORMATIONAL, payloads, now, self)
+
+    def process(self, engine: IkeEngine, sa: IkeSa, response: Message, now: float) -> list[Effect]:
+        if not response.protected:
+            return engine.drop("unprotected_informational")
+        effects = _note_notifies(engine, sa, response)
         engine.count("ike_sa_deleted_by_us")
         sa.outstanding = None
-        effects += engine.remove_sa(sa, str(context.get("reason", "deleted")), now)
+        effects += engine.remove_sa(sa, self.reason, now)
         return effects + run_after_delete(engine, sa, now)
-    if kind == "delete_child":
-        for unique_id in context.get("children", []):
-            child = next((c for c in sa.children if c.unique_id == unique_id), None)
-            if child is not None and child.state != ChildSaState.DELETED:
-                engine.count("child_sa_deleted_by_us")
-                effects += _uninstall(sa, child, str(context.get("reason", "deleted")))
-        sa.children = [c for c in sa.children if c.state != ChildSaState.DELETED]
-    else:
-        engine.count("liveness_confirmed")
-    return effects + engine.request_done(sa, now)
 
 
 def initiate_child_delete(
@@ -231,48 +288,21 @@ def initiate_child_delete(
             {"vpn": child.policy.vpn, **child_detail(child), "line": closing_child_line(child)},
         )
     ]
-
-    def build(when: float) -> list[Effect]:
-        if sa.local_spi not in engine.sas:
-            return []
-        owner = _owner(sa, child)
-        if owner is None or child.state == ChildSaState.DELETED:
-            return engine.request_done(sa, when)
-        if owner is not sa:  # the IKE SA was rekeyed meanwhile: the new one carries it
-            send = _child_delete_build(engine, owner, child, reason)
-            return engine.queue_request(owner, send, when) + engine.request_done(sa, when)
-        return _child_delete_build(engine, sa, child, reason)(when)
-
-    return effects + engine.queue_request(sa, build, now)
-
-
-def _child_delete_build(
-    engine: IkeEngine, sa: IkeSa, child: ChildSa, reason: str
-) -> Callable[[float], list[Effect]]:
-    def send(when: float) -> list[Effect]:
-        if sa.local_spi not in engine.sas:
-            return []
-        if not any(c is child for c in sa.children) or child.state == ChildSaState.DELETED:
-            return engine.request_done(sa, when)
-        payloads: list[Payload] = [DeletePayload(ProtocolId.ESP, [child.spi_in])]
-        context = {"kind": "delete_child", "children": [child.unique_id], "reason": reason}
-        exchange = ExchangeType.INFORMATIONAL
-        return engine.send_request(sa, exchange, payloads, when, "informational", context)
-
-    return send
+    return effects + engine.queue_task(sa, ChildDeleteTask(child, reason), now)
 
 
 def initiate_ike_delete(
-    engine: IkeEngine, sa: IkeSa, now: float, reason: str, then: AfterDelete | None = None
+    engine: IkeEngine, sa: IkeSa, now: float, reason: str, then: Task | None = None
 ) -> list[Effect]:
-    """Delete the IKE SA (and so its children) with the peer; `then` runs once it is gone."""
+    """Delete the IKE SA (and so its children) with the peer; `then` starts once it is gone
+    (with the gone SA as its argument)."""
     if then is not None:
-        sa.pending.setdefault(AFTER_DELETE, []).append(then)
+        sa.after_delete.append(then)
     if sa.local_spi not in engine.sas:
         return run_after_delete(engine, sa, now)
-    if sa.pending.get(DELETE_QUEUED):
+    if sa.delete_reason is not None:
         return []
-    sa.pending[DELETE_QUEUED] = reason
+    sa.delete_reason = reason
     effects: list[Effect] = []
     if successor_of(sa) is None:
         effects.append(
@@ -291,30 +321,18 @@ def initiate_ike_delete(
     if sa.established_at is None:
         # nothing to tell a peer that never authenticated: just forget it
         return effects + engine.remove_sa(sa, reason, now) + run_after_delete(engine, sa, now)
-
-    def build(when: float) -> list[Effect]:
-        if sa.local_spi not in engine.sas:
-            return []
-        sa.state = IkeSaState.DELETING
-        context = {"kind": "delete_ike", "reason": reason}
-        payloads: list[Payload] = [DeletePayload(ProtocolId.IKE, [])]
-        exchange = ExchangeType.INFORMATIONAL
-        return engine.send_request(sa, exchange, payloads, when, "informational", context)
-
-    return effects + engine.queue_request(sa, build, now)
+    return effects + engine.queue_task(sa, IkeDeleteTask(reason), now)
 
 
 def run_after_delete(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
-    """The IKE SA is gone: run what was waiting for that (a break-before-make reauth)."""
+    """The IKE SA is gone: start what was waiting for that (a break-before-make reauth)."""
     effects: list[Effect] = []
-    for callback in sa.pending.pop(AFTER_DELETE, []):
-        effects += callback(now)
+    waiting, sa.after_delete = sa.after_delete, []
+    for task in waiting:
+        effects += task.build(engine, sa, now)
     return effects
 
 
-def send_liveness(engine: IkeEngine, sa: IkeSa, now: float, purpose: str = "dpd") -> list[Effect]:
+def send_liveness(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     """An empty INFORMATIONAL request (RFC 7296 1.4): the peer must answer it."""
-    return engine.send_request(sa, ExchangeType.INFORMATIONAL, [], now, purpose, {"kind": purpose})
-
-
-RESPONSE_HANDLERS = {"informational": initiator_response, "dpd": initiator_response}
+    return LivenessTask().build(engine, sa, now)

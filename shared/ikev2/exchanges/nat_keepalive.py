@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
 
 INTERVAL = 20.0
-NEXT_AT = "nat_keepalive_at"  # sa.pending key: when the next keepalive is due
 
 
 def deadline(sa: IkeSa) -> float | None:
@@ -26,15 +25,15 @@ def deadline(sa: IkeSa) -> float | None:
         return None
     if sa.state not in (IkeSaState.ESTABLISHED, IkeSaState.REKEYING):
         return None
-    due = sa.pending.get(NEXT_AT)
-    return float(due) if due is not None else sa.established_at + INTERVAL
+    due = sa.nat_keepalive_at
+    return due if due is not None else sa.established_at + INTERVAL
 
 
 def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     due = deadline(sa)
     if due is None or now < due:
         return []
-    sa.pending[NEXT_AT] = now + INTERVAL
+    sa.nat_keepalive_at = now + INTERVAL
     if sa.local.port != engine.policy.natt_port:
         return []  # still on the IKE port: no NAT-T socket to send from (RFC 3948 2.3)
     engine.count("nat_keepalives_sent")

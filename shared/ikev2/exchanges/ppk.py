@@ -29,16 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 from ikefarm.shared.ikev2.constants import NotifyType
 from ikefarm.shared.ikev2.crypto.keys import IkeSaKeys
-from ikefarm.shared.ikev2.effects import Effect, KeystoreRequest, Log
+from ikefarm.shared.ikev2.effects import PPK_MIX, Effect, Log, PpkMix, PpkMixed
 from ikefarm.shared.ikev2.message import Message
-from ikefarm.shared.ikev2.payloads import AuthPayload, IdPayload, NotifyPayload, Payload
+from ikefarm.shared.ikev2.payloads import AuthPayload, NotifyPayload, Payload
 from ikefarm.shared.ikev2.policy import VpnPolicy
 from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState
 
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
+    from ikefarm.shared.ikev2.exchanges.ike_auth import IkeAuthInitiator, IkeAuthResponder
 
-PPK_MIX = "ppk-mix"
+__all__ = ["PPK_MIX"]
 # PPK_ID types (RFC 8784 3): the octets after the type are the identity either way
 PPK_ID_OPAQUE = 1
 PPK_ID_FIXED = 2
@@ -59,13 +60,12 @@ def _log(sa: IkeSa, event: str, level: int = 1, **fields: Any) -> Log:
     return Log(level, "ike", event, {"unique_id": sa.unique_id, **fields})
 
 
-def _mix_request(engine: IkeEngine, sa: IkeSa, ppk_id: bytes, pending: dict[str, Any]) -> Effect:
+def _mix_request(
+    engine: IkeEngine, sa: IkeSa, task: IkeAuthInitiator | IkeAuthResponder, ppk_id: bytes
+) -> Effect:
     assert sa.keys is not None and sa.algorithms is not None and sa.algorithms.prf is not None
-    request_id = engine.new_request_id()
-    engine.keystore_waits[request_id] = sa.local_spi
-    sa.pending = {"step": PPK_MIX, "ppk_id": ppk_id, **pending}
-    params = {"prf_id": sa.algorithms.prf[0], "ppk_id": ppk_id, "keys": sa.keys}
-    return KeystoreRequest(request_id, PPK_MIX, params)
+    task.step = "ppk-mix"
+    return engine.ask_keystore(sa, task, PpkMix(sa.algorithms.prf[0], ppk_id, sa.keys))
 
 
 def _apply_mixed(sa: IkeSa, mixed: IkeSaKeys) -> None:
@@ -102,24 +102,26 @@ def acceptable_ppk_ids(engine: IkeEngine, vpn: VpnPolicy) -> set[bytes]:
 
 
 def respond(
-    engine: IkeEngine, sa: IkeSa, request: Message, vpn: VpnPolicy, idi: IdPayload, now: float
+    engine: IkeEngine, sa: IkeSa, task: IkeAuthResponder, now: float
 ) -> tuple[list[Effect], bool]:
     """Decide on the PPK before AUTH is checked: (effects, done). Done: the keystore was asked
     to mix, or the SA failed; not done: go on without PPK, after these log lines."""
-    identity = request.notify(NotifyType.PPK_IDENTITY)
+    identity = task.request.notify(NotifyType.PPK_IDENTITY)
     ppk_id = decode_ppk_identity(identity.data) if identity is not None else None
-    if ppk_id is not None and ppk_id in acceptable_ppk_ids(engine, vpn):
+    if ppk_id is not None and ppk_id in acceptable_ppk_ids(engine, task.vpn):
         sa.state = IkeSaState.AUTHENTICATING
-        pending = {"request": request, "vpn": vpn, "idi": idi}
-        return [_mix_request(engine, sa, ppk_id, pending)], True
-    return _without_ppk(engine, sa, request, vpn, "unknown_ppk_id" if identity else "no_ppk", now)
+        sa.passive = task
+        task.ppk_id = ppk_id
+        return [_mix_request(engine, sa, task, ppk_id)], True
+    return _without_ppk(engine, sa, task, "unknown_ppk_id" if identity else "no_ppk", now)
 
 
 def _without_ppk(
-    engine: IkeEngine, sa: IkeSa, request: Message, vpn: VpnPolicy, why: str, now: float
+    engine: IkeEngine, sa: IkeSa, task: IkeAuthResponder, why: str, now: float
 ) -> tuple[list[Effect], bool]:
     from ikefarm.shared.ikev2.exchanges.ike_auth import _fail
 
+    request, vpn = task.request, task.vpn
     if vpn.require_ppk:
         return _fail(engine, sa, request, "ppk_required", now, vpn=vpn.name, ppk=why), True
     identity = request.notify(NotifyType.PPK_IDENTITY)
@@ -156,8 +158,9 @@ def initiator_start(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
 
     vpn = sa.vpn
     assert vpn is not None
+    task = ike_auth.IkeAuthInitiator()
     if vpn.ppk is not None and sa.peer_use_ppk and vpn.ppk in engine.policy.ppks:
-        return [_mix_request(engine, sa, engine.policy.ppks[vpn.ppk], {})]
+        return [_mix_request(engine, sa, task, engine.policy.ppks[vpn.ppk])]
     if vpn.require_ppk:
         reason = "peer_without_ppk" if vpn.ppk is not None else "no_ppk_configured"
         return ike_auth._initiator_failed(engine, sa, f"ppk_required.{reason}", now)
@@ -165,10 +168,12 @@ def initiator_start(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
     if vpn.ppk is not None:
         engine.count("ppk_not_used.peer_without_ppk")
         effects.append(_log(sa, "ppk_not_used", reason="peer_without_ppk", vpn=vpn.name))
-    return effects + ike_auth.initiator_sign(engine, sa, now)
+    return effects + ike_auth.initiator_sign(engine, sa, task, now)
 
 
-def initiator_signed(engine: IkeEngine, sa: IkeSa, auth: bytes, now: float) -> list[Effect] | None:
+def initiator_signed(
+    engine: IkeEngine, sa: IkeSa, task: IkeAuthInitiator, auth: bytes, now: float
+) -> list[Effect] | None:
     """Our AUTH (with SK_pi') is signed; unless the PPK is required sign once more with the
     original SK_pi for NO_PPK_AUTH. None: nothing more to sign."""
     from ikefarm.shared.ikev2.exchanges import ike_auth
@@ -176,15 +181,15 @@ def initiator_signed(engine: IkeEngine, sa: IkeSa, auth: bytes, now: float) -> l
     assert sa.vpn is not None
     if sa.no_ppk_keys is None or sa.vpn.require_ppk:
         return None
-    if "ppk_auth" in sa.pending:
-        sa.pending["no_ppk_auth"] = auth
+    if task.ppk_auth is not None:
+        task.no_ppk_auth = auth
         return None
-    effects = ike_auth.initiator_sign(engine, sa, now, sk_pi=sa.no_ppk_keys.sk_pi)
-    sa.pending["ppk_auth"] = auth
+    effects = ike_auth.initiator_sign(engine, sa, task, now, sk_pi=sa.no_ppk_keys.sk_pi)
+    task.ppk_auth = auth
     return effects
 
 
-def auth_request_notifies(sa: IkeSa, engine: IkeEngine) -> list[Payload]:
+def auth_request_notifies(sa: IkeSa, task: IkeAuthInitiator, engine: IkeEngine) -> list[Payload]:
     """PPK_IDENTITY (and NO_PPK_AUTH when it was signed) for our IKE_AUTH request."""
     if sa.no_ppk_keys is None or sa.vpn is None or sa.vpn.ppk is None:
         return []
@@ -193,14 +198,14 @@ def auth_request_notifies(sa: IkeSa, engine: IkeEngine) -> list[Payload]:
             NotifyType.PPK_IDENTITY, data=encode_ppk_identity(engine.policy.ppks[sa.vpn.ppk])
         )
     ]
-    if "no_ppk_auth" in sa.pending:
-        payloads.append(NotifyPayload(NotifyType.NO_PPK_AUTH, data=sa.pending["no_ppk_auth"]))
+    if task.no_ppk_auth is not None:
+        payloads.append(NotifyPayload(NotifyType.NO_PPK_AUTH, data=task.no_ppk_auth))
     return payloads
 
 
-def our_auth(sa: IkeSa, signed: bytes) -> bytes:
+def our_auth(task: IkeAuthInitiator, signed: bytes) -> bytes:
     """The AUTH payload data: the one signed with SK_pi' when a NO_PPK_AUTH was signed after."""
-    return sa.pending.get("ppk_auth", signed)
+    return task.ppk_auth if task.ppk_auth is not None else signed
 
 
 def initiator_settle(engine: IkeEngine, sa: IkeSa, response: Message) -> str | None:
@@ -223,49 +228,61 @@ def initiator_settle(engine: IkeEngine, sa: IkeSa, response: Message) -> str | N
 # -- keystore answers -----------------------------------------------------------------------
 
 
-def keystore_answered(
-    engine: IkeEngine, sa: IkeSa, reply: dict[str, Any] | None, error: str | None, now: float
+def _mixed_keys(reply: PpkMixed | None) -> IkeSaKeys | None:
+    if reply is None or not reply.found or not isinstance(reply.keys, IkeSaKeys):
+        return None
+    return reply.keys
+
+
+def initiator_mixed(
+    engine: IkeEngine,
+    sa: IkeSa,
+    task: IkeAuthInitiator,
+    reply: PpkMixed | None,
+    error: str | None,
+    now: float,
 ) -> list[Effect]:
     from ikefarm.shared.ikev2.exchanges import ike_auth
 
-    pending = sa.pending
+    if error is not None or reply is None:
+        return ike_auth.initiator_keystore_unavailable(engine, sa, error, now)
+    mixed = _mixed_keys(reply)
+    if mixed is not None:
+        sa.no_ppk_keys = sa.keys
+        _apply_mixed(sa, mixed)
+        return ike_auth.initiator_sign(engine, sa, task, now)
+    assert sa.vpn is not None
+    if sa.vpn.require_ppk:
+        return ike_auth._initiator_failed(engine, sa, "ppk_required.no_ppk_in_keystore", now)
+    engine.count("ppk_not_used.no_ppk_in_keystore")
+    return [
+        _log(sa, "ppk_not_used", reason="no_ppk_in_keystore"),
+        *ike_auth.initiator_sign(engine, sa, task, now),
+    ]
+
+
+def responder_mixed(
+    engine: IkeEngine,
+    sa: IkeSa,
+    task: IkeAuthResponder,
+    reply: PpkMixed | None,
+    error: str | None,
+    now: float,
+) -> list[Effect]:
+    from ikefarm.shared.ikev2.exchanges import ike_auth
+
     if error is not None or reply is None:
         engine.count("keystore_unavailable")
-        logged: list[Effect] = [_log(sa, "keystore_unavailable", error=error or "no reply")]
-        if sa.is_initiator:
-            return logged + engine.remove_sa(sa, "keystore unavailable", now, announce=False)
-        sa.pending, sa.state = {}, IkeSaState.HALF_OPEN  # the peer retransmits, we ask again
-        return logged
-    found = bool(reply.get("found")) and isinstance(reply.get("keys"), IkeSaKeys)
-    if sa.is_initiator:
-        if found:
-            sa.no_ppk_keys = sa.keys
-            _apply_mixed(sa, reply["keys"])
-            return ike_auth.initiator_sign(engine, sa, now)
-        sa.pending = {}
-        assert sa.vpn is not None
-        if sa.vpn.require_ppk:
-            return ike_auth._initiator_failed(engine, sa, "ppk_required.no_ppk_in_keystore", now)
-        engine.count("ppk_not_used.no_ppk_in_keystore")
-        return [
-            _log(sa, "ppk_not_used", reason="no_ppk_in_keystore"),
-            *ike_auth.initiator_sign(engine, sa, now),
-        ]
-    request: Message = pending["request"]
-    vpn: VpnPolicy = pending["vpn"]
-    idi: IdPayload = pending["idi"]
-    sa.pending = {}
-    auth = request.get(AuthPayload)
-    assert auth is not None
+        sa.state = IkeSaState.HALF_OPEN  # the peer retransmits, we ask again
+        return [_log(sa, "keystore_unavailable", error=error or "no reply")]
     effects: list[Effect] = []
-    if found:
-        _apply_mixed(sa, reply["keys"])
-        effects.append(_log(sa, "ppk_used", level=2, ppk_id=pending["ppk_id"].hex()))
+    mixed = _mixed_keys(reply)
+    if mixed is not None:
+        _apply_mixed(sa, mixed)
+        effects.append(_log(sa, "ppk_used", level=2, ppk_id=task.ppk_id.hex()))
     else:
         sa.state = IkeSaState.HALF_OPEN
-        effects, done = _without_ppk(engine, sa, request, vpn, "no_ppk_in_keystore", now)
+        effects, done = _without_ppk(engine, sa, task, "no_ppk_in_keystore", now)
         if done:
             return effects
-    return effects + ike_auth.ask_keystore_auth(
-        engine, sa, request, vpn, idi, peer_auth_data(sa, request, auth)
-    )
+    return effects + ike_auth.ask_keystore_auth(engine, sa, task)

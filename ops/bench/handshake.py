@@ -171,6 +171,10 @@ class Responder:
     start_fn: Callable[[], None]
     stop_fn: Callable[[], None]
     names_fn: Callable[[], dict[int, str]]
+    holder: dict[str, Any]  # the running Gateway ("gw") or StrongSwan ("charon")
+
+    def gateway(self) -> Gateway:
+        return self.holder["gw"]
 
     def restart(self) -> None:
         self.stop_fn()
@@ -193,7 +197,7 @@ class Responder:
 
 
 def ikefarm_responder(ns: Namespace, workdir: Path, workers: int) -> Responder:
-    holder: dict[str, Gateway] = {}
+    holder: dict[str, Any] = {}
 
     def start() -> None:
         gateway = Gateway(ns, workdir, farm_toml(workdir, workers=workers))
@@ -213,11 +217,11 @@ def ikefarm_responder(ns: Namespace, workdir: Path, workers: int) -> Responder:
         pids = gateway.service_pids() if gateway else {}
         return {pid: name.rstrip("0123456789-") or name for name, pid in pids.items()}
 
-    return Responder("ikefarm", IKEFARM, ns, start, stop, names)
+    return Responder("ikefarm", IKEFARM, ns, start, stop, names, holder)
 
 
 def strongswan_responder(ns: Namespace, workdir: Path) -> Responder:
-    holder: dict[str, StrongSwan] = {}
+    holder: dict[str, Any] = {}
     connection = Connection(
         name="rw",
         local_addrs=STRONGSWAN,
@@ -258,7 +262,7 @@ def strongswan_responder(ns: Namespace, workdir: Path) -> Responder:
             holder.pop("charon").stop()
             wait_for(lambda: not namespace_pids(ns.name), timeout=15, what="charon gone")
 
-    return Responder("strongSwan", STRONGSWAN, ns, start, stop, dict)
+    return Responder("strongSwan", STRONGSWAN, ns, start, stop, dict, holder)
 
 
 # -- generators -----------------------------------------------------------------------------

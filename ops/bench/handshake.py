@@ -368,6 +368,7 @@ def phase(
     keep: bool = False,
 ) -> tuple[dict[str, Any], Generators | None]:
     """One load against one responder: the generators' stats and the responder's CPU/RSS."""
+    profilers = start_profilers(responder, f"{mode}-{int(rate)}", duration)
     generators = Generators.start(
         gen_ns,
         addresses,
@@ -392,6 +393,8 @@ def phase(
         raise
     if not keep:
         generators.stop()
+    for profiler in profilers:
+        profiler.wait(timeout=60)
     by_process = {k: round(cpu1.get(k, 0.0) - cpu0.get(k, 0.0), 3) for k in cpu1}
     cpu = sum(by_process.values())
     answered = stats.answered
@@ -422,6 +425,29 @@ def phase(
         "errors": stats.errors,
     }
     return result, generators if keep else None
+
+
+PROFILE: dict[str, Any] = {"dir": None}  # --profile: where py-spy writes, if anywhere
+
+
+def start_profilers(
+    responder: Responder, tag: str, seconds: float
+) -> list[subprocess.Popen[bytes]]:
+    """py-spy on ikefarm's ike worker(s) and ingress for the phase (collapsed stacks)."""
+    folder = PROFILE["dir"]
+    if folder is None or responder.name != "ikefarm":
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).parent / "py-spy")
+    procs = []
+    for pid, label in responder.names_fn().items():
+        if label not in ("ike", "ingress"):
+            continue
+        out = folder / f"{label}-{pid}-{tag}.txt"
+        argv = [spy, "record", "-p", str(pid), "-o", str(out), "--format", "raw"]
+        argv += ["-d", str(int(seconds) + 2), "-r", "250", "--nonblocking"]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -670,10 +696,12 @@ def main(argv: list[str] | None = None) -> int:
         "--phases", nargs="+", default=["init", "flat", "full"], choices=["init", "flat", "full"]
     )
     parser.add_argument("--results", type=Path, help="append a Markdown section to this file")
+    parser.add_argument("--profile", type=Path, help="py-spy ikefarm's services into this dir")
     parser.add_argument("--note", default="", help="a sentence for the Markdown section")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("run as root: the benchmark makes network namespaces")
+    PROFILE["dir"] = args.profile
     with tempfile.TemporaryDirectory(prefix="ikefarm-bench-") as tmp:
         result = run(args, Path(tmp))
     print(json.dumps(result, indent=2))

@@ -56,7 +56,7 @@ from ikefarm.services.ike.ppk_client import PpkClient
 from ikefarm.shared.bus.runtime import ServiceBase
 from ikefarm.shared.dos.admission import WorkerAdmission, local_load
 from ikefarm.shared.dos.limits import dos_limits
-from ikefarm.shared.dos.load import FarmLoad, top_peers
+from ikefarm.shared.dos.load import FarmLoad, PeerReports
 from ikefarm.shared.ikev2 import management
 from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
@@ -107,6 +107,13 @@ class IkeService(ServiceBase):
         self.engine = IkeEngine(
             engine_policy(self.config.without_secrets()), self.shard, dos=self.admission
         )
+        # load reports carry the peers whose half-open count changed, not every peer
+        limits = self.admission.limits
+        self.peer_reports = PeerReports(
+            LOAD_INTERVAL, limits.block_threshold is not None or limits.discard_duplicate
+        )
+        self._peer_changes: set[str] = set()
+        self.engine.sas.peer_changes = self._peer_changes
         # IKE_SA_INIT answered (or refused) per ingress instance, reported in IkeLoad
         self.inits_answered: dict[str, int] = {}
         # snapshots are ordered by seq; a restarted worker starts above its last life's
@@ -203,6 +210,7 @@ class IkeService(ServiceBase):
     def load_snapshot(self) -> IkeLoad:
         mine = local_load(self.engine)
         self._load_seq += 1
+        peers, full = self.peer_reports.report(mine.peers, self._peer_changes, time.monotonic())
         return IkeLoad(
             instance=self.runtime.instance,
             shard=self.shard,
@@ -210,8 +218,9 @@ class IkeService(ServiceBase):
             half_open=mine.half_open,
             established=mine.established,
             interval=LOAD_INTERVAL,
-            half_open_peers=top_peers(mine.peers),
+            half_open_peers=peers,
             inits=dict(self.inits_answered),
+            peers_full=full,
         )
 
     async def report_load(self) -> None:

@@ -123,6 +123,9 @@ class IkeService(ServiceBase):
         self.half_open_peak = 0  # the most half-open SAs this worker ever held at once
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
+        # when the timer loop wakes by itself; apply() wakes it earlier only for an earlier
+        # deadline (not for every datagram: two loop turns and a timer pass each)
+        self._timer_at = -math.inf
         self._stopping = False
         self.watches = management.Watches()
         self.ppk_client = PpkClient(self.runtime, KEYSTORE_TIMEOUT)
@@ -333,24 +336,23 @@ class IkeService(ServiceBase):
     async def run_timers(self) -> None:
         while not self._stopping:
             deadline = self.engine.next_deadline()
-            delay = (
-                TIMER_IDLE
-                if deadline is None
-                else max(0.0, min(TIMER_IDLE, deadline - time.monotonic()))
-            )
+            now = time.monotonic()
+            delay = TIMER_IDLE if deadline is None else max(0.0, min(TIMER_IDLE, deadline - now))
+            self._timer_at = now + delay
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
             # that stops this loop when the wake-up event fires at the same moment
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
             self._wake.clear()
+            self._timer_at = -math.inf  # the tick's own effects: the next turn looks again
             try:
                 await self.apply(self.engine.on_timer(time.monotonic()))
             except Exception as exc:  # a timer failure must not stop the timers
                 self.runtime.counters["timer_failed"] += 1
                 self.log.control("timer_failed", error=type(exc).__name__)
-            # apply() wakes this loop for everyone else's effects; its own are accounted
-            # for when the next deadline is computed above (else this loop would spin)
+            # apply() wakes this loop when others' effects bring a deadline before its own;
+            # the tick's own are accounted for when the next deadline is computed above
             self._wake.clear()
             await asyncio.sleep(0)
 
@@ -371,7 +373,9 @@ class IkeService(ServiceBase):
             if isinstance(effect, InstallChildSa):
                 continue
             await self.apply_one(effect)
-        self._wake.set()
+        deadline = self.engine.next_deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._wake.set()
 
     async def apply_one(self, effect: Effect) -> None:
         runtime = self.runtime

@@ -144,6 +144,13 @@ def proc_rss(pid: int) -> int:
         return 0
 
 
+def udp_drops(ns: Namespace) -> int:
+    """Datagrams the namespace's UDP sockets dropped for a full receive buffer (RcvbufErrors)."""
+    text = ns.run(["cat", "/proc/net/snmp"]).stdout
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("Udp:")]
+    return int(dict(zip(rows[0], rows[1], strict=True))["RcvbufErrors"]) if len(rows) >= 2 else 0
+
+
 def proc_label(pid: int, names: dict[int, str]) -> str:
     if pid in names:
         return names[pid]
@@ -192,8 +199,14 @@ class Responder:
             out[label] = out.get(label, 0.0) + proc_cpu(pid)
         return out
 
-    def rss(self) -> int:
-        return sum(proc_rss(pid) for pid in self.pids())
+    def rss(self) -> dict[str, int]:
+        """Resident bytes by process label."""
+        names = self.names_fn()
+        out: dict[str, int] = {}
+        for pid in self.pids():
+            label = proc_label(pid, names)
+            out[label] = out.get(label, 0) + proc_rss(pid)
+        return out
 
 
 def ikefarm_responder(ns: Namespace, workdir: Path, workers: int) -> Responder:
@@ -381,6 +394,7 @@ def phase(
     )
     try:
         rss0 = responder.rss()
+        drops0 = udp_drops(responder.ns)
         cpu0 = responder.cpu()
         wall0 = time.monotonic()
         generators.go()
@@ -388,6 +402,7 @@ def phase(
         wall = time.monotonic() - wall0
         cpu1 = responder.cpu()
         rss1 = responder.rss()
+        drops = udp_drops(responder.ns) - drops0
     except BaseException:
         generators.stop()
         raise
@@ -417,8 +432,10 @@ def phase(
         "responder_cpu_s": round(cpu, 3),
         "responder_cpu_by_process": by_process,
         "cpu_us_per_answer": round(1e6 * cpu / answered, 1) if answered else None,
-        "rss_growth_bytes": rss1 - rss0,
-        "rss_bytes": rss1,
+        "responder_udp_rcvbuf_drops": drops,
+        "rss_growth_bytes": sum(rss1.values()) - sum(rss0.values()),
+        "rss_growth_by_process": {k: v - rss0.get(k, 0) for k, v in rss1.items()},
+        "rss_bytes": sum(rss1.values()),
         "generator_cpu_s": round(stats.cpu, 3),
         "generator_busy": round(stats.cpu / max(1e-9, wall * len(addresses)), 3),
         "wall_s": round(wall, 2),
@@ -600,6 +617,11 @@ METRICS: list[tuple[str, str, Callable[[dict[str, Any]], Any]]] = [
     ("init", "median latency, ms", lambda r: r["init"]["median_ms"]),
     ("init", "p99 latency, ms", lambda r: r["init"]["p99_ms"]),
     ("init", "CPU per answered IKE_SA_INIT, us", lambda r: r["init"]["cpu_us_per_answer"]),
+    (
+        "init",
+        "datagrams lost in the responder's UDP receive buffers",
+        lambda r: r["init"]["responder_udp_rcvbuf_drops"],
+    ),
     ("flat", "saturated answers/s, empty table", lambda r: r["flat"]["empty"]["answered_per_s"]),
     ("flat", "saturated answers/s, with half-open", lambda r: r["flat"]["full"]["answered_per_s"]),
     ("flat", "half-open SAs for that", lambda r: r["flat"]["half_open"]),
@@ -675,8 +697,30 @@ def markdown(result: dict[str, Any], command: str, note: str) -> str:
         for name in run_:
             for phase_name in ("init", "full"):
                 if phase_name in run_[name]:
-                    by = run_[name][phase_name]["responder_cpu_by_process"]
-                    lines.append(f"{name} CPU s by process ({phase_name}): `{json.dumps(by)}`\n")
+                    found = run_[name][phase_name]
+                    answered = max(1, found["answered"])
+                    by = {
+                        k: round(1e6 * v / answered)
+                        for k, v in found["responder_cpu_by_process"].items()
+                        if v
+                    }
+                    lines.append(
+                        f"{name}, {phase_name} phase, CPU us per answer by process "
+                        f"(first repetition): `{json.dumps(by)}`\n"
+                    )
+    for run_ in result["runs"][:1]:
+        for name in run_:
+            found = run_[name].get("full")
+            if found and found["answered"]:
+                per_sa = {
+                    k: round(v / found["answered"])
+                    for k, v in found["rss_growth_by_process"].items()
+                    if v
+                }
+                lines.append(
+                    f"{name}: RSS growth per established SA by process (first repetition): "
+                    f"`{json.dumps(per_sa)}`\n"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -686,7 +730,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="s of the init phase")
     parser.add_argument("--saturate", type=float, default=4000.0, help="offered/s, saturated")
     parser.add_argument("--probe-seconds", type=float, default=3.0)
-    parser.add_argument("--half-open", type=int, default=8000, help="half-open SAs to fill")
+    parser.add_argument(
+        "--half-open",
+        type=int,
+        default=7000,
+        help="half-open SAs to fill (the probe after adds its own answers: ikefarm's ceiling "
+        "is max-count = 10000)",
+    )
     parser.add_argument("--full-rate", type=float, default=100.0, help="full handshakes/s")
     parser.add_argument("--established", type=int, default=2000, help="SAs for memory")
     parser.add_argument("--procs", type=int, default=2, help="generator processes per load")

@@ -190,23 +190,22 @@ class Responder:
     def pids(self) -> list[int]:
         return namespace_pids(self.ns.name)
 
-    def cpu(self) -> dict[str, float]:
-        """CPU seconds so far by process label (several processes may share a label)."""
+    def by_process(self, read: Callable[[int], float]) -> dict[str, float]:
+        """`read(pid)` summed by process label (several processes may share a label)."""
         names = self.names_fn()
         out: dict[str, float] = {}
         for pid in self.pids():
             label = proc_label(pid, names)
-            out[label] = out.get(label, 0.0) + proc_cpu(pid)
+            out[label] = out.get(label, 0) + read(pid)
         return out
 
-    def rss(self) -> dict[str, int]:
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far by process label."""
+        return self.by_process(proc_cpu)
+
+    def rss(self) -> dict[str, float]:
         """Resident bytes by process label."""
-        names = self.names_fn()
-        out: dict[str, int] = {}
-        for pid in self.pids():
-            label = proc_label(pid, names)
-            out[label] = out.get(label, 0) + proc_rss(pid)
-        return out
+        return self.by_process(proc_rss)
 
 
 def ikefarm_responder(ns: Namespace, workdir: Path, workers: int) -> Responder:

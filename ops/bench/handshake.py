@@ -682,7 +682,7 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         found.append(value)
         if not values["ikefarm"] and not values["strongSwan"]:
             continue
-        med = {k: statistics.median(v) if v else None for k, v in values.items()}
+        med = {k: round(statistics.median(v), 3) if v else None for k, v in values.items()}
         rows.append(
             {
                 "metric": label,

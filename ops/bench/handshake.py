@@ -47,65 +47,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from ops.bench.cookie_flood import responder_connection  # noqa: E402
 from ops.bench.loadgen import Stats  # noqa: E402
-from tests.harness.gateway import Gateway  # noqa: E402
+from tests.harness.gateway import Gateway, farm_config, vpn_config  # noqa: E402
 from tests.harness.netns import Namespace, link, namespace_pids, wait_for  # noqa: E402
-from tests.harness.strongswan import Child, Connection, Psk, StrongSwan  # noqa: E402
+from tests.harness.strongswan import Psk, StrongSwan  # noqa: E402
 
 PSK = "bench-psk-6d1f0a93c2b7e845"
 IKEFARM, STRONGSWAN = "192.0.2.1", "198.51.100.1"
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-FARM_TOML = """
-[farm]
-state-dir = "{state_dir}"
-ike-workers = {workers}
-
-[keystore]
-master-key-file = "{master_key_file}"
-
-[ike.logging.daemon]
-default = 0
-
-[ike.global-options.dos-protection]
-cookie-threshold = 0
-block-threshold = 0
-
-[ike.session.half-open]
-max-count = 10000
-timeout = 180
-
-[[ike.ike-policy-template]]
-name = "ikepol"
-[[ike.ike-policy-template.ike-proposal]]
-aead-alg = ["aes256-gcm-128"]
-prf-alg = ["hmac-sha384"]
-dh-group = ["x25519"]
-
-[[ike.ipsec-policy-template]]
-name = "ipsecpol"
-[[ike.ipsec-policy-template.esp-proposal]]
-aead-alg = ["aes256-gcm-128"]
-esn = [false]
-
-[[ike.pre-shared-key]]
-local-id = "gw.example"
-secret = "{psk}"
-
-[[ike.vpn]]
-name = "rw"
-local-address = "{address}"
-remote-address = "any"
-local-id = "gw.example"
-remote-id = "*.peer.example"
-ike-policy = {{ template = "ikepol" }}
-ipsec-policy = {{ template = "ipsecpol" }}
-[[ike.vpn.security-policy]]
-name = "net"
-local-ts = {{ subnet = "10.100.0.0/24" }}
-remote-ts = {{ subnet = "10.200.0.0/16" }}
-"""
 
 
 def farm_toml(workdir: Path, *, address: str = IKEFARM, workers: int = 1, psk: str = PSK) -> str:
@@ -116,12 +67,25 @@ def farm_toml(workdir: Path, *, address: str = IKEFARM, workers: int = 1, psk: s
         workdir.mkdir(parents=True, exist_ok=True)
         key_file.touch(mode=0o600)
         key_file.write_text("0x" + os.urandom(32).hex())
-    return FARM_TOML.format(
-        state_dir=workdir / "state",
+    limits = (
+        f'[keystore]\nmaster-key-file = "{key_file}"\n\n'
+        "[ike.global-options.dos-protection]\ncookie-threshold = 0\nblock-threshold = 0\n\n"
+        "[ike.session.half-open]\nmax-count = 10000\ntimeout = 180\n"
+    )
+    vpn = vpn_config(
+        "rw",
+        local_id="gw.example",
+        remote_id="*.peer.example",
+        policies=[("net", "10.100.0.0/24", "10.200.0.0/16")],
+        local_address=address,
+        remote_address="any",
+    )
+    return farm_config(
+        workdir,
+        psks=[("gw.example", "%any", psk)],
+        vpns=[vpn, limits],
         workers=workers,
-        psk=psk,
-        address=address,
-        master_key_file=key_file,
+        log_level=0,
     )
 
 
@@ -256,22 +220,7 @@ def ikefarm_responder(ns: Namespace, workdir: Path, workers: int) -> Responder:
 
 def strongswan_responder(ns: Namespace, workdir: Path) -> Responder:
     holder: dict[str, Any] = {}
-    connection = Connection(
-        name="rw",
-        local_addrs=STRONGSWAN,
-        remote_addrs="%any",
-        local_id="gw.example",
-        remote_id="%any",
-        proposals="aes256gcm16-prfsha384-x25519",
-        children=[
-            Child(
-                name="net",
-                local_ts="10.100.0.0/24",
-                remote_ts="10.200.0.0/16",
-                esp_proposals="aes256gcm16",
-            )
-        ],
-    )
+    connection = responder_connection()  # the cookie-flood bench's responder
     runs = iter(range(1_000_000))
 
     def start() -> None:

@@ -35,8 +35,10 @@ import resource
 import selectors
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ikefarm.proto.messages import PskAuthRequest
@@ -55,6 +57,7 @@ from ikefarm.shared.ikev2.errors import MalformedMessage
 from ikefarm.shared.ikev2.message import parse_message
 from ikefarm.shared.ikev2.payloads.nonce import NoncePayload
 from ikefarm.shared.ikev2.policy import engine_policy
+from tests.harness.gateway import farm_config, vpn_config
 
 IKE_PORT, NATT_PORT = 500, 4500
 NON_ESP_MARKER = b"\0\0\0\0"  # RFC 3948 2.2
@@ -62,49 +65,6 @@ IKE_SA_INIT = 34
 FLAG_RESPONSE = 0x20
 TEMPLATES = 32  # distinct engine-built IKE_SA_INIT requests the probe cycles through
 READ_BATCH = 256  # datagrams read per wake-up before timers and sends get their turn
-
-INITIATOR_TOML = """
-[ike.logging.daemon]
-default = 0
-
-[ike.global-options]
-retransmit-timeout = {retransmit_timeout}
-retransmit-tries = {retransmit_tries}
-
-[[ike.ike-policy-template]]
-name = "ikepol"
-rekey-time = "0s"
-dpd-delay = "0s"
-[[ike.ike-policy-template.ike-proposal]]
-aead-alg = ["aes256-gcm-128"]
-prf-alg = ["hmac-sha384"]
-dh-group = ["x25519"]
-
-[[ike.ipsec-policy-template]]
-name = "ipsecpol"
-rekey-time = "0s"
-[[ike.ipsec-policy-template.esp-proposal]]
-aead-alg = ["aes256-gcm-128"]
-esn = [false]
-
-[[ike.pre-shared-key]]
-local-id = "{local_id}"
-remote-id = "{remote_id}"
-secret = "{psk}"
-
-[[ike.vpn]]
-name = "load"
-local-address = "{local}"
-remote-address = "{remote}"
-local-id = "{local_id}"
-remote-id = "{remote_id}"
-ike-policy = {{ template = "ikepol" }}
-ipsec-policy = {{ template = "ipsecpol" }}
-[[ike.vpn.security-policy]]
-name = "net"
-local-ts = {{ subnet = "{local_ts}" }}
-remote-ts = {{ subnet = "{remote_ts}" }}
-"""
 
 
 def initiator_config(
@@ -119,20 +79,25 @@ def initiator_config(
     retransmit_timeout: float = 4.0,
     retransmit_tries: int = 2,
 ) -> Config:
-    """The initiators' configuration: one VPN to `remote`, rekeying and DPD off."""
-    return parse_config(
-        INITIATOR_TOML.format(
-            local=local,
-            remote=remote,
-            psk=psk,
-            local_id=local_id,
-            remote_id=remote_id,
-            local_ts=local_ts,
-            remote_ts=remote_ts,
-            retransmit_timeout=retransmit_timeout,
-            retransmit_tries=retransmit_tries,
-        )
+    """The initiators' configuration: one VPN to `remote`, DPD off (the test harness's
+    farm config, so both sides speak the same proposals)."""
+    vpn = vpn_config(
+        "load",
+        local_id=local_id,
+        remote_id=remote_id,
+        policies=[("net", local_ts, remote_ts)],
+        local_address=local,
+        remote_address=remote,
     )
+    options = {"retransmit-timeout": retransmit_timeout, "retransmit-tries": retransmit_tries}
+    text = farm_config(
+        Path(tempfile.gettempdir()),  # [farm] is not read: the engine alone runs this config
+        psks=[(local_id, remote_id, psk)],
+        vpns=[vpn],
+        log_level=0,
+        global_options=options,
+    )
+    return parse_config(text)
 
 
 def cpu_seconds() -> float:

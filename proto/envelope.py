@@ -59,25 +59,25 @@ def kinds() -> dict[str, type[BusMessage]]:
     return dict(_REGISTRY)
 
 
-# what msgpack takes as it is: no walk into these (pack runs once per bus message)
-_PLAIN = (str, bytes, int, float, bool, type(None))
-# the field names of each dataclass packed: dataclasses.fields() is slow per call
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+# per class: the field names of a dataclass, or None for any other type (made once: the
+# dataclasses helpers cost microseconds per call, and every bus message comes here)
+_WIRE_FIELDS: dict[type, tuple[str, ...] | None] = {}
+_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 def _to_wire(value: Any) -> Any:
-    if isinstance(value, _PLAIN):
-        return value
     cls = type(value)
-    names = _FIELD_NAMES.get(cls)
-    if names is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(value))
+    if cls in _SCALARS:
+        return value
+    names = _WIRE_FIELDS.get(cls, ())
+    if names == ():
+        names = _WIRE_FIELDS[cls] = (
+            tuple(f.name for f in dataclasses.fields(value))
+            if dataclasses.is_dataclass(value) and not isinstance(value, type)
+            else None
+        )
     if names is not None:
-        wire = {}
-        for name in names:
-            item = getattr(value, name)
-            wire[name] = item if isinstance(item, _PLAIN) else _to_wire(item)
-        return wire
+        return {name: _to_wire(getattr(value, name)) for name in names}
     if isinstance(value, list | tuple):
         return [_to_wire(v) for v in value]
     if isinstance(value, dict):
@@ -146,17 +146,19 @@ def unpack_reply(raw: bytes, expect: type[M] | None = None) -> Any:
     raise BusError("bad_encoding", "reply is neither ok nor error")
 
 
+Check = typing.Callable[[Any, str], Any]  # (wire value, where) -> field value, or BusError
+
+
 @dataclass(frozen=True)
 class _Field:
     name: str
-    hint: Any
+    check: Check  # made from the field's type hint, once per class
     required: bool  # no default: a body without it is refused
-    # the hint when it is one plain class: a value of exactly that type needs no more checks
-    plain: type | None = None
+    where: str  # "Class.field", for error messages
 
 
-# the fields of each message class with their resolved type hints: typing.get_type_hints
-# is slow (it evaluates every annotation), and build() runs per bus message
+# the fields of each message class with a checker compiled from each type hint:
+# typing.get_type_hints and get_origin are slow, and build() runs per bus message
 _SCHEMAS: dict[type, tuple[_Field, ...]] = {}
 
 
@@ -167,9 +169,9 @@ def _schema(cls: type) -> tuple[_Field, ...]:
         schema = tuple(
             _Field(
                 f.name,
-                hints[f.name],
+                _checker(hints[f.name]),
                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-                hints[f.name] if hints[f.name] in _PLAIN else None,
+                f"{cls.__name__}.{f.name}",
             )
             for f in dataclasses.fields(cls)
         )
@@ -178,55 +180,92 @@ def _schema(cls: type) -> tuple[_Field, ...]:
 
 
 def build(cls: type[M], body: Any) -> M:
-    name = getattr(cls, "KIND", "") or cls.__name__
     if not isinstance(body, dict):
+        name = getattr(cls, "KIND", "") or cls.__name__
         raise BusError("bad_field", f"{name} body is not a map")
     values: dict[str, Any] = {}
     for f in _schema(cls):
         if f.name not in body:
             if not f.required:
                 continue
+            name = getattr(cls, "KIND", "") or cls.__name__
             raise BusError("missing_field", f"{name}.{f.name} is missing")
-        value = body[f.name]
-        if f.plain is not None and type(value) is f.plain:  # most fields of most messages
-            values[f.name] = value
-        else:
-            values[f.name] = _coerce(f.hint, value, f"{cls.__name__}.{f.name}")
+        values[f.name] = f.check(body[f.name], f.where)
     return cls(**values)
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
+def _any(value: Any, _where: str) -> Any:
+    return value
+
+
+def _checker(hint: Any) -> Check:
+    """A function that checks (and where needed converts) a wire value for type `hint`."""
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, where)
-            except BusError as exc:
-                errors.append(exc.message)
-        raise BusError("bad_field", f"{where}: {errors[0] if errors else 'bad value'}")
+        nullable = type(None) in options
+        checks = [_checker(option) for option in options if option is not type(None)]
+
+        def check_union(value: Any, where: str) -> Any:
+            if value is None and nullable:
+                return None
+            errors = []
+            for check in checks:
+                try:
+                    return check(value, where)
+                except BusError as exc:
+                    errors.append(exc.message)
+            raise BusError("bad_field", f"{where}: {errors[0] if errors else 'bad value'}")
+
+        return check_union
     if origin is list:
-        if not isinstance(value, list):
-            raise BusError("bad_field", f"{where} must be a list")
         (item,) = get_args(hint) or (Any,)
-        return [_coerce(item, v, f"{where}[]") for v in value]
+        check_item = _checker(item)
+
+        def check_list(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise BusError("bad_field", f"{where} must be a list")
+            inner = f"{where}[]"
+            return [check_item(v, inner) for v in value]
+
+        return check_list
     if origin is dict:
-        if not isinstance(value, dict):
-            raise BusError("bad_field", f"{where} must be a map")
-        return value
+
+        def check_dict(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise BusError("bad_field", f"{where} must be a map")
+            return value
+
+        return check_dict
     if hint is Any:
-        return value
+        return _any
     if dataclasses.is_dataclass(hint):
-        return build(hint, value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, bool):
-        raise BusError("bad_field", f"{where} must be int")
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise BusError("bad_field", f"{where} must be {hint.__name__}, got {type(value).__name__}")
-    return value
+        return lambda value, _where: build(hint, value)  # type: ignore[arg-type]
+    if hint is float:
+
+        def check_float(value: Any, where: str) -> Any:
+            if type(value) is float:
+                return value
+            if isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if not isinstance(value, float):
+                raise BusError("bad_field", f"{where} must be float, got {type(value).__name__}")
+            return value
+
+        return check_float
+    if isinstance(hint, type):
+        exact = hint
+
+        def check_type(value: Any, where: str) -> Any:
+            if type(value) is exact:
+                return value
+            if exact is int and isinstance(value, bool):
+                raise BusError("bad_field", f"{where} must be int")
+            if not isinstance(value, exact):
+                raise BusError(
+                    "bad_field", f"{where} must be {exact.__name__}, got {type(value).__name__}"
+                )
+            return value
+
+        return check_type
+    return _any

@@ -113,7 +113,10 @@ class IkeLoad(BusMessage):
     """ike -> every ingress and worker: the load of one shard, on change and every `interval`.
 
     `half_open_peers` has the peers with half-open SAs (address -> count, the largest
-    first, at most `shared.dos.load.MAX_PEERS_REPORTED`); `inits` counts, per ingress
+    first, at most `shared.dos.load.MAX_PEERS_REPORTED`) when `peers_full`; otherwise only
+    the peers whose count changed since the previous report (0: none left), to be merged
+    into the last full table (a full one comes at least every `interval`; empty and full
+    when no limit reads per-peer counts). `inits` counts, per ingress
     instance, the IKE_SA_INIT requests this worker has answered or refused since it
     started, so that instance knows how many of its own are still pending.
     """
@@ -126,6 +129,7 @@ class IkeLoad(BusMessage):
     interval: float
     half_open_peers: dict[str, int] = field(default_factory=dict)
     inits: dict[str, int] = field(default_factory=dict)
+    peers_full: bool = True
 
 
 @message("ingress-load")

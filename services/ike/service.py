@@ -61,7 +61,7 @@ from ikefarm.shared.bus.datagram import carried_header
 from ikefarm.shared.bus.runtime import ServiceBase
 from ikefarm.shared.dos.admission import WorkerAdmission, local_load
 from ikefarm.shared.dos.limits import dos_limits
-from ikefarm.shared.dos.load import FarmLoad, top_peers
+from ikefarm.shared.dos.load import FarmLoad, PeerReports
 from ikefarm.shared.ikev2 import management
 from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
@@ -121,6 +121,13 @@ class IkeService(ServiceBase):
             dos=self.admission,
             unique_ids=self.unique_ids.take,
         )
+        # load reports carry the peers whose half-open count changed, not every peer
+        limits = self.admission.limits
+        self.peer_reports = PeerReports(
+            LOAD_INTERVAL, limits.block_threshold is not None or limits.discard_duplicate
+        )
+        self._peer_changes: set[str] = set()
+        self.engine.sas.peer_changes = self._peer_changes
         # IKE_SA_INIT answered (or refused) per ingress instance, reported in IkeLoad
         self.inits_answered: dict[str, int] = {}
         # snapshots are ordered by seq; a restarted worker starts above its last life's
@@ -130,6 +137,9 @@ class IkeService(ServiceBase):
         self.half_open_peak = 0  # the most half-open SAs this worker ever held at once
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
+        # when the timer loop wakes by itself; apply() wakes it earlier only for an earlier
+        # deadline (not for every datagram: two loop turns and a timer pass each)
+        self._timer_at = -math.inf
         self._stopping = False
         self.watches = management.Watches()
         self.ppk_client = PpkClient(self.runtime, KEYSTORE_TIMEOUT)
@@ -257,6 +267,7 @@ class IkeService(ServiceBase):
     def load_snapshot(self) -> IkeLoad:
         mine = local_load(self.engine)
         self._load_seq += 1
+        peers, full = self.peer_reports.report(mine.peers, self._peer_changes, time.monotonic())
         return IkeLoad(
             instance=self.runtime.instance,
             shard=self.shard,
@@ -264,8 +275,9 @@ class IkeService(ServiceBase):
             half_open=mine.half_open,
             established=mine.established,
             interval=LOAD_INTERVAL,
-            half_open_peers=top_peers(mine.peers),
+            half_open_peers=peers,
             inits=dict(self.inits_answered),
+            peers_full=full,
         )
 
     async def report_load(self) -> None:
@@ -378,24 +390,23 @@ class IkeService(ServiceBase):
     async def run_timers(self) -> None:
         while not self._stopping:
             deadline = self.engine.next_deadline()
-            delay = (
-                TIMER_IDLE
-                if deadline is None
-                else max(0.0, min(TIMER_IDLE, deadline - time.monotonic()))
-            )
+            now = time.monotonic()
+            delay = TIMER_IDLE if deadline is None else max(0.0, min(TIMER_IDLE, deadline - now))
+            self._timer_at = now + delay
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
             # that stops this loop when the wake-up event fires at the same moment
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
             self._wake.clear()
+            self._timer_at = -math.inf  # the tick's own effects: the next turn looks again
             try:
                 await self.apply(self.engine.on_timer(time.monotonic()))
             except Exception as exc:  # a timer failure must not stop the timers
                 self.runtime.counters["timer_failed"] += 1
                 self.log.control("timer_failed", error=type(exc).__name__)
-            # apply() wakes this loop for everyone else's effects; its own are accounted
-            # for when the next deadline is computed above (else this loop would spin)
+            # apply() wakes this loop when others' effects bring a deadline before its own;
+            # the tick's own are accounted for when the next deadline is computed above
             self._wake.clear()
             await asyncio.sleep(0)
 
@@ -416,7 +427,9 @@ class IkeService(ServiceBase):
             if isinstance(effect, InstallChildSa):
                 continue
             await self.apply_one(effect)
-        self._wake.set()
+        deadline = self.engine.next_deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._wake.set()
 
     async def apply_one(self, effect: Effect) -> None:
         runtime = self.runtime

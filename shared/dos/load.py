@@ -20,12 +20,44 @@ MAX_PEERS_REPORTED = 2048
 MAX_SHARDS_TRACKED = 4096
 PENDING_TTL = 10.0  # s: a forwarded init no worker reported by then is lost (bus drop, dead worker)
 MAX_PENDING = 65536
+MAX_PEERS_TRACKED = 8 * MAX_PEERS_REPORTED  # per shard: a full table and the deltas since
 BACKOFF_CAPACITY = 65536
 
 
 def top_peers(counts: Counter[str], limit: int = MAX_PEERS_REPORTED) -> dict[str, int]:
     """Peers with half-open SAs, the largest counts first, at most `limit` of them."""
     return dict(counts.most_common(limit))
+
+
+class PeerReports:
+    """What a worker reports of its half-open SAs per peer, made incremental.
+
+    A report carries the whole table (`top_peers`) at most every `interval` seconds and
+    otherwise only the peers whose count changed since the previous report (`changed`,
+    which the SA table fills and this drains), so a report costs what changed, not the
+    number of peers. When no limit reads per-peer counts (`needed` false: block-threshold
+    and discard-duplicate off) nothing is reported at all.
+    """
+
+    def __init__(self, interval: float, needed: bool) -> None:
+        self.interval = interval
+        self.needed = needed
+        self._full_due = -math.inf
+
+    def report(
+        self, counts: Counter[str], changed: set[str], now: float
+    ) -> tuple[dict[str, int], bool]:
+        """(peers, full) for the next IkeLoad: `IkeLoad.half_open_peers`, `peers_full`."""
+        if not self.needed:
+            changed.clear()
+            return {}, True
+        if now >= self._full_due or len(changed) > MAX_PEERS_REPORTED:
+            changed.clear()
+            self._full_due = now + self.interval
+            return top_peers(counts), True
+        delta = {peer: counts.get(peer, 0) for peer in changed}
+        changed.clear()
+        return delta, False
 
 
 @dataclass
@@ -95,13 +127,20 @@ class FarmLoad:
         before = known.inits.get(self.instance, 0) if known is not None else 0
         now_answered = message.inits.get(self.instance, 0)
         self._answered += now_answered - before if now_answered >= before else now_answered
+        if message.peers_full or known is None or not known.fresh(now):
+            # a delta without its table counts from nothing until the next full report
+            peers = dict(message.half_open_peers) if message.peers_full else {}
+        else:
+            peers = known.peers  # ours alone (a copy of a full report): merged in place
+        if not message.peers_full:
+            _merge_peers(peers, message.half_open_peers)
         self._shards[message.shard] = _Snapshot(
             message.seq,
             now,
             message.interval,
             message.half_open,
             message.established,
-            dict(message.half_open_peers),
+            peers,
             dict(message.inits),
         )
         self._retire(now)
@@ -189,6 +228,17 @@ class FarmLoad:
 
     def shards(self, now: float) -> int:
         return len(self._fresh_shards(now))
+
+
+def _merge_peers(peers: dict[str, int], delta: dict[str, int]) -> None:
+    """Apply a report's changed peers (0: gone); new peers beyond MAX_PEERS_TRACKED are left
+    out (the next full report, at most an interval away, has the largest counts)."""
+    for peer, count in delta.items():
+        if count > 0:
+            if peer in peers or len(peers) < MAX_PEERS_TRACKED:
+                peers[peer] = count
+        else:
+            peers.pop(peer, None)
 
 
 class BackoffTable:

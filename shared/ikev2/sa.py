@@ -266,6 +266,9 @@ class SaTable(dict[bytes, IkeSa]):
         self.established = 0  # state ESTABLISHED
         self.responder_half_open = 0  # of the half-open, those the peer initiated
         self.half_open_peers: Counter[str] = Counter()  # responder half-open SAs by peer address
+        # peers whose half_open_peers count changed, for a driver that opts in (set()) and
+        # drains it: the ike service's incremental load reports (shared/dos/load.py)
+        self.peer_changes: set[str] | None = None
         self._by_identities: dict[tuple[str, str], dict[int, IkeSa]] = {}
         self._established_by_vpn: Counter[int] = Counter()
 
@@ -372,6 +375,8 @@ class SaTable(dict[bytes, IkeSa]):
         if peer is not None:
             self.responder_half_open += delta
             _add(self.half_open_peers, peer, delta)
+            if self.peer_changes is not None:
+                self.peer_changes.add(peer)
         if vpn is not None:
             _add(self._established_by_vpn, vpn, delta)
         if identities is not None:

@@ -63,6 +63,7 @@ SENSITIVE_FIELDS = frozenset(
 _levels: dict[str, dict[str, int | None]] = {}
 _stream: TextIO = sys.stderr
 _context: dict[str, Any] = {}
+_logger: Any = None  # the configured structlog logger (None: structlog's default, lazily)
 
 
 def _facility_levels(
@@ -86,7 +87,7 @@ def configure_logging(
     log_format: str = "json",
 ) -> None:
     """Set the per-facility levels from `[ike.logging]` and where lines go."""
-    global _stream
+    global _stream, _logger
     logging_config = logging_config or {}
     _levels["daemon"] = _facility_levels(logging_config.get("daemon"), 0)
     _levels["authpriv"] = _facility_levels(logging_config.get("authpriv"), "disable")
@@ -114,6 +115,8 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=logging.WARNING, stream=_stream)
+    # bound once per configuration: a lazy proxy rebuilds its processor chain per line
+    _logger = structlog.get_logger().bind()
 
 
 def add_trace_ids(
@@ -179,7 +182,7 @@ class SubsystemLogger:
                 "level": level,
                 "facility": facility,
             }
-            structlog.get_logger().msg(event, **record)
+            (_logger or structlog.get_logger()).msg(event, **record)
 
     def audit(self, event: str, **fields: Any) -> None:
         self.at(0, event, **fields)

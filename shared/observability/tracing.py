@@ -3,6 +3,12 @@
 One trace per IKE exchange: ingress starts the span when a datagram arrives and
 every hop (ike, keystore, kernel) continues it from the `traceparent` header of
 the bus message it handles.
+
+Spans are on every bus message's path, so they must be cheap: tracers are made
+once per provider and name (the SDK's `get_tracer` costs tens of microseconds),
+and without an exporter the provider samples nothing: spans still get their
+trace and span ids (log lines carry them, `traceparent` propagates them) but
+record no attributes or events nobody would read.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _propagator = TraceContextTextMapPropagator()
 _provider: TracerProvider | None = None
-# one Tracer per name and provider: get_tracer builds a new one each call (~9 us), and
-# tracer() runs once per datagram and bus message
-_tracers: dict[str, tuple[TracerProvider, trace.Tracer]] = {}
+# (provider, name) -> its tracer; the provider is part of the key, so a provider swapped in
+# (a test's in-memory exporter) gets tracers of its own
+_tracers: dict[tuple[Any, str], trace.Tracer] = {}
 
 
 def configure_tracing(
@@ -32,24 +39,30 @@ def configure_tracing(
     resource = Resource.create(
         {"service.name": f"ikefarm-{service}", "service.instance.id": instance}
     )
-    provider = TracerProvider(resource=resource)
     if exporter is None and otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter(endpoint=otlp_endpoint.rstrip("/") + "/v1/traces")
     if exporter is not None:
+        provider = TracerProvider(resource=resource)
         provider.add_span_processor(BatchSpanProcessor(exporter))
+    else:  # nothing would read a recorded span: ids only (see the module docstring)
+        provider = TracerProvider(resource=resource, sampler=ALWAYS_OFF)
     _provider = provider
+    _tracers.clear()
     return provider
 
 
 def tracer(name: str = "ikefarm") -> trace.Tracer:
-    if _provider is None:
-        return trace.get_tracer(name)
-    found = _tracers.get(name)
-    if found is None or found[0] is not _provider:  # a provider installed since
-        found = _tracers[name] = (_provider, _provider.get_tracer(name))
-    return found[1]
+    """The tracer `name` of the configured provider (else the global one), made once."""
+    source: Any = _provider if _provider is not None else trace
+    key = (source, name)
+    found = _tracers.get(key)
+    if found is None:
+        if len(_tracers) > 64:  # providers swapped in and out: forget the old ones
+            _tracers.clear()
+        found = _tracers[key] = source.get_tracer(name)
+    return found
 
 
 def shutdown_tracing() -> None:

@@ -40,6 +40,7 @@ FIELDS = {
     "pending": st.integers(-3, 2**40),
     "half_open_peers": st.dictionaries(st.text(max_size=6), wire_values, max_size=5),
     "inits": st.dictionaries(st.text(max_size=6), wire_values, max_size=5),
+    "peers_full": st.booleans() | wire_values,
     "address": st.text(max_size=12),
     "phase": st.sampled_from(["init", "auth", "", "x"]),
     "seconds": st.floats(),

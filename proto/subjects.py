@@ -54,6 +54,9 @@ INGRESS_BACKOFF = f"{PREFIX}.ingress.backoff"
 # only ingress reads or writes it.
 COOKIE_SECRET_BUCKET = "ikefarm-cookie-secret"  # noqa: S105 - a bucket name, not a secret
 COOKIE_RECORD = "record"
+# JetStream KV bucket where ike workers started with `--shard auto` claim their shard
+# (services/ike/shard_claim.py); only ike workers read or write it.
+IKE_SHARDS_BUCKET = "ikefarm-ike-shards"
 
 # ike -> kernel: child SA install/delete (request/reply).
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
@@ -154,21 +157,27 @@ def _discovery(service: str) -> tuple[str, ...]:
     )
 
 
-# What nats-py's KV client sends for the cookie secret bucket (create, get, CAS update,
-# watch): only ingress may touch it.
-_COOKIE_STREAM = f"KV_{COOKIE_SECRET_BUCKET}"
-_COOKIE_SECRET_API = (
-    f"$JS.API.STREAM.INFO.{_COOKIE_STREAM}",
-    f"$JS.API.STREAM.CREATE.{_COOKIE_STREAM}",
-    f"$JS.API.STREAM.MSG.GET.{_COOKIE_STREAM}",
-    f"$JS.API.DIRECT.GET.{_COOKIE_STREAM}.>",
-    f"$JS.API.CONSUMER.CREATE.{_COOKIE_STREAM}",
-    f"$JS.API.CONSUMER.CREATE.{_COOKIE_STREAM}.>",
-    f"$JS.API.CONSUMER.DELETE.{_COOKIE_STREAM}.>",
-    f"$JS.API.CONSUMER.INFO.{_COOKIE_STREAM}.>",  # the watch reads its consumer's info
-    f"$JS.FC.{_COOKIE_STREAM}.>",  # flow-control answers of the watch's ordered consumer
-    f"$KV.{COOKIE_SECRET_BUCKET}.>",
-)
+def _kv_api(bucket: str) -> tuple[str, ...]:
+    """What nats-py's KV client sends for one bucket (create, get, CAS update, delete,
+    watch), so a user may touch that bucket and no other."""
+    stream = f"KV_{bucket}"
+    return (
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",  # the watch reads its consumer's info
+        f"$JS.FC.{stream}.>",  # flow-control answers of the watch's ordered consumer
+        f"$KV.{bucket}.>",
+    )
+
+
+# only ingress may touch the cookie secret bucket, only ike workers the shard claims
+_COOKIE_SECRET_API = _kv_api(COOKIE_SECRET_BUCKET)
+_IKE_SHARDS_API = _kv_api(IKE_SHARDS_BUCKET)
 
 PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "ingress": {
@@ -191,6 +200,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             f"{PREFIX}.kernel.child.>",
             f"{PREFIX}.kernel.trap.>",
             f"{PREFIX}.event.>",
+            *_IKE_SHARDS_API,
         ),
         "subscribe": (own_subjects("ike"),),
     },

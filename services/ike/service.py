@@ -53,6 +53,12 @@ from ikefarm.proto.messages import (
     TrapRemove,
 )
 from ikefarm.services.ike.ppk_client import PpkClient
+from ikefarm.services.ike.shard_claim import (
+    RENEW_INTERVAL,
+    SHARD_AUTO,
+    ShardClaim,
+    ShardLost,
+)
 from ikefarm.shared.bus.runtime import ServiceBase
 from ikefarm.shared.dos.admission import WorkerAdmission, local_load
 from ikefarm.shared.dos.limits import dos_limits
@@ -97,11 +103,18 @@ class IkeService(ServiceBase):
 
     async def setup(self) -> None:
         shard = self.runtime.options.get("shard")
-        self.shard = int(shard) if shard is not None else 0
+        self.shard_claim: ShardClaim | None = None
+        if shard == SHARD_AUTO:
+            assert self.runtime.nc is not None
+            self.shard_claim = ShardClaim(self.runtime.nc, self.runtime.instance)
+            self.shard = await self.shard_claim.claim()
+            self.log.control("shard_claimed", shard=self.shard)
+        else:
+            self.shard = int(shard) if shard is not None else 0
         self.admission = WorkerAdmission(
             dos_limits(self.config),
             shard=self.shard,
-            workers=int(self.config.farm.ike_workers),
+            workers=1 if self.shard_claim else int(self.config.farm.ike_workers),
             load=FarmLoad(self.runtime.instance),
         )
         self.engine = IkeEngine(
@@ -140,12 +153,41 @@ class IkeService(ServiceBase):
         await self.publish_load()
         self._timer = asyncio.create_task(self.run_timers())
         self._reporter = asyncio.create_task(self.report_load())
+        self._renewer: asyncio.Task[None] | None = None
+        if self.shard_claim is not None:
+            self._renewer = asyncio.create_task(self.renew_claim(self.shard_claim))
         self.log.control("ike_worker_ready", shard=self.shard)
+
+    async def renew_claim(self, claim: ShardClaim) -> None:
+        """Keep this worker's shard; with `--shard auto` the farm's worker count is the
+        number of shards reporting their load (this one included), so each worker's share
+        of the farm-wide limits follows `docker compose up --scale ike=N`."""
+        while True:
+            await asyncio.sleep(RENEW_INTERVAL)
+            # on_load ignores this worker's own reports: the others, plus this one
+            self.admission.workers = 1 + self.admission.load.shards(time.monotonic())
+            try:
+                await claim.renew()
+            except ShardLost as exc:
+                self.log.audit("shard_lost", shard=self.shard, reason=str(exc))
+                self.runtime.request_stop()
+                return
+            except Exception as exc:  # broker away: nats-py reconnects, the TTL is the bound
+                self.runtime.counters["shard_renew_failed"] += 1
+                self.log.control("shard_renew_failed", shard=self.shard, error=type(exc).__name__)
+
+    async def before_drain(self) -> None:
+        if self.shard_claim is not None:
+            if self._renewer is not None:
+                self._renewer.cancel()
+            await self.shard_claim.release()
 
     async def teardown(self) -> None:
         self._stopping = True
         self._timer.cancel()
         self._reporter.cancel()
+        if self._renewer is not None:
+            self._renewer.cancel()
         for task in list(self._tasks):
             task.cancel()
         for future in self._waiting.values():

@@ -98,6 +98,9 @@ class ServiceBase:
     async def setup(self) -> None:
         """Declare endpoints and subscriptions."""
 
+    async def before_drain(self) -> None:
+        """Give back what other processes wait for (a claimed shard) while still connected."""
+
     async def teardown(self) -> None:
         """Release what setup() took; called after the connection drained."""
 
@@ -265,6 +268,9 @@ class Runtime:
         if self.micro is not None:
             with contextlib.suppress(Exception):
                 await self.micro.stop()
+        if self.service is not None and self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.service.before_drain()
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), 3)

@@ -131,6 +131,15 @@ def _preflight_all(config: Config) -> int:
     return 0
 
 
+def _shard_argument(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shard number or `auto`") from None
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     import os
 
@@ -385,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("-c", "--config", help="TOML config")
     service.add_argument("--nats", help="NATS URL (default: [nats] url or the running `up`)")
     service.add_argument("--instance", help="instance name (default: service-host-pid)")
-    service.add_argument("--shard", type=int, default=None, help="ike: SPI shard this worker owns")
+    service.add_argument(
+        "--shard",
+        type=_shard_argument,
+        default=None,
+        help="ike: SPI shard this worker owns, or `auto`: the lowest free one (claimed on the bus)",
+    )
     service.add_argument("--state-dir", help=argparse.SUPPRESS)
     service.add_argument(
         "--nats-credentials", help="file with this service's NATS user (default: none)"

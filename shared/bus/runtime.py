@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -43,6 +43,9 @@ from ikefarm.shared.observability.tracing import (
     shutdown_tracing,
     tracer,
 )
+
+if TYPE_CHECKING:
+    from ikefarm.shared.observability.metrics import MetricsServer
 
 VERSION = "0.1.0"
 M = TypeVar("M", bound=BusMessage)
@@ -135,6 +138,7 @@ class Runtime:
         self._subscriptions: list[Any] = []
         self._connected = False
         self._last_connect_error = -1e9
+        self.metrics: MetricsServer | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -261,7 +265,25 @@ class Runtime:
             )
         await self.service.setup()
         await subscriptions_in_place(self.nc)
+        self._start_metrics()
         log.audit("service_started", nats=self.nats_url, version=VERSION)
+
+    def _start_metrics(self) -> None:
+        """The Prometheus endpoint (`[telemetry] metrics-listen`), when one is configured.
+
+        An address it cannot bind is logged at level 0; the service runs on without it."""
+        listen = self.options.get("metrics_listen") or self.config.telemetry.metrics_listen
+        if not listen:
+            return
+        from ikefarm.shared.observability.metrics import MetricsServer, StatsCollector
+
+        try:
+            collector = StatsCollector(asyncio.get_running_loop(), self.stats_snapshot)
+            self.metrics = MetricsServer(listen, collector)
+        except (OSError, ValueError) as exc:
+            log.audit("metrics_listen_failed", listen=listen, error=str(exc))
+            return
+        log.control("metrics_listening", listen=listen, port=self.metrics.port)
 
     async def stop(self) -> None:
         log.control("service_draining")
@@ -276,6 +298,9 @@ class Runtime:
                 await asyncio.wait_for(self.nc.drain(), 3)
         if self.service is not None:
             await self.service.teardown()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         log.audit("service_stopped")
         shutdown_tracing()
 
@@ -406,6 +431,10 @@ class Runtime:
         return Pong(self.name, self.instance, VERSION, round(self.uptime(), 3))
 
     async def _handle_stats(self, _request: StatsRequest, _msg: Any) -> Stats:
+        return self.stats_snapshot()
+
+    def stats_snapshot(self) -> Stats:
+        """What the `stats` endpoint answers and the metrics endpoint exports."""
         gauges = self.service.gauges() if self.service else {}
         return Stats(
             service=self.name,

@@ -140,6 +140,15 @@ def _shard_argument(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shard number or `auto`") from None
 
 
+def _listen_argument(text: str) -> str:
+    from ikefarm.shared.config.kinds import ListenAddressError, format_listen, parse_listen
+
+    try:
+        return format_listen(*parse_listen(text))
+    except ListenAddressError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     import os
 
@@ -160,7 +169,11 @@ def cmd_service(args: argparse.Namespace) -> int:
     elif args.master_key_fd is not None:
         print(f"ikefarm {args.name}: --master-key-fd is for the keystore only", file=sys.stderr)
         return 2
-    options: dict[str, Any] = {"shard": args.shard, "config_path": str(Path(path).resolve())}
+    options: dict[str, Any] = {
+        "shard": args.shard,
+        "config_path": str(Path(path).resolve()),
+        "metrics_listen": args.metrics_listen,
+    }
     credentials = getattr(args, "nats_credentials", None) or config.nats.credentials
     if credentials is None:
         credentials = os.environ.get(ENV_CREDENTIALS)
@@ -399,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_shard_argument,
         default=None,
         help="ike: SPI shard this worker owns, or `auto`: the lowest free one (claimed on the bus)",
+    )
+    service.add_argument(
+        "--metrics-listen",
+        type=_listen_argument,
+        default=None,
+        help="ADDRESS:PORT of the Prometheus endpoint (default: [telemetry] metrics-listen)",
     )
     service.add_argument("--state-dir", help=argparse.SUPPRESS)
     service.add_argument(

@@ -25,9 +25,13 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind
 
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import (
@@ -52,6 +56,12 @@ from ikefarm.proto.messages import (
     TrapInstall,
     TrapRemove,
 )
+from ikefarm.services.ike.exchange_traces import (
+    ExchangeTraces,
+    exchange_key,
+    exchange_name,
+    parse_header,
+)
 from ikefarm.services.ike.ppk_client import PpkClient
 from ikefarm.services.ike.shard_claim import (
     RENEW_INTERVAL,
@@ -64,6 +74,7 @@ from ikefarm.shared.dos.admission import WorkerAdmission, local_load
 from ikefarm.shared.dos.limits import dos_limits
 from ikefarm.shared.dos.load import FarmLoad, top_peers
 from ikefarm.shared.ikev2 import management
+from ikefarm.shared.ikev2.constants import HeaderFlag
 from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
     Effect,
@@ -83,9 +94,11 @@ from ikefarm.shared.ikev2.effects import (
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.exchanges.auth_methods import CERT_AUTH
 from ikefarm.shared.ikev2.exchanges.ppk import PPK_MIX
+from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
 from ikefarm.shared.observability.logging import get_logger
+from ikefarm.shared.observability.tracing import tracer
 
 KEYSTORE_TIMEOUT = 2.0
 KERNEL_TIMEOUT = 2.0
@@ -131,6 +144,7 @@ class IkeService(ServiceBase):
         self._wake = asyncio.Event()
         self._stopping = False
         self.watches = management.Watches()
+        self.traces = ExchangeTraces()
         self.ppk_client = PpkClient(self.runtime, KEYSTORE_TIMEOUT)
         self._waiting: dict[int, asyncio.Future[management.Watch]] = {}
         runtime = self.runtime
@@ -212,6 +226,40 @@ class IkeService(ServiceBase):
     # -- inputs -----------------------------------------------------------------------------
 
     async def on_datagram(self, datagram: Datagram, msg: Msg) -> None:
+        header = parse_header(datagram.data)
+        if header is None:  # the engine counts and drops it
+            await self._receive(datagram, msg)
+            return
+        key = exchange_key(header, received=True)
+        known = self.traces.exchange(key)
+        here = trace.get_current_span().get_span_context()
+        # a datagram of a known exchange joins its trace, linked to the one ingress began
+        parent = trace.set_span_in_context(NonRecordingSpan(known)) if known else None
+        with tracer().start_as_current_span(
+            f"ike.exchange {exchange_name(header)}",
+            context=parent,
+            links=[Link(here)] if known and here.is_valid else None,
+            attributes=self._exchange_attributes(header, datagram.remote_address, known),
+        ) as span:
+            if known is None:
+                self.traces.remember(key, span.get_span_context())
+            await self._receive(datagram, msg)
+
+    @staticmethod
+    def _exchange_attributes(
+        header: IkeHeader, peer: str, known: SpanContext | None
+    ) -> dict[str, Any]:
+        return {
+            "ikefarm.ike.spi_i": header.spi_i.hex(),
+            "ikefarm.ike.spi_r": header.spi_r.hex(),
+            "ikefarm.ike.exchange": exchange_name(header),
+            "ikefarm.ike.message_id": header.message_id,
+            "ikefarm.ike.response": bool(header.flags & HeaderFlag.RESPONSE),
+            "ikefarm.ike.joined_exchange": known is not None,
+            "net.peer.ip": peer,
+        }
+
+    async def _receive(self, datagram: Datagram, msg: Msg) -> None:
         try:
             effects = self.engine.receive(
                 datagram.data,
@@ -406,19 +454,54 @@ class IkeService(ServiceBase):
             await self.apply_one(effect)
         self._wake.set()
 
+    @contextlib.contextmanager
+    def _send_span(self, effect: SendDatagram) -> Iterator[None]:
+        """A datagram out, in its exchange's trace: a response or a retransmission joins
+        it; the first request of an exchange this worker starts (timers, commands) begins
+        a trace of its own, linked to the IKE SA's latest exchange and to whatever was
+        current (the command that asked for it)."""
+        header = parse_header(effect.data)
+        if header is None:
+            yield
+            return
+        key = exchange_key(header, received=False)
+        known = self.traces.exchange(key)
+        links = []
+        if known is not None:
+            parent = trace.set_span_in_context(NonRecordingSpan(known))
+        else:
+            parent = otel_context.Context()  # a new trace
+            for linked in (
+                self.traces.sa(header.spi_i),
+                trace.get_current_span().get_span_context(),
+            ):
+                if linked is not None and linked.is_valid:
+                    links.append(Link(linked))
+        with tracer().start_as_current_span(
+            f"ike.send {exchange_name(header)}",
+            context=parent,
+            links=links or None,
+            kind=SpanKind.PRODUCER,
+            attributes=self._exchange_attributes(header, effect.remote.address, known),
+        ) as span:
+            if known is None:
+                self.traces.remember(key, span.get_span_context())
+            yield
+
     async def apply_one(self, effect: Effect) -> None:
         runtime = self.runtime
         if isinstance(effect, SendDatagram):
-            await runtime.publish(
-                subjects.INGRESS_SEND,
-                OutboundDatagram(
-                    effect.local.address,
-                    effect.local.port,
-                    effect.remote.address,
-                    effect.remote.port,
-                    effect.data,
-                ),
-            )
+            with self._send_span(effect):
+                await runtime.publish(
+                    subjects.INGRESS_SEND,
+                    OutboundDatagram(
+                        effect.local.address,
+                        effect.local.port,
+                        effect.remote.address,
+                        effect.remote.port,
+                        effect.data,
+                    ),
+                )
         elif isinstance(effect, SendKeepalive):
             await runtime.publish(
                 subjects.INGRESS_SEND,

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import docker, prerequisites
 from tests.harness.netns import Namespace, wait_for
-from tests.harness.strongswan import Child, Connection, Psk, StrongSwan
+from tests.harness.strongswan import Psk, StrongSwan, net_to_net
 
 pytestmark = [pytest.mark.interop, pytest.mark.compose, pytest.mark.timeout(900)]
 
@@ -187,24 +187,7 @@ def test_compose_stack_with_two_ike_replicas_serves_strongswan(
 
         peer = strongswan_factory(ns)
         peer.load(
-            [
-                Connection(
-                    name="c",
-                    local_addrs=peer_address,
-                    remote_addrs=host_address,
-                    local_id="peer.example",
-                    remote_id="gw.example",
-                    proposals="aes256gcm16-prfsha384-x25519",
-                    children=[
-                        Child(
-                            name="c-net",
-                            local_ts="10.200.0.0/24",
-                            remote_ts="10.100.0.0/24",
-                            esp_proposals="aes256gcm16",
-                        )
-                    ],
-                )
-            ],
+            [net_to_net(peer_address, host_address, local_id="peer.example")],
             psks=[Psk(PSK, ["peer.example", "gw.example"])],
         )
         result = peer.initiate(child="c-net", timeout=30, check=False)

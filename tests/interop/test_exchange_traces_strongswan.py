@@ -17,7 +17,7 @@ import pytest
 
 from tests.harness.gateway import Gateway
 from tests.harness.netns import NetnsPair, wait_for
-from tests.harness.strongswan import Child, Connection, Psk, StrongSwan
+from tests.harness.strongswan import Psk, StrongSwan, net_to_net
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -90,24 +90,7 @@ def test_each_exchange_is_one_connected_trace_and_dpd_retransmits_join_theirs(
     netns_pair.peer.add_address("lo", "10.200.0.1/32")
     peer = strongswan_factory(netns_pair.peer)
     peer.load(
-        [
-            Connection(
-                name="c",
-                local_addrs="192.0.2.2",
-                remote_addrs="192.0.2.1",
-                local_id="a.peer.example",
-                remote_id="gw.example",
-                proposals="aes256gcm16-prfsha384-x25519",
-                children=[
-                    Child(
-                        name="c-net",
-                        local_ts="10.200.0.0/24",
-                        remote_ts="10.100.0.0/24",
-                        esp_proposals="aes256gcm16",
-                    )
-                ],
-            )
-        ],
+        [net_to_net()],
         psks=[Psk(PSK, ["a.peer.example", "gw.example"])],
     )
     peer.initiate(child="c-net", timeout=20)

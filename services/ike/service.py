@@ -161,7 +161,7 @@ class IkeService(ServiceBase):
             await runtime.subscribe(
                 subject, IkeCommand, self.on_command, queue=subjects.QUEUE_IKE_WORKERS
             )
-        await runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_load)
+        await runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_load, traced=False)
         # ingress forwards to a shard only while its owner reports: the first report goes
         # out before this worker counts as started, not up to a LOAD_INTERVAL later
         await self.publish_load()

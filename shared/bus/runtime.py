@@ -374,15 +374,23 @@ class Runtime:
         handler: EventHandler,
         queue: str | None = None,
         span_name: str | None = None,
+        traced: bool = True,
     ) -> None:
-        """An event subscription; bad messages are counted and dropped, never fatal."""
+        """An event subscription; bad messages are counted and dropped, never fatal.
+
+        `traced=False` for periodic reports (the load snapshots every second): a span
+        each would make a trace each, burying the exchanges' traces."""
         assert self.nc is not None
 
         async def on_message(msg: Msg) -> None:
-            with tracer().start_as_current_span(
-                span_name or f"{self.name}.{message_type.KIND}",
-                context=extract_context(msg.headers),
-                kind=SpanKind.CONSUMER,
+            with (
+                tracer().start_as_current_span(
+                    span_name or f"{self.name}.{message_type.KIND}",
+                    context=extract_context(msg.headers),
+                    kind=SpanKind.CONSUMER,
+                )
+                if traced
+                else contextlib.nullcontext(trace.INVALID_SPAN)
             ) as span:
                 try:
                     decoded = envelope.unpack(msg.data, message_type)

@@ -23,16 +23,18 @@ its late retransmission starts a trace of its own.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Generic, TypeVar
+from collections.abc import Hashable, Iterable
+from typing import Any, Generic, TypeVar
 
 from opentelemetry.trace import SpanContext
 
 from ikefarm.shared.ikev2.constants import ExchangeType, HeaderFlag
+from ikefarm.shared.ikev2.effects import Log, PeerFailed, SaEvent
 from ikefarm.shared.ikev2.errors import MalformedMessage
 from ikefarm.shared.ikev2.message import IkeHeader
 
 DEFAULT_CAPACITY = 65536
+MAX_EVENTS = 8  # engine events named on one span
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -95,3 +97,30 @@ class ExchangeTraces:
     def remember(self, key: ExchangeKey, context: SpanContext) -> None:
         self.exchanges.put(key, context)
         self.sas.put(key[0], context)
+
+
+def outcome_attributes(effects: Iterable[Any]) -> dict[str, Any]:
+    """What the engine made of a datagram or a timer, for the span that carries it: the
+    VPN, what happened to SAs (`ike-established`, `child-installed`, ...), the engine's
+    level 0-1 events, and the drop reason of a dropped datagram."""
+    attributes: dict[str, Any] = {}
+    events: list[str] = []
+    outcomes: list[str] = []
+    for effect in effects:
+        if isinstance(effect, Log):
+            if effect.event == "datagram_dropped":
+                attributes["ikefarm.drop_reason"] = str(effect.fields.get("reason", ""))
+            elif effect.level <= 1 and len(events) < MAX_EVENTS:
+                events.append(effect.event)
+        elif isinstance(effect, SaEvent):
+            if effect.vpn:
+                attributes["ikefarm.vpn"] = effect.vpn
+            if len(outcomes) < MAX_EVENTS:
+                outcomes.append(effect.kind)
+        elif isinstance(effect, PeerFailed) and len(outcomes) < MAX_EVENTS:
+            outcomes.append(f"{effect.phase}-phase-failure")
+    if events:
+        attributes["ikefarm.ike.events"] = events
+    if outcomes:
+        attributes["ikefarm.outcome"] = outcomes
+    return attributes

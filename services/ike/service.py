@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import (
@@ -60,6 +61,7 @@ from ikefarm.services.ike.exchange_traces import (
     ExchangeTraces,
     exchange_key,
     exchange_name,
+    outcome_attributes,
     parse_header,
 )
 from ikefarm.services.ike.ppk_client import PpkClient
@@ -107,6 +109,10 @@ MAX_INITIATE_WAIT = 300.0
 LOAD_INTERVAL = 1.0  # s between IkeLoad snapshots when nothing changes
 LOAD_MIN_SPACING = 0.02  # s: changes within this are reported together
 MAX_INGRESS_TRACKED = 1024
+# what the engine made of the effects being applied, for the spans of the datagrams they send
+_OUTCOME: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "ike_outcome", default=None
+)
 
 
 class IkeService(ServiceBase):
@@ -444,6 +450,20 @@ class IkeService(ServiceBase):
             self._last_load = counts
             self.half_open_peak = max(self.half_open_peak, counts[1])
             self._load_dirty.set()
+        outcome = outcome_attributes(effects)
+        span = trace.get_current_span()
+        if outcome and span.is_recording():
+            # the exchange span while it handles a datagram; the sends below carry it too
+            span.set_attributes(outcome)
+            if "ikefarm.drop_reason" in outcome:
+                span.set_status(Status(StatusCode.ERROR, outcome["ikefarm.drop_reason"]))
+        token = _OUTCOME.set(outcome)
+        try:
+            await self._apply(effects)
+        finally:
+            _OUTCOME.reset(token)
+
+    async def _apply(self, effects: list[Effect]) -> None:
         # child SAs go into the kernel before the response that announces them leaves
         installs = [e for e in effects if isinstance(e, InstallChildSa)]
         for effect in installs:
@@ -482,7 +502,8 @@ class IkeService(ServiceBase):
             context=parent,
             links=links or None,
             kind=SpanKind.PRODUCER,
-            attributes=self._exchange_attributes(header, effect.remote.address, known),
+            attributes=self._exchange_attributes(header, effect.remote.address, known)
+            | (_OUTCOME.get() or {}),
         ) as span:
             if known is None:
                 self.traces.remember(key, span.get_span_context())

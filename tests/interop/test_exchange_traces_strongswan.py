@@ -49,6 +49,11 @@ def assert_connected(trace: list[dict[str, Any]]) -> dict[str, Any]:
     return roots[0]
 
 
+def connected(trace: list[dict[str, Any]]) -> bool:
+    ids = {s["span_id"] for s in trace}
+    return all(not s["parent_span_id"] or s["parent_span_id"] in ids for s in trace)
+
+
 def exchange_spans(found: list[dict[str, Any]], name: str, **attrs: Any) -> list[dict[str, Any]]:
     return [
         s
@@ -106,7 +111,9 @@ def test_each_exchange_is_one_connected_trace_and_dpd_retransmits_join_theirs(
         trace = by_trace(found)[starts[0]["trace_id"]]
         services = {s["service"] for s in trace}
         wanted = {"ikefarm-ingress", "ikefarm-ike", "ikefarm-keystore", "ikefarm-kernel"}
-        return trace if wanted <= services else None
+        # each process exports on its own schedule: wait for the response's spans too
+        sent = {"ike.send IKE_AUTH", "ingress.datagram-out"} <= {s["name"] for s in trace}
+        return trace if wanted <= services and sent and connected(trace) else None
 
     trace = wait_for(auth_trace, timeout=30, what=f"the IKE_AUTH trace: {gateway.log_tail()}")
     assert trace is not None
@@ -114,6 +121,10 @@ def test_each_exchange_is_one_connected_trace_and_dpd_retransmits_join_theirs(
     assert root["service"] == "ikefarm-ingress"
     names = [s["name"] for s in trace]
     assert "ike.send IKE_AUTH" in names  # the response left in the same trace
+    (response,) = [s for s in trace if s["name"] == "ike.send IKE_AUTH"]
+    # what came of the exchange, on the span of the response that announces it
+    assert response["attributes"]["ikefarm.vpn"] == "rw"
+    assert "ike-established" in response["attributes"]["ikefarm.outcome"]
     init = exchange_spans(spans(out), "ike.exchange IKE_SA_INIT", spi_i=spi_i)
     assert init and init[0]["trace_id"] != root["trace_id"]  # another exchange, another trace
     auth_span = exchange_spans(trace, "ike.exchange IKE_AUTH", spi_i=spi_i)[0]
@@ -126,7 +137,8 @@ def test_each_exchange_is_one_connected_trace_and_dpd_retransmits_join_theirs(
             if send["parent_span_id"]:
                 continue
             trace = by_trace(found)[send["trace_id"]]
-            if exchange_spans(trace, "ike.exchange INFORMATIONAL", response=True):
+            answered = exchange_spans(trace, "ike.exchange INFORMATIONAL", response=True)
+            if answered and connected(trace):
                 return trace
         return None
 

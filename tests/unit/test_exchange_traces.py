@@ -10,9 +10,11 @@ from ikefarm.services.ike.exchange_traces import (
     ExchangeTraces,
     exchange_key,
     exchange_name,
+    outcome_attributes,
     parse_header,
 )
 from ikefarm.shared.ikev2.constants import ExchangeType, HeaderFlag, PayloadType
+from ikefarm.shared.ikev2.effects import Log, PeerFailed, SaEvent
 from ikefarm.shared.ikev2.message import IkeHeader
 
 SPI_I, SPI_R = bytes.fromhex("0102030405060708"), bytes.fromhex("00050a0b0c0d0e0f")
@@ -59,3 +61,25 @@ def test_any_octets_parse_or_are_refused_without_raising(data: bytes) -> None:
         assert parsed is not None
         exchange_name(parsed)
         exchange_key(parsed, received=True)
+
+
+def test_outcome_names_vpn_sa_events_engine_events_and_drop_reason() -> None:
+    assert outcome_attributes([]) == {}
+    attributes = outcome_attributes(
+        [
+            Log(1, "ike", "ike_sa_established", {"vpn": "rw"}),
+            Log(2, "ike", "detail"),  # below level 1: not named
+            SaEvent("ike-established", 7, "rw"),
+            SaEvent("child-installed", 7, "rw"),
+            PeerFailed("198.51.100.9", "auth", 30.0),
+        ]
+    )
+    assert attributes == {
+        "ikefarm.vpn": "rw",
+        "ikefarm.ike.events": ["ike_sa_established"],
+        "ikefarm.outcome": ["ike-established", "child-installed", "auth-phase-failure"],
+    }
+    dropped = outcome_attributes([Log(2, "encoding", "datagram_dropped", {"reason": "bad_icv"})])
+    assert dropped == {"ikefarm.drop_reason": "bad_icv"}
+    many = outcome_attributes([SaEvent("child-installed", 1, None)] * 50)
+    assert len(many["ikefarm.outcome"]) == 8 and "ikefarm.vpn" not in many

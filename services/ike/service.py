@@ -99,6 +99,7 @@ from ikefarm.shared.ikev2.exchanges.ppk import PPK_MIX
 from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
+from ikefarm.shared.observability.latency import IKE_HANDSHAKE_DURATION
 from ikefarm.shared.observability.logging import get_logger
 from ikefarm.shared.observability.tracing import tracer
 
@@ -450,6 +451,9 @@ class IkeService(ServiceBase):
             self._last_load = counts
             self.half_open_peak = max(self.half_open_peak, counts[1])
             self._load_dirty.set()
+        for effect in effects:
+            if isinstance(effect, SaEvent) and effect.kind == "ike-established":
+                self._handshake_done(effect)
         outcome = outcome_attributes(effects)
         span = trace.get_current_span()
         if outcome and span.is_recording():
@@ -462,6 +466,18 @@ class IkeService(ServiceBase):
             await self._apply(effects)
         finally:
             _OUTCOME.reset(token)
+
+    def _handshake_done(self, event: SaEvent) -> None:
+        """Observe how long the IKE SA took to establish (IKE_SA_INIT to IKE_AUTH)."""
+        for key in ("spi_r", "spi_i"):  # the table is by our SPI: SPIr as responder
+            try:
+                sa = self.engine.sas.get(bytes.fromhex(str(event.detail.get(key, ""))))
+            except ValueError:
+                continue
+            if sa is not None and sa.established_at is not None:
+                seconds = sa.established_at - sa.created_at
+                self.runtime.latencies.observe(IKE_HANDSHAKE_DURATION, seconds)
+                return
 
     async def _apply(self, effects: list[Effect]) -> None:
         # child SAs go into the kernel before the response that announces them leaves

@@ -35,6 +35,7 @@ from ikefarm.proto.envelope import BusError, BusMessage
 from ikefarm.proto.messages import Ping, Pong, Stats, StatsRequest
 from ikefarm.shared.bus.auth import read_credentials
 from ikefarm.shared.config.loader import Config
+from ikefarm.shared.observability.latency import BUS_REQUEST_DURATION, Latencies
 from ikefarm.shared.observability.logging import configure_logging, get_logger
 from ikefarm.shared.observability.tracing import (
     configure_tracing,
@@ -139,6 +140,7 @@ class Runtime:
         self._connected = False
         self._last_connect_error = -1e9
         self.metrics: MetricsServer | None = None
+        self.latencies = Latencies()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -278,7 +280,9 @@ class Runtime:
         from ikefarm.shared.observability.metrics import MetricsServer, StatsCollector
 
         try:
-            collector = StatsCollector(asyncio.get_running_loop(), self.stats_snapshot)
+            collector = StatsCollector(
+                asyncio.get_running_loop(), self.stats_snapshot, self.latencies
+            )
             self.metrics = MetricsServer(listen, collector)
         except (OSError, ValueError) as exc:
             log.audit("metrics_listen_failed", listen=listen, error=str(exc))
@@ -424,10 +428,15 @@ class Runtime:
         timeout: float = 2.0,
     ) -> Any:
         assert self.nc is not None
-        with tracer().start_as_current_span(f"request {subject}", kind=SpanKind.CLIENT):
-            reply = await self.nc.request(
-                subject, envelope.pack(message), timeout=timeout, headers=inject_headers()
-            )
+        started = time.monotonic()
+        try:
+            with tracer().start_as_current_span(f"request {subject}", kind=SpanKind.CLIENT):
+                reply = await self.nc.request(
+                    subject, envelope.pack(message), timeout=timeout, headers=inject_headers()
+                )
+        finally:
+            # a timeout counts with the time it took: slow answers and none look alike
+            self.latencies.observe(BUS_REQUEST_DURATION, time.monotonic() - started, subject)
         return envelope.unpack_reply(reply.data, reply_type)
 
     # --- built-in endpoints ----------------------------------------------------------------

@@ -26,11 +26,22 @@ import asyncio
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ikefarm.proto.messages import Stats
 from ikefarm.shared.config.kinds import parse_listen
+from ikefarm.shared.observability.latency import (
+    BUS_REQUEST_DURATION,
+    IKE_HANDSHAKE_DURATION,
+    LATENCY_BUCKETS,
+    Latencies,
+)
 
 PREFIX = "ikefarm"
 SNAPSHOT_TIMEOUT = 2.0  # s a scrape waits for the event loop
@@ -45,9 +56,22 @@ METRICS: dict[str, tuple[str, str]] = {
     f"{PREFIX}_engine_events_total": ("counter", "the ike engine's counters, by event"),
     f"{PREFIX}_state": ("gauge", "the service's gauges, by name"),
     f"{PREFIX}_state_info": ("gauge", "1 for each textual gauge, its value as a label"),
+    BUS_REQUEST_DURATION: (
+        "histogram",
+        "bus requests this process made (to the keystore, the kernel...), by subject",
+    ),
+    IKE_HANDSHAKE_DURATION: (
+        "histogram",
+        "IKE SA establishment: first message of IKE_SA_INIT to the end of IKE_AUTH",
+    ),
 }
-# what a scrape shows of each: a counter family gets `_total` once (OpenMetrics style)
-METRIC_NAMES: frozenset[str] = frozenset(METRICS)
+HISTOGRAM_SAMPLES = ("_bucket", "_sum", "_count")
+# the sample names a scrape can show (a histogram family shows three)
+METRIC_NAMES: frozenset[str] = frozenset(
+    name + suffix
+    for name, (kind, _help) in METRICS.items()
+    for suffix in (HISTOGRAM_SAMPLES if kind == "histogram" else ("",))
+)
 ENGINE_GAUGE = "engine"  # ike: gauges()["engine"] holds the engine's counters
 
 
@@ -58,6 +82,31 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, 
             yield from flatten(value, f"{name}.")
         else:
             yield name, value
+
+
+HISTOGRAM_LABEL = {BUS_REQUEST_DURATION: "subject", IKE_HANDSHAKE_DURATION: ""}
+
+
+def histogram_families(
+    service: str, instance: str, snapshot: dict[str, dict[str, tuple[list[int], float]]]
+) -> list[Metric]:
+    found: list[Metric] = []
+    for name, series in sorted(snapshot.items()):
+        label = HISTOGRAM_LABEL.get(name)
+        if label is None:
+            continue  # only declared names leave the process
+        labels = ["service", "ikefarm_instance", *([label] if label else [])]
+        family = HistogramMetricFamily(name, METRICS[name][1], labels=labels)
+        for value, (counts, total) in sorted(series.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+            family.add_metric(
+                [service, instance, *([value] if label else [])], buckets, sum_value=total
+            )
+        found.append(family)
+    return found
 
 
 def families(stats: Stats) -> list[Metric]:
@@ -106,21 +155,30 @@ def families(stats: Stats) -> list[Metric]:
 class StatsCollector(Collector):
     """Collects from the service's event loop: `snapshot` runs there, the scrape waits."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], Stats]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        snapshot: Callable[[], Stats],
+        latencies: Latencies | None = None,
+    ) -> None:
         self.loop = loop
         self.snapshot = snapshot
+        self.latencies = latencies
 
     def collect(self) -> Iterator[Metric]:
-        async def take() -> Stats:
-            return self.snapshot()
+        latencies = self.latencies
+
+        async def take() -> tuple[Stats, dict[str, dict[str, tuple[list[int], float]]]]:
+            return self.snapshot(), latencies.snapshot() if latencies else {}
 
         future = asyncio.run_coroutine_threadsafe(take(), self.loop)
         try:
-            stats = future.result(SNAPSHOT_TIMEOUT)
+            stats, histograms = future.result(SNAPSHOT_TIMEOUT)
         except Exception:
             future.cancel()
             return  # a starved loop: an empty scrape, Prometheus marks the target down
         yield from families(stats)
+        yield from histogram_families(stats.service, stats.instance, histograms)
 
 
 class MetricsServer:

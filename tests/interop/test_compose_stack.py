@@ -108,6 +108,17 @@ def scrape(address: str) -> dict[str, float]:
     }
 
 
+def samples(address: str) -> list[tuple[str, dict[str, str], float]]:
+    url = f"http://{address}:{METRICS_PORT}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
 def scrape_or_empty(address: str) -> dict[str, float]:
     try:
         return scrape(address)
@@ -204,6 +215,16 @@ def test_compose_stack_with_two_ike_replicas_serves_strongswan(
         assert sorted(s["established"] for s in states) == [0, 1]
         (kernel,) = stack.addresses("kernel")
         assert scrape(kernel)["children"] == 1
+        # the handshake and the worker's keystore and kernel requests, in its histograms
+        seen = [s for a in workers for s in samples(a)]
+        handshakes = [v for n, _l, v in seen if n == "ikefarm_ike_handshake_duration_seconds_count"]
+        assert sum(handshakes) == 1
+        asked = {
+            labels["subject"]
+            for name, labels, value in seen
+            if name == "ikefarm_bus_request_duration_seconds_count" and value >= 1
+        }
+        assert {"ikefarm.keystore.psk.auth", "ikefarm.kernel.child.install"} <= asked
     finally:
         try:
             stack.compose("down", "-v", "--remove-orphans", "--timeout", "10", timeout=180)

@@ -59,6 +59,8 @@ async def test_ike_worker_metrics_are_its_stats(nats_server: EmbeddedNats, tmp_p
     await worker.start()
     try:
         worker.counters["dropped.test_reason"] += 7  # as a drop the service counted
+        with pytest.raises(Exception):  # noqa: B017 - nobody answers: no responders or timeout
+            await worker.request("ikefarm.kernel.show", StatsRequest(), timeout=0.5)
         samples = await asyncio.to_thread(scrape, metrics_port)
         reply = await worker.nc.request(  # type: ignore[union-attr]
             subjects.instance_endpoint("ike", "ike-m", "stats"),
@@ -80,6 +82,13 @@ async def test_ike_worker_metrics_are_its_stats(nats_server: EmbeddedNats, tmp_p
     # the engine's counters are counters of their own family, by event
     assert {dict(k)["event"] for k in samples.get("ikefarm_engine_events_total", {})} == set(
         stats.gauges["engine"]
+    )
+    # the request that found nobody is in the bus latency histogram, by subject
+    count = samples["ikefarm_bus_request_duration_seconds_count"]
+    assert count[(*ident[:1], *ident[1:], ("subject", "ikefarm.kernel.show"))] == 1
+    buckets = samples["ikefarm_bus_request_duration_seconds_bucket"]
+    assert (
+        buckets[(*ident[:1], ("le", "+Inf"), *ident[1:], ("subject", "ikefarm.kernel.show"))] == 1
     )
     # stopped: nothing listens any more
     with pytest.raises(OSError):

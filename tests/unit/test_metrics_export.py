@@ -141,3 +141,47 @@ def test_up_gives_each_process_its_own_metrics_port(tmp_path) -> None:  # type: 
     ]
     # ingress, ike x2, keystore, kernel, flow: consecutive ports while there are ports
     assert given == ["127.0.0.1:65533", "127.0.0.1:65534", "127.0.0.1:65535", None, None, None]
+
+
+def test_latency_histograms_are_cumulative_and_bounded() -> None:
+    from ikefarm.shared.observability.latency import (
+        BUS_REQUEST_DURATION,
+        IKE_HANDSHAKE_DURATION,
+        MAX_HISTOGRAM_LABELS,
+        Latencies,
+    )
+    from ikefarm.shared.observability.metrics import histogram_families
+
+    latencies = Latencies()
+    for seconds in (0.0005, 0.003, 0.003, 42.0, -1.0):
+        latencies.observe(BUS_REQUEST_DURATION, seconds, "ikefarm.keystore.psk.auth")
+    latencies.observe(IKE_HANDSHAKE_DURATION, 0.2)
+    latencies.observe("not_declared", 1.0)  # never exported
+    for n in range(MAX_HISTOGRAM_LABELS + 5):
+        latencies.observe(BUS_REQUEST_DURATION, 0.01, f"s{n}")
+    assert latencies.dropped == 6  # the keystore subject took one of the label slots
+
+    class Hist(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield from histogram_families("ike", "ike-0", latencies.snapshot())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Hist())
+    samples = [
+        s
+        for f in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in f.samples
+    ]
+    assert {s.name for s in samples} <= METRIC_NAMES
+    keystore = {
+        s.labels.get("le", s.name.rsplit("_", 1)[-1]): s.value
+        for s in samples
+        if s.labels.get("subject") == "ikefarm.keystore.psk.auth"
+    }
+    assert keystore["0.001"] == 2  # 0.0005 and the negative one
+    assert keystore["0.005"] == 4
+    assert keystore["10.0"] == 4 and keystore["+Inf"] == 5
+    assert keystore["count"] == 5
+    handshake = [s for s in samples if s.name == "ikefarm_ike_handshake_duration_seconds_count"]
+    assert [s.value for s in handshake] == [1]
+    assert not any("not_declared" in s.name for s in samples)

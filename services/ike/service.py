@@ -124,6 +124,7 @@ class IkeService(ServiceBase):
     async def setup(self) -> None:
         shard = self.runtime.options.get("shard")
         self.shard_claim: ShardClaim | None = None
+        self._renewer: asyncio.Task[None] | None = None
         if shard == SHARD_AUTO:
             assert self.runtime.nc is not None
             self.shard_claim = ShardClaim(self.runtime.nc, self.runtime.instance)
@@ -174,7 +175,6 @@ class IkeService(ServiceBase):
         await self.publish_load()
         self._timer = asyncio.create_task(self.run_timers())
         self._reporter = asyncio.create_task(self.report_load())
-        self._renewer: asyncio.Task[None] | None = None
         if self.shard_claim is not None:
             self._renewer = asyncio.create_task(self.renew_claim(self.shard_claim))
         self.log.control("ike_worker_ready", shard=self.shard)

@@ -33,6 +33,7 @@ IMAGE = "ikefarm:compose-test"
 CORE = ["nats", "ingress", "ike", "keystore", "kernel", "flow"]
 PSK = "compose-psk-4d1f8a0c2b9e7365"
 METRICS_PORT = 9464
+CLI_CONFIG = ("-c", "/etc/ikefarm/ikefarm.toml")
 
 
 def host_link_addresses() -> tuple[str, str]:
@@ -215,6 +216,15 @@ def test_compose_stack_with_two_ike_replicas_serves_strongswan(
         assert sorted(s["established"] for s in states) == [0, 1]
         (kernel,) = stack.addresses("kernel")
         assert scrape(kernel)["children"] == 1
+        # the CLI in the stack, as user admin: every service instance, both workers
+        status = json.loads(stack.compose("run", "--rm", "cli", "status", "--json", *CLI_CONFIG))
+        kinds = sorted(row["name"] for row in status)
+        assert kinds == ["flow", "ike", "ike", "ingress", "kernel", "keystore"], status
+        show = json.loads(
+            stack.compose("run", "--rm", "cli", "show", "ike-sa", "details", "--json", *CLI_CONFIG)
+        )
+        assert [row["spi_i"] for row in show] == [sa["initiator-spi"]]
+
         # the handshake and the worker's keystore and kernel requests, in its histograms
         seen = [s for a in workers for s in samples(a)]
         handshakes = [v for n, _l, v in seen if n == "ikefarm_ike_handshake_duration_seconds_count"]

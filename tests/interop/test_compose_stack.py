@@ -34,6 +34,7 @@ CORE = ["nats", "ingress", "ike", "keystore", "kernel", "flow"]
 PSK = "compose-psk-4d1f8a0c2b9e7365"
 METRICS_PORT = 9464
 CLI_CONFIG = ("-c", "/etc/ikefarm/ikefarm.toml")
+PROJECT_PREFIX = "ikefarmtest"
 
 
 def host_link_addresses() -> tuple[str, str]:
@@ -44,7 +45,7 @@ def host_link_addresses() -> tuple[str, str]:
 
 class Stack:
     def __init__(self, workdir: Path, docker_host: str, publish: str) -> None:
-        self.project = f"ikefarmtest{os.getpid()}"
+        self.project = f"{PROJECT_PREFIX}{os.getpid()}"
         self.cli = docker.compose_cli() or []
         self.env = {
             **os.environ,
@@ -79,6 +80,22 @@ class Stack:
             "networks": self.docker("network", "ls", "-q", "--filter", label).split(),
             "volumes": self.docker("volume", "ls", "-q", "--filter", label).split(),
         }
+
+    def reap_stale(self) -> list[str]:
+        """`down` the projects of earlier runs of this test whose process is gone (a run
+        killed mid-way leaves its network, whose subnet the next one needs)."""
+        found: set[str] = set()
+        fmt = '{{.Label "com.docker.compose.project"}}'
+        for kind in (["ps", "-a"], ["network", "ls"], ["volume", "ls"]):
+            found.update(self.docker(*kind, "--format", fmt).split())
+        stale = []
+        for project in sorted(found):
+            pid = project.removeprefix(PROJECT_PREFIX)
+            if project == pid or not pid.isdigit() or Path(f"/proc/{pid}").exists():
+                continue
+            self.run([*self.cli, "-p", project, "-f", str(COMPOSE_FILE), "down", "-v"], 180)
+            stale.append(project)
+        return stale
 
     def addresses(self, service: str) -> list[str]:
         ids = self.compose("ps", "-q", service).split()
@@ -175,6 +192,7 @@ def test_compose_stack_with_two_ike_replicas_serves_strongswan(
     docker_host = engine.start()
     stack = Stack(tmp_path, docker_host, host_address)
     try:
+        stack.reap_stale()
         stack.run([str(ROOT / "ops" / "build-base-image"), BASE_IMAGE], timeout=900)
         # every ikefarm service runs the one image: build it once
         stack.compose("build", "nats", timeout=900)

@@ -525,32 +525,27 @@ class IkeService(ServiceBase):
                 self.traces.remember(key, span.get_span_context())
             yield
 
+    async def _send(
+        self, effect: SendDatagram | SendKeepalive, data: bytes, nat_keepalive: bool = False
+    ) -> None:
+        outbound = OutboundDatagram(
+            effect.local.address,
+            effect.local.port,
+            effect.remote.address,
+            effect.remote.port,
+            data,
+            nat_keepalive=nat_keepalive,
+        )
+        await self.runtime.publish(subjects.INGRESS_SEND, outbound)
+
     async def apply_one(self, effect: Effect) -> None:
         runtime = self.runtime
         if isinstance(effect, SendDatagram):
             with self._send_span(effect):
-                await runtime.publish(
-                    subjects.INGRESS_SEND,
-                    OutboundDatagram(
-                        effect.local.address,
-                        effect.local.port,
-                        effect.remote.address,
-                        effect.remote.port,
-                        effect.data,
-                    ),
-                )
+                await self._send(effect, effect.data)
         elif isinstance(effect, SendKeepalive):
-            await runtime.publish(
-                subjects.INGRESS_SEND,
-                OutboundDatagram(
-                    effect.local.address,
-                    effect.local.port,
-                    effect.remote.address,
-                    effect.remote.port,
-                    b"\xff",
-                    nat_keepalive=True,
-                ),
-            )
+            # a NAT-keepalive (RFC 3948 2.3) belongs to no exchange: no span
+            await self._send(effect, b"\xff", nat_keepalive=True)
         elif isinstance(effect, KeystoreRequest):
             self._spawn(self.ask_keystore(effect))
         elif isinstance(effect, InstallTrap):

@@ -77,6 +77,11 @@ def unique_id_key(shard: int) -> str:
     return f"shard-{shard}"
 
 
+# JetStream KV bucket where ike workers started with `--shard auto` claim their shard
+# (services/ike/shard_claim.py); only ike workers read or write it.
+IKE_SHARDS_BUCKET = "ikefarm-ike-shards"
+
+
 # ike -> kernel: child SA install/delete (request/reply).
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
 KERNEL_CHILD_DELETE = f"{PREFIX}.kernel.child.delete"
@@ -239,6 +244,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             EVENT_CHILD_SA,
             KERNEL_TRANSPORT_KEY,
             *_kv_api(UNIQUE_ID_BUCKET),
+            *_kv_api(IKE_SHARDS_BUCKET, watch=True),  # `--shard auto` claims
         ),
         "subscribe": (own_subjects("ike"), EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE),
     },

@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import (
@@ -53,7 +58,20 @@ from ikefarm.proto.messages import (
     TrapRemove,
 )
 from ikefarm.services.ike import unique_ids
+from ikefarm.services.ike.exchange_traces import (
+    ExchangeTraces,
+    exchange_key,
+    exchange_name,
+    outcome_attributes,
+    parse_header,
+)
 from ikefarm.services.ike.ppk_client import PpkClient
+from ikefarm.services.ike.shard_claim import (
+    RENEW_INTERVAL,
+    SHARD_AUTO,
+    ShardClaim,
+    ShardLost,
+)
 from ikefarm.services.ike.transport_keys import TransportKey
 from ikefarm.services.ike.unique_ids import UniqueIds
 from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, ChildKeys, seal_child_keys
@@ -63,6 +81,7 @@ from ikefarm.shared.dos.admission import WorkerAdmission, local_load
 from ikefarm.shared.dos.limits import dos_limits
 from ikefarm.shared.dos.load import FarmLoad, PeerReports
 from ikefarm.shared.ikev2 import management
+from ikefarm.shared.ikev2.constants import HeaderFlag
 from ikefarm.shared.ikev2.effects import (
     DeleteChildSa,
     Effect,
@@ -82,9 +101,12 @@ from ikefarm.shared.ikev2.effects import (
     SendKeepalive,
 )
 from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
+from ikefarm.shared.observability.latency import IKE_HANDSHAKE_DURATION
 from ikefarm.shared.observability.logging import get_logger
+from ikefarm.shared.observability.tracing import tracer
 
 KEYSTORE_TIMEOUT = 2.0
 KERNEL_TIMEOUT = 2.0
@@ -93,6 +115,10 @@ MAX_INITIATE_WAIT = 300.0
 LOAD_INTERVAL = 1.0  # s between IkeLoad snapshots when nothing changes
 LOAD_MIN_SPACING = 0.02  # s: changes within this are reported together
 MAX_INGRESS_TRACKED = 1024
+# what the engine made of the effects being applied, for the spans of the datagrams they send
+_OUTCOME: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "ike_outcome", default=None
+)
 
 
 class IkeService(ServiceBase):
@@ -102,11 +128,19 @@ class IkeService(ServiceBase):
 
     async def setup(self) -> None:
         shard = self.runtime.options.get("shard")
-        self.shard = int(shard) if shard is not None else 0
+        self.shard_claim: ShardClaim | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        if shard == SHARD_AUTO:
+            assert self.runtime.nc is not None
+            self.shard_claim = ShardClaim(self.runtime.nc, self.runtime.instance)
+            self.shard = await self.shard_claim.claim()
+            self.log.control("shard_claimed", shard=self.shard)
+        else:
+            self.shard = int(shard) if shard is not None else 0
         self.admission = WorkerAdmission(
             dos_limits(self.config),
             shard=self.shard,
-            workers=int(self.config.farm.ike_workers),
+            workers=1 if self.shard_claim else int(self.config.farm.ike_workers),
             load=FarmLoad(self.runtime.instance),
         )
         # unique ids reserved farm-wide before the first SA can want one
@@ -142,6 +176,7 @@ class IkeService(ServiceBase):
         self._timer_at = -math.inf
         self._stopping = False
         self.watches = management.Watches()
+        self.traces = ExchangeTraces()
         self.ppk_client = PpkClient(self.runtime, KEYSTORE_TIMEOUT)
         self.kernel_key = TransportKey(self.runtime, subjects.KERNEL_TRANSPORT_KEY, KERNEL_TIMEOUT)
         self._waiting: dict[int, asyncio.Future[management.Watch]] = {}
@@ -159,7 +194,7 @@ class IkeService(ServiceBase):
             await runtime.subscribe(
                 subject, IkeCommand, self.on_command, queue=subjects.QUEUE_IKE_WORKERS
             )
-        await runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_load)
+        await runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_load, traced=False)
         # ingress forwards to a shard only while its owner reports: the first report goes
         # out before this worker counts as started, not up to a LOAD_INTERVAL later
         await self.publish_load()
@@ -168,13 +203,41 @@ class IkeService(ServiceBase):
         self._id_keeper = asyncio.create_task(
             unique_ids.keep_reserved(self._id_bucket, self.unique_ids, self._ids_wanted, self.log)
         )
+        if self.shard_claim is not None:
+            self._renewer = asyncio.create_task(self.renew_claim(self.shard_claim))
         self.log.control("ike_worker_ready", shard=self.shard)
+
+    async def renew_claim(self, claim: ShardClaim) -> None:
+        """Keep this worker's shard; with `--shard auto` the farm's worker count is the
+        number of shards reporting their load (this one included), so each worker's share
+        of the farm-wide limits follows `docker compose up --scale ike=N`."""
+        while True:
+            await asyncio.sleep(RENEW_INTERVAL)
+            # on_load ignores this worker's own reports: the others, plus this one
+            self.admission.workers = 1 + self.admission.load.shards(time.monotonic())
+            try:
+                await claim.renew()
+            except ShardLost as exc:
+                self.log.audit("shard_lost", shard=self.shard, reason=str(exc))
+                self.runtime.request_stop()
+                return
+            except Exception as exc:  # broker away: nats-py reconnects, the TTL is the bound
+                self.runtime.counters["shard_renew_failed"] += 1
+                self.log.control("shard_renew_failed", shard=self.shard, error=type(exc).__name__)
+
+    async def before_drain(self) -> None:
+        if self.shard_claim is not None:
+            if self._renewer is not None:
+                self._renewer.cancel()
+            await self.shard_claim.release()
 
     async def teardown(self) -> None:
         self._stopping = True
         self._timer.cancel()
         self._reporter.cancel()
         self._id_keeper.cancel()
+        if self._renewer is not None:
+            self._renewer.cancel()
         for task in list(self._tasks):
             task.cancel()
         for future in self._waiting.values():
@@ -203,6 +266,40 @@ class IkeService(ServiceBase):
         header = carried_header(datagram)  # read once, by ingress
         if header is None and datagram.spi_i:
             self.runtime.counters["datagram_header_refused"] += 1
+        traced = header or parse_header(datagram.data)
+        if traced is None:  # the engine counts and drops it
+            await self._receive(datagram, msg, header)
+            return
+        key = exchange_key(traced, received=True)
+        known = self.traces.exchange(key)
+        here = trace.get_current_span().get_span_context()
+        # a datagram of a known exchange joins its trace, linked to the one ingress began
+        parent = trace.set_span_in_context(NonRecordingSpan(known)) if known else None
+        with tracer().start_as_current_span(
+            f"ike.exchange {exchange_name(traced)}",
+            context=parent,
+            links=[Link(here)] if known and here.is_valid else None,
+            attributes=self._exchange_attributes(traced, datagram.remote_address, known),
+        ) as span:
+            if known is None:
+                self.traces.remember(key, span.get_span_context())
+            await self._receive(datagram, msg, header)
+
+    @staticmethod
+    def _exchange_attributes(
+        header: IkeHeader, peer: str, known: SpanContext | None
+    ) -> dict[str, Any]:
+        return {
+            "ikefarm.ike.spi_i": header.spi_i.hex(),
+            "ikefarm.ike.spi_r": header.spi_r.hex(),
+            "ikefarm.ike.exchange": exchange_name(header),
+            "ikefarm.ike.message_id": header.message_id,
+            "ikefarm.ike.response": bool(header.flags & HeaderFlag.RESPONSE),
+            "ikefarm.ike.joined_exchange": known is not None,
+            "net.peer.ip": peer,
+        }
+
+    async def _receive(self, datagram: Datagram, msg: Msg, header: IkeHeader | None) -> None:
         try:
             effects = self.engine.receive(
                 datagram.data,
@@ -419,6 +516,35 @@ class IkeService(ServiceBase):
             self._last_load = counts
             self.half_open_peak = max(self.half_open_peak, counts[1])
             self._load_dirty.set()
+        for effect in effects:
+            if isinstance(effect, SaEvent) and effect.kind == "ike-established":
+                self._handshake_done(effect)
+        outcome = outcome_attributes(effects)
+        span = trace.get_current_span()
+        if outcome and span.is_recording():
+            # the exchange span while it handles a datagram; the sends below carry it too
+            span.set_attributes(outcome)
+            if "ikefarm.drop_reason" in outcome:
+                span.set_status(Status(StatusCode.ERROR, outcome["ikefarm.drop_reason"]))
+        token = _OUTCOME.set(outcome)
+        try:
+            await self._apply(effects)
+        finally:
+            _OUTCOME.reset(token)
+
+    def _handshake_done(self, event: SaEvent) -> None:
+        """Observe how long the IKE SA took to establish (IKE_SA_INIT to IKE_AUTH)."""
+        for key in ("spi_r", "spi_i"):  # the table is by our SPI: SPIr as responder
+            try:
+                sa = self.engine.sas.get(bytes.fromhex(str(event.detail.get(key, ""))))
+            except ValueError:
+                continue
+            if sa is not None and sa.established_at is not None:
+                seconds = sa.established_at - sa.created_at
+                self.runtime.latencies.observe(IKE_HANDSHAKE_DURATION, seconds)
+                return
+
+    async def _apply(self, effects: list[Effect]) -> None:
         # child SAs go into the kernel before the response that announces them leaves
         installs = [e for e in effects if isinstance(e, InstallChildSa)]
         for effect in installs:
@@ -431,31 +557,62 @@ class IkeService(ServiceBase):
         if deadline is not None and deadline < self._timer_at:
             self._wake.set()
 
+    @contextlib.contextmanager
+    def _send_span(self, effect: SendDatagram) -> Iterator[None]:
+        """A datagram out, in its exchange's trace: a response or a retransmission joins
+        it; the first request of an exchange this worker starts (timers, commands) begins
+        a trace of its own, linked to the IKE SA's latest exchange and to whatever was
+        current (the command that asked for it)."""
+        header = parse_header(effect.data)
+        if header is None:
+            yield
+            return
+        key = exchange_key(header, received=False)
+        known = self.traces.exchange(key)
+        links = []
+        if known is not None:
+            parent = trace.set_span_in_context(NonRecordingSpan(known))
+        else:
+            parent = otel_context.Context()  # a new trace
+            for linked in (
+                self.traces.sa(header.spi_i),
+                trace.get_current_span().get_span_context(),
+            ):
+                if linked is not None and linked.is_valid:
+                    links.append(Link(linked))
+        with tracer().start_as_current_span(
+            f"ike.send {exchange_name(header)}",
+            context=parent,
+            links=links or None,
+            kind=SpanKind.PRODUCER,
+            attributes=self._exchange_attributes(header, effect.remote.address, known)
+            | (_OUTCOME.get() or {}),
+        ) as span:
+            if known is None:
+                self.traces.remember(key, span.get_span_context())
+            yield
+
+    async def _send(
+        self, effect: SendDatagram | SendKeepalive, data: bytes, nat_keepalive: bool = False
+    ) -> None:
+        outbound = OutboundDatagram(
+            effect.local.address,
+            effect.local.port,
+            effect.remote.address,
+            effect.remote.port,
+            data,
+            nat_keepalive=nat_keepalive,
+        )
+        await self.runtime.publish(subjects.INGRESS_SEND, outbound)
+
     async def apply_one(self, effect: Effect) -> None:
         runtime = self.runtime
         if isinstance(effect, SendDatagram):
-            await runtime.publish(
-                subjects.INGRESS_SEND,
-                OutboundDatagram(
-                    effect.local.address,
-                    effect.local.port,
-                    effect.remote.address,
-                    effect.remote.port,
-                    effect.data,
-                ),
-            )
+            with self._send_span(effect):
+                await self._send(effect, effect.data)
         elif isinstance(effect, SendKeepalive):
-            await runtime.publish(
-                subjects.INGRESS_SEND,
-                OutboundDatagram(
-                    effect.local.address,
-                    effect.local.port,
-                    effect.remote.address,
-                    effect.remote.port,
-                    b"\xff",
-                    nat_keepalive=True,
-                ),
-            )
+            # a NAT-keepalive (RFC 3948 2.3) belongs to no exchange: no span
+            await self._send(effect, b"\xff", nat_keepalive=True)
         elif isinstance(effect, KeystoreRequest):
             self._spawn(self.ask_keystore(effect))
         elif isinstance(effect, InstallTrap):

@@ -238,8 +238,10 @@ class IngressService(ServiceBase):
         )
         await self.secrets.start()
         self.router.owners = ShardOwners(time.monotonic(), OWNERS_LEARNING)
-        await self.runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_ike_load)
-        await self.runtime.subscribe(subjects.INGRESS_LOAD, IngressLoad, self.on_ingress_load)
+        await self.runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_ike_load, traced=False)
+        await self.runtime.subscribe(
+            subjects.INGRESS_LOAD, IngressLoad, self.on_ingress_load, traced=False
+        )
         await self.runtime.subscribe(subjects.INGRESS_BACKOFF, PeerBackoff, self.on_backoff)
         self.log.control("dos_gate", cookie_mode=self.gate.limits.cookie_mode)
         self._load_task = asyncio.create_task(self._report_load(), name="ingress-load")

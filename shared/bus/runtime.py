@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -35,6 +35,7 @@ from ikefarm.proto.envelope import BusError, BusMessage
 from ikefarm.proto.messages import Ping, Pong, Stats, StatsRequest
 from ikefarm.shared.bus.auth import read_credentials
 from ikefarm.shared.config.loader import Config
+from ikefarm.shared.observability.latency import BUS_REQUEST_DURATION, Latencies
 from ikefarm.shared.observability.logging import configure_logging, get_logger
 from ikefarm.shared.observability.tracing import (
     configure_tracing,
@@ -43,6 +44,9 @@ from ikefarm.shared.observability.tracing import (
     shutdown_tracing,
     tracer,
 )
+
+if TYPE_CHECKING:
+    from ikefarm.shared.observability.metrics import MetricsServer
 
 VERSION = "0.1.0"
 M = TypeVar("M", bound=BusMessage)
@@ -98,6 +102,9 @@ class ServiceBase:
     async def setup(self) -> None:
         """Declare endpoints and subscriptions."""
 
+    async def before_drain(self) -> None:
+        """Give back what other processes wait for (a claimed shard) while still connected."""
+
     async def teardown(self) -> None:
         """Release what setup() took; called after the connection drained."""
 
@@ -132,6 +139,8 @@ class Runtime:
         self._subscriptions: list[Any] = []
         self._connected = False
         self._last_connect_error = -1e9
+        self.metrics: MetricsServer | None = None
+        self.latencies = Latencies()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -258,18 +267,44 @@ class Runtime:
             )
         await self.service.setup()
         await subscriptions_in_place(self.nc)
+        self._start_metrics()
         log.audit("service_started", nats=self.nats_url, version=VERSION)
+
+    def _start_metrics(self) -> None:
+        """The Prometheus endpoint (`[telemetry] metrics-listen`), when one is configured.
+
+        An address it cannot bind is logged at level 0; the service runs on without it."""
+        listen = self.options.get("metrics_listen") or self.config.telemetry.metrics_listen
+        if not listen:
+            return
+        from ikefarm.shared.observability.metrics import MetricsServer, StatsCollector
+
+        try:
+            collector = StatsCollector(
+                asyncio.get_running_loop(), self.stats_snapshot, self.latencies
+            )
+            self.metrics = MetricsServer(listen, collector)
+        except (OSError, ValueError) as exc:
+            log.audit("metrics_listen_failed", listen=listen, error=str(exc))
+            return
+        log.control("metrics_listening", listen=listen, port=self.metrics.port)
 
     async def stop(self) -> None:
         log.control("service_draining")
         if self.micro is not None:
             with contextlib.suppress(Exception):
                 await self.micro.stop()
+        if self.service is not None and self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.service.before_drain()
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), 3)
         if self.service is not None:
             await self.service.teardown()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         log.audit("service_stopped")
         shutdown_tracing()
 
@@ -343,15 +378,23 @@ class Runtime:
         handler: EventHandler,
         queue: str | None = None,
         span_name: str | None = None,
+        traced: bool = True,
     ) -> None:
-        """An event subscription; bad messages are counted and dropped, never fatal."""
+        """An event subscription; bad messages are counted and dropped, never fatal.
+
+        `traced=False` for periodic reports (the load snapshots every second): a span
+        each would make a trace each, burying the exchanges' traces."""
         assert self.nc is not None
 
         async def on_message(msg: Msg) -> None:
-            with tracer().start_as_current_span(
-                span_name or f"{self.name}.{message_type.KIND}",
-                context=extract_context(msg.headers),
-                kind=SpanKind.CONSUMER,
+            with (
+                tracer().start_as_current_span(
+                    span_name or f"{self.name}.{message_type.KIND}",
+                    context=extract_context(msg.headers),
+                    kind=SpanKind.CONSUMER,
+                )
+                if traced
+                else contextlib.nullcontext(trace.INVALID_SPAN)
             ) as span:
                 try:
                     decoded = envelope.unpack(msg.data, message_type)
@@ -385,10 +428,15 @@ class Runtime:
         timeout: float = 2.0,
     ) -> Any:
         assert self.nc is not None
-        with tracer().start_as_current_span(f"request {subject}", kind=SpanKind.CLIENT):
-            reply = await self.nc.request(
-                subject, envelope.pack(message), timeout=timeout, headers=inject_headers()
-            )
+        started = time.monotonic()
+        try:
+            with tracer().start_as_current_span(f"request {subject}", kind=SpanKind.CLIENT):
+                reply = await self.nc.request(
+                    subject, envelope.pack(message), timeout=timeout, headers=inject_headers()
+                )
+        finally:
+            # a timeout counts with the time it took: slow answers and none look alike
+            self.latencies.observe(BUS_REQUEST_DURATION, time.monotonic() - started, subject)
         return envelope.unpack_reply(reply.data, reply_type)
 
     # --- built-in endpoints ----------------------------------------------------------------
@@ -400,6 +448,10 @@ class Runtime:
         return Pong(self.name, self.instance, VERSION, round(self.uptime(), 3))
 
     async def _handle_stats(self, _request: StatsRequest, _msg: Any) -> Stats:
+        return self.stats_snapshot()
+
+    def stats_snapshot(self) -> Stats:
+        """What the `stats` endpoint answers and the metrics endpoint exports."""
         gauges = self.service.gauges() if self.service else {}
         return Stats(
             service=self.name,

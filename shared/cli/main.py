@@ -134,6 +134,24 @@ def _preflight_all(config: Config) -> int:
     return 0
 
 
+def _shard_argument(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shard number or `auto`") from None
+
+
+def _listen_argument(text: str) -> str:
+    from ikefarm.shared.config.kinds import ListenAddressError, format_listen, parse_listen
+
+    try:
+        return format_listen(*parse_listen(text))
+    except ListenAddressError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     import os
 
@@ -154,7 +172,11 @@ def cmd_service(args: argparse.Namespace) -> int:
     elif args.master_key_fd is not None:
         print(f"ikefarm {args.name}: --master-key-fd is for the keystore only", file=sys.stderr)
         return 2
-    options: dict[str, Any] = {"shard": args.shard, "config_path": str(Path(path).resolve())}
+    options: dict[str, Any] = {
+        "shard": args.shard,
+        "config_path": str(Path(path).resolve()),
+        "metrics_listen": args.metrics_listen,
+    }
     credentials = getattr(args, "nats_credentials", None) or config.nats.credentials
     if credentials is None:
         credentials = os.environ.get(ENV_CREDENTIALS)
@@ -414,7 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("-c", "--config", help="TOML config")
     service.add_argument("--nats", help="NATS URL (default: [nats] url or the running `up`)")
     service.add_argument("--instance", help="instance name (default: service-host-pid)")
-    service.add_argument("--shard", type=int, default=None, help="ike: SPI shard this worker owns")
+    service.add_argument(
+        "--shard",
+        type=_shard_argument,
+        default=None,
+        help="ike: SPI shard this worker owns, or `auto`: the lowest free one (claimed on the bus)",
+    )
+    service.add_argument(
+        "--metrics-listen",
+        type=_listen_argument,
+        default=None,
+        help="ADDRESS:PORT of the Prometheus endpoint (default: [telemetry] metrics-listen)",
+    )
     service.add_argument("--state-dir", help=argparse.SUPPRESS)
     service.add_argument(
         "--nats-credentials", help="file with this service's NATS user (default: none)"

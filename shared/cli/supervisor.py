@@ -43,6 +43,7 @@ from ikefarm.shared.bus.embedded import (
     default_state_dir,
     die_with_parent,
 )
+from ikefarm.shared.config.kinds import format_listen, parse_listen
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.observability.logging import get_logger
 from ikefarm.shared.udp_endpoints import (
@@ -174,6 +175,14 @@ def plan_children(
                 service_argv(service, config_path, nats_url, name, None, credentials_dir),
             )
         )
+    if config.telemetry.metrics_listen:
+        # one host, one port each: the configured one, then the next ones in this order
+        address, port = parse_listen(config.telemetry.metrics_listen)
+        for offset, child in enumerate(children):
+            if port + offset > 65535:
+                log.audit("metrics_port_exhausted", instance=child.instance, base=port)
+                continue
+            child.argv += ["--metrics-listen", format_listen(address, port + offset)]
     return children
 
 

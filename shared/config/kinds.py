@@ -392,6 +392,56 @@ class Address(Kind):
         return "IPv4/IPv6 address" + (' | "any"' if self.allow_any else "")
 
 
+class ListenAddressError(ValueError):
+    pass
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`ADDRESS:PORT` or `[IPv6]:PORT` -> (address, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ListenAddressError("must be ADDRESS:PORT ([IPv6]:PORT)")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    elif ":" in host:
+        raise ListenAddressError("an IPv6 address goes in brackets: [ADDRESS]:PORT")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ListenAddressError(f"{host!r} is not an IP address") from None
+    if bracketed and address.version != 6:
+        raise ListenAddressError("brackets are for an IPv6 address")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ListenAddressError(f"port {port_text!r} is not 1-65535")
+    return str(address), int(port_text)
+
+
+def format_listen(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+@dataclass
+class ListenEndpoint(Kind):
+    """`ADDRESS:PORT` (`[IPv6]:PORT`) a service listens on, or "" for none."""
+
+    default: str | None = ""
+    doc: str = ""
+
+    def parse(self, raw: Any) -> str:
+        if not isinstance(raw, str):
+            raise ValueRefused('must be "ADDRESS:PORT" or ""')
+        if raw == "":
+            return raw
+        try:
+            return format_listen(*parse_listen(raw))
+        except ListenAddressError as exc:
+            raise ValueRefused(str(exc)) from None
+
+    def describe(self) -> str:
+        return 'ADDRESS:PORT | "" (off)'
+
+
 @dataclass
 class Network(Kind):
     default: str | None = None

@@ -23,6 +23,7 @@ from ikefarm.shared.config.kinds import (
     IntOrKeyword,
     Kind,
     LevelOrDisable,
+    ListenEndpoint,
     ListOf,
     Network,
     RateKind,
@@ -396,6 +397,11 @@ SCHEMA = Section(
         "telemetry": Section(
             {
                 "otlp-endpoint": Text(default="", doc="OTLP/HTTP traces endpoint; empty = off"),
+                "metrics-listen": ListenEndpoint(
+                    default="",
+                    doc="Prometheus /metrics of each service process; empty = off; "
+                    "`up` gives its processes this port and the next ones",
+                ),
                 "log-format": Choice(("json", "console"), default="json"),
             },
             doc="ikefarm: traces and log format",

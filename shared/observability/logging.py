@@ -8,13 +8,24 @@ A message of level N from subsystem S is written once for each facility
 
 Secrets never leave below level 4: the `redact` processor replaces `Secret`
 objects and any field whose name marks key material before rendering.
+
+Where lines go: JSON lines on stderr always (what containers collect), and, when
+the host has a syslog socket (`/dev/log`), each line also to syslog with the
+facility it was written for (daemon = 3, authpriv = 10, RFC 5424 6.2.1), tagged
+`ikefarm-<service>[pid]`, its severity from the level (0 notice, 1 info, 2-4 debug).
+The socket is written without blocking: a line syslog cannot take now is dropped
+and counted (`syslog_dropped`), never waited for.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import stat
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
@@ -60,7 +71,16 @@ SENSITIVE_FIELDS = frozenset(
     }
 )
 
+SYSLOG_SOCKET = "/dev/log"
+SYSLOG_FACILITY = {"daemon": 3, "authpriv": 10}  # RFC 5424 6.2.1
+SYSLOG_SEVERITY = {0: 5, 1: 6}  # notice, info; every other level debug (7)
+SYSLOG_DEBUG = 7
+# the seed's words about level 4
+SENSITIVE_WARNING = "level 4 also includes sensitive material in dumps, e.g. keys"
+
 _levels: dict[str, dict[str, int | None]] = {}
+_syslog: socket.socket | None = None
+syslog_dropped = 0
 _stream: TextIO = sys.stderr
 _context: dict[str, Any] = {}
 _logger: Any = None  # the configured structlog logger (None: structlog's default, lazily)
@@ -79,15 +99,35 @@ def _facility_levels(
     return levels
 
 
+def _open_syslog(path: str | None) -> socket.socket | None:
+    """A non-blocking datagram socket connected to the syslog socket, if there is one."""
+    if not path:
+        return None
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
+
+
 def configure_logging(
     service: str,
     instance: str,
     logging_config: Mapping[str, Any] | None = None,
     stream: TextIO | None = None,
     log_format: str = "json",
+    syslog_path: str | None = SYSLOG_SOCKET,
 ) -> None:
     """Set the per-facility levels from `[ike.logging]` and where lines go."""
-    global _stream, _logger
+    global _stream, _logger, _syslog
     logging_config = logging_config or {}
     _levels["daemon"] = _facility_levels(logging_config.get("daemon"), 0)
     _levels["authpriv"] = _facility_levels(logging_config.get("authpriv"), "disable")
@@ -97,6 +137,9 @@ def configure_logging(
     _stream = stream or sys.stderr
     _context.clear()
     _context.update(service=service, instance=instance)
+    if _syslog is not None:
+        _syslog.close()
+    _syslog = _open_syslog(syslog_path)
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=False)
         if log_format == "json"
@@ -108,6 +151,7 @@ def configure_logging(
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             add_trace_ids,
             redact,
+            to_syslog,
             renderer,
         ],
         wrapper_class=structlog.BoundLogger,
@@ -117,6 +161,31 @@ def configure_logging(
     logging.basicConfig(level=logging.WARNING, stream=_stream)
     # bound once per configuration: a lazy proxy rebuilds its processor chain per line
     _logger = structlog.get_logger().bind()
+    for facility, levels in _levels.items():
+        if any(level == SENSITIVE_LEVEL for level in levels.values()):
+            get_logger("daemon").audit(
+                "sensitive_logging_enabled", log_facility=facility, warning=SENSITIVE_WARNING
+            )
+
+
+def to_syslog(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Send the (already redacted) line to syslog with its facility; stderr gets it too."""
+    global syslog_dropped
+    if _syslog is None:
+        return event
+    facility = SYSLOG_FACILITY.get(str(event.get("facility")), SYSLOG_FACILITY["daemon"])
+    level = event.get("level")
+    severity = SYSLOG_SEVERITY.get(level, SYSLOG_DEBUG) if isinstance(level, int) else 6
+    stamp = time.strftime("%b %e %H:%M:%S")
+    tag = f"ikefarm-{_context.get('service', 'cli')}[{os.getpid()}]"
+    body = json.dumps(dict(event), default=str, separators=(",", ":"))
+    try:
+        _syslog.send(f"<{facility * 8 + severity}>{stamp} {tag}: {body}".encode())
+    except OSError:  # full (EAGAIN), syslogd gone, line too long: dropped, counted
+        syslog_dropped += 1
+    return event
 
 
 def add_trace_ids(

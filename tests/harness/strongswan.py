@@ -765,3 +765,32 @@ class StrongSwan:
 def host(addr: str) -> str:
     """Normalise an address as charon prints it (compressed IPv6)."""
     return str(ipaddress.ip_address(addr))
+
+
+def net_to_net(
+    local_addrs: str = "192.0.2.2",
+    remote_addrs: str = "192.0.2.1",
+    local_id: str = "a.peer.example",
+    remote_id: str = "gw.example",
+    *,
+    name: str = "c",
+    esp_proposals: str = "aes256gcm16",
+) -> Connection:
+    """The peer side every PSK responder test starts from: connection `c`, child `c-net`
+    10.200.0.0/24 <-> 10.100.0.0/24, AES-GCM-256 with x25519."""
+    return Connection(
+        name=name,
+        local_addrs=local_addrs,
+        remote_addrs=remote_addrs,
+        local_id=local_id,
+        remote_id=remote_id,
+        proposals="aes256gcm16-prfsha384-x25519",
+        children=[
+            Child(
+                name=f"{name}-net",
+                local_ts="10.200.0.0/24",
+                remote_ts="10.100.0.0/24",
+                esp_proposals=esp_proposals,
+            )
+        ],
+    )

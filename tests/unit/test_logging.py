@@ -57,7 +57,10 @@ def test_secrets_are_redacted_below_level_4() -> None:
     )
     log.at(4, "keys", sk_d="aabbcc")
     text = stream.getvalue()
-    first, second = lines(stream)
+    warning, first, second = lines(stream)
+    # asked for level 4: said at start, in the seed's words, at level 0
+    assert warning["event"] == "sensitive_logging_enabled" and warning["level"] == 0
+    assert "sensitive material" in warning["warning"]
     assert "hunter2" not in json.dumps(first) and "aabbcc" not in json.dumps(first)
     assert first["sk_d"] == "<redacted>" and first["nested"]["psk"] == "<redacted>"
     assert second["sk_d"] == "aabbcc"

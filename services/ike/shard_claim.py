@@ -1,0 +1,93 @@
+"""`--shard auto`: an ike worker claims the lowest free SPI shard in a JetStream KV bucket.
+
+`ikefarm up` numbers its workers itself; a worker started by a container
+orchestrator (`docker compose up --scale ike=N`) has nobody to number it. Such
+a worker creates the key `shard-<N>` of the bucket `subjects.IKE_SHARDS_BUCKET`
+for the lowest N whose key does not exist: KV create is atomic on the broker,
+so two workers starting together never get the same shard. The worker renews
+its key (compare-and-set on the revision it holds) every `RENEW_INTERVAL`; the
+bucket's age limit (`CLAIM_TTL`) frees the key of a worker that died without
+deleting it, so its replacement takes the same shard. A worker that finds its
+key taken by another (it was stopped longer than the TTL) exits, and its
+orchestrator restarts it with a fresh claim; two owners of one shard would
+split its SAs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ServiceUnavailableError
+
+from ikefarm.proto import subjects
+from ikefarm.proto.sharding import MAX_SHARDS
+from ikefarm.shared.bus.runtime import ServiceUnavailable
+
+SHARD_AUTO = "auto"  # `ikefarm service ike --shard auto`
+CLAIM_TTL = 10.0  # s: a claim not renewed for this long is free again
+RENEW_INTERVAL = 2.0  # s
+
+
+def claim_key(shard: int) -> str:
+    return f"shard-{shard}"
+
+
+class ShardLost(RuntimeError):
+    """Another worker holds the shard this one claimed."""
+
+
+class ShardClaim:
+    def __init__(self, nc: Client, instance: str, max_shards: int = MAX_SHARDS) -> None:
+        self.nc = nc
+        self.instance = instance.encode()
+        self.max_shards = max_shards
+        self.shard: int | None = None
+        self._revision = 0
+        self._kv: Any = None
+
+    async def _bucket(self) -> Any:
+        js = self.nc.jetstream()
+        try:
+            return await js.create_key_value(
+                bucket=subjects.IKE_SHARDS_BUCKET, history=1, ttl=CLAIM_TTL
+            )
+        except ServiceUnavailableError:
+            raise ServiceUnavailable(
+                "`--shard auto` claims a shard in a JetStream KV bucket "
+                f"({subjects.IKE_SHARDS_BUCKET}): enable JetStream on the NATS server "
+                "(nats-server -js)"
+            ) from None
+
+    async def claim(self) -> int:
+        """The lowest shard no live worker holds, now held by this one."""
+        self._kv = await self._bucket()
+        for shard in range(self.max_shards):
+            try:
+                self._revision = await self._kv.create(claim_key(shard), self.instance)
+            except KeyWrongLastSequenceError:
+                continue
+            self.shard = shard
+            return shard
+        raise ServiceUnavailable(f"every one of the {self.max_shards} ike shards is claimed")
+
+    async def renew(self) -> None:
+        """Refresh the claim; ShardLost when another worker holds the key now."""
+        assert self._kv is not None and self.shard is not None
+        key = claim_key(self.shard)
+        try:
+            self._revision = await self._kv.update(key, self.instance, last=self._revision)
+        except KeyWrongLastSequenceError:
+            # expired while we were stopped: take it again unless another worker did
+            try:
+                self._revision = await self._kv.create(key, self.instance)
+            except KeyWrongLastSequenceError:
+                raise ShardLost(f"shard {self.shard} is held by another worker") from None
+
+    async def release(self) -> None:
+        if self._kv is None or self.shard is None:
+            return
+        with contextlib.suppress(KeyNotFoundError, Exception):
+            await asyncio.wait_for(self._kv.delete(claim_key(self.shard)), 2.0)

@@ -1,0 +1,261 @@
+"""The compose stack for real: build the ikefarm image on a local docker engine, bring up
+NATS and the ikefarm services with two `ike` replicas, and let a real strongSwan in a
+namespace establish through ingress's published ports; `down` leaves nothing behind.
+
+No image registry is reachable here: the image is built FROM a base image made with
+debootstrap (ops/build-base-image, cached). The collector, Jaeger, Prometheus and
+Grafana images cannot be had, so those services are checked statically
+(tests/unit/test_compose_static.py) and not started here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import docker, prerequisites
+from tests.harness.netns import Namespace, wait_for
+from tests.harness.strongswan import Psk, StrongSwan, net_to_net
+
+pytestmark = [pytest.mark.interop, pytest.mark.compose, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
+BASE_IMAGE = "ikefarm-base:bookworm-py311"
+IMAGE = "ikefarm:compose-test"
+CORE = ["nats", "ingress", "ike", "keystore", "kernel", "flow"]
+PSK = "compose-psk-4d1f8a0c2b9e7365"
+METRICS_PORT = 9464
+CLI_CONFIG = ("-c", "/etc/ikefarm/ikefarm.toml")
+PROJECT_PREFIX = "ikefarmtest"
+
+
+def host_link_addresses() -> tuple[str, str]:
+    """A /30 of 198.51.100.0/24 for this process: (host side, peer side)."""
+    base = 4 * (os.getpid() % 63 + 1)
+    return f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
+
+
+class Stack:
+    def __init__(self, workdir: Path, docker_host: str, publish: str) -> None:
+        self.project = f"{PROJECT_PREFIX}{os.getpid()}"
+        self.cli = docker.compose_cli() or []
+        self.env = {
+            **os.environ,
+            "DOCKER_HOST": docker_host,
+            "IKEFARM_IMAGE": IMAGE,
+            "IKEFARM_BASE_IMAGE": BASE_IMAGE,
+            "IKEFARM_BUILD_NETWORK": "host",
+            "IKEFARM_CONFIG": str(workdir / "ikefarm.toml"),
+            "IKEFARM_SECRETS": str(workdir / "secrets"),
+            "IKEFARM_PUBLISH_ADDRESS": publish,
+        }
+
+    def run(self, argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        assert result.returncode == 0, f"{argv}: {result.stdout[-2000:]}{result.stderr[-3000:]}"
+        return result
+
+    def compose(self, *args: str, timeout: float = 600) -> str:
+        return self.run(
+            [*self.cli, "-p", self.project, "-f", str(COMPOSE_FILE), *args], timeout
+        ).stdout
+
+    def docker(self, *args: str) -> str:
+        return self.run(["docker", *args], 120).stdout
+
+    def left_behind(self) -> dict[str, list[str]]:
+        label = f"label=com.docker.compose.project={self.project}"
+        return {
+            "containers": self.docker("ps", "-aq", "--filter", label).split(),
+            "networks": self.docker("network", "ls", "-q", "--filter", label).split(),
+            "volumes": self.docker("volume", "ls", "-q", "--filter", label).split(),
+        }
+
+    def reap_stale(self) -> list[str]:
+        """`down` the projects of earlier runs of this test whose process is gone (a run
+        killed mid-way leaves its network, whose subnet the next one needs)."""
+        found: set[str] = set()
+        fmt = '{{.Label "com.docker.compose.project"}}'
+        for kind in (["ps", "-a"], ["network", "ls"], ["volume", "ls"]):
+            found.update(self.docker(*kind, "--format", fmt).split())
+        stale = []
+        for project in sorted(found):
+            pid = project.removeprefix(PROJECT_PREFIX)
+            if project == pid or not pid.isdigit() or Path(f"/proc/{pid}").exists():
+                continue
+            self.run([*self.cli, "-p", project, "-f", str(COMPOSE_FILE), "down", "-v"], 180)
+            stale.append(project)
+        return stale
+
+    def addresses(self, service: str) -> list[str]:
+        ids = self.compose("ps", "-q", service).split()
+        found = []
+        for container in ids:
+            info = json.loads(self.docker("inspect", container))[0]
+            for network in info["NetworkSettings"]["Networks"].values():
+                found.append(network["IPAddress"])
+        return found
+
+    def logs(self) -> str:
+        try:
+            return self.compose("logs", "--no-color", "--tail", "60", timeout=60)[-6000:]
+        except AssertionError as exc:
+            return str(exc)
+
+
+def scrape(address: str) -> dict[str, float]:
+    """`ikefarm_state` of one container's metrics endpoint: {gauge name: value}."""
+    url = f"http://{address}:{METRICS_PORT}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        sample.labels["name"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "ikefarm_state"
+    }
+
+
+def samples(address: str) -> list[tuple[str, dict[str, str], float]]:
+    url = f"http://{address}:{METRICS_PORT}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def scrape_or_empty(address: str) -> dict[str, float]:
+    try:
+        return scrape(address)
+    except OSError:
+        return {}
+
+
+def stack_config(workdir: Path) -> Path:
+    """compose/ikefarm.toml as shipped, with this test's PSK and no collector to send to."""
+    text = (ROOT / "compose" / "ikefarm.toml").read_text()
+    text = text.replace('secret = "0sc2VjcmV0LXNlY3JldC1zZWNyZXQ="', f'secret = "{PSK}"')
+    text = text.replace('otlp-endpoint = "http://otel-collector:4318"', 'otlp-endpoint = ""')
+    assert PSK in text and 'otlp-endpoint = ""' in text
+    path = workdir / "ikefarm.toml"
+    path.write_text(text)
+    path.chmod(0o644)  # the services read it as the image's ikefarm user
+    return path
+
+
+@pytest.fixture
+def peer_namespace() -> Iterator[tuple[Namespace, str, str]]:
+    """A namespace linked to the host's, where the published ports are: (ns, host, peer)."""
+    host_address, peer_address = host_link_addresses()
+    ns = Namespace("cpeer")
+    host_if = f"ikfc{os.getpid() % 1000000}"
+    try:
+        subprocess.run(
+            ["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0",
+             "netns", ns.name],
+            check=True,
+        )  # fmt: skip
+        subprocess.run(["ip", "addr", "add", f"{host_address}/30", "dev", host_if], check=True)
+        subprocess.run(["ip", "link", "set", host_if, "up"], check=True)
+        ns.add_address("eth0", f"{peer_address}/30")
+        ns.run(["ip", "link", "set", "eth0", "up"])
+        ns.add_address("lo", "10.200.0.1/32")
+        yield ns, host_address, peer_address
+    finally:
+        ns.close()  # takes the veth pair with it
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
+
+
+def test_compose_stack_with_two_ike_replicas_serves_strongswan(
+    tmp_path: Path,
+    peer_namespace: tuple[Namespace, str, str],
+    strongswan_factory: Callable[..., StrongSwan],
+) -> None:
+    reason = docker.missing()
+    if reason:
+        prerequisites.missing(reason)
+    ns, host_address, peer_address = peer_namespace
+    engine = docker.Dockerd(tmp_path / "dockerd.log")
+    docker_host = engine.start()
+    stack = Stack(tmp_path, docker_host, host_address)
+    try:
+        stack.reap_stale()
+        stack.run([str(ROOT / "ops" / "build-base-image"), BASE_IMAGE], timeout=900)
+        # every ikefarm service runs the one image: build it once
+        stack.compose("build", "nats", timeout=900)
+        stack_config(tmp_path)
+        stack.run([str(ROOT / "compose" / "make-secrets")], timeout=120)
+        stack.compose("up", "-d", "--no-build", "--scale", "ike=2", *CORE)
+
+        (ingress,) = stack.addresses("ingress")
+        workers = stack.addresses("ike")
+        assert len(workers) == 2
+        # each replica claimed its own shard; ingress routes to both
+        wait_for(
+            lambda: sorted(scrape_or_empty(a).get("shard", -1) for a in workers) == [0, 1],
+            timeout=90,
+            what=f"two ike shards: {stack.logs()}",
+        )
+        wait_for(
+            lambda: scrape_or_empty(ingress).get("owned_shards") == 2,
+            timeout=30,
+            what="ingress sees both workers",
+        )
+
+        peer = strongswan_factory(ns)
+        peer.load(
+            [net_to_net(peer_address, host_address, local_id="peer.example")],
+            psks=[Psk(PSK, ["peer.example", "gw.example"])],
+        )
+        result = peer.initiate(child="c-net", timeout=30, check=False)
+        assert result.returncode == 0, f"{result.stdout}\n{peer.log_tail()}\n{stack.logs()}"
+        (sa,) = peer.list_sas()
+        assert sa["state"] == "ESTABLISHED"
+        (child,) = sa["child-sas"]
+        assert child["state"] == "INSTALLED"
+        # the published ports change the address: both sides saw the NAT and moved to 4500
+        assert sa["remote-port"] == "4500"
+
+        # one worker holds the SA, and the kernel service installed its child
+        states = [scrape(a) for a in workers]
+        assert sorted(s["established"] for s in states) == [0, 1]
+        (kernel,) = stack.addresses("kernel")
+        assert scrape(kernel)["children"] == 1
+        # the CLI in the stack, as user admin: every service instance, both workers
+        status = json.loads(stack.compose("run", "--rm", "cli", "status", "--json", *CLI_CONFIG))
+        kinds = sorted(row["name"] for row in status)
+        assert kinds == ["flow", "ike", "ike", "ingress", "kernel", "keystore"], status
+        show = json.loads(
+            stack.compose("run", "--rm", "cli", "show", "ike-sa", "details", "--json", *CLI_CONFIG)
+        )
+        assert [row["spi_i"] for row in show] == [sa["initiator-spi"]]
+
+        # the handshake and the worker's keystore and kernel requests, in its histograms
+        seen = [s for a in workers for s in samples(a)]
+        handshakes = [v for n, _l, v in seen if n == "ikefarm_ike_handshake_duration_seconds_count"]
+        assert sum(handshakes) == 1
+        asked = {
+            labels["subject"]
+            for name, labels, value in seen
+            if name == "ikefarm_bus_request_duration_seconds_count" and value >= 1
+        }
+        assert {"ikefarm.keystore.psk.auth", "ikefarm.kernel.child.install"} <= asked
+    finally:
+        try:
+            stack.compose("down", "-v", "--remove-orphans", "--timeout", "10", timeout=180)
+            assert stack.left_behind() == {"containers": [], "networks": [], "volumes": []}
+        finally:
+            engine.stop()

@@ -1,0 +1,187 @@
+"""Metric families from a stats snapshot, and the listen address option (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from ikefarm.proto.messages import Stats
+from ikefarm.shared.config.kinds import (
+    ListenAddressError,
+    ListenEndpoint,
+    ValueRefused,
+    parse_listen,
+)
+from ikefarm.shared.observability.metrics import METRIC_NAMES, families
+
+
+class Fixed(Collector):
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield from families(self.stats)
+
+
+def exposition(stats: Stats) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed(stats))
+    return generate_latest(registry).decode()
+
+
+def stats(counters: dict, gauges: dict) -> Stats:  # type: ignore[type-arg]
+    return Stats("ingress", "ingress-0", "0.1.0", 1.5, 4, 1, counters, gauges)
+
+
+def test_gauges_flatten_lists_count_and_text_is_a_label() -> None:
+    text = exposition(
+        stats(
+            {"gate.dropped.limit.ike-sa-limit": 2},
+            {
+                "owned_shards": [0, 1, 4],
+                "owners_learning": False,
+                "dos": {"cookie_mode": "threshold", "half_open": 9, "cookie_secret_version": None},
+            },
+        )
+    )
+    assert (
+        'ikefarm_state{ikefarm_instance="ingress-0",name="owned_shards",service="ingress"} 3.0'
+        in text
+    )
+    assert 'name="owners_learning",service="ingress"} 0.0' in text
+    assert 'name="dos.half_open",service="ingress"} 9.0' in text
+    assert (
+        'ikefarm_state_info{ikefarm_instance="ingress-0",name="dos.cookie_mode",'
+        'service="ingress",value="threshold"} 1.0'
+    ) in text
+    assert "cookie_secret_version" not in text  # None is no value
+    assert 'event="gate.dropped.limit.ike-sa-limit"' in text
+    assert "ikefarm_bus_requests_total" in text
+
+
+@given(
+    counters=st.dictionaries(st.text(max_size=20), st.integers(0, 2**63)),
+    gauges=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+        ),
+        max_leaves=12,
+    ).filter(lambda g: isinstance(g, dict))
+    | st.dictionaries(st.text(max_size=8), st.integers(), max_size=3),
+)
+def test_any_stats_export_under_the_declared_names(counters, gauges) -> None:  # type: ignore[no-untyped-def]
+    text = exposition(stats(counters, gauges))
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert names <= METRIC_NAMES
+    # every counter came through, whatever its name
+    events = {
+        s.labels["event"]
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "ikefarm_events_total"
+    }
+    assert events == set(counters)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("0.0.0.0:1", ("0.0.0.0", 1)),
+        ("[::1]:9464", ("::1", 9464)),
+        ("[2001:db8::1]:65535", ("2001:db8::1", 65535)),
+    ],
+)
+def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "9464",
+        ":9464",
+        "localhost:9464",
+        "127.0.0.1:0",
+        "127.0.0.1:65536",
+        "127.0.0.1:x",
+        "::1:9464",
+        "[127.0.0.1]:9464",
+        "127.0.0.1:",
+    ],
+)
+def test_bad_listen_addresses_are_refused(text: str) -> None:
+    with pytest.raises(ListenAddressError):
+        parse_listen(text)
+    with pytest.raises(ValueRefused):
+        ListenEndpoint().parse(text)
+
+
+def test_listen_is_off_unless_configured() -> None:
+    assert ListenEndpoint().parse("") == ""
+    with pytest.raises(ValueRefused):
+        ListenEndpoint().parse(9464)
+
+
+def test_up_gives_each_process_its_own_metrics_port(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ikefarm.shared.cli.supervisor import plan_children
+    from ikefarm.shared.config.loader import load_config
+
+    path = tmp_path / "farm.toml"
+    path.write_text('[farm]\nike-workers = 2\n[telemetry]\nmetrics-listen = "127.0.0.1:65533"\n')
+    children = plan_children(load_config(path), str(path), "nats://127.0.0.1:4222")
+    given = [
+        c.argv[c.argv.index("--metrics-listen") + 1] if "--metrics-listen" in c.argv else None
+        for c in children
+    ]
+    # ingress, ike x2, keystore, kernel, flow: consecutive ports while there are ports
+    assert given == ["127.0.0.1:65533", "127.0.0.1:65534", "127.0.0.1:65535", None, None, None]
+
+
+def test_latency_histograms_are_cumulative_and_bounded() -> None:
+    from ikefarm.shared.observability.latency import (
+        BUS_REQUEST_DURATION,
+        IKE_HANDSHAKE_DURATION,
+        MAX_HISTOGRAM_LABELS,
+        Latencies,
+    )
+    from ikefarm.shared.observability.metrics import histogram_families
+
+    latencies = Latencies()
+    for seconds in (0.0005, 0.003, 0.003, 42.0, -1.0):
+        latencies.observe(BUS_REQUEST_DURATION, seconds, "ikefarm.keystore.psk.auth")
+    latencies.observe(IKE_HANDSHAKE_DURATION, 0.2)
+    latencies.observe("not_declared", 1.0)  # never exported
+    for n in range(MAX_HISTOGRAM_LABELS + 5):
+        latencies.observe(BUS_REQUEST_DURATION, 0.01, f"s{n}")
+    assert latencies.dropped == 6  # the keystore subject took one of the label slots
+
+    class Hist(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield from histogram_families("ike", "ike-0", latencies.snapshot())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Hist())
+    samples = [
+        s
+        for f in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in f.samples
+    ]
+    assert {s.name for s in samples} <= METRIC_NAMES
+    keystore = {
+        s.labels.get("le", s.name.rsplit("_", 1)[-1]): s.value
+        for s in samples
+        if s.labels.get("subject") == "ikefarm.keystore.psk.auth"
+    }
+    assert keystore["0.001"] == 2  # 0.0005 and the negative one
+    assert keystore["0.005"] == 4
+    assert keystore["10.0"] == 4 and keystore["+Inf"] == 5
+    assert keystore["count"] == 5
+    handshake = [s for s in samples if s.name == "ikefarm_ike_handshake_duration_seconds_count"]
+    assert [s.value for s in handshake] == [1]
+    assert not any("not_declared" in s.name for s in samples)

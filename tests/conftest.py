@@ -46,7 +46,12 @@ def ikefarm_argv() -> list[str]:
 @pytest.fixture
 def loopback_config(tmp_path: Path) -> Path:
     """The example responder moved to loopback, free ports and a private state dir."""
-    text = EXAMPLE_CONFIG.read_text().replace("192.0.2.1", "127.0.0.1")
+    # the memory test double: a test farm on the host's loopback must not program the host
+    text = (
+        EXAMPLE_CONFIG.read_text()
+        .replace("192.0.2.1", "127.0.0.1")
+        .replace('backend = "auto"', 'backend = "memory"')
+    )
     ike_port, natt_port = udp_ports(2)
     text = text.replace(
         "[kernel]",

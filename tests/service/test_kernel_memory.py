@@ -280,11 +280,7 @@ def test_auto_backend_says_what_it_chose_and_why() -> None:
 def test_auto_on_userspace_refuses_what_the_dataplane_cannot_do() -> None:
     if backends.probe_esp()[0]:
         pytest.skip("this kernel takes ESP states: auto picks netlink, which does transport mode")
-    config = parse_config(
-        EXAMPLE_TEXT.replace('mode = "tunnel"', 'mode = "transport"').replace(
-            'backend = "memory"', 'backend = "auto"'
-        )
-    )
+    config = parse_config(EXAMPLE_TEXT.replace('mode = "tunnel"', 'mode = "transport"'))
     with pytest.raises(BackendNotAvailable, match=r"security-policy\[0\]\.mode"):
         KernelService.preflight(config)
 

@@ -44,7 +44,8 @@ async def test_soft_and_hard_packet_lifetimes_are_published(nats_server: Embedde
         dataplane.add(ours)
         for seq in range(3):
             assert dataplane.outbound(packet("10.100.0.1", "10.200.0.1", seq=seq)) is not None
-        got = [await asyncio.wait_for(events.get(), 5) for _ in range(2)]
+        # generous: a loaded CI machine, not a timing claim
+        got = [await asyncio.wait_for(events.get(), 30) for _ in range(2)]
         assert [e.kind for e in got] == ["child_sa_lifetime_soft", "child_sa_lifetime_hard"]
         assert all(e.detail["unique_id"] == 5 and e.detail["direction"] == "out" for e in got)
         assert got[0].detail["spi"] == f"{ours.outbound.spi:08x}"

@@ -27,6 +27,8 @@ import msgpack
 async def _capture(url: str, out_path: Path) -> None:
     import nats
 
+    from ikefarm.shared.bus.runtime import subscriptions_in_place
+
     nc = await nats.connect(url, name="bus-capture")
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -43,7 +45,7 @@ async def _capture(url: str, out_path: Path) -> None:
             out.flush()
 
         await nc.subscribe(">", cb=on_message)
-        await nc.flush()
+        await subscriptions_in_place(nc)  # flush() proves nothing about SUBs
         Path(str(out_path) + ".ready").write_text("ready")
         await stop.wait()
         await nc.flush()

@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import CookieSecrets, PskAuthReply, PskAuthRequest
 from ikefarm.shared.bus.auth import read_credentials
+from ikefarm.shared.bus.runtime import subscriptions_in_place
 from tests.service.test_bus_permissions import nats_match
 from tests.service.test_up import status, wait_for
 
@@ -115,7 +116,7 @@ def test_other_users_see_no_reply_and_no_cookie_secret(  # type: ignore[no-untyp
             patterns += [f"{subjects.inbox_prefix(u)}.>" for u in subjects.PERMISSIONS]
             for pattern in dict.fromkeys(patterns):
                 await nc.subscribe(pattern, cb=record)
-            await nc.flush()
+            await subscriptions_in_place(nc)  # flush() proves nothing about SUBs
         secrets_seen.update(await _cookie_secrets(url, auth_dir))
 
         # the ike user asks the keystore (a psk-auth reply travels to its inbox)

@@ -75,6 +75,7 @@ def stand_in(url: str, answers: dict[str, list[bytes]]) -> Iterator[None]:
     """A thread-free stand-in: a subprocess answering each subject with the given replies."""
     script = f"""
 import asyncio, nats, sys
+from ikefarm.shared.bus.runtime import subscriptions_in_place
 ANSWERS = {answers!r}
 async def main():
     nc = await nats.connect({url!r})
@@ -83,7 +84,7 @@ async def main():
             for reply in replies:
                 await nc.publish(msg.reply, reply)
         await nc.subscribe(subject, cb=answer)
-    await nc.flush()
+    await subscriptions_in_place(nc)  # flush() proves nothing about SUBs
     print("ready", flush=True)
     await asyncio.sleep(60)
 asyncio.run(main())

@@ -11,7 +11,7 @@ from ikefarm.proto.messages import SaEventNotice
 from ikefarm.services.kernel.dataplane import Dataplane
 from ikefarm.services.kernel.service import KernelService
 from ikefarm.shared.bus.embedded import EmbeddedNats
-from ikefarm.shared.bus.runtime import Runtime
+from ikefarm.shared.bus.runtime import Runtime, subscriptions_in_place
 from ikefarm.shared.config.loader import parse_config
 from ikefarm.shared.esp import Lifetime
 from tests.unit.test_userspace_dataplane import packet, tunnel_pair
@@ -33,7 +33,7 @@ async def test_soft_and_hard_packet_lifetimes_are_published(nats_server: Embedde
 
     try:
         await nc.subscribe(subjects.EVENT_CHILD_SA, cb=collect)
-        await nc.flush()
+        await subscriptions_in_place(nc)  # flush() proves nothing about SUBs
         service = runtime.service
         assert isinstance(service, KernelService)
         dataplane = Dataplane()

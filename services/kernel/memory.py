@@ -161,6 +161,18 @@ def check_install(request: ChildInstall) -> None:
 MAX_SELECTORS = 64
 
 
+def delete_request_of(request: ChildInstall) -> ChildDelete:
+    """The ChildDelete that undoes an install (a backend rolling back a refused one)."""
+    return ChildDelete(
+        unique_id=request.unique_id,
+        reqid=request.reqid,
+        spi_in=request.spi_in,
+        spi_out=request.spi_out,
+        local_address=request.local_address,
+        remote_address=request.remote_address,
+    )
+
+
 def _check_trap(request: TrapInstall) -> tuple[str, str]:
     if request.mode not in MODES:
         raise InvalidChild(f"mode must be one of {', '.join(MODES)}")

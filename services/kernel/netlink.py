@@ -51,6 +51,7 @@ from ikefarm.services.kernel.memory import (
     SaEntry,
     TrapEntry,
     _Child,
+    delete_request_of,
 )
 from ikefarm.services.kernel.routes import MAIN_TABLE, Route, RouteError, Routes
 from ikefarm.shared.config.loader import Config
@@ -458,7 +459,7 @@ class NetlinkKernel:
                 done.routes.append(route)
         except BaseException as exc:
             await self._undo(done)
-            self.books.delete(_delete_of(request))
+            self.books.delete(delete_request_of(request))
             if isinstance(exc, (xfrm.XfrmError, RouteError, OSError)):
                 self.refusals += 1
                 raise _refusal(exc) from None
@@ -571,14 +572,3 @@ class NetlinkKernel:
             bytes=sa.bytes,
             packets=sa.packets,
         )
-
-
-def _delete_of(request: ChildInstall) -> ChildDelete:
-    return ChildDelete(
-        unique_id=request.unique_id,
-        reqid=request.reqid,
-        spi_in=request.spi_in,
-        spi_out=request.spi_out,
-        local_address=request.local_address,
-        remote_address=request.remote_address,
-    )

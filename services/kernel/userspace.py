@@ -35,6 +35,7 @@ from ikefarm.services.kernel.memory import (
     SaEntry,
     _Child,
     check_install,
+    delete_request_of,
 )
 from ikefarm.shared.esp import Lifetime, UnsupportedEspTransform, sa_pair
 
@@ -167,13 +168,13 @@ class UserspaceKernel(MemoryKernel):
         try:
             self._acquire_socket(tunnel)
         except Exception as exc:
-            super().delete(_delete_of(request))
+            super().delete(delete_request_of(request))
             raise KernelRefusal("dataplane", f"dataplane refused the child: {exc}") from None
         try:
             self.dataplane.add(tunnel)
         except Exception as exc:
             self._release_socket(tunnel)
-            super().delete(_delete_of(request))
+            super().delete(delete_request_of(request))
             raise KernelRefusal("dataplane", f"dataplane refused the child: {exc}") from None
         if self._routes is not None:
             for network in tunnel.remote_nets:
@@ -309,17 +310,6 @@ def _udp_header_only(data: bytes) -> int | None:
 def _no_offset(_data: bytes) -> int:
     """Raw IPv6 sockets read from the payload on."""
     return 0
-
-
-def _delete_of(request: ChildInstall) -> ChildDelete:
-    return ChildDelete(
-        unique_id=request.unique_id,
-        reqid=request.reqid,
-        spi_in=request.spi_in,
-        spi_out=request.spi_out,
-        local_address=request.local_address,
-        remote_address=request.remote_address,
-    )
 
 
 __all__ = ["BACKEND_NAME", "Network", "UserspaceKernel", "not_implemented"]

@@ -389,6 +389,32 @@ class KernelExpire(BusMessage):
     packets: int
 
 
+@dataclass(frozen=True)
+class ChildCounters:
+    """What the dataplane counted on one child SA since it was installed (both directions)."""
+
+    unique_id: int
+    bytes_in: int
+    packets_in: int
+    bytes_out: int
+    packets_out: int
+
+
+# children per KernelCounters message: a batch stays far below NATS's default 1 MB payload
+MAX_COUNTERS_PER_BATCH = 2000
+
+
+@message("kernel-counters")
+class KernelCounters(BusMessage):
+    """kernel -> ike workers, periodically: the counters of the children whose counters
+    moved since the previous batch (docs/kernel-counters.md). Never per packet."""
+
+    backend: str
+    instance: str
+    interval: float  # seconds between batches
+    children: list[ChildCounters]
+
+
 # --- ike workers ------------------------------------------------------------------------------
 
 

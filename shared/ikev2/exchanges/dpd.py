@@ -86,11 +86,13 @@ def traffic_seen(engine: IkeEngine, unique_id: int, now: float) -> bool:
     found = engine.find_child(unique_id)
     if found is None:
         return False
-    sa = found[0]
-    if now > sa.last_seen:
-        sa.last_seen = now
-    engine.count("dpd_traffic_seen")
+    _alive(engine, found[0], now)
     return True
+
+
+def _alive(engine: IkeEngine, sa: IkeSa, now: float) -> None:
+    sa.last_seen = max(sa.last_seen, now)
+    engine.count("dpd_traffic_seen")
 
 
 def child_counters(
@@ -115,9 +117,7 @@ def child_counters(
     child.bytes_in, child.packets_in = bytes_in, packets_in
     child.bytes_out, child.packets_out = bytes_out, packets_out
     if moved_in:
-        if now > sa.last_seen:
-            sa.last_seen = now
-        engine.count("dpd_traffic_seen")
+        _alive(engine, sa, now)
     return True
 
 

@@ -36,6 +36,8 @@ from ikefarm.proto.messages import (
     ChildInstall,
     KernelAck,
     KernelAcquire,
+    KernelCounters,
+    KernelExpire,
     KernelShowRequest,
     KernelState,
     SaEventNotice,
@@ -44,7 +46,7 @@ from ikefarm.proto.messages import (
     TrapInstall,
     TrapRemove,
 )
-from ikefarm.services.kernel import backends
+from ikefarm.services.kernel import backends, counters
 from ikefarm.services.kernel.dataplane import Tunnel
 from ikefarm.services.kernel.memory import (
     InvalidChild,
@@ -81,6 +83,8 @@ class KernelService(ServiceBase):
         self.events: Any = None  # the backend's ACQUIRE/EXPIRE source, if it has one
         self._publishing: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._counters_task: asyncio.Task[None] | None = None
+        self.counters_interval = counters.MAX_INTERVAL
         # child SA keys are sealed to this key; it lives in this process's memory only
         self._transport = X25519PrivateKey.generate()
 
@@ -162,6 +166,31 @@ class KernelService(ServiceBase):
         if hasattr(self.backend, "open_events"):
             self.events = self.backend.open_events()
             asyncio.get_running_loop().add_reader(self.events.fileno(), self._on_events)
+        self.counters_interval = counters.batch_interval(self.config)
+        self._counters_task = asyncio.get_running_loop().create_task(self._publish_counters())
+
+    async def _publish_counters(self) -> None:
+        """Every `counters_interval`: the children whose counters moved, batched, to the ike
+        workers (docs/kernel-counters.md)."""
+        while True:
+            await asyncio.sleep(self.counters_interval)
+            try:
+                await self.publish_counters()
+            except Exception as exc:  # a failed batch must not stop the next ones
+                self.runtime.counters["counters.failed"] += 1
+                self.log.control("counters_failed", error=type(exc).__name__)
+
+    async def publish_counters(self) -> int:
+        """Publish one round of batches now; the number of children reported."""
+        moved = self.backend.moved_counters()
+        for batch in counters.batches(moved):
+            message = KernelCounters(
+                self.backend.name, self.runtime.instance, self.counters_interval, batch
+            )
+            await self.runtime.publish(subjects.IKE_KERNEL_COUNTERS, message)
+            self.runtime.counters["counters.batches"] += 1
+        self.runtime.counters["counters.children"] += len(moved)
+        return len(moved)
 
     def _on_events(self) -> None:
         """Kernel ACQUIRE/EXPIRE notifications -> bus events (one publish per event)."""
@@ -183,6 +212,11 @@ class KernelService(ServiceBase):
             task.add_done_callback(self._publishing.discard)
 
     async def teardown(self) -> None:
+        if self._counters_task is not None:
+            self._counters_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._counters_task
+            self._counters_task = None
         if self.events is not None:
             asyncio.get_running_loop().remove_reader(self.events.fileno())
             self.events.close()
@@ -403,8 +437,30 @@ class KernelService(ServiceBase):
                 "limit": event.limit,
             },
         )
-        task = asyncio.get_running_loop().create_task(
-            self.runtime.publish(subjects.EVENT_CHILD_SA, notice)
+        # the same contract as the netlink backend's EXPIRE: the owning ike worker rekeys
+        # (soft) or deletes (hard) the child
+        expire = KernelExpire(
+            backend=self.backend.name,
+            hard=event.kind == "hard",
+            unique_id=tunnel.unique_id,
+            reqid=0,
+            direction=event.direction,
+            spi=event.spi.to_bytes(4, "big"),
+            src=tunnel.remote_address if event.direction == "in" else tunnel.local_address,
+            dst=tunnel.local_address if event.direction == "in" else tunnel.remote_address,
+            bytes=_sa(tunnel, event.direction).counters.bytes,
+            packets=_sa(tunnel, event.direction).counters.packets,
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.runtime.counters[f"event.expire_{event.kind}"] += 1
+        loop = asyncio.get_running_loop()
+        for subject, message in (
+            (subjects.EVENT_CHILD_SA, notice),
+            (subjects.EVENT_KERNEL_EXPIRE, expire),
+        ):
+            task = loop.create_task(self.runtime.publish(subject, message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+def _sa(tunnel: Tunnel, direction: str) -> Any:
+    return tunnel.inbound if direction == "in" else tunnel.outbound

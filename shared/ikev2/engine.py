@@ -85,8 +85,7 @@ DEFAULT_FRAGMENT_SIZE = 1280 - 40 - 8 - 4
 # inbound child SPIs remembered beyond twice those in use before the set is rebuilt
 CHILD_SPI_SLACK = 1024
 UNIQUE_ID_RANGE = 100_000
-# IKE rekeys followed from the SA a child was indexed on (each moves every child)
-MAX_SUCCESSOR_HOPS = 8  # unique ids of shard s are s * UNIQUE_ID_RANGE + 1, + 2, ...
+# unique ids of shard s are s * UNIQUE_ID_RANGE + 1, + 2, ...
 
 
 class IkeEngine:
@@ -118,9 +117,9 @@ class IkeEngine:
         self.keystore_waits: dict[int, tuple[bytes, Task]] = {}
         self._child_spis: set[bytes] = set()
         self._child_spis_limit = CHILD_SPI_SLACK
-        # child unique id -> the IKE SA it was created (or restored) on; `find_child` follows
-        # IKE rekeys (`IkeSa.successor`) and drops what is gone. Rebuilt like `_child_spis`.
-        self._child_index: dict[int, IkeSa] = {}
+        # child unique id -> the local SPI of its IKE SA (set where a child is made, restored
+        # or moved by an IKE rekey); `find_child` drops what is gone. Rebuilt like _child_spis.
+        self._child_index: dict[int, bytes] = {}
         self._child_index_limit = CHILD_SPI_SLACK
         self.counters: Counter[str] = Counter()
         self._last_unique_id = 0  # within this shard's range of unique ids
@@ -160,23 +159,21 @@ class IkeEngine:
         outgrows twice the children of its last rebuild: O(1) amortized per child.
         """
         if len(self._child_index) > self._child_index_limit:
-            self._child_index = {c.unique_id: s for s in self.sas.values() for c in s.children}
+            self._child_index = {
+                c.unique_id: s.local_spi for s in self.sas.values() for c in s.children
+            }
             self._child_index_limit = 2 * len(self._child_index) + CHILD_SPI_SLACK
-        self._child_index[child.unique_id] = sa
+        self._child_index[child.unique_id] = sa.local_spi
 
     def find_child(self, unique_id: int) -> tuple[IkeSa, ChildSa] | None:
         """The live child with this unique id and its IKE SA, or None: one dict lookup, then
-        the children of that IKE SA (or of the SAs that replaced it), never a walk over all."""
-        sa = self._child_index.get(unique_id)
-        hops = 0
-        while sa is not None and hops < MAX_SUCCESSOR_HOPS:
-            if sa.table is self.sas:
-                for child in sa.children:
-                    if child.unique_id == unique_id:
-                        self._child_index[unique_id] = sa
-                        return sa, child
-            sa = sa.successor  # an IKE rekey moved the children there (RFC 7296 2.18)
-            hops += 1
+        the children of that IKE SA, never a walk over all the SAs."""
+        spi = self._child_index.get(unique_id)
+        sa = self.sas.get(spi) if spi is not None else None
+        if sa is not None:
+            for child in sa.children:
+                if child.unique_id == unique_id:
+                    return sa, child
         self._child_index.pop(unique_id, None)
         return None
 

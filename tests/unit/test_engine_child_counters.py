@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from ikefarm.shared.ikev2.effects import Log
-from ikefarm.shared.ikev2.exchanges import dpd
-from ikefarm.shared.ikev2.sa import SaTable
+from ikefarm.shared.ikev2.effects import DeleteChildSa, Log
+from ikefarm.shared.ikev2.exchanges import dpd, lifetimes
+from ikefarm.shared.ikev2.sa import ChildSaState, SaTable
 from ikefarm.shared.ikev2.show import format_details, ike_sa_row
 from tests.unit.test_engine_dpd import dpd_pair, tick
 
@@ -103,3 +103,35 @@ def test_deleted_children_leave_the_index() -> None:
     assert sa.children == []
     assert engine.find_child(child.unique_id) is None
     assert child.unique_id not in engine._child_index
+
+
+def test_soft_kernel_expire_rekeys_the_child_on_both_sides() -> None:
+    wire = dpd_pair()
+    engine = wire.initiator.engine
+    (i_sa,) = engine.sas.values()
+    (r_sa,) = wire.responder.engine.sas.values()
+    (old,) = i_sa.children
+    out = lifetimes.kernel_expire(engine, old.unique_id, False, wire.now)
+    assert next(e.event for e in out if isinstance(e, Log)) == "child_sa_kernel_expire"
+    wire.run(out, wire.initiator)
+    (new,) = [c for c in i_sa.children if c.state == ChildSaState.INSTALLED]
+    assert new.rekeyed_from == old.unique_id
+    assert {c.spi_out for c in r_sa.children} == {new.spi_in}
+    assert engine.counters["kernel_expire.soft"] == 1
+    # the old child is gone: a late EXPIRE for it changes nothing
+    assert lifetimes.kernel_expire(engine, old.unique_id, False, wire.now) == []
+    assert engine.counters["kernel_expire.unknown_child"] == 1
+
+
+def test_hard_kernel_expire_deletes_the_child_with_the_peer() -> None:
+    wire = dpd_pair()
+    engine = wire.initiator.engine
+    (i_sa,) = engine.sas.values()
+    (r_sa,) = wire.responder.engine.sas.values()
+    (child,) = i_sa.children
+    out = lifetimes.kernel_expire(engine, child.unique_id, True, wire.now)
+    wire.run(out, wire.initiator)
+    assert i_sa.children == [] and r_sa.children == []
+    deleted = [e.spi_in for e in wire.initiator.effects if isinstance(e, DeleteChildSa)]
+    assert child.spi_in in deleted
+    assert engine.counters["kernel_expire.hard"] == 1

@@ -1,0 +1,145 @@
+"""Kernel counters reach the ike worker over a real nats-server: no DPD while traffic flows.
+
+Ingress, ike, keystore and kernel services on a nats-server, an initiator engine on real
+UDP sockets (the churn test's peer). The kernel service runs the `memory` backend, the
+test double of docs/kernel-netlink.md: it carries no packet, so the test records what a
+dataplane would have counted on the child (`MemoryKernel.record_traffic`, the recorded
+counters feed) and the service publishes its batches as with a real dataplane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ikefarm.services.ike.service import IkeService
+from ikefarm.services.ingress.service import IngressService
+from ikefarm.services.kernel.memory import MemoryKernel
+from ikefarm.services.kernel.service import KernelService
+from ikefarm.services.keystore.service import KeystoreService
+from ikefarm.shared.bus.embedded import EmbeddedNats
+from ikefarm.shared.bus.runtime import Runtime
+from ikefarm.shared.config.loader import parse_config
+from ikefarm.shared.ikev2.engine import IkeEngine
+from ikefarm.shared.ikev2.policy import engine_policy
+from ikefarm.shared.ikev2.sa import IkeSaState
+from ikefarm.shared.ikev2.show import format_details, ike_sa_row
+from tests.engine_helpers import INITIATOR_TOML, RESPONDER_TOML
+from tests.harness.ports import udp_ports
+from tests.service.test_ike_churn import LOOPBACK, Peer
+from tests.service.test_ingress_service import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+DPD_DELAY = 3.0  # the kernel service batches every second (a third, at least 1 s)
+
+
+class Gateway:
+    def __init__(self, runtimes: list[Runtime], peer: Peer) -> None:
+        self.kernel, self.ike = runtimes[1], runtimes[2]
+        self.peer = peer
+
+    @property
+    def worker(self) -> IkeService:
+        assert isinstance(self.ike.service, IkeService)
+        return self.ike.service
+
+    @property
+    def backend(self) -> MemoryKernel:
+        service = self.kernel.service
+        assert isinstance(service, KernelService) and isinstance(service.backend, MemoryKernel)
+        return service.backend
+
+
+@pytest.fixture
+async def gateway(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Gateway]:
+    ike_port, natt_port = udp_ports(2)
+    ports = f'[ingress]\nlisten = ["{LOOPBACK}"]\nike-port = {ike_port}\nnatt-port = {natt_port}\n'
+    dpd = f'ike-policy = {{ dpd-delay = "{DPD_DELAY:g}s" }}'
+    config = parse_config(
+        ports
+        + f'[keystore]\nstore-file = "{tmp_path / "keystore.bin"}"\n'
+        + '[kernel]\nbackend = "memory"\n'
+        + RESPONDER_TOML.format(extra="", extra_vpn=dpd).replace("192.0.2.1", LOOPBACK)
+    )
+    runtimes = [
+        Runtime(KeystoreService, config, nats_server.url, instance="keystore-0"),
+        Runtime(KernelService, config, nats_server.url, instance="kernel-0"),
+        Runtime(IkeService, config, nats_server.url, instance="ike-1", options={"shard": 1}),
+        Runtime(IngressService, config, nats_server.url, instance="ingress-0"),
+    ]
+    initiator = parse_config(
+        ports
+        + INITIATOR_TOML.format(extra="", extra_vpn="")
+        .replace("192.0.2.2", LOOPBACK)
+        .replace("192.0.2.1", LOOPBACK)
+    )
+    peer = Peer(IkeEngine(engine_policy(initiator), shard=2), (ike_port, natt_port))
+    started: list[Runtime] = []
+    try:
+        for runtime in runtimes:
+            await runtime.start()
+            started.append(runtime)
+        await peer.open()
+        yield Gateway(runtimes, peer)
+    finally:
+        peer.close()
+        for runtime in reversed(started):
+            await runtime.stop()
+
+
+async def _established(gateway: Gateway) -> int:
+    """Bring up the peer's SA; the unique id of the child the kernel service installed."""
+    peer = gateway.peer
+    now = asyncio.get_running_loop().time()
+    peer.run(peer.engine.initiate("hq", "net", now), now)
+    await wait_until(
+        lambda: any(sa.state == IkeSaState.ESTABLISHED for sa in gateway.worker.engine.sas.values())
+    )
+    await wait_until(lambda: gateway.backend.child_count == 1)
+    ((unique_id, _keys),) = gateway.backend.child_sa_keys()
+    return unique_id
+
+
+async def test_no_dpd_check_while_inbound_traffic_is_counted(gateway: Gateway) -> None:
+    unique_id = await _established(gateway)
+    assert gateway.kernel.service.counters_interval == 1.0  # type: ignore[union-attr]
+    engine = gateway.worker.engine
+    loop = asyncio.get_running_loop()
+    # traffic for three DPD delays: the worker must never send a check
+    until = loop.time() + 3 * DPD_DELAY
+    while loop.time() < until:
+        gateway.backend.record_traffic(
+            unique_id, bytes_in=840, packets_in=10, bytes_out=420, packets_out=5
+        )
+        await asyncio.sleep(0.25)
+    assert engine.counters["dpd_checks"] == 0
+    assert engine.counters["dpd_traffic_seen"] >= 2
+    assert gateway.kernel.counters["counters.batches"] >= 2
+    assert gateway.ike.counters["kernel_counters.children"] >= 2
+    # show ike-sa details has what the kernel counted (once the last batch is in)
+    (sa,) = engine.sas.values()
+    await wait_until(lambda: sa.children[0].bytes_out == gateway.backend._traffic[unique_id][2])
+    bytes_in, packets_in, bytes_out, packets_out = gateway.backend._traffic[unique_id]
+    assert packets_in > 0 and bytes_in == 84 * packets_in
+    text = format_details([ike_sa_row(sa, loop.time())])
+    assert f"{bytes_in} bytes, {packets_in} packets" in text
+    assert f"{bytes_out} bytes, {packets_out} packets" in text
+    # traffic stops: the liveness check comes
+    await wait_until(lambda: engine.counters["dpd_checks"] >= 1, timeout=4 * DPD_DELAY)
+    await wait_until(lambda: engine.counters["liveness_confirmed"] >= 1)
+
+
+async def test_outbound_traffic_alone_does_not_hold_dpd_back(gateway: Gateway) -> None:
+    unique_id = await _established(gateway)
+    engine = gateway.worker.engine
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 3 * DPD_DELAY
+    while loop.time() < until and engine.counters["dpd_checks"] == 0:
+        gateway.backend.record_traffic(unique_id, bytes_out=420, packets_out=5)
+        await asyncio.sleep(0.25)
+    assert engine.counters["dpd_checks"] >= 1
+    assert engine.counters["dpd_traffic_seen"] == 0

@@ -252,3 +252,14 @@ def test_kernel_events_reach_ike_and_come_only_from_the_kernel() -> None:
     assert not any(nats_match(p, subjects.EVENT_IKE_SA) for p in ike)
     kernel = subjects.permissions("kernel")["publish"]
     assert not any(nats_match(p, subjects.EVENT_IKE_SA) for p in kernel)
+
+
+def test_kernel_counters_come_only_from_the_kernel_and_reach_ike() -> None:
+    """The batched child counters (docs/kernel-counters.md): published by the kernel user
+    alone (an ike worker cannot forge another's traffic), read by the ike workers."""
+    subject = subjects.IKE_KERNEL_COUNTERS
+    for user in subjects.PERMISSIONS:
+        allowed = subjects.permissions(user)
+        publishes = any(nats_match(p, subject) for p in allowed["publish"])
+        assert publishes == (user == "kernel"), user
+    assert any(nats_match(p, subject) for p in subjects.permissions("ike")["subscribe"])

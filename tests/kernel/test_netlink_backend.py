@@ -337,11 +337,15 @@ async def test_show_kernel_lists_algorithms_lifetimes_counters_never_keys(
     assert {row["counters"] is None for row in sas} == {True}  # the fake SAD has no counters
     sas[0]["counters"] = {"bytes": 1400, "packets": 1, "use_time": 0}  # as GETSA reports them
     text = "\n".join(kernel_lines(KernelState("netlink", sas, policies_, esp_faked.show_traps())))
-    assert "spi c0000001 198.51.100.2 -> 192.0.2.1 reqid 3 tunnel" in text
-    assert "AES_GCM_16 esn replay 1024" in text
-    assert "bytes 1400 packets 1" in text
-    assert text.count("rekey 3600s life 3960s") == 2
-    assert "trap hq/net reqid 3 10.100.0.0/24 === 10.200.0.0/24" in text
+    # the vSR `show state` layout (seed 004): key value lines, blocks closed by ".."
+    block = text.split("sa spi c0000001 direction in\n", 1)[1].split("    ..", 1)[0]
+    for line in ("reqid 3", "mode tunnel", "source 198.51.100.2", "destination 192.0.2.1",
+                 "aead-alg AES_GCM_16", "esn true", "replay-window 1024"):  # fmt: skip
+        assert f"    {line}\n" in block, line
+    assert "    bytes 1400\n    packets 1\n" in text
+    assert text.count("    rekey-time 3600\n    life-time 3960\n") == 2
+    assert "trap vpn hq security-policy net\n    reqid 3\n" in text
+    assert "    local-ts subnet 10.100.0.0/24\n    remote-ts subnet 10.200.0.0/24\n" in text
     for key in (KEY_IN, KEY_OUT):
         assert key.hex() not in text and key.hex() not in repr(sas)
 

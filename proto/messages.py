@@ -415,6 +415,24 @@ class KernelCounters(BusMessage):
     children: list[ChildCounters]
 
 
+FLUSH_SELECTORS = ("unique-id", "reqid", "all")
+
+
+@message("kernel-flush")
+class KernelFlush(BusMessage):
+    """CLI -> kernel: `flush kernel unique-id N | reqid N | all` removes those installed child
+    SAs (both SAs and their policies) from the dataplane; each owning ike worker then
+    deletes the child with its peer (a hard KernelExpire)."""
+
+    selector: str  # one of FLUSH_SELECTORS
+    value: int = 0
+
+
+@message("kernel-flush-result")
+class KernelFlushResult(BusMessage):
+    removed: list[int]  # unique ids of the children removed
+
+
 # --- ike workers ------------------------------------------------------------------------------
 
 

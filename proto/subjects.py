@@ -92,6 +92,8 @@ KERNEL_TRANSPORT_KEY = f"{PREFIX}.kernel.transport-key"
 # ike -> kernel: trap policies (dpd-action trap; later start-action trap) (request/reply).
 KERNEL_TRAP_INSTALL = f"{PREFIX}.kernel.trap.install"
 KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
+# CLI -> kernel: `flush kernel ...` removes installed child SAs (request/reply).
+KERNEL_FLUSH = f"{PREFIX}.kernel.flush"
 
 # ike -> keystore: computations that need a secret (request/reply).
 KEYSTORE_PSK_AUTH = f"{PREFIX}.keystore.psk.auth"
@@ -275,6 +277,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             IKE_INITIATE,
             f"{PREFIX}.ike.shard.*.command",
             KERNEL_SHOW,
+            KERNEL_FLUSH,
             FLOW_SHOW,
             FLOW_CLEAR,
             *(subject for service in SERVICES for subject in _discovery(service)),

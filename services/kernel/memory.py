@@ -300,6 +300,24 @@ class MemoryKernel:
                     )
         return tuple(policies)
 
+    def children_matching(self, selector: str, value: int) -> list[ChildDelete]:
+        """The deletes of the installed children `flush kernel` names (unique-id, reqid, all)."""
+        chosen = [
+            child
+            for child in self._children.values()
+            if selector == "all"
+            or (selector == "unique-id" and child.unique_id == value)
+            or (selector == "reqid" and child.reqid == value)
+        ]
+        deletes = []
+        for child in chosen:
+            (spi_in, _), (spi_out, _) = child.sa_keys
+            sa_in = self.sad[(spi_in, "in")]
+            deletes.append(
+                ChildDelete(child.unique_id, child.reqid, spi_in, spi_out, sa_in.dst, sa_in.src)
+            )
+        return deletes
+
     def child_sa_keys(self) -> list[tuple[int, tuple[tuple[bytes, str], ...]]]:
         """(unique id, its SAs' keys in `sad`) of every installed child."""
         return [(uid, child.sa_keys) for uid, child in self._children.items()]

@@ -519,6 +519,9 @@ class NetlinkKernel:
             return None
         return {"bytes": info.bytes, "packets": info.packets, "use_time": info.use_time}
 
+    def children_matching(self, selector: str, value: int) -> list[ChildDelete]:
+        return self.books.children_matching(selector, value)
+
     def moved_counters(self) -> list[ChildCounters]:
         """The counters of the children whose kernel counters moved since the previous call.
 

@@ -32,12 +32,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from ikefarm.proto import subjects
 from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import (
+    FLUSH_SELECTORS,
     ChildDelete,
     ChildInstall,
     KernelAck,
     KernelAcquire,
     KernelCounters,
     KernelExpire,
+    KernelFlush,
+    KernelFlushResult,
     KernelShowRequest,
     KernelState,
     SaEventNotice,
@@ -153,6 +156,9 @@ class KernelService(ServiceBase):
         )
         await self.runtime.add_endpoint(
             "show", KernelShowRequest, self.on_show, subject=subjects.KERNEL_SHOW
+        )
+        await self.runtime.add_endpoint(
+            "flush", KernelFlush, self.on_flush, subject=subjects.KERNEL_FLUSH
         )
         await self.runtime.add_endpoint(
             "trap-install", TrapInstall, self.on_trap_install, subject=subjects.KERNEL_TRAP_INSTALL
@@ -381,6 +387,51 @@ class KernelService(ServiceBase):
         return KernelState(
             backend=backend.name, sas=sas, policies=policies, traps=backend.show_traps()
         )
+
+    async def on_flush(self, request: KernelFlush, _msg: Any) -> KernelFlushResult:
+        """Remove the installed children `request` names; each owner hears a hard EXPIRE and
+        deletes its child with the peer (docs/kernel-counters.md)."""
+        if request.selector not in FLUSH_SELECTORS:
+            self.runtime.counters["flush.invalid"] += 1
+            raise BusError("bad_field", f"KernelFlush: selector must be one of {FLUSH_SELECTORS}")
+        if not 0 <= request.value <= 0xFFFFFFFF or (
+            request.selector != "all" and request.value <= 0
+        ):
+            self.runtime.counters["flush.invalid"] += 1
+            raise BusError("bad_field", "KernelFlush: value out of range 1-4294967295")
+        backend = self._backend()
+        removed: list[int] = []
+        for delete in backend.children_matching(request.selector, request.value):
+            try:
+                await _settle(backend.delete(delete))
+            except KernelRefusal as exc:
+                self.runtime.counters[f"flush.{exc.code}"] += 1
+                continue
+            removed.append(delete.unique_id)
+            self.log.control(
+                "child_flushed",
+                backend=backend.name,
+                unique_id=delete.unique_id,
+                reqid=delete.reqid,
+                spi_in=delete.spi_in.hex(),
+                spi_out=delete.spi_out.hex(),
+            )
+            expire = KernelExpire(
+                backend=backend.name,
+                hard=True,
+                unique_id=delete.unique_id,
+                reqid=delete.reqid,
+                direction="in",
+                spi=delete.spi_in,
+                src=delete.remote_address,
+                dst=delete.local_address,
+                bytes=0,
+                packets=0,
+            )
+            await self.runtime.publish(subjects.EVENT_KERNEL_EXPIRE, expire)
+        await self._apply_routes()
+        self.runtime.counters["flush.children"] += len(removed)
+        return KernelFlushResult(removed=removed)
 
     async def on_trap_install(self, request: TrapInstall, _msg: Any) -> KernelAck:
         backend = self._backend()

@@ -1,4 +1,5 @@
-"""Kernel counters reach the ike worker over a real nats-server: no DPD while traffic flows.
+"""Kernel counters reach the ike worker over a real nats-server: no DPD while traffic flows;
+`flush kernel` removes a child from the dataplane and its worker deletes it with the peer.
 
 Ingress, ike, keystore and kernel services on a nats-server, an initiator engine on real
 UDP sockets (the churn test's peer). The kernel service runs the `memory` backend, the
@@ -10,11 +11,17 @@ counters feed) and the service publishes its batches as with a real dataplane.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgpack
+import nats
 import pytest
 
+from ikefarm.proto import envelope, subjects
+from ikefarm.proto.messages import KernelFlushResult
 from ikefarm.services.ike.service import IkeService
 from ikefarm.services.ingress.service import IngressService
 from ikefarm.services.kernel.memory import MemoryKernel
@@ -143,3 +150,55 @@ async def test_outbound_traffic_alone_does_not_hold_dpd_back(gateway: Gateway) -
         await asyncio.sleep(0.25)
     assert engine.counters["dpd_checks"] >= 1
     assert engine.counters["dpd_traffic_seen"] == 0
+
+
+async def _cli(url: str, *words: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "ikefarm.shared.cli.main", *words, "--nats", url]
+    return await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def test_flush_kernel_removes_the_child_and_its_worker_deletes_it_with_the_peer(
+    gateway: Gateway, nats_server: EmbeddedNats
+) -> None:
+    unique_id = await _established(gateway)
+    # words the CLI refuses before asking anyone
+    for words in (
+        ["flush", "kernel"],
+        ["flush", "kernel", "spi", "1"],
+        ["flush", "kernel", "reqid", "0"],
+    ):
+        refused = await _cli(nats_server.url, *words)
+        assert refused.returncode == 2 and "expected unique-id N" in refused.stderr
+    other = await _cli(nats_server.url, "flush", "kernel", "unique-id", str(unique_id + 1000))
+    assert other.returncode == 0 and "No kernel SA to flush." in other.stdout
+    assert gateway.backend.child_count == 1
+
+    done = await _cli(nats_server.url, "flush", "kernel", "unique-id", str(unique_id))
+    assert done.returncode == 0, done.stderr
+    assert f"Flushed 1 child SA(s) from the kernel: #{unique_id}" in done.stdout
+    assert gateway.backend.child_count == 0 and gateway.backend.sad == {}
+    # the owning worker heard the hard EXPIRE and deleted the child with the peer
+    (peer_sa,) = gateway.peer.engine.sas.values()
+    await wait_until(lambda: not peer_sa.children)
+    (sa,) = gateway.worker.engine.sas.values()
+    assert sa.children == [] and sa.state == IkeSaState.ESTABLISHED
+    assert gateway.worker.engine.counters["kernel_expire.hard"] == 1
+    assert gateway.kernel.counters["flush.children"] == 1
+
+
+async def test_a_malformed_flush_is_refused(gateway: Gateway, nats_server: EmbeddedNats) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        for body in ({"selector": "everything"}, {"selector": "reqid", "value": -1},
+                     {"selector": "unique-id", "value": 0}, {"selector": 3}):  # fmt: skip
+            raw = msgpack.packb(
+                {"v": envelope.SCHEMA_VERSION, "kind": "kernel-flush", "body": body}
+            )
+            reply = await nc.request(subjects.KERNEL_FLUSH, raw, timeout=5)
+            with pytest.raises(envelope.BusError):
+                envelope.unpack_reply(reply.data, KernelFlushResult)
+    finally:
+        await nc.close()
+    assert gateway.kernel.counters["flush.invalid"] >= 3

@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ikefarm.proto.messages import (
+    FLUSH_SELECTORS,
     ChildCounters,
     ChildDelete,
     ChildInstall,
+    KernelFlush,
     TrapInstall,
     TrapRemove,
 )
@@ -165,6 +167,17 @@ def check_install(request: ChildInstall) -> None:
 
 
 MAX_SELECTORS = 64
+
+
+def check_flush(request: KernelFlush) -> None:
+    """InvalidChild unless `request` names a selector and, but for `all`, a 32-bit id."""
+    if request.selector not in FLUSH_SELECTORS:
+        raise InvalidChild(f"selector must be one of {', '.join(FLUSH_SELECTORS)}")
+    if request.selector == "all":
+        if request.value != 0:
+            raise InvalidChild("flush all takes no value")
+    elif not 0 < request.value <= 0xFFFFFFFF:
+        raise InvalidChild("value out of range 1-4294967295")
 
 
 def _check_trap(request: TrapInstall) -> tuple[str, str]:

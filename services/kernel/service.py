@@ -32,7 +32,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from ikefarm.proto import subjects
 from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import (
-    FLUSH_SELECTORS,
     ChildDelete,
     ChildInstall,
     KernelAck,
@@ -55,6 +54,7 @@ from ikefarm.services.kernel.memory import (
     InvalidChild,
     KernelRefusal,
     MemoryKernel,
+    check_flush,
     check_install,
 )
 from ikefarm.services.kernel.userspace import UserspaceKernel
@@ -391,14 +391,11 @@ class KernelService(ServiceBase):
     async def on_flush(self, request: KernelFlush, _msg: Any) -> KernelFlushResult:
         """Remove the installed children `request` names; each owner hears a hard EXPIRE and
         deletes its child with the peer (docs/kernel-counters.md)."""
-        if request.selector not in FLUSH_SELECTORS:
+        try:
+            check_flush(request)
+        except InvalidChild as exc:
             self.runtime.counters["flush.invalid"] += 1
-            raise BusError("bad_field", f"KernelFlush: selector must be one of {FLUSH_SELECTORS}")
-        if not 0 <= request.value <= 0xFFFFFFFF or (
-            request.selector != "all" and request.value <= 0
-        ):
-            self.runtime.counters["flush.invalid"] += 1
-            raise BusError("bad_field", "KernelFlush: value out of range 1-4294967295")
+            raise BusError("bad_field", f"KernelFlush: {exc}") from None
         backend = self._backend()
         removed: list[int] = []
         for delete in backend.children_matching(request.selector, request.value):

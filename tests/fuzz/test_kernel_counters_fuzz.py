@@ -1,4 +1,5 @@
-"""KernelCounters and KernelExpire off the bus, as the ike worker takes them: anything gives
+"""KernelCounters and KernelExpire off the bus, as the ike worker takes them, and KernelFlush
+as the kernel service checks it: anything gives
 a BusError or a counted drop, never an exception; a valid entry for an unknown child and a
 malformed one change no SA."""
 
@@ -13,8 +14,10 @@ from hypothesis import strategies as st
 
 from ikefarm.proto import envelope
 from ikefarm.proto.envelope import BusError
-from ikefarm.proto.messages import KernelCounters, KernelExpire
+from ikefarm.proto.messages import KernelCounters, KernelExpire, KernelFlush
 from ikefarm.services.ike import kernel_events
+from ikefarm.services.kernel.memory import InvalidChild, MemoryKernel, check_flush
+from tests.service.test_kernel_memory import child as memory_child
 from tests.unit.test_engine_dpd import dpd_pair
 
 WIRE = st.recursive(
@@ -124,3 +127,27 @@ def test_out_of_range_counters_for_a_real_child_are_dropped_and_counted(
         assert 0 <= counters < 2**64
     bad = sum(not all(isinstance(x, int) and 0 <= x < 2**64 for x in v) for v in values)
     assert drops["kernel_counters.bad_entry"] == bad
+
+
+FLUSH_BODY = st.fixed_dictionaries(
+    {"selector": st.sampled_from(["unique-id", "reqid", "all", "", "spi"]) | WIRE},
+    optional={"value": st.integers(-1, 4) | COUNT},
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(FLUSH_BODY)
+def test_a_flush_request_is_refused_or_names_only_matching_children(body: object) -> None:
+    kernel = MemoryKernel()
+    kernel.install(memory_child(1))
+    kernel.install(memory_child(2, "c0000002", "c1000002"))
+    try:
+        request = envelope.unpack(_raw("kernel-flush", body), KernelFlush)
+        check_flush(request)
+    except (BusError, InvalidChild):
+        return
+    chosen = {d.unique_id for d in kernel.children_matching(request.selector, request.value)}
+    if request.selector == "all":
+        assert chosen == {1, 2}
+    else:  # the helper's children have reqid == unique id
+        assert chosen == ({request.value} & {1, 2})

@@ -110,26 +110,18 @@ def cmd_flush_kernel(args: argparse.Namespace, words: list[str]) -> int:
 async def _flush_kernel(request: Any, url: str, args: argparse.Namespace, config: Any) -> int:
     from ikefarm.proto import subjects
     from ikefarm.proto.messages import KernelFlushResult
-    from ikefarm.shared.cli.main import _nats_credentials
 
-    name = "ikefarm flush kernel"
-    try:
-        nc = await connect(url, _nats_credentials(args, config))
-    except Exception as exc:
-        print(f"{name}: cannot reach NATS at {url}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        answer, failed = await request_one(
-            nc,
-            subjects.KERNEL_FLUSH,
-            request,
-            KernelFlushResult,
-            timeout=args.timeout,
-            name=name,
-            answerer="kernel service",
-        )
-    finally:
-        await nc.close()
+    answer, failed = await ask_one(
+        url,
+        args,
+        config,
+        subjects.KERNEL_FLUSH,
+        request,
+        KernelFlushResult,
+        timeout=args.timeout,
+        name="ikefarm flush kernel",
+        answerer="kernel service",
+    )
     if failed is not None:
         return failed
     if not answer.removed:
@@ -138,6 +130,35 @@ async def _flush_kernel(request: Any, url: str, args: argparse.Namespace, config
     ids = " ".join(f"#{unique_id}" for unique_id in answer.removed)
     print(f"Flushed {len(answer.removed)} child SA(s) from the kernel: {ids}")
     return 0
+
+
+async def ask_one(
+    url: str,
+    args: argparse.Namespace,
+    config: Any,
+    subject: str,
+    message: Any,
+    reply_type: Any,
+    *,
+    timeout: float,
+    name: str,
+    answerer: str,
+) -> tuple[Any, int | None]:
+    """Connect, `request_one`, disconnect: (the answer, None) or (None, exit code), the
+    reason said on stderr (2 when NATS cannot be reached)."""
+    from ikefarm.shared.cli.main import _nats_credentials
+
+    try:
+        nc = await connect(url, _nats_credentials(args, config))
+    except Exception as exc:
+        print(f"{name}: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+        return None, 2
+    try:
+        return await request_one(
+            nc, subject, message, reply_type, timeout=timeout, name=name, answerer=answerer
+        )
+    finally:
+        await nc.close()
 
 
 def _config_of_running_farm(args: argparse.Namespace) -> Any:

@@ -23,20 +23,13 @@ import pytest
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.messages import KernelFlushResult
 from ikefarm.services.ike.service import IkeService
-from ikefarm.services.ingress.service import IngressService
 from ikefarm.services.kernel.memory import MemoryKernel
 from ikefarm.services.kernel.service import KernelService
-from ikefarm.services.keystore.service import KeystoreService
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime
-from ikefarm.shared.config.loader import parse_config
-from ikefarm.shared.ikev2.engine import IkeEngine
-from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.sa import IkeSaState
 from ikefarm.shared.ikev2.show import format_details, ike_sa_row
-from tests.engine_helpers import INITIATOR_TOML, RESPONDER_TOML
-from tests.harness.ports import udp_ports
-from tests.service.test_ike_churn import LOOPBACK, Peer
+from tests.service.test_ike_churn import Peer, farm_services
 from tests.service.test_ingress_service import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,39 +56,9 @@ class Gateway:
 
 @pytest.fixture
 async def gateway(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Gateway]:
-    ike_port, natt_port = udp_ports(2)
-    ports = f'[ingress]\nlisten = ["{LOOPBACK}"]\nike-port = {ike_port}\nnatt-port = {natt_port}\n'
     dpd = f'ike-policy = {{ dpd-delay = "{DPD_DELAY:g}s" }}'
-    config = parse_config(
-        ports
-        + f'[keystore]\nstore-file = "{tmp_path / "keystore.bin"}"\n'
-        + '[kernel]\nbackend = "memory"\n'
-        + RESPONDER_TOML.format(extra="", extra_vpn=dpd).replace("192.0.2.1", LOOPBACK)
-    )
-    runtimes = [
-        Runtime(KeystoreService, config, nats_server.url, instance="keystore-0"),
-        Runtime(KernelService, config, nats_server.url, instance="kernel-0"),
-        Runtime(IkeService, config, nats_server.url, instance="ike-1", options={"shard": 1}),
-        Runtime(IngressService, config, nats_server.url, instance="ingress-0"),
-    ]
-    initiator = parse_config(
-        ports
-        + INITIATOR_TOML.format(extra="", extra_vpn="")
-        .replace("192.0.2.2", LOOPBACK)
-        .replace("192.0.2.1", LOOPBACK)
-    )
-    peer = Peer(IkeEngine(engine_policy(initiator), shard=2), (ike_port, natt_port))
-    started: list[Runtime] = []
-    try:
-        for runtime in runtimes:
-            await runtime.start()
-            started.append(runtime)
-        await peer.open()
+    async with farm_services(nats_server.url, tmp_path, extra_vpn=dpd) as (runtimes, peer):
         yield Gateway(runtimes, peer)
-    finally:
-        peer.close()
-        for runtime in reversed(started):
-            await runtime.stop()
 
 
 async def _established(gateway: Gateway) -> int:

@@ -155,9 +155,10 @@ def test_up_gives_each_service_its_own_user(  # type: ignore[no-untyped-def]
     with pytest.raises(Exception, match=r"(?i)authorization"):
         asyncio.run(anonymous())
 
-    # the CLI (user admin) still works: status, show ike-sa, show kernel, flow sessions
+    # the CLI (user admin) still works: status, show ike-sa, show/flush kernel, flow sessions
     flow_summary = ["show", "security", "flow", "session", "summary"]
-    for words in (["show", "ike-sa"], ["show", "kernel"], ["status"], flow_summary):
+    flush_kernel = ["flush", "kernel", "all"]
+    for words in (["show", "ike-sa"], ["show", "kernel"], ["status"], flow_summary, flush_kernel):
         done = subprocess.run(
             [*ikefarm_argv, *words, "-c", str(loopback_config)],
             capture_output=True,

@@ -389,6 +389,50 @@ class KernelExpire(BusMessage):
     packets: int
 
 
+@dataclass(frozen=True)
+class ChildCounters:
+    """What the dataplane counted on one child SA since it was installed (both directions)."""
+
+    unique_id: int
+    bytes_in: int
+    packets_in: int
+    bytes_out: int
+    packets_out: int
+
+
+# children per KernelCounters message: a batch stays far below NATS's default 1 MB payload
+MAX_COUNTERS_PER_BATCH = 2000
+
+
+@message("kernel-counters")
+class KernelCounters(BusMessage):
+    """kernel -> ike workers, periodically: the counters of the children whose counters
+    moved since the previous batch (docs/kernel-counters.md). Never per packet."""
+
+    backend: str
+    instance: str
+    interval: float  # seconds between batches
+    children: list[ChildCounters]
+
+
+FLUSH_SELECTORS = ("unique-id", "reqid", "all")
+
+
+@message("kernel-flush")
+class KernelFlush(BusMessage):
+    """CLI -> kernel: `flush kernel unique-id N | reqid N | all` removes those installed child
+    SAs (both SAs and their policies) from the dataplane; each owning ike worker then
+    deletes the child with its peer (a hard KernelExpire)."""
+
+    selector: str  # one of FLUSH_SELECTORS
+    value: int = 0
+
+
+@message("kernel-flush-result")
+class KernelFlushResult(BusMessage):
+    removed: list[int]  # unique ids of the children removed
+
+
 # --- ike workers ------------------------------------------------------------------------------
 
 

@@ -92,6 +92,8 @@ KERNEL_TRANSPORT_KEY = f"{PREFIX}.kernel.transport-key"
 # ike -> kernel: trap policies (dpd-action trap; later start-action trap) (request/reply).
 KERNEL_TRAP_INSTALL = f"{PREFIX}.kernel.trap.install"
 KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
+# CLI -> kernel: `flush kernel ...` removes installed child SAs (request/reply).
+KERNEL_FLUSH = f"{PREFIX}.kernel.flush"
 
 # ike -> keystore: computations that need a secret (request/reply).
 KEYSTORE_PSK_AUTH = f"{PREFIX}.keystore.psk.auth"
@@ -123,6 +125,9 @@ FLOW_CLEAR = f"{PREFIX}.flow.clear"
 IKE_SHOW = f"{PREFIX}.ike.show"
 # ike -> every ike worker: INITIAL_CONTACT received, drop older SAs of these identities.
 IKE_INITIAL_CONTACT = f"{PREFIX}.ike.initial-contact"
+# kernel -> every ike worker: batched per-child counters, periodically (KernelCounters,
+# docs/kernel-counters.md); each worker takes the children it owns (DPD, show ike-sa details).
+IKE_KERNEL_COUNTERS = f"{PREFIX}.ike.kernel-counters"
 # CLI -> all ike workers: rekey, reauth, flush, clear (each acts on the SAs it owns; the CLI
 # gathers the answers like `show`).
 IKE_COMMAND = f"{PREFIX}.ike.command"
@@ -251,7 +256,13 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "keystore": {"publish": (), "subscribe": (own_subjects("keystore"),)},
     "kernel": {
         # lifetimes the userspace dataplane counts go out as child-SA events
-        "publish": (EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE, EVENT_CHILD_SA, FLOW_EVENTS),
+        "publish": (
+            EVENT_KERNEL_ACQUIRE,
+            EVENT_KERNEL_EXPIRE,
+            EVENT_CHILD_SA,
+            FLOW_EVENTS,
+            IKE_KERNEL_COUNTERS,
+        ),
         "subscribe": (own_subjects("kernel"),),
     },
     "flow": {
@@ -266,6 +277,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             IKE_INITIATE,
             f"{PREFIX}.ike.shard.*.command",
             KERNEL_SHOW,
+            KERNEL_FLUSH,
             FLOW_SHOW,
             FLOW_CLEAR,
             *(subject for service in SERVICES for subject in _discovery(service)),

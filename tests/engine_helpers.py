@@ -239,7 +239,7 @@ def pair(
 
 # Containers that grow and are cut back by design (amortized O(1)), not per-SA leftovers:
 # their bound is checked by `assert_bounded_caches` instead of an exact size.
-BOUNDED_CACHES = frozenset({"_child_spis"})
+BOUNDED_CACHES = frozenset({"_child_spis", "_child_index"})
 
 
 def assert_bounded_caches(engine: Any) -> None:
@@ -249,6 +249,11 @@ def assert_bounded_caches(engine: Any) -> None:
     live = sum(len(sa.children) for sa in engine.sas.values())
     assert len(engine._child_spis) <= engine._child_spis_limit + 1
     assert engine._child_spis_limit <= 2 * max(live, len(engine._child_spis)) + (
+        engine_module.CHILD_SPI_SLACK
+    )
+    # children by unique id: the same bound, the same rebuild
+    assert len(engine._child_index) <= engine._child_index_limit + 1
+    assert engine._child_index_limit <= 2 * max(live, len(engine._child_index)) + (
         engine_module.CHILD_SPI_SLACK
     )
 

@@ -14,9 +14,9 @@ a shard: an initiation is answered once it is established or has failed (or the
 request's timeout passed). A malformed command gets a structured error, is
 counted and changes nothing.
 
-DPD counts IPsec traffic as liveness through `dpd.traffic_seen`; the kernel
-service will report child counters with the netlink backend (the memory backend
-carries no traffic), and this worker then feeds them to the engine.
+The kernel service's batched per-child counters and its EXPIRE events reach the
+engine through `kernel_events.py`: counters for `show ike-sa details` and DPD
+liveness, soft EXPIRE -> child rekey, hard EXPIRE -> child delete.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ from ikefarm.proto.messages import (
     InitialContactNotice,
     InitRoute,
     KernelAck,
+    KernelCounters,
+    KernelExpire,
     OutboundDatagram,
     PeerBackoff,
     PskAuthReply,
@@ -57,7 +59,7 @@ from ikefarm.proto.messages import (
     TrapInstall,
     TrapRemove,
 )
-from ikefarm.services.ike import unique_ids
+from ikefarm.services.ike import kernel_events, unique_ids
 from ikefarm.services.ike.exchange_traces import (
     ExchangeTraces,
     exchange_key,
@@ -195,6 +197,11 @@ class IkeService(ServiceBase):
                 subject, IkeCommand, self.on_command, queue=subjects.QUEUE_IKE_WORKERS
             )
         await runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_load, traced=False)
+        # the kernel service's per-child counters and EXPIRE events (kernel_events.py)
+        await runtime.subscribe(
+            subjects.IKE_KERNEL_COUNTERS, KernelCounters, self.on_kernel_counters, traced=False
+        )
+        await runtime.subscribe(subjects.EVENT_KERNEL_EXPIRE, KernelExpire, self.on_kernel_expire)
         # ingress forwards to a shard only while its owner reports: the first report goes
         # out before this worker counts as started, not up to a LOAD_INTERVAL later
         await self.publish_load()
@@ -399,6 +406,15 @@ class IkeService(ServiceBase):
         rows = [ike_sa_row(sa, now) for sa in self.engine.sas.values()]
         if msg.reply:
             await msg.respond(envelope.pack_reply(IkeShow(self.runtime.instance, self.shard, rows)))
+
+    async def on_kernel_counters(self, batch: KernelCounters, _msg: Msg) -> None:
+        kernel_events.apply_counters(self.engine, batch, time.monotonic(), self.runtime.counters)
+
+    async def on_kernel_expire(self, expire: KernelExpire, _msg: Msg) -> None:
+        now = time.monotonic()
+        await self.apply(
+            kernel_events.apply_expire(self.engine, expire, now, self.runtime.counters)
+        )
 
     async def on_initial_contact(self, notice: InitialContactNotice, _msg: Msg) -> None:
         effects = self.engine.initial_contact(

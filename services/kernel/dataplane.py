@@ -110,6 +110,8 @@ class Tunnel:
     udp_encap: bool
     local_nets: list[Network]
     remote_nets: list[Network]
+    # counters moved since the kernel service's last batch (`Dataplane.take_moved`)
+    moved: bool = field(default=False, init=False, repr=False)
     local_selectors: _Selectors = field(init=False, repr=False)
     remote_selectors: _Selectors = field(init=False, repr=False)
 
@@ -184,6 +186,9 @@ class Dataplane:
         self._by_spi_in: dict[int, Tunnel] = {}
         self._index = _PrefixIndex()
         self.on_lifetime: LifetimeHandler | None = None
+        # tunnels that carried a packet since the last take_moved(): a flag test per packet,
+        # and a batch costs the tunnels that moved, not all of them
+        self._moved: list[Tunnel] = []
 
     def __len__(self) -> int:
         return len(self.tunnels)
@@ -230,6 +235,9 @@ class Dataplane:
             self.counters[f"esp.out.drop.{exc.reason}"] += 1
             return None
         self.counters["esp.out.packets"] += 1
+        if not tunnel.moved:
+            tunnel.moved = True
+            self._moved.append(tunnel)
         if sa.has_events:
             self._events(tunnel, sa)
         return Send(esp, tunnel)
@@ -253,9 +261,19 @@ class Dataplane:
             self.counters["esp.in.drop.policy"] += 1
             return None
         self.counters["esp.in.packets"] += 1
+        if not tunnel.moved:
+            tunnel.moved = True
+            self._moved.append(tunnel)
         if tunnel.inbound.has_events:
             self._events(tunnel, tunnel.inbound)
         return inner
+
+    def take_moved(self) -> list[Tunnel]:
+        """The installed tunnels that carried packets since the previous call."""
+        moved, self._moved = self._moved, []
+        for tunnel in moved:
+            tunnel.moved = False
+        return [t for t in moved if self.tunnels.get(t.unique_id) is t]
 
     def show(self, unique_id: int) -> dict[str, Any]:
         tunnel = self.tunnels.get(unique_id)

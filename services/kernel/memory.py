@@ -23,7 +23,15 @@ import ipaddress
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ikefarm.proto.messages import ChildDelete, ChildInstall, TrapInstall, TrapRemove
+from ikefarm.proto.messages import (
+    FLUSH_SELECTORS,
+    ChildCounters,
+    ChildDelete,
+    ChildInstall,
+    KernelFlush,
+    TrapInstall,
+    TrapRemove,
+)
 from ikefarm.shared.ikev2.constants import EncrId, IntegId
 
 BACKEND_NAME = "memory"
@@ -173,6 +181,17 @@ def delete_request_of(request: ChildInstall) -> ChildDelete:
     )
 
 
+def check_flush(request: KernelFlush) -> None:
+    """InvalidChild unless `request` names a selector and, but for `all`, a 32-bit id."""
+    if request.selector not in FLUSH_SELECTORS:
+        raise InvalidChild(f"selector must be one of {', '.join(FLUSH_SELECTORS)}")
+    if request.selector == "all":
+        if request.value != 0:
+            raise InvalidChild("flush all takes no value")
+    elif not 0 < request.value <= 0xFFFFFFFF:
+        raise InvalidChild("value out of range 1-4294967295")
+
+
 def _check_trap(request: TrapInstall) -> tuple[str, str]:
     if request.mode not in MODES:
         raise InvalidChild(f"mode must be one of {', '.join(MODES)}")
@@ -200,6 +219,11 @@ class MemoryKernel:
         self.sad: dict[tuple[bytes, str], SaEntry] = {}
         self._children: dict[int, _Child] = {}
         self.traps: dict[int, TrapEntry] = {}
+        # test double of a dataplane's counters: what `record_traffic` was told, per child
+        # (bytes_in, packets_in, bytes_out, packets_out), and the children it moved since
+        # the last `moved_counters()`
+        self._traffic: dict[int, tuple[int, int, int, int]] = {}
+        self._moved: set[int] = set()
 
     def __repr__(self) -> str:
         return f"MemoryKernel(children={len(self._children)}, sas={len(self.sad)})"
@@ -301,6 +325,28 @@ class MemoryKernel:
                     )
         return tuple(policies)
 
+    def children_matching(self, selector: str, value: int) -> list[ChildDelete]:
+        """The deletes of the installed children `flush kernel` names (unique-id, reqid, all)."""
+        chosen = [
+            child
+            for child in self._children.values()
+            if selector == "all"
+            or (selector == "unique-id" and child.unique_id == value)
+            or (selector == "reqid" and child.reqid == value)
+        ]
+        deletes = []
+        for child in chosen:
+            (spi_in, _), (spi_out, _) = child.sa_keys
+            sa_in = self.sad[(spi_in, "in")]
+            deletes.append(
+                ChildDelete(child.unique_id, child.reqid, spi_in, spi_out, sa_in.dst, sa_in.src)
+            )
+        return deletes
+
+    def child_sa_keys(self) -> list[tuple[int, tuple[tuple[bytes, str], ...]]]:
+        """(unique id, its SAs' keys in `sad`) of every installed child."""
+        return [(uid, child.sa_keys) for uid, child in self._children.items()]
+
     def child_policies(self, unique_id: int) -> tuple[PolicyEntry, ...]:
         """The policies recorded for one installed child (empty if unknown)."""
         child = self._children.get(unique_id)
@@ -317,7 +363,35 @@ class MemoryKernel:
         for key in child.sa_keys:
             self.sad.pop(key, None)
         del self._children[child.unique_id]
+        self._traffic.pop(child.unique_id, None)
+        self._moved.discard(child.unique_id)
         return child
+
+    def record_traffic(
+        self,
+        unique_id: int,
+        *,
+        bytes_in: int = 0,
+        packets_in: int = 0,
+        bytes_out: int = 0,
+        packets_out: int = 0,
+    ) -> None:
+        """Test double of a dataplane counting packets on an installed child (added up)."""
+        if unique_id not in self._children:
+            raise KernelRefusal("not_found", "not found")
+        old = self._traffic.get(unique_id, (0, 0, 0, 0))
+        self._traffic[unique_id] = (
+            old[0] + bytes_in,
+            old[1] + packets_in,
+            old[2] + bytes_out,
+            old[3] + packets_out,
+        )
+        self._moved.add(unique_id)
+
+    def moved_counters(self) -> list[ChildCounters]:
+        """The counters of the children whose counters moved since the previous call."""
+        moved, self._moved = self._moved, set()
+        return [ChildCounters(uid, *self._traffic[uid]) for uid in moved if uid in self._traffic]
 
     def install_trap(self, request: TrapInstall) -> tuple[TrapEntry, bool]:
         """Install the trap of a security policy (replacing its previous one); (entry, replaced)."""
@@ -345,6 +419,12 @@ class MemoryKernel:
 
     def show(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         sas = [sa.show() for sa in self.sad.values()]
+        for row in sas:
+            traffic = self._traffic.get(row["unique_id"])
+            if traffic is not None:
+                inbound = row["direction"] == "in"
+                row["bytes"] = traffic[0] if inbound else traffic[2]
+                row["packets"] = traffic[1] if inbound else traffic[3]
         policies = [policy.show() for child in self._children.values() for policy in child.policies]
         return sas, policies
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ikefarm.proto.messages import (
+    ChildCounters,
     ChildDelete,
     ChildInstall,
     KernelAcquire,
@@ -239,6 +240,8 @@ class NetlinkKernel:
         self._programmed: dict[int, _Programmed] = {}  # child unique id -> kernel state
         self._trap_programmed: dict[int, _Programmed] = {}  # reqid -> kernel state
         self._lifetimes: dict[tuple[bytes, str], xfrm.Lifetime] = {}  # for show
+        # per child, the counters of the last batch (moved_counters)
+        self._reported: dict[int, tuple[int, int, int, int]] = {}
         self.refusals = 0
         self.warnings: list[str] = []  # start-up settings the kernel did not take
 
@@ -473,6 +476,7 @@ class NetlinkKernel:
         child = self.books.delete(request)
         for key in child.sa_keys:
             self._lifetimes.pop(key, None)
+        self._reported.pop(child.unique_id, None)
         done = self._programmed.pop(child.unique_id, None)
         if done is not None:
             await self._undo(done)
@@ -515,6 +519,36 @@ class NetlinkKernel:
         except (xfrm.XfrmError, OSError, TimeoutError):
             return None
         return {"bytes": info.bytes, "packets": info.packets, "use_time": info.use_time}
+
+    def children_matching(self, selector: str, value: int) -> list[ChildDelete]:
+        return self.books.children_matching(selector, value)
+
+    def moved_counters(self) -> list[ChildCounters]:
+        """The counters of the children whose kernel counters moved since the previous call.
+
+        XFRM has no "changed since" query: this reads both SAs of every child
+        (XFRM_MSG_GETSA), O(children) per batch (docs/kernel-counters.md). An SA the
+        kernel cannot read (gone, or refused) is skipped until the next batch.
+        """
+        moved: list[ChildCounters] = []
+        for unique_id, keys in self.books.child_sa_keys():
+            read = [self.sad.get(key) for key in keys]
+            counters = [self.counters(sa) if sa is not None else None for sa in read]
+            by_direction = {
+                sa.direction: c for sa, c in zip(read, counters, strict=True) if sa and c
+            }
+            if len(by_direction) != 2:
+                continue
+            now = (
+                by_direction["in"]["bytes"],
+                by_direction["in"]["packets"],
+                by_direction["out"]["bytes"],
+                by_direction["out"]["packets"],
+            )
+            if self._reported.get(unique_id, (0, 0, 0, 0)) != now:
+                self._reported[unique_id] = now
+                moved.append(ChildCounters(unique_id, *now))
+        return moved
 
     def show(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         sas, policies = self.books.show()

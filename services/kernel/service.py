@@ -36,6 +36,10 @@ from ikefarm.proto.messages import (
     ChildInstall,
     KernelAck,
     KernelAcquire,
+    KernelCounters,
+    KernelExpire,
+    KernelFlush,
+    KernelFlushResult,
     KernelShowRequest,
     KernelState,
     SaEventNotice,
@@ -44,12 +48,13 @@ from ikefarm.proto.messages import (
     TrapInstall,
     TrapRemove,
 )
-from ikefarm.services.kernel import backends
+from ikefarm.services.kernel import backends, counters
 from ikefarm.services.kernel.dataplane import Tunnel
 from ikefarm.services.kernel.memory import (
     InvalidChild,
     KernelRefusal,
     MemoryKernel,
+    check_flush,
     check_install,
 )
 from ikefarm.services.kernel.userspace import UserspaceKernel
@@ -81,6 +86,8 @@ class KernelService(ServiceBase):
         self.events: Any = None  # the backend's ACQUIRE/EXPIRE source, if it has one
         self._publishing: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._counters_task: asyncio.Task[None] | None = None
+        self.counters_interval = counters.MAX_INTERVAL
         # child SA keys are sealed to this key; it lives in this process's memory only
         self._transport = X25519PrivateKey.generate()
 
@@ -151,6 +158,9 @@ class KernelService(ServiceBase):
             "show", KernelShowRequest, self.on_show, subject=subjects.KERNEL_SHOW
         )
         await self.runtime.add_endpoint(
+            "flush", KernelFlush, self.on_flush, subject=subjects.KERNEL_FLUSH
+        )
+        await self.runtime.add_endpoint(
             "trap-install", TrapInstall, self.on_trap_install, subject=subjects.KERNEL_TRAP_INSTALL
         )
         await self.runtime.add_endpoint(
@@ -162,6 +172,31 @@ class KernelService(ServiceBase):
         if hasattr(self.backend, "open_events"):
             self.events = self.backend.open_events()
             asyncio.get_running_loop().add_reader(self.events.fileno(), self._on_events)
+        self.counters_interval = counters.batch_interval(self.config)
+        self._counters_task = asyncio.get_running_loop().create_task(self._publish_counters())
+
+    async def _publish_counters(self) -> None:
+        """Every `counters_interval`: the children whose counters moved, batched, to the ike
+        workers (docs/kernel-counters.md)."""
+        while True:
+            await asyncio.sleep(self.counters_interval)
+            try:
+                await self.publish_counters()
+            except Exception as exc:  # a failed batch must not stop the next ones
+                self.runtime.counters["counters.failed"] += 1
+                self.log.control("counters_failed", error=type(exc).__name__)
+
+    async def publish_counters(self) -> int:
+        """Publish one round of batches now; the number of children reported."""
+        moved = self.backend.moved_counters()
+        for batch in counters.batches(moved):
+            message = KernelCounters(
+                self.backend.name, self.runtime.instance, self.counters_interval, batch
+            )
+            await self.runtime.publish(subjects.IKE_KERNEL_COUNTERS, message)
+            self.runtime.counters["counters.batches"] += 1
+        self.runtime.counters["counters.children"] += len(moved)
+        return len(moved)
 
     def _on_events(self) -> None:
         """Kernel ACQUIRE/EXPIRE notifications -> bus events (one publish per event)."""
@@ -183,6 +218,11 @@ class KernelService(ServiceBase):
             task.add_done_callback(self._publishing.discard)
 
     async def teardown(self) -> None:
+        if self._counters_task is not None:
+            self._counters_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._counters_task
+            self._counters_task = None
         if self.events is not None:
             asyncio.get_running_loop().remove_reader(self.events.fileno())
             self.events.close()
@@ -348,6 +388,48 @@ class KernelService(ServiceBase):
             backend=backend.name, sas=sas, policies=policies, traps=backend.show_traps()
         )
 
+    async def on_flush(self, request: KernelFlush, _msg: Any) -> KernelFlushResult:
+        """Remove the installed children `request` names; each owner hears a hard EXPIRE and
+        deletes its child with the peer (docs/kernel-counters.md)."""
+        try:
+            check_flush(request)
+        except InvalidChild as exc:
+            self.runtime.counters["flush.invalid"] += 1
+            raise BusError("bad_field", f"KernelFlush: {exc}") from None
+        backend = self._backend()
+        removed: list[int] = []
+        for delete in backend.children_matching(request.selector, request.value):
+            try:
+                await _settle(backend.delete(delete))
+            except KernelRefusal as exc:
+                self.runtime.counters[f"flush.{exc.code}"] += 1
+                continue
+            removed.append(delete.unique_id)
+            self.log.control(
+                "child_flushed",
+                backend=backend.name,
+                unique_id=delete.unique_id,
+                reqid=delete.reqid,
+                spi_in=delete.spi_in.hex(),
+                spi_out=delete.spi_out.hex(),
+            )
+            expire = KernelExpire(
+                backend=backend.name,
+                hard=True,
+                unique_id=delete.unique_id,
+                reqid=delete.reqid,
+                direction="in",
+                spi=delete.spi_in,
+                src=delete.remote_address,
+                dst=delete.local_address,
+                bytes=0,
+                packets=0,
+            )
+            await self.runtime.publish(subjects.EVENT_KERNEL_EXPIRE, expire)
+        await self._apply_routes()
+        self.runtime.counters["flush.children"] += len(removed)
+        return KernelFlushResult(removed=removed)
+
     async def on_trap_install(self, request: TrapInstall, _msg: Any) -> KernelAck:
         backend = self._backend()
         try:
@@ -403,8 +485,30 @@ class KernelService(ServiceBase):
                 "limit": event.limit,
             },
         )
-        task = asyncio.get_running_loop().create_task(
-            self.runtime.publish(subjects.EVENT_CHILD_SA, notice)
+        # the same contract as the netlink backend's EXPIRE: the owning ike worker rekeys
+        # (soft) or deletes (hard) the child
+        expire = KernelExpire(
+            backend=self.backend.name,
+            hard=event.kind == "hard",
+            unique_id=tunnel.unique_id,
+            reqid=0,
+            direction=event.direction,
+            spi=event.spi.to_bytes(4, "big"),
+            src=tunnel.remote_address if event.direction == "in" else tunnel.local_address,
+            dst=tunnel.local_address if event.direction == "in" else tunnel.remote_address,
+            bytes=_sa(tunnel, event.direction).counters.bytes,
+            packets=_sa(tunnel, event.direction).counters.packets,
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.runtime.counters[f"event.expire_{event.kind}"] += 1
+        loop = asyncio.get_running_loop()
+        for subject, message in (
+            (subjects.EVENT_CHILD_SA, notice),
+            (subjects.EVENT_KERNEL_EXPIRE, expire),
+        ):
+            task = loop.create_task(self.runtime.publish(subject, message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+def _sa(tunnel: Tunnel, direction: str) -> Any:
+    return tunnel.inbound if direction == "in" else tunnel.outbound

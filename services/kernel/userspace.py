@@ -25,7 +25,7 @@ import socket
 from collections import Counter
 from typing import Any
 
-from ikefarm.proto.messages import ChildDelete, ChildInstall
+from ikefarm.proto.messages import ChildCounters, ChildDelete, ChildInstall
 from ikefarm.services.kernel import tun
 from ikefarm.services.kernel.dataplane import Dataplane, Network, Send, Tunnel, selector_networks
 from ikefarm.services.kernel.memory import (
@@ -193,6 +193,19 @@ class UserspaceKernel(MemoryKernel):
             for network in tunnel.remote_nets:
                 self._routes.remove(str(network))
         self._release_socket(tunnel)
+
+    def moved_counters(self) -> list[ChildCounters]:
+        """The counters of the tunnels that carried packets since the previous call."""
+        return [
+            ChildCounters(
+                t.unique_id,
+                t.inbound.counters.bytes,
+                t.inbound.counters.packets,
+                t.outbound.counters.bytes,
+                t.outbound.counters.packets,
+            )
+            for t in self.dataplane.take_moved()
+        ]
 
     def show(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         sas, policies = super().show()

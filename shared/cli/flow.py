@@ -56,32 +56,25 @@ async def _run(verb: str, words: list[str], url: str, args: argparse.Namespace, 
         FlowShow,
         FlowShowRequest,
     )
-    from ikefarm.shared.cli.main import _nats_credentials
-    from ikefarm.shared.cli.manage import connect, request_one
+    from ikefarm.shared.cli.manage import ask_one
 
     name = f"ikefarm {verb} security flow session"
-    try:
-        nc = await connect(url, _nats_credentials(args, config))
-    except Exception as exc:
-        print(f"{name}: cannot reach NATS at {url}: {exc}", file=sys.stderr)
-        return 2
     subject, request, reply_type = (
         (subjects.FLOW_SHOW, FlowShowRequest(words), FlowShow)
         if verb == "show"
         else (subjects.FLOW_CLEAR, FlowClearRequest(words), FlowClearResult)
     )
-    try:
-        answer, failed = await request_one(
-            nc,
-            subject,
-            request,
-            reply_type,
-            timeout=args.wait + 2,
-            name=name,
-            answerer="flow service",
-        )
-    finally:
-        await nc.close()
+    answer, failed = await ask_one(
+        url,
+        args,
+        config,
+        subject,
+        request,
+        reply_type,
+        timeout=args.wait + 2,
+        name=name,
+        answerer="flow service",
+    )
     if failed is not None:
         return failed
     if verb == "clear":

@@ -342,39 +342,65 @@ def cmd_show_kernel(args: argparse.Namespace) -> int:
 
 
 def kernel_lines(state: KernelState) -> list[str]:
-    """`show kernel` as text: SAs (algorithms and key sizes, never keys; the dataplane's
-    counters and lifetimes where the backend reports them), policies, traps."""
+    """`show kernel` as text, in the vSR `show state` layout (seed 004: one `key value` per
+    line, a nested block indented and closed by `..`): SAs (algorithms and key sizes, never
+    keys; the dataplane's counters and lifetimes where the backend reports them), policies,
+    traps."""
     lines = [f"backend {state.backend}"]
     for sa in state.sas:
-        encap = f" encap udp {sa['src_port']}->{sa['dst_port']}" if sa.get("encap") else ""
-        algorithms = sa.get("encr") or ""
+        lines.append(f"sa spi {sa['spi']} direction {sa['direction']}")
+        fields: list[tuple[str, Any]] = [
+            ("unique-id", sa.get("unique_id")),
+            ("reqid", sa.get("reqid")),
+            ("protocol", sa.get("protocol", "esp")),
+            ("mode", sa.get("mode")),
+            ("source", sa.get("src")),
+            ("destination", sa.get("dst")),
+            ("udp-encap", "true" if sa.get("encap") else "false"),
+        ]
+        if sa.get("encap"):
+            fields += [
+                ("source-port", sa.get("src_port")),
+                ("destination-port", sa.get("dst_port")),
+            ]
         if sa.get("integ"):
-            algorithms += f"/{sa['integ']}"
-        esn = " esn" if sa.get("esn") else ""
-        line = (
-            f"sa {sa['direction']:3} spi {sa['spi']} {sa['src']} -> {sa['dst']}"
-            f" reqid {sa['reqid']} {sa['mode']}{encap} {algorithms}{esn}"
-            f" replay {sa.get('replay_window', 0)}"
-        )
+            fields += [("enc-alg", sa.get("encr")), ("auth-alg", sa["integ"])]
+        else:  # vSR names a combined mode aead-alg
+            fields.append(("aead-alg", sa.get("encr")))
+        fields += [
+            ("esn", "true" if sa.get("esn") else "false"),
+            ("replay-window", sa.get("replay_window", 0)),
+        ]
         # netlink reads the kernel's counters into "counters"; the userspace dataplane
-        # reports its own beside the SA's fields
+        # (and the memory test double) reports its own beside the SA's fields
         counters = sa.get("counters") or (sa if "packets" in sa else None)
         if counters:
-            line += f" bytes {counters['bytes']} packets {counters['packets']}"
+            fields += [("bytes", counters["bytes"]), ("packets", counters["packets"])]
         lifetime = sa.get("lifetime")
         if lifetime:
-            line += f" rekey {lifetime['soft_seconds']}s life {lifetime['hard_seconds']}s"
-        lines.append(line)
+            fields += [
+                ("rekey-time", lifetime["soft_seconds"]),
+                ("life-time", lifetime["hard_seconds"]),
+            ]
+        lines += [f"    {key} {value}" for key, value in fields if value is not None]
+        lines.append("    ..")
     for policy in state.policies:
-        lines.append(
-            f"policy {policy['direction']:3} {policy['src']} -> {policy['dst']}"
-            f" reqid {policy['reqid']} {policy['mode']}"
-        )
+        lines += [
+            f"policy direction {policy['direction']}",
+            f"    source {policy['src']}",
+            f"    destination {policy['dst']}",
+            f"    reqid {policy['reqid']}",
+            f"    mode {policy['mode']}",
+            f"    template {policy.get('tmpl_src', '-')} -> {policy.get('tmpl_dst', '-')}",
+            "    ..",
+        ]
     for trap in state.traps:
-        lines.append(
-            f"trap {trap['vpn']}/{trap['name']} reqid {trap['reqid']}"
-            f" {' '.join(trap['local_ts'])} === {' '.join(trap['remote_ts'])}"
-        )
+        lines.append(f"trap vpn {trap['vpn']} security-policy {trap['name']}")
+        lines.append(f"    reqid {trap['reqid']}")
+        lines.append(f"    mode {trap['mode']}")
+        lines += [f"    local-ts subnet {ts}" for ts in trap["local_ts"]]
+        lines += [f"    remote-ts subnet {ts}" for ts in trap["remote_ts"]]
+        lines.append("    ..")
     return lines
 
 

@@ -32,7 +32,8 @@ HELP = {
     "initiate": "initiate an IKE SA (childless) or a child SA: initiate ike-sa vpn NAME",
     "rekey": "rekey IKE or child SAs: rekey ike-sa vpn NAME | rekey child-sa unique-id N",
     "reauth": "reauthenticate IKE SAs (honours make-before-break): reauth ike-sa vpn NAME",
-    "flush": "delete IKE or child SAs: flush child-sa security-policy NAME",
+    "flush": "delete IKE or child SAs: flush child-sa security-policy NAME; remove kernel "
+    "state: flush kernel unique-id N|reqid N|all",
     "clear": "JunosE: clear sa all|tunnel NAME|state STATE [phase 1|2]; Junos SRX: clear "
     "security flow session all|session-identifier N|protocol NAME|...",
 }
@@ -64,6 +65,8 @@ def cmd_manage(args: argparse.Namespace) -> int:
     from ikefarm.shared.cli.main import _load_or_exit, _nats_url
     from ikefarm.shared.ikev2.management import CommandError, parse_words
 
+    if args.verb == "flush" and args.words[:1] == ["kernel"]:
+        return cmd_flush_kernel(args, list(args.words[1:]))
     if args.verb == "clear" and args.words[:1] == ["security"]:
         from ikefarm.shared.cli.flow import cmd_flow
 
@@ -78,6 +81,84 @@ def cmd_manage(args: argparse.Namespace) -> int:
     if config is None:
         config = _config_of_running_farm(args)
     return asyncio.run(_run(command, url, args, config))
+
+
+def cmd_flush_kernel(args: argparse.Namespace, words: list[str]) -> int:
+    """`flush kernel unique-id N | reqid N | all`: remove installed child SAs from the
+    dataplane; their ike workers then delete them with the peers."""
+    from ikefarm.proto.messages import FLUSH_SELECTORS, KernelFlush
+    from ikefarm.shared.cli.main import _load_or_exit, _nats_url
+
+    name = "ikefarm flush kernel"
+    usage = f"{name}: expected unique-id N | reqid N | all"
+    if words == ["all"]:
+        request = KernelFlush("all")
+    elif len(words) == 2 and words[0] in FLUSH_SELECTORS and words[1].isdigit():
+        value = int(words[1])
+        if not 0 < value <= 0xFFFFFFFF:
+            print(usage, file=sys.stderr)
+            return 2
+        request = KernelFlush(words[0], value)
+    else:
+        print(usage, file=sys.stderr)
+        return 2
+    config = _load_or_exit(args.config) if args.config else None
+    url = _nats_url(args, config)
+    return asyncio.run(_flush_kernel(request, url, args, config))
+
+
+async def _flush_kernel(request: Any, url: str, args: argparse.Namespace, config: Any) -> int:
+    from ikefarm.proto import subjects
+    from ikefarm.proto.messages import KernelFlushResult
+
+    answer, failed = await ask_one(
+        url,
+        args,
+        config,
+        subjects.KERNEL_FLUSH,
+        request,
+        KernelFlushResult,
+        timeout=args.timeout,
+        name="ikefarm flush kernel",
+        answerer="kernel service",
+    )
+    if failed is not None:
+        return failed
+    if not answer.removed:
+        print("No kernel SA to flush.")
+        return 0
+    ids = " ".join(f"#{unique_id}" for unique_id in answer.removed)
+    print(f"Flushed {len(answer.removed)} child SA(s) from the kernel: {ids}")
+    return 0
+
+
+async def ask_one(
+    url: str,
+    args: argparse.Namespace,
+    config: Any,
+    subject: str,
+    message: Any,
+    reply_type: Any,
+    *,
+    timeout: float,
+    name: str,
+    answerer: str,
+) -> tuple[Any, int | None]:
+    """Connect, `request_one`, disconnect: (the answer, None) or (None, exit code), the
+    reason said on stderr (2 when NATS cannot be reached)."""
+    from ikefarm.shared.cli.main import _nats_credentials
+
+    try:
+        nc = await connect(url, _nats_credentials(args, config))
+    except Exception as exc:
+        print(f"{name}: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+        return None, 2
+    try:
+        return await request_one(
+            nc, subject, message, reply_type, timeout=timeout, name=name, answerer=answerer
+        )
+    finally:
+        await nc.close()
 
 
 def _config_of_running_farm(args: argparse.Namespace) -> Any:

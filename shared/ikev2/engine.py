@@ -84,7 +84,8 @@ if TYPE_CHECKING:
 DEFAULT_FRAGMENT_SIZE = 1280 - 40 - 8 - 4
 # inbound child SPIs remembered beyond twice those in use before the set is rebuilt
 CHILD_SPI_SLACK = 1024
-UNIQUE_ID_RANGE = 100_000  # unique ids of shard s are s * UNIQUE_ID_RANGE + 1, + 2, ...
+UNIQUE_ID_RANGE = 100_000
+# unique ids of shard s are s * UNIQUE_ID_RANGE + 1, + 2, ...
 
 
 class IkeEngine:
@@ -116,6 +117,10 @@ class IkeEngine:
         self.keystore_waits: dict[int, tuple[bytes, Task]] = {}
         self._child_spis: set[bytes] = set()
         self._child_spis_limit = CHILD_SPI_SLACK
+        # child unique id -> the local SPI of its IKE SA (set where a child is made, restored
+        # or moved by an IKE rekey); `find_child` drops what is gone. Rebuilt like _child_spis.
+        self._child_index: dict[int, bytes] = {}
+        self._child_index_limit = CHILD_SPI_SLACK
         self.counters: Counter[str] = Counter()
         self._last_unique_id = 0  # within this shard's range of unique ids
         # the ike service reserves farm-wide ids that survive its restarts (its blocks never
@@ -146,6 +151,31 @@ class IkeEngine:
             if int.from_bytes(spi, "big") >= 256 and spi not in self._child_spis:
                 self._child_spis.add(spi)
                 return spi
+
+    def register_child(self, sa: IkeSa, child: ChildSa) -> None:
+        """Index a new child by unique id (kernel counters and EXPIRE name children so).
+
+        Entries of children since gone are dropped when looked up, or when the index
+        outgrows twice the children of its last rebuild: O(1) amortized per child.
+        """
+        if len(self._child_index) > self._child_index_limit:
+            self._child_index = {
+                c.unique_id: s.local_spi for s in self.sas.values() for c in s.children
+            }
+            self._child_index_limit = 2 * len(self._child_index) + CHILD_SPI_SLACK
+        self._child_index[child.unique_id] = sa.local_spi
+
+    def find_child(self, unique_id: int) -> tuple[IkeSa, ChildSa] | None:
+        """The live child with this unique id and its IKE SA, or None: one dict lookup, then
+        the children of that IKE SA, never a walk over all the SAs."""
+        spi = self._child_index.get(unique_id)
+        sa = self.sas.get(spi) if spi is not None else None
+        if sa is not None:
+            for child in sa.children:
+                if child.unique_id == unique_id:
+                    return sa, child
+        self._child_index.pop(unique_id, None)
+        return None
 
     def new_dh(self, group: int) -> DhExchange:
         """A fresh DH key pair from the engine's source; with the system's source the
@@ -363,6 +393,8 @@ class IkeEngine:
         """Register an SA built outside an exchange (a restored snapshot)."""
         self.sas[sa.local_spi] = sa
         self._child_spis.update(c.spi_in for c in sa.children)
+        for child in sa.children:
+            self.register_child(sa, child)
         # ids are never handed out twice: skip past the adopted ones in our range
         base = self.shard * UNIQUE_ID_RANGE
         for unique_id in (sa.unique_id, *(c.unique_id for c in sa.children)):

@@ -55,7 +55,8 @@ USAGE = {
     "initiate": "initiate child-sa security-policy NAME | initiate ike-sa vpn NAME",
     "rekey": "rekey ike-sa vpn NAME|unique-id N | rekey child-sa security-policy NAME|unique-id N",
     "reauth": "reauth ike-sa vpn NAME|unique-id N",
-    "flush": "flush ike-sa vpn NAME|unique-id N | flush child-sa security-policy NAME|unique-id N",
+    "flush": "flush ike-sa vpn NAME|unique-id N | flush child-sa security-policy NAME|unique-id N"
+    " | flush kernel unique-id N|reqid N|all",
     "clear": "clear sa all|tunnel NAME|state STATE [phase 1|2]",
 }
 MAX_VALUE_LENGTH = 255

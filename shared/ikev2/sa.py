@@ -67,6 +67,11 @@ class ChildSa:
     collision: ChildSa | None = field(default=None, repr=False)
     rekey_in_flight: bool = False  # our CREATE_CHILD_SA rekeying it has been sent
     rekeyed_from: int | None = None  # unique id of the child this one replaced
+    # what the kernel service counted on its two SAs (KernelCounters), for show and DPD
+    bytes_in: int = 0
+    packets_in: int = 0
+    bytes_out: int = 0
+    packets_out: int = 0
 
     @property
     def name(self) -> str:

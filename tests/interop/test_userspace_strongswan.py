@@ -216,8 +216,9 @@ def test_ping_and_tcp_through_the_userspace_dataplane(
     assert sas["in"]["packets"] >= 6 and sas["out"]["packets"] >= 6  # echo requests + replies
     assert sas["in"]["encap"] is True
     text = gateway.run_cli("show", "kernel").stdout
-    assert f"sa in  spi {child['spi-out']} {outer[1]} -> {outer[0]}" in text
-    assert f"bytes {sas['in']['bytes']} packets {sas['in']['packets']}" in text
+    block = text.split(f"sa spi {child['spi-out']} direction in\n", 1)[1].split("    ..")[0]
+    assert f"    source {outer[1]}\n    destination {outer[0]}\n" in block
+    assert f"    bytes {sas['in']['bytes']}\n    packets {sas['in']['packets']}\n" in block
 
     # upload: peer -> gw, then download: gw -> peer
     server_digest, client_digest = transfer(gw_ns, peer_ns, GW_INNER, upload=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ikefarm.proto.messages import ChildInstall, TrapRemove
+from ikefarm.proto.messages import ChildCounters, ChildDelete, ChildInstall, TrapRemove
 from ikefarm.services.kernel import xfrm
 from ikefarm.services.kernel.backends import probe_esp
 from ikefarm.services.kernel.memory import KernelRefusal
@@ -337,11 +337,15 @@ async def test_show_kernel_lists_algorithms_lifetimes_counters_never_keys(
     assert {row["counters"] is None for row in sas} == {True}  # the fake SAD has no counters
     sas[0]["counters"] = {"bytes": 1400, "packets": 1, "use_time": 0}  # as GETSA reports them
     text = "\n".join(kernel_lines(KernelState("netlink", sas, policies_, esp_faked.show_traps())))
-    assert "spi c0000001 198.51.100.2 -> 192.0.2.1 reqid 3 tunnel" in text
-    assert "AES_GCM_16 esn replay 1024" in text
-    assert "bytes 1400 packets 1" in text
-    assert text.count("rekey 3600s life 3960s") == 2
-    assert "trap hq/net reqid 3 10.100.0.0/24 === 10.200.0.0/24" in text
+    # the vSR `show state` layout (seed 004): key value lines, blocks closed by ".."
+    block = text.split("sa spi c0000001 direction in\n", 1)[1].split("    ..", 1)[0]
+    for line in ("reqid 3", "mode tunnel", "source 198.51.100.2", "destination 192.0.2.1",
+                 "aead-alg AES_GCM_16", "esn true", "replay-window 1024"):  # fmt: skip
+        assert f"    {line}\n" in block, line
+    assert "    bytes 1400\n    packets 1\n" in text
+    assert text.count("    rekey-time 3600\n    life-time 3960\n") == 2
+    assert "trap vpn hq security-policy net\n    reqid 3\n" in text
+    assert "    local-ts subnet 10.100.0.0/24\n    remote-ts subnet 10.200.0.0/24\n" in text
     for key in (KEY_IN, KEY_OUT):
         assert key.hex() not in text and key.hex() not in repr(sas)
 
@@ -375,3 +379,47 @@ def test_acquire_timeout_becomes_the_namespace_acquire_lifetime(
     assert done.stdout.strip() == "[]"
     assert before != "7"
     assert gateway.run(["cat", "/proc/sys/net/core/xfrm_acq_expires"]).stdout.strip() == "7"
+
+
+class EspStatesCounted(EspStatesRecorded):
+    """FAKE SAD (as EspStatesRecorded) whose GETSA answers with counters the test sets,
+    as the kernel would after traffic: this kernel cannot hold the ESP states."""
+
+    def __init__(self, netns: str) -> None:
+        super().__init__(netns)
+        self.counted: dict[int, tuple[int, int]] = {}  # spi -> (bytes, packets)
+
+    def get_sa(self, src: str | None, dst: str, spi: int, *_a: Any, **_k: Any) -> xfrm.SaInfo:
+        if (dst, spi) not in self.states:
+            raise xfrm.XfrmError(errno.ESRCH, "XFRM_MSG_GETSA")
+        octets, packets = self.counted.get(spi, (0, 0))
+        zero = dict.fromkeys(
+            ("protocol", "reqid", "mode", "family", "flags", "replay_window", "add_time",
+             "use_time", "soft_seconds", "hard_seconds", "soft_bytes", "hard_bytes",
+             "soft_packets", "hard_packets", "if_id"),
+            0,
+        )  # fmt: skip
+        return xfrm.SaInfo(src=src or "", dst=dst, spi=spi, bytes=octets, packets=packets,
+                           algorithms=(), encap=None, esn_window=None, **zero)  # fmt: skip
+
+
+async def test_moved_counters_reports_the_children_whose_kernel_counters_changed(
+    gateway: Namespace,
+) -> None:
+    sad = EspStatesCounted(gateway.name)
+    backend = NetlinkKernel(NetlinkOptions(), netns=gateway.name, socket=sad)
+    try:
+        await backend.install(child(1))
+        await backend.install(child(2))
+        assert backend.moved_counters() == []  # nothing counted yet
+        sad.counted[0xC0000001] = (840, 10)  # child 1 inbound
+        sad.counted[0xC1000001] = (420, 5)
+        assert backend.moved_counters() == [ChildCounters(1, 840, 10, 420, 5)]
+        assert backend.moved_counters() == []  # unchanged since the last batch
+        sad.counted[0xC1000002] = (100, 1)  # child 2 outbound only
+        assert backend.moved_counters() == [ChildCounters(2, 0, 0, 100, 1)]
+        await backend.delete(ChildDelete(1, 3, bytes.fromhex("c0000001"), b"", "", ""))
+        sad.counted[0xC0000001] = (999, 11)
+        assert backend.moved_counters() == []  # a deleted child is not reported
+    finally:
+        backend.close()

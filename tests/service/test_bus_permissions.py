@@ -155,9 +155,10 @@ def test_up_gives_each_service_its_own_user(  # type: ignore[no-untyped-def]
     with pytest.raises(Exception, match=r"(?i)authorization"):
         asyncio.run(anonymous())
 
-    # the CLI (user admin) still works: status, show ike-sa, show kernel, flow sessions
+    # the CLI (user admin) still works: status, show ike-sa, show/flush kernel, flow sessions
     flow_summary = ["show", "security", "flow", "session", "summary"]
-    for words in (["show", "ike-sa"], ["show", "kernel"], ["status"], flow_summary):
+    flush_kernel = ["flush", "kernel", "all"]
+    for words in (["show", "ike-sa"], ["show", "kernel"], ["status"], flow_summary, flush_kernel):
         done = subprocess.run(
             [*ikefarm_argv, *words, "-c", str(loopback_config)],
             capture_output=True,
@@ -252,3 +253,14 @@ def test_kernel_events_reach_ike_and_come_only_from_the_kernel() -> None:
     assert not any(nats_match(p, subjects.EVENT_IKE_SA) for p in ike)
     kernel = subjects.permissions("kernel")["publish"]
     assert not any(nats_match(p, subjects.EVENT_IKE_SA) for p in kernel)
+
+
+def test_kernel_counters_come_only_from_the_kernel_and_reach_ike() -> None:
+    """The batched child counters (docs/kernel-counters.md): published by the kernel user
+    alone (an ike worker cannot forge another's traffic), read by the ike workers."""
+    subject = subjects.IKE_KERNEL_COUNTERS
+    for user in subjects.PERMISSIONS:
+        allowed = subjects.permissions(user)
+        publishes = any(nats_match(p, subject) for p in allowed["publish"])
+        assert publishes == (user == "kernel"), user
+    assert any(nats_match(p, subject) for p in subjects.permissions("ike")["subscribe"])

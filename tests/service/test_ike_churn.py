@@ -11,6 +11,7 @@ initiation watches, per-ingress counts).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,21 +117,25 @@ class Farm:
         return self.ike.service
 
 
-@pytest.fixture
-async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]:
+@contextlib.asynccontextmanager
+async def farm_services(
+    url: str, tmp_path: Path, *, extra_vpn: str = ""
+) -> AsyncIterator[tuple[list[Runtime], Peer]]:
+    """Keystore, kernel (memory backend), ike worker of shard 1 and ingress on loopback, and
+    the initiator engine on its sockets; `extra_vpn` goes into the gateway's VPN."""
     ike_port, natt_port = udp_ports(2)
     ports = f'[ingress]\nlisten = ["{LOOPBACK}"]\nike-port = {ike_port}\nnatt-port = {natt_port}\n'
     gateway = parse_config(
         ports
         + f'[keystore]\nstore-file = "{tmp_path / "keystore.bin"}"\n'
         + '[kernel]\nbackend = "memory"\n'
-        + RESPONDER_TOML.format(extra="", extra_vpn="").replace("192.0.2.1", LOOPBACK)
+        + RESPONDER_TOML.format(extra="", extra_vpn=extra_vpn).replace("192.0.2.1", LOOPBACK)
     )
     runtimes = [
-        Runtime(KeystoreService, gateway, nats_server.url, instance="keystore-0"),
-        Runtime(KernelService, gateway, nats_server.url, instance="kernel-0"),
-        Runtime(IkeService, gateway, nats_server.url, instance="ike-1", options={"shard": 1}),
-        Runtime(IngressService, gateway, nats_server.url, instance="ingress-0"),
+        Runtime(KeystoreService, gateway, url, instance="keystore-0"),
+        Runtime(KernelService, gateway, url, instance="kernel-0"),
+        Runtime(IkeService, gateway, url, instance="ike-1", options={"shard": 1}),
+        Runtime(IngressService, gateway, url, instance="ingress-0"),
     ]
     initiator = parse_config(
         ports
@@ -145,11 +150,17 @@ async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]
             await runtime.start()
             started.append(runtime)
         await peer.open()
-        yield Farm(runtimes[3], runtimes[2], peer)
+        yield runtimes, peer
     finally:
         peer.close()
         for runtime in reversed(started):
             await runtime.stop()
+
+
+@pytest.fixture
+async def farm(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Farm]:
+    async with farm_services(nats_server.url, tmp_path) as (runtimes, peer):
+        yield Farm(runtimes[3], runtimes[2], peer)
 
 
 async def _handshake_and_delete(farm: Farm) -> None:

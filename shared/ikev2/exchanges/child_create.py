@@ -184,6 +184,7 @@ def make_child(
         nonce_r=nonce_r,
     )
     sa.children.append(child)
+    engine.register_child(sa, child)
     return child
 
 

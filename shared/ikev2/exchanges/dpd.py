@@ -1,11 +1,10 @@
 """Dead peer detection (seed 004, RFC 7296 2.4): liveness checks and dpd-action.
 
 Proof of liveness is any verified protected IKE message from the peer
-(`IkeSa.last_seen`, set by the engine) or IPsec traffic on one of the SA's
-children. The kernel service will report child traffic (byte counters that
-moved) with the netlink backend; its adapter then calls `traffic_seen()` with
-the child's (or IKE SA's) unique id. The memory backend carries no traffic, so
-today only IKE messages count.
+(`IkeSa.last_seen`, set by the engine) or inbound IPsec traffic on one of the
+SA's children: the kernel service reports the counters of the children whose
+counters moved in periodic batches (docs/kernel-counters.md) and the ike worker
+hands each to `child_counters()`.
 
 If nothing has proven the peer alive for `dpd-delay` (0 disables DPD) and our
 request window is free, an empty INFORMATIONAL request is sent. It is
@@ -78,18 +77,48 @@ def on_timer(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:
 
 
 def traffic_seen(engine: IkeEngine, unique_id: int, now: float) -> bool:
-    """IPsec traffic on a child (or the IKE SA) with this unique id: the peer is alive.
+    """Inbound IPsec traffic on the child with this unique id: its peer is alive.
 
-    The kernel adapter calls this when a child's counters moved; True if the
-    SA is ours. A liveness check already in flight still completes (or fails)
-    on its own, like strongSwan.
+    True if the child is ours. O(1): the engine's child index (`find_child`), not
+    a walk over the SAs. A liveness check already in flight still completes (or
+    fails) on its own, like strongSwan.
     """
-    for sa in engine.sas.values():
-        if sa.unique_id == unique_id or any(c.unique_id == unique_id for c in sa.children):
-            sa.last_seen = max(sa.last_seen, now)
-            engine.count("dpd_traffic_seen")
-            return True
-    return False
+    found = engine.find_child(unique_id)
+    if found is None:
+        return False
+    _alive(engine, found[0], now)
+    return True
+
+
+def _alive(engine: IkeEngine, sa: IkeSa, now: float) -> None:
+    sa.last_seen = max(sa.last_seen, now)
+    engine.count("dpd_traffic_seen")
+
+
+def child_counters(
+    engine: IkeEngine,
+    unique_id: int,
+    counters: tuple[int, int, int, int],
+    now: float,
+) -> bool:
+    """The kernel's (bytes_in, packets_in, bytes_out, packets_out) of one child SA.
+
+    Kept on the child for `show ike-sa details`; inbound packets counted since the
+    previous report are IPsec traffic from the peer (RFC 7296 2.4): no DPD check
+    is due while they keep coming. Outbound traffic alone proves nothing. True if
+    the child is ours.
+    """
+    found = engine.find_child(unique_id)
+    if found is None:
+        return False
+    sa, child = found
+    bytes_in, packets_in, bytes_out, packets_out = counters
+    moved_in = packets_in != child.packets_in and packets_in > 0
+    child.bytes_in, child.packets_in = bytes_in, packets_in
+    child.bytes_out, child.packets_out = bytes_out, packets_out
+    if moved_in:
+        _alive(engine, sa, now)
+    return True
 
 
 def peer_dead(engine: IkeEngine, sa: IkeSa, now: float) -> list[Effect]:

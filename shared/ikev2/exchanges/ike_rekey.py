@@ -99,7 +99,9 @@ def _new_sa(
     return new
 
 
-def _move_children(old: IkeSa, new: IkeSa) -> None:
+def _move_children(engine: IkeEngine, old: IkeSa, new: IkeSa) -> None:
+    for child in old.children:
+        engine.register_child(new, child)
     new.children.extend(old.children)
     old.children = []
     old.successor = new
@@ -205,7 +207,7 @@ def ike_rekey_response(
         if theirs is not None and theirs.local_spi in engine.sas:
             # ours was refused, theirs (which we answered) stands; the peer deletes the old SA
             sa.outstanding = None
-            _move_children(sa, theirs)
+            _move_children(engine, sa, theirs)
             return _rekeyed_effects(sa, theirs)
         return _rekey_failed(engine, sa, notify_name(errors[0].notify_type), now)
     sa_payload = response.get(SaPayload)
@@ -266,7 +268,7 @@ def ike_rekey_response(
         )
     else:
         to_delete.append(sa)
-    _move_children(sa, winner)
+    _move_children(engine, sa, winner)
     effects += _rekeyed_effects(sa, winner)
     sa.outstanding = None
     for doomed in to_delete:
@@ -300,7 +302,7 @@ def deleted_by_peer_while_rekeying(engine: IkeEngine, sa: IkeSa, now: float) -> 
         return False
     if theirs.local_spi not in engine.sas:
         return False
-    _move_children(sa, theirs)
+    _move_children(engine, sa, theirs)
     outstanding.task.deleted_by_peer = True
     engine.count("ike_rekey_lost_collision")
     return True
@@ -370,5 +372,5 @@ def respond_ike_rekey(engine: IkeEngine, sa: IkeSa, request: Message, now: float
         return effects
     if sa.state == IkeSaState.REKEYING:
         sa.rekey_task = None  # ours was only queued: the peer's rekey wins
-    _move_children(sa, new)
+    _move_children(engine, sa, new)
     return effects + _rekeyed_effects(sa, new)

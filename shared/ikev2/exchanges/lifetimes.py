@@ -81,3 +81,32 @@ def deadline(sa: IkeSa) -> float | None:
             if child.state == ChildSaState.INSTALLED and child.rekey_at is not None:
                 times.append(child.rekey_at)
     return min(times) if times else None
+
+
+def kernel_expire(engine: IkeEngine, unique_id: int, hard: bool, now: float) -> list[Effect]:
+    """The dataplane says a child SA reached a lifetime (KernelExpire, either backend):
+    soft -> rekey it as its `rekey-time` would, hard -> delete it with the peer (the
+    kernel has dropped or will drop the SA). A child that is not ours, or already on
+    its way out, is left alone: its rekey or delete is running."""
+    found = engine.find_child(unique_id)
+    if found is None:
+        engine.count("kernel_expire.unknown_child")
+        return []
+    sa, child = found
+    if sa.state not in (IkeSaState.ESTABLISHED, IkeSaState.REKEYING):
+        engine.count("kernel_expire.ike_sa_busy")
+        return []
+    kind = "hard" if hard else "soft"
+    fields = {"unique_id": child.unique_id, "ike_unique_id": sa.unique_id, "kind": kind}
+    if hard and child.state in _ALIVE:
+        child.expire_at = None
+        engine.count("kernel_expire.hard")
+        log = Log(1, "child", "child_sa_kernel_expire", fields)
+        return [log, *engine.delete_child(sa, child, now)]
+    if not hard and child.state == ChildSaState.INSTALLED and not child.rekey_in_flight:
+        child.rekey_at = None
+        engine.count("kernel_expire.soft")
+        log = Log(1, "child", "child_sa_kernel_expire", fields)
+        return [log, *engine.rekey_child(sa, child, now)]
+    engine.count(f"kernel_expire.{kind}_ignored")
+    return []

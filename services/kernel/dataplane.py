@@ -230,6 +230,7 @@ class Dataplane:
             self.counters[f"esp.out.drop.{exc.reason}"] += 1
             return None
         self.counters["esp.out.packets"] += 1
+        self.counters["esp.out.bytes"] += len(packet)
         if sa.has_events:
             self._events(tunnel, sa)
         return Send(esp, tunnel)
@@ -253,6 +254,7 @@ class Dataplane:
             self.counters["esp.in.drop.policy"] += 1
             return None
         self.counters["esp.in.packets"] += 1
+        self.counters["esp.in.bytes"] += len(inner)
         if tunnel.inbound.has_events:
             self._events(tunnel, tunnel.inbound)
         return inner

@@ -83,6 +83,11 @@ async def test_ike_worker_metrics_are_its_stats(nats_server: EmbeddedNats, tmp_p
     assert {dict(k)["event"] for k in samples.get("ikefarm_engine_events_total", {})} == set(
         stats.gauges["engine"]
     )
+    # SAs by state: the same walk the stats reply carries, every state present
+    by_state = samples["ikefarm_ike_sas"]
+    for state, count in stats.gauges["sa_states"]["ike"].items():
+        assert by_state[(*ident[:1], *ident[1:], ("state", state))] == count
+    assert {dict(k)["state"] for k in samples["ikefarm_ike_child_sas"]} >= {"installed"}
     # the request that found nobody is in the bus latency histogram, by subject
     count = samples["ikefarm_bus_request_duration_seconds_count"]
     assert count[(*ident[:1], *ident[1:], ("subject", "ikefarm.kernel.show"))] == 1

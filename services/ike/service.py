@@ -106,6 +106,7 @@ from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
+from ikefarm.shared.ikev2.state_counts import StateCounts
 from ikefarm.shared.observability.latency import IKE_HANDSHAKE_DURATION
 from ikefarm.shared.observability.logging import get_logger
 from ikefarm.shared.observability.tracing import tracer
@@ -179,6 +180,7 @@ class IkeService(ServiceBase):
         self._stopping = False
         self.watches = management.Watches()
         self.traces = ExchangeTraces()
+        self.state_counts = StateCounts()
         self.ppk_client = PpkClient(self.runtime, KEYSTORE_TIMEOUT)
         self.kernel_key = TransportKey(self.runtime, subjects.KERNEL_TRANSPORT_KEY, KERNEL_TIMEOUT)
         self._waiting: dict[int, asyncio.Future[management.Watch]] = {}
@@ -265,6 +267,7 @@ class IkeService(ServiceBase):
                 "backoff_peers": len(self.admission.backoff),
             },
             "engine": dict(self.engine.counters),
+            "sa_states": self.state_counts.counts(self.engine.sas.values(), time.monotonic()),
         }
 
     # -- inputs -----------------------------------------------------------------------------

@@ -235,6 +235,7 @@ class Dataplane:
             self.counters[f"esp.out.drop.{exc.reason}"] += 1
             return None
         self.counters["esp.out.packets"] += 1
+        self.counters["esp.out.bytes"] += len(packet)
         if not tunnel.moved:
             tunnel.moved = True
             self._moved.append(tunnel)
@@ -261,6 +262,7 @@ class Dataplane:
             self.counters["esp.in.drop.policy"] += 1
             return None
         self.counters["esp.in.packets"] += 1
+        self.counters["esp.in.bytes"] += len(inner)
         if not tunnel.moved:
             tunnel.moved = True
             self._moved.append(tunnel)

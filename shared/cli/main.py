@@ -234,11 +234,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
         return cmd_flow("show", args, ["security", *args.words])
 
-    from ikefarm.proto import envelope, subjects
-    from ikefarm.proto.messages import IkeShow, IkeShowRequest
     from ikefarm.shared.cli.manage import connect
-    from ikefarm.shared.cli.status import gather, shown
-    from ikefarm.shared.ikev2.show import format_details, format_summary, row_problem
+    from ikefarm.shared.cli.status import ike_sa_rows
+    from ikefarm.shared.ikev2.show import format_details, format_summary
 
     unknown = [w for w in args.words if w != "details"]
     if unknown:
@@ -257,35 +255,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         except Exception as exc:
             print(f"ikefarm show: cannot reach NATS at {url}: {exc}", file=sys.stderr)
             return 2
+        problems: list[str] = []
         try:
-            replies = await gather(
-                nc, subjects.IKE_SHOW, envelope.pack(IkeShowRequest(details)), args.wait
-            )
+            rows = await ike_sa_rows(nc, details, args.wait, problems)
         finally:
             await nc.close()
-        rows = []
-        for reply in replies:
-            if not reply.data:  # the broker's "no responders" status
-                continue
-            try:
-                show = envelope.unpack_reply(reply.data, IkeShow)
-            except envelope.BusError as exc:
-                print(
-                    f"ikefarm show: a worker answered badly: {shown(str(exc), 200)}",
-                    file=sys.stderr,
-                )
-                continue
-            for row in show.sas:
-                problem = row_problem(row)
-                if problem is None:
-                    rows.append(row)
-                else:
-                    print(
-                        f"ikefarm show: ignored a malformed row from {shown(show.instance)}: "
-                        f"{problem}",
-                        file=sys.stderr,
-                    )
-        rows.sort(key=lambda r: r["unique_id"])
+        for problem in problems:
+            print(f"ikefarm show: {problem}", file=sys.stderr)
         if args.json:
             import json
 
@@ -404,6 +380,26 @@ def kernel_lines(state: KernelState) -> list[str]:
     return lines
 
 
+def cmd_snmp(args: argparse.Namespace) -> int:
+    """`snmp pass-persist`: the net-snmp pass_persist program (shared/cli/snmp.py)."""
+    from ikefarm.shared.cli.snmp import PassPersist, bus_fetcher, parse_oid
+
+    config = _load_or_exit(args.config)
+    if not config.ike.global_options.snmp:
+        print(
+            "ikefarm snmp: SNMP is off: set `snmp = true` in [ike.global-options]",
+            file=sys.stderr,
+        )
+        return 2
+    base = parse_oid(args.base)
+    if base is None:
+        print(f"ikefarm snmp: --base {args.base!r} is not an OID", file=sys.stderr)
+        return 2
+    fetch = bus_fetcher(_nats_url(args, config), _nats_credentials(args, config), args.wait)
+    PassPersist(fetch, cache=args.cache, base=base).serve(sys.stdin, sys.stdout)
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
@@ -512,6 +508,19 @@ def build_parser() -> argparse.ArgumentParser:
     from ikefarm.shared.cli.manage import add_parsers
 
     add_parsers(commands)
+
+    snmp = commands.add_parser(
+        "snmp", help="IKE state over SNMP: `snmp pass-persist`, for snmpd's pass_persist"
+    )
+    snmp.add_argument("mode", choices=["pass-persist"])
+    snmp.add_argument("-c", "--config", required=True)
+    snmp.add_argument("--nats")
+    snmp.add_argument("--nats-credentials")
+    snmp.add_argument("--state-dir")
+    snmp.add_argument("--base", default=".1.3.6.1.4.1.32473.1", help="OID of the subtree")
+    snmp.add_argument("--cache", type=float, default=5.0, help="seconds a bus snapshot answers")
+    snmp.add_argument("--wait", type=float, default=0.5, help="seconds to collect replies")
+    snmp.set_defaults(func=cmd_snmp)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)

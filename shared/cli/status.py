@@ -62,6 +62,35 @@ async def gather(nc: Client, subject: str, payload: bytes = b"", window: float =
     return replies
 
 
+async def ike_sa_rows(
+    nc: Client, details: bool, window: float = 0.5, problems: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Every worker's `show ike-sa` rows, by unique id; `problems` gets one line per
+    reply or row left out (malformed), never the row itself."""
+    from ikefarm.proto.messages import IkeShow, IkeShowRequest
+    from ikefarm.shared.ikev2.show import row_problem
+
+    problems = problems if problems is not None else []
+    replies = await gather(nc, subjects.IKE_SHOW, envelope.pack(IkeShowRequest(details)), window)
+    rows: list[dict[str, Any]] = []
+    for reply in replies:
+        if not reply.data:  # the broker's "no responders" status
+            continue
+        try:
+            show = envelope.unpack_reply(reply.data, IkeShow)
+        except envelope.BusError as exc:
+            problems.append(f"a worker answered badly: {shown(str(exc), 200)}")
+            continue
+        for row in show.sas:
+            problem = row_problem(row)
+            if problem is None:
+                rows.append(row)
+            else:
+                problems.append(f"ignored a malformed row from {shown(show.instance)}: {problem}")
+    rows.sort(key=lambda r: r["unique_id"])
+    return rows
+
+
 async def discover(
     nc: Client, window: float = 0.5, problems: list[str] | None = None
 ) -> list[ServiceRow]:

@@ -63,7 +63,6 @@ PLANNED: tuple[Planned, ...] = (
     Planned("ike.global-options.threads", None, "the ike worker is one process per core"),
     Planned("ike.global-options.sa-table-size", None, "the SA index is a growing hash table"),
     Planned("ike.global-options.sa-table-segments", None, "the SA index is a growing hash table"),
-    Planned("ike.global-options.snmp", None, "SNMP"),
     Planned("ike.ike-policy-template[].reauth-time", None, "periodic reauthentication"),
     Planned(
         "ike.ipsec-policy-template[].start-action",

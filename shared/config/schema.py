@@ -117,7 +117,10 @@ GLOBAL_OPTIONS = Section(
             }
         ),
         "mobike-prefer-best-path": Bool(default=False, doc="move SAs to a cheaper path"),
-        "snmp": Bool(default=False, doc="expose IKE state to SNMP"),
+        "snmp": Bool(
+            default=False,
+            doc="IKE state readable over SNMP through `ikefarm snmp pass-persist` (seed 004)",
+        ),
         "tx-invalid-cookie": Bool(
             default=False,
             doc="answer unknown SPIs with INVALID_IKE_SPI, rate-limited (JunosE, seed 002)",

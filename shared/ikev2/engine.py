@@ -39,6 +39,8 @@ from ikefarm.shared.ikev2.effects import (
     SendDatagram,
 )
 from ikefarm.shared.ikev2.errors import MalformedMessage, UnsupportedCriticalPayload
+from ikefarm.shared.ikev2.exchange_counts import INITIATOR, RESPONDER, TIMEOUT, result_of
+from ikefarm.shared.ikev2.exchange_counts import count_exchange as _count_exchange
 from ikefarm.shared.ikev2.exchanges import (
     child_create,
     child_rekey,
@@ -310,6 +312,7 @@ class IkeEngine:
             payloads=payloads,
             protected=protected,
         )
+        _count_exchange(self.counters, RESPONDER, request.exchange_type, result_of(payloads))
         return self.send(sa, response)
 
     def remove_sa(
@@ -548,6 +551,9 @@ class IkeEngine:
             message = parsed.message
             if message is None:
                 return self.drop("ike_sa_init_encrypted")
+            _count_exchange(
+                self.counters, INITIATOR, outstanding.exchange, result_of(message.payloads)
+            )
             return ike_init.initiator_response(self, sa, parsed, message, now)
         if sa.protection is None or sa.keys is None:
             return self.drop("no_keys_yet")
@@ -557,6 +563,9 @@ class IkeEngine:
         if decrypted is None:
             return []
         sa.last_seen = now
+        _count_exchange(
+            self.counters, INITIATOR, outstanding.exchange, result_of(decrypted.payloads)
+        )
         return outstanding.task.process(self, sa, decrypted, now)
 
     def keystore_reply(
@@ -613,6 +622,7 @@ class IkeEngine:
         retransmit = self.policy.retransmit
         if outstanding.attempt >= retransmit.tries:
             self.count(f"request_timeout.{outstanding.task.name}")
+            _count_exchange(self.counters, INITIATOR, outstanding.exchange, TIMEOUT)
             effects: list[Effect] = [
                 Log(
                     1,

@@ -16,6 +16,23 @@ fixed (`METRIC_NAMES`); what varies goes into labels:
   (`owned_shards`); `ikefarm_state_info{name,value}` = 1 for the textual ones
   (`dos.cookie_mode`, `backend`).
 
+Besides these generic families, the numbers an operator looks for first have
+names of their own, derived from the same snapshot (`derived_families`; the
+OpenTelemetry metric name, dots written as underscores, `_total` for counters,
+the unit as suffix, as the OpenTelemetry-to-Prometheus mapping writes them; the
+`network.io.direction` attribute of the semantic conventions' network metrics):
+
+- ike: `ikefarm_ike_exchanges_total{role,exchange,result}` (the engine's
+  `exchange.*` counters, `shared/ikev2/exchange_counts.py`),
+  `ikefarm_ike_sas{state}` and `ikefarm_ike_child_sas{state}`.
+- ingress: `ikefarm_ike_cookies_required` (1 while new IKE_SA_INITs must carry
+  a COOKIE) and `ikefarm_ike_cookie_mode{mode}` (1 for the configured mode).
+- kernel (userspace dataplane): `ikefarm_esp_packets_total{network_io_direction}`,
+  `ikefarm_esp_io_bytes_total{network_io_direction}` (inner packet octets) and
+  `ikefarm_esp_dropped_total{network_io_direction,reason}`.
+- flow: `ikefarm_flow_sessions`, `ikefarm_flow_sessions_limit` and
+  `ikefarm_flow_session_refusals_total{reason}`.
+
 Every series carries `service` and `ikefarm_instance` (Prometheus keeps
 `instance` for the scrape target).
 """
@@ -36,6 +53,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from ikefarm.proto.messages import Stats
 from ikefarm.shared.config.kinds import parse_listen
+from ikefarm.shared.ikev2.exchange_counts import parse_counter
 from ikefarm.shared.observability.latency import (
     BUS_REQUEST_DURATION,
     IKE_HANDSHAKE_DURATION,
@@ -60,6 +78,23 @@ METRICS: dict[str, tuple[str, str]] = {
         "histogram",
         "bus requests this process made (to the keystore, the kernel...), by subject",
     ),
+    f"{PREFIX}_ike_exchanges_total": (
+        "counter",
+        "IKE exchanges completed, by role, exchange type and result (ok, error notify, timeout)",
+    ),
+    f"{PREFIX}_ike_sas": ("gauge", "IKE SAs of the worker, by state"),
+    f"{PREFIX}_ike_child_sas": ("gauge", "child SAs of the worker's IKE SAs, by state"),
+    f"{PREFIX}_ike_cookies_required": (
+        "gauge",
+        "1 while ingress requires a COOKIE from new IKE_SA_INITs (RFC 7296 2.6)",
+    ),
+    f"{PREFIX}_ike_cookie_mode": ("gauge", "1 for the configured cookie mode"),
+    f"{PREFIX}_esp_packets_total": ("counter", "ESP packets protected or accepted, by direction"),
+    f"{PREFIX}_esp_io_bytes_total": ("counter", "inner octets of those packets, by direction"),
+    f"{PREFIX}_esp_dropped_total": ("counter", "ESP packets dropped, by direction and reason"),
+    f"{PREFIX}_flow_sessions": ("gauge", "flow sessions in the table"),
+    f"{PREFIX}_flow_sessions_limit": ("gauge", "the table's maximum number of sessions"),
+    f"{PREFIX}_flow_session_refusals_total": ("counter", "new sessions refused, by reason"),
     IKE_HANDSHAKE_DURATION: (
         "histogram",
         "IKE SA establishment: first message of IKE_SA_INIT to the end of IKE_AUTH",
@@ -140,7 +175,7 @@ def families(stats: Stats) -> list[Metric]:
     engine_counts = gauges.pop(ENGINE_GAUGE, None)
     if isinstance(engine_counts, Mapping):
         for event, count in sorted(engine_counts.items()):
-            if isinstance(count, int | float) and not isinstance(count, bool):
+            if _number(count) and parse_counter(str(event)) is None:
                 engine.add_metric([*ident, str(event)], float(count))
     for name, value in flatten(gauges):
         if isinstance(value, bool | int | float):
@@ -149,7 +184,91 @@ def families(stats: Stats) -> list[Metric]:
             state.add_metric([*ident, name], float(len(value)))
         elif isinstance(value, str):
             state_info.add_metric([*ident, name, value], 1)
-    return [build, uptime, requests, errors, events, engine, state, state_info]
+    return [
+        build,
+        uptime,
+        requests,
+        errors,
+        events,
+        engine,
+        state,
+        state_info,
+        *derived_families(stats, engine_counts if isinstance(engine_counts, Mapping) else {}),
+    ]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+ESP_DIRECTIONS = {"in": "receive", "out": "transmit"}  # network.io.direction values
+
+
+def derived_families(stats: Stats, engine_counts: Mapping[str, Any]) -> list[Metric]:
+    """The named metrics of the module docstring, from the same snapshot."""
+    labels = ["service", "ikefarm_instance"]
+    ident = [stats.service, stats.instance]
+    found: list[Metric] = []
+
+    def family(name: str, extra: list[str]) -> GaugeMetricFamily | CounterMetricFamily:
+        kind, text = METRICS[name]
+        if kind == "counter":
+            made: Any = CounterMetricFamily(
+                name.removesuffix("_total"), text, labels=labels + extra
+            )
+        else:
+            made = GaugeMetricFamily(name, text, labels=labels + extra)
+        found.append(made)
+        return made
+
+    gauges = stats.gauges
+    if stats.service == "ike":
+        exchanges = family(f"{PREFIX}_ike_exchanges_total", ["role", "exchange", "result"])
+        for event, count in sorted(engine_counts.items()):
+            parsed = parse_counter(str(event))
+            if parsed is not None and _number(count):
+                exchanges.add_metric([*ident, *parsed], float(count))
+        states = gauges.get("sa_states")
+        for key, name in (("ike", "ike_sas"), ("child", "ike_child_sas")):
+            by_state = family(f"{PREFIX}_{name}", ["state"])
+            counts = states.get(key) if isinstance(states, Mapping) else None
+            for state, count in sorted(counts.items() if isinstance(counts, Mapping) else ()):
+                if _number(count):
+                    by_state.add_metric([*ident, str(state)], float(count))
+    dos = gauges.get("dos")
+    if stats.service == "ingress" and isinstance(dos, Mapping):
+        required = family(f"{PREFIX}_ike_cookies_required", [])
+        if isinstance(dos.get("cookies_active"), bool):
+            required.add_metric(ident, float(dos["cookies_active"]))
+        mode = family(f"{PREFIX}_ike_cookie_mode", ["mode"])
+        if isinstance(dos.get("cookie_mode"), str):
+            mode.add_metric([*ident, dos["cookie_mode"]], 1)
+    if stats.service == "kernel":
+        packets = family(f"{PREFIX}_esp_packets_total", ["network_io_direction"])
+        octets = family(f"{PREFIX}_esp_io_bytes_total", ["network_io_direction"])
+        dropped = family(f"{PREFIX}_esp_dropped_total", ["network_io_direction", "reason"])
+        for event, count in sorted(stats.counters.items()):
+            parts = str(event).split(".", 3)
+            if len(parts) < 3 or parts[0] != "esp" or parts[1] not in ESP_DIRECTIONS:
+                continue
+            direction = ESP_DIRECTIONS[parts[1]]
+            if len(parts) == 3 and parts[2] == "packets":
+                packets.add_metric([*ident, direction], float(count))
+            elif len(parts) == 3 and parts[2] == "bytes":
+                octets.add_metric([*ident, direction], float(count))
+            elif len(parts) == 4 and parts[2] == "drop":
+                dropped.add_metric([*ident, direction, parts[3]], float(count))
+    if stats.service == "flow":
+        for key, name in (("sessions", "flow_sessions"), ("max_sessions", "flow_sessions_limit")):
+            gauge = family(f"{PREFIX}_{name}", [])
+            if _number(gauges.get(key)):
+                gauge.add_metric(ident, float(gauges[key]))
+        refusals = family(f"{PREFIX}_flow_session_refusals_total", ["reason"])
+        for name, count in sorted(gauges.items()):
+            reason = str(name).removeprefix("table.refused.")
+            if str(name).startswith("table.refused.") and _number(count):
+                refusals.add_metric([*ident, reason], float(count))
+    return found
 
 
 class StatsCollector(Collector):

@@ -79,10 +79,16 @@ async def test_ike_worker_metrics_are_its_stats(nats_server: EmbeddedNats, tmp_p
     for name in ("half_open", "established", "ike_sas"):
         assert state[(*ident[:1], ("name", name), *ident[1:])] == stats.gauges[name]
     assert samples["ikefarm_build_info"][(*ident[:1], *ident[1:], ("version", stats.version))] == 1
-    # the engine's counters are counters of their own family, by event
-    assert {dict(k)["event"] for k in samples.get("ikefarm_engine_events_total", {})} == set(
-        stats.gauges["engine"]
-    )
+    # the engine's counters are counters of their own family, by event; its exchange
+    # counts are ikefarm_ike_exchanges_total instead
+    assert {dict(k)["event"] for k in samples.get("ikefarm_engine_events_total", {})} == {
+        e for e in stats.gauges["engine"] if not e.startswith("exchange.")
+    }
+    # SAs by state: the same walk the stats reply carries, every state present
+    by_state = samples["ikefarm_ike_sas"]
+    for state, count in stats.gauges["sa_states"]["ike"].items():
+        assert by_state[(*ident[:1], *ident[1:], ("state", state))] == count
+    assert {dict(k)["state"] for k in samples["ikefarm_ike_child_sas"]} >= {"installed"}
     # the request that found nobody is in the bus latency histogram, by subject
     count = samples["ikefarm_bus_request_duration_seconds_count"]
     assert count[(*ident[:1], *ident[1:], ("subject", "ikefarm.kernel.show"))] == 1

@@ -32,7 +32,6 @@ def test_every_planned_path_names_a_schema_key(planned) -> None:  # type: ignore
 
 # a non-default value per kind of planned key, set inside the example so everything else is valid
 SETTINGS = [
-    ("[ike.global-options]\nsnmp = true\n", "ike.global-options.snmp", None),
     ("[ike.global-options]\nthreads = 4\n", "ike.global-options.threads", None),
     ("[flow.tcp-session]\ntcp-mss = 1360\n", "flow.tcp-session.tcp-mss", 12),
     ('[[ike.pool]]\nname = "p"\naddress = ["10.9.0.0/24"]\n', "ike.pool[0].name", 13),
@@ -67,10 +66,10 @@ def test_planned_keys_inside_vpn_items_are_refused_with_their_index() -> None:
 def test_a_planned_key_at_its_default_loads() -> None:
     config = parse_config(
         EXAMPLE.read_text()
-        + "\n[ike.global-options]\nsnmp = false\nthreads = 16\n"
+        + "\n[ike.global-options]\nsa-table-size = 1\nthreads = 16\n"
         + "[flow.tcp-session]\nno-sequence-check = false\n"
     )
-    assert config.is_explicit("ike.global-options.snmp")
+    assert config.is_explicit("ike.global-options.threads")
 
 
 def test_only_the_planned_value_of_a_choice_is_refused() -> None:
@@ -110,3 +109,8 @@ def test_config_check_names_the_key_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert re.search(r"threads: 4: not implemented yet", lines[0])
     assert "Traceback" not in result.stderr
+
+
+def test_snmp_is_implemented_and_loads() -> None:
+    config = parse_config(EXAMPLE.read_text() + "\n[ike.global-options]\nsnmp = true\n")
+    assert config.ike.global_options.snmp is True

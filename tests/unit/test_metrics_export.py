@@ -185,3 +185,136 @@ def test_latency_histograms_are_cumulative_and_bounded() -> None:
     handshake = [s for s in samples if s.name == "ikefarm_ike_handshake_duration_seconds_count"]
     assert [s.value for s in handshake] == [1]
     assert not any("not_declared" in s.name for s in samples)
+
+
+def samples_of(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "service"))
+            found.setdefault(sample.name, {})[
+                tuple(kv for kv in labels if kv[0] != "ikefarm_instance")
+            ] = sample.value
+    return found
+
+
+def test_named_ike_metrics_come_from_the_engine_counters_and_state_counts() -> None:
+    text = exposition(
+        Stats(
+            "ike",
+            "ike-0",
+            "0.1.0",
+            1.0,
+            0,
+            0,
+            {},
+            {
+                "engine": {
+                    "exchange.responder.IKE_AUTH.AUTHENTICATION_FAILED": 2,
+                    "exchange.initiator.INFORMATIONAL.timeout": 1,
+                    "retransmits": 5,
+                },
+                "sa_states": {"ike": {"established": 3, "half-open": 1}, "child": {"installed": 4}},
+            },
+        )
+    )
+    samples = samples_of(text)
+    exchanges = samples["ikefarm_ike_exchanges_total"]
+    key = (("exchange", "IKE_AUTH"), ("result", "AUTHENTICATION_FAILED"), ("role", "responder"))
+    assert exchanges[key] == 2
+    assert len(exchanges) == 2
+    # exchange counters are not repeated among the engine's other events
+    assert set(samples["ikefarm_engine_events_total"]) == {(("event", "retransmits"),)}
+    assert samples["ikefarm_ike_sas"][(("state", "established"),)] == 3
+    assert samples["ikefarm_ike_child_sas"][(("state", "installed"),)] == 4
+
+
+def test_named_ingress_kernel_and_flow_metrics() -> None:
+    ingress = samples_of(
+        exposition(
+            Stats(
+                "ingress",
+                "i",
+                "0",
+                1.0,
+                0,
+                0,
+                {},
+                {"dos": {"cookie_mode": "threshold 10", "cookies_active": True}},
+            )
+        )
+    )
+    assert ingress["ikefarm_ike_cookies_required"][()] == 1
+    assert ingress["ikefarm_ike_cookie_mode"][(("mode", "threshold 10"),)] == 1
+    kernel = samples_of(
+        exposition(
+            Stats(
+                "kernel",
+                "k",
+                "0",
+                1.0,
+                0,
+                0,
+                {
+                    "esp.in.packets": 3,
+                    "esp.in.bytes": 300,
+                    "esp.out.packets": 2,
+                    "esp.in.drop.replay": 1,
+                    "esp.out.drop.no_sa": 4,
+                    "esp.lifetime.in.soft": 1,
+                },
+                {"backend": "userspace"},
+            )
+        )
+    )
+    assert kernel["ikefarm_esp_packets_total"] == {
+        (("network_io_direction", "receive"),): 3,
+        (("network_io_direction", "transmit"),): 2,
+    }
+    assert kernel["ikefarm_esp_io_bytes_total"] == {(("network_io_direction", "receive"),): 300}
+    assert kernel["ikefarm_esp_dropped_total"] == {
+        (("network_io_direction", "receive"), ("reason", "replay")): 1,
+        (("network_io_direction", "transmit"), ("reason", "no_sa")): 4,
+    }
+    flow = samples_of(
+        exposition(
+            Stats(
+                "flow",
+                "f",
+                "0",
+                1.0,
+                0,
+                0,
+                {},
+                {
+                    "sessions": 7,
+                    "max_sessions": 100,
+                    "table.refused.table_full": 2,
+                    "table.closed.aged": 1,
+                },
+            )
+        )
+    )
+    assert flow["ikefarm_flow_sessions"][()] == 7
+    assert flow["ikefarm_flow_sessions_limit"][()] == 100
+    assert flow["ikefarm_flow_session_refusals_total"] == {(("reason", "table_full"),): 2}
+
+
+@given(
+    service=st.sampled_from(["ike", "ingress", "kernel", "flow", "keystore"]),
+    counters=st.dictionaries(st.text(max_size=20), st.integers(0, 2**40)),
+    gauges=st.dictionaries(
+        st.sampled_from(["engine", "sa_states", "dos", "sessions", "max_sessions", "x"]),
+        st.none()
+        | st.integers()
+        | st.text(max_size=5)
+        | st.dictionaries(
+            st.text(max_size=30), st.integers() | st.text(max_size=3) | st.booleans(), max_size=4
+        ),
+    ),
+)
+def test_named_metrics_never_fail_on_any_snapshot(service, counters, gauges) -> None:  # type: ignore[no-untyped-def]
+    gauges.setdefault("sa_states", {"ike": 5, "child": {"installed": "x"}})
+    text = exposition(Stats(service, "x-0", "0", 1.0, 0, 0, counters, gauges))
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert names <= METRIC_NAMES

@@ -85,6 +85,10 @@ def test_a_packet_goes_through_and_comes_back() -> None:
     assert back is not None and gw.inbound(back.esp) == reply
     assert gw.counters["esp.out.packets"] == 1 and gw.counters["esp.in.packets"] == 1
     assert gw.show(1)["out"]["packets"] == 1 and gw.show(1)["in"]["bytes"] == len(reply)
+    # the totals the metrics endpoint exports (ikefarm_esp_io_bytes_total): inner octets
+    assert gw.counters["esp.out.bytes"] == len(request) and gw.counters["esp.in.bytes"] == len(
+        reply
+    )
 
 
 def test_no_sa_and_wrong_source_are_dropped_and_counted() -> None:

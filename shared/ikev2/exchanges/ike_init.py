@@ -28,6 +28,7 @@ from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.crypto.protection import SkProtection
 from ikefarm.shared.ikev2.effects import Effect, Endpoint, HalfOpen, Log, SaFailed, SendDatagram
 from ikefarm.shared.ikev2.errors import UnsupportedCriticalPayload
+from ikefarm.shared.ikev2.exchange_counts import RESPONDER, count_exchange, result_of
 from ikefarm.shared.ikev2.exchanges import auth_methods, ppk
 from ikefarm.shared.ikev2.exchanges.natd import detect_nat, natd_notifies
 from ikefarm.shared.ikev2.exchanges.task import Task
@@ -70,6 +71,7 @@ def refuse(
 ) -> list[Effect]:
     """An unprotected error response to IKE_SA_INIT; no state is kept (RFC 7296 2.21.1)."""
     engine.count(f"ike_sa_init_refused.{reason}")
+    count_exchange(engine.counters, RESPONDER, ExchangeType.IKE_SA_INIT, result_of([notify]))
     data = _unprotected_reply(request, [notify])
     effects: list[Effect] = [
         SendDatagram(local, remote, data, "IKE_SA_INIT"),

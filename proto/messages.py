@@ -406,6 +406,20 @@ class IkeShow(BusMessage):
     sas: list[dict[str, Any]]
 
 
+@message("vip-pool-show-request")
+class VipPoolShowRequest(BusMessage):
+    """One ike worker reads the farm's leases (`show vip-pool [NAME]`); "" = every pool."""
+
+    name: str = ""
+
+
+@message("vip-pool-show")
+class VipPoolShow(BusMessage):
+    """Per pool: name, size, used, free and leases [{address, identity, since, live}]."""
+
+    pools: list[dict[str, Any]]
+
+
 @message("initial-contact")
 class InitialContactNotice(BusMessage):
     """ike -> every ike worker: delete older SAs between these identities (RFC 7296 2.4)."""

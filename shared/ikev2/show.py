@@ -64,6 +64,11 @@ def ike_sa_row(sa: IkeSa, now: float) -> dict[str, Any]:
         "local_auth": sa.auth_methods.get("local_auth"),
         "remote_auth": sa.auth_methods.get("remote_auth"),
         "children": [child_row(c, now) for c in sa.children],
+        # virtual IPs (RFC 7296 2.19): assigned to us / leased to the peer, and the DNS
+        # servers the peer's CFG_REPLY named
+        "local_vips": list(sa.local_vips),
+        "remote_vips": [address for _pool, address in sa.remote_vips],
+        "dns": list(sa.cfg_dns),
     }
 
 
@@ -101,6 +106,13 @@ def format_details(rows: list[dict[str, Any]]) -> str:
             if r["rekey_in"] is not None:
                 timing += f", rekeying in {r['rekey_in']}s"
             out.append(timing)
+        for label, key in (("local ", "local_vips"), ("remote", "remote_vips")):
+            vips = r.get(key)
+            if isinstance(vips, list) and vips:
+                out.append(f"  {label} vip {' '.join(str(v) for v in vips)}")
+        dns = r.get("dns")
+        if isinstance(dns, list) and dns:
+            out.append(f"  dns {' '.join(str(v) for v in dns)}")
         for c in r["children"]:
             mode = c["mode"].upper()
             head = f"  {c['name']}: #{c['unique_id']}, reqid {c['reqid']}, {c['state'].upper()}"

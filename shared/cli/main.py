@@ -229,6 +229,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     if args.what == "kernel":
         return cmd_show_kernel(args)
+    if args.what == "vip-pool":
+        return cmd_show_vip_pool(args)
     if args.what == "security":
         from ikefarm.shared.cli.flow import cmd_flow
 
@@ -294,6 +296,51 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(format_details(rows))
         else:
             print(format_summary(rows))
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_show_vip_pool(args: argparse.Namespace) -> int:
+    """The farm's VIP pools: size, used, free and each lease (one ike worker reads the
+    farm-wide lease bucket; docs/vip-pools.md)."""
+    import json
+
+    from ikefarm.proto import envelope, subjects
+    from ikefarm.proto.messages import VipPoolShow, VipPoolShowRequest
+    from ikefarm.shared.cli.manage import connect
+    from ikefarm.shared.ikev2.show import format_vip_pools
+
+    if len(args.words) > 1:
+        print(f"ikefarm show vip-pool: unknown word(s) {' '.join(args.words[1:])}", file=sys.stderr)
+        return 2
+    config = _load_or_exit(args.config) if args.config else None
+    url = _nats_url(args, config)
+    name = args.words[0] if args.words else ""
+
+    async def run() -> int:
+        try:
+            nc = await connect(url, _nats_credentials(args, config))
+        except Exception as exc:
+            print(f"ikefarm show: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+            return 2
+        try:
+            reply = await nc.request(
+                subjects.IKE_VIP_POOL_SHOW, envelope.pack(VipPoolShowRequest(name)), timeout=5
+            )
+            shown = envelope.unpack_reply(reply.data, VipPoolShow)
+        except Exception as exc:
+            print(f"ikefarm show vip-pool: no answer ({type(exc).__name__})", file=sys.stderr)
+            return 2
+        finally:
+            await nc.close()
+        if name and not shown.pools:
+            print(f"ikefarm show vip-pool: no pool named {name!r}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(shown.pools, indent=2))
+        else:
+            print(format_vip_pools(shown.pools))
         return 0
 
     return asyncio.run(run())
@@ -470,11 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser(
         "show",
         help="show state: `show ike-sa [details]`, `show kernel` (SAs, policies, traps), "
-        "`show security flow session [summary] [filters]`",
+        "`show security flow session [summary] [filters]`, `show vip-pool [NAME]`",
     )
-    show.add_argument("what", choices=["ike-sa", "kernel", "security"])
+    show.add_argument("what", choices=["ike-sa", "kernel", "security", "vip-pool"])
     show.add_argument(
-        "words", nargs="*", help="ike-sa: details; security: flow session [summary] [filters]"
+        "words",
+        nargs="*",
+        help="ike-sa: details; security: flow session [summary] [filters]; vip-pool: [NAME]",
     )
     show.add_argument("-c", "--config")
     show.add_argument("--nats")

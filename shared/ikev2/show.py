@@ -201,3 +201,40 @@ def row_problem(row: object) -> str | None:
         if not all(isinstance(ts, str) for ts in (*child["local_ts"], *child["remote_ts"])):
             return "a child SA row has a traffic selector that is not text"
     return None
+
+
+def _table(lines: list[tuple[str, ...]], indent: str = "") -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return [
+        indent + " ".join(c.ljust(widths[i]) for i, c in enumerate(line)).rstrip() for line in lines
+    ]
+
+
+def format_vip_pools(pools: list[Any]) -> str:
+    """`show vip-pool`: one line per pool (Pool Size Used Free), then its leases (Address,
+    Identity, Since, State) in the column layout of `show ike ike-sa` (vSR seed 004). A
+    malformed entry from the bus is shown as far as it goes, never a crash."""
+    import time
+
+    out: list[str] = []
+    for pool in pools:
+        if not isinstance(pool, dict):
+            continue
+        head = ("Pool", "Size", "Used", "Free")
+        row = tuple(str(pool.get(k, "?")) for k in ("name", "size", "used", "free"))
+        out += _table([head, row])
+        leases = [lease for lease in pool.get("leases") or [] if isinstance(lease, dict)]
+        if leases:
+            lines: list[tuple[str, ...]] = [("Address", "Identity", "Since", "State")]
+            for lease in leases:
+                since = lease.get("since")
+                when = (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since))
+                    if isinstance(since, int | float) and since > 0
+                    else "-"
+                )
+                state = "online" if lease.get("live") is True else "stale"
+                identity = str(lease.get("identity") or "-")
+                lines.append((str(lease.get("address", "?")), identity, when, state))
+            out += _table(lines, "  ")
+    return "\n".join(out)

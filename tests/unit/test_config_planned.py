@@ -35,7 +35,7 @@ SETTINGS = [
     ("[ike.global-options]\nsnmp = true\n", "ike.global-options.snmp", None),
     ("[ike.global-options]\nthreads = 4\n", "ike.global-options.threads", None),
     ("[flow.tcp-session]\ntcp-mss = 1360\n", "flow.tcp-session.tcp-mss", 12),
-    ("[ike.global-options]\ninstall-vip-on = \"lo\"\n", "ike.global-options.install-vip-on", 13),
+    ('[ike.global-options]\ninstall-vip-on = "lo"\n', "ike.global-options.install-vip-on", 13),
 ]
 
 
@@ -59,8 +59,7 @@ def test_planned_keys_inside_vpn_items_are_refused_with_their_index() -> None:
     )
     [refusal] = problems(text)
     assert refusal == (
-        "ike.vpn[0].ike-policy.mobike: true: "
-        "not implemented yet (issue 13: virtual IPs and MOBIKE)"
+        "ike.vpn[0].ike-policy.mobike: true: not implemented yet (issue 13: virtual IPs and MOBIKE)"
     )
 
 

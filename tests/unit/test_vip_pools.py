@@ -4,6 +4,7 @@ two engines (RFC 7296 2.19, 3.15; docs/vip-pools.md)."""
 from __future__ import annotations
 
 import ipaddress
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -25,16 +26,16 @@ from tests.engine_helpers import Side, Wire
 
 
 def _pool(*entries: str) -> Pool:
-    class Item:
-        name = "p"
-        address = list(entries)
-        dns = ["192.0.2.53", "2001:db8::53"]
-        nbns: list[str] = []
-        dhcp = ["192.0.2.67"]
-        subnet = ["10.100.0.0/24", "2001:db8:100::/64"]
-        netmask = ["255.255.255.0"]
-
-    return Pool.from_config(Item)
+    item = SimpleNamespace(
+        name="p",
+        address=list(entries),
+        dns=["192.0.2.53", "2001:db8::53"],
+        nbns=[],
+        dhcp=["192.0.2.67"],
+        subnet=["10.100.0.0/24", "2001:db8:100::/64"],
+        netmask=["255.255.255.0"],
+    )
+    return Pool.from_config(item)
 
 
 def test_pool_counts_single_addresses_ranges_and_subnets_per_family() -> None:

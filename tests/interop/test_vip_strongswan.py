@@ -1,0 +1,167 @@
+"""Virtual IPs with real strongSwan (RFC 7296 2.19, 3.15; docs/vip-pools.md).
+
+- a strongSwan road warrior (`vips = 0.0.0.0`) against `ikefarm up`: it gets an address of
+  the pool and the DNS server, its child's TS is narrowed to that address, `ikefarm show
+  vip-pool` lists the lease; after a terminate the lease is released and the same identity
+  gets the same address again; a second identity finds the one-address pool exhausted
+  (INTERNAL_ADDRESS_FAILURE).
+- ikefarm with `vip-request` against a strongSwan responder with a pool: the address and DNS
+  server are recorded and shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.harness.gateway import GATEWAY_TOML, Gateway, farm_config
+from tests.harness.netns import NetnsPair, wait_for
+from tests.harness.strongswan import Child, Connection, Psk, StrongSwan
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
+
+PSK = "vip-psk-7d1c0e93a5b64f28"
+POOL = """
+[[ike.pool]]
+name = "rw-pool"
+address = ["10.9.0.7"]
+dns = ["10.100.0.53"]
+"""
+
+
+def road_warrior(identity: str, name: str) -> Connection:
+    return Connection(
+        name=name,
+        local_addrs="192.0.2.2",
+        remote_addrs="192.0.2.1",
+        local_id=identity,
+        remote_id="gw.example",
+        proposals="aes256gcm16-prfsha384-x25519",
+        children=[
+            Child(name=f"{name}-net", remote_ts="10.100.0.0/24", esp_proposals="aes256gcm16")
+        ],
+        options={"vips": "0.0.0.0"},
+    )
+
+
+def gateway_config(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    text = GATEWAY_TOML.format(
+        state_dir=tmp_path / "state",
+        workers=2,
+        log_level=1,
+        psk=PSK,
+        address="192.0.2.1",
+        extra="",
+        ike_template_extra="",
+        ipsec_template_extra="",
+    )
+    # remote-ts without subnet: the assigned VIP (seed 004, "dynamic-vip")
+    text = text.replace('remote-ts = { subnet = "10.200.0.0/16" }\n', "")
+    text = text.replace(
+        'ipsec-policy = { template = "ipsecpol" }\n',
+        'ipsec-policy = { template = "ipsecpol" }\nvip-pool = ["rw-pool"]\n',
+    )
+    return '[kernel]\nbackend = "memory"\n' + text + POOL
+
+
+def test_strongswan_road_warrior_gets_a_pool_address_and_a_narrowed_child(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    gateway = gateway_factory(netns_pair.gw, config_text=gateway_config(tmp_path))
+    peer = strongswan_factory(netns_pair.peer)
+    peer.load(
+        [road_warrior("a.peer.example", "a"), road_warrior("b.peer.example", "b")],
+        psks=[Psk(PSK, ["a.peer.example", "b.peer.example", "gw.example"])],
+    )
+    peer.initiate(child="a-net", timeout=20)
+    (sa,) = peer.list_sas()
+    assert sa["local-vips"] == ["10.9.0.7"], sa
+    (child,) = sa["child-sas"]
+    assert child["local-ts"] == ["10.9.0.7/32"] and child["remote-ts"] == ["10.100.0.0/24"]
+    assert "installing DNS server 10.100.0.53" in peer.log_text() or "10.100.0.53" in (
+        peer.log_text()
+    )
+
+    (row,) = gateway.wait_sas(1)
+    assert row["remote_vips"] == ["10.9.0.7"]
+    (ours,) = row["children"]
+    assert ours["remote_ts"] == ["10.9.0.7/32"] and ours["local_ts"] == ["10.100.0.0/24"]
+    assert "remote vip 10.9.0.7" in gateway.show_text("details")
+    shown = gateway.run_cli("show", "vip-pool")
+    assert shown.returncode == 0, shown.stderr
+    assert "rw-pool" in shown.stdout and "a.peer.example" in shown.stdout
+    lines = shown.stdout.splitlines()
+    assert lines[1].split() == ["rw-pool", "1", "1", "0"], shown.stdout
+
+    # the pool of one address is exhausted for another identity
+    peer.initiate(child="b-net", timeout=20, check=False)
+    wait_for(
+        lambda: "INTERNAL_ADDRESS_FAILURE" in peer.log_text(),
+        timeout=15,
+        what="strongSwan sees INTERNAL_ADDRESS_FAILURE",
+    )
+    wait_for(
+        lambda: gateway.counters("ike").get("vip.pool_exhausted", 0) >= 1,
+        timeout=10,
+        what="the exhaustion counted",
+    )
+
+    # terminate: the lease is released; the same identity gets the same address again
+    peer.terminate(ike="a", timeout=15)
+    wait_for(
+        lambda: (
+            gateway.run_cli("show", "vip-pool", "rw-pool").stdout.splitlines()[1].split()
+            == ["rw-pool", "1", "0", "1"]
+        ),
+        timeout=15,
+        what="the lease released",
+    )
+    peer.initiate(child="a-net", timeout=20)
+    again = [s for s in peer.list_sas() if s.get("local-vips")]
+    assert again and again[0]["local-vips"] == ["10.9.0.7"]
+
+
+def test_ikefarm_with_vip_request_gets_the_address_of_a_strongswan_pool(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    netns_pair.peer.add_address("lo", "10.200.0.1/32")
+    peer = strongswan_factory(netns_pair.peer)
+    responder = Connection(
+        name="c",
+        local_addrs="192.0.2.2",
+        remote_addrs="192.0.2.1",
+        local_id="peer.example",
+        remote_id="gw.example",
+        proposals="aes256gcm16-prfsha384-x25519",
+        children=[Child(name="net", local_ts="10.200.0.0/24", esp_proposals="aes256gcm16")],
+        options={"pools": "p4"},
+    )
+    pools = "pools {\n  p4 {\n    addrs = 10.77.0.10/32\n    dns = 10.200.0.53\n  }\n}\n"
+    peer.load([responder], psks=[Psk(PSK, ["peer.example", "gw.example"])], extra=pools)
+    vpn = (
+        "[[ike.vpn]]\n"
+        'name = "hq"\nlocal-address = "192.0.2.1"\nremote-address = "192.0.2.2"\n'
+        'local-id = "gw.example"\nremote-id = "peer.example"\n'
+        'ike-policy = { template = "ikepol" }\nipsec-policy = { template = "ipsecpol" }\n'
+        'vip-request = ["0.0.0.0"]\n'
+        '[[ike.vpn.security-policy]]\nname = "net"\nremote-ts = { subnet = "10.200.0.0/24" }\n'
+    )
+    text = farm_config(tmp_path, psks=[("gw.example", "peer.example", PSK)], vpns=[vpn])
+    gateway = gateway_factory(netns_pair.gw, config_text=text)
+    done = gateway.run_cli("initiate", "child-sa", "security-policy", "net", "--timeout", "20")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = gateway.show()
+    assert row["local_vips"] == ["10.77.0.10"] and row["dns"] == ["10.200.0.53"]
+    (child,) = row["children"]
+    assert child["local_ts"] == ["10.77.0.10/32"] and child["remote_ts"] == ["10.200.0.0/24"]
+    (sa,) = peer.list_sas()
+    assert sa["remote-vips"] == ["10.77.0.10"]
+    details = gateway.show_text("details")
+    assert "local  vip 10.77.0.10" in details and "dns 10.200.0.53" in details

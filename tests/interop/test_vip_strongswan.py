@@ -72,7 +72,8 @@ def test_strongswan_road_warrior_gets_a_pool_address_and_a_narrowed_child(
     tmp_path,  # type: ignore[no-untyped-def]
 ) -> None:
     gateway = gateway_factory(netns_pair.gw, config_text=gateway_config(tmp_path))
-    peer = strongswan_factory(netns_pair.peer)
+    # the VIP must be on an interface for kernel-libipsec's route (tests/harness/strongswan.py)
+    peer = strongswan_factory(netns_pair.peer, install_virtual_ip=True)
     peer.load(
         [road_warrior("a.peer.example", "a"), road_warrior("b.peer.example", "b")],
         psks=[Psk(PSK, ["a.peer.example", "b.peer.example", "gw.example"])],
@@ -82,9 +83,7 @@ def test_strongswan_road_warrior_gets_a_pool_address_and_a_narrowed_child(
     assert sa["local-vips"] == ["10.9.0.7"], sa
     (child,) = sa["child-sas"]
     assert child["local-ts"] == ["10.9.0.7/32"] and child["remote-ts"] == ["10.100.0.0/24"]
-    assert "installing DNS server 10.100.0.53" in peer.log_text() or "10.100.0.53" in (
-        peer.log_text()
-    )
+    assert "processing INTERNAL_IP4_DNS attribute" in peer.log_text()  # the pool's dns
 
     (row,) = gateway.wait_sas(1)
     assert row["remote_vips"] == ["10.9.0.7"]

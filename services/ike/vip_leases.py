@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nats.js.errors import (
+    BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
@@ -95,11 +96,25 @@ class LeaseRecord:
             return None
 
 
+async def _bucket(js: Any, name: str, ttl: float | None = None) -> Any:
+    """The bucket, made if missing; one made by another worker life with other settings
+    (an older TTL) is used as it is."""
+    try:
+        if ttl is None:
+            return await js.create_key_value(bucket=name, history=1)
+        return await js.create_key_value(bucket=name, history=1, ttl=ttl)
+    except BadRequestError:
+        return await js.key_value(name)
+
+
 class VipLeases:
     """One worker's view of the farm's leases: lease, release, list."""
 
-    def __init__(self, nc: Any, pools: dict[str, Pool], counters: Any = None) -> None:
+    def __init__(
+        self, nc: Any, pools: dict[str, Pool], counters: Any = None, holder_ttl: float = HOLDER_TTL
+    ) -> None:
         self.nc = nc
+        self.holder_ttl = holder_ttl
         self.pools = pools
         self.token = os.urandom(8).hex()  # this worker life
         self.counters = counters if counters is not None else {}
@@ -109,10 +124,8 @@ class VipLeases:
     async def open(self) -> None:
         js = self.nc.jetstream()
         try:
-            self._kv = await js.create_key_value(bucket=subjects.VIP_LEASE_BUCKET, history=1)
-            self._holders = await js.create_key_value(
-                bucket=subjects.VIP_HOLDER_BUCKET, history=1, ttl=HOLDER_TTL
-            )
+            self._kv = await _bucket(js, subjects.VIP_LEASE_BUCKET)
+            self._holders = await _bucket(js, subjects.VIP_HOLDER_BUCKET, self.holder_ttl)
         except ServiceUnavailableError:
             raise ServiceUnavailable(
                 "VIP pools keep their leases in a JetStream KV bucket "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,7 +70,9 @@ async def test_the_same_identity_gets_its_address_back_after_release(
     try:
         first = await one.lease(_call("laptop.example", 5, (4, 6)))
         assert first.addresses[0][1].startswith("10.9.0.")
-        assert first.addresses[1][1].startswith("2001:db8:9::")
+        assert ipaddress.ip_address(first.addresses[1][1]) in ipaddress.ip_network(
+            "2001:db8:9::/64"
+        )
         await one.release(VipRelease(5, first.addresses))
         assert not [r for r in await one.leases(pools["rw"]) if r[2]]
         again = await two.lease(_call("laptop.example", 9, (4, 6)))  # another worker
@@ -114,6 +117,33 @@ async def test_a_dead_workers_leases_are_reclaimed(nats_server: EmbeddedNats) ->
         assert rows[taken.addresses[0][1]] is True and list(rows.values()).count(False) == 1
     finally:
         await nc1.close()
+        await nc2.close()
+
+
+async def test_leases_of_a_worker_killed_without_releasing_expire_with_its_holder_record(
+    nats_server: EmbeddedNats,
+) -> None:
+    """kill -9 as the broker sees it: the connection drops, nothing is released or renewed;
+    once the holder record's age limit passed, the addresses are leased again."""
+    pools = _pools("10.9.0.1")
+    nc1 = await nats.connect(nats_server.url)
+    killed = VipLeases(nc1, pools, holder_ttl=1.0)
+    await killed.open()
+    assert (await killed.lease(_call("gone.example", 1))).addresses
+    await nc1.close()  # no release, no renewal from here on
+    nc2 = await nats.connect(nats_server.url)
+    alive = VipLeases(nc2, pools, holder_ttl=1.0)
+    await alive.open()
+    try:
+        assert not (await alive.lease(_call("new.example", 2))).addresses  # still held
+        taken = None
+        for _ in range(40):  # the broker expires the record within a few seconds
+            await asyncio.sleep(0.25)
+            taken = await alive.lease(_call("new.example", 2))
+            if taken.addresses:
+                break
+        assert taken is not None and taken.addresses == (("rw", "10.9.0.1"),)
+    finally:
         await nc2.close()
 
 

@@ -297,3 +297,19 @@ def test_a_cfg_request_without_pools_gets_no_reply_and_the_initiator_counts_it()
     assert wire.initiator.engine.counters["vip.no_reply"] == 1
     request = CpPayload(CfgType.CFG_REQUEST, [ConfigAttribute(1)])
     assert CpPayload.from_wire({"cfg_type": 1}, request.encode_tail()) == request
+
+
+def test_a_malformed_cp_in_ike_auth_is_refused_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ikefarm.shared.ikev2.exchanges import config as cfg_exchange
+
+    bad = CpPayload(CfgType.CFG_REQUEST, [ConfigAttribute(CfgAttribute.INTERNAL_IP4_ADDRESS, b"x")])
+    monkeypatch.setattr(cfg_exchange, "request_payload", lambda vpn: bad)
+    wire = _wire()
+    _connect(wire)
+    assert not wire.responder.leases.calls
+    assert not [sa for sa in wire.responder.engine.sas.values() if sa.remote_vips]
+    assert all(sa.state != IkeSaState.ESTABLISHED for sa in wire.responder.engine.sas.values())
+    dropped = {k: v for k, v in wire.responder.engine.counters.items() if "bad_attribute" in k}
+    assert dropped, dict(wire.responder.engine.counters)

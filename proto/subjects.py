@@ -99,6 +99,8 @@ KERNEL_TRANSPORT_KEY = f"{PREFIX}.kernel.transport-key"
 # ike -> kernel: trap policies (dpd-action trap; later start-action trap) (request/reply).
 KERNEL_TRAP_INSTALL = f"{PREFIX}.kernel.trap.install"
 KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
+# ike -> kernel: install/remove a VIP we were assigned (VipAddress -> KernelAck).
+KERNEL_VIP = f"{PREFIX}.kernel.vip"
 
 # ike -> keystore: computations that need a secret (request/reply).
 KEYSTORE_PSK_AUTH = f"{PREFIX}.keystore.psk.auth"
@@ -249,6 +251,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             f"{PREFIX}.keystore.>",
             f"{PREFIX}.kernel.child.>",
             f"{PREFIX}.kernel.trap.>",
+            KERNEL_VIP,
             EVENT_IKE_SA,
             EVENT_CHILD_SA,
             KERNEL_TRANSPORT_KEY,

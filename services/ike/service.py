@@ -56,6 +56,7 @@ from ikefarm.proto.messages import (
     SaEventNotice,
     TrapInstall,
     TrapRemove,
+    VipAddress,
     VipPoolShow,
     VipPoolShowRequest,
 )
@@ -95,6 +96,7 @@ from ikefarm.shared.ikev2.effects import (
     InstallTrap,
     KeystoreAnswer,
     KeystoreRequest,
+    LocalVip,
     Log,
     PeerFailed,
     PpkMix,
@@ -686,6 +688,15 @@ class IkeService(ServiceBase):
             self._spawn(self._kernel(subjects.KERNEL_TRAP_REMOVE, untrap, "untrap", effect.reqid))
         elif isinstance(effect, DeleteChildSa):
             self._spawn(self.delete_child(effect))
+        elif isinstance(effect, LocalVip):
+            vip = VipAddress(
+                install=effect.install,
+                address=effect.address,
+                local_address=effect.local_address,
+                interface=self.config.ike.global_options.install_vip_on or "",
+                ike_unique_id=effect.ike_unique_id,
+            )
+            self._spawn(self._kernel(subjects.KERNEL_VIP, vip, "vip", effect.ike_unique_id))
         elif isinstance(effect, VipRelease):
             if self.vip_leases is not None:
                 self._spawn(self.vip_leases.release(effect))

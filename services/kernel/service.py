@@ -43,6 +43,7 @@ from ikefarm.proto.messages import (
     TransportKeyRequest,
     TrapInstall,
     TrapRemove,
+    VipAddress,
 )
 from ikefarm.services.kernel import backends
 from ikefarm.services.kernel.dataplane import Tunnel
@@ -53,6 +54,7 @@ from ikefarm.services.kernel.memory import (
     check_install,
 )
 from ikefarm.services.kernel.userspace import UserspaceKernel
+from ikefarm.services.kernel.vips import VipAddresses
 from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, open_child_keys
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
 from ikefarm.shared.bus.sealed import SealError, public_bytes
@@ -156,6 +158,9 @@ class KernelService(ServiceBase):
         await self.runtime.add_endpoint(
             "trap-remove", TrapRemove, self.on_trap_remove, subject=subjects.KERNEL_TRAP_REMOVE
         )
+        # VIPs we were assigned: on a host interface, except with the memory test double
+        self.vips = VipAddresses(touch_kernel=self.choice.backend != "memory")
+        await self.runtime.add_endpoint("vip", VipAddress, self.on_vip, subject=subjects.KERNEL_VIP)
         self.log.control("kernel_backend", backend=self.backend.name, reason=self.choice.reason)
         for warning in getattr(self.backend, "warnings", ()):
             self.log.control("kernel_backend_warning", backend=self.backend.name, warning=warning)
@@ -183,6 +188,9 @@ class KernelService(ServiceBase):
             task.add_done_callback(self._publishing.discard)
 
     async def teardown(self) -> None:
+        vips = getattr(self, "vips", None)
+        if vips is not None:
+            vips.close()
         if self.events is not None:
             asyncio.get_running_loop().remove_reader(self.events.fileno())
             self.events.close()
@@ -345,7 +353,11 @@ class KernelService(ServiceBase):
         backend = self._backend()
         sas, policies = backend.show()
         return KernelState(
-            backend=backend.name, sas=sas, policies=policies, traps=backend.show_traps()
+            backend=backend.name,
+            sas=sas,
+            policies=policies,
+            traps=backend.show_traps(),
+            vips=self.vips.show(),
         )
 
     async def on_trap_install(self, request: TrapInstall, _msg: Any) -> KernelAck:
@@ -367,6 +379,22 @@ class KernelService(ServiceBase):
             replaced=replaced,
             local_ts=list(trap.local_ts),
             remote_ts=list(trap.remote_ts),
+        )
+        return KernelAck(ok=True)
+
+    async def on_vip(self, request: VipAddress, _msg: Any) -> KernelAck:
+        """Install or remove a VIP the peer assigned us (install-vip-on, seed 004)."""
+        try:
+            await self.vips.apply(request)
+        except KernelRefusal as exc:
+            return self._refused("vip", exc, address=request.address, install=request.install)
+        action = "installed" if request.install else "removed"
+        self.runtime.counters[f"vip.{action}"] += 1
+        self.log.control(
+            f"vip_{action}",
+            address=request.address,
+            interface=request.interface or f"of {request.local_address}",
+            ike_unique_id=request.ike_unique_id,
         )
         return KernelAck(ok=True)
 

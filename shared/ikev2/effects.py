@@ -79,6 +79,16 @@ class VipRelease:
     addresses: tuple[tuple[str, str], ...]
 
 
+@dataclass(frozen=True)
+class LocalVip:
+    """A VIP the peer assigned us: install it (or remove it) on our side (seed 004)."""
+
+    install: bool
+    address: str
+    local_address: str  # our IKE address: its interface, unless install-vip-on names one
+    ike_unique_id: int
+
+
 # what the engine asks the keystore (or the lease store), and the typed answers it takes back
 KeystoreCall = PskAuthRequest | CertAuthRequest | PpkMix | VipLease
 KeystoreAnswer = PskAuthReply | CertAuthReply | PpkMixed | VipLeased
@@ -263,5 +273,7 @@ Effect = (
     | SendKeepalive
     | InstallTrap
     | RemoveTrap
+    | VipRelease
+    | LocalVip
     | Log
 )

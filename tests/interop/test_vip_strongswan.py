@@ -152,7 +152,14 @@ def test_ikefarm_with_vip_request_gets_the_address_of_a_strongswan_pool(
         'vip-request = ["0.0.0.0"]\n'
         '[[ike.vpn.security-policy]]\nname = "net"\nremote-ts = { subnet = "10.200.0.0/24" }\n'
     )
-    text = farm_config(tmp_path, psks=[("gw.example", "peer.example", PSK)], vpns=[vpn])
+    # the userspace backend (this kernel has no ESP states) puts VIPs on host interfaces;
+    # the memory test double would only record them
+    text = farm_config(
+        tmp_path,
+        psks=[("gw.example", "peer.example", PSK)],
+        vpns=[vpn],
+        kernel_backend="userspace",
+    )
     gateway = gateway_factory(netns_pair.gw, config_text=text)
     done = gateway.run_cli("initiate", "child-sa", "security-policy", "net", "--timeout", "20")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -164,3 +171,26 @@ def test_ikefarm_with_vip_request_gets_the_address_of_a_strongswan_pool(
     assert sa["remote-vips"] == ["10.77.0.10"]
     details = gateway.show_text("details")
     assert "local  vip 10.77.0.10" in details and "dns 10.200.0.53" in details
+    # installed on the interface of our IKE address (install-vip-on unset), removed on flush
+    wait_for(
+        lambda: any(a == "10.77.0.10/32" for a in netns_pair.gw.addresses()),
+        timeout=10,
+        what="the VIP on an interface of the gw namespace",
+    )
+    ike_address_line = [
+        line
+        for line in netns_pair.gw.run(["ip", "-o", "addr", "show"]).stdout.splitlines()
+        if "10.77.0.10/32" in line
+    ]
+    assert ike_address_line and ike_address_line[0].split()[1] in {
+        line.split()[1]
+        for line in netns_pair.gw.run(["ip", "-o", "addr", "show"]).stdout.splitlines()
+        if " 192.0.2.1/" in line
+    }
+    flushed = gateway.run_cli("flush", "ike-sa", "vpn", "hq")
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    wait_for(
+        lambda: not any(a == "10.77.0.10/32" for a in netns_pair.gw.addresses()),
+        timeout=10,
+        what="the VIP removed with its IKE SA",
+    )

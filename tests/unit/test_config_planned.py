@@ -35,7 +35,11 @@ SETTINGS = [
     ("[ike.global-options]\nsnmp = true\n", "ike.global-options.snmp", None),
     ("[ike.global-options]\nthreads = 4\n", "ike.global-options.threads", None),
     ("[flow.tcp-session]\ntcp-mss = 1360\n", "flow.tcp-session.tcp-mss", 12),
-    ('[ike.global-options]\ninstall-vip-on = "lo"\n', "ike.global-options.install-vip-on", 13),
+    (
+        "[ike.global-options]\nmobike-prefer-best-path = true\n",
+        "ike.global-options.mobike-prefer-best-path",
+        13,
+    ),
 ]
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from ikefarm.shared.config.loader import ConfigError, parse_config
 from ikefarm.shared.ikev2.constants import CfgAttribute, CfgType, NotifyType
-from ikefarm.shared.ikev2.effects import SaEvent, VipLease, VipLeased, VipRelease
+from ikefarm.shared.ikev2.effects import LocalVip, SaEvent, VipLease, VipLeased, VipRelease
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.errors import MalformedMessage
 from ikefarm.shared.ikev2.payloads import ConfigAttribute, CpPayload
@@ -313,3 +313,17 @@ def test_a_malformed_cp_in_ike_auth_is_refused_and_changes_nothing(
     assert all(sa.state != IkeSaState.ESTABLISHED for sa in wire.responder.engine.sas.values())
     dropped = {k: v for k, v in wire.responder.engine.counters.items() if "bad_attribute" in k}
     assert dropped, dict(wire.responder.engine.counters)
+
+
+def test_the_initiator_installs_its_vip_and_removes_it_with_the_ike_sa() -> None:
+    wire = _wire()
+    _connect(wire)
+    [isa] = wire.initiator.engine.sas.values()
+    installs = [e for e in wire.initiator.effects if isinstance(e, LocalVip)]
+    assert installs == [LocalVip(True, "10.9.0.1", "192.0.2.2", isa.unique_id)]
+    wire.run(wire.initiator.engine.rekey_ike(isa, wire.now), wire.initiator)  # kept
+    assert len([e for e in wire.initiator.effects if isinstance(e, LocalVip)]) == 1
+    [new] = [sa for sa in wire.initiator.engine.sas.values() if sa.state == IkeSaState.ESTABLISHED]
+    wire.run(wire.initiator.engine.delete_ike(new, wire.now), wire.initiator)
+    removes = [e for e in wire.initiator.effects if isinstance(e, LocalVip) and not e.install]
+    assert removes == [LocalVip(False, "10.9.0.1", "192.0.2.2", isa.unique_id)]

@@ -18,7 +18,7 @@ import ipaddress
 from typing import TYPE_CHECKING
 
 from ikefarm.shared.ikev2.constants import CfgAttribute, CfgType, NotifyType
-from ikefarm.shared.ikev2.effects import Effect, VipLease, VipLeased, VipRelease
+from ikefarm.shared.ikev2.effects import Effect, LocalVip, VipLease, VipLeased, VipRelease
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import ConfigAttribute, CpPayload, NotifyPayload, Payload
 from ikefarm.shared.ikev2.policy import VpnPolicy
@@ -75,12 +75,16 @@ def reply_payloads(
 
 
 def release(sa: IkeSa) -> list[Effect]:
-    """Free the SA's leases (its IKE SA is gone and no successor took them)."""
-    if not sa.remote_vips:
-        return []
-    effect = VipRelease(sa.vip_owner or sa.unique_id, tuple(sa.remote_vips))
-    sa.remote_vips = []
-    return [effect]
+    """Free the SA's leases and take our assigned VIPs away (its IKE SA is gone and no
+    successor took them)."""
+    effects: list[Effect] = []
+    if sa.remote_vips:
+        effects.append(VipRelease(sa.vip_owner or sa.unique_id, tuple(sa.remote_vips)))
+        sa.remote_vips = []
+    for address in sa.local_vips:
+        effects.append(LocalVip(False, address, sa.local.address, sa.vip_owner or sa.unique_id))
+    sa.local_vips = []
+    return effects
 
 
 def move(old: IkeSa, new: IkeSa) -> None:
@@ -90,6 +94,8 @@ def move(old: IkeSa, new: IkeSa) -> None:
         old.remote_vips = []
     if old.local_vips:
         new.local_vips, new.cfg_dns = old.local_vips, old.cfg_dns
+        new.vip_owner = old.vip_owner
+        old.local_vips = []
 
 
 # -- initiator ----------------------------------------------------------------------------
@@ -105,14 +111,14 @@ def request_payload(vpn: VpnPolicy) -> CpPayload | None:
     return CpPayload(CfgType.CFG_REQUEST, attributes)
 
 
-def record_reply(engine: IkeEngine, sa: IkeSa, response: Message) -> None:
+def record_reply(engine: IkeEngine, sa: IkeSa, response: Message) -> list[Effect]:
     """Keep the addresses and DNS servers of the peer's CFG_REPLY (others are ignored,
-    as seed 004 says)."""
+    as seed 004 says); the addresses are to be installed on our side."""
     cp = response.get(CpPayload)
     if cp is None or cp.cfg_type != CfgType.CFG_REPLY:
         if sa.vpn is not None and sa.vpn.vip_request:
             engine.count("vip.no_reply")
-        return
+        return []
     for attribute in cp.attributes:
         try:
             address = attribute.address()
@@ -124,5 +130,8 @@ def record_reply(engine: IkeEngine, sa: IkeSa, response: Message) -> None:
             sa.local_vips.append(str(address))
         elif attribute.attribute_type in _DNS:
             sa.cfg_dns.append(str(address))
-    if sa.local_vips:
-        engine.count("vip.received")
+    if not sa.local_vips:
+        return []
+    engine.count("vip.received")
+    sa.vip_owner = sa.unique_id
+    return [LocalVip(True, address, sa.local.address, sa.unique_id) for address in sa.local_vips]

@@ -547,7 +547,7 @@ def _initiator_keystore_answered(
     sa.established_at = now
     sa.expected_request_id = 0
     sa.peer_mobike = response.notify(NotifyType.MOBIKE_SUPPORTED) is not None
-    cfg_exchange.record_reply(engine, sa, response)
+    vip_effects = cfg_exchange.record_reply(engine, sa, response)
     lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")
     used = auth_methods.count_methods(engine, sa, task.local_method, task.remote_method)
@@ -568,6 +568,7 @@ def _initiator_keystore_answered(
     effects: list[Effect] = [
         SaEvent("ike-established", sa.unique_id, vpn.name, detail),
         Log(0, "ike", "ike_sa_established", {"vpn": vpn.name, "unique_id": sa.unique_id, **detail}),
+        *vip_effects,
     ]
     if task.child is not None:
         effects += initiator_child_complete(

@@ -194,3 +194,36 @@ def test_ikefarm_with_vip_request_gets_the_address_of_a_strongswan_pool(
         timeout=10,
         what="the VIP removed with its IKE SA",
     )
+
+
+def test_ten_road_warriors_on_two_workers_get_ten_distinct_addresses(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    text = gateway_config(tmp_path).replace(
+        'address = ["10.9.0.7"]', 'address = ["10.9.1.1-10.9.1.10", "2001:db8:9::/120"]'
+    )
+    gateway = gateway_factory(netns_pair.gw, config_text=text)  # ike-workers = 2
+    peer = strongswan_factory(netns_pair.peer, install_virtual_ip=True)
+    clients = []
+    for n in range(10):
+        conn = road_warrior(f"c{n}.peer.example", f"c{n}")
+        # one remote host each, so each client's route (table 220) is its own
+        conn.children[0].remote_ts = f"10.100.0.{n + 1}/32"  # type: ignore[misc]
+        conn.options = {"vips": "0.0.0.0, ::"}  # type: ignore[misc]
+        clients.append(conn)
+    peer.load(clients, psks=[Psk(PSK, [*(f"c{n}.peer.example" for n in range(10)), "gw.example"])])
+    for n in range(10):
+        peer.initiate(child=f"c{n}-net", timeout=20)
+    sas = peer.list_sas()
+    assert len(sas) == 10
+    v4 = [next(v for v in sa["local-vips"] if "." in v) for sa in sas]
+    v6 = [next(v for v in sa["local-vips"] if ":" in v) for sa in sas]
+    assert len(set(v4)) == 10 and all(v.startswith("10.9.1.") for v in v4)
+    assert len(set(v6)) == 10 and all(v.startswith("2001:db8:9::") for v in v6)
+    rows = gateway.wait_sas(10)
+    assert {row["remote_vips"][0] for row in rows} == set(v4)
+    shown = gateway.run_cli("show", "vip-pool", "rw-pool")
+    assert shown.stdout.splitlines()[1].split() == ["rw-pool", "265", "20", "245"], shown.stdout

@@ -377,7 +377,7 @@ def cmd_show_kernel(args: argparse.Namespace) -> int:
         finally:
             await nc.close()
         body = {"backend": state.backend, "sas": state.sas, "policies": state.policies,
-                "traps": state.traps}  # fmt: skip
+                "traps": state.traps, "vips": state.vips}  # fmt: skip
         if args.json:
             print(json.dumps(body, indent=2))
             return 0

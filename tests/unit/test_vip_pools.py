@@ -327,3 +327,22 @@ def test_the_initiator_installs_its_vip_and_removes_it_with_the_ike_sa() -> None
     wire.run(wire.initiator.engine.delete_ike(new, wire.now), wire.initiator)
     removes = [e for e in wire.initiator.effects if isinstance(e, LocalVip) and not e.install]
     assert removes == [LocalVip(False, "10.9.0.1", "192.0.2.2", isa.unique_id)]
+
+
+def test_a_snapshot_keeps_the_vips_and_the_restored_sa_releases_them() -> None:
+    from ikefarm.shared.ikev2.snapshot import SaSnapshot
+
+    wire = _wire()
+    _connect(wire)
+    [rsa] = wire.responder.engine.sas.values()
+    snapshot, secrets = wire.responder.engine.snapshot(rsa, wire.now)
+    snapshot = SaSnapshot.from_json(snapshot.to_json())
+    assert snapshot.remote_vips == [["rw-pool", "10.9.0.1"]]
+    other = IkeEngine(wire.responder.engine.policy, shard=1)
+    restored = other.restore(snapshot, secrets, wire.now)
+    assert restored.remote_vips == [("rw-pool", "10.9.0.1")] and restored.vip_owner == rsa.unique_id
+    effects = other.remove_sa(restored, "expired", wire.now)  # where every deletion ends
+    assert VipRelease(rsa.unique_id, (("rw-pool", "10.9.0.1"),)) in effects
+    # an older snapshot without the fields still reads
+    raw = snapshot.to_json().replace(b',"remote_vips":[["rw-pool","10.9.0.1"]]', b"")
+    assert SaSnapshot.from_json(raw).remote_vips == []

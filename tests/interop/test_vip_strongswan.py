@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.harness.gateway import GATEWAY_TOML, Gateway, farm_config
-from tests.harness.netns import NetnsPair, wait_for
+from tests.harness.gateway import Gateway, farm_config
+from tests.harness.netns import Namespace, NetnsPair, wait_for
 from tests.harness.strongswan import Child, Connection, Psk, StrongSwan
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
@@ -45,33 +45,30 @@ def road_warrior(identity: str, name: str) -> Connection:
     )
 
 
-def gateway_config(tmp_path) -> str:  # type: ignore[no-untyped-def]
-    text = GATEWAY_TOML.format(
-        state_dir=tmp_path / "state",
-        workers=2,
-        log_level=1,
-        psk=PSK,
-        address="192.0.2.1",
-        extra="",
-        ike_template_extra="",
-        ipsec_template_extra="",
-    )
+def vip_gateway(
+    factory: Callable[..., Gateway], ns: Namespace, addresses: str = '["10.9.0.7"]'
+) -> Gateway:
+    """`ikefarm up` with two workers, the pool, and remote-ts without subnet (the VIP)."""
+    pool = POOL.replace('["10.9.0.7"]', addresses)
+    gateway = factory(ns, start=False, psk=PSK, workers=2, extra=pool)
+    text = gateway.config_path.read_text()
     # remote-ts without subnet: the assigned VIP (seed 004, "dynamic-vip")
     text = text.replace('remote-ts = { subnet = "10.200.0.0/16" }\n', "")
     text = text.replace(
         'ipsec-policy = { template = "ipsecpol" }\n',
         'ipsec-policy = { template = "ipsecpol" }\nvip-pool = ["rw-pool"]\n',
     )
-    return '[kernel]\nbackend = "memory"\n' + text + POOL
+    gateway.config_path.write_text('[kernel]\nbackend = "memory"\n' + text)
+    gateway.start()
+    return gateway
 
 
 def test_strongswan_road_warrior_gets_a_pool_address_and_a_narrowed_child(
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
-    tmp_path,  # type: ignore[no-untyped-def]
 ) -> None:
-    gateway = gateway_factory(netns_pair.gw, config_text=gateway_config(tmp_path))
+    gateway = vip_gateway(gateway_factory, netns_pair.gw)
     # the VIP must be on an interface for kernel-libipsec's route (tests/harness/strongswan.py)
     peer = strongswan_factory(netns_pair.peer, install_virtual_ip=True)
     peer.load(
@@ -200,12 +197,10 @@ def test_ten_road_warriors_on_two_workers_get_ten_distinct_addresses(
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
-    tmp_path,  # type: ignore[no-untyped-def]
 ) -> None:
-    text = gateway_config(tmp_path).replace(
-        'address = ["10.9.0.7"]', 'address = ["10.9.1.1-10.9.1.10", "2001:db8:9::/120"]'
+    gateway = vip_gateway(
+        gateway_factory, netns_pair.gw, '["10.9.1.1-10.9.1.10", "2001:db8:9::/120"]'
     )
-    gateway = gateway_factory(netns_pair.gw, config_text=text)  # ike-workers = 2
     peer = strongswan_factory(netns_pair.peer, install_virtual_ip=True)
     clients = []
     for n in range(10):

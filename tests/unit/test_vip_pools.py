@@ -20,7 +20,7 @@ from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.pools import Pool
 from ikefarm.shared.ikev2.sa import IkeSaState
 from ikefarm.shared.ikev2.show import format_details, ike_sa_row
-from tests.engine_helpers import Side, Wire
+from tests.engine_helpers import INITIATOR_TOML, RESPONDER_TOML, Side, Wire
 
 # -- pool arithmetic -------------------------------------------------------------------------
 
@@ -119,46 +119,20 @@ def test_cp_attributes_from_random_octets_decode_or_are_malformed(tail: bytes) -
 
 # -- config ----------------------------------------------------------------------------------
 
-RESPONDER = """
-[[ike.pre-shared-key]]
-local-id = "gw.example"
-remote-id = "*.example"
-secret = "shared-secret-0123456789"
-
+POOL = """
 [[ike.pool]]
 name = "rw-pool"
 address = ["10.9.0.1-10.9.0.2", "2001:db8:9::/120"]
 dns = ["192.0.2.53", "2001:db8::53"]
 subnet = ["10.100.0.0/24"]
-
-[[ike.vpn]]
-name = "rw"
-local-address = "192.0.2.1"
-local-id = "gw.example"
-remote-id = "*.example"
-vip-pool = ["rw-pool"]
-[[ike.vpn.security-policy]]
-name = "net"
-local-ts = { subnet = "10.100.0.0/24" }
 """
-
-INITIATOR = """
-[[ike.pre-shared-key]]
-local-id = "peer.example"
-remote-id = "gw.example"
-secret = "shared-secret-0123456789"
-
-[[ike.vpn]]
-name = "hq"
-local-address = "192.0.2.2"
-remote-address = "192.0.2.1"
-local-id = "peer.example"
-remote-id = "gw.example"
-vip-request = ["0.0.0.0"]
-[[ike.vpn.security-policy]]
-name = "net"
-remote-ts = { subnet = "10.100.0.0/24" }
-"""
+# the engine helpers' pair, with a pool and the peer's side of the child left to its VIP
+RESPONDER = RESPONDER_TOML.format(extra_vpn='vip-pool = ["rw-pool"]', extra=POOL).replace(
+    'remote-ts = { subnet = "10.200.0.0/24" }\n', ""
+)
+INITIATOR = INITIATOR_TOML.format(extra_vpn='vip-request = ["0.0.0.0"]', extra="").replace(
+    'local-ts = { subnet = "10.200.0.0/24" }\n', ""
+)
 
 
 def test_vip_pool_radius_and_unknown_pools_are_refused() -> None:

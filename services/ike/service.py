@@ -249,6 +249,11 @@ class IkeService(ServiceBase):
                 self.log.control("shard_renew_failed", shard=self.shard, error=type(exc).__name__)
 
     async def before_drain(self) -> None:
+        leases = getattr(self, "vip_leases", None)
+        if leases is not None:
+            if self._vip_keeper is not None:
+                self._vip_keeper.cancel()
+            await leases.retire()
         if self.shard_claim is not None:
             if self._renewer is not None:
                 self._renewer.cancel()

@@ -137,6 +137,12 @@ class VipLeases:
     async def renew(self) -> None:
         await self._holders.put(holder_key(self.token), str(time.time()).encode())
 
+    async def retire(self) -> None:
+        """A worker stopping: its SAs end with it, so its leases may be taken at once."""
+        if self._holders is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._holders.delete(holder_key(self.token)), 2.0)
+
     async def keep_alive(self, log: Any) -> None:
         while True:
             await asyncio.sleep(RENEW_INTERVAL)

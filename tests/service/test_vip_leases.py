@@ -148,6 +148,22 @@ async def test_leases_of_a_worker_killed_without_releasing_expire_with_its_holde
         await nc2.close()
 
 
+async def test_a_worker_that_stops_cleanly_frees_its_leases_at_once(
+    nats_server: EmbeddedNats,
+) -> None:
+    pools = _pools("10.9.0.1")
+    nc1, stopping = await _worker(nats_server.url, pools)
+    nc2, other = await _worker(nats_server.url, pools)
+    try:
+        assert (await stopping.lease(_call("old.example", 1))).addresses
+        assert not (await other.lease(_call("new.example", 2))).addresses
+        await stopping.retire()
+        assert (await other.lease(_call("new.example", 2))).addresses == (("rw", "10.9.0.1"),)
+    finally:
+        await nc1.close()
+        await nc2.close()
+
+
 async def test_a_record_that_is_not_a_lease_is_reclaimed_not_trusted(
     nats_server: EmbeddedNats,
 ) -> None:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 
 import pytest
@@ -222,3 +224,37 @@ def test_ten_road_warriors_on_two_workers_get_ten_distinct_addresses(
     assert {row["remote_vips"][0] for row in rows} == set(v4)
     shown = gateway.run_cli("show", "vip-pool", "rw-pool")
     assert shown.stdout.splitlines()[1].split() == ["rw-pool", "265", "20", "245"], shown.stdout
+
+
+def test_a_killed_workers_lease_is_reclaimed_once_its_sas_are_gone(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+) -> None:
+    """kill -9 of the worker holding the only address of the pool: its SA died with it, and
+    after its liveness record's age limit (HOLDER_TTL) another identity gets the address."""
+    gateway = vip_gateway(gateway_factory, netns_pair.gw)
+    peer = strongswan_factory(netns_pair.peer, install_virtual_ip=True)
+    peer.load(
+        [road_warrior("a.peer.example", "a"), road_warrior("b.peer.example", "b")],
+        psks=[Psk(PSK, ["a.peer.example", "b.peer.example", "gw.example"])],
+    )
+    peer.initiate(child="a-net", timeout=20)
+    (row,) = gateway.wait_sas(1)
+    owner = f"ike-{row['unique_id'] // 10**9}"  # the shard is the high part of a unique id
+    pid = gateway.service_pids()[owner]
+    os.kill(pid, signal.SIGKILL)
+
+    def lease_is_stale() -> bool:
+        shown = gateway.run_cli("show", "vip-pool", "rw-pool").stdout.splitlines()
+        return (
+            len(shown) > 3
+            and shown[1].split() == ["rw-pool", "1", "0", "1"]
+            and (shown[3].split()[-1] == "stale" and "a.peer.example" in shown[3])
+        )
+
+    wait_for(lease_is_stale, timeout=60, what="the killed worker's lease shown stale")
+    peer.initiate(child="b-net", timeout=20)
+    (b,) = peer.list_sas(ike="b")
+    assert b["local-vips"] == ["10.9.0.7"]
+    assert gateway.counters("ike").get("vip.lease_reclaimed", 0) >= 1

@@ -334,6 +334,7 @@ class KernelState(BusMessage):
     sas: list[dict[str, Any]]
     policies: list[dict[str, Any]]
     traps: list[dict[str, Any]] = field(default_factory=list)
+    vips: list[dict[str, Any]] = field(default_factory=list)  # VIPs assigned to us
 
 
 @message("trap-install")
@@ -356,6 +357,19 @@ class TrapRemove(BusMessage):
     vpn: str
     name: str
     reqid: int
+
+
+@message("vip-address")
+class VipAddress(BusMessage):
+    """ike -> kernel: put (install) or take away a VIP the peer assigned us, as /32 or /128,
+    on `interface` (`install-vip-on`), or when that is "" on the interface that holds
+    `local_address` (our IKE address), as seed 004 says."""
+
+    install: bool
+    address: str
+    local_address: str
+    interface: str = ""
+    ike_unique_id: int = 0
 
 
 @message("kernel-acquire")
@@ -448,6 +462,20 @@ class IkeShow(BusMessage):
     instance: str
     shard: int
     sas: list[dict[str, Any]]
+
+
+@message("vip-pool-show-request")
+class VipPoolShowRequest(BusMessage):
+    """One ike worker reads the farm's leases (`show vip-pool [NAME]`); "" = every pool."""
+
+    name: str = ""
+
+
+@message("vip-pool-show")
+class VipPoolShow(BusMessage):
+    """Per pool: name, size, used, free and leases [{address, identity, since, live}]."""
+
+    pools: list[dict[str, Any]]
 
 
 @message("initial-contact")

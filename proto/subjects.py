@@ -81,6 +81,13 @@ def unique_id_key(shard: int) -> str:
 # (services/ike/shard_claim.py); only ike workers read or write it.
 IKE_SHARDS_BUCKET = "ikefarm-ike-shards"
 
+# JetStream KV buckets of the farm's VIP leases (services/ike/vip_leases.py,
+# docs/vip-pools.md): one record per leased address and per identity's last address, and
+# the workers' liveness records (a short max age, renewed while the worker lives) that say
+# whether a lease's owner can still hold it. Only ike workers read or write them.
+VIP_LEASE_BUCKET = "ikefarm-vip-leases"
+VIP_HOLDER_BUCKET = "ikefarm-vip-holders"
+
 
 # ike -> kernel: child SA install/delete (request/reply).
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
@@ -94,6 +101,8 @@ KERNEL_TRAP_INSTALL = f"{PREFIX}.kernel.trap.install"
 KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
 # CLI -> kernel: `flush kernel ...` removes installed child SAs (request/reply).
 KERNEL_FLUSH = f"{PREFIX}.kernel.flush"
+# ike -> kernel: install/remove a VIP we were assigned (VipAddress -> KernelAck).
+KERNEL_VIP = f"{PREFIX}.kernel.vip"
 
 # ike -> keystore: computations that need a secret (request/reply).
 KEYSTORE_PSK_AUTH = f"{PREFIX}.keystore.psk.auth"
@@ -123,6 +132,8 @@ FLOW_CLEAR = f"{PREFIX}.flow.clear"
 
 # CLI -> all ike workers: show commands gathered from every instance.
 IKE_SHOW = f"{PREFIX}.ike.show"
+# admin -> one ike worker (queue group): the farm's VIP leases (VipPoolShowRequest).
+IKE_VIP_POOL_SHOW = f"{PREFIX}.ike.vip-pool.show"
 # ike -> every ike worker: INITIAL_CONTACT received, drop older SAs of these identities.
 IKE_INITIAL_CONTACT = f"{PREFIX}.ike.initial-contact"
 # kernel -> every ike worker: batched per-child counters, periodically (KernelCounters,
@@ -245,11 +256,14 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             f"{PREFIX}.keystore.>",
             f"{PREFIX}.kernel.child.>",
             f"{PREFIX}.kernel.trap.>",
+            KERNEL_VIP,
             EVENT_IKE_SA,
             EVENT_CHILD_SA,
             KERNEL_TRANSPORT_KEY,
             *_kv_api(UNIQUE_ID_BUCKET),
             *_kv_api(IKE_SHARDS_BUCKET, watch=True),  # `--shard auto` claims
+            *_kv_api(VIP_LEASE_BUCKET, watch=True),  # leases; `show vip-pool` lists keys
+            *_kv_api(VIP_HOLDER_BUCKET),
         ),
         "subscribe": (own_subjects("ike"), EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE),
     },
@@ -273,6 +287,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "publish": (
             f"{MICRO_PREFIX}.>",
             IKE_SHOW,
+            IKE_VIP_POOL_SHOW,
             IKE_COMMAND,
             IKE_INITIATE,
             f"{PREFIX}.ike.shard.*.command",

@@ -19,6 +19,7 @@ from ikefarm.shared.config.loader import Config, parse_config
 from ikefarm.shared.ikev2.crypto.keys import mix_ppk
 from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.effects import (
+    VIP_LEASE,
     Effect,
     Endpoint,
     KeystoreAnswer,
@@ -146,6 +147,9 @@ class Side:
     effects: list[Effect] = field(default_factory=list)
     ppks: dict[bytes, bytes] = field(default_factory=dict)  # PPK_ID -> PPK, the keystore's
     certs: CertStore | None = None
+    # answers VipLease (a stand-in for the farm's KV lease store, which the service tests
+    # exercise on a real nats-server: tests/service/test_vip_leases.py)
+    leases: Any = None
 
 
 @dataclass
@@ -190,9 +194,12 @@ class Wire:
             side, effect = queue.pop(0)
             side.effects.append(effect)
             if isinstance(effect, KeystoreRequest):
-                if effect.operation == CERT_AUTH:
+                if effect.operation == VIP_LEASE:
+                    assert side.leases is not None
+                    reply: KeystoreAnswer = side.leases(effect.request)
+                elif effect.operation == CERT_AUTH:
                     assert side.certs is not None
-                    reply: KeystoreAnswer = cert_keystore(side.certs, effect.request)
+                    reply = cert_keystore(side.certs, effect.request)
                 else:
                     reply = keystore_stand_in(side.psk, effect.request, effect.operation, side.ppks)
                 queue += [

@@ -58,6 +58,9 @@ from ikefarm.proto.messages import (
     SaEventNotice,
     TrapInstall,
     TrapRemove,
+    VipAddress,
+    VipPoolShow,
+    VipPoolShowRequest,
 )
 from ikefarm.services.ike import kernel_events, unique_ids
 from ikefarm.services.ike.exchange_traces import (
@@ -76,6 +79,7 @@ from ikefarm.services.ike.shard_claim import (
 )
 from ikefarm.services.ike.transport_keys import TransportKey
 from ikefarm.services.ike.unique_ids import UniqueIds
+from ikefarm.services.ike.vip_leases import VipLeases
 from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, ChildKeys, seal_child_keys
 from ikefarm.shared.bus.datagram import carried_header
 from ikefarm.shared.bus.runtime import ServiceBase
@@ -94,6 +98,7 @@ from ikefarm.shared.ikev2.effects import (
     InstallTrap,
     KeystoreAnswer,
     KeystoreRequest,
+    LocalVip,
     Log,
     PeerFailed,
     PpkMix,
@@ -101,6 +106,8 @@ from ikefarm.shared.ikev2.effects import (
     SaEvent,
     SendDatagram,
     SendKeepalive,
+    VipLease,
+    VipRelease,
 )
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.message import IkeHeader
@@ -158,6 +165,14 @@ class IkeService(ServiceBase):
             dos=self.admission,
             unique_ids=self.unique_ids.take,
         )
+        # farm-wide VIP leases (docs/vip-pools.md), when some VPN hands out addresses
+        self.vip_leases: VipLeases | None = None
+        self._vip_keeper: asyncio.Task[None] | None = None
+        if any(vpn.vip_pools for vpn in self.engine.policy.vpns):
+            self.vip_leases = VipLeases(
+                self.runtime.nc, self.engine.policy.pools, self.runtime.counters
+            )
+            await self.vip_leases.open()
         # load reports carry the peers whose half-open count changed, not every peer
         limits = self.admission.limits
         self.peer_reports = PeerReports(
@@ -191,6 +206,12 @@ class IkeService(ServiceBase):
         await runtime.subscribe(subjects.ike_shard(self.shard), Datagram, self.on_datagram)
         await runtime.subscribe(subjects.IKE_SHOW, IkeShowRequest, self.on_show)
         await runtime.subscribe(
+            subjects.IKE_VIP_POOL_SHOW,
+            VipPoolShowRequest,
+            self.on_vip_pool_show,
+            queue=subjects.QUEUE_IKE_WORKERS,
+        )
+        await runtime.subscribe(
             subjects.IKE_INITIAL_CONTACT, InitialContactNotice, self.on_initial_contact
         )
         await runtime.subscribe(subjects.IKE_COMMAND, IkeCommand, self.on_command)
@@ -214,6 +235,8 @@ class IkeService(ServiceBase):
         )
         if self.shard_claim is not None:
             self._renewer = asyncio.create_task(self.renew_claim(self.shard_claim))
+        if self.vip_leases is not None:
+            self._vip_keeper = asyncio.create_task(self.vip_leases.keep_alive(self.log))
         self.log.control("ike_worker_ready", shard=self.shard)
 
     async def renew_claim(self, claim: ShardClaim) -> None:
@@ -235,6 +258,11 @@ class IkeService(ServiceBase):
                 self.log.control("shard_renew_failed", shard=self.shard, error=type(exc).__name__)
 
     async def before_drain(self) -> None:
+        leases = getattr(self, "vip_leases", None)
+        if leases is not None:
+            if self._vip_keeper is not None:
+                self._vip_keeper.cancel()
+            await leases.retire()
         if self.shard_claim is not None:
             if self._renewer is not None:
                 self._renewer.cancel()
@@ -245,6 +273,8 @@ class IkeService(ServiceBase):
         self._timer.cancel()
         self._reporter.cancel()
         self._id_keeper.cancel()
+        if self._vip_keeper is not None:
+            self._vip_keeper.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
         for task in list(self._tasks):
@@ -418,6 +448,37 @@ class IkeService(ServiceBase):
         await self.apply(
             kernel_events.apply_expire(self.engine, expire, now, self.runtime.counters)
         )
+
+    async def on_vip_pool_show(self, request: VipPoolShowRequest, msg: Msg) -> None:
+        """`show vip-pool [NAME]`: size, used, free and the leases, read from the bucket."""
+        pools: list[dict[str, Any]] = []
+        leases = self.vip_leases
+        for pool in self.engine.policy.pools.values():
+            if request.name and pool.name != request.name:
+                continue
+            rows = await leases.leases(pool) if leases is not None else []
+            size = pool.size(4) + pool.size(6)
+            used = sum(1 for _address, _record, live in rows if live)
+            pools.append(
+                {
+                    "name": pool.name,
+                    "size": size,
+                    "used": used,
+                    "free": size - used,
+                    "leases": [
+                        {
+                            "address": address,
+                            "identity": record.identity if record else "",
+                            "since": record.since if record else 0.0,
+                            "owner": record.owner if record else 0,
+                            "live": live,
+                        }
+                        for address, record, live in rows
+                    ],
+                }
+            )
+        if msg.reply:
+            await msg.respond(envelope.pack_reply(VipPoolShow(pools)))
 
     async def on_initial_contact(self, notice: InitialContactNotice, _msg: Msg) -> None:
         effects = self.engine.initial_contact(
@@ -651,6 +712,18 @@ class IkeService(ServiceBase):
             self._spawn(self._kernel(subjects.KERNEL_TRAP_REMOVE, untrap, "untrap", effect.reqid))
         elif isinstance(effect, DeleteChildSa):
             self._spawn(self.delete_child(effect))
+        elif isinstance(effect, LocalVip):
+            vip = VipAddress(
+                install=effect.install,
+                address=effect.address,
+                local_address=effect.local_address,
+                interface=self.config.ike.global_options.install_vip_on or "",
+                ike_unique_id=effect.ike_unique_id,
+            )
+            self._spawn(self._kernel(subjects.KERNEL_VIP, vip, "vip", effect.ike_unique_id))
+        elif isinstance(effect, VipRelease):
+            if self.vip_leases is not None:
+                self._spawn(self.vip_leases.release(effect))
         elif isinstance(effect, SaEvent):
             await runtime.publish(
                 subjects.EVENT_IKE_SA if effect.kind.startswith("ike") else subjects.EVENT_CHILD_SA,
@@ -694,6 +767,15 @@ class IkeService(ServiceBase):
         try:
             if isinstance(call, PpkMix):  # RFC 8784: keys travel sealed, the PPK stays
                 reply = await self.ppk_client.mix(call)
+            elif isinstance(call, VipLease):  # not the keystore: the farm's lease bucket
+                if self.vip_leases is None:
+                    raise RuntimeError("no vip pools")
+                leased = await asyncio.wait_for(self.vip_leases.lease(call), KEYSTORE_TIMEOUT * 5)
+                if effect.request_id not in self.engine.keystore_waits:
+                    # the SA went away meanwhile: nobody holds what was just leased
+                    await self.vip_leases.release(VipRelease(call.ike_unique_id, leased.addresses))
+                    return
+                reply = leased
             elif isinstance(call, CertAuthRequest):
                 reply = await self.runtime.request(
                     subjects.KEYSTORE_CERT_AUTH, call, CertAuthReply, timeout=KEYSTORE_TIMEOUT

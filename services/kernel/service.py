@@ -47,6 +47,7 @@ from ikefarm.proto.messages import (
     TransportKeyRequest,
     TrapInstall,
     TrapRemove,
+    VipAddress,
 )
 from ikefarm.services.kernel import backends, counters
 from ikefarm.services.kernel.dataplane import Tunnel
@@ -58,6 +59,7 @@ from ikefarm.services.kernel.memory import (
     check_install,
 )
 from ikefarm.services.kernel.userspace import UserspaceKernel
+from ikefarm.services.kernel.vips import VipAddresses
 from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, open_child_keys
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
 from ikefarm.shared.bus.sealed import SealError, public_bytes
@@ -166,6 +168,9 @@ class KernelService(ServiceBase):
         await self.runtime.add_endpoint(
             "trap-remove", TrapRemove, self.on_trap_remove, subject=subjects.KERNEL_TRAP_REMOVE
         )
+        # VIPs we were assigned: on a host interface, except with the memory test double
+        self.vips = VipAddresses(touch_kernel=self.choice.backend != "memory")
+        await self.runtime.add_endpoint("vip", VipAddress, self.on_vip, subject=subjects.KERNEL_VIP)
         self.log.control("kernel_backend", backend=self.backend.name, reason=self.choice.reason)
         for warning in getattr(self.backend, "warnings", ()):
             self.log.control("kernel_backend_warning", backend=self.backend.name, warning=warning)
@@ -223,6 +228,9 @@ class KernelService(ServiceBase):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._counters_task
             self._counters_task = None
+        vips = getattr(self, "vips", None)
+        if vips is not None:
+            vips.close()
         if self.events is not None:
             asyncio.get_running_loop().remove_reader(self.events.fileno())
             self.events.close()
@@ -385,7 +393,11 @@ class KernelService(ServiceBase):
         backend = self._backend()
         sas, policies = backend.show()
         return KernelState(
-            backend=backend.name, sas=sas, policies=policies, traps=backend.show_traps()
+            backend=backend.name,
+            sas=sas,
+            policies=policies,
+            traps=backend.show_traps(),
+            vips=self.vips.show(),
         )
 
     async def on_flush(self, request: KernelFlush, _msg: Any) -> KernelFlushResult:
@@ -449,6 +461,22 @@ class KernelService(ServiceBase):
             replaced=replaced,
             local_ts=list(trap.local_ts),
             remote_ts=list(trap.remote_ts),
+        )
+        return KernelAck(ok=True)
+
+    async def on_vip(self, request: VipAddress, _msg: Any) -> KernelAck:
+        """Install or remove a VIP the peer assigned us (install-vip-on, seed 004)."""
+        try:
+            await self.vips.apply(request)
+        except KernelRefusal as exc:
+            return self._refused("vip", exc, address=request.address, install=request.install)
+        action = "installed" if request.install else "removed"
+        self.runtime.counters[f"vip.{action}"] += 1
+        self.log.control(
+            f"vip_{action}",
+            address=request.address,
+            interface=request.interface or f"of {request.local_address}",
+            ike_unique_id=request.ike_unique_id,
         )
         return KernelAck(ok=True)
 

@@ -229,6 +229,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     if args.what == "kernel":
         return cmd_show_kernel(args)
+    if args.what == "vip-pool":
+        return cmd_show_vip_pool(args)
     if args.what == "security":
         from ikefarm.shared.cli.flow import cmd_flow
 
@@ -275,46 +277,84 @@ def cmd_show(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def cmd_show_kernel(args: argparse.Namespace) -> int:
-    """The kernel service's SAD, SPD and trap policies (never key material)."""
-    import json
-
-    from ikefarm.proto import envelope, subjects
-    from ikefarm.proto.messages import KernelShowRequest, KernelState
+def _ask_one(
+    args: argparse.Namespace, subject: str, request: Any, reply_type: Any, what: str, timeout: float
+) -> Any:
+    """One request to one service over the farm's bus and its typed answer; None (the
+    reason printed) when the bus or the service does not answer."""
+    from ikefarm.proto import envelope
     from ikefarm.shared.cli.manage import connect
 
-    if args.words:
-        print(f"ikefarm show kernel: unknown word(s) {' '.join(args.words)}", file=sys.stderr)
-        return 2
     config = _load_or_exit(args.config) if args.config else None
     url = _nats_url(args, config)
 
-    async def run() -> int:
+    async def run() -> Any:
         try:
             nc = await connect(url, _nats_credentials(args, config))
         except Exception as exc:
             print(f"ikefarm show: cannot reach NATS at {url}: {exc}", file=sys.stderr)
-            return 2
+            return None
         try:
-            reply = await nc.request(
-                subjects.KERNEL_SHOW, envelope.pack(KernelShowRequest()), timeout=2
-            )
-            state = envelope.unpack_reply(reply.data, KernelState)
+            reply = await nc.request(subject, envelope.pack(request), timeout=timeout)
+            return envelope.unpack_reply(reply.data, reply_type)
         except Exception as exc:
-            print(f"ikefarm show kernel: no answer ({type(exc).__name__})", file=sys.stderr)
-            return 2
+            print(f"ikefarm show {what}: no answer ({type(exc).__name__})", file=sys.stderr)
+            return None
         finally:
             await nc.close()
-        body = {"backend": state.backend, "sas": state.sas, "policies": state.policies,
-                "traps": state.traps}  # fmt: skip
-        if args.json:
-            print(json.dumps(body, indent=2))
-            return 0
-        for line in kernel_lines(state):
-            print(line)
-        return 0
 
     return asyncio.run(run())
+
+
+def cmd_show_vip_pool(args: argparse.Namespace) -> int:
+    """The farm's VIP pools: size, used, free and each lease (one ike worker reads the
+    farm-wide lease bucket; docs/vip-pools.md)."""
+    import json
+
+    from ikefarm.proto import subjects
+    from ikefarm.proto.messages import VipPoolShow, VipPoolShowRequest
+    from ikefarm.shared.ikev2.show import format_vip_pools
+
+    if len(args.words) > 1:
+        print(f"ikefarm show vip-pool: unknown word(s) {' '.join(args.words[1:])}", file=sys.stderr)
+        return 2
+    name = args.words[0] if args.words else ""
+    shown = _ask_one(
+        args, subjects.IKE_VIP_POOL_SHOW, VipPoolShowRequest(name), VipPoolShow, "vip-pool", 5
+    )
+    if shown is None:
+        return 2
+    if name and not shown.pools:
+        print(f"ikefarm show vip-pool: no pool named {name!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(shown.pools, indent=2))
+    else:
+        print(format_vip_pools(shown.pools))
+    return 0
+
+
+def cmd_show_kernel(args: argparse.Namespace) -> int:
+    """The kernel service's SAD, SPD and trap policies (never key material)."""
+    import json
+
+    from ikefarm.proto import subjects
+    from ikefarm.proto.messages import KernelShowRequest, KernelState
+
+    if args.words:
+        print(f"ikefarm show kernel: unknown word(s) {' '.join(args.words)}", file=sys.stderr)
+        return 2
+    state = _ask_one(args, subjects.KERNEL_SHOW, KernelShowRequest(), KernelState, "kernel", 2)
+    if state is None:
+        return 2
+    body = {"backend": state.backend, "sas": state.sas, "policies": state.policies,
+            "traps": state.traps, "vips": state.vips}  # fmt: skip
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    for line in kernel_lines(state):
+        print(line)
+    return 0
 
 
 def kernel_lines(state: KernelState) -> list[str]:
@@ -492,11 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser(
         "show",
         help="show state: `show ike-sa [details]`, `show kernel` (SAs, policies, traps), "
-        "`show security flow session [summary] [filters]`",
+        "`show security flow session [summary] [filters]`, `show vip-pool [NAME]`",
     )
-    show.add_argument("what", choices=["ike-sa", "kernel", "security"])
+    show.add_argument("what", choices=["ike-sa", "kernel", "security", "vip-pool"])
     show.add_argument(
-        "words", nargs="*", help="ike-sa: details; security: flow session [summary] [filters]"
+        "words",
+        nargs="*",
+        help="ike-sa: details; security: flow session [summary] [filters]; vip-pool: [NAME]",
     )
     show.add_argument("-c", "--config")
     show.add_argument("--nats")

@@ -387,6 +387,9 @@ def cross_check(config: Config) -> list[ConfigProblem]:
     ike_templates = {t.name for t in ike.ike_policy_template}
     ipsec_templates = {t.name for t in ike.ipsec_policy_template}
     pools = {p.name for p in ike.pool}
+    for index, pool in enumerate(ike.pool):
+        if [p.name for p in ike.pool].count(pool.name) > 1:
+            problem(f"ike.pool[{index}].name", f"{show_value(pool.name)} names two pools")
     listen_addresses = list(config.ingress.listen or [])
     for index, vpn in enumerate(ike.vpn):
         path = f"ike.vpn[{index}]"
@@ -405,7 +408,9 @@ def cross_check(config: Config) -> list[ConfigProblem]:
         if vpn.ppk is not None and vpn.ppk not in ppk_names:
             problem(f"{path}.ppk", f"{show_value(vpn.ppk)} is not the name of an [[ike.ppk]]")
         for pool in vpn.vip_pool:
-            if pool not in pools and pool != "radius":
+            if pool == "radius":
+                problem(f"{path}.vip-pool", '"radius": not implemented yet (issue 15: RADIUS)')
+            elif pool not in pools:
                 problem(
                     f"{path}.vip-pool", f"{show_value(pool)} is not the name of an [[ike.pool]]"
                 )

@@ -45,13 +45,9 @@ class Planned:
 _VIP = "virtual IPs and MOBIKE"
 
 PLANNED: tuple[Planned, ...] = (
-    Planned("ike.global-options.install-vip-on", 13, _VIP),
     Planned("ike.global-options.mobike-prefer-best-path", 13, _VIP),
     Planned("ike.ike-policy-template[].mobike", 13, _VIP),
     Planned("ike.vpn[].ike-policy.mobike", 13, _VIP),
-    Planned("ike.vpn[].vip-request", 13, _VIP),
-    Planned("ike.vpn[].vip-pool", 13, _VIP),
-    Planned("ike.pool", 13, _VIP),
     Planned(
         "ike.vpn[].ike-policy.local-auth-method", 15, "EAP via RADIUS", frozenset({"eap-radius"})
     ),

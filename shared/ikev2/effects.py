@@ -51,13 +51,52 @@ class PpkMixed:
     reason: str = ""
 
 
-# what the engine asks the keystore, and the typed answers it takes back
-KeystoreCall = PskAuthRequest | CertAuthRequest | PpkMix
-KeystoreAnswer = PskAuthReply | CertAuthReply | PpkMixed
+@dataclass(frozen=True)
+class VipLease:
+    """Lease addresses for a peer from the VPN's pools (RFC 7296 3.15; docs/vip-pools.md).
+
+    Not a keystore request: the ike service leases them in the farm's KV bucket and
+    answers with `VipLeased`, through the same typed request/answer step."""
+
+    pools: tuple[str, ...]  # the VPN's vip-pool names, in order
+    versions: tuple[int, ...]  # 4 and/or 6: one address per family requested
+    identity: str  # the peer's IDi: the same identity gets its previous address back
+    ike_unique_id: int  # the lease's owner
+
+
+@dataclass(frozen=True)
+class VipLeased:
+    """What the lease store granted: (pool, address) per family it could serve."""
+
+    addresses: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class VipRelease:
+    """The IKE SA holding these leases is gone: free them (owner-checked by the store)."""
+
+    ike_unique_id: int
+    addresses: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class LocalVip:
+    """A VIP the peer assigned us: install it (or remove it) on our side (seed 004)."""
+
+    install: bool
+    address: str
+    local_address: str  # our IKE address: its interface, unless install-vip-on names one
+    ike_unique_id: int
+
+
+# what the engine asks the keystore (or the lease store), and the typed answers it takes back
+KeystoreCall = PskAuthRequest | CertAuthRequest | PpkMix | VipLease
+KeystoreAnswer = PskAuthReply | CertAuthReply | PpkMixed | VipLeased
 
 PSK_AUTH = "psk-auth"
 CERT_AUTH = "cert-auth"
 PPK_MIX = "ppk-mix"
+VIP_LEASE = "vip-lease"
 
 
 @dataclass(frozen=True)
@@ -71,6 +110,8 @@ class KeystoreRequest:
     def operation(self) -> str:
         if isinstance(self.request, PpkMix):
             return PPK_MIX
+        if isinstance(self.request, VipLease):
+            return VIP_LEASE
         if isinstance(self.request, CertAuthRequest):
             return CERT_AUTH
         return PSK_AUTH
@@ -232,5 +273,7 @@ Effect = (
     | SendKeepalive
     | InstallTrap
     | RemoveTrap
+    | VipRelease
+    | LocalVip
     | Log
 )

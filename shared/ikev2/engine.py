@@ -54,6 +54,7 @@ from ikefarm.shared.ikev2.exchanges import (
     nat_keepalive,
     rate_limits,
 )
+from ikefarm.shared.ikev2.exchanges import config as cfg_exchange
 from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.fragments import FragmentReassembler
 from ikefarm.shared.ikev2.message import (
@@ -335,6 +336,7 @@ class IkeEngine:
                 )
         was_established = sa.established_at is not None
         sa.state = IkeSaState.DELETED
+        effects += cfg_exchange.release(sa)  # its VIP leases (none if a successor took them)
         self.sas.pop(sa.local_spi, None)
         key = sa.init_index_key
         if key is not None and self.init_index.get(key) == sa.local_spi:

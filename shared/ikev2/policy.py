@@ -20,6 +20,7 @@ from ikefarm.shared.ikev2.certs import (
 from ikefarm.shared.ikev2.constants import EsnId, TransformType
 from ikefarm.shared.ikev2.crypto.registry import AlgorithmKind, lookup
 from ikefarm.shared.ikev2.payloads import Proposal, TrafficSelector, Transform
+from ikefarm.shared.ikev2.pools import Pool, pools_from_config
 
 DEFAULT_IKE_PROPOSALS: tuple[dict[str, Any], ...] = (
     {
@@ -128,6 +129,14 @@ class TsSpec:
         prefix = 32 if ipaddress.ip_address(dynamic_address).version == 4 else 128
         return TrafficSelector.from_network(f"{dynamic_address}/{prefix}", self.protocol, ports)
 
+    def resolve_any(self, family_address: str) -> TrafficSelector | None:
+        """Without a subnet: every address of `family_address`'s family (a VIP to come)."""
+        if self.subnet is not None:
+            return None
+        ports = (self.port, self.port) if self.port else (0, 65535)
+        whole = "0.0.0.0/0" if ipaddress.ip_address(family_address).version == 4 else "::/0"
+        return TrafficSelector.from_network(whole, self.protocol, ports)
+
 
 @dataclass(frozen=True)
 class SecurityPolicy:
@@ -214,6 +223,8 @@ class EnginePolicy:
     ppks: dict[str, bytes] = field(default_factory=dict)
     # CERTREQ Certification Authority values of our trust anchors (RFC 7296 3.7)
     certreq_authorities: tuple[bytes, ...] = ()
+    # `[[ike.pool]]` by name: the addresses and attributes of CFG_REPLY (exchanges/config.py)
+    pools: dict[str, Pool] = field(default_factory=dict)
 
     def vpn(self, name: str) -> VpnPolicy | None:
         return next((v for v in self.vpns if v.name == name), None)
@@ -341,4 +352,5 @@ def engine_policy(config: Config) -> EnginePolicy:
         natt_port=config.ingress.natt_port,
         ppks={p.name: identity for p in ike.ppk if (identity := ppk_identity(p)) is not None},
         certreq_authorities=certreq_authorities(ike.pki.ca_certificates),
+        pools=pools_from_config(ike.pool),
     )

@@ -149,6 +149,13 @@ class IkeSa:
     nat_local: bool = False  # we are behind a NAT (peer's DESTINATION_IP hash differs)
     nat_remote: bool = False  # the peer is behind a NAT (its SOURCE_IP hash differs)
     ppk_used: bool = False
+    # responder: (pool, address) leased to the peer, and the unique id the leases are held
+    # under (the SA that leased them; an IKE rekey keeps it, exchanges/config.py)
+    remote_vips: list[tuple[str, str]] = field(default_factory=list)
+    vip_owner: int | None = None
+    # initiator: the addresses and DNS servers the peer's CFG_REPLY assigned us
+    local_vips: list[str] = field(default_factory=list)
+    cfg_dns: list[str] = field(default_factory=list)
     peer_use_ppk: bool = False  # the peer sent USE_PPK in IKE_SA_INIT (RFC 8784 3)
     # initiator: the keys without PPK, kept until the responder says whether it used the PPK
     no_ppk_keys: IkeSaKeys | None = field(default=None, repr=False)
@@ -188,6 +195,16 @@ class IkeSa:
             table.touch(self)  # its next deadline may have moved
             if name in _COUNTED_FIELDS:
                 table.recount(self)
+
+    @property
+    def remote_dynamic(self) -> str:
+        """The peer's side of a remote-ts without subnet: its VIP, else its address (2.19)."""
+        return self.remote_vips[0][1] if self.remote_vips else self.remote.address
+
+    @property
+    def local_dynamic(self) -> str:
+        """Our side of a local-ts without subnet: our assigned VIP, else our address."""
+        return self.local_vips[0] if self.local_vips else self.local.address
 
     @property
     def local_spi(self) -> bytes:

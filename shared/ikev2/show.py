@@ -65,6 +65,11 @@ def ike_sa_row(sa: IkeSa, now: float) -> dict[str, Any]:
         "local_auth": sa.auth_methods.get("local_auth"),
         "remote_auth": sa.auth_methods.get("remote_auth"),
         "children": [child_row(c, now) for c in sa.children],
+        # virtual IPs (RFC 7296 2.19): assigned to us / leased to the peer, and the DNS
+        # servers the peer's CFG_REPLY named
+        "local_vips": list(sa.local_vips),
+        "remote_vips": [address for _pool, address in sa.remote_vips],
+        "dns": list(sa.cfg_dns),
     }
 
 
@@ -102,6 +107,13 @@ def format_details(rows: list[dict[str, Any]]) -> str:
             if r["rekey_in"] is not None:
                 timing += f", rekeying in {r['rekey_in']}s"
             out.append(timing)
+        for label, key in (("local ", "local_vips"), ("remote", "remote_vips")):
+            vips = r.get(key)
+            if isinstance(vips, list) and vips:
+                out.append(f"  {label} vip {' '.join(str(v) for v in vips)}")
+        dns = r.get("dns")
+        if isinstance(dns, list) and dns:
+            out.append(f"  dns {' '.join(str(v) for v in dns)}")
         for c in r["children"]:
             mode = c["mode"].upper()
             head = f"  {c['name']}: #{c['unique_id']}, reqid {c['reqid']}, {c['state'].upper()}"
@@ -190,3 +202,40 @@ def row_problem(row: object) -> str | None:
         if not all(isinstance(ts, str) for ts in (*child["local_ts"], *child["remote_ts"])):
             return "a child SA row has a traffic selector that is not text"
     return None
+
+
+def _table(lines: list[tuple[str, ...]], indent: str = "") -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return [
+        indent + " ".join(c.ljust(widths[i]) for i, c in enumerate(line)).rstrip() for line in lines
+    ]
+
+
+def format_vip_pools(pools: list[Any]) -> str:
+    """`show vip-pool`: one line per pool (Pool Size Used Free), then its leases (Address,
+    Identity, Since, State) in the column layout of `show ike ike-sa` (vSR seed 004). A
+    malformed entry from the bus is shown as far as it goes, never a crash."""
+    import time
+
+    out: list[str] = []
+    for pool in pools:
+        if not isinstance(pool, dict):
+            continue
+        head = ("Pool", "Size", "Used", "Free")
+        row = tuple(str(pool.get(k, "?")) for k in ("name", "size", "used", "free"))
+        out += _table([head, row])
+        leases = [lease for lease in pool.get("leases") or [] if isinstance(lease, dict)]
+        if leases:
+            lines: list[tuple[str, ...]] = [("Address", "Identity", "Since", "State")]
+            for lease in leases:
+                since = lease.get("since")
+                when = (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since))
+                    if isinstance(since, int | float) and since > 0
+                    else "-"
+                )
+                state = "online" if lease.get("live") is True else "stale"
+                identity = str(lease.get("identity") or "-")
+                lines.append((str(lease.get("address", "?")), identity, when, state))
+            out += _table(lines, "  ")
+    return "\n".join(out)

@@ -190,6 +190,12 @@ class SaSnapshot:
     nat_keepalive_at: float | None
     cookie: str | None
     requested_child: str | None
+    # virtual IPs (exchanges/config.py): leased to the peer as [pool, address] under
+    # `vip_owner`, assigned to us, and the DNS servers received; absent in older snapshots
+    remote_vips: list[list[str]] = field(default_factory=list)
+    vip_owner: int | None = None
+    local_vips: list[str] = field(default_factory=list)
+    cfg_dns: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
@@ -500,6 +506,10 @@ def take(sa: IkeSa, now: float) -> tuple[SaSnapshot, SaSecrets]:
         nat_keepalive_at=_rel(sa.nat_keepalive_at, now),
         cookie=sa.cookie.hex() if sa.cookie is not None else None,
         requested_child=sa.requested_child.name if sa.requested_child is not None else None,
+        remote_vips=[[pool, address] for pool, address in sa.remote_vips],
+        vip_owner=sa.vip_owner,
+        local_vips=list(sa.local_vips),
+        cfg_dns=list(sa.cfg_dns),
     )
     return snapshot, secrets
 
@@ -749,6 +759,10 @@ def _restore(engine: IkeEngine, snap: SaSnapshot, secrets: SaSecrets, now: float
         nat_keepalive_at=_at(snap.nat_keepalive_at, now),
         cookie=bytes.fromhex(snap.cookie) if snap.cookie is not None else None,
         requested_child=requested,
+        remote_vips=[(pair[0], pair[1]) for pair in snap.remote_vips if len(pair) == 2],
+        vip_owner=snap.vip_owner,
+        local_vips=list(snap.local_vips),
+        cfg_dns=list(snap.cfg_dns),
     )
     if snap.outstanding is not None:
         out = snap.outstanding

@@ -67,6 +67,7 @@ from ikefarm.shared.ikev2.payloads import (
     decode_chain,
     encode_chain,
 )
+from ikefarm.shared.ikev2.payloads.config import VALUE_LENGTHS
 
 FUZZ = settings(
     max_examples=250,
@@ -360,6 +361,22 @@ proposals = st.builds(
     st.sampled_from([b"", b"\x01\x02\x03\x04", bytes(8)]),
     st.lists(transforms, max_size=4),
 )
+
+
+@st.composite
+def config_attributes(draw: st.DrawFn) -> ConfigAttribute:
+    """A CP attribute of any type whose value has a length its type allows (RFC 7296 3.15.1)."""
+    kind = draw(st.integers(0, 0x7FFF))
+    lengths = VALUE_LENGTHS.get(kind)
+    if lengths is None:
+        return ConfigAttribute(kind, draw(st.binary(max_size=20)))
+    length = draw(st.sampled_from(sorted(lengths)))
+    value = draw(st.binary(min_size=length, max_size=length))
+    if length == 17:  # an IPv6 address or subnet with its prefix length
+        value = value[:16] + bytes([draw(st.integers(0, 128))])
+    return ConfigAttribute(kind, value)
+
+
 payloads = st.one_of(
     st.builds(SaPayload, st.lists(proposals, max_size=3)),
     st.builds(KePayload, st.integers(0, 65535), st.binary(max_size=64)),
@@ -375,7 +392,7 @@ payloads = st.one_of(
     st.builds(
         CpPayload,
         st.integers(0, 255),
-        st.lists(st.builds(ConfigAttribute, st.integers(0, 0x7FFF), st.binary(max_size=20))),
+        st.lists(config_attributes()),
     ),
     st.builds(VendorIdPayload, st.binary(max_size=40)),
     st.builds(

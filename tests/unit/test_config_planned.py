@@ -34,7 +34,11 @@ def test_every_planned_path_names_a_schema_key(planned) -> None:  # type: ignore
 SETTINGS = [
     ("[ike.global-options]\nthreads = 4\n", "ike.global-options.threads", None),
     ("[flow.tcp-session]\ntcp-mss = 1360\n", "flow.tcp-session.tcp-mss", 12),
-    ('[[ike.pool]]\nname = "p"\naddress = ["10.9.0.0/24"]\n', "ike.pool[0].name", 13),
+    (
+        "[ike.global-options]\nmobike-prefer-best-path = true\n",
+        "ike.global-options.mobike-prefer-best-path",
+        13,
+    ),
 ]
 
 
@@ -53,13 +57,12 @@ def test_a_planned_key_set_away_from_its_default_is_refused(
 
 def test_planned_keys_inside_vpn_items_are_refused_with_their_index() -> None:
     text = EXAMPLE.read_text().replace(
-        'ipsec-policy = { template = "ipsecpol0" }',
-        'ipsec-policy = { template = "ipsecpol0" }\nvip-request = ["0.0.0.0"]',
+        'remote-auth-method = "pre-shared-key" }',
+        'remote-auth-method = "pre-shared-key", mobike = true }',
     )
     [refusal] = problems(text)
     assert refusal == (
-        'ike.vpn[0].vip-request: ["0.0.0.0"]: '
-        "not implemented yet (issue 13: virtual IPs and MOBIKE)"
+        "ike.vpn[0].ike-policy.mobike: true: not implemented yet (issue 13: virtual IPs and MOBIKE)"
     )
 
 

@@ -111,8 +111,8 @@ def match_policy(
     The peer sent the request, so its TSi is our remote side and its TSr our local side.
     """
     for policy in policies:
-        remote = policy.remote_ts.resolve(sa.remote.address)
-        local = policy.local_ts.resolve(sa.local.address)
+        remote = policy.remote_ts.resolve(sa.remote_dynamic)
+        local = policy.local_ts.resolve(sa.local_dynamic)
         narrowed_i = narrow(remote, tsi)
         narrowed_r = narrow(local, tsr)
         if narrowed_i and narrowed_r:
@@ -397,8 +397,12 @@ def initiator_child_payloads(
     if old_child is not None:
         local_list, remote_list = list(old_child.local_ts), list(old_child.remote_ts)
     else:
-        local = policy.local_ts.resolve(sa.local.address)
-        remote = policy.remote_ts.resolve(sa.remote.address)
+        local = policy.local_ts.resolve(sa.local_dynamic)
+        remote = policy.remote_ts.resolve(sa.remote_dynamic)
+        if first_child and sa.vpn is not None and sa.vpn.vip_request and not sa.local_vips:
+            # the VIP is not known yet: offer the whole family, the responder narrows it
+            # to the address it assigns (RFC 7296 2.19)
+            local = policy.local_ts.resolve_any(sa.vpn.vip_request[0]) or local
         assert local is not None and remote is not None
         local_list, remote_list = [local], [remote]
     payloads: list[Payload] = []

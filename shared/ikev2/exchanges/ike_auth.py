@@ -27,8 +27,10 @@ from ikefarm.shared.ikev2.effects import (
     PpkMixed,
     SaEvent,
     SaFailed,
+    VipLeased,
 )
 from ikefarm.shared.ikev2.exchanges import auth_methods, lifetimes, ppk
+from ikefarm.shared.ikev2.exchanges import config as cfg_exchange
 from ikefarm.shared.ikev2.exchanges.child_create import (
     ChildRequest,
     initiator_child_complete,
@@ -122,10 +124,12 @@ class IkeAuthResponder(Task):
     request: Message
     vpn: VpnPolicy
     idi: IdPayload
-    step: Literal["ppk-mix", "auth"] = "auth"
+    step: Literal["ppk-mix", "auth", "vip"] = "auth"
     ppk_id: bytes = b""  # the PPK the keystore mixes (RFC 8784 3)
     idr: IdPayload | None = None  # our identity, once the keystore signs with it
     remote_method: int = 0
+    # the verified AUTH answer, kept while the VIP leases are asked for (exchanges/config.py)
+    auth_reply: PskAuthReply | CertAuthReply | None = None
 
     def keystore_answer(
         self,
@@ -139,6 +143,9 @@ class IkeAuthResponder(Task):
         mixed, answer = _kinds(reply)
         if self.step == "ppk-mix":
             return ppk.responder_mixed(engine, sa, self, mixed, error, now)
+        if self.step == "vip":
+            leased = reply if isinstance(reply, VipLeased) else None
+            return _responder_leased(engine, sa, self, leased, error, now)
         return _responder_answered(engine, sa, self, answer, error, now)
 
 
@@ -182,6 +189,8 @@ def _kinds(
     """The keystore's answer as a PPK mix or as an AUTH answer (the other one None)."""
     if isinstance(reply, PpkMixed):
         return reply, None
+    if isinstance(reply, VipLeased):
+        return None, None
     return None, reply
 
 
@@ -273,7 +282,41 @@ def _responder_answered(
             remote_id=str(idi),
             vpn=vpn.name,
         )
+    versions = cfg_exchange.requested_versions(request)
+    if versions and vpn.vip_pools:
+        # the peer is authenticated: now lease its addresses (RFC 7296 2.19)
+        task.step, task.auth_reply = "vip", reply
+        sa.passive = task
+        return [engine.ask_keystore(sa, task, cfg_exchange.lease_call(sa, vpn, versions, str(idi)))]
+    return _responder_established(engine, sa, task, reply, None, now)
 
+
+def _responder_leased(
+    engine: IkeEngine,
+    sa: IkeSa,
+    task: IkeAuthResponder,
+    leased: VipLeased | None,
+    error: str | None,
+    now: float,
+) -> list[Effect]:
+    if error is not None or task.auth_reply is None:
+        # the lease store did not answer: nothing decided, the peer retransmits
+        sa.state = IkeSaState.HALF_OPEN
+        engine.count("vip.lease_unavailable")
+        return [Log(1, "ike", "vip_lease_unavailable", {"unique_id": sa.unique_id, "error": error})]
+    return _responder_established(engine, sa, task, task.auth_reply, leased, now)
+
+
+def _responder_established(
+    engine: IkeEngine,
+    sa: IkeSa,
+    task: IkeAuthResponder,
+    reply: PskAuthReply | CertAuthReply,
+    leased: VipLeased | None,
+    now: float,
+) -> list[Effect]:
+    """AUTH verified (and the VIPs leased, when asked): the SA is established, answer."""
+    request, vpn, idi = task.request, task.vpn, task.idi
     sa.vpn = vpn
     sa.local_id = task.idr
     sa.remote_id = idi
@@ -295,9 +338,20 @@ def _responder_answered(
         engine, sa, auth_methods.reply_method(reply), task.remote_method
     )
     effects: list[Effect] = []
-    child = respond_child(engine, sa, vpn, request, now, first_child=True)
-    payloads += child.payloads
-    effects_after = child.effects
+    effects_after: list[Effect] = []
+    child_allowed = True
+    versions = cfg_exchange.requested_versions(request)
+    if leased is not None or (versions and vpn.vip_pools):
+        cp_payloads, child_allowed = cfg_exchange.reply_payloads(engine, sa, leased, versions)
+        payloads += cp_payloads
+        if not child_allowed:
+            effects_after.append(
+                Log(1, "ike", "vip_pool_exhausted", {"vpn": vpn.name, "unique_id": sa.unique_id})
+            )
+    if child_allowed:
+        child = respond_child(engine, sa, vpn, request, now, first_child=True)
+        payloads += child.payloads
+        effects_after += child.effects
     response_effects = engine.respond(sa, request, payloads)
 
     assert sa.algorithms is not None
@@ -312,6 +366,8 @@ def _responder_answered(
         "ppk_used": sa.ppk_used,
         **used,
     }
+    if sa.remote_vips:
+        detail["remote_vips"] = [address for _pool, address in sa.remote_vips]
     effects += response_effects
     effects.append(SaEvent("ike-established", sa.unique_id, vpn.name, detail))
     effects.append(
@@ -383,6 +439,9 @@ def _initiator_send_auth(
         payloads += child_payloads
     if sa.vpn.mobike:
         payloads.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
+    cfg_request = cfg_exchange.request_payload(sa.vpn)
+    if cfg_request is not None:
+        payloads.append(cfg_request)
     sa.state = IkeSaState.AUTHENTICATING
     return engine.send_request(sa, ExchangeType.IKE_AUTH, payloads, now, task)
 
@@ -488,6 +547,7 @@ def _initiator_keystore_answered(
     sa.established_at = now
     sa.expected_request_id = 0
     sa.peer_mobike = response.notify(NotifyType.MOBIKE_SUPPORTED) is not None
+    vip_effects = cfg_exchange.record_reply(engine, sa, response)
     lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")
     used = auth_methods.count_methods(engine, sa, task.local_method, task.remote_method)
@@ -502,9 +562,13 @@ def _initiator_keystore_answered(
         "ppk_used": sa.ppk_used,
         **used,
     }
+    if sa.local_vips:
+        detail["local_vips"] = list(sa.local_vips)
+        detail["dns"] = list(sa.cfg_dns)
     effects: list[Effect] = [
         SaEvent("ike-established", sa.unique_id, vpn.name, detail),
         Log(0, "ike", "ike_sa_established", {"vpn": vpn.name, "unique_id": sa.unique_id, **detail}),
+        *vip_effects,
     ]
     if task.child is not None:
         effects += initiator_child_complete(

@@ -21,7 +21,7 @@ from ikefarm.shared.ikev2.crypto.keys import derive_rekeyed_ike_sa_keys
 from ikefarm.shared.ikev2.crypto.prf import Prf
 from ikefarm.shared.ikev2.crypto.protection import SkProtection
 from ikefarm.shared.ikev2.effects import Effect, Log, SaEvent
-from ikefarm.shared.ikev2.exchanges import lifetimes
+from ikefarm.shared.ikev2.exchanges import config, lifetimes
 from ikefarm.shared.ikev2.exchanges.child_create import NONCE_SIZE, notify_name
 from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
@@ -104,6 +104,7 @@ def _move_children(engine: IkeEngine, old: IkeSa, new: IkeSa) -> None:
         engine.register_child(new, child)
     new.children.extend(old.children)
     old.children = []
+    config.move(old, new)  # the VIP leases stay with the SA that carries on
     old.successor = new
     old.state = IkeSaState.REKEYED
 

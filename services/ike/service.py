@@ -50,6 +50,7 @@ from ikefarm.proto.messages import (
     InitialContactNotice,
     InitRoute,
     KernelAck,
+    KernelAcquire,
     OutboundDatagram,
     PeerBackoff,
     PskAuthReply,
@@ -104,6 +105,7 @@ from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
+from ikefarm.shared.ikev2.traps import AcquireGate, start_traps
 from ikefarm.shared.observability.latency import IKE_HANDSHAKE_DURATION
 from ikefarm.shared.observability.logging import get_logger
 from ikefarm.shared.observability.tracing import tracer
@@ -195,6 +197,14 @@ class IkeService(ServiceBase):
                 subject, IkeCommand, self.on_command, queue=subjects.QUEUE_IKE_WORKERS
             )
         await runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_load, traced=False)
+        # start-action = trap: shard 0's worker owns the traps and the ACQUIREs they raise
+        # (one owner, so one initiation per ACQUIRE; docs/esp-dataplane.md)
+        self.acquires = AcquireGate(float(self.config.ike.global_options.acquire_timeout))
+        if self.shard == 0:
+            await runtime.subscribe(
+                subjects.EVENT_KERNEL_ACQUIRE, KernelAcquire, self.on_kernel_acquire
+            )
+            self._spawn(self.install_start_traps())
         # ingress forwards to a shard only while its owner reports: the first report goes
         # out before this worker counts as started, not up to a LOAD_INTERVAL later
         await self.publish_load()
@@ -399,6 +409,55 @@ class IkeService(ServiceBase):
         rows = [ike_sa_row(sa, now) for sa in self.engine.sas.values()]
         if msg.reply:
             await msg.respond(envelope.pack_reply(IkeShow(self.runtime.instance, self.shard, rows)))
+
+    async def install_start_traps(self) -> None:
+        """The traps of `start-action = trap` policies; retried until the kernel service
+        (which may start after this worker) has taken each."""
+        waiting = start_traps(self.engine)
+        delay = 0.5
+        while waiting and not self._stopping:
+            for trap in list(waiting):
+                message = TrapInstall(
+                    vpn=trap.vpn,
+                    name=trap.name,
+                    reqid=trap.reqid,
+                    mode=trap.mode,
+                    local_address=trap.local,
+                    remote_address=trap.remote,
+                    local_ts=list(trap.local_ts),
+                    remote_ts=list(trap.remote_ts),
+                )
+                try:
+                    ack = await self.runtime.request(
+                        subjects.KERNEL_TRAP_INSTALL, message, KernelAck, timeout=KERNEL_TIMEOUT
+                    )
+                except Exception as exc:  # no kernel service (yet): try again later
+                    self.runtime.counters["kernel_trap_errors"] += 1
+                    self.log.control(
+                        "trap_install_retry", reqid=trap.reqid, error=type(exc).__name__
+                    )
+                    continue
+                waiting.remove(trap)  # taken, or refused for good (logged and counted)
+                if not ack.ok:
+                    self.runtime.counters["kernel_trap_refused"] += 1
+                    self.log.control("trap_install_refused", reqid=trap.reqid, error=ack.error)
+            if waiting:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def on_kernel_acquire(self, acquire: KernelAcquire, _msg: Msg) -> None:
+        """Traffic hit a trap with no child: initiate the child of its reqid, once."""
+        result = self.acquires.acquire(self.engine, acquire.reqid, time.monotonic())
+        self.runtime.counters[f"acquire.{result.action}"] += 1
+        self.log.control(
+            "acquire",
+            reqid=acquire.reqid,
+            action=result.action,
+            remote_ts=acquire.remote_ts,
+            error=result.outcome.error if result.outcome else "",
+        )
+        if result.outcome is not None and result.outcome.effects:
+            await self.apply(result.outcome.effects)
 
     async def on_initial_contact(self, notice: InitialContactNotice, _msg: Msg) -> None:
         effects = self.engine.initial_contact(

@@ -10,9 +10,12 @@ device and on each ESP socket, a bounded batch of packets per wake-up.
 Not implemented (refused per child with "not implemented", and by the
 configuration check for the options that would ask for them,
 `shared/config/loader.py`): transport mode, protocol/port traffic selectors, a
-remote selector covering the peer's own address, ACQUIRE for trap policies
-(traps are recorded, as by the memory backend, and raise nothing), and the ESP
-algorithms the codec lacks (`shared/esp/`).
+remote selector covering the peer's own address, and the ESP algorithms the
+codec lacks (`shared/esp/`).
+
+Trap policies become dataplane traps: their remote selectors are routed to the
+TUN device too, a packet with no child raises an ACQUIRE (`Dataplane.on_acquire`)
+and waits; the child's installation sends what waited (docs/esp-dataplane.md).
 """
 
 from __future__ import annotations
@@ -25,14 +28,22 @@ import socket
 from collections import Counter
 from typing import Any
 
-from ikefarm.proto.messages import ChildDelete, ChildInstall
+from ikefarm.proto.messages import ChildDelete, ChildInstall, TrapInstall, TrapRemove
 from ikefarm.services.kernel import tun
-from ikefarm.services.kernel.dataplane import Dataplane, Network, Send, Tunnel, selector_networks
+from ikefarm.services.kernel.dataplane import (
+    Dataplane,
+    Network,
+    Send,
+    Trap,
+    Tunnel,
+    selector_networks,
+)
 from ikefarm.services.kernel.memory import (
     InvalidChild,
     KernelRefusal,
     MemoryKernel,
     SaEntry,
+    TrapEntry,
     _Child,
     check_install,
 )
@@ -69,9 +80,10 @@ class UserspaceKernel(MemoryKernel):
         routing_table: int = 220,
         routing_table_prio: int = 220,
         lifetime: Lifetime | None = None,
+        acquire_timeout: float = 30.0,
     ) -> None:
         super().__init__()
-        self.dataplane = Dataplane(counters)
+        self.dataplane = Dataplane(counters, acquire_timeout=acquire_timeout)
         self.counters = self.dataplane.counters
         self.natt_port = natt_port
         self.tun_name = tun_name
@@ -178,7 +190,46 @@ class UserspaceKernel(MemoryKernel):
         if self._routes is not None:
             for network in tunnel.remote_nets:
                 self._routes.add(str(network), tunnel.local_nets)
+        # the packets that waited behind this policy's trap go out through the new child
+        for send in self.dataplane.release(request.reqid):
+            self._transmit(send)
         return entries
+
+    def install_trap(self, request: TrapInstall) -> tuple[TrapEntry, bool]:
+        if request.mode != "tunnel":
+            raise not_implemented(f"{request.mode} mode in the userspace dataplane")
+        try:
+            local_nets = [n for s in request.local_ts for n in selector_networks(s)]
+            remote_nets = [n for s in request.remote_ts for n in selector_networks(s)]
+        except NotImplementedError as exc:
+            raise not_implemented(str(exc)) from None
+        except ValueError:
+            raise InvalidChild("a traffic selector is not an address range") from None
+        entry, replaced = super().install_trap(request)
+        old = self.dataplane.traps.get(request.reqid)
+        trap = Trap(
+            reqid=request.reqid,
+            local_address=entry.local,
+            remote_address=entry.remote,
+            local_nets=local_nets,
+            remote_nets=remote_nets,
+        )
+        self.dataplane.add_trap(trap)
+        if self._routes is not None:
+            if old is not None:
+                for network in old.remote_nets:
+                    self._routes.remove(str(network))
+            for network in remote_nets:
+                self._routes.add(str(network), local_nets)
+        return entry, replaced
+
+    def remove_trap(self, request: TrapRemove) -> TrapEntry:
+        entry = super().remove_trap(request)
+        trap = self.dataplane.remove_trap(request.reqid)
+        if trap is not None and self._routes is not None:
+            for network in trap.remote_nets:
+                self._routes.remove(str(network))
+        return entry
 
     def delete(self, request: ChildDelete) -> _Child:
         child = super().delete(request)

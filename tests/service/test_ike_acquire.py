@@ -138,16 +138,17 @@ def handled(worker: Runtime) -> int:
     return sum(n for key, n in list(worker.counters.items()) if key.startswith(prefixes))
 
 
+INTS = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can carry
 BODIES = st.dictionaries(
     st.sampled_from(
         ["backend", "reqid", "local_address", "remote_address", "local_ts", "remote_ts", "x"]
     ),
     st.one_of(
-        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        INTS,
         st.text(max_size=20),
         st.binary(max_size=20),
         st.none(),
-        st.lists(st.integers(), max_size=3),
+        st.lists(INTS, max_size=3),
     ),
 )
 

@@ -134,23 +134,7 @@ class UserspaceKernel(MemoryKernel):
 
     def _tunnel(self, request: ChildInstall) -> Tunnel:
         """The dataplane tunnel of a request, or KernelRefusal for what is not implemented."""
-        if request.mode != "tunnel":
-            raise not_implemented(f"{request.mode} mode in the userspace dataplane")
-        try:
-            local_nets = [n for s in request.local_ts for n in selector_networks(s)]
-            remote_nets = [n for s in request.remote_ts for n in selector_networks(s)]
-        except NotImplementedError as exc:
-            raise not_implemented(str(exc)) from None
-        except ValueError:
-            raise InvalidChild("a traffic selector is not an address range") from None
-        remote = ipaddress.ip_address(request.remote_address)
-        if any(remote in network for network in remote_nets):
-            # its ESP (and IKE) would be routed into the tunnel itself; telling outer from
-            # inner packets to the same address needs marks on every socket: not done
-            raise not_implemented(
-                "a remote traffic selector that covers the peer's own address"
-                f" ({request.remote_address})"
-            )
+        local_nets, remote_nets = _networks(request)
         try:
             inbound, outbound = sa_pair(
                 request, lifetime_in=self.lifetime, lifetime_out=self.lifetime
@@ -196,15 +180,7 @@ class UserspaceKernel(MemoryKernel):
         return entries
 
     def install_trap(self, request: TrapInstall) -> tuple[TrapEntry, bool]:
-        if request.mode != "tunnel":
-            raise not_implemented(f"{request.mode} mode in the userspace dataplane")
-        try:
-            local_nets = [n for s in request.local_ts for n in selector_networks(s)]
-            remote_nets = [n for s in request.remote_ts for n in selector_networks(s)]
-        except NotImplementedError as exc:
-            raise not_implemented(str(exc)) from None
-        except ValueError:
-            raise InvalidChild("a traffic selector is not an address range") from None
+        local_nets, remote_nets = _networks(request)
         entry, replaced = super().install_trap(request)
         old = self.dataplane.traps.get(request.reqid)
         trap = Trap(
@@ -337,6 +313,28 @@ class UserspaceKernel(MemoryKernel):
                 os.write(fd, inner)
             except OSError:
                 self.counters["esp.in.drop.tun_write"] += 1
+
+
+def _networks(request: ChildInstall | TrapInstall) -> tuple[list[Network], list[Network]]:
+    """(local, remote) networks of a child's or trap's selectors; KernelRefusal for what the
+    dataplane does not implement, InvalidChild for what is not an address range."""
+    if request.mode != "tunnel":
+        raise not_implemented(f"{request.mode} mode in the userspace dataplane")
+    try:
+        local_nets = [n for s in request.local_ts for n in selector_networks(s)]
+        remote_nets = [n for s in request.remote_ts for n in selector_networks(s)]
+        remote = ipaddress.ip_address(request.remote_address)
+    except NotImplementedError as exc:
+        raise not_implemented(str(exc)) from None
+    except ValueError:
+        raise InvalidChild("a traffic selector is not an address range") from None
+    if any(remote in network for network in remote_nets):
+        # its ESP (and IKE) would be routed into the tunnel itself; telling outer from
+        # inner packets to the same address needs marks on every socket: not done
+        raise not_implemented(
+            f"a remote traffic selector that covers the peer's own address ({remote})"
+        )
+    return local_nets, remote_nets
 
 
 def _ipv4_payload_offset(data: bytes) -> int | None:

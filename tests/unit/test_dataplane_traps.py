@@ -8,10 +8,14 @@ counted by reason. The clock is injected (no sleeping, no timing asserted).
 
 from __future__ import annotations
 
+import pytest
 from scapy.compat import raw
 from scapy.layers.inet import ICMP, IP
 
+from ikefarm.proto.messages import TrapInstall, TrapRemove
 from ikefarm.services.kernel.dataplane import Dataplane, Trap, packet_addresses, selector_networks
+from ikefarm.services.kernel.memory import KernelRefusal
+from ikefarm.services.kernel.userspace import UserspaceKernel
 from tests.unit.test_userspace_dataplane import tunnel_pair
 
 
@@ -119,3 +123,38 @@ def test_a_replaced_trap_keeps_its_queue_and_pending_acquire() -> None:
 def test_packet_addresses_are_host_selectors() -> None:
     assert packet_addresses(packet(1)) == ("10.100.0.1/32", "10.200.0.7/32")
     assert packet_addresses(b"\x45") == ("", "")
+
+
+def trap_install(remote_ts: str = "10.200.0.0/24", mode: str = "tunnel") -> TrapInstall:
+    return TrapInstall(
+        vpn="hq",
+        name="net",
+        reqid=7,
+        mode=mode,
+        local_address="192.0.2.1",
+        remote_address="192.0.2.2",
+        local_ts=["10.100.0.0/24"],
+        remote_ts=[remote_ts],
+    )
+
+
+def test_the_userspace_backend_puts_traps_in_its_dataplane_and_takes_them_back() -> None:
+    backend = UserspaceKernel()  # not started: no TUN device, no routes, no sockets
+    entry, replaced = backend.install_trap(trap_install())
+    assert not replaced and entry.reqid == 7
+    assert backend.dataplane.traps[7].remote_nets == selector_networks("10.200.0.0/24")
+    backend.remove_trap(TrapRemove("hq", "net", 7))
+    assert backend.dataplane.traps == {} and backend.traps == {}
+
+
+def test_the_userspace_backend_refuses_traps_it_cannot_honour() -> None:
+    backend = UserspaceKernel()
+    for request in (
+        trap_install(remote_ts="0.0.0.0/0"),  # would route the peer's own IKE and ESP
+        trap_install(remote_ts="10.200.0.0/24[tcp/80]"),
+        trap_install(mode="transport"),
+    ):
+        with pytest.raises(KernelRefusal) as refused:
+            backend.install_trap(request)
+        assert refused.value.code == "not_implemented"
+    assert backend.dataplane.traps == {} and backend.traps == {}

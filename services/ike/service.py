@@ -123,6 +123,20 @@ _OUTCOME: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
 )
 
 
+def trap_message(effect: InstallTrap) -> TrapInstall:
+    """The bus request for an engine's InstallTrap effect."""
+    return TrapInstall(
+        vpn=effect.vpn,
+        name=effect.name,
+        reqid=effect.reqid,
+        mode=effect.mode,
+        local_address=effect.local,
+        remote_address=effect.remote,
+        local_ts=list(effect.local_ts),
+        remote_ts=list(effect.remote_ts),
+    )
+
+
 class IkeService(ServiceBase):
     name = "ike"
     subsystem = "ike"
@@ -417,19 +431,12 @@ class IkeService(ServiceBase):
         delay = 0.5
         while waiting and not self._stopping:
             for trap in list(waiting):
-                message = TrapInstall(
-                    vpn=trap.vpn,
-                    name=trap.name,
-                    reqid=trap.reqid,
-                    mode=trap.mode,
-                    local_address=trap.local,
-                    remote_address=trap.remote,
-                    local_ts=list(trap.local_ts),
-                    remote_ts=list(trap.remote_ts),
-                )
                 try:
                     ack = await self.runtime.request(
-                        subjects.KERNEL_TRAP_INSTALL, message, KernelAck, timeout=KERNEL_TIMEOUT
+                        subjects.KERNEL_TRAP_INSTALL,
+                        trap_message(trap),
+                        KernelAck,
+                        timeout=KERNEL_TIMEOUT,
                     )
                 except Exception as exc:  # no kernel service (yet): try again later
                     self.runtime.counters["kernel_trap_errors"] += 1
@@ -675,16 +682,7 @@ class IkeService(ServiceBase):
         elif isinstance(effect, KeystoreRequest):
             self._spawn(self.ask_keystore(effect))
         elif isinstance(effect, InstallTrap):
-            trap = TrapInstall(
-                vpn=effect.vpn,
-                name=effect.name,
-                reqid=effect.reqid,
-                mode=effect.mode,
-                local_address=effect.local,
-                remote_address=effect.remote,
-                local_ts=list(effect.local_ts),
-                remote_ts=list(effect.remote_ts),
-            )
+            trap = trap_message(effect)
             self._spawn(self._kernel(subjects.KERNEL_TRAP_INSTALL, trap, "trap", effect.reqid))
         elif isinstance(effect, RemoveTrap):
             untrap = TrapRemove(vpn=effect.vpn, name=effect.name, reqid=effect.reqid)

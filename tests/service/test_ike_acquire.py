@@ -25,39 +25,26 @@ from ikefarm.services.kernel.service import KernelService
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.config.loader import parse_config
+from tests.engine_helpers import INITIATOR_TOML
 
-CONFIG = """
-[kernel]
-backend = "memory"
-
-[[ike.pre-shared-key]]
-local-id = "peer.example"
-remote-id = "gw.example"
-secret = "shared-secret-0123456789"
-
-[[ike.vpn]]
-name = "hq"
-local-address = "192.0.2.2"
-remote-address = "192.0.2.1"
-local-id = "peer.example"
-remote-id = "gw.example"
-[[ike.vpn.security-policy]]
-name = "net"
-local-ts = { subnet = "10.200.0.0/24" }
-remote-ts = { subnet = "10.100.0.0/24" }
-
+# the initiator of tests/engine_helpers.py (vpn "hq", policy "net", start-action trap by
+# default) and a VPN whose policy waits for the operator
+CONFIG = (
+    '[kernel]\nbackend = "memory"\n'
+    + INITIATOR_TOML.format(extra="", extra_vpn="")
+    + """
 [[ike.vpn]]
 name = "lab"
 local-address = "192.0.2.2"
 remote-address = "192.0.2.3"
 local-id = "peer.example"
-remote-id = "gw.example"
 ipsec-policy = { start-action = "none" }
 [[ike.vpn.security-policy]]
 name = "manual"
 local-ts = { subnet = "10.201.0.0/24" }
 remote-ts = { subnet = "10.101.0.0/24" }
 """
+)
 
 
 async def until(check: Callable[[], object], what: str, timeout: float = 10.0) -> None:

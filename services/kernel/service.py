@@ -83,6 +83,7 @@ class KernelService(ServiceBase):
         self.events: Any = None  # the backend's ACQUIRE/EXPIRE source, if it has one
         self._publishing: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acquire_sweeper: asyncio.Task[None] | None = None  # userspace backend only
         # child SA keys are sealed to this key; it lives in this process's memory only
         self._transport = X25519PrivateKey.generate()
 
@@ -219,9 +220,8 @@ class KernelService(ServiceBase):
             self.events.close()
             self.events = None
         if isinstance(self.backend, UserspaceKernel):
-            sweeper = getattr(self, "_acquire_sweeper", None)
-            if sweeper is not None:
-                sweeper.cancel()
+            if self._acquire_sweeper is not None:
+                self._acquire_sweeper.cancel()
             await self.backend.stop()
             return
         close = getattr(self.backend, "close", None)

@@ -220,6 +220,15 @@ class UserspaceKernel(MemoryKernel):
                 self._routes.remove(str(network))
         self._release_socket(tunnel)
 
+    def show_traps(self) -> list[dict[str, Any]]:
+        """The memory backend's rows, with the packets waiting and whether an ACQUIRE is out."""
+        rows = super().show_traps()
+        for row in rows:
+            trap = self.dataplane.traps.get(row["reqid"])
+            row["queued"] = len(trap.queue) if trap is not None else 0
+            row["acquiring"] = trap is not None and trap.acquired_at is not None
+        return rows
+
     def show(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         sas, policies = super().show()
         for row in sas:

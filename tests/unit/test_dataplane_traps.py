@@ -143,6 +143,11 @@ def test_the_userspace_backend_puts_traps_in_its_dataplane_and_takes_them_back()
     entry, replaced = backend.install_trap(trap_install())
     assert not replaced and entry.reqid == 7
     assert backend.dataplane.traps[7].remote_nets == selector_networks("10.200.0.0/24")
+    (row,) = backend.show_traps()
+    assert (row["queued"], row["acquiring"]) == (0, False)
+    backend.dataplane.outbound(packet(1))
+    (row,) = backend.show_traps()
+    assert (row["queued"], row["acquiring"]) == (1, True)
     backend.remove_trap(TrapRemove("hq", "net", 7))
     assert backend.dataplane.traps == {} and backend.traps == {}
 

@@ -20,33 +20,18 @@ from ikefarm.services.ike.service import IkeService
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.config.loader import parse_config
+from tests.engine_helpers import INITIATOR_TOML
 from tests.harness.netns import Namespace
 from tests.kernel.test_netlink_service import kernel, log_stream  # noqa: F401 (fixtures)
 from tests.service.test_ike_acquire import until
 
 pytestmark = pytest.mark.kernel
 
+# the initiator of tests/engine_helpers.py: vpn "hq" 192.0.2.2 -> 192.0.2.1, policy "net"
+# 10.200.0.0/24 === 10.100.0.0/24, start-action trap by default; this process's own kernel
+# service is the namespaced one of the fixture (memory here only keeps the worker off the host)
 WORKER = parse_config(
-    """
-[kernel]
-backend = "memory"  # this process's kernel service is the namespaced one of the fixture
-
-[[ike.pre-shared-key]]
-local-id = "gw.example"
-remote-id = "peer.example"
-secret = "shared-secret-0123456789"
-
-[[ike.vpn]]
-name = "hq"
-local-address = "192.0.2.1"
-remote-address = "198.51.100.2"
-local-id = "gw.example"
-remote-id = "peer.example"
-[[ike.vpn.security-policy]]
-name = "net"
-local-ts = { subnet = "10.100.0.0/24" }
-remote-ts = { subnet = "10.200.0.0/24" }
-"""
+    '[kernel]\nbackend = "memory"\n' + INITIATOR_TOML.format(extra="", extra_vpn="")
 )
 
 
@@ -69,17 +54,17 @@ async def test_a_packet_on_the_start_trap_makes_the_worker_initiate(
         ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
         ["ip", "link", "set", "v0", "up"],
         ["ip", "link", "set", "v1", "up"],
-        ["ip", "addr", "add", "10.100.0.1/24", "dev", "v0"],
-        ["ip", "route", "add", "10.200.0.0/24", "dev", "v0"],
+        ["ip", "addr", "add", "10.200.0.1/24", "dev", "v0"],
+        ["ip", "route", "add", "10.100.0.0/24", "dev", "v0"],
     ):
         netns.run(argv)
     await until(lambda: kernel.counters["trap_install.ok"] == 1, "the start trap in the kernel")
     policies = netns.run(["ip", "xfrm", "policy", "list"]).stdout
-    assert "src 10.100.0.0/24 dst 10.200.0.0/24" in policies
-    await asyncio.to_thread(netns.ping, "10.200.0.9", timeout=1.0)
+    assert "src 10.200.0.0/24 dst 10.100.0.0/24" in policies
+    await asyncio.to_thread(netns.ping, "10.100.0.9", timeout=1.0)
     await until(lambda: worker.counters["acquire.initiated"] == 1, "the worker initiating")
     assert kernel.counters["event.acquire"] >= 1
     service = worker.service
     assert isinstance(service, IkeService)
     (sa,) = service.engine.sas.values()
-    assert sa.vpn is not None and sa.vpn.name == "hq" and sa.remote.address == "198.51.100.2"
+    assert sa.vpn is not None and sa.vpn.name == "hq" and sa.remote.address == "192.0.2.1"

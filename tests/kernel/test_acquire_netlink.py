@@ -22,7 +22,11 @@ from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.config.loader import parse_config
 from tests.engine_helpers import INITIATOR_TOML
 from tests.harness.netns import Namespace
-from tests.kernel.test_netlink_service import kernel, log_stream  # noqa: F401 (fixtures)
+from tests.kernel.test_netlink_service import (  # noqa: F401 (kernel, log_stream: fixtures)
+    kernel,
+    log_stream,
+    veth_toward,
+)
 from tests.service.test_ike_acquire import until
 
 pytestmark = pytest.mark.kernel
@@ -50,14 +54,7 @@ async def test_a_packet_on_the_start_trap_makes_the_worker_initiate(
     kernel: Runtime,  # noqa: F811
     netns: Namespace,
 ) -> None:
-    for argv in (
-        ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
-        ["ip", "link", "set", "v0", "up"],
-        ["ip", "link", "set", "v1", "up"],
-        ["ip", "addr", "add", "10.200.0.1/24", "dev", "v0"],
-        ["ip", "route", "add", "10.100.0.0/24", "dev", "v0"],
-    ):
-        netns.run(argv)
+    veth_toward(netns, "10.200.0.1/24", "10.100.0.0/24")
     await until(lambda: kernel.counters["trap_install.ok"] == 1, "the start trap in the kernel")
     policies = netns.run(["ip", "xfrm", "policy", "list"]).stdout
     assert "src 10.200.0.0/24 dst 10.100.0.0/24" in policies

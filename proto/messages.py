@@ -340,7 +340,7 @@ class KernelState(BusMessage):
 @message("trap-install")
 class TrapInstall(BusMessage):
     """Install (or replace) the trap policy of a security policy: traffic matching its
-    selectors raises an acquire, no SA is bound (dpd-action trap, seed 004)."""
+    selectors raises an acquire, no SA is bound (start-action/dpd-action trap, seed 004)."""
 
     vpn: str
     name: str

@@ -96,7 +96,7 @@ KERNEL_SHOW = f"{PREFIX}.kernel.show"
 # ike -> kernel: the public half of the kernel service's transport key, to seal child SA keys
 # to (`shared/bus/child_keys.py`); only the kernel user subscribes to `ikefarm.kernel.>`.
 KERNEL_TRANSPORT_KEY = f"{PREFIX}.kernel.transport-key"
-# ike -> kernel: trap policies (dpd-action trap; later start-action trap) (request/reply).
+# ike -> kernel: trap policies (dpd-action trap, start-action trap) (request/reply).
 KERNEL_TRAP_INSTALL = f"{PREFIX}.kernel.trap.install"
 KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
 # CLI -> kernel: `flush kernel ...` removes installed child SAs (request/reply).

@@ -50,6 +50,7 @@ from ikefarm.proto.messages import (
     InitialContactNotice,
     InitRoute,
     KernelAck,
+    KernelAcquire,
     KernelCounters,
     KernelExpire,
     OutboundDatagram,
@@ -114,6 +115,7 @@ from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.show import ike_sa_row
 from ikefarm.shared.ikev2.state_counts import StateCounts
+from ikefarm.shared.ikev2.traps import AcquireGate, start_traps
 from ikefarm.shared.observability.latency import IKE_HANDSHAKE_DURATION
 from ikefarm.shared.observability.logging import get_logger
 from ikefarm.shared.observability.tracing import tracer
@@ -129,6 +131,20 @@ MAX_INGRESS_TRACKED = 1024
 _OUTCOME: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "ike_outcome", default=None
 )
+
+
+def trap_message(effect: InstallTrap) -> TrapInstall:
+    """The bus request for an engine's InstallTrap effect."""
+    return TrapInstall(
+        vpn=effect.vpn,
+        name=effect.name,
+        reqid=effect.reqid,
+        mode=effect.mode,
+        local_address=effect.local,
+        remote_address=effect.remote,
+        local_ts=list(effect.local_ts),
+        remote_ts=list(effect.remote_ts),
+    )
 
 
 class IkeService(ServiceBase):
@@ -225,6 +241,14 @@ class IkeService(ServiceBase):
             subjects.IKE_KERNEL_COUNTERS, KernelCounters, self.on_kernel_counters, traced=False
         )
         await runtime.subscribe(subjects.EVENT_KERNEL_EXPIRE, KernelExpire, self.on_kernel_expire)
+        # start-action = trap: shard 0's worker owns the traps and the ACQUIREs they raise
+        # (one owner, so one initiation per ACQUIRE; docs/esp-dataplane.md)
+        self.acquires = AcquireGate(float(self.config.ike.global_options.acquire_timeout))
+        if self.shard == 0:
+            await runtime.subscribe(
+                subjects.EVENT_KERNEL_ACQUIRE, KernelAcquire, self.on_kernel_acquire
+            )
+            self._spawn(self.install_start_traps())
         # ingress forwards to a shard only while its owner reports: the first report goes
         # out before this worker counts as started, not up to a LOAD_INTERVAL later
         await self.publish_load()
@@ -480,6 +504,48 @@ class IkeService(ServiceBase):
         if msg.reply:
             await msg.respond(envelope.pack_reply(VipPoolShow(pools)))
 
+    async def install_start_traps(self) -> None:
+        """The traps of `start-action = trap` policies; retried until the kernel service
+        (which may start after this worker) has taken each."""
+        waiting = start_traps(self.engine)
+        delay = 0.5
+        while waiting and not self._stopping:
+            for trap in list(waiting):
+                try:
+                    ack = await self.runtime.request(
+                        subjects.KERNEL_TRAP_INSTALL,
+                        trap_message(trap),
+                        KernelAck,
+                        timeout=KERNEL_TIMEOUT,
+                    )
+                except Exception as exc:  # no kernel service (yet): try again later
+                    self.runtime.counters["kernel_trap_errors"] += 1
+                    self.log.control(
+                        "trap_install_retry", reqid=trap.reqid, error=type(exc).__name__
+                    )
+                    continue
+                waiting.remove(trap)  # taken, or refused for good (logged and counted)
+                if not ack.ok:
+                    self.runtime.counters["kernel_trap_refused"] += 1
+                    self.log.control("trap_install_refused", reqid=trap.reqid, error=ack.error)
+            if waiting:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def on_kernel_acquire(self, acquire: KernelAcquire, _msg: Msg) -> None:
+        """Traffic hit a trap with no child: initiate the child of its reqid, once."""
+        result = self.acquires.acquire(self.engine, acquire.reqid, time.monotonic())
+        self.runtime.counters[f"acquire.{result.action}"] += 1
+        self.log.control(
+            "acquire",
+            reqid=acquire.reqid,
+            action=result.action,
+            remote_ts=acquire.remote_ts,
+            error=result.outcome.error if result.outcome else "",
+        )
+        if result.outcome is not None and result.outcome.effects:
+            await self.apply(result.outcome.effects)
+
     async def on_initial_contact(self, notice: InitialContactNotice, _msg: Msg) -> None:
         effects = self.engine.initial_contact(
             notice.local_id, notice.remote_id, notice.keep_ike_unique_id, time.monotonic()
@@ -696,16 +762,7 @@ class IkeService(ServiceBase):
         elif isinstance(effect, KeystoreRequest):
             self._spawn(self.ask_keystore(effect))
         elif isinstance(effect, InstallTrap):
-            trap = TrapInstall(
-                vpn=effect.vpn,
-                name=effect.name,
-                reqid=effect.reqid,
-                mode=effect.mode,
-                local_address=effect.local,
-                remote_address=effect.remote,
-                local_ts=list(effect.local_ts),
-                remote_ts=list(effect.remote_ts),
-            )
+            trap = trap_message(effect)
             self._spawn(self._kernel(subjects.KERNEL_TRAP_INSTALL, trap, "trap", effect.reqid))
         elif isinstance(effect, RemoveTrap):
             untrap = TrapRemove(vpn=effect.vpn, name=effect.name, reqid=effect.reqid)

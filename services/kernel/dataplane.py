@@ -8,6 +8,13 @@ decapsulated (`shared/esp/`: anti-replay with ESN, ICV, padding) and, when the
 inner packet is inside the child's traffic selectors (RFC 4301 5.2), written to
 the TUN device.
 
+Trap policies (`start-action = trap`, `dpd-action = trap`) live next to the
+tunnels: a packet that finds no tunnel but a trap raises one ACQUIRE per trap
+per `acquire-timeout` (the `on_acquire` callback; the kernel service publishes
+it) and waits in the trap's bounded queue; the child's installation releases the
+queue through the new tunnel, `acquire-timeout` drops it (docs/esp-dataplane.md,
+"Traps and ACQUIRE").
+
 Per packet the work is one dict lookup by SPI inbound, and outbound one dict
 lookup per distinct prefix length in use (at most 33 for IPv4, 129 for IPv6),
 whatever the number of SAs. Everything runs in the kernel service's asyncio
@@ -20,7 +27,8 @@ what to send or deliver, so the codec paths are tested without a TUN device.
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +84,20 @@ def _addresses(packet: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+def packet_addresses(packet: bytes) -> tuple[str, str]:
+    """(source, destination) of an IP packet as host selectors (`10.0.0.1/32`), for an
+    ACQUIRE; ("", "") when it is too short (the dataplane queues only whole headers)."""
+    addresses = _addresses(packet)
+    if addresses is None:
+        return "", ""
+    version, source, destination = addresses
+    bits = _V4_MAX if version == 4 else _V6_MAX
+    return (
+        f"{ipaddress.ip_address(source)}/{bits}",
+        f"{ipaddress.ip_address(destination)}/{bits}",
+    )
+
+
 class _Selectors:
     """Networks as (network int, mask int) per IP version, for membership tests."""
 
@@ -120,14 +142,34 @@ class Tunnel:
         self.remote_selectors = _Selectors(self.remote_nets)
 
 
+@dataclass(eq=False)
+class Trap:
+    """A trap policy in the dataplane: traffic for its selectors with no tunnel raises ACQUIRE.
+
+    `queue` holds the packets that wait for the child (at most `Dataplane.queue_limit`);
+    `acquired_at` is when the current ACQUIRE went out (None: none pending)."""
+
+    reqid: int
+    local_address: str
+    remote_address: str
+    local_nets: list[Network]
+    remote_nets: list[Network]
+    queue: deque[bytes] = field(default_factory=deque, repr=False)
+    acquired_at: float | None = None
+    local_selectors: _Selectors = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.local_selectors = _Selectors(self.local_nets)
+
+
 class _PrefixIndex:
-    """Tunnels by remote network, longest prefix first; the newest tunnel of a prefix wins
+    """Tunnels (or traps) by remote network, longest prefix first; the newest of a prefix wins
     (a rekeyed child's successor takes over before its predecessor is deleted)."""
 
     def __init__(self) -> None:
-        self._tables: dict[int, dict[int, dict[int, list[Tunnel]]]] = {4: {}, 6: {}}
+        self._tables: dict[int, dict[int, dict[int, list[Any]]]] = {4: {}, 6: {}}
         # per version: (mask, table) for each prefix length in use, longest first
-        self._order: dict[int, list[tuple[int, dict[int, list[Tunnel]]]]] = {4: [], 6: []}
+        self._order: dict[int, list[tuple[int, dict[int, list[Any]]]]] = {4: [], 6: []}
 
     def _reorder(self, version: int) -> None:
         by_length = self._tables[version]
@@ -136,13 +178,13 @@ class _PrefixIndex:
             for length in sorted(by_length, reverse=True)
         ]
 
-    def add(self, network: Network, tunnel: Tunnel) -> None:
+    def add(self, network: Network, tunnel: Tunnel | Trap) -> None:
         by_length = self._tables[network.version]
         table = by_length.setdefault(network.prefixlen, {})
         table.setdefault(int(network.network_address), []).append(tunnel)
         self._reorder(network.version)
 
-    def remove(self, network: Network, tunnel: Tunnel) -> None:
+    def remove(self, network: Network, tunnel: Tunnel | Trap) -> None:
         by_length = self._tables[network.version]
         table = by_length.get(network.prefixlen, {})
         key = int(network.network_address)
@@ -155,7 +197,7 @@ class _PrefixIndex:
             by_length.pop(network.prefixlen, None)
         self._reorder(network.version)
 
-    def lookup(self, version: int, source: int, destination: int) -> Tunnel | None:
+    def lookup(self, version: int, source: int, destination: int) -> Any:
         for mask, table in self._order[version]:
             tunnels = table.get(destination & mask)
             if tunnels:
@@ -174,12 +216,21 @@ class Send:
 
 
 LifetimeHandler = Callable[[Tunnel, LifetimeEvent], None]
+AcquireHandler = Callable[[Trap, bytes], None]  # the trap, the packet that raised it
+QUEUE_LIMIT = 64  # packets waiting per trap for its child (strongSwan's libipsec keeps some too)
 
 
 class Dataplane:
     """Child SAs of the userspace backend and the per-packet paths, without I/O."""
 
-    def __init__(self, counters: Counter[str] | None = None) -> None:
+    def __init__(
+        self,
+        counters: Counter[str] | None = None,
+        *,
+        acquire_timeout: float = 30.0,
+        queue_limit: int = QUEUE_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.inbound_sas = InboundSaTable()
         self.tunnels: dict[int, Tunnel] = {}  # by child unique id
@@ -189,6 +240,13 @@ class Dataplane:
         # tunnels that carried a packet since the last take_moved(): a flag test per packet,
         # and a batch costs the tunnels that moved, not all of them
         self._moved: list[Tunnel] = []
+        self.traps: dict[int, Trap] = {}  # by reqid
+        self._trap_index = _PrefixIndex()
+        self._acquiring: dict[int, Trap] = {}  # traps with an ACQUIRE pending, by reqid
+        self.acquire_timeout = acquire_timeout
+        self.queue_limit = queue_limit
+        self.clock = clock
+        self.on_acquire: AcquireHandler | None = None
 
     def __len__(self) -> int:
         return len(self.tunnels)
@@ -226,7 +284,7 @@ class Dataplane:
             return None
         tunnel = self._index.lookup(*addresses)
         if tunnel is None:
-            self.counters["esp.out.drop.no_sa"] += 1
+            self._trapped(addresses, packet)
             return None
         sa = tunnel.outbound
         try:
@@ -276,6 +334,93 @@ class Dataplane:
         for tunnel in moved:
             tunnel.moved = False
         return [t for t in moved if self.tunnels.get(t.unique_id) is t]
+
+    # -- traps and ACQUIRE ---------------------------------------------------------------------
+
+    def add_trap(self, trap: Trap) -> None:
+        """Install (or replace) the trap of a reqid; a replaced trap keeps its queue."""
+        old = self.traps.get(trap.reqid)
+        if old is not None:
+            self._unindex_trap(old)
+            trap.queue, trap.acquired_at = old.queue, old.acquired_at
+            if trap.reqid in self._acquiring:
+                self._acquiring[trap.reqid] = trap
+        self.traps[trap.reqid] = trap
+        for network in trap.remote_nets:
+            self._trap_index.add(network, trap)
+
+    def remove_trap(self, reqid: int) -> Trap | None:
+        """Remove a trap; the packets waiting for its child are dropped (counted)."""
+        trap = self.traps.pop(reqid, None)
+        if trap is None:
+            return None
+        self._unindex_trap(trap)
+        self._drop_queue(trap, "trap_removed")
+        return trap
+
+    def _unindex_trap(self, trap: Trap) -> None:
+        for network in trap.remote_nets:
+            self._trap_index.remove(network, trap)
+
+    def _drop_queue(self, trap: Trap, reason: str) -> None:
+        if trap.queue:
+            self.counters[f"esp.out.drop.{reason}"] += len(trap.queue)
+            trap.queue.clear()
+        trap.acquired_at = None
+        self._acquiring.pop(trap.reqid, None)
+
+    def _trapped(self, addresses: tuple[int, int, int], packet: bytes) -> None:
+        """A packet with no tunnel: queued behind its trap's ACQUIRE, else dropped (no_sa)."""
+        trap = self._trap_index.lookup(*addresses) if self.traps else None
+        if trap is None:
+            self.counters["esp.out.drop.no_sa"] += 1
+            return
+        now = self.clock()
+        if trap.acquired_at is not None and now - trap.acquired_at >= self.acquire_timeout:
+            self._drop_queue(trap, "acquire_timeout")
+        if trap.acquired_at is None:
+            # one ACQUIRE per trap per acquire-timeout (seed 004's acquire SA)
+            trap.acquired_at = now
+            self._acquiring[trap.reqid] = trap
+            self.counters["esp.acquire"] += 1
+            if self.on_acquire is not None:
+                self.on_acquire(trap, packet)
+        if len(trap.queue) >= self.queue_limit:
+            self.counters["esp.out.drop.acquire_queue_full"] += 1
+            return
+        trap.queue.append(packet)
+        self.counters["esp.out.queued"] += 1
+
+    def expire_acquires(self) -> None:
+        """Drop the queues of ACQUIREs older than `acquire-timeout` (counted `acquire_timeout`).
+
+        Touches only the traps with an ACQUIRE pending."""
+        if not self._acquiring:
+            return
+        now = self.clock()
+        for trap in list(self._acquiring.values()):
+            if trap.acquired_at is not None and now - trap.acquired_at >= self.acquire_timeout:
+                self._drop_queue(trap, "acquire_timeout")
+
+    def release(self, reqid: int) -> list[Send]:
+        """The child of `reqid` is installed: its trap's queued packets, protected now.
+
+        A packet that still finds no tunnel (the child's selectors are narrower than the
+        trap's) goes back through `outbound` and may raise a new ACQUIRE."""
+        trap = self.traps.get(reqid)
+        if trap is None or (not trap.queue and trap.acquired_at is None):
+            return []
+        packets = list(trap.queue)
+        trap.queue.clear()
+        trap.acquired_at = None
+        self._acquiring.pop(reqid, None)
+        sends = []
+        for packet in packets:
+            send = self.outbound(packet)
+            if send is not None:
+                sends.append(send)
+        self.counters["esp.out.released"] += len(sends)
+        return sends
 
     def show(self, unique_id: int) -> dict[str, Any]:
         tunnel = self.tunnels.get(unique_id)

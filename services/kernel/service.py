@@ -50,7 +50,7 @@ from ikefarm.proto.messages import (
     VipAddress,
 )
 from ikefarm.services.kernel import backends, counters
-from ikefarm.services.kernel.dataplane import Tunnel
+from ikefarm.services.kernel.dataplane import Trap, Tunnel, packet_addresses
 from ikefarm.services.kernel.memory import (
     InvalidChild,
     KernelRefusal,
@@ -65,6 +65,8 @@ from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
 from ikefarm.shared.bus.sealed import SealError, public_bytes
 from ikefarm.shared.config.loader import Config, userspace_backend_problems
 from ikefarm.shared.esp import LifetimeEvent
+
+ACQUIRE_SWEEP = 1.0  # s between looks for ACQUIREs past acquire-timeout
 
 
 async def _settle(result: Any) -> Any:
@@ -90,6 +92,7 @@ class KernelService(ServiceBase):
         self._tasks: set[asyncio.Task[None]] = set()
         self._counters_task: asyncio.Task[None] | None = None
         self.counters_interval = counters.MAX_INTERVAL
+        self._acquire_sweeper: asyncio.Task[None] | None = None  # userspace backend only
         # child SA keys are sealed to this key; it lives in this process's memory only
         self._transport = X25519PrivateKey.generate()
 
@@ -125,6 +128,7 @@ class KernelService(ServiceBase):
             natt_port=int(self.config.ingress.natt_port),
             routing_table=int(options.routing_table),
             routing_table_prio=int(options.routing_table_prio),
+            acquire_timeout=float(options.acquire_timeout),
         )
 
     async def _start_userspace(self, backend: UserspaceKernel) -> None:
@@ -138,6 +142,15 @@ class KernelService(ServiceBase):
                 " (needs CAP_NET_ADMIN and /dev/net/tun)"
             ) from None
         backend.dataplane.on_lifetime = self.on_lifetime
+        backend.dataplane.on_acquire = self.on_dataplane_acquire
+        self._acquire_sweeper = asyncio.create_task(self._sweep_acquires(backend))
+
+    async def _sweep_acquires(self, backend: UserspaceKernel) -> None:
+        """Queued packets of an ACQUIRE that got no child within acquire-timeout are dropped
+        (counted `esp.out.drop.acquire_timeout`), also when no further packet comes."""
+        while True:
+            await asyncio.sleep(ACQUIRE_SWEEP)
+            backend.dataplane.expire_acquires()
 
     async def setup(self) -> None:
         self.choice = self.preflight(self.config)
@@ -218,9 +231,28 @@ class KernelService(ServiceBase):
                 self.log.control(
                     "kernel_expire", kind=kind, spi=message.spi.hex(), unique_id=message.unique_id
                 )
-            task = asyncio.ensure_future(self.runtime.publish(subject, message))
-            self._publishing.add(task)
-            task.add_done_callback(self._publishing.discard)
+            self._publish_event(subject, message)
+
+    def _publish_event(self, subject: str, message: Any) -> None:
+        task = asyncio.ensure_future(self.runtime.publish(subject, message))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    def on_dataplane_acquire(self, trap: Trap, packet: bytes) -> None:
+        """The userspace dataplane queued a packet for a trap with no child: ACQUIRE (once per
+        trap per acquire-timeout, the dataplane's own rule)."""
+        source, destination = packet_addresses(packet)
+        message = KernelAcquire(
+            backend=self._backend().name,
+            reqid=trap.reqid,
+            local_address=trap.local_address,
+            remote_address=trap.remote_address,
+            local_ts=source,
+            remote_ts=destination,
+        )
+        self.runtime.counters["event.acquire"] += 1
+        self.log.control("kernel_acquire", reqid=trap.reqid, remote_ts=destination)
+        self._publish_event(subjects.EVENT_KERNEL_ACQUIRE, message)
 
     async def teardown(self) -> None:
         if self._counters_task is not None:
@@ -236,6 +268,8 @@ class KernelService(ServiceBase):
             self.events.close()
             self.events = None
         if isinstance(self.backend, UserspaceKernel):
+            if self._acquire_sweeper is not None:
+                self._acquire_sweeper.cancel()
             await self.backend.stop()
             return
         close = getattr(self.backend, "close", None)
@@ -451,6 +485,7 @@ class KernelService(ServiceBase):
             raise BusError("bad_field", f"TrapInstall: {exc}") from None
         except KernelRefusal as exc:
             return self._refused("trap_install", exc, vpn=request.vpn, reqid=request.reqid)
+        await self._apply_routes()
         self.runtime.counters["trap_install.ok"] += 1
         self.log.control(
             "trap_installed",
@@ -487,6 +522,7 @@ class KernelService(ServiceBase):
         except KernelRefusal as exc:
             self.runtime.counters[f"trap_remove.{exc.code}"] += 1
             return KernelAck(ok=False, error=exc.text)
+        await self._apply_routes()
         self.runtime.counters["trap_remove.ok"] += 1
         self.log.control("trap_removed", backend=backend.name, vpn=trap.vpn, reqid=trap.reqid)
         return KernelAck(ok=True)

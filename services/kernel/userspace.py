@@ -10,9 +10,12 @@ device and on each ESP socket, a bounded batch of packets per wake-up.
 Not implemented (refused per child with "not implemented", and by the
 configuration check for the options that would ask for them,
 `shared/config/loader.py`): transport mode, protocol/port traffic selectors, a
-remote selector covering the peer's own address, ACQUIRE for trap policies
-(traps are recorded, as by the memory backend, and raise nothing), and the ESP
-algorithms the codec lacks (`shared/esp/`).
+remote selector covering the peer's own address, and the ESP algorithms the
+codec lacks (`shared/esp/`).
+
+Trap policies become dataplane traps: their remote selectors are routed to the
+TUN device too, a packet with no child raises an ACQUIRE (`Dataplane.on_acquire`)
+and waits; the child's installation sends what waited (docs/esp-dataplane.md).
 """
 
 from __future__ import annotations
@@ -25,14 +28,22 @@ import socket
 from collections import Counter
 from typing import Any
 
-from ikefarm.proto.messages import ChildCounters, ChildDelete, ChildInstall
+from ikefarm.proto.messages import ChildCounters, ChildDelete, ChildInstall, TrapInstall, TrapRemove
 from ikefarm.services.kernel import tun
-from ikefarm.services.kernel.dataplane import Dataplane, Network, Send, Tunnel, selector_networks
+from ikefarm.services.kernel.dataplane import (
+    Dataplane,
+    Network,
+    Send,
+    Trap,
+    Tunnel,
+    selector_networks,
+)
 from ikefarm.services.kernel.memory import (
     InvalidChild,
     KernelRefusal,
     MemoryKernel,
     SaEntry,
+    TrapEntry,
     _Child,
     check_install,
     delete_request_of,
@@ -70,9 +81,10 @@ class UserspaceKernel(MemoryKernel):
         routing_table: int = 220,
         routing_table_prio: int = 220,
         lifetime: Lifetime | None = None,
+        acquire_timeout: float = 30.0,
     ) -> None:
         super().__init__()
-        self.dataplane = Dataplane(counters)
+        self.dataplane = Dataplane(counters, acquire_timeout=acquire_timeout)
         self.counters = self.dataplane.counters
         self.natt_port = natt_port
         self.tun_name = tun_name
@@ -123,23 +135,7 @@ class UserspaceKernel(MemoryKernel):
 
     def _tunnel(self, request: ChildInstall) -> Tunnel:
         """The dataplane tunnel of a request, or KernelRefusal for what is not implemented."""
-        if request.mode != "tunnel":
-            raise not_implemented(f"{request.mode} mode in the userspace dataplane")
-        try:
-            local_nets = [n for s in request.local_ts for n in selector_networks(s)]
-            remote_nets = [n for s in request.remote_ts for n in selector_networks(s)]
-        except NotImplementedError as exc:
-            raise not_implemented(str(exc)) from None
-        except ValueError:
-            raise InvalidChild("a traffic selector is not an address range") from None
-        remote = ipaddress.ip_address(request.remote_address)
-        if any(remote in network for network in remote_nets):
-            # its ESP (and IKE) would be routed into the tunnel itself; telling outer from
-            # inner packets to the same address needs marks on every socket: not done
-            raise not_implemented(
-                "a remote traffic selector that covers the peer's own address"
-                f" ({request.remote_address})"
-            )
+        local_nets, remote_nets = _networks(request)
         try:
             inbound, outbound = sa_pair(
                 request, lifetime_in=self.lifetime, lifetime_out=self.lifetime
@@ -179,7 +175,38 @@ class UserspaceKernel(MemoryKernel):
         if self._routes is not None:
             for network in tunnel.remote_nets:
                 self._routes.add(str(network), tunnel.local_nets)
+        # the packets that waited behind this policy's trap go out through the new child
+        for send in self.dataplane.release(request.reqid):
+            self._transmit(send)
         return entries
+
+    def install_trap(self, request: TrapInstall) -> tuple[TrapEntry, bool]:
+        local_nets, remote_nets = _networks(request)
+        entry, replaced = super().install_trap(request)
+        old = self.dataplane.traps.get(request.reqid)
+        trap = Trap(
+            reqid=request.reqid,
+            local_address=entry.local,
+            remote_address=entry.remote,
+            local_nets=local_nets,
+            remote_nets=remote_nets,
+        )
+        self.dataplane.add_trap(trap)
+        if self._routes is not None:
+            if old is not None:
+                for network in old.remote_nets:
+                    self._routes.remove(str(network))
+            for network in remote_nets:
+                self._routes.add(str(network), local_nets)
+        return entry, replaced
+
+    def remove_trap(self, request: TrapRemove) -> TrapEntry:
+        entry = super().remove_trap(request)
+        trap = self.dataplane.remove_trap(request.reqid)
+        if trap is not None and self._routes is not None:
+            for network in trap.remote_nets:
+                self._routes.remove(str(network))
+        return entry
 
     def delete(self, request: ChildDelete) -> _Child:
         child = super().delete(request)
@@ -206,6 +233,15 @@ class UserspaceKernel(MemoryKernel):
             )
             for t in self.dataplane.take_moved()
         ]
+
+    def show_traps(self) -> list[dict[str, Any]]:
+        """The memory backend's rows, with the packets waiting and whether an ACQUIRE is out."""
+        rows = super().show_traps()
+        for row in rows:
+            trap = self.dataplane.traps.get(row["reqid"])
+            row["queued"] = len(trap.queue) if trap is not None else 0
+            row["acquiring"] = trap is not None and trap.acquired_at is not None
+        return rows
 
     def show(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         sas, policies = super().show()
@@ -300,6 +336,28 @@ class UserspaceKernel(MemoryKernel):
                 os.write(fd, inner)
             except OSError:
                 self.counters["esp.in.drop.tun_write"] += 1
+
+
+def _networks(request: ChildInstall | TrapInstall) -> tuple[list[Network], list[Network]]:
+    """(local, remote) networks of a child's or trap's selectors; KernelRefusal for what the
+    dataplane does not implement, InvalidChild for what is not an address range."""
+    if request.mode != "tunnel":
+        raise not_implemented(f"{request.mode} mode in the userspace dataplane")
+    try:
+        local_nets = [n for s in request.local_ts for n in selector_networks(s)]
+        remote_nets = [n for s in request.remote_ts for n in selector_networks(s)]
+        remote = ipaddress.ip_address(request.remote_address)
+    except NotImplementedError as exc:
+        raise not_implemented(str(exc)) from None
+    except ValueError:
+        raise InvalidChild("a traffic selector is not an address range") from None
+    if any(remote in network for network in remote_nets):
+        # its ESP (and IKE) would be routed into the tunnel itself; telling outer from
+        # inner packets to the same address needs marks on every socket: not done
+        raise not_implemented(
+            f"a remote traffic selector that covers the peer's own address ({remote})"
+        )
+    return local_nets, remote_nets
 
 
 def _ipv4_payload_offset(data: bytes) -> int | None:

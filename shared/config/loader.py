@@ -328,9 +328,6 @@ def userspace_backend_problems(config: Config, backend: str | None = None) -> li
         section = options[family]
         if section.local != bits or section.remote != bits:
             problem(f"ike.global-options.{family}", "it has no SPD hash")
-    for index, template in enumerate(config.ike.ipsec_policy_template):
-        if template.dpd_action == "trap":
-            problem(f"ike.ipsec-policy-template[{index}].dpd-action", "trap: no ACQUIRE yet")
     for index, vpn in enumerate(config.ike.vpn):
         for s_index, policy in enumerate(vpn.security_policy):
             path = f"ike.vpn[{index}].security-policy[{s_index}]"

@@ -95,7 +95,9 @@ GLOBAL_OPTIONS = Section(
         "retransmit-base": Float(0.0, 10.0, default=1.8, doc="exponential backoff base"),
         "retransmit-jitter": Int(0, 20, default=0, doc="percent a timeout is randomly reduced"),
         "retransmit-limit": Int(0, 100, default=0, doc="cap on one timeout, s; 0 = no cap"),
-        "acquire-timeout": Int(1, 86400, default=30, doc="lifetime of an acquire SA, s"),
+        "acquire-timeout": Int(
+            1, 86400, default=30, doc="lifetime of an acquire SA (queued packets dropped after), s"
+        ),
         "make-before-break": Bool(default=False, doc="reauth: new SAs before deleting old"),
         "install-vip-on": Text(default=None, doc="interface for VIPs (default: the IKE one)"),
         "install-routes": Bool(default=False, doc="routes to remote-ts of non-SVTI child SAs"),
@@ -230,7 +232,11 @@ IPSEC_POLICY_TEMPLATE = TableList(
             "esp-proposal": TableList(ESP_PROPOSAL, key=None, doc="by preference"),
             "replay-window": Int(0, 4096, default=32, doc="packets; 0 disables"),
             "dpd-action": Choice(("clear", "restart", "trap"), default="restart"),
-            "start-action": Choice(("none", "trap", "start"), default="trap"),
+            "start-action": Choice(
+                ("none", "trap", "start"),
+                default="trap",
+                doc="trap: the first matching packet starts the child (VPNs with a remote-address)",
+            ),
             "close-action": Choice(("none", "trap", "start"), default="none"),
             "rekey-time": Duration(default=3600.0, doc="child SA rekey interval"),
             "life-time": Duration(default=None, doc="hard lifetime; default rekey-time x 1.1"),

@@ -227,8 +227,9 @@ class SendKeepalive:
 
 @dataclass(frozen=True)
 class InstallTrap:
-    """A trap policy for a security policy: matching traffic asks for a negotiation (dpd-action
-    trap, seed 004). No SA is bound to it; the kernel raises an acquire instead."""
+    """A trap policy for a security policy: matching traffic asks for a negotiation
+    (start-action or dpd-action trap, seed 004). No SA is bound to it; the kernel raises an
+    acquire instead."""
 
     vpn: str
     name: str

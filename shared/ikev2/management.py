@@ -248,8 +248,14 @@ def _initiate(engine: IkeEngine, command: Command, now: float) -> Outcome:
         vpns = ", ".join(p.vpn for p in policies)
         raise CommandError(f"security-policy {command.value!r} is in several vpns ({vpns})")
     (policy,) = policies
-    vpn = _known_vpn(engine, policy.vpn)
-    # "its IKE SA if not yet established" (seed 004): an established one carries the child
+    return initiate_child(engine, _known_vpn(engine, policy.vpn), policy, now)
+
+
+def initiate_child(
+    engine: IkeEngine, vpn: VpnPolicy, policy: SecurityPolicy, now: float
+) -> Outcome:
+    """One child of `policy`: on the VPN's established IKE SA, else with a new IKE SA
+    ("its IKE SA if not yet established", seed 004). Raises CommandError."""
     for sa in sorted(engine.sas.values(), key=lambda s: s.unique_id):
         if _live(sa) and sa.state == IkeSaState.ESTABLISHED and sa.vpn and sa.vpn.name == vpn.name:
             return _create_child(engine, sa, policy, now)

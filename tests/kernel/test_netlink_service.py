@@ -120,18 +120,23 @@ async def test_trap_and_refused_child_over_the_bus(
     assert '"level": 1' in started[0]
 
 
-async def test_traffic_on_a_trap_publishes_an_acquire_event(
-    kernel: Runtime, client: Client, netns: Namespace
-) -> None:
-    """A packet toward the trap's remote selector: the kernel's ACQUIRE goes out on the bus."""
+def veth_toward(netns: Namespace, address: str, remote: str) -> None:
+    """A veth pair up in `netns`, `address` on one end and `remote` routed out of it."""
     for argv in (
         ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
         ["ip", "link", "set", "v0", "up"],
         ["ip", "link", "set", "v1", "up"],
-        ["ip", "addr", "add", "10.100.0.1/24", "dev", "v0"],
-        ["ip", "route", "add", "10.200.0.0/24", "dev", "v0"],
+        ["ip", "addr", "add", address, "dev", "v0"],
+        ["ip", "route", "add", remote, "dev", "v0"],
     ):
         netns.run(argv)
+
+
+async def test_traffic_on_a_trap_publishes_an_acquire_event(
+    kernel: Runtime, client: Client, netns: Namespace
+) -> None:
+    """A packet toward the trap's remote selector: the kernel's ACQUIRE goes out on the bus."""
+    veth_toward(netns, "10.100.0.1/24", "10.200.0.0/24")
     received: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_event(msg: Any) -> None:

@@ -59,7 +59,6 @@ def test_a_plain_userspace_configuration_passes() -> None:
             config(policy='[ike.vpn.security-policy.inject-routes]\nnext-hop = "192.0.2.254"'),
             "security-policy[0].inject-routes",
         ),
-        (config(template='dpd-action = "trap"'), "ike.ipsec-policy-template[0].dpd-action"),
         (
             config(top="[ike.global-options.sp-hash-ipv4]\nlocal = 24\n"),
             "ike.global-options.sp-hash-ipv4",
@@ -75,6 +74,11 @@ def test_options_the_userspace_backend_lacks_are_refused_at_config_check(
     assert path in problem.path and problem.message.startswith(USERSPACE_NOT_IMPLEMENTED)
     # the same options with the memory backend (a test double that protects nothing) pass
     parse_config(text.replace('backend = "userspace"', 'backend = "memory"'))
+
+
+def test_trap_actions_are_accepted_with_the_userspace_backend() -> None:
+    """The dataplane raises ACQUIRE for traps now (docs/esp-dataplane.md)."""
+    parse_config(config(template='dpd-action = "trap"\nstart-action = "trap"'))
 
 
 def opened(**changes: object) -> object:

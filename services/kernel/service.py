@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +35,7 @@ from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import (
     ChildDelete,
     ChildInstall,
+    FlowVerdicts,
     KernelAck,
     KernelAcquire,
     KernelShowRequest,
@@ -46,6 +48,7 @@ from ikefarm.proto.messages import (
 )
 from ikefarm.services.kernel import backends
 from ikefarm.services.kernel.dataplane import Tunnel
+from ikefarm.services.kernel.flows import PROMPT, FlowCache
 from ikefarm.services.kernel.memory import (
     InvalidChild,
     KernelRefusal,
@@ -58,6 +61,11 @@ from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
 from ikefarm.shared.bus.sealed import SealError, public_bytes
 from ikefarm.shared.config.loader import Config, userspace_backend_problems
 from ikefarm.shared.esp import LifetimeEvent
+from ikefarm.shared.flow.settings import FlowSettings
+
+
+def flows_clock() -> float:
+    return time.monotonic()
 
 
 async def _settle(result: Any) -> Any:
@@ -81,6 +89,8 @@ class KernelService(ServiceBase):
         self.events: Any = None  # the backend's ACQUIRE/EXPIRE source, if it has one
         self._publishing: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.flows: FlowCache | None = None  # the dataplane's flow cache ([flow] source)
+        self._flow_task: asyncio.Task[None] | None = None
         # child SA keys are sealed to this key; it lives in this process's memory only
         self._transport = X25519PrivateKey.generate()
 
@@ -111,11 +121,19 @@ class KernelService(ServiceBase):
             except (KernelRefusal, OSError) as exc:
                 raise BackendNotAvailable(f"netlink backend: {exc}") from None
         options = self.config.ike.global_options
+        if self.config.flow.source == "dataplane":
+            # docs/flow-sessions.md: this dataplane feeds the flow service's table
+            self.flows = FlowCache(
+                FlowSettings.from_config(self.config.flow),
+                self.runtime.instance,
+                self.runtime.counters,
+            )
         return UserspaceKernel(
             self.runtime.counters,
             natt_port=int(self.config.ingress.natt_port),
             routing_table=int(options.routing_table),
             routing_table_prio=int(options.routing_table_prio),
+            flows=self.flows,
         )
 
     async def _start_userspace(self, backend: UserspaceKernel) -> None:
@@ -156,6 +174,11 @@ class KernelService(ServiceBase):
         await self.runtime.add_endpoint(
             "trap-remove", TrapRemove, self.on_trap_remove, subject=subjects.KERNEL_TRAP_REMOVE
         )
+        if self.flows is not None:
+            await self.runtime.subscribe(
+                subjects.KERNEL_FLOW_VERDICTS, FlowVerdicts, self.on_flow_verdicts
+            )
+            self._flow_task = asyncio.create_task(self._flow_batches(), name="flow-batches")
         self.log.control("kernel_backend", backend=self.backend.name, reason=self.choice.reason)
         for warning in getattr(self.backend, "warnings", ()):
             self.log.control("kernel_backend_warning", backend=self.backend.name, warning=warning)
@@ -183,6 +206,11 @@ class KernelService(ServiceBase):
             task.add_done_callback(self._publishing.discard)
 
     async def teardown(self) -> None:
+        if self._flow_task is not None:
+            self._flow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flow_task
+            self._flow_task = None
         if self.events is not None:
             asyncio.get_running_loop().remove_reader(self.events.fileno())
             self.events.close()
@@ -380,6 +408,34 @@ class KernelService(ServiceBase):
         self.runtime.counters["trap_remove.ok"] += 1
         self.log.control("trap_removed", backend=backend.name, vpn=trap.vpn, reqid=trap.reqid)
         return KernelAck(ok=True)
+
+    # -- flow sessions (docs/flow-sessions.md) -----------------------------------------------
+
+    async def _flow_batches(self) -> None:
+        """The flow cache's batches to the flow service, and its bounded sweep: a few small
+        messages per second at most, whatever the packet rate."""
+        flows = self.flows
+        assert flows is not None
+        while True:
+            try:
+                now = flows_clock()
+                for batch in flows.batches(now):
+                    await self.runtime.publish(subjects.FLOW_EVENTS, batch)
+                    self.runtime.counters["flow.batches"] += 1
+                flows.sweep(now)
+            except Exception as exc:  # a failed publish must not end the batching for good
+                self.runtime.counters["flow.batch_failed"] += 1
+                self.log.control("flow_batch_failed", error=type(exc).__name__)
+            await asyncio.sleep(PROMPT)
+
+    async def on_flow_verdicts(self, message: FlowVerdicts, _msg: Any) -> None:
+        """Flows the flow service closed or refused, and whether its table is full."""
+        assert self.flows is not None
+        try:
+            self.flows.verdicts(message, flows_clock())
+        except ValueError as exc:
+            self.runtime.counters["flow.verdicts_dropped"] += 1
+            self.log.control("flow_verdicts_dropped", reason=str(exc))
 
     def on_lifetime(self, tunnel: Tunnel, event: LifetimeEvent) -> None:
         """A byte/packet lifetime of a dataplane SA reached: logged and published, once."""

@@ -28,6 +28,7 @@ from typing import Any
 from ikefarm.proto.messages import ChildDelete, ChildInstall
 from ikefarm.services.kernel import tun
 from ikefarm.services.kernel.dataplane import Dataplane, Network, Send, Tunnel, selector_networks
+from ikefarm.services.kernel.flows import FlowCache
 from ikefarm.services.kernel.memory import (
     InvalidChild,
     KernelRefusal,
@@ -69,9 +70,10 @@ class UserspaceKernel(MemoryKernel):
         routing_table: int = 220,
         routing_table_prio: int = 220,
         lifetime: Lifetime | None = None,
+        flows: FlowCache | None = None,
     ) -> None:
         super().__init__()
-        self.dataplane = Dataplane(counters)
+        self.dataplane = Dataplane(counters, flows=flows, host=tun_name)
         self.counters = self.dataplane.counters
         self.natt_port = natt_port
         self.tun_name = tun_name
@@ -158,6 +160,8 @@ class UserspaceKernel(MemoryKernel):
             udp_encap=request.udp_encap,
             local_nets=local_nets,
             remote_nets=remote_nets,
+            label=(request.vpn or f"child-{request.unique_id}")[:64],
+            policy=request.name[:64],
         )
 
     def install(self, request: ChildInstall) -> tuple[SaEntry, SaEntry]:

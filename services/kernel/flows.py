@@ -465,6 +465,8 @@ def _checked(message: FlowVerdicts) -> list[tuple[Key, str]]:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
                 raise ValueError(f"closed[{index}].init: protocol or port out of range")
         try:
+            if not isinstance(raw.src, str) or not isinstance(raw.dst, str):  # type: ignore[union-attr]
+                raise TypeError
             src, dst = packed(raw.src), packed(raw.dst)  # type: ignore[union-attr]
         except (ValueError, TypeError, AttributeError):
             raise ValueError(f"closed[{index}].init: not an IP address") from None

@@ -245,6 +245,7 @@ def test_malformed_verdicts_change_nothing() -> None:
         verdicts(1, ((17, A, 70000, B, 53), "cleared")),
         verdicts(1, ((17, A, 5000, "2001:db8::1", 53), "cleared")),
         verdicts(1, ((17, "not an address", 5000, B, 53), "cleared")),
+        verdicts(1, ((17, 174325761, 5000, B, 53), "cleared")),  # an address as a number
         verdicts(-1),
     ]
     for message in bad:

@@ -5,11 +5,12 @@ The setup of tests/interop/test_userspace_strongswan.py (strongSwan in "peer", i
 `[flow] source = "dataplane"` (docs/flow-sessions.md): the dataplane reports first packets,
 TCP state changes and batched refreshes, and obeys the flow service's verdicts.
 
-Acceptance: a ping and a TCP connection show as sessions with their 5-tuples, protocol
-timeouts and counters both ways; an unanswered SYN goes after `tcp-initial-timeout`; with
+Acceptance: a ping, a TCP connection and a UDP exchange show as sessions with their
+5-tuples, protocol timeouts and counters both ways; an unanswered SYN goes after
+`tcp-initial-timeout`, a UDP exchange after its application's inactivity timeout; with
 `max-sessions` reached a new flow is refused and counted while the TCP connection goes on;
 clearing the TCP session cuts it (its next packets dropped and counted); `clear ... all`
-leaves the tunnel session.
+leaves the tunnel session, and a cleared UDP flow's next packet opens a new session.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 PSK = "userspace-flow-psk-8e41b0c6d2"
 GW_INNER, PEER_INNER = "10.100.0.1", "10.200.0.1"
 GW_OUTER, PEER_OUTER = "192.0.2.1", "192.0.2.2"
-TCP_PORT, UDP_PORT = 5202, 5203
+TCP_PORT, UDP_PORT, PROBE_PORT = 5202, 5203, 5204
 MAX_SESSIONS = 4  # the tunnel, the ping, the TCP connection and one more
 FLOW = f"""
 [kernel]
@@ -49,6 +50,11 @@ tcp-initial-timeout = 4
 icmp = 300
 udp = 300
 tcp = 1800
+[[flow.application]]
+name = "probe"
+protocol = "udp"
+destination-port = {PROBE_PORT}
+inactivity-timeout = 4
 """
 
 # gw side: an echo server for one TCP connection
@@ -82,15 +88,16 @@ for line in sys.stdin:
         print("timeout", flush=True)
 """
 
-# gw side: prints the source port of every UDP datagram it receives
+# gw side: prints the source port of every UDP datagram it receives, and answers it
 UDP_SINK = r"""
 import socket, sys
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind((sys.argv[1], int(sys.argv[2])))
 print("listening", flush=True)
 while True:
-    _, (_, port) = sock.recvfrom(100)
-    print(port, flush=True)
+    data, source = sock.recvfrom(100)
+    print(source[1], flush=True)
+    sock.sendto(data, source)
 """
 
 SEND_UDP = r"""
@@ -98,6 +105,11 @@ import socket, sys
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind((sys.argv[1], int(sys.argv[2])))
 sock.sendto(b"flow", (sys.argv[3], int(sys.argv[4])))
+sock.settimeout(1)
+try:
+    sock.recv(100)  # the answer (so no port-unreachable goes back)
+except OSError:
+    pass
 """
 
 HALF_OPEN = r"""
@@ -259,13 +271,36 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     )
     assert gateway.counters("flow").get("closed.handshake-timeout", 0) >= 1
 
+    def send_udp(port: int, to: int = UDP_PORT) -> None:
+        args = [PEER_INNER, str(port), GW_INNER, str(to)]
+        peer_ns.run([sys.executable, "-c", SEND_UDP, *args], timeout=10)
+
+    # a UDP exchange: one session, counters both ways, gone after the application's timeout
+    probe = python(gw_ns, UDP_SINK, GW_INNER, str(PROBE_PORT))
+    assert probe.next() == "listening"
+    send_udp(7000, PROBE_PORT)
+    assert probe.next() == "7000"
+    wait_for(
+        lambda: (
+            (row := session_of(gateway, 17, {4: PROBE_PORT})) is not None
+            and row["packets_out"] == 1
+        ),
+        timeout=10,
+        what="the UDP exchange's session",
+    )
+    exchange = session_of(gateway, 17, {4: PROBE_PORT})
+    assert exchange is not None and exchange["in"] == [17, PEER_INNER, 7000, GW_INNER, PROBE_PORT]
+    assert exchange["application"] == "probe" and exchange["timeout"] <= 4
+    assert exchange["packets_in"] == 1 and exchange["bytes_in"] == exchange["bytes_out"] == 32
+    wait_for(
+        lambda: session_of(gateway, 17, {4: PROBE_PORT}) is None,
+        timeout=20,
+        what="the UDP session to age out",
+    )
+
     # max-sessions: the tunnel, the ping, the TCP connection and one UDP flow fill the table
     sink = python(gw_ns, UDP_SINK, GW_INNER, str(UDP_PORT))
     assert sink.next() == "listening"
-
-    def send_udp(port: int) -> None:
-        args = [PEER_INNER, str(port), GW_INNER, str(UDP_PORT)]
-        peer_ns.run([sys.executable, "-c", SEND_UDP, *args], timeout=10)
 
     send_udp(7001)
     assert sink.next() == "7001"
@@ -292,7 +327,17 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     assert session_of(gateway, 6) is None
 
     # clear all: the ping and UDP sessions go, the tunnel session stays
+    udp_id = session_of(gateway, 17, {2: 7001})["session_id"]  # type: ignore[index]
     assert clear(gateway, "all") == 2
     remaining = sessions(gateway)
     assert [row["tunnel"] for row in remaining] == [True]
     assert remaining[0]["in"] == outer["in"]
+
+    # a cleared UDP flow's next packet opens a new session
+    time.sleep(0.5)  # the verdicts reach the dataplane
+    send_udp(7001)
+    assert sink.next() == "7001"
+    wait_for(
+        lambda: session_of(gateway, 17, {2: 7001}) is not None, timeout=10, what="a new session"
+    )
+    assert session_of(gateway, 17, {2: 7001})["session_id"] > udp_id  # type: ignore[index]

@@ -7,7 +7,8 @@ TCP state changes and batched refreshes, and obeys the flow service's verdicts.
 
 Acceptance: a ping, a TCP connection and a UDP exchange show as sessions with their
 5-tuples, protocol timeouts and counters both ways; an unanswered SYN goes after
-`tcp-initial-timeout`, a UDP exchange after its application's inactivity timeout; with
+`tcp-initial-timeout`, a reset one is invalidated (`rst-invalidate-session`), a UDP
+exchange after its application's inactivity timeout; with
 `max-sessions` reached a new flow is refused and counted while the TCP connection goes on;
 clearing the TCP session cuts it (its next packets dropped and counted); `clear ... all`
 leaves the tunnel session, and a cleared UDP flow's next packet opens a new session.
@@ -46,6 +47,7 @@ source = "dataplane"
 max-sessions = {MAX_SESSIONS}
 [flow.tcp-session]
 tcp-initial-timeout = 4
+rst-invalidate-session = true
 [flow.session-timeouts]
 icmp = 300
 udp = 300
@@ -112,10 +114,12 @@ except OSError:
     pass
 """
 
-HALF_OPEN = r"""
+# peer side: a connection attempt to port 81 from port argv[3] (unanswered, or refused)
+CONNECT = r"""
 import socket, sys
 try:
-    socket.create_connection((sys.argv[1], 81), source_address=(sys.argv[2], 45000), timeout=1)
+    socket.create_connection((sys.argv[1], 81), source_address=(sys.argv[2], int(sys.argv[3])),
+                             timeout=1)
 except OSError:
     pass
 """
@@ -256,7 +260,7 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
 
     # an unanswered SYN (forwarding is off in gw: nothing answers 10.100.0.99): a session in
     # the handshake, gone after tcp-initial-timeout
-    peer_ns.run([sys.executable, "-c", HALF_OPEN, "10.100.0.99", PEER_INNER], timeout=20)
+    peer_ns.run([sys.executable, "-c", CONNECT, "10.100.0.99", PEER_INNER, "45000"], timeout=20)
     wait_for(
         lambda: session_of(gateway, 6, {3: "10.100.0.99"}) is not None,
         timeout=10,
@@ -270,6 +274,17 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
         what="the half-open session to go",
     )
     assert gateway.counters("flow").get("closed.handshake-timeout", 0) >= 1
+
+    # a refused connection: gw's RST invalidates the session (rst-invalidate-session)
+    peer_ns.run([sys.executable, "-c", CONNECT, GW_INNER, PEER_INNER, "45001"], timeout=20)
+    wait_for(
+        lambda: (row := session_of(gateway, 6, {2: 45001})) is not None and not row["valid"],
+        timeout=10,
+        what="the reset session, invalidated",
+    )
+    reset = session_of(gateway, 6, {2: 45001})
+    assert reset is not None and reset["timeout"] <= 4  # session-timeouts.invalidated
+    wait_for(lambda: session_of(gateway, 6, {2: 45001}) is None, timeout=20, what="it to go")
 
     def send_udp(port: int, to: int = UDP_PORT) -> None:
         args = [PEER_INNER, str(port), GW_INNER, str(to)]

@@ -312,8 +312,9 @@ class FlowCache:
             entry.packets_out += 1
             entry.bytes_out += size
         entry.last = now
-        if not entry.reported:  # the flow service aged it: report it again
-            self._queue_open(entry, now)
+        if not entry.reported:  # the flow service aged or refused it: report it again
+            if now >= entry.refused:
+                self._queue_open(entry, now)
         elif not entry.dirty:
             entry.dirty = True
             self._dirty.append(entry)
@@ -337,6 +338,8 @@ class FlowCache:
             applied += 1
             if entry.tunnel:
                 entry.reported = False  # never cut: the next ESP packet reports it again
+                if reason in REFUSING:  # a full table: not before REFUSED_HOLD s
+                    entry.refused = now + REFUSED_HOLD
             elif reason in REFUSING:
                 entry.refused = now + REFUSED_HOLD
                 self.counters[f"flow.refused.{reason}"] += 1
@@ -363,9 +366,12 @@ class FlowCache:
             entry = order.popleft()
             if entry.users < 0:
                 continue
+            if entry.tunnel:
+                order.append(entry)  # until its children are gone
+                continue
             if entry.refused and now >= entry.refused:
                 self._forget(entry)
-            elif not entry.tunnel and now - entry.last > self.idle_limit:
+            elif now - entry.last > self.idle_limit:
                 self._forget(entry)
                 self.counters["flow.expired"] += 1
             else:

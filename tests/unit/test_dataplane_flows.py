@@ -233,6 +233,12 @@ def test_tunnel_sessions_are_reported_and_never_cut() -> None:
     flows.verdicts(verdicts(1, (tunnel.init, "cleared")), 6.0)  # aged, say: not cut
     assert gw.inbound(peer.outbound(packet(B, A, seq=2)).esp) is not None  # type: ignore[union-attr]
     assert [o.tunnel for b in flows.batches(7.0) for o in b.opened] == [True]
+    assert ours.outer is not None
+    flows.verdicts(verdicts(2, (tunnel.init, "max-sessions"), full=True), 8.0)
+    flows.tunnel_packet(ours.outer, 100, True, 8.5)  # a full table: not asked again at once
+    assert flows.batches(9.0) == [] and flows.sweep(100.0) == 0
+    flows.tunnel_packet(ours.outer, 100, True, 8.0 + REFUSED_HOLD)
+    assert [o.tunnel for b in flows.batches(9.0 + REFUSED_HOLD) for o in b.opened] == [True]
     gw.remove(1)
     assert ours.outer is None and len(flows) == 1  # the inner flow stays until it ages
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ikefarm.services.kernel.flows import FlowCache, FlowEntry, Key, packed
 from ikefarm.shared.esp import (
     Dropped,
     EncapsulationRefused,
@@ -134,12 +135,23 @@ class Tunnel:
     remote_nets: list[Network]
     # counters moved since the kernel service's last batch (`Dataplane.take_moved`)
     moved: bool = field(default=False, init=False, repr=False)
+    label: str = ""  # the tunnel as the flow sessions name it (interface column)
+    policy: str = ""  # the child's name: the policy that lets its flows through
+    outer: FlowEntry | None = field(default=None, repr=False)  # its tunnel session
     local_selectors: _Selectors = field(init=False, repr=False)
     remote_selectors: _Selectors = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.local_selectors = _Selectors(self.local_nets)
         self.remote_selectors = _Selectors(self.remote_nets)
+
+    @property
+    def outer_key(self) -> Key:
+        """Its ESP flow, peer to gateway: ESP in UDP (which IKE shares) or IP protocol 50."""
+        remote, local = packed(self.remote_address), packed(self.local_address)
+        if self.udp_encap:
+            return (17, remote, self.remote_port, local, self.local_port)
+        return (50, remote, 0, local, 0)
 
 
 @dataclass(eq=False)
@@ -229,9 +241,15 @@ class Dataplane:
         *,
         acquire_timeout: float = 30.0,
         queue_limit: int = QUEUE_LIMIT,
+        flows: FlowCache | None = None,
+        host: str = "ikefarm0",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.counters: Counter[str] = counters if counters is not None else Counter()
+        # the per-flow cache feeding the flow service ([flow] source = "dataplane"), or None
+        self.flows = flows
+        self.host = host  # the TUN device: the interface of the host's side of each flow
+        self.clock = clock
         self.inbound_sas = InboundSaTable()
         self.tunnels: dict[int, Tunnel] = {}  # by child unique id
         self._by_spi_in: dict[int, Tunnel] = {}
@@ -259,6 +277,8 @@ class Dataplane:
         self.tunnels[tunnel.unique_id] = tunnel
         for network in tunnel.remote_nets:
             self._index.add(network, tunnel)
+        if self.flows is not None:
+            tunnel.outer = self.flows.tunnel_up(tunnel.outer_key, self.clock(), tunnel.label)
 
     def remove(self, unique_id: int) -> Tunnel | None:
         tunnel = self.tunnels.pop(unique_id, None)
@@ -268,6 +288,9 @@ class Dataplane:
         self._by_spi_in.pop(tunnel.inbound.spi, None)
         for network in tunnel.remote_nets:
             self._index.remove(network, tunnel)
+        if self.flows is not None and tunnel.outer is not None:
+            self.flows.tunnel_down(tunnel.outer)
+            tunnel.outer = None
         return tunnel
 
     def _events(self, tunnel: Tunnel, sa: InboundSa | OutboundSa) -> None:
@@ -286,6 +309,11 @@ class Dataplane:
         if tunnel is None:
             self._trapped(addresses, packet)
             return None
+        flows = self.flows
+        if flows is not None:
+            now = self.clock()
+            if not flows.packet(packet, now, self.host, tunnel.label, tunnel.policy):
+                return None  # counted as flow.drop.<reason>
         sa = tunnel.outbound
         try:
             esp = sa.encapsulate(packet)
@@ -297,6 +325,8 @@ class Dataplane:
         if not tunnel.moved:
             tunnel.moved = True
             self._moved.append(tunnel)
+        if flows is not None and tunnel.outer is not None:
+            flows.tunnel_packet(tunnel.outer, len(esp), False, now)
         if sa.has_events:
             self._events(tunnel, sa)
         return Send(esp, tunnel)
@@ -319,6 +349,13 @@ class Dataplane:
             # RFC 4301 5.2: an inner packet outside the SA's selectors is discarded
             self.counters["esp.in.drop.policy"] += 1
             return None
+        flows = self.flows
+        if flows is not None:
+            now = self.clock()
+            if tunnel.outer is not None:
+                flows.tunnel_packet(tunnel.outer, len(esp), True, now)
+            if not flows.packet(inner, now, tunnel.label, self.host, tunnel.policy):
+                return None  # counted as flow.drop.<reason>
         self.counters["esp.in.packets"] += 1
         self.counters["esp.in.bytes"] += len(inner)
         if not tunnel.moved:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +35,7 @@ from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import (
     ChildDelete,
     ChildInstall,
+    FlowVerdicts,
     KernelAck,
     KernelAcquire,
     KernelCounters,
@@ -51,6 +53,7 @@ from ikefarm.proto.messages import (
 )
 from ikefarm.services.kernel import backends, counters
 from ikefarm.services.kernel.dataplane import Trap, Tunnel, packet_addresses
+from ikefarm.services.kernel.flows import PROMPT, FlowCache
 from ikefarm.services.kernel.memory import (
     InvalidChild,
     KernelRefusal,
@@ -65,6 +68,12 @@ from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
 from ikefarm.shared.bus.sealed import SealError, public_bytes
 from ikefarm.shared.config.loader import Config, userspace_backend_problems
 from ikefarm.shared.esp import LifetimeEvent
+from ikefarm.shared.flow.settings import FlowSettings
+
+
+def flows_clock() -> float:
+    return time.monotonic()
+
 
 ACQUIRE_SWEEP = 1.0  # s between looks for ACQUIREs past acquire-timeout
 
@@ -93,6 +102,8 @@ class KernelService(ServiceBase):
         self._counters_task: asyncio.Task[None] | None = None
         self.counters_interval = counters.MAX_INTERVAL
         self._acquire_sweeper: asyncio.Task[None] | None = None  # userspace backend only
+        self.flows: FlowCache | None = None  # the dataplane's flow cache ([flow] source)
+        self._flow_task: asyncio.Task[None] | None = None
         # child SA keys are sealed to this key; it lives in this process's memory only
         self._transport = X25519PrivateKey.generate()
 
@@ -123,12 +134,20 @@ class KernelService(ServiceBase):
             except (KernelRefusal, OSError) as exc:
                 raise BackendNotAvailable(f"netlink backend: {exc}") from None
         options = self.config.ike.global_options
+        if self.config.flow.source == "dataplane":
+            # docs/flow-sessions.md: this dataplane feeds the flow service's table
+            self.flows = FlowCache(
+                FlowSettings.from_config(self.config.flow),
+                self.runtime.instance,
+                self.runtime.counters,
+            )
         return UserspaceKernel(
             self.runtime.counters,
             natt_port=int(self.config.ingress.natt_port),
             routing_table=int(options.routing_table),
             routing_table_prio=int(options.routing_table_prio),
             acquire_timeout=float(options.acquire_timeout),
+            flows=self.flows,
         )
 
     async def _start_userspace(self, backend: UserspaceKernel) -> None:
@@ -184,6 +203,11 @@ class KernelService(ServiceBase):
         # VIPs we were assigned: on a host interface, except with the memory test double
         self.vips = VipAddresses(touch_kernel=self.choice.backend != "memory")
         await self.runtime.add_endpoint("vip", VipAddress, self.on_vip, subject=subjects.KERNEL_VIP)
+        if self.flows is not None:
+            await self.runtime.subscribe(
+                subjects.KERNEL_FLOW_VERDICTS, FlowVerdicts, self.on_flow_verdicts
+            )
+            self._flow_task = asyncio.create_task(self._flow_batches(), name="flow-batches")
         self.log.control("kernel_backend", backend=self.backend.name, reason=self.choice.reason)
         for warning in getattr(self.backend, "warnings", ()):
             self.log.control("kernel_backend_warning", backend=self.backend.name, warning=warning)
@@ -263,6 +287,11 @@ class KernelService(ServiceBase):
         vips = getattr(self, "vips", None)
         if vips is not None:
             vips.close()
+        if self._flow_task is not None:
+            self._flow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flow_task
+            self._flow_task = None
         if self.events is not None:
             asyncio.get_running_loop().remove_reader(self.events.fileno())
             self.events.close()
@@ -526,6 +555,34 @@ class KernelService(ServiceBase):
         self.runtime.counters["trap_remove.ok"] += 1
         self.log.control("trap_removed", backend=backend.name, vpn=trap.vpn, reqid=trap.reqid)
         return KernelAck(ok=True)
+
+    # -- flow sessions (docs/flow-sessions.md) -----------------------------------------------
+
+    async def _flow_batches(self) -> None:
+        """The flow cache's batches to the flow service, and its bounded sweep: a few small
+        messages per second at most, whatever the packet rate."""
+        flows = self.flows
+        assert flows is not None
+        while True:
+            try:
+                now = flows_clock()
+                for batch in flows.batches(now):
+                    await self.runtime.publish(subjects.FLOW_EVENTS, batch)
+                    self.runtime.counters["flow.batches"] += 1
+                flows.sweep(now)
+            except Exception as exc:  # a failed publish must not end the batching for good
+                self.runtime.counters["flow.batch_failed"] += 1
+                self.log.control("flow_batch_failed", error=type(exc).__name__)
+            await asyncio.sleep(PROMPT)
+
+    async def on_flow_verdicts(self, message: FlowVerdicts, _msg: Any) -> None:
+        """Flows the flow service closed or refused, and whether its table is full."""
+        assert self.flows is not None
+        try:
+            self.flows.verdicts(message, flows_clock())
+        except ValueError as exc:
+            self.runtime.counters["flow.verdicts_dropped"] += 1
+            self.log.control("flow_verdicts_dropped", reason=str(exc))
 
     def on_lifetime(self, tunnel: Tunnel, event: LifetimeEvent) -> None:
         """A byte/packet lifetime of a dataplane SA reached: logged and published, once."""

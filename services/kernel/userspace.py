@@ -38,6 +38,7 @@ from ikefarm.services.kernel.dataplane import (
     Tunnel,
     selector_networks,
 )
+from ikefarm.services.kernel.flows import FlowCache
 from ikefarm.services.kernel.memory import (
     InvalidChild,
     KernelRefusal,
@@ -82,9 +83,12 @@ class UserspaceKernel(MemoryKernel):
         routing_table_prio: int = 220,
         lifetime: Lifetime | None = None,
         acquire_timeout: float = 30.0,
+        flows: FlowCache | None = None,
     ) -> None:
         super().__init__()
-        self.dataplane = Dataplane(counters, acquire_timeout=acquire_timeout)
+        self.dataplane = Dataplane(
+            counters, acquire_timeout=acquire_timeout, flows=flows, host=tun_name
+        )
         self.counters = self.dataplane.counters
         self.natt_port = natt_port
         self.tun_name = tun_name
@@ -155,6 +159,8 @@ class UserspaceKernel(MemoryKernel):
             udp_encap=request.udp_encap,
             local_nets=local_nets,
             remote_nets=remote_nets,
+            label=(request.vpn or f"child-{request.unique_id}")[:64],
+            policy=request.name[:64],
         )
 
     def install(self, request: ChildInstall) -> tuple[SaEntry, SaEntry]:

@@ -57,7 +57,7 @@ from ikefarm.proto.messages import (
     TrapInstall,
     TrapRemove,
 )
-from ikefarm.services.ike import unique_ids
+from ikefarm.services.ike import sa_store, unique_ids
 from ikefarm.services.ike.exchange_traces import (
     ExchangeTraces,
     exchange_key,
@@ -66,6 +66,7 @@ from ikefarm.services.ike.exchange_traces import (
     parse_header,
 )
 from ikefarm.services.ike.ppk_client import PpkClient
+from ikefarm.services.ike.sa_store import SaStore
 from ikefarm.services.ike.shard_claim import (
     RENEW_INTERVAL,
     SHARD_AUTO,
@@ -155,6 +156,17 @@ class IkeService(ServiceBase):
             dos=self.admission,
             unique_ids=self.unique_ids.take,
         )
+        # this shard's SAs continue from their snapshots (docs/failover.md) before any
+        # datagram of theirs is taken: a worker restarted on its shard, or one that claimed it
+        self.sa_store = SaStore(
+            self.runtime,
+            self.engine,
+            self.shard,
+            await sa_store.open_bucket(self.runtime.nc),
+            self.log,
+        )
+        restored = await self.sa_store.load()
+        self.log.control("snapshots_restored", shard=self.shard, sas=restored)
         # load reports carry the peers whose half-open count changed, not every peer
         limits = self.admission.limits
         self.peer_reports = PeerReports(
@@ -200,6 +212,7 @@ class IkeService(ServiceBase):
         await self.publish_load()
         self._timer = asyncio.create_task(self.run_timers())
         self._reporter = asyncio.create_task(self.report_load())
+        self._persister = asyncio.create_task(self.sa_store.run())
         self._id_keeper = asyncio.create_task(
             unique_ids.keep_reserved(self._id_bucket, self.unique_ids, self._ids_wanted, self.log)
         )
@@ -226,6 +239,9 @@ class IkeService(ServiceBase):
                 self.log.control("shard_renew_failed", shard=self.shard, error=type(exc).__name__)
 
     async def before_drain(self) -> None:
+        self._persister.cancel()
+        with contextlib.suppress(Exception):  # what changed last goes out before the stop
+            await asyncio.wait_for(self.sa_store.flush(), 2.0)
         if self.shard_claim is not None:
             if self._renewer is not None:
                 self._renewer.cancel()
@@ -236,6 +252,7 @@ class IkeService(ServiceBase):
         self._timer.cancel()
         self._reporter.cancel()
         self._id_keeper.cancel()
+        self._persister.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
         for task in list(self._tasks):
@@ -258,6 +275,7 @@ class IkeService(ServiceBase):
                 "backoff_peers": len(self.admission.backoff),
             },
             "engine": dict(self.engine.counters),
+            "snapshots": {"stored": len(self.sa_store.stored), **self.sa_store.counters},
         }
 
     # -- inputs -----------------------------------------------------------------------------
@@ -308,6 +326,10 @@ class IkeService(ServiceBase):
                 time.monotonic(),
                 header,
             )
+            if header is not None:
+                self.sa_store.mark(header.spi_i, header.spi_r)
+            elif datagram.spi_i:
+                self.sa_store.mark(datagram.spi_i, datagram.spi_r)
         finally:
             # counted before anything is sent: the snapshot that shows the new half-open SA
             # also shows this init answered, so no ingress counts it twice
@@ -511,6 +533,7 @@ class IkeService(ServiceBase):
 
     async def apply(self, effects: list[Effect]) -> None:
         self._observe(effects)
+        self._mark_changed(effects)
         counts = (len(self.engine.sas), self.engine.half_open_count, self.engine.established_count)
         if counts != self._last_load:
             self._last_load = counts
@@ -531,6 +554,19 @@ class IkeService(ServiceBase):
             await self._apply(effects)
         finally:
             _OUTCOME.reset(token)
+
+    def _mark_changed(self, effects: list[Effect]) -> None:
+        """The SAs whose durable state these effects show changed, for the next snapshot."""
+        for effect in effects:
+            if isinstance(effect, SendDatagram):
+                header = parse_header(effect.data)
+                if header is not None:
+                    self.sa_store.mark(header.spi_i, header.spi_r)
+            elif isinstance(effect, SaEvent | InstallChildSa | DeleteChildSa):
+                detail = getattr(effect, "detail", None) or {}
+                for key in ("spi_i", "spi_r"):
+                    with contextlib.suppress(ValueError, TypeError):
+                        self.sa_store.mark(bytes.fromhex(str(detail.get(key, ""))))
 
     def _handshake_done(self, event: SaEvent) -> None:
         """Observe how long the IKE SA took to establish (IKE_SA_INIT to IKE_AUTH)."""

@@ -1,0 +1,130 @@
+"""Farm failover against a real strongSwan (docs/failover.md): `kill -9` of an ike worker
+under `ikefarm up`; the restarted worker restores its shard's SAs from JetStream and the
+peer never notices: same SPIs on both sides, and a child rekey right after goes through."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ikefarm.proto.sharding import shard_of_spi
+from tests.harness.gateway import GATEWAY_TOML, Gateway
+from tests.harness.netns import NetnsPair, wait_for
+from tests.harness.strongswan import StrongSwan
+from tests.interop.test_responder_strongswan import PSK, peer, peer_connection, psk_for
+
+__all__ = ["peer"]  # the fixture, imported for pytest
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
+
+CONNECTIONS = 8
+
+
+def ike_spis(sas: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    return {sa["name"]: (sa["initiator-spi"], sa["responder-spi"]) for sa in sas}
+
+
+def child_spis(sas: list[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
+    return {sa["name"]: sorted((c["spi-in"], c["spi-out"]) for c in sa["child-sas"]) for sa in sas}
+
+
+def worker_pids(state_dir: Path) -> dict[str, int]:
+    """instance -> pid of what `ikefarm up` runs now (its `up.json`; null while one is down)."""
+    path = state_dir / "up.json"
+    if not path.exists():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text())["children"].items() if v}
+
+
+def test_a_killed_worker_s_sas_continue_with_the_same_spis(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    peer: StrongSwan,
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "gw-state"
+    text = GATEWAY_TOML.format(
+        state_dir=state_dir,
+        workers=2,
+        log_level=1,
+        psk=PSK,
+        address="192.0.2.1",
+        extra="",
+        ike_template_extra="",
+        ipsec_template_extra="",
+    )
+    gateway = gateway_factory(netns_pair.gw, config_text=text)
+    names = [f"c{i}" for i in range(CONNECTIONS)]
+    identities = [f"{name}.peer.example" for name in names]
+    for i in range(1, CONNECTIONS):  # the peer fixture put 10.200.0.1 there already
+        netns_pair.peer.add_address("lo", f"10.200.{i}.1/32")
+    peer.load(
+        [
+            peer_connection(name=name, identity=identity, local_ts=f"10.200.{i}.0/24")
+            for i, (name, identity) in enumerate(zip(names, identities, strict=True))
+        ],
+        psks=[psk_for(*identities)],
+    )
+    for name in names:
+        peer.initiate(child=f"{name}-net", timeout=20)
+    gateway.wait_sas(CONNECTIONS)
+    before = peer.list_sas()
+    shards = {name: shard_of_spi(bytes.fromhex(r)) for name, (_i, r) in ike_spis(before).items()}
+    assert set(shards.values()) == {0, 1}, shards  # both workers hold SAs
+    victim = "ike-0"
+    on_victim = sorted(name for name, shard in shards.items() if shard == 0)
+    # every SA is in the store before the kill (the worker writes within 50 ms of a change)
+    wait_for(
+        lambda: (
+            sum(
+                row.get("gauges", {}).get("snapshots", {}).get("stored", 0)
+                for row in gateway.status().get("ike", [])
+            )
+            == CONNECTIONS
+        ),
+        timeout=10,
+        what="every SA snapshotted",
+    )
+
+    old_pid = worker_pids(state_dir)[victim]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(
+        lambda: worker_pids(state_dir).get(victim) not in (None, old_pid),
+        timeout=30,
+        what="the killed worker restarted",
+    )
+    wait_for(
+        lambda: len(gateway.status().get("ike", [])) == 2, timeout=30, what="both workers report"
+    )
+    rows = gateway.wait_sas(CONNECTIONS, timeout=20)
+    assert {(r["spi_i"], r["spi_r"]) for r in rows} == set(ike_spis(before).values())
+    (row,) = [r for r in gateway.status()["ike"] if r.get("gauges", {}).get("shard") == 0]
+    assert row["gauges"]["snapshots"]["restored"] == len(on_victim)  # restored, not renegotiated
+    restored = gateway.counters("ike")
+    assert not {k: v for k, v in restored.items() if k.startswith("snapshot_refused")}
+
+    # a child rekey of an adopted SA, right after: the IKE SA stays, the child is new
+    target = on_victim[0]
+    old_children = child_spis(before)[target]
+    peer.rekey(child=f"{target}-net")
+
+    def rekeyed() -> list[dict[str, Any]] | None:
+        sas = peer.list_sas()
+        mine = [sa for sa in sas if sa["name"] == target]
+        if len(mine) != 1 or not mine[0]["child-sas"]:
+            return None
+        fresh = child_spis(mine)[target]
+        return sas if fresh and not set(fresh) & set(old_children) else None
+
+    after = wait_for(rekeyed, timeout=20, what=f"{target}'s child rekeyed through the adopted SA")
+    assert ike_spis(after) == ike_spis(before)
+    assert all(sa["state"] == "ESTABLISHED" for sa in after)
+    # the SAs no rekey touched keep their children as they were
+    untouched = {n: c for n, c in child_spis(after).items() if n != target}
+    assert untouched == {n: c for n, c in child_spis(before).items() if n != target}

@@ -129,7 +129,8 @@ class IkeService(ServiceBase):
 
     async def setup(self) -> None:
         shard = self.runtime.options.get("shard")
-        self.shard_claim: ShardClaim | None = None
+        self.shard_claim: ShardClaim | None = None  # `--shard auto`
+        self.lease: ShardClaim | None = None  # a shard given by number
         self._renewer: asyncio.Task[None] | None = None
         if shard == SHARD_AUTO:
             assert self.runtime.nc is not None
@@ -138,6 +139,11 @@ class IkeService(ServiceBase):
             self.log.control("shard_claimed", shard=self.shard)
         else:
             self.shard = int(shard) if shard is not None else 0
+            # the shard is a lease: its SA snapshots go to whoever holds it (docs/failover.md)
+            assert self.runtime.nc is not None
+            self.lease = ShardClaim(self.runtime.nc, self.runtime.instance)
+            await self.lease.hold(self.shard)
+            self.log.control("shard_lease_held", shard=self.shard)
         self.admission = WorkerAdmission(
             dos_limits(self.config),
             shard=self.shard,
@@ -218,16 +224,18 @@ class IkeService(ServiceBase):
         )
         if self.shard_claim is not None:
             self._renewer = asyncio.create_task(self.renew_claim(self.shard_claim))
+        elif self.lease is not None:
+            self._renewer = asyncio.create_task(self.renew_claim(self.lease, count_workers=False))
         self.log.control("ike_worker_ready", shard=self.shard)
 
-    async def renew_claim(self, claim: ShardClaim) -> None:
+    async def renew_claim(self, claim: ShardClaim, count_workers: bool = True) -> None:
         """Keep this worker's shard; with `--shard auto` the farm's worker count is the
         number of shards reporting their load (this one included), so each worker's share
         of the farm-wide limits follows `docker compose up --scale ike=N`."""
         while True:
             await asyncio.sleep(RENEW_INTERVAL)
-            # on_load ignores this worker's own reports: the others, plus this one
-            self.admission.workers = 1 + self.admission.load.shards(time.monotonic())
+            if count_workers:  # on_load ignores this worker's own reports: others, plus this one
+                self.admission.workers = 1 + self.admission.load.shards(time.monotonic())
             try:
                 await claim.renew()
             except ShardLost as exc:
@@ -242,10 +250,11 @@ class IkeService(ServiceBase):
         self._persister.cancel()
         with contextlib.suppress(Exception):  # what changed last goes out before the stop
             await asyncio.wait_for(self.sa_store.flush(), 2.0)
-        if self.shard_claim is not None:
-            if self._renewer is not None:
-                self._renewer.cancel()
-            await self.shard_claim.release()
+        for claim in (self.shard_claim, self.lease):
+            if claim is not None:
+                if self._renewer is not None:
+                    self._renewer.cancel()
+                await claim.release()
 
     async def teardown(self) -> None:
         self._stopping = True

@@ -26,9 +26,10 @@ from ikefarm.proto import subjects
 from ikefarm.services.ike import sa_store
 from ikefarm.services.ike.sa_store import Record, RecordError
 from ikefarm.services.ike.service import IkeService
+from ikefarm.services.ike.shard_claim import ShardClaim, ShardLost
 from ikefarm.services.keystore.service import KeystoreService
 from ikefarm.shared.bus.embedded import EmbeddedNats
-from ikefarm.shared.bus.runtime import Runtime
+from ikefarm.shared.bus.runtime import Runtime, ServiceUnavailable
 from ikefarm.shared.config.loader import parse_config
 from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState
 from ikefarm.shared.ikev2.snapshot import SaSnapshot, take
@@ -242,3 +243,21 @@ def test_record_unpack_takes_only_a_record(raw: bytes) -> None:
         return
     assert msgpack.unpackb(raw)["format"] == sa_store.RECORD_FORMAT
     assert isinstance(record.snapshot, bytes)
+
+
+async def test_a_shard_lease_is_taken_over_by_the_same_worker_and_refused_to_another(
+    nats_client: Client,
+) -> None:
+    first = ShardClaim(nats_client, "ike-2")
+    await first.hold(2)
+    # `ikefarm up` restarts a dead worker under its name: the lease is taken over at once
+    again = ShardClaim(nats_client, "ike-2")
+    await asyncio.wait_for(again.hold(2, wait=0.0), 5)
+    # another worker while the holder renews: refused, never a second owner
+    other = ShardClaim(nats_client, "ike-x")
+    with pytest.raises(ServiceUnavailable, match="held by the live worker 'ike-2'"):
+        await other.hold(2, wait=0.5)
+    await again.release()
+    await asyncio.wait_for(other.hold(2, wait=0.0), 5)  # released: free at once
+    with pytest.raises(ShardLost):
+        await again.renew()  # the old holder finds it taken and stops

@@ -29,8 +29,9 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 from nats.js.errors import KeyNotFoundError, ServiceUnavailableError
@@ -45,11 +46,13 @@ from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.sa import IkeSaState
 from ikefarm.shared.ikev2.snapshot import SaSecrets, SaSnapshot, SnapshotError
 
+T = TypeVar("T")
 FLUSH_INTERVAL = 0.05  # s: writes of one SA within this coalesce into one
 SWEEP_INTERVAL = 2.0  # s
 RECORD_FORMAT = 1
 MAX_RECORD = 256 * 1024  # octets: a record above this is refused unread
 KEYSTORE_TIMEOUT = 5.0
+KEYSTORE_WAIT = 15.0  # s: how long a starting worker waits for the keystore to answer
 LIST_TIMEOUT = 5.0
 
 
@@ -105,7 +108,7 @@ def _spi_of(key: str, shard: int) -> bytes | None:
         spi = bytes.fromhex(key[len(prefix) :])
     except ValueError:
         return None
-    return spi if len(spi) == 8 else None
+    return spi if len(spi) == 8 and key == subjects.ike_sa_key(shard, spi) else None
 
 
 class SaStore:
@@ -260,46 +263,90 @@ class SaStore:
         self.runtime.counters[f"snapshot_refused.{reason}"] += 1
         self.log.control("snapshot_refused", key=key, reason=reason, detail=text)
 
+    def parse(self, key: str, raw: bytes | None) -> tuple[bytes, Record, SaSnapshot] | None:
+        """A listed record checked against this shard and the schema; None when refused."""
+        spi = _spi_of(key, self.shard)
+        if spi is None:
+            self._refuse(key, "key", "not a snapshot key of this shard")
+            return None
+        try:
+            record = Record.unpack(raw)
+            state = SaSnapshot.from_json(record.snapshot)
+        except RecordError as exc:
+            self._refuse(key, "record", str(exc))
+            return None
+        except SnapshotError as exc:
+            self._refuse(key, "schema", str(exc))
+            return None
+        except Exception as exc:  # whatever else a damaged record provokes: refused too
+            self._refuse(key, "schema", type(exc).__name__)
+            return None
+        local = state.spi_i if state.is_initiator else state.spi_r
+        if local != spi.hex():
+            self._refuse(key, "schema", "the snapshot's SPI is not the one of its key")
+            return None
+        return spi, record, state
+
+    def adopt(self, key: str, spi: bytes, state: SaSnapshot, plain: bytes, now: float) -> bool:
+        """One SA restored from its snapshot and its opened secrets; False when refused."""
+        try:
+            secrets = SaSecrets.from_bytes(plain)
+        except SnapshotError as exc:
+            self._refuse(key, "secrets", str(exc))
+            return False
+        if self.engine.sas.get(spi) is not None:
+            self._refuse(key, "duplicate", "an SA with this SPI is already here")
+            return False
+        try:
+            self.engine.restore(state, secrets, now)
+        except SnapshotError as exc:
+            self._refuse(key, "schema", str(exc))
+            return False
+        except Exception as exc:  # a snapshot that fits the schema but not this config
+            self._refuse(key, "restore", type(exc).__name__)
+            return False
+        self.stored.add(spi)
+        return True
+
     async def load(self) -> int:
         """Restore this shard's SAs from their records; the count restored."""
         records: list[tuple[str, bytes, Record, SaSnapshot]] = []
         for key, raw in await self._list():
-            spi = _spi_of(key, self.shard)
-            if spi is None:
-                self._refuse(key, "key", "not a snapshot key of this shard")
-                continue
-            try:
-                record = Record.unpack(raw)
-                state = SaSnapshot.from_json(record.snapshot)
-            except RecordError as exc:
-                self._refuse(key, "record", str(exc))
-                continue
-            except SnapshotError as exc:
-                self._refuse(key, "schema", str(exc))
-                continue
-            local = state.spi_i if state.is_initiator else state.spi_r
-            if local != spi.hex():
-                self._refuse(key, "schema", "the snapshot's SPI is not the one of its key")
-                continue
-            records.append((key, spi, record, state))
+            parsed = self.parse(key, raw)
+            if parsed is not None:
+                records.append((key, *parsed))
         restored = 0
         for start in range(0, len(records), MAX_BATCH):
             restored += await self._restore(records[start : start + MAX_BATCH])
+        self.counters["restored"] += restored
         return restored
+
+    async def _patiently(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`'s answer; the keystore may start after this worker (`ikefarm up` starts all
+        at once, and restarts a keystore too): asked again for up to `KEYSTORE_WAIT`."""
+        deadline = time.monotonic() + KEYSTORE_WAIT
+        while True:
+            try:
+                return await call()
+            except Exception:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def _restore(self, batch: list[tuple[str, bytes, Record, SaSnapshot]]) -> int:
         if not batch:
             return 0
-        channel, ephemeral = SealedChannel.open_to(await self.keystore_key.get(), info=CHANNEL_INFO)
-        reply = await self.runtime.request(
-            subjects.KEYSTORE_SA_UNSEAL,
-            SaUnsealRequest(
-                ephemeral=ephemeral,
-                bindings=[key for key, *_rest in batch],
-                items=[record.sealed_secrets for _key, _spi, record, _state in batch],
-            ),
-            SaUnsealReply,
-            timeout=KEYSTORE_TIMEOUT,
+        public = await self._patiently(self.keystore_key.get)
+        channel, ephemeral = SealedChannel.open_to(public, info=CHANNEL_INFO)
+        request = SaUnsealRequest(
+            ephemeral=ephemeral,
+            bindings=[key for key, *_rest in batch],
+            items=[record.sealed_secrets for _key, _spi, record, _state in batch],
+        )
+        reply = await self._patiently(
+            lambda: self.runtime.request(
+                subjects.KEYSTORE_SA_UNSEAL, request, SaUnsealReply, timeout=KEYSTORE_TIMEOUT
+            )
         )
         if len(reply.items) != len(batch):
             raise SealError("the keystore opened another number of items than asked")
@@ -311,25 +358,9 @@ class SaStore:
                 self._refuse(key, "seal", f"the keystore refused the sealed secrets: {why}")
                 continue
             try:
-                secrets = SaSecrets.from_bytes(channel.open(reply_label(key), item))
+                plain = channel.open(reply_label(key), item)
             except SealError as exc:
                 self._refuse(key, "seal", str(exc))
                 continue
-            except SnapshotError as exc:
-                self._refuse(key, "secrets", str(exc))
-                continue
-            if self.engine.sas.get(spi) is not None:
-                self._refuse(key, "duplicate", "an SA with this SPI is already here")
-                continue
-            try:
-                self.engine.restore(state, secrets, now)
-            except SnapshotError as exc:
-                self._refuse(key, "schema", str(exc))
-                continue
-            except Exception as exc:  # a snapshot that fits the schema but not this config
-                self._refuse(key, "restore", type(exc).__name__)
-                continue
-            self.stored.add(spi)
-            restored += 1
-        self.counters["restored"] += restored
+            restored += self.adopt(key, spi, state, plain, now)
         return restored

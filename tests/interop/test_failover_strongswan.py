@@ -1,6 +1,7 @@
 """Farm failover against a real strongSwan (docs/failover.md): `kill -9` of an ike worker
 under `ikefarm up`; the restarted worker restores its shard's SAs from JetStream and the
-peer never notices: same SPIs on both sides, and a child rekey right after goes through."""
+peer never notices: same SPIs on both sides, strongSwan's DPD answered through the adopted
+SAs, and a child rekey right after goes through."""
 
 from __future__ import annotations
 
@@ -66,7 +67,9 @@ def test_a_killed_worker_s_sas_continue_with_the_same_spis(
         netns_pair.peer.add_address("lo", f"10.200.{i}.1/32")
     peer.load(
         [
-            peer_connection(name=name, identity=identity, local_ts=f"10.200.{i}.0/24")
+            peer_connection(
+                name=name, identity=identity, local_ts=f"10.200.{i}.0/24", dpd_delay="2s"
+            )
             for i, (name, identity) in enumerate(zip(names, identities, strict=True))
         ],
         psks=[psk_for(*identities)],
@@ -94,6 +97,7 @@ def test_a_killed_worker_s_sas_continue_with_the_same_spis(
 
     old_pid = worker_pids(state_dir)[victim]
     os.kill(old_pid, signal.SIGKILL)
+    log_at_kill = len(peer.log_text())
     wait_for(
         lambda: worker_pids(state_dir).get(victim) not in (None, old_pid),
         timeout=30,
@@ -108,6 +112,14 @@ def test_a_killed_worker_s_sas_continue_with_the_same_spis(
     assert row["gauges"]["snapshots"]["restored"] == len(on_victim)  # restored, not renegotiated
     restored = gateway.counters("ike")
     assert not {k: v for k, v in restored.items() if k.startswith("snapshot_refused")}
+
+    # DPD (strongSwan's, every 2 s of silence) through every adopted SA, answered
+    def dpd_answered() -> bool:
+        text = peer.log_text()[log_at_kill:]
+        lines = [line for line in text.splitlines() if "parsed INFORMATIONAL response" in line]
+        return all(any(f"<{name}|" in line for line in lines) for name in on_victim)
+
+    wait_for(dpd_answered, timeout=20, what="strongSwan's DPD answered through adopted SAs")
 
     # a child rekey of an adopted SA, right after: the IKE SA stays, the child is new
     target = on_victim[0]

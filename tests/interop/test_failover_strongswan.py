@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,8 @@ __all__ = ["peer"]  # the fixture, imported for pytest
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
 CONNECTIONS = 8
+GW_INNER = "10.100.0.1"
+PINGS = 40  # every 0.2 s: 8 s of pings across the kill and the restart
 
 
 def ike_spis(sas: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
@@ -61,6 +66,7 @@ def test_a_killed_worker_s_sas_continue_with_the_same_spis(
         ipsec_template_extra="",
     )
     gateway = gateway_factory(netns_pair.gw, config_text=text)
+    netns_pair.gw.add_address("lo", f"{GW_INNER}/32")  # the tunnel's far end, for pings
     names = [f"c{i}" for i in range(CONNECTIONS)]
     identities = [f"{name}.peer.example" for name in names]
     for i in range(1, CONNECTIONS):  # the peer fixture put 10.200.0.1 there already
@@ -95,6 +101,16 @@ def test_a_killed_worker_s_sas_continue_with_the_same_spis(
         what="every SA snapshotted",
     )
 
+    # packets through an adopted SA's child while its worker dies: the dataplane (kernel
+    # service, userspace here) keeps the child, nothing waits for the ike side
+    source = f"10.200.{names.index(on_victim[0])}.1"
+    assert netns_pair.peer.ping(GW_INNER, src=source, count=2, timeout=10)
+    pinger = netns_pair.peer.popen(
+        ["ping", "-n", "-q", "-i", "0.2", "-c", str(PINGS), "-W", "1", "-I", source, GW_INNER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
     old_pid = worker_pids(state_dir)[victim]
     os.kill(old_pid, signal.SIGKILL)
     log_at_kill = len(peer.log_text())
@@ -106,6 +122,9 @@ def test_a_killed_worker_s_sas_continue_with_the_same_spis(
     wait_for(
         lambda: len(gateway.status().get("ike", [])) == 2, timeout=30, what="both workers report"
     )
+    out, _ = pinger.communicate(timeout=PINGS * 0.2 + 20)
+    received = int(re.search(r"(\d+) received", out).group(1))  # type: ignore[union-attr]
+    assert PINGS - received <= 15, out  # at most 3 s of pings lost (at 5 a second)
     rows = gateway.wait_sas(CONNECTIONS, timeout=20)
     assert {(r["spi_i"], r["spi_r"]) for r in rows} == set(ike_spis(before).values())
     (row,) = [r for r in gateway.status()["ike"] if r.get("gauges", {}).get("shard") == 0]

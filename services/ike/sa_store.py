@@ -28,18 +28,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgpack
-from nats.js.errors import KeyNotFoundError, ServiceUnavailableError
+from nats.js.errors import KeyNotFoundError
 
 from ikefarm.proto import subjects
 from ikefarm.proto.messages import SaSealReply, SaSealRequest, SaUnsealReply, SaUnsealRequest
 from ikefarm.services.ike.transport_keys import TransportKey
-from ikefarm.shared.bus.runtime import Runtime, ServiceUnavailable
+from ikefarm.shared.bus.kv import open_bucket as open_kv_bucket
+from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.bus.sa_secrets import CHANNEL_INFO, MAX_BATCH, reply_label, request_label
 from ikefarm.shared.bus.sealed import SealedChannel, SealError
 from ikefarm.shared.ikev2.engine import IkeEngine
@@ -54,6 +55,7 @@ MAX_RECORD = 256 * 1024  # octets: a record above this is refused unread
 KEYSTORE_TIMEOUT = 5.0
 KEYSTORE_WAIT = 15.0  # s: how long a starting worker waits for the keystore to answer
 LIST_TIMEOUT = 5.0
+RECENT_REFUSALS = 8
 
 
 class RecordError(ValueError):
@@ -91,13 +93,9 @@ class Record:
 
 
 async def open_bucket(nc: Any) -> Any:
-    try:
-        return await nc.jetstream().create_key_value(bucket=subjects.IKE_SA_BUCKET, history=1)
-    except ServiceUnavailableError:
-        raise ServiceUnavailable(
-            "the ike worker keeps SA snapshots in a JetStream KV bucket "
-            f"({subjects.IKE_SA_BUCKET}): enable JetStream on the NATS server (nats-server -js)"
-        ) from None
+    return await open_kv_bucket(
+        nc, subjects.IKE_SA_BUCKET, "the ike worker keeps SA snapshots", history=1
+    )
 
 
 def _spi_of(key: str, shard: int) -> bytes | None:
@@ -131,6 +129,8 @@ class SaStore:
         self.dirty: set[bytes] = set()
         self.stored: set[bytes] = set()  # local SPIs with a record in the bucket
         self.counters: Counter[str] = Counter()
+        # the last records refused at adoption (key, reason, detail), for `ikefarm status`
+        self.recent_refusals: deque[tuple[str, str, str]] = deque(maxlen=RECENT_REFUSALS)
         self._wanted = asyncio.Event()
         self._last_sweep = time.monotonic()
 
@@ -260,6 +260,7 @@ class SaStore:
 
     def _refuse(self, key: str, reason: str, text: str) -> None:
         self.counters[f"snapshot_refused.{reason}"] += 1
+        self.recent_refusals.append((key, reason, text))
         self.runtime.counters[f"snapshot_refused.{reason}"] += 1
         self.log.control("snapshot_refused", key=key, reason=reason, detail=text)
 

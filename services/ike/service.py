@@ -284,7 +284,11 @@ class IkeService(ServiceBase):
                 "backoff_peers": len(self.admission.backoff),
             },
             "engine": dict(self.engine.counters),
-            "snapshots": {"stored": len(self.sa_store.stored), **self.sa_store.counters},
+            "snapshots": {
+                "stored": len(self.sa_store.stored),
+                **self.sa_store.counters,
+                "recent_refusals": [list(r) for r in self.sa_store.recent_refusals],
+            },
         }
 
     # -- inputs -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.snapshot import take
 from tests.engine_helpers import RESPONDER_TOML, config, pair
+from tests.fuzz.test_engine_fuzz import mutate
 
 _WIRE = pair()
 _WIRE.run(_WIRE.initiator.engine.initiate("hq", "net", _WIRE.now), _WIRE.initiator)
@@ -50,15 +51,6 @@ class Quiet:
 def store() -> SaStore:
     engine = IkeEngine(engine_policy(config(RESPONDER_TOML)), shard=1)
     return SaStore(CountersOnly(), engine, 1, kv=None, log=Quiet())  # type: ignore[arg-type]
-
-
-def mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
-    buffer = bytearray(data)
-    for position, value in edits:
-        buffer[position % len(buffer)] = value
-    if cut is not None:
-        buffer = buffer[: cut % (len(buffer) + 1)]
-    return bytes(buffer)
 
 
 edits = st.lists(st.tuples(st.integers(0, 1 << 14), st.integers(0, 255)), max_size=8)

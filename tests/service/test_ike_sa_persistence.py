@@ -94,6 +94,15 @@ async def hand_over(worker: IkeService, r_sa: IkeSa) -> IkeSa:
     return sa
 
 
+async def written_by_a_worker(url: str, tmp_path: Path, r_sa: IkeSa) -> IkeSa:
+    """The SA handed to a worker that writes it and stops."""
+    first = await start_worker(url, tmp_path, "ike-a")
+    try:
+        return await hand_over(service(first), r_sa)
+    finally:
+        await first.stop()
+
+
 async def stored(nc: Client, sa: IkeSa) -> bytes:
     kv = await nc.jetstream().key_value(subjects.IKE_SA_BUCKET)
     entry = await kv.get(subjects.ike_sa_key(SHARD, sa.local_spi))
@@ -105,11 +114,7 @@ async def test_a_restarted_worker_continues_the_sa_and_the_keys_never_show(
     nats_server: EmbeddedNats, nats_client: Client, keystore: Runtime, tmp_path: Path
 ) -> None:
     wire, i_sa, r_sa = established_pair()
-    first = await start_worker(nats_server.url, tmp_path, "ike-a")
-    try:
-        sa = await hand_over(service(first), r_sa)
-    finally:
-        await first.stop()
+    sa = await written_by_a_worker(nats_server.url, tmp_path, r_sa)
     raw = await stored(nats_client, sa)
     # no key in clear in JetStream: neither the IKE SA's nor a child's
     assert r_sa.keys is not None
@@ -208,14 +213,9 @@ async def test_a_damaged_record_is_refused_counted_and_the_worker_runs(
     damage: object,
     reason: str,
     message: str,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     _wire, _i_sa, r_sa = established_pair()
-    first = await start_worker(nats_server.url, tmp_path, "ike-a")
-    try:
-        sa = await hand_over(service(first), r_sa)
-    finally:
-        await first.stop()
+    sa = await written_by_a_worker(nats_server.url, tmp_path, r_sa)
     kv = await nats_client.jetstream().key_value(subjects.IKE_SA_BUCKET)
     raw = await stored(nats_client, sa)
     key = subjects.ike_sa_key(SHARD, sa.local_spi)
@@ -229,6 +229,8 @@ async def test_a_damaged_record_is_refused_counted_and_the_worker_runs(
         worker = service(second)
         assert worker.engine.sas.get(sa.local_spi) is None
         assert second.counters[f"snapshot_refused.{reason}"] == 1
+        ((refused_key, refused_reason, detail),) = worker.sa_store.recent_refusals
+        assert (refused_key, refused_reason) == (key, reason) and message in detail
         assert worker.sa_store.counters["restored"] == 0
     finally:
         await second.stop()

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgpack
-import nats
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,10 +50,12 @@ async def start(tmp_path: Path, url: str) -> Runtime:
 
 
 @pytest.fixture
-async def client(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
-    nc = await nats.connect(nats_server.url)
-    yield nc
-    await nc.close()
+async def keystore(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Runtime]:
+    runtime = await start(tmp_path, nats_server.url)
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
 
 
 async def ask(nc: Client, subject: str, payload: bytes) -> bytes:
@@ -94,109 +95,99 @@ async def unseal(
 
 
 async def test_secrets_open_again_only_for_their_key_and_survive_a_restart(
-    nats_server: EmbeddedNats, client: Client, tmp_path: Path
+    nats_server: EmbeddedNats, nats_client: Client, tmp_path: Path
 ) -> None:
     keystore = await start(tmp_path, nats_server.url)
     try:
-        stored = await seal(client, BINDINGS, KEYS)
+        stored = await seal(nats_client, BINDINGS, KEYS)
         assert len(stored) == 2 and all(k not in s for k, s in zip(KEYS, stored, strict=True))
-        plain, refused = await unseal(client, BINDINGS, stored)
+        plain, refused = await unseal(nats_client, BINDINGS, stored)
         assert plain == KEYS and refused == ["", ""]
         # swapped between keys, or one octet changed: refused item by item, the rest served
         broken = bytearray(stored[1])
         broken[20] ^= 0x40
-        plain, refused = await unseal(client, BINDINGS, [stored[1], bytes(broken)])
+        plain, refused = await unseal(nats_client, BINDINGS, [stored[1], bytes(broken)])
         assert plain == [None, None] and refused == ["seal_broken", "seal_broken"]
-        plain, refused = await unseal(client, BINDINGS, [stored[0], b"short"])
+        plain, refused = await unseal(nats_client, BINDINGS, [stored[0], b"short"])
         assert plain == [KEYS[0], None] and keystore.counters["sa_unseal.refused"] == 3
     finally:
         await keystore.stop()
     keystore = await start(tmp_path, nats_server.url)  # the same store: the same snapshot key
     try:
-        plain, _refused = await unseal(client, BINDINGS, stored)
+        plain, _refused = await unseal(nats_client, BINDINGS, stored)
         assert plain == KEYS
     finally:
         await keystore.stop()
 
 
 async def test_a_reply_sealed_to_one_worker_does_not_open_for_another(
-    nats_server: EmbeddedNats, client: Client, tmp_path: Path
+    nats_client: Client, keystore: Runtime
 ) -> None:
-    keystore = await start(tmp_path, nats_server.url)
-    try:
-        stored = await seal(client, BINDINGS[:1], KEYS[:1])
-        _mine, ephemeral = await channel(client)
-        other, _ = await channel(client)
-        raw = await ask(
-            client,
-            subjects.KEYSTORE_SA_UNSEAL,
-            envelope.pack(SaUnsealRequest(ephemeral, BINDINGS[:1], stored)),
-        )
-        (item,) = envelope.unpack_reply(raw, SaUnsealReply).items
-        with pytest.raises(SealError):
-            other.open(reply_label(BINDINGS[0]), item)
-    finally:
-        await keystore.stop()
+    stored = await seal(nats_client, BINDINGS[:1], KEYS[:1])
+    _mine, ephemeral = await channel(nats_client)
+    other, _ = await channel(nats_client)
+    raw = await ask(
+        nats_client,
+        subjects.KEYSTORE_SA_UNSEAL,
+        envelope.pack(SaUnsealRequest(ephemeral, BINDINGS[:1], stored)),
+    )
+    (item,) = envelope.unpack_reply(raw, SaUnsealReply).items
+    with pytest.raises(SealError):
+        other.open(reply_label(BINDINGS[0]), item)
 
 
 async def test_malformed_requests_are_refused_counted_and_the_keystore_serves_on(
-    nats_server: EmbeddedNats, client: Client, tmp_path: Path
+    nats_client: Client, keystore: Runtime
 ) -> None:
-    keystore = await start(tmp_path, nats_server.url)
-    try:
-        sealed, ephemeral = await channel(client)
-        good_item = sealed.seal(request_label(BINDINGS[0]), KEYS[0])
-        bad = [
-            SaSealRequest(ephemeral, BINDINGS, [good_item]),  # lengths differ
-            SaSealRequest(ephemeral, [BINDINGS[1]], [good_item]),  # bound to another key
-            SaSealRequest(b"\x00" * 5, BINDINGS[:1], [good_item]),  # not a public key
-            SaSealRequest(ephemeral, ["x" * 65], [good_item]),
-            SaSealRequest(ephemeral, ["b"] * (MAX_BATCH + 1), [good_item] * (MAX_BATCH + 1)),
-        ]
-        for request in bad:
-            raw = await ask(client, subjects.KEYSTORE_SA_SEAL, envelope.pack(request))
-            with pytest.raises(BusError) as refused:
-                envelope.unpack_reply(raw)
-            assert refused.value.code == "bad_field"
-        assert keystore.counters["sa_seal.bad_request"] == len(bad)
+    sealed, ephemeral = await channel(nats_client)
+    good_item = sealed.seal(request_label(BINDINGS[0]), KEYS[0])
+    bad = [
+        SaSealRequest(ephemeral, BINDINGS, [good_item]),  # lengths differ
+        SaSealRequest(ephemeral, [BINDINGS[1]], [good_item]),  # bound to another key
+        SaSealRequest(b"\x00" * 5, BINDINGS[:1], [good_item]),  # not a public key
+        SaSealRequest(ephemeral, ["x" * 65], [good_item]),
+        SaSealRequest(ephemeral, ["b"] * (MAX_BATCH + 1), [good_item] * (MAX_BATCH + 1)),
+    ]
+    for request in bad:
+        raw = await ask(nats_client, subjects.KEYSTORE_SA_SEAL, envelope.pack(request))
+        with pytest.raises(BusError) as refused:
+            envelope.unpack_reply(raw)
+        assert refused.value.code == "bad_field"
+    assert keystore.counters["sa_seal.bad_request"] == len(bad)
 
-        good = {"ephemeral": ephemeral, "bindings": BINDINGS[:1], "items": [good_item]}
+    good = {"ephemeral": ephemeral, "bindings": BINDINGS[:1], "items": [good_item]}
 
-        @settings(
-            max_examples=60,
-            deadline=None,
-            suppress_health_check=[HealthCheck.function_scoped_fixture],
-        )
-        @given(
-            kind=st.sampled_from(["sa-seal-request", "sa-unseal-request"]),
-            field=st.sampled_from(sorted(good)),
-            value=st.one_of(
-                st.none(),
-                st.integers(-(2**63), 2**64 - 1),
-                st.binary(max_size=100),
-                st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=70)), max_size=4),
-            ),
-        )
-        def case(kind: str, field: str, value: object) -> None:
-            cases.append(
-                (kind, msgpack.packb({"v": 1, "kind": kind, "body": good | {field: value}}))
-            )
+    @settings(
+        max_examples=60,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        kind=st.sampled_from(["sa-seal-request", "sa-unseal-request"]),
+        field=st.sampled_from(sorted(good)),
+        value=st.one_of(
+            st.none(),
+            st.integers(-(2**63), 2**64 - 1),
+            st.binary(max_size=100),
+            st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=70)), max_size=4),
+        ),
+    )
+    def case(kind: str, field: str, value: object) -> None:
+        cases.append((kind, msgpack.packb({"v": 1, "kind": kind, "body": good | {field: value}})))
 
-        cases: list[tuple[str, bytes]] = []
-        case()
-        for kind, payload in cases:
-            subject = subjects.KEYSTORE_SA_SEAL if "-seal" in kind else subjects.KEYSTORE_SA_UNSEAL
-            raw = await ask(client, subject, payload)
-            try:
-                reply = envelope.unpack_reply(raw)
-            except BusError as exc:
-                assert exc.code in {"bad_field", "missing_field", "wrong_kind"}, exc
-                continue
-            # an unseal of garbage items is answered item by item: each one refused
-            if isinstance(reply, dict) and "refused" in reply:
-                assert all(reply["refused"])
-        # still serving
-        stored = await seal(client, BINDINGS, KEYS)
-        assert (await unseal(client, BINDINGS, stored))[0] == KEYS
-    finally:
-        await keystore.stop()
+    cases: list[tuple[str, bytes]] = []
+    case()
+    for kind, payload in cases:
+        subject = subjects.KEYSTORE_SA_SEAL if "-seal" in kind else subjects.KEYSTORE_SA_UNSEAL
+        raw = await ask(nats_client, subject, payload)
+        try:
+            reply = envelope.unpack_reply(raw)
+        except BusError as exc:
+            assert exc.code in {"bad_field", "missing_field", "wrong_kind"}, exc
+            continue
+        # an unseal of garbage items is answered item by item: each one refused
+        if isinstance(reply, dict) and "refused" in reply:
+            assert all(reply["refused"])
+    # still serving
+    stored = await seal(nats_client, BINDINGS, KEYS)
+    assert (await unseal(nats_client, BINDINGS, stored))[0] == KEYS

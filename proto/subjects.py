@@ -259,6 +259,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             EVENT_IKE_SA,
             EVENT_CHILD_SA,
             KERNEL_TRANSPORT_KEY,
+            KERNEL_SHOW,  # adopted children the kernel lost are rekeyed (docs/failover.md)
             *_kv_api(UNIQUE_ID_BUCKET),
             *_kv_api(IKE_SHARDS_BUCKET, watch=True),  # `--shard auto` claims
             *_kv_api(IKE_SA_BUCKET, watch=True),  # SA snapshots, listed at adoption

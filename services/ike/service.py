@@ -50,6 +50,8 @@ from ikefarm.proto.messages import (
     InitialContactNotice,
     InitRoute,
     KernelAck,
+    KernelShowRequest,
+    KernelState,
     OutboundDatagram,
     PeerBackoff,
     PskAuthReply,
@@ -104,6 +106,7 @@ from ikefarm.shared.ikev2.effects import (
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
+from ikefarm.shared.ikev2.sa import ChildSaState
 from ikefarm.shared.ikev2.show import ike_sa_row
 from ikefarm.shared.observability.latency import IKE_HANDSHAKE_DURATION
 from ikefarm.shared.observability.logging import get_logger
@@ -173,6 +176,7 @@ class IkeService(ServiceBase):
         )
         restored = await self.sa_store.load()
         self.log.control("snapshots_restored", shard=self.shard, sas=restored)
+        self._restored = restored
         # load reports carry the peers whose half-open count changed, not every peer
         limits = self.admission.limits
         self.peer_reports = PeerReports(
@@ -226,7 +230,34 @@ class IkeService(ServiceBase):
             self._renewer = asyncio.create_task(self.renew_claim(self.shard_claim))
         elif self.lease is not None:
             self._renewer = asyncio.create_task(self.renew_claim(self.lease, count_workers=False))
+        if self._restored:
+            self._spawn(self.reconcile_kernel())
         self.log.control("ike_worker_ready", shard=self.shard)
+
+    async def reconcile_kernel(self) -> None:
+        """Adopted children whose kernel state is gone (the kernel service restarted too, and
+        its userspace dataplane with it) are rekeyed at once: the peer's replay window rules
+        out installing the old keys again, and a fresh child restores the traffic. Children
+        the kernel still has are left as they are (docs/failover.md)."""
+        try:
+            state = await self.runtime.request(
+                subjects.KERNEL_SHOW, KernelShowRequest(), KernelState, timeout=KERNEL_TIMEOUT
+            )
+        except Exception as exc:
+            self.runtime.counters["kernel_reconcile_failed"] += 1
+            self.log.control("kernel_reconcile_failed", error=type(exc).__name__)
+            return
+        present = {str(row.get("spi", "")) for row in state.sas}
+        now = time.monotonic()
+        effects: list[Effect] = []
+        for sa in list(self.engine.sas.values()):
+            for child in list(sa.children):
+                if child.state == ChildSaState.INSTALLED and child.spi_in.hex() not in present:
+                    self.runtime.counters["adopted_child_missing_in_kernel"] += 1
+                    effects += self.engine.rekey_child(sa, child, now)
+        if effects:
+            self.log.control("adopted_children_rekeyed", shard=self.shard)
+        await self.apply(effects)
 
     async def renew_claim(self, claim: ShardClaim, count_workers: bool = True) -> None:
         """Keep this worker's shard; with `--shard auto` the farm's worker count is the

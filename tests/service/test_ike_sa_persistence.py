@@ -27,6 +27,7 @@ from ikefarm.services.ike import sa_store
 from ikefarm.services.ike.sa_store import Record, RecordError
 from ikefarm.services.ike.service import IkeService
 from ikefarm.services.ike.shard_claim import ShardClaim, ShardLost
+from ikefarm.services.kernel.service import KernelService
 from ikefarm.services.keystore.service import KeystoreService
 from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime, ServiceUnavailable
@@ -176,6 +177,38 @@ async def test_a_deleted_sa_leaves_the_store(
             await kv.get(subjects.ike_sa_key(SHARD, sa.local_spi))
     finally:
         await runtime.stop()
+
+
+async def test_adopted_children_the_kernel_lost_are_rekeyed_the_others_kept(
+    nats_server: EmbeddedNats, keystore: Runtime, tmp_path: Path
+) -> None:
+    """A kernel service that restarted too (memory backend: the test double for its state)
+    has none of the adopted children: the worker rekeys them at once. (Children the kernel
+    still has are kept as they are: `tests/interop/test_failover_strongswan.py`.)"""
+    _wire, _i_sa, r_sa = established_pair()
+    kernel = Runtime(
+        KernelService,
+        parse_config('[kernel]\nbackend = "memory"\n'),
+        nats_server.url,
+        instance="kernel-0",
+    )
+    await kernel.start()
+    try:
+        await written_by_a_worker(nats_server.url, tmp_path, r_sa)
+        second = await start_worker(nats_server.url, tmp_path, "ike-b")
+        try:
+            adopted = service(second).engine.sas[r_sa.local_spi]
+            for _ in range(100):
+                if adopted.outstanding is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert second.counters["adopted_child_missing_in_kernel"] == 1
+            assert adopted.outstanding is not None
+            assert type(adopted.outstanding.task).__name__ == "ChildRekeyTask"
+        finally:
+            await second.stop()
+    finally:
+        await kernel.stop()
 
 
 def broken_seal(raw: bytes) -> bytes:

@@ -296,3 +296,17 @@ async def test_a_shard_lease_is_taken_over_by_the_same_worker_and_refused_to_ano
     await asyncio.wait_for(other.hold(2, wait=0.0), 5)  # released: free at once
     with pytest.raises(ShardLost):
         await again.renew()  # the old holder finds it taken and stops
+
+
+async def test_an_auto_claim_takes_its_own_previous_life_s_shard_back(
+    nats_client: Client,
+) -> None:
+    first = ShardClaim(nats_client, "ike-host-1", max_shards=4)
+    assert await first.claim() == 0
+    other = ShardClaim(nats_client, "ike-other-7", max_shards=4)
+    assert await other.claim() == 1
+    # a restarted container: same hostname, pid 1 again; its claim has not expired yet
+    again = ShardClaim(nats_client, "ike-host-1", max_shards=4)
+    assert await again.claim() == 0
+    stranger = ShardClaim(nats_client, "ike-new-9", max_shards=4)
+    assert await stranger.claim() == 2

@@ -1,15 +1,15 @@
 """IKE SA snapshots of one shard in JetStream KV, so a restarted worker continues them.
 
 Persisting (docs/failover.md): the worker marks an SA dirty when a datagram of
-it comes in or goes out, or an event names it (`mark`). A flush runs at most
-every `FLUSH_INTERVAL`: every dirty SA that is established is snapshotted
-(`engine.snapshot`), its secrets sealed to the keystore's transport key and
-re-sealed by the keystore under its snapshot key (one keystore request per
-flush, for up to `MAX_BATCH` SAs), and the record is put under
-`subjects.ike_sa_key(shard, local SPI)`; an SA that is gone has its record
-deleted. Several exchanges of one SA within an interval make one write. A sweep
-every `SWEEP_INTERVAL` catches what no datagram named (an SA deleted by a
-timer, the new SA of an IKE rekey).
+it comes in or goes out, or an event names it (`mark`). A flush runs as soon
+as an SA is dirty, then at most once every `FLUSH_INTERVAL`: every dirty SA
+that is established is snapshotted (`engine.snapshot`), its secrets sealed to
+the keystore's transport key and re-sealed by the keystore under its snapshot
+key (one keystore request per flush, for up to `MAX_BATCH` SAs), and the
+record is put under `subjects.ike_sa_key(shard, local SPI)`; an SA that is
+gone has its record deleted. Several exchanges of one SA within an interval
+make one write. A sweep every `SWEEP_INTERVAL` catches what no datagram named
+(an SA deleted by a timer, the new SA of an IKE rekey).
 
 Loading (`load`): a worker that starts on a shard lists the shard's records,
 has the keystore open the secrets sealed to a fresh ephemeral key of its own,
@@ -145,13 +145,13 @@ class SaStore:
     # -- persisting --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Flush dirty SAs, at most once per interval; sweep now and then."""
+        """Flush dirty SAs as soon as one is, then at most once per interval (what changes
+        meanwhile goes out together in the next flush); sweep now and then."""
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SWEEP_INTERVAL):
                     await self._wanted.wait()
             self._wanted.clear()
-            await asyncio.sleep(self.flush_interval)
             if time.monotonic() - self._last_sweep >= SWEEP_INTERVAL:
                 self.sweep()
             try:
@@ -161,6 +161,7 @@ class SaStore:
                 self.log.control("snapshot_flush_failed", error=type(exc).__name__)
                 await asyncio.sleep(1.0)
                 self._wanted.set()
+            await asyncio.sleep(self.flush_interval)
 
     def sweep(self) -> None:
         """Mark what no datagram named: established SAs without a record, records of SAs gone."""

@@ -206,6 +206,13 @@ class SaStore:
         return len(writes)
 
     async def _write(self, batch: list[tuple[str, bytes, SaSnapshot, SaSecrets]]) -> None:
+        try:
+            await self._seal_and_put(batch)
+        except Exception:
+            self.dirty.update(spi for _key, spi, _state, _secrets in batch)  # the next turn
+            raise
+
+    async def _seal_and_put(self, batch: list[tuple[str, bytes, SaSnapshot, SaSecrets]]) -> None:
         if not batch:
             return
         public = await self.keystore_key.get()
@@ -225,8 +232,6 @@ class SaStore:
             )
         except Exception:
             self.keystore_key.forget()  # perhaps a keystore with another key: fetch it again
-            for _key, spi, _state, _secrets in batch:
-                self.dirty.add(spi)
             raise
         if len(reply.items) != len(batch):
             raise SealError("the keystore sealed another number of items than asked")

@@ -310,3 +310,31 @@ async def test_an_auto_claim_takes_its_own_previous_life_s_shard_back(
     assert await again.claim() == 0
     stranger = ShardClaim(nats_client, "ike-new-9", max_shards=4)
     assert await stranger.claim() == 2
+
+
+async def test_writes_wait_for_an_absent_keystore_and_go_out_when_it_is_back(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    _wire, _i_sa, r_sa = established_pair()
+    runtime = await start_worker(nats_server.url, tmp_path, "ike-a")
+    try:
+        worker = service(runtime)
+        worker._persister.cancel()  # the flushes below are the test's own, one at a time
+        now = time.monotonic()
+        state, secrets = take(r_sa, now)
+        sa = worker.engine.restore(SaSnapshot.from_json(state.to_json()), secrets, now)
+        worker.sa_store.mark(sa.local_spi)
+        with pytest.raises(Exception):  # noqa: B017 - no keystore answers on the bus
+            await worker.sa_store.flush()
+        assert sa.local_spi in worker.sa_store.dirty  # kept for the next turn
+        keystore = Runtime(
+            KeystoreService, parse_config(farm_config(tmp_path)), nats_server.url, instance="ks"
+        )
+        await keystore.start()
+        try:
+            assert await worker.sa_store.flush() == 1
+            assert worker.sa_store.stored == {sa.local_spi}
+        finally:
+            await keystore.stop()
+    finally:
+        await runtime.stop()

@@ -5,20 +5,18 @@ SAs, and a child rekey right after goes through."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ikefarm.proto.sharding import shard_of_spi
-from tests.harness.gateway import GATEWAY_TOML, Gateway
+from tests.harness.gateway import Gateway
 from tests.harness.netns import NetnsPair, wait_for
 from tests.harness.strongswan import StrongSwan
 from tests.interop.test_responder_strongswan import PSK, peer, peer_connection, psk_for
@@ -40,32 +38,12 @@ def child_spis(sas: list[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
     return {sa["name"]: sorted((c["spi-in"], c["spi-out"]) for c in sa["child-sas"]) for sa in sas}
 
 
-def worker_pids(state_dir: Path) -> dict[str, int]:
-    """instance -> pid of what `ikefarm up` runs now (its `up.json`; null while one is down)."""
-    path = state_dir / "up.json"
-    if not path.exists():
-        return {}
-    return {k: v for k, v in json.loads(path.read_text())["children"].items() if v}
-
-
 def test_a_killed_worker_s_sas_continue_with_the_same_spis(
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     peer: StrongSwan,
-    tmp_path: Path,
 ) -> None:
-    state_dir = tmp_path / "gw-state"
-    text = GATEWAY_TOML.format(
-        state_dir=state_dir,
-        workers=2,
-        log_level=1,
-        psk=PSK,
-        address="192.0.2.1",
-        extra="",
-        ike_template_extra="",
-        ipsec_template_extra="",
-    )
-    gateway = gateway_factory(netns_pair.gw, config_text=text)
+    gateway = gateway_factory(netns_pair.gw, psk=PSK, workers=2)
     netns_pair.gw.add_address("lo", f"{GW_INNER}/32")  # the tunnel's far end, for pings
     names = [f"c{i}" for i in range(CONNECTIONS)]
     identities = [f"{name}.peer.example" for name in names]
@@ -111,11 +89,11 @@ def test_a_killed_worker_s_sas_continue_with_the_same_spis(
         text=True,
     )
     time.sleep(1.0)
-    old_pid = worker_pids(state_dir)[victim]
+    old_pid = gateway.service_pids()[victim]
     os.kill(old_pid, signal.SIGKILL)
     log_at_kill = len(peer.log_text())
     wait_for(
-        lambda: worker_pids(state_dir).get(victim) not in (None, old_pid),
+        lambda: gateway.service_pids().get(victim) not in (None, old_pid),
         timeout=30,
         what="the killed worker restarted",
     )

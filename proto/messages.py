@@ -225,6 +225,37 @@ class PpkMixReply(BusMessage):
     reason: str = ""  # "", "no_ppk"
 
 
+@message("sa-seal-request")
+class SaSealRequest(BusMessage):
+    """Keep SA snapshot secrets (docs/failover.md): each item sealed to the keystore's
+    transport key on a channel opened with `ephemeral`, its `bindings` entry (the KV key of
+    the snapshot) as part of the label; the keystore re-seals them under its snapshot key."""
+
+    ephemeral: bytes = field(repr=False)
+    bindings: list[str]
+    items: list[bytes] = field(repr=False)
+
+
+@message("sa-seal-reply")
+class SaSealReply(BusMessage):
+    items: list[bytes] = field(repr=False)  # under the keystore's snapshot key, per binding
+
+
+@message("sa-unseal-request")
+class SaUnsealRequest(BusMessage):
+    """Open stored SA snapshot secrets for the worker adopting them, sealed to `ephemeral`."""
+
+    ephemeral: bytes = field(repr=False)
+    bindings: list[str]
+    items: list[bytes] = field(repr=False)
+
+
+@message("sa-unseal-reply")
+class SaUnsealReply(BusMessage):
+    items: list[bytes] = field(repr=False)  # sealed to the request's channel; b"" if refused
+    refused: list[str] = field(default_factory=list)  # per item: "" or why it was refused
+
+
 @message("secret-request")
 class SecretRequest(BusMessage):
     """Asks for a secret itself (a PSK, a PPK, a private key): always refused, and counted."""

@@ -80,6 +80,18 @@ def unique_id_key(shard: int) -> str:
 # JetStream KV bucket where ike workers started with `--shard auto` claim their shard
 # (services/ike/shard_claim.py); only ike workers read or write it.
 IKE_SHARDS_BUCKET = "ikefarm-ike-shards"
+# JetStream KV bucket of IKE SA snapshots (docs/failover.md): key `shard-<n>.<local SPI hex>`,
+# the snapshot without keys and the keys sealed under the keystore's snapshot key
+IKE_SA_BUCKET = "ikefarm-ike-sas"
+
+
+def ike_sa_key(shard: int, local_spi: bytes) -> str:
+    return f"shard-{shard}.{local_spi.hex()}"
+
+
+def ike_sa_prefix(shard: int) -> str:
+    return f"shard-{shard}."
+
 
 # JetStream KV buckets of the farm's VIP leases (services/ike/vip_leases.py,
 # docs/vip-pools.md): one record per leased address and per identity's last address, and
@@ -112,6 +124,11 @@ KEYSTORE_TRANSPORT_KEY = f"{PREFIX}.keystore.transport-key"
 KEYSTORE_SECRET = f"{PREFIX}.keystore.secret.get"
 # ike -> keystore: certificate AUTH, signed and verified where the private keys live.
 KEYSTORE_CERT_AUTH = f"{PREFIX}.keystore.cert.auth"
+# ike -> keystore: SA snapshot secrets (docs/failover.md): sealed to the transport key in,
+# sealed under the keystore's snapshot key out (seal); and back to a worker's ephemeral key
+# (unseal). The keystore never returns them readable.
+KEYSTORE_SA_SEAL = f"{PREFIX}.keystore.sa.seal"
+KEYSTORE_SA_UNSEAL = f"{PREFIX}.keystore.sa.unseal"
 
 # ike -> anyone: SA lifecycle events (for show, flow, dashboards).
 EVENT_IKE_SA = f"{PREFIX}.event.ike-sa"
@@ -260,10 +277,12 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             EVENT_IKE_SA,
             EVENT_CHILD_SA,
             KERNEL_TRANSPORT_KEY,
+            KERNEL_SHOW,  # adopted children the kernel lost are rekeyed (docs/failover.md)
             *_kv_api(UNIQUE_ID_BUCKET),
             *_kv_api(IKE_SHARDS_BUCKET, watch=True),  # `--shard auto` claims
             *_kv_api(VIP_LEASE_BUCKET, watch=True),  # leases; `show vip-pool` lists keys
             *_kv_api(VIP_HOLDER_BUCKET),
+            *_kv_api(IKE_SA_BUCKET, watch=True),  # SA snapshots, listed at adoption
         ),
         "subscribe": (own_subjects("ike"), EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE),
     },

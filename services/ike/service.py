@@ -53,6 +53,8 @@ from ikefarm.proto.messages import (
     KernelAcquire,
     KernelCounters,
     KernelExpire,
+    KernelShowRequest,
+    KernelState,
     OutboundDatagram,
     PeerBackoff,
     PskAuthReply,
@@ -63,7 +65,7 @@ from ikefarm.proto.messages import (
     VipPoolShow,
     VipPoolShowRequest,
 )
-from ikefarm.services.ike import kernel_events, unique_ids
+from ikefarm.services.ike import kernel_events, sa_store, unique_ids
 from ikefarm.services.ike.exchange_traces import (
     ExchangeTraces,
     exchange_key,
@@ -72,6 +74,7 @@ from ikefarm.services.ike.exchange_traces import (
     parse_header,
 )
 from ikefarm.services.ike.ppk_client import PpkClient
+from ikefarm.services.ike.sa_store import SaStore
 from ikefarm.services.ike.shard_claim import (
     RENEW_INTERVAL,
     SHARD_AUTO,
@@ -113,6 +116,7 @@ from ikefarm.shared.ikev2.effects import (
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
+from ikefarm.shared.ikev2.sa import ChildSaState
 from ikefarm.shared.ikev2.show import ike_sa_row
 from ikefarm.shared.ikev2.state_counts import StateCounts
 from ikefarm.shared.ikev2.traps import AcquireGate, start_traps
@@ -154,7 +158,8 @@ class IkeService(ServiceBase):
 
     async def setup(self) -> None:
         shard = self.runtime.options.get("shard")
-        self.shard_claim: ShardClaim | None = None
+        self.shard_claim: ShardClaim | None = None  # `--shard auto`
+        self.lease: ShardClaim | None = None  # a shard given by number
         self._renewer: asyncio.Task[None] | None = None
         if shard == SHARD_AUTO:
             assert self.runtime.nc is not None
@@ -163,6 +168,11 @@ class IkeService(ServiceBase):
             self.log.control("shard_claimed", shard=self.shard)
         else:
             self.shard = int(shard) if shard is not None else 0
+            # the shard is a lease: its SA snapshots go to whoever holds it (docs/failover.md)
+            assert self.runtime.nc is not None
+            self.lease = ShardClaim(self.runtime.nc, self.runtime.instance)
+            await self.lease.hold(self.shard)
+            self.log.control("shard_lease_held", shard=self.shard)
         self.admission = WorkerAdmission(
             dos_limits(self.config),
             shard=self.shard,
@@ -189,6 +199,18 @@ class IkeService(ServiceBase):
                 self.runtime.nc, self.engine.policy.pools, self.runtime.counters
             )
             await self.vip_leases.open()
+        # this shard's SAs continue from their snapshots (docs/failover.md) before any
+        # datagram of theirs is taken: a worker restarted on its shard, or one that claimed it
+        self.sa_store = SaStore(
+            self.runtime,
+            self.engine,
+            self.shard,
+            await sa_store.open_bucket(self.runtime.nc),
+            self.log,
+        )
+        restored = await self.sa_store.load()
+        self.log.control("snapshots_restored", shard=self.shard, sas=restored)
+        self._restored = restored
         # load reports carry the peers whose half-open count changed, not every peer
         limits = self.admission.limits
         self.peer_reports = PeerReports(
@@ -254,23 +276,53 @@ class IkeService(ServiceBase):
         await self.publish_load()
         self._timer = asyncio.create_task(self.run_timers())
         self._reporter = asyncio.create_task(self.report_load())
+        self._persister = asyncio.create_task(self.sa_store.run())
         self._id_keeper = asyncio.create_task(
             unique_ids.keep_reserved(self._id_bucket, self.unique_ids, self._ids_wanted, self.log)
         )
         if self.shard_claim is not None:
             self._renewer = asyncio.create_task(self.renew_claim(self.shard_claim))
+        elif self.lease is not None:
+            self._renewer = asyncio.create_task(self.renew_claim(self.lease, count_workers=False))
+        if self._restored:
+            self._spawn(self.reconcile_kernel())
         if self.vip_leases is not None:
             self._vip_keeper = asyncio.create_task(self.vip_leases.keep_alive(self.log))
         self.log.control("ike_worker_ready", shard=self.shard)
 
-    async def renew_claim(self, claim: ShardClaim) -> None:
+    async def reconcile_kernel(self) -> None:
+        """Adopted children whose kernel state is gone (the kernel service restarted too, and
+        its userspace dataplane with it) are rekeyed at once: the peer's replay window rules
+        out installing the old keys again, and a fresh child restores the traffic. Children
+        the kernel still has are left as they are (docs/failover.md)."""
+        try:
+            state = await self.runtime.request(
+                subjects.KERNEL_SHOW, KernelShowRequest(), KernelState, timeout=KERNEL_TIMEOUT
+            )
+        except Exception as exc:
+            self.runtime.counters["kernel_reconcile_failed"] += 1
+            self.log.control("kernel_reconcile_failed", error=type(exc).__name__)
+            return
+        present = {str(row.get("spi", "")) for row in state.sas}
+        now = time.monotonic()
+        effects: list[Effect] = []
+        for sa in list(self.engine.sas.values()):
+            for child in list(sa.children):
+                if child.state == ChildSaState.INSTALLED and child.spi_in.hex() not in present:
+                    self.runtime.counters["adopted_child_missing_in_kernel"] += 1
+                    effects += self.engine.rekey_child(sa, child, now)
+        if effects:
+            self.log.control("adopted_children_rekeyed", shard=self.shard)
+        await self.apply(effects)
+
+    async def renew_claim(self, claim: ShardClaim, count_workers: bool = True) -> None:
         """Keep this worker's shard; with `--shard auto` the farm's worker count is the
         number of shards reporting their load (this one included), so each worker's share
         of the farm-wide limits follows `docker compose up --scale ike=N`."""
         while True:
             await asyncio.sleep(RENEW_INTERVAL)
-            # on_load ignores this worker's own reports: the others, plus this one
-            self.admission.workers = 1 + self.admission.load.shards(time.monotonic())
+            if count_workers:  # on_load ignores this worker's own reports: others, plus this one
+                self.admission.workers = 1 + self.admission.load.shards(time.monotonic())
             try:
                 await claim.renew()
             except ShardLost as exc:
@@ -287,10 +339,14 @@ class IkeService(ServiceBase):
             if self._vip_keeper is not None:
                 self._vip_keeper.cancel()
             await leases.retire()
-        if self.shard_claim is not None:
-            if self._renewer is not None:
-                self._renewer.cancel()
-            await self.shard_claim.release()
+        self._persister.cancel()
+        with contextlib.suppress(Exception):  # what changed last goes out before the stop
+            await asyncio.wait_for(self.sa_store.flush(), 2.0)
+        for claim in (self.shard_claim, self.lease):
+            if claim is not None:
+                if self._renewer is not None:
+                    self._renewer.cancel()
+                await claim.release()
 
     async def teardown(self) -> None:
         self._stopping = True
@@ -299,6 +355,7 @@ class IkeService(ServiceBase):
         self._id_keeper.cancel()
         if self._vip_keeper is not None:
             self._vip_keeper.cancel()
+        self._persister.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
         for task in list(self._tasks):
@@ -322,6 +379,11 @@ class IkeService(ServiceBase):
             },
             "engine": dict(self.engine.counters),
             "sa_states": self.state_counts.counts(self.engine.sas.values(), time.monotonic()),
+            "snapshots": {
+                "stored": len(self.sa_store.stored),
+                **self.sa_store.counters,
+                "recent_refusals": [list(r) for r in self.sa_store.recent_refusals],
+            },
         }
 
     # -- inputs -----------------------------------------------------------------------------
@@ -372,6 +434,10 @@ class IkeService(ServiceBase):
                 time.monotonic(),
                 header,
             )
+            if header is not None:
+                self.sa_store.mark(header.spi_i, header.spi_r)
+            elif datagram.spi_i:
+                self.sa_store.mark(datagram.spi_i, datagram.spi_r)
         finally:
             # counted before anything is sent: the snapshot that shows the new half-open SA
             # also shows this init answered, so no ingress counts it twice
@@ -657,6 +723,7 @@ class IkeService(ServiceBase):
 
     async def apply(self, effects: list[Effect]) -> None:
         self._observe(effects)
+        self._mark_changed(effects)
         counts = (len(self.engine.sas), self.engine.half_open_count, self.engine.established_count)
         if counts != self._last_load:
             self._last_load = counts
@@ -677,6 +744,19 @@ class IkeService(ServiceBase):
             await self._apply(effects)
         finally:
             _OUTCOME.reset(token)
+
+    def _mark_changed(self, effects: list[Effect]) -> None:
+        """The SAs whose durable state these effects show changed, for the next snapshot."""
+        for effect in effects:
+            if isinstance(effect, SendDatagram):
+                header = parse_header(effect.data)
+                if header is not None:
+                    self.sa_store.mark(header.spi_i, header.spi_r)
+            elif isinstance(effect, SaEvent | InstallChildSa | DeleteChildSa):
+                detail = getattr(effect, "detail", None) or {}
+                for key in ("spi_i", "spi_r"):
+                    with contextlib.suppress(ValueError, TypeError):
+                        self.sa_store.mark(bytes.fromhex(str(detail.get(key, ""))))
 
     def _handshake_done(self, event: SaEvent) -> None:
         """Observe how long the IKE SA took to establish (IKE_SA_INIT to IKE_AUTH)."""

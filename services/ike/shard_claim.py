@@ -10,13 +10,25 @@ bucket's age limit (`CLAIM_TTL`) frees the key of a worker that died without
 deleting it, so its replacement takes the same shard. A worker that finds its
 key taken by another (it was stopped longer than the TTL) exits, and its
 orchestrator restarts it with a fresh claim; two owners of one shard would
-split its SAs.
+split its SAs. A claim held under the claiming worker's own instance name is its
+previous life's (a restarted container keeps its hostname and pid) and is taken
+over at once, with the shard's SA snapshots (docs/failover.md).
+
+A worker given its shard (`ikefarm up` numbers them) holds the same key as a
+lease (`hold`): the shard's SA snapshots (`sa_store.py`, docs/failover.md) are
+restored by whoever holds it. A lease still held under this worker's own
+instance name is its previous life's (`ikefarm up` restarts a dead worker under
+the same name) and is taken over at once; one held by another instance is
+waited for until it expires (a worker that stopped renewing loses it within
+`CLAIM_TTL`); one another worker keeps renewing is refused, and the worker
+exits rather than run a shard twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from nats.aio.client import Client
@@ -68,10 +80,55 @@ class ShardClaim:
             try:
                 self._revision = await self._kv.create(claim_key(shard), self.instance)
             except KeyWrongLastSequenceError:
-                continue
+                if not await self._take_over(shard):
+                    continue
             self.shard = shard
             return shard
         raise ServiceUnavailable(f"every one of the {self.max_shards} ike shards is claimed")
+
+    async def _take_over(self, shard: int) -> bool:
+        """Take a claim held under this instance's own name: its previous life's (a container
+        restarted keeps its hostname and, as pid 1, its pid), whose SAs it adopts."""
+        try:
+            entry = await self._kv.get(claim_key(shard))
+        except KeyNotFoundError:
+            return False
+        if entry.value != self.instance:
+            return False
+        try:
+            self._revision = await self._kv.update(
+                claim_key(shard), self.instance, last=entry.revision
+            )
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def hold(self, shard: int, wait: float = CLAIM_TTL + RENEW_INTERVAL) -> None:
+        """Take the lease of `shard`: free, this instance's previous life's, or expired
+        within `wait`; ServiceUnavailable when another worker keeps it."""
+        self._kv = await self._bucket()
+        key = claim_key(shard)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._revision = await self._kv.create(key, self.instance)
+                break
+            except KeyWrongLastSequenceError:
+                pass
+            if await self._take_over(shard):
+                break
+            if time.monotonic() >= deadline:
+                try:
+                    holder = ((await self._kv.get(key)).value or b"").decode(errors="replace")
+                except KeyNotFoundError:
+                    continue  # expired or released meanwhile: take it next turn
+                holder = holder[:64]
+                raise ServiceUnavailable(
+                    f"shard {shard} is held by the live worker {holder!r}: two owners would "
+                    "split its SAs"
+                )
+            await asyncio.sleep(RENEW_INTERVAL / 4)
+        self.shard = shard
 
     async def renew(self) -> None:
         """Refresh the claim; ShardLost when another worker holds the key now."""

@@ -22,9 +22,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ServiceUnavailableError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from ikefarm.proto import subjects
+from ikefarm.shared.bus.kv import open_bucket as open_kv_bucket
 from ikefarm.shared.bus.runtime import ServiceUnavailable
 
 SHARD_SPAN = 10**9  # ids per shard: the shard is the high part of an id
@@ -85,13 +86,9 @@ def parse_record(raw: bytes | None) -> int:
 
 
 async def open_bucket(nc: Any) -> Any:
-    try:
-        return await nc.jetstream().create_key_value(bucket=subjects.UNIQUE_ID_BUCKET, history=1)
-    except ServiceUnavailableError:
-        raise ServiceUnavailable(
-            "the ike worker reserves unique ids in a JetStream KV bucket "
-            f"({subjects.UNIQUE_ID_BUCKET}): enable JetStream on the NATS server (nats-server -js)"
-        ) from None
+    return await open_kv_bucket(
+        nc, subjects.UNIQUE_ID_BUCKET, "the ike worker reserves unique ids", history=1
+    )
 
 
 async def reserve(kv: Any, shard: int, above: int) -> tuple[int, int]:

@@ -13,6 +13,10 @@ Endpoints (request/reply, DESIGN principle 4: no secret ever in a reply):
   the public half of the transport key that PPK mixing is sealed to.
 - `subjects.KEYSTORE_PPK_MIX` (PpkMixRequest -> PpkMixReply): RFC 8784 3 mixing
   of a PPK into sealed SK_d / SK_pi / SK_pr (`ppk.py`).
+- `subjects.KEYSTORE_SA_SEAL` / `KEYSTORE_SA_UNSEAL` (SaSealRequest -> SaSealReply,
+  SaUnsealRequest -> SaUnsealReply): SA snapshot secrets re-sealed under the keystore's
+  snapshot key for JetStream, and opened again only sealed to an adopting worker
+  (`sa_secrets.py`, docs/failover.md).
 - `subjects.KEYSTORE_SECRET` (SecretRequest): a request for a secret itself;
   always a structured refusal ("secret_refused"), counted.
 - `subjects.KEYSTORE_CERT_AUTH` (CertAuthRequest -> CertAuthReply): certificate
@@ -36,6 +40,10 @@ from ikefarm.proto.messages import (
     PpkMixRequest,
     PskAuthReply,
     PskAuthRequest,
+    SaSealReply,
+    SaSealRequest,
+    SaUnsealReply,
+    SaUnsealRequest,
     SecretRequest,
     TransportKeyReply,
     TransportKeyRequest,
@@ -49,6 +57,12 @@ from ikefarm.services.keystore.certs import (
 )
 from ikefarm.services.keystore.ppk import BadMixRequest, PpkStore
 from ikefarm.services.keystore.psk import PskStore, UnknownPurpose, UnsupportedPrf, psk_secrets
+from ikefarm.services.keystore.sa_secrets import (
+    SNAPSHOT_KEY,
+    BadSaRequest,
+    SaSecretKeeper,
+    new_snapshot_key,
+)
 from ikefarm.services.keystore.store import (
     ORIGIN_CONFIG,
     ORIGIN_GENERATED,
@@ -96,6 +110,9 @@ def load_store(config: Config) -> tuple[SecretStore, bool]:
         )
         store.put(StoredSecret(*TRANSPORT_KEY, private, origin=ORIGIN_GENERATED))
         changed = True
+    if store.get(*SNAPSHOT_KEY) is None:
+        store.put(StoredSecret(*SNAPSHOT_KEY, new_snapshot_key(), origin=ORIGIN_GENERATED))
+        changed = True
     if changed or not store.path.exists():
         store.save()
     return store, changed
@@ -112,6 +129,7 @@ class KeystoreService(ServiceBase):
         self.ppks = PpkStore([])
         self._transport: X25519PrivateKey | None = None
         self.certs = CertStore()
+        self.sa_keeper: SaSecretKeeper | None = None
 
     @classmethod
     def receive_master_key(cls, config: Config, fd: int | None) -> None:
@@ -134,6 +152,9 @@ class KeystoreService(ServiceBase):
         transport = store.get(*TRANSPORT_KEY)
         assert transport is not None
         self._transport = X25519PrivateKey.from_private_bytes(transport.secret)
+        snapshot_key = store.get(*SNAPSHOT_KEY)
+        assert snapshot_key is not None
+        self.sa_keeper = SaSecretKeeper(self._transport, snapshot_key.secret)
         sealed_keys = {entry.name: entry.secret for entry in store.entries(PRIVATE_KEY)}
         self.certs = CertStore.from_config(self.config, sealed_keys)
         for endpoint, request_type, handler, subject in (
@@ -145,6 +166,8 @@ class KeystoreService(ServiceBase):
                 self.on_transport_key,
                 subjects.KEYSTORE_TRANSPORT_KEY,
             ),
+            ("sa-seal", SaSealRequest, self.on_sa_seal, subjects.KEYSTORE_SA_SEAL),
+            ("sa-unseal", SaUnsealRequest, self.on_sa_unseal, subjects.KEYSTORE_SA_UNSEAL),
             ("secret", SecretRequest, self.on_secret_request, subjects.KEYSTORE_SECRET),
             ("cert-auth", CertAuthRequest, self.on_cert_auth, subjects.KEYSTORE_CERT_AUTH),
         ):
@@ -228,6 +251,30 @@ class KeystoreService(ServiceBase):
             ppk_id=request.ppk_id.hex(),
             prf_id=request.prf_id,
         )
+        return reply
+
+    async def on_sa_seal(self, request: SaSealRequest, _msg: Any) -> SaSealReply:
+        assert self.sa_keeper is not None
+        try:
+            reply = self.sa_keeper.seal(request)
+        except BadSaRequest as exc:
+            self.runtime.counters["sa_seal.bad_request"] += 1
+            raise BusError("bad_field", f"SaSealRequest.{exc}") from None
+        self.runtime.counters["sa_seal.items"] += len(reply.items)
+        return reply
+
+    async def on_sa_unseal(self, request: SaUnsealRequest, _msg: Any) -> SaUnsealReply:
+        assert self.sa_keeper is not None
+        try:
+            reply = self.sa_keeper.unseal(request)
+        except BadSaRequest as exc:
+            self.runtime.counters["sa_unseal.bad_request"] += 1
+            raise BusError("bad_field", f"SaUnsealRequest.{exc}") from None
+        refused = sum(1 for r in reply.refused if r)
+        self.runtime.counters["sa_unseal.items"] += len(reply.items) - refused
+        if refused:
+            self.runtime.counters["sa_unseal.refused"] += refused
+            self.log.at(1, "sa_unseal_refused", items=refused, reason="seal_broken")
         return reply
 
     async def on_secret_request(self, request: SecretRequest, _msg: Any) -> None:

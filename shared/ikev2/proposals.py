@@ -31,7 +31,7 @@ from ikefarm.shared.ikev2.policy import (
 SPI_SIZE = {ProtocolId.IKE: (0, 8), ProtocolId.ESP: (4,), ProtocolId.AH: (4,)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Algorithms:
     """What one negotiation settled on, per transform type."""
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ikefarm.proto.messages import PskAuthRequest
+from ikefarm.proto.messages import PskAuthReply, PskAuthRequest
 from ikefarm.services.keystore.psk import PskStore
 from ikefarm.shared.config.loader import Config, parse_config
 from ikefarm.shared.ikev2.effects import (
@@ -216,10 +216,11 @@ class LoadGenerator:
             elif isinstance(effect, SaEvent):
                 self._event(effect, now)
 
-    def _keystore(self, effect: KeystoreRequest) -> dict[str, Any]:
+    def _keystore(self, effect: KeystoreRequest) -> PskAuthReply:
         """Our PSK AUTH, by the keystore's own code (the generator holds the PSK itself)."""
-        reply, _ = self.keys.authenticate(PskAuthRequest(**effect.params))
-        return {"verified": reply.verified, "auth": reply.auth, "reason": reply.reason}
+        assert isinstance(effect.request, PskAuthRequest)
+        reply, _ = self.keys.authenticate(effect.request)
+        return reply
 
     def _event(self, event: SaEvent, now: float) -> None:
         uid = event.ike_unique_id

@@ -77,7 +77,7 @@ class FieldTable:
                 f"truncated_{self.name}",
                 f"{max(limit - offset, 0)} octets, need {self.size}",
             )
-        return self._struct.unpack_from(data, offset)  # type: ignore[no-any-return]
+        return self._struct.unpack_from(data, offset)
 
 
 def as_enum(enum_type: type[E], value: int) -> E | int:
@@ -86,7 +86,7 @@ def as_enum(enum_type: type[E], value: int) -> E | int:
     # slower and runs for every transform, payload and notify type of a message
     member = enum_type._value2member_map_.get(value)
     if member is not None:
-        return member  # type: ignore[return-value]
+        return member
     try:
         return enum_type(value)
     except ValueError:

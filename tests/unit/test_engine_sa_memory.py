@@ -14,13 +14,15 @@ import tracemalloc
 
 import pytest
 
+from ikefarm.shared.ikev2.interning import Interner
 from ikefarm.shared.ikev2.sa import ChildSa, IkeSa, IkeSaState
 from tests.engine_helpers import Nat, Wire, pair
 
 WARM_UP = 20
 ESTABLISHED = 200
 # the engine's share of the farm's 8 KiB per SA (the rest: kernel service, nats-server,
-# ingress; ops/bench/RESULTS.md). Measured ~5.4 KB with slotted SAs, ~7.6 KB before.
+# ingress; ops/bench/RESULTS.md). Measured ~4.7 KB with slotted SAs and interned algorithms
+# and selectors, ~7.6 KB before.
 BYTES_PER_SA = 6 * 1024
 
 
@@ -83,3 +85,27 @@ def test_sa_objects_have_no_instance_dict() -> None:
     assert isinstance(sa, IkeSa) and isinstance(sa.children[0], ChildSa)
     for obj in (sa, sa.children[0], sa.keys, sa.algorithms, sa.children[0].local_ts[0]):
         assert not hasattr(obj, "__dict__"), type(obj).__name__
+
+
+def test_sas_share_equal_algorithms_and_selectors() -> None:
+    wire = pair()
+    for index in range(3):
+        _establish(wire, index)
+    sas = list(wire.responder.engine.sas.values())
+    assert len(sas) == 3
+    first, *others = sas
+    for sa in others:
+        assert sa.algorithms is first.algorithms
+        assert sa.children[0].algorithms is first.children[0].algorithms
+        assert sa.children[0].local_ts[0] is first.children[0].local_ts[0]
+
+
+def test_interner_is_bounded_and_returns_equal_values() -> None:
+    interner = Interner(limit=2)
+    a, b, c = (1, 2), (3, 4), (5, 6)
+    assert interner.intern(a) is a
+    assert interner.intern((1, 2)) is a  # an equal value: the first instance
+    assert interner.intern(b) is b
+    assert interner.intern(c) is c  # full: returned as is, not kept
+    assert len(interner) == 2
+    assert interner.intern((5, 6)) == c and len(interner) == 2

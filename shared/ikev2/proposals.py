@@ -20,6 +20,7 @@ from ikefarm.shared.ikev2.constants import (
     TransformType,
 )
 from ikefarm.shared.ikev2.crypto.registry import display_name
+from ikefarm.shared.ikev2.interning import Interner
 from ikefarm.shared.ikev2.payloads import Proposal, Transform
 from ikefarm.shared.ikev2.policy import (
     ESP_TRANSFORM_ORDER,
@@ -31,7 +32,7 @@ from ikefarm.shared.ikev2.policy import (
 SPI_SIZE = {ProtocolId.IKE: (0, 8), ProtocolId.ESP: (4,), ProtocolId.AH: (4,)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Algorithms:
     """What one negotiation settled on, per transform type."""
 
@@ -78,6 +79,9 @@ class Algorithms:
         return "esp:" + "/".join(parts)
 
 
+ALGORITHMS = Interner()
+
+
 @dataclass(frozen=True)
 class Selection:
     offered: Proposal
@@ -92,13 +96,14 @@ class Selection:
         assert encr is not None
         dh = self.chosen.get(TransformType.DH)
         esn = self.chosen.get(TransformType.ESN)
-        return Algorithms(
+        algorithms = Algorithms(
             encr=encr,
             integ=algorithm(TransformType.INTEG),
             prf=algorithm(TransformType.PRF),
             dh=int(dh.transform_id) if dh is not None and dh.transform_id != 0 else None,
             esn=esn is not None and esn.transform_id == EsnId.ESN,
         )
+        return ALGORITHMS.intern(algorithms)  # one instance per combination, shared by the SAs
 
     def response(self, spi: bytes = b"") -> Proposal:
         """The single proposal the responder returns: the peer's number, our SPI (3.3.1)."""

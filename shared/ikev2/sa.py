@@ -44,7 +44,7 @@ class ChildSaState(StrEnum):
     DELETED = "deleted"
 
 
-@dataclass
+@dataclass(slots=True)
 class ChildSa:
     unique_id: int
     policy: SecurityPolicy
@@ -78,7 +78,7 @@ class ChildSa:
         return self.policy.name
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedResponse:
     """The last response sent, kept to answer a retransmitted request (RFC 7296 2.1)."""
 
@@ -86,7 +86,7 @@ class CachedResponse:
     datagrams: list[bytes]
 
 
-@dataclass
+@dataclass(slots=True)
 class OutstandingRequest:
     """Our request awaiting its response (window size 1, RFC 7296 2.3), and its retransmissions."""
 
@@ -98,7 +98,7 @@ class OutstandingRequest:
     next_at: float
 
 
-@dataclass
+@dataclass(slots=True)
 class IkeSa:
     """One IKE SA: the per-SA connection state the engine's exchanges act on.
 
@@ -109,8 +109,14 @@ class IkeSa:
     `passive` one waiting for the keystore). The engine is the SPI index and the
     deadline heap around the SAs; `engine.snapshot(sa, now)` / `engine.restore(...)`
     (`snapshot.py`) carry an SA to another engine, its keys apart.
+
+    Slotted (no per-instance `__dict__`): an established SA is held for hours and a
+    worker holds tens of thousands of them, so its size counts (issue 9).
     """
 
+    # the table holding this SA and what it counts this SA as (SaTable)
+    table: SaTable | None = field(default=None, init=False, repr=False, compare=False)
+    counted_as: _CountKey | None = field(default=None, init=False, repr=False, compare=False)
     unique_id: int
     is_initiator: bool
     spi_i: bytes
@@ -184,13 +190,10 @@ class IkeSa:
     successor: IkeSa | None = field(default=None, repr=False)  # the IKE SA that replaced this one
     # the peer's IKE rekey that crossed ours (RFC 7296 2.8.2)
     collision: IkeSa | None = field(default=None, repr=False)
-    # the table holding this SA and what it counts this SA as (SaTable)
-    table: SaTable | None = field(default=None, init=False, repr=False, compare=False)
-    counted_as: _CountKey | None = field(default=None, init=False, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        table = self.__dict__.get("table")
+        _set_field(self, name, value)
+        table = self.table  # the first field __init__ sets: always there
         if table is not None:
             table.touch(self)  # its next deadline may have moved
             if name in _COUNTED_FIELDS:
@@ -240,6 +243,7 @@ _CountKey = tuple[bool, bool, str | None, tuple[str, str] | None, int | None]
 _COUNTED_FIELDS = frozenset(
     {"state", "established_at", "is_initiator", "remote", "local_id", "remote_id", "vpn"}
 )
+_set_field = object.__setattr__
 
 
 def _count_key(sa: IkeSa) -> _CountKey:

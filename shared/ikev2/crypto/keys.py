@@ -32,7 +32,7 @@ def _lengths_repr(instance: IkeSaKeys | ChildSaKeys) -> str:
     return f"{type(instance).__name__}({parts})"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class IkeSaKeys:
     """SK_d, SK_ai, SK_ar, SK_ei, SK_er, SK_pi, SK_pr of an IKE SA (RFC 7296 2.14).
 
@@ -60,7 +60,7 @@ class IkeSaKeys:
         return (self.sk_er, self.sk_ar) if is_initiator else (self.sk_ei, self.sk_ai)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class ChildSaKeys:
     """KEYMAT of a Child SA split per direction (RFC 7296 2.17).
 

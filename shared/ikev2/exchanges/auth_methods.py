@@ -179,6 +179,9 @@ def cert_request(
     )
 
 
+_SIDE_KEYS = {"local": "local_auth", "remote": "remote_auth"}
+
+
 def count_methods(
     engine: Any, sa: IkeSa, local_method: int | None, remote_method: int | None
 ) -> dict[str, str]:
@@ -187,7 +190,7 @@ def count_methods(
     for side, method in (("local", local_method), ("remote", remote_method)):
         if method is None:
             continue
-        names[f"{side}_auth"] = method_name(method)
+        names[_SIDE_KEYS[side]] = method_name(method)  # shared key strings: one per SA adds up
         engine.count(f"auth.{side}.{method_name(method)}")
     sa.auth_methods = names
     return names

@@ -37,6 +37,7 @@ from ikefarm.shared.ikev2.effects import (
     SaEvent,
 )
 from ikefarm.shared.ikev2.exchanges.task import Task
+from ikefarm.shared.ikev2.interning import Interner
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import (
     KePayload,
@@ -129,6 +130,10 @@ def _refuse(
     return outcome
 
 
+# the children's traffic selectors, mostly the same few policies' (issue 9: memory per SA)
+SELECTORS = Interner()
+
+
 def make_child(
     engine: IkeEngine,
     sa: IkeSa,
@@ -171,8 +176,8 @@ def make_child(
         spi_out=spi_out,
         algorithms=algorithms,
         keys=keys,
-        local_ts=local_ts,
-        remote_ts=remote_ts,
+        local_ts=[SELECTORS.intern(ts) for ts in local_ts],  # equal ones shared (interning.py)
+        remote_ts=[SELECTORS.intern(ts) for ts in remote_ts],
         mode="transport" if transport else "tunnel",
         udp_encap=sa.nat_detected,
         state=ChildSaState.INSTALLED,

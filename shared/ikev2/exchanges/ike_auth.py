@@ -327,6 +327,7 @@ def _responder_established(
     sa.peer_mobike = request.notify(NotifyType.MOBIKE_SUPPORTED) is not None
     lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")
+    _release_init_messages(sa)
 
     assert task.idr is not None
     payloads: list[Payload] = [
@@ -550,6 +551,7 @@ def _initiator_keystore_answered(
     vip_effects = cfg_exchange.record_reply(engine, sa, response)
     lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")
+    _release_init_messages(sa)
     used = auth_methods.count_methods(engine, sa, task.local_method, task.remote_method)
     detail = {
         "local": str(sa.local),
@@ -575,3 +577,10 @@ def _initiator_keystore_answered(
             engine, sa, response, task.child, now, first_child=True
         ).effects
     return effects + engine.request_done(sa, now)
+
+
+def _release_init_messages(sa: IkeSa) -> None:
+    """RealMessage1/2 (RFC 7296 2.15) are signed in IKE_AUTH and never again: an
+    established SA does not keep them (their ~600 octets are a tenth of its size)."""
+    sa.init_request = b""
+    sa.init_response = b""

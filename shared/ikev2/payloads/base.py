@@ -69,10 +69,7 @@ class Payload:
             raise ValueError(f"{type(self).__name__} too long for one payload: {length} octets")
         # RFC 7296 3.2: C is zero for every type we define; UnknownPayload keeps its own
         flags = CRITICAL if getattr(self, "critical", False) else 0
-        header = GENERIC_HEADER.pack(
-            {"next_payload": next_payload, "flags": flags, "length": length}
-        )
-        return header + body
+        return GENERIC_HEADER.pack_values(next_payload, flags, length) + body
 
     # -- decoding -----------------------------------------------------------
 
@@ -176,14 +173,13 @@ def decode_chain(
     while next_type != PayloadType.NONE:
         if end - offset < GENERIC_HEADER.size:
             raise MalformedMessage("truncated_payload_header", f"payload type {next_type}")
-        header = GENERIC_HEADER.unpack(data, offset)
-        length = header["length"]
+        following, flags, length = GENERIC_HEADER.unpack_values(data, offset)
         if length < GENERIC_HEADER.size or length > end - offset:
             raise MalformedMessage(
                 "bad_payload_length", f"payload type {next_type}: length {length}"
             )
         body = data[offset + GENERIC_HEADER.size : offset + length]
-        critical = bool(header["flags"] & CRITICAL)
+        critical = bool(flags & CRITICAL)
         cls = payload_class(next_type)
         payload: Payload
         if cls is None:
@@ -198,13 +194,13 @@ def decode_chain(
             payload = cls.decode_body(next_type, body)
             chain.payloads.append(payload)
             chain.encrypted_offset = offset
-            chain.inner_first_payload = header["next_payload"]
+            chain.inner_first_payload = following
             return chain
         else:
             payload = cls.decode_body(next_type, body)
         chain.payloads.append(payload)
         offset += length
-        next_type = header["next_payload"]
+        next_type = following
     if offset != end:
         raise MalformedMessage("trailing_data", f"{end - offset} octets after the last payload")
     return chain

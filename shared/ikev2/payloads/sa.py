@@ -92,44 +92,38 @@ class Transform:
     def encode(self, last: bool) -> bytes:
         attributes = b""
         if self.key_length is not None:
-            attributes += _ATTRIBUTE.pack(
-                {"type": ATTRIBUTE_TV | TransformAttribute.KEY_LENGTH, "value": self.key_length}
+            attributes += _ATTRIBUTE.pack_values(
+                ATTRIBUTE_TV | TransformAttribute.KEY_LENGTH, self.key_length
             )
         for attribute in self.unknown_attributes:
             attributes += attribute.encode()
         length = _TRANSFORM.size + len(attributes)
-        fixed = _TRANSFORM.pack(
-            {
-                "last": LAST if last else MORE_TRANSFORMS,
-                "length": length,
-                "transform_type": self.transform_type,
-                "transform_id": self.transform_id,
-            }
+        fixed = _TRANSFORM.pack_values(
+            LAST if last else MORE_TRANSFORMS, length, self.transform_type, self.transform_id
         )
         return fixed + attributes
 
     @classmethod
     def decode(cls, data: bytes, offset: int, end: int) -> tuple[Self, int, int]:
         """Decode the transform at `offset`; return it, its Last Substruc and the next offset."""
-        values = _TRANSFORM.unpack(data, offset, end)
-        length = values["length"]
+        last, length, transform_type, transform_id = _TRANSFORM.unpack_values(data, offset, end)
         if length < _TRANSFORM.size or length > end - offset:
             raise MalformedMessage("bad_transform_length", f"length {length}")
         key_length: int | None = None
         unknown: list[RawAttribute] = []
         position, stop = offset + _TRANSFORM.size, offset + length
         while position < stop:
-            attribute = _ATTRIBUTE.unpack(data, position, stop)
-            attribute_type = attribute["type"] & ~ATTRIBUTE_TV
-            if attribute["type"] & ATTRIBUTE_TV:
+            type_field, attribute_value = _ATTRIBUTE.unpack_values(data, position, stop)
+            attribute_type = type_field & ~ATTRIBUTE_TV
+            if type_field & ATTRIBUTE_TV:
                 value = data[position + 2 : position + 4]
                 position += _ATTRIBUTE.size
                 if attribute_type == TransformAttribute.KEY_LENGTH and key_length is None:
-                    key_length = attribute["value"]
+                    key_length = attribute_value
                 else:
                     unknown.append(RawAttribute(attribute_type, value, tv=True))
             else:
-                value_length = attribute["value"]
+                value_length = attribute_value
                 position += _ATTRIBUTE.size
                 if value_length > stop - position:
                     raise MalformedMessage("bad_attribute_length", f"length {value_length}")
@@ -137,12 +131,12 @@ class Transform:
                 position += value_length
                 unknown.append(RawAttribute(attribute_type, value, tv=False))
         transform = cls(
-            transform_type=as_enum(TransformType, values["transform_type"]),
-            transform_id=values["transform_id"],
+            transform_type=as_enum(TransformType, transform_type),
+            transform_id=transform_id,
             key_length=key_length,
             unknown_attributes=tuple(unknown),
         )
-        return transform, values["last"], stop
+        return transform, last, stop
 
 
 @dataclass

@@ -46,7 +46,7 @@ _PROTOCOL_NAMES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrafficSelector:
     """One IPv4 or IPv6 address-range selector (RFC 7296 3.13.1)."""
 

@@ -257,6 +257,7 @@ def farm_config(
     dpd_delay: str = "0s",
     dpd_action: str = "restart",
     kernel_backend: str = "memory",
+    start_action: str = "trap",
 ) -> str:
     """A whole ikefarm config: PSKs (local-id, remote-id, secret), `vpn_config()` blocks.
 
@@ -279,6 +280,7 @@ def farm_config(
         "[[ike.ike-policy-template.ike-proposal]]\n"
         'aead-alg = ["aes256-gcm-128"]\nprf-alg = ["hmac-sha384"]\ndh-group = ["x25519"]\n\n'
         f'[[ike.ipsec-policy-template]]\nname = "ipsecpol"\ndpd-action = "{dpd_action}"\n'
+        f'start-action = "{start_action}"\n'
         "[[ike.ipsec-policy-template.esp-proposal]]\n"
         'aead-alg = ["aes256-gcm-128"]\nesn = [false]\n\n'
         f"{keys}" + "\n".join(vpns)

@@ -83,6 +83,8 @@ def dpd_gateway(
         global_options=RETRANSMIT,
         dpd_delay="1s",
         dpd_action=action,
+        # no start trap: what the kernel holds afterwards is what the dpd-action left
+        start_action="none",
     )
     gateway = gateway_factory(netns_pair.gw, config_text=text)
     done = gateway.run_cli("initiate", "child-sa", "security-policy", "net", "--timeout", "20")

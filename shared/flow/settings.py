@@ -70,6 +70,8 @@ class FlowSettings:
     rst_invalidate_session: bool = False
     fin_invalidate_session: bool = False
     no_syn_check: bool = False
+    no_sequence_check: bool = False
+    tcp_mss: int | None = None
     early_ageout: int = 20
     high_watermark: int = 100
     low_watermark: int = 100
@@ -103,6 +105,8 @@ class FlowSettings:
             rst_invalidate_session=bool(tcp.get("rst-invalidate-session", False)),
             fin_invalidate_session=bool(tcp.get("fin-invalidate-session", False)),
             no_syn_check=bool(tcp.get("no-syn-check", False)),
+            no_sequence_check=bool(tcp.get("no-sequence-check", False)),
+            tcp_mss=tcp.get("tcp-mss"),
             early_ageout=aging.get("early-ageout", 20),
             high_watermark=aging.get("high-watermark", 100),
             low_watermark=aging.get("low-watermark", 100),

@@ -137,4 +137,8 @@ def config_problems(flow: Mapping[str, Any]) -> list[tuple[str, str]]:
         if app.get("name") in names:
             problems.append((f"{where}.name", f"{app['name']!r} is defined twice"))
         names.add(app.get("name"))
+    # docs/flow-sessions.md "TCP checks": only the userspace dataplane acts on packets
+    tcp_mss = flow.get("tcp-session", {}).get("tcp-mss")
+    if flow.get("source", "dataplane") != "dataplane" and tcp_mss is not None:
+        problems.append(("flow.tcp-session.tcp-mss", 'acts only with flow.source = "dataplane"'))
     return problems

@@ -69,6 +69,10 @@ def test_every_knob_reaches_the_table_settings() -> None:
     ("text", "expected"),
     [
         ("[flow.tcp-session]\ntcp-mss = 63\n", "flow.tcp-session.tcp-mss"),
+        (
+            '[flow]\nsource = "netlink"\n[flow.tcp-session]\ntcp-mss = 1360\n',
+            'flow.tcp-session.tcp-mss: acts only with flow.source = "dataplane"',
+        ),
         ("[flow.tcp-session]\nno-sequence-check = 1\n", "flow.tcp-session.no-sequence-check"),
         ("[flow.tcp-session]\ntcp-initial-timeout = 3\n", "tcp-initial-timeout"),
         ("[flow.aging]\nhigh-watermark = 50\nlow-watermark = 60\n", "low-watermark"),

@@ -16,6 +16,7 @@ from scapy.layers.inet6 import IPv6
 
 from ikefarm.services.kernel.dataplane import Dataplane
 from ikefarm.services.kernel.flows import FlowCache, clamp_mss
+from ikefarm.shared.config.loader import parse_config
 from ikefarm.shared.flow.settings import FlowSettings
 from tests.unit.test_userspace_dataplane import tunnel_pair
 
@@ -207,3 +208,11 @@ def test_any_tcp_header_and_options_never_crash(tail: bytes, flags: int) -> None
     flows = cache(no_syn_check=True)
     feed(flows, data)
     feed(flows, data)
+
+
+def test_the_flow_section_reaches_the_cache() -> None:
+    text = "[flow.tcp-session]\nno-sequence-check = true\ntcp-mss = 1300\n"
+    flows = FlowCache(FlowSettings.from_config(parse_config(text).flow), "kernel-test")
+    assert flows.tcp_mss == 1300 and not flows.sequence_check
+    defaults = FlowCache(FlowSettings.from_config(parse_config("").flow), "kernel-test")
+    assert defaults.tcp_mss is None and defaults.sequence_check

@@ -1,6 +1,6 @@
 """Maps the product's top-level folders onto the `ikefarm.` import namespace.
 
-The folders are the layout the product owner asked for (DESIGN.md); the import
+The folders are the layout of docs/architecture.md (proto, shared, services); the import
 names live under `ikefarm.` so nothing called `shared` or `proto` lands bare in
 site-packages. Packages are discovered so a new module needs no edit here.
 """

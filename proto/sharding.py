@@ -1,4 +1,4 @@
-"""How an IKE SPI names the ike worker shard that owns the SA (DESIGN principle 3).
+"""How an IKE SPI names the ike worker shard that owns the SA (docs/principles.md, principle 3).
 
 The first two octets of every SPI an ike worker allocates are its shard number,
 so ingress routes each later datagram by reading the SPI: no lookup, no state.

@@ -1,4 +1,4 @@
-"""One trace per IKE exchange (DESIGN principle 5), kept by the ike worker.
+"""One trace per IKE exchange (docs/principles.md, principle 5), kept by the ike worker.
 
 An exchange is a request and its response (RFC 7296 1.2), named by the IKE SA's
 SPIi, the Message ID and which side sent the request. Every datagram ingress

@@ -1,6 +1,6 @@
 """Where a received UDP datagram goes: pure logic, no sockets, no NATS, no clock reads.
 
-Ingress owns no IKE state (DESIGN principle 3): an IKE_SA_INIT request with
+Ingress owns no IKE state (docs/principles.md, principle 3): an IKE_SA_INIT request with
 SPIr = 0 goes to any ike worker (`subjects.IKE_INIT`, a queue group), unless a
 worker told every ingress (`InitRoute`) that it already holds the half-open SA
 of that peer and SPIi, so a retransmission reaches the worker that answered it.
@@ -11,7 +11,7 @@ RFC 7296 3.1), SPIi otherwise.
 On the NAT-T port (RFC 3948 2.2) IKE messages follow a 4-octet non-ESP marker,
 a single 0xFF octet is a NAT-keepalive (RFC 3948 2.3) and anything else is
 ESP-in-UDP, which belongs to the kernel. Every datagram that is not routed is
-dropped with a reason the service counts (DESIGN principle 6).
+dropped with a reason the service counts (docs/principles.md, principle 6).
 
 Publishing on NATS is fire-and-forget: a datagram for a shard no worker owns
 would vanish without a trace. `ShardOwners` knows which shards have a live

@@ -4,7 +4,7 @@ It mirrors what the netlink backend will program: per child SA, two SAs (in:
 remote -> local with our SPI, out: local -> remote with the peer's SPI) and the
 policies binding the traffic selectors to them (out, in and, in tunnel mode,
 fwd), all tagged with the child's reqid. Key material is never kept: the table
-holds key lengths only, so neither `show` nor a repr can leak a key (DESIGN
+holds key lengths only, so neither `show` nor a repr can leak a key (docs/principles.md,
 principle 4).
 
 Trap policies (dpd-action trap) are kept apart, by reqid: the policies of a

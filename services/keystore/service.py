@@ -6,7 +6,7 @@ it is), imports the configuration's `[[ike.pre-shared-key]]` and `[[ike.ppk]]`
 secrets into it, makes its bus transport key on the first start, and writes
 the store back sealed. Everything it answers is computed from that store.
 
-Endpoints (request/reply, DESIGN principle 4: no secret ever in a reply):
+Endpoints (request/reply, docs/principles.md principle 4: no secret ever in a reply):
 - `subjects.KEYSTORE_PSK_AUTH` (PskAuthRequest -> PskAuthReply): the PSK AUTH of
   RFC 7296 2.15, verified and computed here (`psk.py`).
 - `subjects.KEYSTORE_TRANSPORT_KEY` (TransportKeyRequest -> TransportKeyReply):

@@ -2,7 +2,7 @@
 
 PPK mixing (RFC 8784 3) needs SK_d, SK_pi and SK_pr in the keystore (where the
 PPK is) and brings SK_d', SK_pi', SK_pr' back to the worker. Neither may be
-readable by whoever can subscribe to the bus (DESIGN principle 4), so each such
+readable by whoever can subscribe to the bus (docs/principles.md, principle 4), so each such
 request opens a `SealedChannel`:
 
 - the keystore holds a long-term X25519 transport key (in its encrypted store)

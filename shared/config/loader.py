@@ -113,7 +113,9 @@ class Config(Node):
         return path in self.explicit
 
     def without_secrets(self) -> Config:
-        """A copy whose secrets are gone: what an ike worker may hold (DESIGN principle 4)."""
+        """A copy whose secrets are gone: what an ike worker may hold.
+
+        docs/principles.md, principle 4."""
         return Config(_strip_secrets(self.data), set(self.explicit), self.source)
 
     def render(self) -> str:

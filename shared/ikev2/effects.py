@@ -101,7 +101,9 @@ VIP_LEASE = "vip-lease"
 
 @dataclass(frozen=True)
 class KeystoreRequest:
-    """A computation that needs a secret the engine must not hold (DESIGN principle 4)."""
+    """A computation that needs a secret the engine must not hold.
+
+    docs/principles.md, principle 4."""
 
     request_id: int
     request: KeystoreCall

@@ -2,7 +2,7 @@
 
 Hostile input must never raise anything else (IndexError, struct.error,
 UnicodeError, ...): services count and drop on MalformedMessage and would
-crash on anything else (DESIGN principle 6).
+crash on anything else (docs/principles.md, principle 6).
 """
 
 from __future__ import annotations

@@ -200,10 +200,11 @@ class IngressService(ServiceBase):
         wanted = local_endpoints(self.config)
         # which part takes ESP-in-UDP off the NAT-T port (docs/kernel-netlink.md, "The IKE
         # sockets"): the userspace dataplane reads it from its own raw socket (the filter
-        # keeps it off ours), the kernel's SAs need UDP_ENCAP; `auto` may become either
+        # keeps it off ours), the kernel's SAs need UDP_ENCAP; `auto` may become either,
+        # so it gets both; with `memory` ingress sees and counts it
         backend = self.config.kernel.backend
         esp_elsewhere = backend in ("userspace", "auto")
-        esp_in_kernel = backend in ("netlink", "memory", "auto")
+        esp_in_kernel = backend in ("netlink", "auto")
         if not wanted:
             self.log.control(
                 "no_listen_address", hint="set [ingress] listen or a vpn local-address"

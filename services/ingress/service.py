@@ -198,9 +198,13 @@ class IngressService(ServiceBase):
     async def setup(self) -> None:
         loop = asyncio.get_running_loop()
         wanted = local_endpoints(self.config)
-        # the userspace dataplane (or auto, which picks it without ESP in the kernel) reads
-        # ESP-in-UDP from its own raw socket; nothing else here decapsulates it yet
-        esp_elsewhere = self.config.kernel.backend in ("userspace", "auto")
+        # which part takes ESP-in-UDP off the NAT-T port (docs/kernel-netlink.md, "The IKE
+        # sockets"): the userspace dataplane reads it from its own raw socket (the filter
+        # keeps it off ours), the kernel's SAs need UDP_ENCAP; `auto` may become either,
+        # so it gets both; with `memory` ingress sees and counts it
+        backend = self.config.kernel.backend
+        esp_elsewhere = backend in ("userspace", "auto")
+        esp_in_kernel = backend in ("netlink", "auto")
         if not wanted:
             self.log.control(
                 "no_listen_address", hint="set [ingress] listen or a vpn local-address"
@@ -216,7 +220,11 @@ class IngressService(ServiceBase):
             for endpoint in wanted:
                 try:
                     sock = open_udp_socket(
-                        endpoint.address, endpoint.port, drop_esp=endpoint.natt and esp_elsewhere
+                        endpoint.address,
+                        endpoint.port,
+                        drop_esp=endpoint.natt and esp_elsewhere,
+                        kernel_esp=endpoint.natt and esp_in_kernel,
+                        require_bypass=backend == "netlink",
                     )
                 except OSError as exc:
                     raise OSError(

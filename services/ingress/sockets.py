@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ikefarm.shared.esp.steering import attach_filter, not_esp_in_udp
 from ikefarm.shared.udp_endpoints import LocalEndpoint, listen_addresses, local_endpoints
+from ikefarm.shared.xfrm_socket import bypass_policies, decapsulate_esp_in_udp
 
 __all__ = ["LocalEndpoint", "listen_addresses", "local_endpoints", "open_udp_socket"]
 
@@ -18,14 +19,26 @@ __all__ = ["LocalEndpoint", "listen_addresses", "local_endpoints", "open_udp_soc
 RECEIVE_BUFFER = 2 << 20
 
 
-def open_udp_socket(address: str, port: int, *, drop_esp: bool = False) -> socket.socket:
+def open_udp_socket(
+    address: str,
+    port: int,
+    *,
+    drop_esp: bool = False,
+    kernel_esp: bool = False,
+    require_bypass: bool = False,
+) -> socket.socket:
     """A non-blocking UDP socket bound to (address, port), SO_REUSEPORT set so several
     ingress instances of one farm can share the endpoint (the kernel spreads datagrams by
     flow); `shared/udp_endpoints.claim` keeps other farms off it.
 
     `drop_esp` (the NAT-T port when the kernel service runs the userspace dataplane,
     which reads ESP-in-UDP itself): a socket filter drops ESP-in-UDP in the kernel
-    (`shared/esp/steering.py`), so ingress never wakes up for a data packet."""
+    (`shared/esp/steering.py`), so ingress never wakes up for a data packet.
+    `kernel_esp` (the NAT-T port when the kernel may hold the ESP SAs): `UDP_ENCAP`, the
+    kernel decapsulates ESP-in-UDP itself. Every socket gets the per-socket XFRM policy
+    bypass (`shared/xfrm_socket.py`); without CAP_NET_ADMIN it is refused, which raises
+    only when `require_bypass` (the netlink backend) and is skipped otherwise, where no
+    policy of ours can catch IKE. The rule: docs/kernel-netlink.md, "The IKE sockets"."""
     version = ipaddress.ip_address(address).version
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -34,6 +47,13 @@ def open_udp_socket(address: str, port: int, *, drop_esp: bool = False) -> socke
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         if drop_esp:
             attach_filter(sock, not_esp_in_udp())
+        if kernel_esp:
+            decapsulate_esp_in_udp(sock)
+        try:
+            bypass_policies(sock)
+        except PermissionError:
+            if require_bypass:
+                raise
         if family == socket.AF_INET6:
             # "::" must not also take the IPv4 wildcard: IPv4 has sockets of its own
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

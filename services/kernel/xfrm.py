@@ -31,6 +31,8 @@ from typing import Any
 
 from pyroute2.netlink import nla, nlmsg, nlmsgerr
 
+from ikefarm.shared.xfrm_socket import USERPOLICY_INFO_SIZE
+
 # -- constants of the kernel's netlink and XFRM user API ----------------------------------------
 
 NETLINK_XFRM = 6
@@ -228,7 +230,6 @@ _USERPOLICY_INFO_FIELDS = (
         ("__pad", "4x"),
     )
 )
-USERPOLICY_INFO_SIZE = 168
 
 USER_TMPL_FORMAT = struct.Struct("=16s4sB3xH2x16sIBBBxIII")  # struct xfrm_user_tmpl, 64
 ALGO_FORMAT = struct.Struct("=64sI")  # struct xfrm_algo head, 68

@@ -165,12 +165,19 @@ def esp(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def backend() -> str:
+    """`[kernel] backend`: userspace unless a test parametrizes `backend`."""
+    return "userspace"
+
+
+@pytest.fixture
 def tunnel(
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
     outer: tuple[str, str],
     esp: str,
+    backend: str,
 ) -> Tunnel:
     """strongSwan's child SA to ikefarm, installed on both ends, no packet sent yet."""
     gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
@@ -180,7 +187,7 @@ def tunnel(
         gw_ns,
         psk=PSK,
         address=outer[0],
-        extra='\n[kernel]\nbackend = "userspace"\n',
+        extra=f'\n[kernel]\nbackend = "{backend}"\n',
         ipsec_template_extra=SUITES[esp],
         log_level=1,
     )
@@ -411,3 +418,21 @@ def test_cbc_hmac_and_chacha20_poly1305_carry_traffic(tunnel: Tunnel, esp: str) 
     state = kernel_state(tunnel.gateway)
     sas = {row["direction"]: row for row in state["sas"]}  # type: ignore[attr-defined]
     assert sas["in"]["packets"] >= 6 and sas["out"]["packets"] >= 6
+
+
+@pytest.mark.parametrize("outer", [4, 6], indirect=True, ids=["outer-ipv4", "outer-ipv6"])
+@pytest.mark.parametrize("backend", ["auto"])
+def test_auto_resolves_to_userspace_with_udp_encap_on_the_natt_socket(
+    tunnel: Tunnel, outer: tuple[str, str]
+) -> None:
+    """With `auto` ingress cannot know the outcome and puts both UDP_ENCAP and the steering
+    filter on its NAT-T socket (docs/kernel-netlink.md, "The IKE sockets"): on this kernel
+    without ESP states the userspace dataplane still gets every ESP-in-UDP packet and
+    ingress none."""
+    assert kernel_state(tunnel.gateway)["backend"] == "userspace"
+    assert tunnel.peer_ns.ping(GW_INNER, src=PEER_INNER, count=3, timeout=10)
+    assert tunnel.gw_ns.ping(PEER_INNER, src=GW_INNER, count=3, timeout=10)
+    state = kernel_state(tunnel.gateway)
+    sas = {row["direction"]: row for row in state["sas"]}  # type: ignore[attr-defined]
+    assert sas["in"]["packets"] >= 6 and sas["out"]["packets"] >= 6
+    assert tunnel.gateway.counters("ingress").get("esp_in_udp", 0) == 0

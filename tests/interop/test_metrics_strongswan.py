@@ -14,12 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness.gateway import Gateway
 from tests.harness.netns import Namespace, NetnsPair, wait_for
 from tests.harness.strongswan import StrongSwan
-from tests.interop.test_responder_strongswan import peer_connection, psk_for
+from tests.interop.test_userspace_strongswan import GW_INNER, PEER_INNER, establish
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
-PSK = "metrics-psk-83c1d0e9a4f27b65"
-GW_INNER, PEER_INNER = "10.100.0.1", "10.200.0.1"
 METRICS_BASE = 19464  # in the gateway namespace: ingress, ike, keystore, kernel, flow
 
 
@@ -48,21 +46,16 @@ def test_exchanges_sa_states_and_esp_packets_after_a_ping(
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
 ) -> None:
-    gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
-    gw_ns.add_address("lo", f"{GW_INNER}/32")
-    peer_ns.add_address("lo", f"{PEER_INNER}/32")
-    gateway = gateway_factory(
-        gw_ns,
-        psk=PSK,
+    tunnel = establish(
+        netns_pair,
+        gateway_factory,
+        strongswan_factory,
         extra=(
             '\n[kernel]\nbackend = "userspace"\n'
             f'[telemetry]\nmetrics-listen = "127.0.0.1:{METRICS_BASE}"\n'
         ),
     )
-    peer = strongswan_factory(peer_ns)
-    peer.load([peer_connection()], psks=[psk_for("a.peer.example", secret=PSK)])
-    peer.initiate(child="c-net", timeout=20)
-    gateway.wait_sas(1)
+    gateway, gw_ns, peer_ns = tunnel.gateway, tunnel.gw_ns, tunnel.peer_ns
     assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=3, timeout=10)
 
     ike_port, kernel_port = METRICS_BASE + 1, METRICS_BASE + 3

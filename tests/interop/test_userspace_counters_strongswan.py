@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import replace
 
 import pytest
 
 from tests.harness.gateway import Gateway
 from tests.harness.netns import NetnsPair, wait_for
 from tests.harness.strongswan import StrongSwan
-from tests.interop.test_responder_strongswan import peer_connection, psk_for
-from tests.interop.test_userspace_strongswan import GW_INNER, PEER_INNER, PSK
+from tests.interop.test_userspace_strongswan import GW_INNER, PEER_INNER, establish
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -39,24 +37,13 @@ def test_pings_show_in_counters_and_hold_dpd_back(
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
 ) -> None:
-    gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
-    gw_ns.add_address("lo", f"{GW_INNER}/32")
-    peer_ns.add_address("lo", f"{PEER_INNER}/32")
-    gateway = gateway_factory(
-        gw_ns,
-        psk=PSK,
-        address="192.0.2.1",
-        extra='\n[kernel]\nbackend = "userspace"\n',
+    tunnel = establish(
+        netns_pair,
+        gateway_factory,
+        strongswan_factory,
         ike_template_extra=f'dpd-delay = "{DPD_DELAY}s"\n',
-        log_level=1,
     )
-    peer = strongswan_factory(peer_ns)
-    connection = replace(
-        peer_connection(esp="aes256gcm16"), local_addrs="192.0.2.2", remote_addrs="192.0.2.1"
-    )
-    peer.load([connection], psks=[psk_for("a.peer.example", secret=PSK)])
-    peer.initiate(child="c-net", timeout=20)
-    gateway.wait_sas(1)
+    gateway, peer_ns = tunnel.gateway, tunnel.peer_ns
     assert _child_counters(gateway) == (0, 0, 0, 0)
 
     ping = peer_ns.popen(

@@ -170,16 +170,18 @@ def backend() -> str:
     return "userspace"
 
 
-@pytest.fixture
-def tunnel(
+def establish(
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
-    outer: tuple[str, str],
-    esp: str,
-    backend: str,
+    *,
+    outer: tuple[str, str] = ("192.0.2.1", "192.0.2.2"),
+    esp: str = "aes256gcm16",
+    extra: str = '\n[kernel]\nbackend = "userspace"\n',
+    **gateway_options: Any,
 ) -> Tunnel:
-    """strongSwan's child SA to ikefarm, installed on both ends, no packet sent yet."""
+    """strongSwan's child SA to an ikefarm gateway (`extra` names its kernel backend and
+    anything else the test needs), installed on both ends, no packet sent yet."""
     gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
     gw_ns.add_address("lo", f"{GW_INNER}/32")
     peer_ns.add_address("lo", f"{PEER_INNER}/32")
@@ -187,9 +189,10 @@ def tunnel(
         gw_ns,
         psk=PSK,
         address=outer[0],
-        extra=f'\n[kernel]\nbackend = "{backend}"\n',
+        extra=extra,
         ipsec_template_extra=SUITES[esp],
         log_level=1,
+        **gateway_options,
     )
     peer = strongswan_factory(peer_ns)
     # strongSwan's side as in the responder tests: child c-net, 10.200.0.0/24 === 10.100.0.0/24
@@ -202,6 +205,26 @@ def tunnel(
     (row,) = gateway.wait_sas(1)
     assert row["children"][0]["state"] == "installed"
     return Tunnel(gateway, peer, gw_ns, peer_ns, child)
+
+
+@pytest.fixture
+def tunnel(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    outer: tuple[str, str],
+    esp: str,
+    backend: str,
+) -> Tunnel:
+    """strongSwan's child SA to ikefarm, installed on both ends, no packet sent yet."""
+    return establish(
+        netns_pair,
+        gateway_factory,
+        strongswan_factory,
+        outer=outer,
+        esp=esp,
+        extra=f'\n[kernel]\nbackend = "{backend}"\n',
+    )
 
 
 @pytest.mark.parametrize("outer", [4, 6], indirect=True, ids=["outer-ipv4", "outer-ipv6"])

@@ -46,7 +46,7 @@ from ikefarm.shared.observability.tracing import (
 )
 
 if TYPE_CHECKING:
-    from ikefarm.shared.observability.metrics import MetricsServer
+    from ikefarm.shared.observability.metrics import MetricsExport, MetricsServer
 
 VERSION = "0.1.0"
 M = TypeVar("M", bound=BusMessage)
@@ -140,6 +140,7 @@ class Runtime:
         self._connected = False
         self._last_connect_error = -1e9
         self.metrics: MetricsServer | None = None
+        self._metrics_export: MetricsExport | None = None
         self.latencies = Latencies()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -265,25 +266,41 @@ class Runtime:
                 handler,
                 subject=subjects.instance_endpoint(self.name, self.instance, endpoint),
             )
+        self._make_metrics_export()
         await self.service.setup()
         await subscriptions_in_place(self.nc)
         self._start_metrics()
         log.audit("service_started", nats=self.nats_url, version=VERSION)
 
+    def _metrics_listen(self) -> str:
+        return str(self.options.get("metrics_listen") or self.config.telemetry.metrics_listen)
+
+    def _make_metrics_export(self) -> None:
+        """The OpenTelemetry meter, before setup so its bus requests are measured too."""
+        if not self._metrics_listen():
+            return
+        from ikefarm.shared.observability.metrics import MetricsExport, loop_source
+
+        self._metrics_export = MetricsExport(
+            self.name,
+            self.instance,
+            VERSION,
+            self.latencies,
+            loop_source(asyncio.get_running_loop(), self.stats_snapshot),
+        )
+
     def _start_metrics(self) -> None:
         """The Prometheus endpoint (`[telemetry] metrics-listen`), when one is configured.
 
         An address it cannot bind is logged at level 0; the service runs on without it."""
-        listen = self.options.get("metrics_listen") or self.config.telemetry.metrics_listen
-        if not listen:
+        listen = self._metrics_listen()
+        export = self._metrics_export
+        if not listen or export is None:
             return
-        from ikefarm.shared.observability.metrics import MetricsServer, StatsCollector
+        from ikefarm.shared.observability.metrics import MetricsServer
 
         try:
-            collector = StatsCollector(
-                asyncio.get_running_loop(), self.stats_snapshot, self.latencies
-            )
-            self.metrics = MetricsServer(listen, collector)
+            self.metrics = MetricsServer(listen, export)
         except (OSError, ValueError) as exc:
             log.audit("metrics_listen_failed", listen=listen, error=str(exc))
             return
@@ -305,6 +322,9 @@ class Runtime:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self._metrics_export is not None:
+            self._metrics_export.close()
+            self._metrics_export = None
         log.audit("service_stopped")
         shutdown_tracing()
 

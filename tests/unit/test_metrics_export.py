@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from ikefarm.proto.messages import Stats
 from ikefarm.shared.config.kinds import (
@@ -16,21 +14,16 @@ from ikefarm.shared.config.kinds import (
     ValueRefused,
     parse_listen,
 )
-from ikefarm.shared.observability.metrics import METRIC_NAMES, families
-
-
-class Fixed(Collector):
-    def __init__(self, stats: Stats) -> None:
-        self.stats = stats
-
-    def collect(self):  # type: ignore[no-untyped-def]
-        yield from families(self.stats)
+from ikefarm.shared.observability.metrics import METRIC_NAMES, MetricsExport, prometheus_name
 
 
 def exposition(stats: Stats) -> str:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Fixed(stats))
-    return generate_latest(registry).decode()
+    """What the OpenTelemetry Prometheus exporter of a service answers for one snapshot."""
+    export = MetricsExport(stats.service, stats.instance, stats.version, source=lambda: stats)
+    try:
+        return export.exposition()
+    finally:
+        export.close()
 
 
 def stats(counters: dict, gauges: dict) -> Stats:  # type: ignore[type-arg]
@@ -150,9 +143,10 @@ def test_latency_histograms_are_cumulative_and_bounded() -> None:
         MAX_HISTOGRAM_LABELS,
         Latencies,
     )
-    from ikefarm.shared.observability.metrics import histogram_families
 
     latencies = Latencies()
+    latencies.observe(IKE_HANDSHAKE_DURATION, 0.2)  # no meter yet: nothing recorded
+    export = MetricsExport("ike", "ike-0", "0", latencies, source=lambda: None)
     for seconds in (0.0005, 0.003, 0.003, 42.0, -1.0):
         latencies.observe(BUS_REQUEST_DURATION, seconds, "ikefarm.keystore.psk.auth")
     latencies.observe(IKE_HANDSHAKE_DURATION, 0.2)
@@ -161,17 +155,11 @@ def test_latency_histograms_are_cumulative_and_bounded() -> None:
         latencies.observe(BUS_REQUEST_DURATION, 0.01, f"s{n}")
     assert latencies.dropped == 6  # the keystore subject took one of the label slots
 
-    class Hist(Collector):
-        def collect(self):  # type: ignore[no-untyped-def]
-            yield from histogram_families("ike", "ike-0", latencies.snapshot())
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Hist())
-    samples = [
-        s
-        for f in text_string_to_metric_families(generate_latest(registry).decode())
-        for s in f.samples
-    ]
+    try:
+        text = export.exposition()
+    finally:
+        export.close()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     assert {s.name for s in samples} <= METRIC_NAMES
     keystore = {
         s.labels.get("le", s.name.rsplit("_", 1)[-1]): s.value
@@ -185,6 +173,41 @@ def test_latency_histograms_are_cumulative_and_bounded() -> None:
     handshake = [s for s in samples if s.name == "ikefarm_ike_handshake_duration_seconds_count"]
     assert [s.value for s in handshake] == [1]
     assert not any("not_declared" in s.name for s in samples)
+    subjects = {s.labels.get("subject") for s in samples if "subject" in s.labels}
+    assert len(subjects) == MAX_HISTOGRAM_LABELS
+
+
+def test_prometheus_names_are_what_the_exporter_writes() -> None:
+    """The OpenTelemetry-to-Prometheus mapping METRIC_NAMES is computed with."""
+    assert prometheus_name("ikefarm.esp.io", "By") == "ikefarm_esp_io_bytes"
+    assert prometheus_name("process.uptime", "s") == "process_uptime_seconds"
+    assert prometheus_name("ikefarm.esp.packets", "{packet}") == "ikefarm_esp_packets"
+    assert prometheus_name("x.duration_seconds", "s") == "x_duration_seconds"
+
+
+def test_without_a_snapshot_a_scrape_has_the_resource_only() -> None:
+    export = MetricsExport("ike", "ike-0", "0", source=lambda: None)
+    try:
+        text = export.exposition()
+    finally:
+        export.close()
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert names <= {"target_info"}
+
+
+def test_a_scrape_observes_the_snapshot_of_that_scrape() -> None:
+    """Asynchronous instruments: each collection reads the stats anew, nothing stale stays."""
+    current = [stats({"a": 1}, {})]
+    export = MetricsExport("ingress", "ingress-0", "0", source=lambda: current[0])
+    try:
+        first = export.exposition()
+        current[0] = stats({"b": 5}, {})
+        second = export.exposition()
+    finally:
+        export.close()
+    assert 'event="a"' in first and 'event="b"' not in first
+    assert 'event="b"' in second and 'event="a"' not in second
+    assert 'service_name="ikefarm-ingress"' in second  # target_info: the resource
 
 
 def samples_of(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

@@ -8,6 +8,10 @@ second run quick). It is started so that it changes nothing else on the host:
 no iptables rules or FORWARD policy (`--iptables=false`), no ip_forward sysctl,
 no default bridge. Published ports then go through docker's userland proxy in the
 host's network namespace; the stack's own network is a bridge compose creates.
+An engine started here begins without the network store of an earlier one
+(`DATA_ROOT/network`): a test's networks live no longer than the test, and an
+engine killed mid-run leaves address pools there that the next run's fixed
+subnet collides with ("Pool overlaps with other one on this address space").
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ class Dockerd:
                 return host
         DATA_ROOT.mkdir(parents=True, exist_ok=True)
         EXEC_ROOT.mkdir(parents=True, exist_ok=True)
+        # no engine runs on DATA_ROOT (none answered): its network store is stale
+        shutil.rmtree(DATA_ROOT / "network", ignore_errors=True)
         argv = [
             "dockerd",
             "--host", f"unix://{SOCKET}",

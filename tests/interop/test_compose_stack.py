@@ -1,6 +1,16 @@
 """The compose stack for real: build the ikefarm image on a local docker engine, bring up
-NATS and the ikefarm services with two `ike` replicas, and let a real strongSwan in a
-namespace establish through ingress's published ports; `down` leaves nothing behind.
+NATS and the ikefarm services with two `ike` replicas, let a real strongSwan in a
+namespace establish through ingress's published ports, and ping through the tunnel: the
+stack's kernel service (the userspace ESP dataplane, in ingress's network namespace)
+protects the packets. `down` leaves nothing behind.
+
+testcontainers drives the stack: `StackCompose` is testcontainers' `DockerCompose`, whose
+`stop` (`down --volumes`) and `exec_in_container` the test uses as they are. It overrides
+what does not fit this machine: the command (testcontainers runs `docker compose`, the v2
+plugin, which Debian 12 does not ship; `tests/harness/docker.compose_cli` picks the v2
+plugin or Debian's docker-compose 1.29) with this test's project name and environment
+(DOCKER_HOST, IKEFARM_*), and `start`, which has to scale `ike` (`up --wait` needs
+healthchecks and v2). The image is built before, once, with the compose CLI.
 
 No image registry is reachable here: the image is built FROM a base image made with
 debootstrap (ops/build-base-image, cached). The collector, Jaeger, Prometheus and
@@ -15,10 +25,12 @@ import os
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from testcontainers.compose import DockerCompose
 
 from tests.harness import docker, prerequisites
 from tests.harness.netns import Namespace, wait_for
@@ -33,6 +45,8 @@ IMAGE = "ikefarm:compose-test"
 CORE = ["nats", "ingress", "ike", "keystore", "kernel", "flow"]
 PSK = "compose-psk-4d1f8a0c2b9e7365"
 METRICS_PORT = 9464
+KERNEL_METRICS_PORT = 9465  # the kernel service shares ingress's network namespace
+GW_INNER, PEER_INNER = "10.100.0.1", "10.200.0.1"  # inside the vpn's selectors
 CLI_CONFIG = ("-c", "/etc/ikefarm/ikefarm.toml")
 PROJECT_PREFIX = "ikefarmtest"
 
@@ -69,6 +83,17 @@ class Stack:
         return self.run(
             [*self.cli, "-p", self.project, "-f", str(COMPOSE_FILE), *args], timeout
         ).stdout
+
+    def testcontainers(self, services: list[str], scale: dict[str, int]) -> StackCompose:
+        return StackCompose(
+            context=str(COMPOSE_FILE.parent),
+            compose_file_name=str(COMPOSE_FILE),
+            wait=False,
+            cli=[*self.cli, "-p", self.project],
+            env=self.env,
+            up_services=services,
+            scale=scale,
+        )
 
     def docker(self, *args: str) -> str:
         return self.run(["docker", *args], 120).stdout
@@ -113,9 +138,45 @@ class Stack:
             return str(exc)
 
 
-def scrape(address: str) -> dict[str, float]:
+@dataclass
+class StackCompose(DockerCompose):
+    """testcontainers' DockerCompose on the compose CLI this machine has, with the test's
+    project and environment (DOCKER_HOST, IKEFARM_*), bringing `up_services` up with
+    `scale`, without building (the test builds once, before)."""
+
+    cli: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    up_services: list[str] = field(default_factory=list)
+    scale: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def compose_command_property(self) -> list[str]:  # type: ignore[override]
+        files = [arg for name in self.compose_file_name or [] for arg in ("-f", name)]
+        return [*self.cli, *files]
+
+    def start(self) -> None:
+        scale = [arg for name, n in self.scale.items() for arg in ("--scale", f"{name}={n}")]
+        self._run_command([*self.compose_command_property, "up", "--detach", "--no-build",
+                           *scale, *self.up_services])  # fmt: skip
+
+    def _run_command(
+        self, cmd: str | list[str], context: str | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(
+            cmd,
+            cwd=context or str(self.context),
+            env=self.env,
+            capture_output=True,
+            check=False,
+            timeout=600,
+        )
+        assert result.returncode == 0, f"{cmd}: {result.stdout[-2000:]!r}{result.stderr[-3000:]!r}"
+        return result
+
+
+def scrape(address: str, port: int = METRICS_PORT) -> dict[str, float]:
     """`ikefarm_state` of one container's metrics endpoint: {gauge name: value}."""
-    url = f"http://{address}:{METRICS_PORT}/metrics"
+    url = f"http://{address}:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         text = reply.read().decode()
     return {
@@ -126,8 +187,8 @@ def scrape(address: str) -> dict[str, float]:
     }
 
 
-def samples(address: str) -> list[tuple[str, dict[str, str], float]]:
-    url = f"http://{address}:{METRICS_PORT}/metrics"
+def samples(address: str, port: int = METRICS_PORT) -> list[tuple[str, dict[str, str], float]]:
+    url = f"http://{address}:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         text = reply.read().decode()
     return [
@@ -138,10 +199,23 @@ def samples(address: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def scrape_or_empty(address: str) -> dict[str, float]:
+    return scrape_or_empty_port(address, METRICS_PORT)
+
+
+def scrape_or_empty_port(address: str, port: int) -> dict[str, float]:
     try:
-        return scrape(address)
+        return scrape(address, port)
     except OSError:
         return {}
+
+
+def info_gauges(address: str, port: int) -> dict[str, str]:
+    """`ikefarm_state_info` of one endpoint: {gauge name: its text}."""
+    return {
+        labels["name"]: labels["value"]
+        for name, labels, _value in samples(address, port)
+        if name == "ikefarm_state_info"
+    }
 
 
 def stack_config(workdir: Path) -> Path:
@@ -172,14 +246,45 @@ def peer_namespace() -> Iterator[tuple[Namespace, str, str]]:
         subprocess.run(["ip", "link", "set", host_if, "up"], check=True)
         ns.add_address("eth0", f"{peer_address}/30")
         ns.run(["ip", "link", "set", "eth0", "up"])
-        ns.add_address("lo", "10.200.0.1/32")
+        ns.add_address("lo", f"{PEER_INNER}/32")
         yield ns, host_address, peer_address
     finally:
         ns.close()  # takes the veth pair with it
         subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
 
 
-def test_compose_stack_with_two_ike_replicas_serves_strongswan(
+SHOW_ROUTING = (
+    "from pyroute2 import IPRoute; i = IPRoute(); "
+    "print([(r.get_attr('RTA_DST'), r['dst_len'], r.get_attr('RTA_OIF'), r.get_attr('RTA_PREFSRC'))"
+    " for r in i.get_routes(table=220)]); "
+    "print([(l.get_attr('IFLA_IFNAME'), l['index'], l['flags']) for l in i.get_links()]); "
+    "print([(a.get_attr('IFA_ADDRESS'), a['index']) for a in i.get_addr()]); "
+    "print([(r['table'], r.get_attr('FRA_PRIORITY')) for r in i.get_rules()])"
+)
+
+
+def dataplane_report(compose: StackCompose, ingress: str, peer: StrongSwan) -> str:
+    """What the kernel service counted, its routes and links, and the peer's child SA."""
+    counted = {
+        labels.get("event", name): value
+        for name, labels, value in samples(ingress, KERNEL_METRICS_PORT)
+        if name == "ikefarm_events_total" and labels.get("event", "").startswith("esp")
+    }
+    out, err, _code = compose.exec_in_container(["python", "-c", SHOW_ROUTING], "kernel")
+    snmp, _err, _code = compose.exec_in_container(
+        ["cat", "/proc/net/snmp", "/proc/net/dev"], "kernel"
+    )
+    out += snmp
+    return f"kernel counters {counted}\nkernel routing {out}{err}\npeer {peer.list_sas()}\n"
+
+
+ADD_INNER_ADDRESS = (
+    "import sys; from pyroute2 import IPRoute; ipr = IPRoute(); "
+    "ipr.addr('add', index=ipr.link_lookup(ifname='lo')[0], address=sys.argv[1], prefixlen=32)"
+)
+
+
+def test_compose_stack_with_two_ike_replicas_protects_strongswans_packets(
     tmp_path: Path,
     peer_namespace: tuple[Namespace, str, str],
     strongswan_factory: Callable[..., StrongSwan],
@@ -191,6 +296,7 @@ def test_compose_stack_with_two_ike_replicas_serves_strongswan(
     engine = docker.Dockerd(tmp_path / "dockerd.log")
     docker_host = engine.start()
     stack = Stack(tmp_path, docker_host, host_address)
+    compose: StackCompose | None = None
     try:
         stack.reap_stale()
         stack.run([str(ROOT / "ops" / "build-base-image"), BASE_IMAGE], timeout=900)
@@ -198,7 +304,8 @@ def test_compose_stack_with_two_ike_replicas_serves_strongswan(
         stack.compose("build", "nats", timeout=900)
         stack_config(tmp_path)
         stack.run([str(ROOT / "compose" / "make-secrets")], timeout=120)
-        stack.compose("up", "-d", "--no-build", "--scale", "ike=2", *CORE)
+        compose = stack.testcontainers(CORE, {"ike": 2})
+        compose.start()
 
         (ingress,) = stack.addresses("ingress")
         workers = stack.addresses("ike")
@@ -214,6 +321,20 @@ def test_compose_stack_with_two_ike_replicas_serves_strongswan(
             timeout=30,
             what="ingress sees both workers",
         )
+        # the kernel service runs the userspace dataplane in ingress's network namespace,
+        # where the ESP in UDP arrives
+        wait_for(
+            lambda: scrape_or_empty_port(ingress, KERNEL_METRICS_PORT).get("tunnels", -1) == 0,
+            timeout=60,
+            what=f"the kernel service's dataplane: {stack.logs()}",
+        )
+        kernel_info = info_gauges(ingress, KERNEL_METRICS_PORT)
+        assert kernel_info.get("backend") == "userspace", kernel_info
+        # the gateway's own address inside its selectors, which the ping answers from
+        _out, err, code = compose.exec_in_container(
+            ["python", "-c", ADD_INNER_ADDRESS, GW_INNER], "kernel"
+        )
+        assert code == 0, err
 
         peer = strongswan_factory(ns)
         peer.load(
@@ -232,8 +353,23 @@ def test_compose_stack_with_two_ike_replicas_serves_strongswan(
         # one worker holds the SA, and the kernel service installed its child
         states = [scrape(a) for a in workers]
         assert sorted(s["established"] for s in states) == [0, 1]
-        (kernel,) = stack.addresses("kernel")
-        assert scrape(kernel)["children"] == 1
+        assert scrape(ingress, KERNEL_METRICS_PORT)["children"] == 1
+
+        # packets cross the tunnel: ESP in UDP through docker's published port to the
+        # kernel service's dataplane, and back
+        assert ns.ping(GW_INNER, src=PEER_INNER, count=3, timeout=10), (
+            dataplane_report(compose, ingress, peer) + stack.logs()
+        )
+        esp = {
+            (labels["network_io_direction"], name): value
+            for name, labels, value in samples(ingress, KERNEL_METRICS_PORT)
+            if name == "ikefarm_esp_packets_total"
+        }
+        assert esp[("receive", "ikefarm_esp_packets_total")] >= 3, esp
+        assert esp[("transmit", "ikefarm_esp_packets_total")] >= 3, esp
+        child_after = peer.list_sas()[0]["child-sas"][0]
+        assert int(child_after["packets-in"]) >= 3 and int(child_after["packets-out"]) >= 3
+
         # the CLI in the stack, as user admin: every service instance, both workers
         status = json.loads(stack.compose("run", "--rm", "cli", "status", "--json", *CLI_CONFIG))
         kinds = sorted(row["name"] for row in status)
@@ -255,6 +391,9 @@ def test_compose_stack_with_two_ike_replicas_serves_strongswan(
         assert {"ikefarm.keystore.psk.auth", "ikefarm.kernel.child.install"} <= asked
     finally:
         try:
+            if compose is not None:
+                compose.stop()  # testcontainers: down --volumes
+            # whatever a failed start left, and the cli's containers
             stack.compose("down", "-v", "--remove-orphans", "--timeout", "10", timeout=180)
             assert stack.left_behind() == {"containers": [], "networks": [], "volumes": []}
         finally:

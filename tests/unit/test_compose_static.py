@@ -123,3 +123,18 @@ def test_dashboards_query_only_metrics_ikefarm_exports(path: Path) -> None:
 def test_the_query_reader_sees_metric_names() -> None:
     expr = 'sum by (event) (rate(ikefarm_events_total{event=~"a.b"}[5m])) / other_metric'
     assert metric_names(expr) == {"ikefarm_events_total", "other_metric"}
+
+
+def test_the_stacks_kernel_service_protects_packets_where_ingress_receives_them() -> None:
+    """backend auto (not the memory double), in ingress's network namespace, with what the
+    userspace dataplane and XFRM need; its metrics on a port of its own there, scraped."""
+    config = load_config(COMPOSE / "ikefarm.toml")
+    assert config.kernel.backend == "userspace"
+    compose = (COMPOSE / "docker-compose.yml").read_text()
+    kernel = compose[compose.index("\n  kernel:\n") : compose.index("\n  flow:\n")]
+    assert 'network_mode: "service:ingress"' in kernel
+    assert "/dev/net/tun:/dev/net/tun" in kernel
+    assert "NET_ADMIN" in kernel and "NET_RAW" in kernel
+    assert '"--metrics-listen", "0.0.0.0:9465"' in kernel
+    prometheus = (COMPOSE / "prometheus" / "prometheus.yml").read_text()
+    assert "port: 9465" in prometheus

@@ -56,6 +56,10 @@ class Latencies:
             for name, (label, text) in HISTOGRAMS.items()
         }
 
+    def unbind(self) -> None:
+        """Record nothing from now on (the meter is shut down)."""
+        self._instruments = {}
+
     def observe(self, name: str, seconds: float, label: str = "") -> None:
         found = self._instruments.get(name)
         if found is None:

@@ -263,6 +263,7 @@ class MetricsExport:
         from prometheus_client.registry import CollectorRegistry
 
         self.source = source
+        self.latencies = latencies
         self._observed: dict[str, list[Point]] = {}
         export = self
 
@@ -329,6 +330,8 @@ class MetricsExport:
         return generate_latest(self.registry).decode()
 
     def close(self) -> None:
+        if self.latencies is not None:
+            self.latencies.unbind()
         self.provider.shutdown()
 
 

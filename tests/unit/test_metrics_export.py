@@ -341,3 +341,13 @@ def test_named_metrics_never_fail_on_any_snapshot(service, counters, gauges) -> 
     text = exposition(Stats(service, "x-0", "0", 1.0, 0, 0, counters, gauges))
     names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     assert names <= METRIC_NAMES
+
+
+def test_a_closed_export_records_nothing_more() -> None:
+    from ikefarm.shared.observability.latency import BUS_REQUEST_DURATION, Latencies
+
+    latencies = Latencies()
+    export = MetricsExport("ike", "ike-0", "0", latencies, source=lambda: None)
+    export.close()
+    latencies.observe(BUS_REQUEST_DURATION, 0.1, "x")  # no meter: returns at once
+    assert latencies.dropped == 0

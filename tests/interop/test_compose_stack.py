@@ -2,7 +2,10 @@
 NATS and the ikefarm services with two `ike` replicas, let a real strongSwan in a
 namespace establish through ingress's published ports, and ping through the tunnel: the
 stack's kernel service (the userspace ESP dataplane, in ingress's network namespace)
-protects the packets. `down` leaves nothing behind.
+protects the packets. The stack's spans go over OTLP/HTTP (on by default in
+compose/ikefarm.toml) to the receiver written for the tests (tests/harness/otlp_receiver,
+in the collector's place) on the host: IKE_AUTH is one connected trace through ingress,
+the worker, the keystore and the kernel service. `down` leaves nothing behind.
 
 testcontainers drives the stack: `StackCompose` is testcontainers' `DockerCompose`, whose
 `stop` (`down --volumes`) and `exec_in_container` the test uses as they are. It overrides
@@ -22,11 +25,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,6 +41,7 @@ from testcontainers.compose import DockerCompose
 from tests.harness import docker, prerequisites
 from tests.harness.netns import Namespace, wait_for
 from tests.harness.strongswan import Psk, StrongSwan, net_to_net
+from tests.interop import test_exchange_traces_strongswan as traces
 
 pytestmark = [pytest.mark.interop, pytest.mark.compose, pytest.mark.timeout(900)]
 
@@ -49,6 +56,13 @@ KERNEL_METRICS_PORT = 9465  # the kernel service shares ingress's network namesp
 GW_INNER, PEER_INNER = "10.100.0.1", "10.200.0.1"  # inside the vpn's selectors
 CLI_CONFIG = ("-c", "/etc/ikefarm/ikefarm.toml")
 PROJECT_PREFIX = "ikefarmtest"
+STACK_GATEWAY = "172.30.50.1"  # the host's address on the stack's network (IKEFARM_SUBNET)
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        return int(probe.getsockname()[1])
 
 
 def host_link_addresses() -> tuple[str, str]:
@@ -218,12 +232,15 @@ def info_gauges(address: str, port: int) -> dict[str, str]:
     }
 
 
-def stack_config(workdir: Path) -> Path:
-    """compose/ikefarm.toml as shipped, with this test's PSK and no collector to send to."""
+def stack_config(workdir: Path, otlp_endpoint: str) -> Path:
+    """compose/ikefarm.toml as shipped, with this test's PSK, its spans to `otlp_endpoint`
+    (the collector's image cannot be had: the test's own receiver takes its place)."""
     text = (ROOT / "compose" / "ikefarm.toml").read_text()
     text = text.replace('secret = "0sc2VjcmV0LXNlY3JldC1zZWNyZXQ="', f'secret = "{PSK}"')
-    text = text.replace('otlp-endpoint = "http://otel-collector:4318"', 'otlp-endpoint = ""')
-    assert PSK in text and 'otlp-endpoint = ""' in text
+    shipped = 'otlp-endpoint = "http://otel-collector:4318"'
+    assert shipped in text  # OTLP export is on by default in the stack
+    text = text.replace(shipped, f'otlp-endpoint = "{otlp_endpoint}"')
+    assert PSK in text
     path = workdir / "ikefarm.toml"
     path.write_text(text)
     path.chmod(0o644)  # the services read it as the image's ikefarm user
@@ -297,12 +314,22 @@ def test_compose_stack_with_two_ike_replicas_protects_strongswans_packets(
     docker_host = engine.start()
     stack = Stack(tmp_path, docker_host, host_address)
     compose: StackCompose | None = None
+    receiver: subprocess.Popen[bytes] | None = None
     try:
         stack.reap_stale()
         stack.run([str(ROOT / "ops" / "build-base-image"), BASE_IMAGE], timeout=900)
         # every ikefarm service runs the one image: build it once
         stack.compose("build", "nats", timeout=900)
-        stack_config(tmp_path)
+        # the stack's spans go to the test's OTLP/HTTP receiver on the host, which the
+        # containers reach at the stack network's gateway address
+        spans_file = tmp_path / "spans.jsonl"
+        receiver_port = free_tcp_port()
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "tests.harness.otlp_receiver", "0.0.0.0", str(receiver_port),
+             str(spans_file)],
+            cwd=ROOT,
+        )  # fmt: skip
+        stack_config(tmp_path, f"http://{STACK_GATEWAY}:{receiver_port}")
         stack.run([str(ROOT / "compose" / "make-secrets")], timeout=120)
         compose = stack.testcontainers(CORE, {"ike": 2})
         compose.start()
@@ -389,7 +416,30 @@ def test_compose_stack_with_two_ike_replicas_protects_strongswans_packets(
             if name == "ikefarm_bus_request_duration_seconds_count" and value >= 1
         }
         assert {"ikefarm.keystore.psk.auth", "ikefarm.kernel.child.install"} <= asked
+
+        # OTLP export is on in the stack: IKE_AUTH is one connected trace through
+        # ingress, the worker, the keystore and the kernel service
+        wanted = {"ikefarm-ingress", "ikefarm-ike", "ikefarm-keystore", "ikefarm-kernel"}
+
+        def auth_trace() -> list[dict[str, Any]] | None:
+            found = traces.spans(spans_file)
+            starts = traces.exchange_spans(
+                found, "ike.exchange IKE_AUTH", spi_i=sa["initiator-spi"], response=False
+            )
+            if not starts:
+                return None
+            trace = traces.by_trace(found)[starts[0]["trace_id"]]
+            sent = "ike.send IKE_AUTH" in {s["name"] for s in trace}
+            done = wanted <= {s["service"] for s in trace} and sent
+            return trace if done and traces.connected(trace) else None
+
+        trace = wait_for(auth_trace, timeout=30, what="the IKE_AUTH trace of the stack")
+        assert trace is not None
+        assert traces.assert_connected(trace)["service"] == "ikefarm-ingress"
     finally:
+        if receiver is not None:
+            receiver.terminate()
+            receiver.wait(10)
         try:
             if compose is not None:
                 compose.stop()  # testcontainers: down --volumes

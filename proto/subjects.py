@@ -104,6 +104,7 @@ VIP_HOLDER_BUCKET = "ikefarm-vip-holders"
 # ike -> kernel: child SA install/delete (request/reply).
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
 KERNEL_CHILD_DELETE = f"{PREFIX}.kernel.child.delete"
+KERNEL_CHILD_UPDATE = f"{PREFIX}.kernel.child.update"  # MOBIKE: new endpoints (ChildUpdate)
 KERNEL_SHOW = f"{PREFIX}.kernel.show"
 # ike -> kernel: the public half of the kernel service's transport key, to seal child SA keys
 # to (`shared/bus/child_keys.py`); only the kernel user subscribes to `ikefarm.kernel.>`.

@@ -41,6 +41,7 @@ from ikefarm.proto.messages import (
     CertAuthRequest,
     ChildDelete,
     ChildInstall,
+    ChildUpdate,
     Datagram,
     IkeCommand,
     IkeCommandResult,
@@ -110,6 +111,7 @@ from ikefarm.shared.ikev2.effects import (
     SaEvent,
     SendDatagram,
     SendKeepalive,
+    UpdateChildSa,
     VipLease,
     VipRelease,
 )
@@ -849,6 +851,22 @@ class IkeService(ServiceBase):
             self._spawn(self._kernel(subjects.KERNEL_TRAP_REMOVE, untrap, "untrap", effect.reqid))
         elif isinstance(effect, DeleteChildSa):
             self._spawn(self.delete_child(effect))
+        elif isinstance(effect, UpdateChildSa):
+            moved = ChildUpdate(
+                unique_id=effect.unique_id,
+                ike_unique_id=effect.ike_unique_id,
+                reqid=effect.reqid,
+                spi_in=effect.spi_in,
+                spi_out=effect.spi_out,
+                local_address=effect.local.address,
+                local_port=effect.local.port,
+                remote_address=effect.remote.address,
+                remote_port=effect.remote.port,
+                udp_encap=effect.udp_encap,
+            )
+            self._spawn(
+                self._kernel(subjects.KERNEL_CHILD_UPDATE, moved, "update", effect.unique_id)
+            )
         elif isinstance(effect, LocalVip):
             vip = VipAddress(
                 install=effect.install,

@@ -38,6 +38,7 @@ from ikefarm.proto.messages import (
     ChildCounters,
     ChildDelete,
     ChildInstall,
+    ChildUpdate,
     KernelAcquire,
     KernelExpire,
     TrapInstall,
@@ -52,6 +53,7 @@ from ikefarm.services.kernel.memory import (
     SaEntry,
     TrapEntry,
     _Child,
+    check_update,
     delete_request_of,
 )
 from ikefarm.services.kernel.routes import MAIN_TABLE, Route, RouteError, Routes
@@ -481,6 +483,14 @@ class NetlinkKernel:
         if done is not None:
             await self._undo(done)
         return child
+
+    async def update(self, request: ChildUpdate) -> tuple[SaEntry, SaEntry]:
+        """MOBIKE's move of a child's endpoints is not programmed into XFRM yet (it needs
+        XFRM_MSG_MIGRATE, or the SAs read back and added again): refused, books unchanged."""
+        check_update(request)
+        raise KernelRefusal(
+            "not_implemented", "not implemented: moving XFRM SAs to new endpoints (MOBIKE)"
+        )
 
     async def install_trap(self, request: TrapInstall) -> tuple[TrapEntry, bool]:
         """The trap policies of a security policy: traffic matching them raises ACQUIRE."""

@@ -8,7 +8,8 @@ with the reason) and `memory` (a test double: SAD/SPD in a dict, no packet
 protected).
 
 Endpoints (request/reply): `subjects.KERNEL_CHILD_INSTALL` (ChildInstall ->
-KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck) and
+KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck),
+`subjects.KERNEL_CHILD_UPDATE` (ChildUpdate -> KernelAck: MOBIKE moved the child) and
 `subjects.KERNEL_SHOW` (KernelShowRequest -> KernelState, never key material),
 `subjects.KERNEL_TRAP_INSTALL` (TrapInstall -> KernelAck),
 `subjects.KERNEL_TRAP_REMOVE` (TrapRemove -> KernelAck) and
@@ -35,6 +36,7 @@ from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import (
     ChildDelete,
     ChildInstall,
+    ChildUpdate,
     FlowVerdicts,
     KernelAck,
     KernelAcquire,
@@ -60,6 +62,7 @@ from ikefarm.services.kernel.memory import (
     MemoryKernel,
     check_flush,
     check_install,
+    check_update,
 )
 from ikefarm.services.kernel.userspace import UserspaceKernel
 from ikefarm.services.kernel.vips import VipAddresses
@@ -187,6 +190,9 @@ class KernelService(ServiceBase):
         )
         await self.runtime.add_endpoint(
             "child-delete", ChildDelete, self.on_delete, subject=subjects.KERNEL_CHILD_DELETE
+        )
+        await self.runtime.add_endpoint(
+            "child-update", ChildUpdate, self.on_update, subject=subjects.KERNEL_CHILD_UPDATE
         )
         await self.runtime.add_endpoint(
             "show", KernelShowRequest, self.on_show, subject=subjects.KERNEL_SHOW
@@ -449,6 +455,37 @@ class KernelService(ServiceBase):
             reqid=child.reqid,
             spi_in=request.spi_in.hex(),
             spi_out=request.spi_out.hex(),
+        )
+        return KernelAck(ok=True)
+
+    async def on_update(self, request: ChildUpdate, _msg: Any) -> KernelAck:
+        """MOBIKE moved the child's IKE SA: its SAs follow to the new endpoints (RFC 4555)."""
+        backend = self._backend()
+        try:
+            check_update(request)
+            sa_in, sa_out = await _settle(backend.update(request))
+        except InvalidChild as exc:
+            self.runtime.counters["child_update.invalid"] += 1
+            raise BusError("bad_field", f"ChildUpdate: {exc}") from None
+        except KernelRefusal as exc:
+            return self._refused(
+                "child_update",
+                exc,
+                unique_id=request.unique_id,
+                spi_in=request.spi_in.hex(),
+                spi_out=request.spi_out.hex(),
+            )
+        self.runtime.counters["child_update.ok"] += 1
+        self.log.control(
+            "child_moved",
+            backend=backend.name,
+            unique_id=request.unique_id,
+            ike_unique_id=request.ike_unique_id,
+            spi_in=sa_in.spi.hex(),
+            spi_out=sa_out.spi.hex(),
+            local=f"{sa_out.src}[{sa_out.src_port}]",
+            remote=f"{sa_out.dst}[{sa_out.dst_port}]",
+            encap=request.udp_encap,
         )
         return KernelAck(ok=True)
 

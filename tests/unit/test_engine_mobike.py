@@ -227,7 +227,8 @@ def test_no_nats_allowed_that_matches_is_accepted() -> None:
         + (4500).to_bytes(2, "big") * 2
     )
     wire.initiator.address = NEW_ADDRESS
-    payloads = update_payloads(i_sa, new_local, NotifyPayload(NotifyType.NO_NATS_ALLOWED, data=data))
+    no_nats = NotifyPayload(NotifyType.NO_NATS_ALLOWED, data=data)
+    payloads = update_payloads(i_sa, new_local, no_nats)
     send_raw(wire, payloads, local=new_local)
     assert r_sa.remote == new_local
 
@@ -273,7 +274,7 @@ def test_malformed_mobike_notifies_are_refused_with_invalid_syntax(
     bad: NotifyPayload, reason: str
 ) -> None:
     wire = established()
-    i_sa, r_sa = only_sa(wire.initiator.engine), only_sa(wire.responder.engine)
+    r_sa = only_sa(wire.responder.engine)
     before = (r_sa.local, r_sa.remote, r_sa.peer_addresses, r_sa.nat_local, r_sa.nat_remote)
     new_local = Endpoint(NEW_ADDRESS, 4500)
     wire.initiator.address = NEW_ADDRESS

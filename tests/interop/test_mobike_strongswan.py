@@ -1,0 +1,123 @@
+"""MOBIKE (RFC 4555): a strongSwan road warrior changes its address and keeps its tunnel.
+
+strongSwan 5.9 (kernel-libipsec, `mobike = yes`) in "peer" establishes with `ikefarm up`
+in "gw" (`mobike = true` on the IKE policy, `[kernel] backend = "userspace"`). Then the
+peer's address changes under it: 192.0.2.3 is added to its veth and 192.0.2.2 removed.
+Nothing is initiated by hand: charon's roaming notices the address is gone, checks the
+path and sends UPDATE_SA_ADDRESSES (with COOKIE2 and NAT detection) from the new address.
+
+Acceptance: the gateway's IKE SA is the same one (same SPIs, same unique id), `show
+ike-sa` names the new address, strongSwan's SA shows its new local address, the ike
+worker counted the move, the kernel service moved the child with its SPIs unchanged, and
+a ping after the move goes through the userspace dataplane (its inbound counter grows).
+
+strongSwan's kernel-libipsec cannot update an installed SA's addresses (its kernel
+interface answers "not supported"), so strongSwan itself rekeys its CHILD_SA right after
+the move (its log: UPDATING => INSTALLED, then "queueing CHILD_REKEY task"). The child
+that survives the move with the same SPIs on both ends is therefore checked here on the
+gateway (its `child_moved` line names the original SPIs) and end to end between two
+engines (tests/unit/test_engine_mobike.py); the ping runs once strongSwan's rekey is done.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from tests.harness.gateway import Gateway
+from tests.harness.netns import NetnsPair, wait_for
+from tests.harness.strongswan import StrongSwan
+from tests.interop.test_responder_strongswan import peer_connection, psk_for
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
+
+PSK = "mobike-psk-4b1e09c2d7a3f6"
+GW_INNER, PEER_INNER = "10.100.0.1", "10.200.0.1"
+NEW_PEER = "192.0.2.3"
+
+
+def ike_rows(gateway: Gateway) -> list[dict[str, Any]]:
+    result = gateway.run_cli("show", "ike-sa", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    return list(rows if isinstance(rows, list) else rows.get("sas", rows))
+
+
+def inbound_packets(gateway: Gateway) -> int:
+    result = gateway.run_cli("show", "kernel", "--json")
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout)
+    return sum(int(sa.get("packets", 0)) for sa in state["sas"] if sa["direction"] == "in")
+
+
+def test_strongswan_roams_and_keeps_its_sas(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+) -> None:
+    gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
+    veth = netns_pair.link.if_b
+    gw_ns.add_address("lo", f"{GW_INNER}/32")
+    peer_ns.add_address("lo", f"{PEER_INNER}/32")
+    # the new address must survive the removal of the old one of the same subnet
+    peer_ns.run(["sysctl", "-qw", f"net.ipv4.conf.{veth}.promote_secondaries=1"])
+    gateway = gateway_factory(
+        gw_ns,
+        psk=PSK,
+        ike_template_extra="mobike = true",
+        extra='\n[kernel]\nbackend = "userspace"\n',
+        log_level=1,
+    )
+    peer = strongswan_factory(peer_ns)
+    # no fixed local address: charon may pick whichever address routes to the gateway
+    connection = replace(peer_connection(), local_addrs=None, mobike=True)
+    peer.load([connection], psks=[psk_for("a.peer.example", secret=PSK)])
+    peer.initiate(child="c-net", timeout=20)
+    (row,) = gateway.wait_sas(1)
+    assert row["remote_address"] == "192.0.2.2" and row["mobike"] is True
+    assert row["remote_port"] == 4500  # RFC 4555 3.2: strongSwan floated in IKE_AUTH
+    (child,) = row["children"]
+    assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=2, timeout=10)
+
+    peer_ns.add_address(veth, f"{NEW_PEER}/24")
+    peer_ns.run(["ip", "addr", "del", "192.0.2.2/24", "dev", veth])
+
+    def moved() -> dict[str, Any] | None:
+        rows = ike_rows(gateway)
+        return rows[0] if rows and rows[0]["remote_address"] == NEW_PEER else None
+
+    after = wait_for(moved, timeout=30, what="the gateway's IKE SA on the new address")
+    assert (after["spi_i"], after["spi_r"]) == (row["spi_i"], row["spi_r"])
+    assert after["unique_id"] == row["unique_id"]
+    assert after["remote_port"] == 4500
+    (sa,) = peer.list_sas()
+    assert sa["local-host"] == NEW_PEER
+    assert gateway.counters("ike").get("mobike.moved_by_peer", 0) >= 1
+
+    # the kernel service moved the child as it was: same SPIs, the new remote endpoint
+    wait_for(
+        lambda: gateway.counters("kernel").get("child_update.ok", 0) >= 1,
+        timeout=10,
+        what="the kernel service moving the child",
+    )
+    (moved_child,) = [e for e in gateway.log_events() if e.get("event") == "child_moved"]
+    assert (moved_child["spi_in"], moved_child["spi_out"]) == (child["spi_in"], child["spi_out"])
+    assert moved_child["remote"] == f"{NEW_PEER}[4500]"
+    assert "queueing CHILD_REKEY task" in peer.log_text()  # libipsec's choice, see above
+
+    def one_child_again() -> bool:
+        rows = ike_rows(gateway)
+        children = rows[0]["children"] if rows else []
+        return len(children) == 1 and children[0]["state"] == "installed"
+
+    wait_for(one_child_again, timeout=20, what="strongSwan's child rekey to finish")
+    before = inbound_packets(gateway)
+    assert peer_ns.ping(GW_INNER, src=PEER_INNER, count=3, timeout=10)
+    assert inbound_packets(gateway) >= before + 3
+    assert gateway.counters("kernel").get("esp.in.drop.integrity", 0) == 0
+    # one IKE SA all along: no reauthentication, no new SA
+    assert gateway.counters("ike").get("ike_sa_established", 0) == 1

@@ -367,6 +367,28 @@ class ChildUpdate(BusMessage):
     udp_encap: bool
 
 
+@message("local-addresses")
+class LocalAddresses(BusMessage):
+    """kernel -> ike workers: our host's addresses changed (MOBIKE, docs/mobike.md):
+    all of them now, those that appeared and those that went away."""
+
+    present: list[str]
+    added: list[str]
+    gone: list[str]
+
+
+@message("route-source-request")
+class RouteSourceRequest(BusMessage):
+    """ike -> kernel: which source address does the routing table pick toward `remote`?"""
+
+    remote: str
+
+
+@message("route-source-reply")
+class RouteSourceReply(BusMessage):
+    source: str  # "" when there is no route
+
+
 @message("kernel-ack")
 class KernelAck(BusMessage):
     ok: bool

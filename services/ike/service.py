@@ -56,6 +56,7 @@ from ikefarm.proto.messages import (
     KernelExpire,
     KernelShowRequest,
     KernelState,
+    LocalAddresses,
     OutboundDatagram,
     PeerBackoff,
     PskAuthReply,
@@ -74,6 +75,7 @@ from ikefarm.services.ike.exchange_traces import (
     outcome_attributes,
     parse_header,
 )
+from ikefarm.services.ike.mobike_moves import LocalMoves
 from ikefarm.services.ike.ppk_client import PpkClient
 from ikefarm.services.ike.sa_store import SaStore
 from ikefarm.services.ike.shard_claim import (
@@ -125,6 +127,7 @@ from ikefarm.shared.ikev2.traps import AcquireGate, start_traps
 from ikefarm.shared.observability.latency import IKE_HANDSHAKE_DURATION
 from ikefarm.shared.observability.logging import get_logger
 from ikefarm.shared.observability.tracing import tracer
+from ikefarm.shared.udp_endpoints import listen_addresses
 
 KEYSTORE_TIMEOUT = 2.0
 KERNEL_TIMEOUT = 2.0
@@ -265,6 +268,18 @@ class IkeService(ServiceBase):
             subjects.IKE_KERNEL_COUNTERS, KernelCounters, self.on_kernel_counters, traced=False
         )
         await runtime.subscribe(subjects.EVENT_KERNEL_EXPIRE, KernelExpire, self.on_kernel_expire)
+        # MOBIKE as initiator: our address went away or a better path appeared (docs/mobike.md)
+        if any(vpn.mobike for vpn in self.engine.policy.vpns):
+            moves = LocalMoves(
+                runtime,
+                self.engine,
+                set(listen_addresses(self.config)),
+                bool(self.config.ike.global_options.mobike_prefer_best_path),
+                self.apply,
+            )
+            await runtime.subscribe(
+                subjects.EVENT_KERNEL_ADDRESSES, LocalAddresses, moves.on_addresses
+            )
         # start-action = trap: shard 0's worker owns the traps and the ACQUIREs they raise
         # (one owner, so one initiation per ACQUIRE; docs/esp-dataplane.md)
         self.acquires = AcquireGate(float(self.config.ike.global_options.acquire_timeout))

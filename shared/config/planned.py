@@ -43,9 +43,6 @@ class Planned:
 
 
 PLANNED: tuple[Planned, ...] = (
-    # MOBIKE as responder and moving as initiator are done (docs/mobike.md); moving to a
-    # cheaper path while the current one still works is not
-    Planned("ike.global-options.mobike-prefer-best-path", 13, "MOBIKE: preferring the best path"),
     Planned(
         "ike.vpn[].ike-policy.local-auth-method", 15, "EAP via RADIUS", frozenset({"eap-radius"})
     ),

@@ -118,7 +118,10 @@ GLOBAL_OPTIONS = Section(
                 "remote": Int(0, 128, default=128, doc="minimum remote prefix length hashed"),
             }
         ),
-        "mobike-prefer-best-path": Bool(default=False, doc="move SAs to a cheaper path"),
+        "mobike-prefer-best-path": Bool(
+            default=False,
+            doc="MOBIKE initiator: when an address appears, move SAs to the route's source",
+        ),
         "snmp": Bool(
             default=False,
             doc="IKE state readable over SNMP through `ikefarm snmp pass-persist` (seed 004)",

@@ -28,9 +28,10 @@ from typing import Any
 
 import pytest
 
-from tests.harness.gateway import Gateway
+from tests.harness.gateway import Gateway, farm_config, vpn_config
 from tests.harness.netns import NetnsPair, wait_for
-from tests.harness.strongswan import StrongSwan
+from tests.harness.strongswan import Psk, StrongSwan
+from tests.interop.test_initiator_strongswan import responder as responder_connection
 from tests.interop.test_responder_strongswan import peer_connection, psk_for
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
@@ -121,3 +122,58 @@ def test_strongswan_roams_and_keeps_its_sas(
     assert gateway.counters("kernel").get("esp.in.drop.integrity", 0) == 0
     # one IKE SA all along: no reauthentication, no new SA
     assert gateway.counters("ike").get("ike_sa_established", 0) == 1
+
+
+def test_ikefarm_as_initiator_moves_when_its_address_goes_away(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """ikefarm initiates from 192.0.2.1 (ingress also listens on 192.0.2.5); 192.0.2.1 is
+    removed: the kernel service sees it go, the routing table now picks 192.0.2.5 toward the
+    peer, and the ike worker sends UPDATE_SA_ADDRESSES from there (RFC 4555 3.5)."""
+    gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
+    veth = netns_pair.link.if_a
+    gw_ns.run(["sysctl", "-qw", f"net.ipv4.conf.{veth}.promote_secondaries=1"])
+    gw_ns.add_address(veth, "192.0.2.5/24")
+    peer_ns.add_address("lo", f"{PEER_INNER}/32")
+    peer = strongswan_factory(peer_ns)
+    responder = replace(
+        responder_connection(), remote_addrs=None, mobike=True
+    )  # any peer address: ours changes
+    peer.load([responder], psks=[Psk(PSK, ["peer.example", "gw.example"])])
+    workdir = tmp_path_factory.mktemp("gw")
+    text = farm_config(
+        workdir,
+        psks=[("gw.example", "peer.example", PSK)],
+        vpns=[
+            vpn_config(
+                "hq",
+                local_id="gw.example",
+                remote_id="peer.example",
+                policies=[("net", "10.100.0.0/24", "10.200.0.0/24")],
+            )
+        ],
+    ).replace('name = "ikepol"\n', 'name = "ikepol"\nmobike = true\n')
+    text = '[ingress]\nlisten = ["192.0.2.1", "192.0.2.5"]\n\n' + text
+    gateway = gateway_factory(gw_ns, config_text=text)
+    done = gateway.run_cli("initiate", "child-sa", "security-policy", "net", "--timeout", "20")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = gateway.show()
+    assert row["local_address"] == "192.0.2.1" and row["mobike"] is True
+
+    gw_ns.run(["ip", "addr", "del", "192.0.2.1/24", "dev", veth])
+
+    def moved() -> dict[str, Any] | None:
+        sas = peer.list_sas()
+        return sas[0] if sas and sas[0].get("remote-host") == "192.0.2.5" else None
+
+    sa = wait_for(moved, timeout=30, what="strongSwan's IKE SA toward our new address")
+    assert (sa["initiator-spi"], sa["responder-spi"]) == (row["spi_i"], row["spi_r"])
+    (after,) = gateway.show()
+    assert after["local_address"] == "192.0.2.5" and after["unique_id"] == row["unique_id"]
+    counters = gateway.counters("ike")
+    assert counters.get("mobike.address_gone", 0) == 1
+    assert counters.get("mobike.update_confirmed", 0) == 1
+    assert gateway.counters("kernel").get("addresses.changed", 0) >= 1

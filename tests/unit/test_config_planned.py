@@ -34,11 +34,6 @@ def test_every_planned_path_names_a_schema_key(planned) -> None:  # type: ignore
 SETTINGS = [
     ("[ike.global-options]\nthreads = 4\n", "ike.global-options.threads", None),
     ("[flow.tcp-session]\ntcp-mss = 1360\n", "flow.tcp-session.tcp-mss", 12),
-    (
-        "[ike.global-options]\nmobike-prefer-best-path = true\n",
-        "ike.global-options.mobike-prefer-best-path",
-        13,
-    ),
 ]
 
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.harness.gateway import Gateway, farm_config, vpn_config
-from tests.harness.netns import NetnsPair, wait_for
+from tests.harness.netns import NetnsPair, link, wait_for
 from tests.harness.strongswan import Psk, StrongSwan
 from tests.interop.test_initiator_strongswan import responder as responder_connection
 from tests.interop.test_responder_strongswan import peer_connection, psk_for
@@ -124,26 +125,21 @@ def test_strongswan_roams_and_keeps_its_sas(
     assert gateway.counters("ike").get("ike_sa_established", 0) == 1
 
 
-def test_ikefarm_as_initiator_moves_when_its_address_goes_away(
+def ikefarm_initiates(
     netns_pair: NetnsPair,
     gateway_factory: Callable[..., Gateway],
     strongswan_factory: Callable[..., StrongSwan],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    """ikefarm initiates from 192.0.2.1 (ingress also listens on 192.0.2.5); 192.0.2.1 is
-    removed: the kernel service sees it go, the routing table now picks 192.0.2.5 toward the
-    peer, and the ike worker sends UPDATE_SA_ADDRESSES from there (RFC 4555 3.5)."""
-    gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
-    veth = netns_pair.link.if_a
-    gw_ns.run(["sysctl", "-qw", f"net.ipv4.conf.{veth}.promote_secondaries=1"])
-    gw_ns.add_address(veth, "192.0.2.5/24")
-    peer_ns.add_address("lo", f"{PEER_INNER}/32")
-    peer = strongswan_factory(peer_ns)
-    responder = replace(
-        responder_connection(), remote_addrs=None, mobike=True
-    )  # any peer address: ours changes
+    workdir: Path,
+    *,
+    listen: list[str],
+    global_options: dict[str, Any] | None = None,
+) -> tuple[Gateway, StrongSwan, dict[str, Any]]:
+    """ikefarm (gw, 192.0.2.1, `mobike = true`, ingress on `listen`) initiates its child to
+    strongSwan (peer, 192.0.2.2, `mobike = yes`, any remote address)."""
+    netns_pair.peer.add_address("lo", f"{PEER_INNER}/32")
+    peer = strongswan_factory(netns_pair.peer)
+    responder = replace(responder_connection(), remote_addrs=None, mobike=True)
     peer.load([responder], psks=[Psk(PSK, ["peer.example", "gw.example"])])
-    workdir = tmp_path_factory.mktemp("gw")
     text = farm_config(
         workdir,
         psks=[("gw.example", "peer.example", PSK)],
@@ -155,21 +151,48 @@ def test_ikefarm_as_initiator_moves_when_its_address_goes_away(
                 policies=[("net", "10.100.0.0/24", "10.200.0.0/24")],
             )
         ],
+        global_options=global_options,
     ).replace('name = "ikepol"\n', 'name = "ikepol"\nmobike = true\n')
-    text = '[ingress]\nlisten = ["192.0.2.1", "192.0.2.5"]\n\n' + text
-    gateway = gateway_factory(gw_ns, config_text=text)
+    text = f"[ingress]\nlisten = {json.dumps(listen)}\n\n" + text
+    gateway = gateway_factory(netns_pair.gw, config_text=text)
     done = gateway.run_cli("initiate", "child-sa", "security-policy", "net", "--timeout", "20")
     assert done.returncode == 0, done.stdout + done.stderr
     (row,) = gateway.show()
     assert row["local_address"] == "192.0.2.1" and row["mobike"] is True
+    return gateway, peer, row
+
+
+def peer_sees(peer: StrongSwan, address: str) -> dict[str, Any]:
+    def moved() -> dict[str, Any] | None:
+        sas = peer.list_sas()
+        return sas[0] if sas and sas[0].get("remote-host") == address else None
+
+    return dict(wait_for(moved, timeout=30, what=f"strongSwan's IKE SA toward {address}"))
+
+
+def test_ikefarm_as_initiator_moves_when_its_address_goes_away(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """ikefarm initiates from 192.0.2.1 (ingress also listens on 192.0.2.5); 192.0.2.1 is
+    removed: the kernel service sees it go, the routing table now picks 192.0.2.5 toward the
+    peer, and the ike worker sends UPDATE_SA_ADDRESSES from there (RFC 4555 3.5)."""
+    gw_ns, veth = netns_pair.gw, netns_pair.link.if_a
+    gw_ns.run(["sysctl", "-qw", f"net.ipv4.conf.{veth}.promote_secondaries=1"])
+    gw_ns.add_address(veth, "192.0.2.5/24")
+    gateway, peer, row = ikefarm_initiates(
+        netns_pair,
+        gateway_factory,
+        strongswan_factory,
+        tmp_path_factory.mktemp("gw"),
+        listen=["192.0.2.1", "192.0.2.5"],
+    )
 
     gw_ns.run(["ip", "addr", "del", "192.0.2.1/24", "dev", veth])
 
-    def moved() -> dict[str, Any] | None:
-        sas = peer.list_sas()
-        return sas[0] if sas and sas[0].get("remote-host") == "192.0.2.5" else None
-
-    sa = wait_for(moved, timeout=30, what="strongSwan's IKE SA toward our new address")
+    sa = peer_sees(peer, "192.0.2.5")
     assert (sa["initiator-spi"], sa["responder-spi"]) == (row["spi_i"], row["spi_r"])
     (after,) = gateway.show()
     assert after["local_address"] == "192.0.2.5" and after["unique_id"] == row["unique_id"]
@@ -177,3 +200,36 @@ def test_ikefarm_as_initiator_moves_when_its_address_goes_away(
     assert counters.get("mobike.address_gone", 0) == 1
     assert counters.get("mobike.update_confirmed", 0) == 1
     assert gateway.counters("kernel").get("addresses.changed", 0) >= 1
+
+
+def test_prefer_best_path_follows_the_routing_table(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With `mobike-prefer-best-path`, a second link whose more specific route toward the
+    peer gets an address: the routing table now picks that address, and the SA moves there
+    while the old one still works."""
+    gw_ns, peer_ns = netns_pair.gw, netns_pair.peer
+    gw_ns.run(["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"])  # ingress binds it early
+    gateway, peer, row = ikefarm_initiates(
+        netns_pair,
+        gateway_factory,
+        strongswan_factory,
+        tmp_path_factory.mktemp("gw"),
+        listen=["192.0.2.1", "198.51.100.1"],
+        global_options={"mobike-prefer-best-path": True},
+    )
+    second = link(gw_ns, peer_ns, None, "198.51.100.2/24")
+    gw_ns.run(["ip", "route", "add", "192.0.2.2/32", "dev", second.if_a])
+    gw_ns.add_address(second.if_a, "198.51.100.1/24")  # the new, better path
+
+    sa = peer_sees(peer, "198.51.100.1")
+    assert (sa["initiator-spi"], sa["responder-spi"]) == (row["spi_i"], row["spi_r"])
+    (after,) = gateway.show()
+    assert after["local_address"] == "198.51.100.1"
+    assert gateway.counters("ike").get("mobike.better_path", 0) == 1
+    assert (
+        "192.0.2.1" in gw_ns.run(["ip", "-o", "addr", "show"]).stdout
+    )  # the old path still existed

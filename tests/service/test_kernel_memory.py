@@ -22,6 +22,8 @@ from ikefarm.proto.messages import (
     KernelAck,
     KernelShowRequest,
     KernelState,
+    RouteSourceReply,
+    RouteSourceRequest,
     TransportKeyReply,
     TransportKeyRequest,
 )
@@ -272,6 +274,14 @@ async def test_update_of_an_unknown_child_or_other_spis_is_refused(
     assert {sa["src"] for sa in state.sas} == {"192.0.2.1", "198.51.100.2"}  # unchanged
 
 
+async def test_route_source_without_mobike_answers_nothing(kernel: Runtime, client: Client) -> None:
+    """No VPN has mobike: the addresses are not watched and no source is named."""
+    raw = await ask(
+        client, subjects.KERNEL_ROUTE_SOURCE, envelope.pack(RouteSourceRequest("192.0.2.2"))
+    )
+    assert envelope.unpack_reply(raw, RouteSourceReply) == RouteSourceReply("")
+
+
 def _without(field: str) -> bytes:
     body = envelope._to_wire(child())
     del body[field]
@@ -331,6 +341,8 @@ def _without(field: str) -> bytes:
             envelope.pack(update_of(child(), local_address="2001:db8::1")),
             "bad_field",
         ),
+        (subjects.KERNEL_ROUTE_SOURCE, envelope.pack(RouteSourceRequest("nope")), "bad_field"),
+        (subjects.KERNEL_ROUTE_SOURCE, b"\x92", "bad_encoding"),
     ],
 )
 async def test_malformed_requests_get_structured_errors(

@@ -365,6 +365,10 @@ class MemoryKernel:
         """(unique id, its SAs' keys in `sad`) of every installed child."""
         return [(uid, child.sa_keys) for uid, child in self._children.items()]
 
+    def installed(self, unique_id: int) -> _Child | None:
+        """The installed child with this unique id, if any."""
+        return self._children.get(unique_id)
+
     def child_policies(self, unique_id: int) -> tuple[PolicyEntry, ...]:
         """The policies recorded for one installed child (empty if unknown)."""
         child = self._children.get(unique_id)

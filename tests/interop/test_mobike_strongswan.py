@@ -96,6 +96,8 @@ def test_strongswan_roams_and_keeps_its_sas(
     assert (after["spi_i"], after["spi_r"]) == (row["spi_i"], row["spi_r"])
     assert after["unique_id"] == row["unique_id"]
     assert after["remote_port"] == 4500
+    # charon listed its other addresses (ADDITIONAL_IP6_ADDRESS) with the update (3.6)
+    assert "2001:db8::2" in after["peer_addresses"]
     (sa,) = peer.list_sas()
     assert sa["local-host"] == NEW_PEER
     assert gateway.counters("ike").get("mobike.moved_by_peer", 0) >= 1

@@ -348,6 +348,47 @@ class ChildDelete(BusMessage):
     remote_address: str
 
 
+@message("child-update")
+class ChildUpdate(BusMessage):
+    """A child SA's outer endpoints changed with its IKE SA's (MOBIKE, RFC 4555 3.5): move
+    both SAs (and the policies' templates) to these addresses and ports, with UDP
+    encapsulation on or off. Found by `unique_id`; its SPIs must be the installed ones.
+    Keys, sequence numbers and replay windows stay."""
+
+    unique_id: int
+    ike_unique_id: int
+    reqid: int
+    spi_in: bytes
+    spi_out: bytes
+    local_address: str
+    local_port: int
+    remote_address: str
+    remote_port: int
+    udp_encap: bool
+
+
+@message("local-addresses")
+class LocalAddresses(BusMessage):
+    """kernel -> ike workers: our host's addresses changed (MOBIKE, docs/mobike.md):
+    all of them now, those that appeared and those that went away."""
+
+    present: list[str]
+    added: list[str]
+    gone: list[str]
+
+
+@message("route-source-request")
+class RouteSourceRequest(BusMessage):
+    """ike -> kernel: which source address does the routing table pick toward `remote`?"""
+
+    remote: str
+
+
+@message("route-source-reply")
+class RouteSourceReply(BusMessage):
+    source: str  # "" when there is no route
+
+
 @message("kernel-ack")
 class KernelAck(BusMessage):
     ok: bool

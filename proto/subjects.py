@@ -104,6 +104,8 @@ VIP_HOLDER_BUCKET = "ikefarm-vip-holders"
 # ike -> kernel: child SA install/delete (request/reply).
 KERNEL_CHILD_INSTALL = f"{PREFIX}.kernel.child.install"
 KERNEL_CHILD_DELETE = f"{PREFIX}.kernel.child.delete"
+KERNEL_CHILD_UPDATE = f"{PREFIX}.kernel.child.update"  # MOBIKE: new endpoints (ChildUpdate)
+KERNEL_ROUTE_SOURCE = f"{PREFIX}.kernel.route-source"  # MOBIKE: our source toward a peer
 KERNEL_SHOW = f"{PREFIX}.kernel.show"
 # ike -> kernel: the public half of the kernel service's transport key, to seal child SA keys
 # to (`shared/bus/child_keys.py`); only the kernel user subscribes to `ikefarm.kernel.>`.
@@ -138,6 +140,7 @@ EVENT_CHILD_SA = f"{PREFIX}.event.child-sa"
 # policy) or says one reached its soft (rekey) or hard (gone) lifetime (EXPIRE).
 EVENT_KERNEL_ACQUIRE = f"{PREFIX}.event.kernel.acquire"
 EVENT_KERNEL_EXPIRE = f"{PREFIX}.event.kernel.expire"
+EVENT_KERNEL_ADDRESSES = f"{PREFIX}.event.kernel.addresses"  # LocalAddresses (MOBIKE)
 # Flow sessions (issue 12, docs/flow-sessions.md). kernel (dataplane) -> flow: batched session
 # events (FlowEvents): first packets, TCP state changes, periodic refreshes; never per packet.
 FLOW_EVENTS = f"{PREFIX}.flow.events"
@@ -274,6 +277,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             f"{PREFIX}.kernel.child.>",
             f"{PREFIX}.kernel.trap.>",
             KERNEL_VIP,
+            KERNEL_ROUTE_SOURCE,
             EVENT_IKE_SA,
             EVENT_CHILD_SA,
             KERNEL_TRANSPORT_KEY,
@@ -284,7 +288,12 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             *_kv_api(VIP_HOLDER_BUCKET),
             *_kv_api(IKE_SA_BUCKET, watch=True),  # SA snapshots, listed at adoption
         ),
-        "subscribe": (own_subjects("ike"), EVENT_KERNEL_ACQUIRE, EVENT_KERNEL_EXPIRE),
+        "subscribe": (
+            own_subjects("ike"),
+            EVENT_KERNEL_ACQUIRE,
+            EVENT_KERNEL_EXPIRE,
+            EVENT_KERNEL_ADDRESSES,
+        ),
     },
     "keystore": {"publish": (), "subscribe": (own_subjects("keystore"),)},
     "kernel": {
@@ -292,6 +301,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "publish": (
             EVENT_KERNEL_ACQUIRE,
             EVENT_KERNEL_EXPIRE,
+            EVENT_KERNEL_ADDRESSES,
             EVENT_CHILD_SA,
             FLOW_EVENTS,
             IKE_KERNEL_COUNTERS,

@@ -41,6 +41,7 @@ from ikefarm.proto.messages import (
     CertAuthRequest,
     ChildDelete,
     ChildInstall,
+    ChildUpdate,
     Datagram,
     IkeCommand,
     IkeCommandResult,
@@ -55,6 +56,7 @@ from ikefarm.proto.messages import (
     KernelExpire,
     KernelShowRequest,
     KernelState,
+    LocalAddresses,
     OutboundDatagram,
     PeerBackoff,
     PskAuthReply,
@@ -73,6 +75,7 @@ from ikefarm.services.ike.exchange_traces import (
     outcome_attributes,
     parse_header,
 )
+from ikefarm.services.ike.mobike_moves import LocalMoves
 from ikefarm.services.ike.ppk_client import PpkClient
 from ikefarm.services.ike.sa_store import SaStore
 from ikefarm.services.ike.shard_claim import (
@@ -110,6 +113,7 @@ from ikefarm.shared.ikev2.effects import (
     SaEvent,
     SendDatagram,
     SendKeepalive,
+    UpdateChildSa,
     VipLease,
     VipRelease,
 )
@@ -123,6 +127,7 @@ from ikefarm.shared.ikev2.traps import AcquireGate, start_traps
 from ikefarm.shared.observability.latency import IKE_HANDSHAKE_DURATION
 from ikefarm.shared.observability.logging import get_logger
 from ikefarm.shared.observability.tracing import tracer
+from ikefarm.shared.udp_endpoints import listen_addresses
 
 KEYSTORE_TIMEOUT = 2.0
 KERNEL_TIMEOUT = 2.0
@@ -263,6 +268,18 @@ class IkeService(ServiceBase):
             subjects.IKE_KERNEL_COUNTERS, KernelCounters, self.on_kernel_counters, traced=False
         )
         await runtime.subscribe(subjects.EVENT_KERNEL_EXPIRE, KernelExpire, self.on_kernel_expire)
+        # MOBIKE as initiator: our address went away or a better path appeared (docs/mobike.md)
+        if any(vpn.mobike for vpn in self.engine.policy.vpns):
+            moves = LocalMoves(
+                runtime,
+                self.engine,
+                set(listen_addresses(self.config)),
+                bool(self.config.ike.global_options.mobike_prefer_best_path),
+                self.apply,
+            )
+            await runtime.subscribe(
+                subjects.EVENT_KERNEL_ADDRESSES, LocalAddresses, moves.on_addresses
+            )
         # start-action = trap: shard 0's worker owns the traps and the ACQUIREs they raise
         # (one owner, so one initiation per ACQUIRE; docs/esp-dataplane.md)
         self.acquires = AcquireGate(float(self.config.ike.global_options.acquire_timeout))
@@ -849,6 +866,22 @@ class IkeService(ServiceBase):
             self._spawn(self._kernel(subjects.KERNEL_TRAP_REMOVE, untrap, "untrap", effect.reqid))
         elif isinstance(effect, DeleteChildSa):
             self._spawn(self.delete_child(effect))
+        elif isinstance(effect, UpdateChildSa):
+            moved = ChildUpdate(
+                unique_id=effect.unique_id,
+                ike_unique_id=effect.ike_unique_id,
+                reqid=effect.reqid,
+                spi_in=effect.spi_in,
+                spi_out=effect.spi_out,
+                local_address=effect.local.address,
+                local_port=effect.local.port,
+                remote_address=effect.remote.address,
+                remote_port=effect.remote.port,
+                udp_encap=effect.udp_encap,
+            )
+            self._spawn(
+                self._kernel(subjects.KERNEL_CHILD_UPDATE, moved, "update", effect.unique_id)
+            )
         elif isinstance(effect, LocalVip):
             vip = VipAddress(
                 install=effect.install,

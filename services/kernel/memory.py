@@ -19,6 +19,7 @@ IKE SA floated to (4500 on our side, the peer's NAT-T port on the other).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from ikefarm.proto.messages import (
     ChildCounters,
     ChildDelete,
     ChildInstall,
+    ChildUpdate,
     KernelFlush,
     TrapInstall,
     TrapRemove,
@@ -167,6 +169,22 @@ def check_install(request: ChildInstall) -> None:
 
 
 MAX_SELECTORS = 64
+
+
+def check_update(request: ChildUpdate) -> tuple[str, str]:
+    """(local, remote) of a ChildUpdate whose fields can describe endpoints; InvalidChild."""
+    for name in ("spi_in", "spi_out"):
+        spi = getattr(request, name)
+        if len(spi) != ESP_SPI_LENGTH or spi == bytes(ESP_SPI_LENGTH):
+            raise InvalidChild(f"{name} must be {ESP_SPI_LENGTH} octets, not zero")
+    for name in ("local_port", "remote_port"):
+        if not 0 <= getattr(request, name) <= 0xFFFF:
+            raise InvalidChild(f"{name} out of range 0-65535")
+    local = _address(request.local_address, "local_address")
+    remote = _address(request.remote_address, "remote_address")
+    if ipaddress.ip_address(local).version != ipaddress.ip_address(remote).version:
+        raise InvalidChild("local_address and remote_address are of different families")
+    return local, remote
 
 
 def delete_request_of(request: ChildInstall) -> ChildDelete:
@@ -347,6 +365,10 @@ class MemoryKernel:
         """(unique id, its SAs' keys in `sad`) of every installed child."""
         return [(uid, child.sa_keys) for uid, child in self._children.items()]
 
+    def installed(self, unique_id: int) -> _Child | None:
+        """The installed child with this unique id, if any."""
+        return self._children.get(unique_id)
+
     def child_policies(self, unique_id: int) -> tuple[PolicyEntry, ...]:
         """The policies recorded for one installed child (empty if unknown)."""
         child = self._children.get(unique_id)
@@ -366,6 +388,47 @@ class MemoryKernel:
         self._traffic.pop(child.unique_id, None)
         self._moved.discard(child.unique_id)
         return child
+
+    def update(self, request: ChildUpdate) -> tuple[SaEntry, SaEntry]:
+        """Move an installed child to new endpoints (MOBIKE): its two SAs and its policies'
+        templates; the outer family must stay (RFC 4555 3.5 is refused earlier otherwise)."""
+        local, remote = check_update(request)
+        child = self._children.get(request.unique_id)
+        if child is None:
+            raise KernelRefusal("not_found", "not found")
+        (in_key, out_key) = child.sa_keys
+        if in_key != (request.spi_in, "in") or out_key != (request.spi_out, "out"):
+            raise KernelRefusal("spi_mismatch", "the SPIs are not the child's")
+        old_in, old_out = self.sad[in_key], self.sad[out_key]
+        if ipaddress.ip_address(local).version != ipaddress.ip_address(old_in.dst).version:
+            raise KernelRefusal("family", "the outer address family cannot change")
+        sa_in = dataclasses.replace(
+            old_in,
+            src=remote,
+            dst=local,
+            src_port=request.remote_port,
+            dst_port=request.local_port,
+            encap=request.udp_encap,
+        )
+        sa_out = dataclasses.replace(
+            old_out,
+            src=local,
+            dst=remote,
+            src_port=request.local_port,
+            dst_port=request.remote_port,
+            encap=request.udp_encap,
+        )
+        self.sad[in_key], self.sad[out_key] = sa_in, sa_out
+        policies = tuple(
+            dataclasses.replace(
+                p,
+                tmpl_src=local if p.direction == "out" else remote,
+                tmpl_dst=remote if p.direction == "out" else local,
+            )
+            for p in child.policies
+        )
+        self._children[child.unique_id] = dataclasses.replace(child, policies=policies)
+        return sa_in, sa_out
 
     def record_traffic(
         self,

@@ -38,6 +38,7 @@ from ikefarm.proto.messages import (
     ChildCounters,
     ChildDelete,
     ChildInstall,
+    ChildUpdate,
     KernelAcquire,
     KernelExpire,
     TrapInstall,
@@ -52,6 +53,7 @@ from ikefarm.services.kernel.memory import (
     SaEntry,
     TrapEntry,
     _Child,
+    check_update,
     delete_request_of,
 )
 from ikefarm.services.kernel.routes import MAIN_TABLE, Route, RouteError, Routes
@@ -481,6 +483,61 @@ class NetlinkKernel:
         if done is not None:
             await self._undo(done)
         return child
+
+    async def update(self, request: ChildUpdate) -> tuple[SaEntry, SaEntry]:
+        """MOBIKE moved the child (RFC 4555 3.5): XFRM_MSG_MIGRATE per policy moves its
+        templates and the SA each names; the kernel keeps keys, sequence numbers and replay
+        state. The kernel keeps an SA's old encapsulation when a migration names none, so
+        turning UDP encapsulation off is refused (not implemented)."""
+        local, remote = check_update(request)
+        old_in = self.books.sad.get((request.spi_in, "in"))
+        old_out = self.books.sad.get((request.spi_out, "out"))
+        if old_in is None or old_out is None or old_in.unique_id != request.unique_id:
+            raise KernelRefusal("not_found", "not found")
+        if old_in.encap and not request.udp_encap:
+            raise KernelRefusal(
+                "not_implemented", "not implemented: turning UDP encapsulation off in XFRM"
+            )
+        old_local, old_remote = old_out.src, old_out.dst
+        installed = self.books.installed(request.unique_id)
+        assert installed is not None
+        entries = installed.policies
+        opts = self._policy_options(installed.vpn, installed.name)
+        try:
+            for entry in entries:
+                outbound = entry.direction == "out"
+                migration = xfrm.Migration(
+                    old_src=old_local if outbound else old_remote,
+                    old_dst=old_remote if outbound else old_local,
+                    new_src=local if outbound else remote,
+                    new_dst=remote if outbound else local,
+                    reqid=entry.reqid,
+                    mode=entry.mode,
+                )
+                encap = None
+                if request.udp_encap:
+                    ports = (request.local_port, request.remote_port)
+                    encap = xfrm.Encap(*(ports if outbound else ports[::-1]))
+                for spec in self._policy_specs((entry,), opts):
+                    self.xfrm.migrate(
+                        spec.selector, spec.direction, [migration], encap=encap, if_id=spec.if_id
+                    )
+        except (xfrm.XfrmError, OSError) as exc:
+            self.refusals += 1
+            raise _refusal(exc) from None
+        except ValueError as exc:
+            raise InvalidChild(str(exc)) from None
+        sa_in, sa_out = self.books.update(request)
+        done = self._programmed.get(request.unique_id)
+        if done is not None:
+            moved = {sa_in.spi: sa_in, sa_out.spi: sa_out}
+            done.sas = [
+                (moved[spi.to_bytes(4, "big")].src, moved[spi.to_bytes(4, "big")].dst, spi, mark)
+                if spi.to_bytes(4, "big") in moved
+                else (src, dst, spi, mark)
+                for src, dst, spi, mark in done.sas
+            ]
+        return sa_in, sa_out
 
     async def install_trap(self, request: TrapInstall) -> tuple[TrapEntry, bool]:
         """The trap policies of a security policy: traffic matching them raises ACQUIRE."""

@@ -8,7 +8,8 @@ with the reason) and `memory` (a test double: SAD/SPD in a dict, no packet
 protected).
 
 Endpoints (request/reply): `subjects.KERNEL_CHILD_INSTALL` (ChildInstall ->
-KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck) and
+KernelAck), `subjects.KERNEL_CHILD_DELETE` (ChildDelete -> KernelAck),
+`subjects.KERNEL_CHILD_UPDATE` (ChildUpdate -> KernelAck: MOBIKE moved the child) and
 `subjects.KERNEL_SHOW` (KernelShowRequest -> KernelState, never key material),
 `subjects.KERNEL_TRAP_INSTALL` (TrapInstall -> KernelAck),
 `subjects.KERNEL_TRAP_REMOVE` (TrapRemove -> KernelAck) and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import ipaddress
 import time
 from dataclasses import replace
 from typing import Any
@@ -35,6 +37,7 @@ from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import (
     ChildDelete,
     ChildInstall,
+    ChildUpdate,
     FlowVerdicts,
     KernelAck,
     KernelAcquire,
@@ -44,6 +47,9 @@ from ikefarm.proto.messages import (
     KernelFlushResult,
     KernelShowRequest,
     KernelState,
+    LocalAddresses,
+    RouteSourceReply,
+    RouteSourceRequest,
     SaEventNotice,
     TransportKeyReply,
     TransportKeyRequest,
@@ -52,6 +58,7 @@ from ikefarm.proto.messages import (
     VipAddress,
 )
 from ikefarm.services.kernel import backends, counters
+from ikefarm.services.kernel.addresses import AddressWatch
 from ikefarm.services.kernel.dataplane import Trap, Tunnel, packet_addresses
 from ikefarm.services.kernel.flows import PROMPT, FlowCache
 from ikefarm.services.kernel.memory import (
@@ -60,6 +67,7 @@ from ikefarm.services.kernel.memory import (
     MemoryKernel,
     check_flush,
     check_install,
+    check_update,
 )
 from ikefarm.services.kernel.userspace import UserspaceKernel
 from ikefarm.services.kernel.vips import VipAddresses
@@ -69,6 +77,7 @@ from ikefarm.shared.bus.sealed import SealError, public_bytes
 from ikefarm.shared.config.loader import Config, userspace_backend_problems
 from ikefarm.shared.esp import LifetimeEvent
 from ikefarm.shared.flow.settings import FlowSettings
+from ikefarm.shared.ikev2.policy import engine_policy
 
 
 def flows_clock() -> float:
@@ -189,6 +198,9 @@ class KernelService(ServiceBase):
             "child-delete", ChildDelete, self.on_delete, subject=subjects.KERNEL_CHILD_DELETE
         )
         await self.runtime.add_endpoint(
+            "child-update", ChildUpdate, self.on_update, subject=subjects.KERNEL_CHILD_UPDATE
+        )
+        await self.runtime.add_endpoint(
             "show", KernelShowRequest, self.on_show, subject=subjects.KERNEL_SHOW
         )
         await self.runtime.add_endpoint(
@@ -203,6 +215,17 @@ class KernelService(ServiceBase):
         # VIPs we were assigned: on a host interface, except with the memory test double
         self.vips = VipAddresses(touch_kernel=self.choice.backend != "memory")
         await self.runtime.add_endpoint("vip", VipAddress, self.on_vip, subject=subjects.KERNEL_VIP)
+        # MOBIKE as initiator: our addresses, watched while some VPN has mobike on
+        self.addresses: AddressWatch | None = None
+        if any(vpn.mobike for vpn in engine_policy(self.config).vpns):
+            self.addresses = AddressWatch(self._addresses_changed)
+            self.addresses.start()
+        await self.runtime.add_endpoint(
+            "route-source",
+            RouteSourceRequest,
+            self.on_route_source,
+            subject=subjects.KERNEL_ROUTE_SOURCE,
+        )
         if self.flows is not None:
             await self.runtime.subscribe(
                 subjects.KERNEL_FLOW_VERDICTS, FlowVerdicts, self.on_flow_verdicts
@@ -278,7 +301,30 @@ class KernelService(ServiceBase):
         self.log.control("kernel_acquire", reqid=trap.reqid, remote_ts=destination)
         self._publish_event(subjects.EVENT_KERNEL_ACQUIRE, message)
 
+    async def _addresses_changed(
+        self, present: list[str], added: list[str], gone: list[str]
+    ) -> None:
+        self.runtime.counters["addresses.changed"] += 1
+        self.log.control("local_addresses_changed", added=added, gone=gone)
+        await self.runtime.publish(
+            subjects.EVENT_KERNEL_ADDRESSES, LocalAddresses(present, added, gone)
+        )
+
+    async def on_route_source(self, request: RouteSourceRequest, _msg: Any) -> RouteSourceReply:
+        """The source address the routing table picks toward a peer ("" without a watch)."""
+        try:
+            ipaddress.ip_address(request.remote)
+        except ValueError:
+            self.runtime.counters["route_source.invalid"] += 1
+            raise BusError("bad_field", "RouteSourceRequest: remote is not an address") from None
+        if self.addresses is None:
+            return RouteSourceReply("")
+        return RouteSourceReply(await self.addresses.source_toward(request.remote))
+
     async def teardown(self) -> None:
+        addresses = getattr(self, "addresses", None)
+        if addresses is not None:
+            await addresses.stop()
         if self._counters_task is not None:
             self._counters_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -449,6 +495,37 @@ class KernelService(ServiceBase):
             reqid=child.reqid,
             spi_in=request.spi_in.hex(),
             spi_out=request.spi_out.hex(),
+        )
+        return KernelAck(ok=True)
+
+    async def on_update(self, request: ChildUpdate, _msg: Any) -> KernelAck:
+        """MOBIKE moved the child's IKE SA: its SAs follow to the new endpoints (RFC 4555)."""
+        backend = self._backend()
+        try:
+            check_update(request)
+            sa_in, sa_out = await _settle(backend.update(request))
+        except InvalidChild as exc:
+            self.runtime.counters["child_update.invalid"] += 1
+            raise BusError("bad_field", f"ChildUpdate: {exc}") from None
+        except KernelRefusal as exc:
+            return self._refused(
+                "child_update",
+                exc,
+                unique_id=request.unique_id,
+                spi_in=request.spi_in.hex(),
+                spi_out=request.spi_out.hex(),
+            )
+        self.runtime.counters["child_update.ok"] += 1
+        self.log.control(
+            "child_moved",
+            backend=backend.name,
+            unique_id=request.unique_id,
+            ike_unique_id=request.ike_unique_id,
+            spi_in=sa_in.spi.hex(),
+            spi_out=sa_out.spi.hex(),
+            local=f"{sa_out.src}[{sa_out.src_port}]",
+            remote=f"{sa_out.dst}[{sa_out.dst_port}]",
+            encap=request.udp_encap,
         )
         return KernelAck(ok=True)
 

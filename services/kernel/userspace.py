@@ -28,7 +28,14 @@ import socket
 from collections import Counter
 from typing import Any
 
-from ikefarm.proto.messages import ChildCounters, ChildDelete, ChildInstall, TrapInstall, TrapRemove
+from ikefarm.proto.messages import (
+    ChildCounters,
+    ChildDelete,
+    ChildInstall,
+    ChildUpdate,
+    TrapInstall,
+    TrapRemove,
+)
 from ikefarm.services.kernel import tun
 from ikefarm.services.kernel.dataplane import (
     Dataplane,
@@ -221,6 +228,34 @@ class UserspaceKernel(MemoryKernel):
             self._forget(tunnel)
         return child
 
+    def update(self, request: ChildUpdate) -> tuple[SaEntry, SaEntry]:
+        """Move a tunnel to new outer endpoints (MOBIKE, RFC 4555 3.5): its ESP SAs (keys,
+        sequence numbers, replay window) stay, the socket follows the local address and the
+        encapsulation; the routes to its selectors do not change."""
+        child = self._children.get(request.unique_id)
+        saved = (child, {k: self.sad[k] for k in child.sa_keys}) if child is not None else None
+        entries = super().update(request)
+        tunnel = self.dataplane.tunnels.get(request.unique_id)
+        if tunnel is None:
+            return entries
+        local = str(ipaddress.ip_address(request.local_address))
+        try:
+            self._acquire(local, request.udp_encap)
+        except Exception as exc:
+            assert saved is not None and saved[0] is not None
+            self._children[request.unique_id] = saved[0]
+            self.sad.update(saved[1])
+            raise KernelRefusal("dataplane", f"dataplane refused the move: {exc}") from None
+        self.dataplane.remove(tunnel.unique_id)  # re-added below under its new outer key
+        self._release(tunnel.local_address, tunnel.udp_encap)
+        tunnel.local_address = local
+        tunnel.remote_address = str(ipaddress.ip_address(request.remote_address))
+        tunnel.local_port = request.local_port
+        tunnel.remote_port = request.remote_port
+        tunnel.udp_encap = request.udp_encap
+        self.dataplane.add(tunnel)
+        return entries
+
     def _forget(self, tunnel: Tunnel) -> None:
         if self.dataplane.remove(tunnel.unique_id) is not None and self._routes is not None:
             for network in tunnel.remote_nets:
@@ -258,33 +293,37 @@ class UserspaceKernel(MemoryKernel):
 
     # -- sockets ----------------------------------------------------------------------------
 
-    def _table(self, tunnel: Tunnel) -> dict[str, _Socket]:
-        return self._udp if tunnel.udp_encap else self._esp
-
     def _acquire_socket(self, tunnel: Tunnel) -> None:
-        table = self._table(tunnel)
-        entry = table.get(tunnel.local_address)
+        self._acquire(tunnel.local_address, tunnel.udp_encap)
+
+    def _release_socket(self, tunnel: Tunnel) -> None:
+        self._release(tunnel.local_address, tunnel.udp_encap)
+
+    def _acquire(self, address: str, udp_encap: bool) -> None:
+        """One more user of the ESP (or ESP-in-UDP) socket of a local address; opened once."""
+        table = self._udp if udp_encap else self._esp
+        entry = table.get(address)
         if entry is None:
-            ipv4 = ipaddress.ip_address(tunnel.local_address).version == 4
-            if tunnel.udp_encap:
-                sock = tun.open_udp_encap_socket(tunnel.local_address, self.natt_port)
+            ipv4 = ipaddress.ip_address(address).version == 4
+            if udp_encap:
+                sock = tun.open_udp_encap_socket(address, self.natt_port)
                 offset_of = _udp_payload_offset if ipv4 else _udp_header_only
             else:
-                sock = tun.open_esp_socket(tunnel.local_address)
+                sock = tun.open_esp_socket(address)
                 offset_of = _ipv4_payload_offset if ipv4 else _no_offset
-            entry = table[tunnel.local_address] = _Socket(sock)
+            entry = table[address] = _Socket(sock)
             if self._loop is not None:
                 self._loop.add_reader(sock.fileno(), self._read_esp, sock, offset_of)
         entry.users += 1
 
-    def _release_socket(self, tunnel: Tunnel) -> None:
-        table = self._table(tunnel)
-        entry = table.get(tunnel.local_address)
+    def _release(self, address: str, udp_encap: bool) -> None:
+        table = self._udp if udp_encap else self._esp
+        entry = table.get(address)
         if entry is None:
             return
         entry.users -= 1
         if entry.users <= 0:
-            del table[tunnel.local_address]
+            del table[address]
             if self._loop is not None:
                 self._loop.remove_reader(entry.sock.fileno())
             entry.sock.close()

@@ -69,6 +69,7 @@ XFRM_MSG_UPDSA = 0x1A
 XFRM_MSG_POLEXPIRE = 0x1B
 XFRM_MSG_FLUSHSA = 0x1C
 XFRM_MSG_FLUSHPOLICY = 0x1D
+XFRM_MSG_MIGRATE = 0x21
 XFRM_MSG_NEWSPDINFO = 0x24
 XFRM_MSG_GETSPDINFO = 0x25
 
@@ -107,6 +108,7 @@ XFRMA_REPLAY_VAL = 10
 XFRMA_SRCADDR = 13
 XFRMA_LASTUSED = 15
 XFRMA_POLICY_TYPE = 16
+XFRMA_MIGRATE = 17
 XFRMA_ALG_AEAD = 18
 XFRMA_ALG_AUTH_TRUNC = 20
 XFRMA_MARK = 21
@@ -235,6 +237,7 @@ USER_TMPL_FORMAT = struct.Struct("=16s4sB3xH2x16sIBBBxIII")  # struct xfrm_user_
 ALGO_FORMAT = struct.Struct("=64sI")  # struct xfrm_algo head, 68
 ALGO_EXT_FORMAT = struct.Struct("=64sII")  # xfrm_algo_auth / xfrm_algo_aead head, 72
 REPLAY_ESN_FORMAT = struct.Struct("=IIIIII")  # struct xfrm_replay_state_esn head, 24
+USER_MIGRATE_FORMAT = struct.Struct("=16s16s16s16sBBHIHH")  # struct xfrm_user_migrate, 76
 ENCAP_SIZE = 24
 MARK_SIZE = 8
 LIFETIME_CUR_SIZE = 32
@@ -297,6 +300,7 @@ _XFRMA_NLA_MAP = (
     (XFRMA_SRCADDR, "XFRMA_SRCADDR", "_raw_nla"),
     (XFRMA_LASTUSED, "XFRMA_LASTUSED", "uint64"),
     (XFRMA_POLICY_TYPE, "XFRMA_POLICY_TYPE", "xfrm_userpolicy_type"),
+    (XFRMA_MIGRATE, "XFRMA_MIGRATE", "_raw_nla"),
     (XFRMA_ALG_AEAD, "XFRMA_ALG_AEAD", "_raw_nla"),
     (XFRMA_ALG_AUTH_TRUNC, "XFRMA_ALG_AUTH_TRUNC", "_raw_nla"),
     (XFRMA_MARK, "XFRMA_MARK", "xfrm_mark"),
@@ -620,6 +624,38 @@ class Template:
 
 
 @dataclass(frozen=True)
+class Migration:
+    """One template (and the SA it names) moving to new endpoints (struct xfrm_user_migrate):
+    `old_src` -> `old_dst` becomes `new_src` -> `new_dst` (MOBIKE, RFC 4555)."""
+
+    old_src: str
+    old_dst: str
+    new_src: str
+    new_dst: str
+    reqid: int
+    mode: str = "tunnel"
+    protocol: str = "esp"
+
+    def pack(self) -> bytes:
+        old_src, old_dst = ipaddress.ip_address(self.old_src), ipaddress.ip_address(self.old_dst)
+        new_src, new_dst = ipaddress.ip_address(self.new_src), ipaddress.ip_address(self.new_dst)
+        if old_src.version != old_dst.version or new_src.version != new_dst.version:
+            raise ValueError("migration source and destination are of different families")
+        return USER_MIGRATE_FORMAT.pack(
+            _packed(old_dst),
+            _packed(old_src),
+            _packed(new_dst),
+            _packed(new_src),
+            PROTOCOLS[self.protocol],
+            MODES[self.mode],
+            0,
+            self.reqid,
+            _family(old_src),
+            _family(new_src),
+        )
+
+
+@dataclass(frozen=True)
 class PolicySpec:
     """One XFRM policy: selector, direction, priority, action and its SA templates."""
 
@@ -842,6 +878,42 @@ def encode_policy_delete(
     msg.update(body)
     msg["attrs"] = _mark_and_if_id(mark, if_id)
     return _finish(msg, XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK, seq, pid)
+
+
+def encode_migrate(
+    selector: Selector,
+    direction: str,
+    migrations: Sequence[Migration],
+    *,
+    encap: Encap | None = None,
+    if_id: int = 0,
+    seq: int = 0,
+    pid: int = 0,
+) -> bytes:
+    """XFRM_MSG_MIGRATE: the policy (selector, direction) and the SAs its templates name move
+    to new endpoints, keys and replay state kept by the kernel; `encap` is the UDP
+    encapsulation of the moved SA (the kernel keeps the old one when it is None)."""
+    if not migrations:
+        raise ValueError("a migration needs at least one template")
+    msg = xfrm_userpolicy_id()
+    body = selector.fields("sel_")
+    body.update({"index": 0, "dir": DIRECTIONS[direction]})
+    msg.update(body)
+    attrs: list[list[Any]] = [["XFRMA_MIGRATE", b"".join(m.pack() for m in migrations)]]
+    if encap is not None:
+        attrs.append(
+            [
+                "XFRMA_ENCAP",
+                {
+                    "encap_type": UDP_ENCAP_ESPINUDP,
+                    "encap_sport": encap.sport,
+                    "encap_dport": encap.dport,
+                    "encap_oa": bytes(16),
+                },
+            ]
+        )
+    msg["attrs"] = attrs + _mark_and_if_id(None, if_id)
+    return _finish(msg, XFRM_MSG_MIGRATE, NLM_F_REQUEST | NLM_F_ACK, seq, pid)
 
 
 def encode_spdinfo(
@@ -1284,6 +1356,22 @@ class XfrmSocket:
         self.transact(
             lambda seq: encode_policy_delete(selector, direction, mark=mark, if_id=if_id, seq=seq),
             "XFRM_MSG_DELPOLICY",
+        )
+
+    def migrate(
+        self,
+        selector: Selector,
+        direction: str,
+        migrations: Sequence[Migration],
+        *,
+        encap: Encap | None = None,
+        if_id: int = 0,
+    ) -> None:
+        self.transact(
+            lambda seq: encode_migrate(
+                selector, direction, migrations, encap=encap, if_id=if_id, seq=seq
+            ),
+            "XFRM_MSG_MIGRATE",
         )
 
     def set_spd_hash(self, ipv4: tuple[int, int] | None, ipv6: tuple[int, int] | None) -> None:

@@ -42,12 +42,7 @@ class Planned:
         )
 
 
-_VIP = "virtual IPs and MOBIKE"
-
 PLANNED: tuple[Planned, ...] = (
-    Planned("ike.global-options.mobike-prefer-best-path", 13, _VIP),
-    Planned("ike.ike-policy-template[].mobike", 13, _VIP),
-    Planned("ike.vpn[].ike-policy.mobike", 13, _VIP),
     Planned(
         "ike.vpn[].ike-policy.local-auth-method", 15, "EAP via RADIUS", frozenset({"eap-radius"})
     ),

@@ -118,7 +118,10 @@ GLOBAL_OPTIONS = Section(
                 "remote": Int(0, 128, default=128, doc="minimum remote prefix length hashed"),
             }
         ),
-        "mobike-prefer-best-path": Bool(default=False, doc="move SAs to a cheaper path"),
+        "mobike-prefer-best-path": Bool(
+            default=False,
+            doc="MOBIKE initiator: when an address appears, move SAs to the route's source",
+        ),
         "snmp": Bool(
             default=False,
             doc="IKE state readable over SNMP through `ikefarm snmp pass-persist` (seed 004)",
@@ -214,7 +217,10 @@ IKE_POLICY_TEMPLATE = TableList(
             "ike-proposal": TableList(IKE_PROPOSAL, key=None, doc="by preference"),
             "dpd-delay": Duration(default=0.0, doc="idle time before a DPD check; 0 disables"),
             "require-ppk": Bool(default=False, doc="fail instead of proceeding without PPK"),
-            "mobike": Bool(default=False, doc="RFC 4555"),
+            "mobike": Bool(
+                default=False,
+                doc="MOBIKE (RFC 4555): a peer that changes address keeps its SAs",
+            ),
             "fragmentation": Bool(default=True, doc="RFC 7383 IKE fragmentation"),
             "rekey-time": Duration(default=14400.0, doc="IKE SA rekey interval"),
             "reauth-time": Duration(default=0.0, doc="IKE SA reauthentication; 0 disables"),

@@ -164,6 +164,22 @@ class DeleteChildSa:
 
 
 @dataclass(frozen=True)
+class UpdateChildSa:
+    """A child SA's outer endpoints changed with its IKE SA's (MOBIKE, RFC 4555 3.5): the
+    kernel moves both SAs (and their policies' templates) to `local`/`remote`, with UDP
+    encapsulation on or off as `udp_encap` says. SPIs, keys and counters stay."""
+
+    unique_id: int
+    ike_unique_id: int
+    reqid: int
+    spi_in: bytes
+    spi_out: bytes
+    local: Endpoint
+    remote: Endpoint
+    udp_encap: bool
+
+
+@dataclass(frozen=True)
 class SaEvent:
     """An IKE or child SA changed state (for events, show and counters)."""
 
@@ -268,6 +284,7 @@ Effect = (
     | KeystoreRequest
     | InstallChildSa
     | DeleteChildSa
+    | UpdateChildSa
     | SaEvent
     | SaFailed
     | ChildFailed

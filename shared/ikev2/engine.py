@@ -51,6 +51,7 @@ from ikefarm.shared.ikev2.exchanges import (
     informational,
     invalid_spi,
     lifetimes,
+    mobike,
     nat_keepalive,
     rate_limits,
 )
@@ -130,6 +131,9 @@ class IkeEngine:
         # overlap, so adopted SAs keep theirs); alone (tests) the engine counts in its range
         self._unique_id_source = unique_ids
         self._request_ids = itertools.count(1)
+        # the path (our endpoint, the peer's) of the request being dispatched: its response
+        # goes there (RFC 7296 2.11), which with MOBIKE need not be the SA's path (RFC 4555 3.5)
+        self.request_path: tuple[Endpoint, Endpoint] | None = None
 
     # -- identifiers -------------------------------------------------------------------------
 
@@ -244,7 +248,10 @@ class IkeEngine:
         if message.is_response and cache_response:
             sa.last_response = CachedResponse(message.message_id, datagrams)
         name = exchange or _exchange_name(message.exchange_type)
-        return [SendDatagram(sa.local, sa.remote, d, name) for d in datagrams]
+        local, remote = sa.local, sa.remote
+        if message.is_response and self.request_path is not None:
+            local, remote = self.request_path
+        return [SendDatagram(local, remote, d, name) for d in datagrams]
 
     def send_request(
         self,
@@ -466,8 +473,11 @@ class IkeEngine:
             if parsed.is_fragment and parsed.encrypted.fragment_number != 1:  # type: ignore[union-attr]
                 return []  # one retransmission per fragmented request is enough (RFC 7383 2.6.1)
             self.count("retransmitted_responses")
+            # with MOBIKE the SA's path changes only by UPDATE_SA_ADDRESSES: answer where the
+            # retransmission came from (RFC 4555 3.5, RFC 7296 2.11)
+            to_local, to_remote = (local, remote) if mobike.in_use(sa) else (sa.local, sa.remote)
             return [
-                SendDatagram(sa.local, sa.remote, d, "retransmit")
+                SendDatagram(to_local, to_remote, d, "retransmit")
                 for d in sa.last_response.datagrams
             ]
         if header.message_id != sa.expected_request_id:
@@ -484,10 +494,16 @@ class IkeEngine:
         if message is None:
             return []  # fragment stored, waiting for the others
         sa.last_seen = now
-        # RFC 7296 2.23: after a verified request, answer where it came from
-        if sa.nat_detected or sa.remote != remote:
+        # RFC 7296 2.23: after a verified request, answer where it came from; with MOBIKE
+        # only UPDATE_SA_ADDRESSES moves the SA (RFC 4555 3.5), the response still goes back
+        # the way the request came (`request_path`)
+        if not mobike.in_use(sa) and (sa.nat_detected or sa.remote != remote):
             sa.local, sa.remote = local, remote
-        return self._dispatch_request(sa, message, now)
+        self.request_path = (local, remote)
+        try:
+            return self._dispatch_request(sa, message, now)
+        finally:
+            self.request_path = None
 
     def _decrypt(self, sa: IkeSa, parsed: ParsedMessage) -> Message | list[Effect] | None:
         if parsed.encrypted is None:
@@ -681,6 +697,11 @@ class IkeEngine:
         """Delete one child SA with the peer (INFORMATIONAL with a Delete payload)."""
         self.sas.touch(sa)
         return informational.initiate_child_delete(self, sa, child, now)
+
+    def move_local(self, sa: IkeSa, local_address: str, now: float) -> list[Effect]:
+        """Our address of this SA is gone or a better one appeared: move the SA there and
+        tell the peer (MOBIKE UPDATE_SA_ADDRESSES, RFC 4555 3.5)."""
+        return mobike.initiate_update(self, sa, local_address, now)
 
     def delete_ike(self, sa: IkeSa, now: float, reason: str = "deleted") -> list[Effect]:
         """Delete the IKE SA and its children with the peer."""

@@ -148,6 +148,8 @@ class IkeSa:
     peer_fragmentation: bool = False
     peer_childless: bool = False
     peer_mobike: bool = False
+    # MOBIKE (RFC 4555 3.6): the peer's other addresses, as its last ADDITIONAL_* listed them
+    peer_addresses: tuple[str, ...] = ()
     # RFC 7427 4: the hashes the peer announced in SIGNATURE_HASH_ALGORITHMS
     peer_signature_hashes: tuple[int, ...] = ()
     # AUTH methods of IKE_AUTH by side, e.g. {"local_auth": "DIGITAL_SIGNATURE", ...}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ikefarm.shared.ikev2.exchanges import mobike
 from ikefarm.shared.ikev2.sa import ChildSa, IkeSa
 
 
@@ -70,6 +71,9 @@ def ike_sa_row(sa: IkeSa, now: float) -> dict[str, Any]:
         "local_vips": list(sa.local_vips),
         "remote_vips": [address for _pool, address in sa.remote_vips],
         "dns": list(sa.cfg_dns),
+        # MOBIKE (RFC 4555): negotiated, and the peer's other addresses it listed
+        "mobike": mobike.in_use(sa),
+        "peer_addresses": list(sa.peer_addresses),
     }
 
 
@@ -114,6 +118,10 @@ def format_details(rows: list[dict[str, Any]]) -> str:
         dns = r.get("dns")
         if isinstance(dns, list) and dns:
             out.append(f"  dns {' '.join(str(v) for v in dns)}")
+        if r.get("mobike"):
+            others = r.get("peer_addresses")
+            listed = " ".join(str(v) for v in others) if isinstance(others, list) else ""
+            out.append(f"  mobike, peer's other addresses: {listed or 'none'}")
         for c in r["children"]:
             mode = c["mode"].upper()
             head = f"  {c['name']}: #{c['unique_id']}, reqid {c['reqid']}, {c['state'].upper()}"

@@ -196,6 +196,8 @@ class SaSnapshot:
     vip_owner: int | None = None
     local_vips: list[str] = field(default_factory=list)
     cfg_dns: list[str] = field(default_factory=list)
+    # MOBIKE (RFC 4555 3.6): the peer's other addresses; absent in older snapshots
+    peer_addresses: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
@@ -510,6 +512,7 @@ def take(sa: IkeSa, now: float) -> tuple[SaSnapshot, SaSecrets]:
         vip_owner=sa.vip_owner,
         local_vips=list(sa.local_vips),
         cfg_dns=list(sa.cfg_dns),
+        peer_addresses=list(sa.peer_addresses),
     )
     return snapshot, secrets
 
@@ -763,6 +766,7 @@ def _restore(engine: IkeEngine, snap: SaSnapshot, secrets: SaSecrets, now: float
         vip_owner=snap.vip_owner,
         local_vips=list(snap.local_vips),
         cfg_dns=list(snap.cfg_dns),
+        peer_addresses=tuple(snap.peer_addresses),
     )
     if snap.outstanding is not None:
         out = snap.outstanding

@@ -17,7 +17,13 @@ from typing import Any
 
 import pytest
 
-from ikefarm.proto.messages import ChildCounters, ChildDelete, ChildInstall, TrapRemove
+from ikefarm.proto.messages import (
+    ChildCounters,
+    ChildDelete,
+    ChildInstall,
+    ChildUpdate,
+    TrapRemove,
+)
 from ikefarm.services.kernel import xfrm
 from ikefarm.services.kernel.backends import probe_esp
 from ikefarm.services.kernel.memory import KernelRefusal
@@ -77,6 +83,27 @@ class EspStatesRecorded(xfrm.XfrmSocket):
 
     def get_sa(self, src: str | None, dst: str, spi: int, *_a: Any, **_k: Any) -> xfrm.SaInfo:
         raise xfrm.XfrmError(errno.ESRCH, "XFRM_MSG_GETSA")
+
+    def migrate(
+        self,
+        selector: xfrm.Selector,
+        direction: str,
+        migrations: Any,
+        *,
+        encap: xfrm.Encap | None = None,
+        if_id: int = 0,
+    ) -> None:
+        """The real kernel moves the policy's templates; the recorded SAs move here, as the
+        kernel's would (an SA whose addresses and reqid the migration names)."""
+        super().migrate(selector, direction, migrations, encap=encap, if_id=if_id)
+        for m in migrations:
+            for (dst, spi), spec in list(self.states.items()):
+                if (spec.src, dst, spec.reqid) == (m.old_src, m.old_dst, m.reqid):
+                    del self.states[(dst, spi)]
+                    moved = dataclasses.replace(
+                        spec, src=m.new_src, dst=m.new_dst, encap=encap or spec.encap
+                    )
+                    self.states[(m.new_dst, spi)] = moved
 
 
 @pytest.fixture
@@ -237,6 +264,48 @@ async def test_child_sas_policies_and_install_routes_with_esp_states_faked(
     assert policies(gateway).strip() == ""
     assert gateway.run(["ip", "route", "show", "table", "220"]).stdout.strip() == ""
     assert states == {}
+
+
+async def test_mobike_moves_the_policies_templates_and_the_sas(
+    gateway: Namespace, esp_faked: NetlinkKernel
+) -> None:
+    """XFRM_MSG_MIGRATE (RFC 4555 3.5): the real kernel moves every policy's template; the
+    SAs (faked here) follow with their SPIs; the child is deleted at its new endpoints."""
+    request = child()
+    await esp_faked.install(request)
+    moved = ChildUpdate(
+        unique_id=request.unique_id,
+        ike_unique_id=request.ike_unique_id,
+        reqid=request.reqid,
+        spi_in=request.spi_in,
+        spi_out=request.spi_out,
+        local_address="192.0.2.1",
+        local_port=4500,
+        remote_address="198.51.100.9",
+        remote_port=4600,
+        udp_encap=True,
+    )
+    sa_in, sa_out = await esp_faked.update(moved)
+    assert (sa_in.src, sa_in.dst, sa_out.src, sa_out.dst) == (
+        "198.51.100.9",
+        "192.0.2.1",
+        "192.0.2.1",
+        "198.51.100.9",
+    )
+    shown = policies(gateway)
+    assert shown.count("tmpl src 192.0.2.1 dst 198.51.100.9") == 2
+    assert shown.count("tmpl src 198.51.100.9 dst 192.0.2.1") == 4
+    assert "198.51.100.2" not in shown
+    states = esp_faked.xfrm.states  # type: ignore[attr-defined]
+    assert states[("198.51.100.9", 0xC1000001)].encap == xfrm.Encap(4500, 4600)
+    assert states[("192.0.2.1", 0xC0000001)].src == "198.51.100.9"
+    # turning encapsulation off is not something XFRM_MSG_MIGRATE can do
+    with pytest.raises(KernelRefusal, match="not implemented"):
+        await esp_faked.update(dataclasses.replace(moved, udp_encap=False))
+    with pytest.raises(KernelRefusal, match="not found"):
+        await esp_faked.update(dataclasses.replace(moved, unique_id=9, spi_in=b"\x0f" * 4))
+    await esp_faked.delete(delete_of(request))
+    assert states == {} and policies(gateway).strip() == ""
 
 
 async def test_child_under_its_trap_keeps_the_trap_policies(

@@ -18,9 +18,12 @@ from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import (
     ChildDelete,
     ChildInstall,
+    ChildUpdate,
     KernelAck,
     KernelShowRequest,
     KernelState,
+    RouteSourceReply,
+    RouteSourceRequest,
     TransportKeyReply,
     TransportKeyRequest,
 )
@@ -133,6 +136,27 @@ async def delete(nc: Client, request: ChildDelete) -> KernelAck:
     return envelope.unpack_reply(raw, KernelAck)
 
 
+def update_of(install: ChildInstall, **changes: object) -> ChildUpdate:
+    moved = ChildUpdate(
+        unique_id=install.unique_id,
+        ike_unique_id=install.ike_unique_id,
+        reqid=install.reqid,
+        spi_in=install.spi_in,
+        spi_out=install.spi_out,
+        local_address="192.0.2.1",
+        local_port=4500,
+        remote_address="203.0.113.9",
+        remote_port=4500,
+        udp_encap=False,
+    )
+    return dataclasses.replace(moved, **changes)  # type: ignore[arg-type]
+
+
+async def update(nc: Client, request: ChildUpdate) -> KernelAck:
+    raw = await ask(nc, subjects.KERNEL_CHILD_UPDATE, envelope.pack(request))
+    return envelope.unpack_reply(raw, KernelAck)
+
+
 async def show(nc: Client) -> tuple[KernelState, bytes]:
     raw = await ask(nc, subjects.KERNEL_SHOW, envelope.pack(KernelShowRequest()))
     return envelope.unpack_reply(raw, KernelState), raw
@@ -210,6 +234,54 @@ async def test_duplicate_spi_and_unknown_child_are_refused(kernel: Runtime, clie
     assert kernel.counters["child_delete.not_found"] == 2
 
 
+async def test_update_moves_both_sas_and_the_policy_templates(
+    kernel: Runtime, client: Client, log_stream: io.StringIO
+) -> None:
+    """MOBIKE (RFC 4555 3.5): the peer moved; the child's SAs follow, encapsulation off."""
+    assert (await install(client, child())).ok
+    assert await update(client, update_of(child())) == KernelAck(ok=True)
+    state, _raw = await show(client)
+    sas = {sa["direction"]: sa for sa in state.sas}
+    assert (sas["in"]["spi"], sas["out"]["spi"]) == ("c0000001", "c1000001")
+    assert (sas["in"]["src"], sas["in"]["dst"]) == ("203.0.113.9", "192.0.2.1")
+    assert (sas["out"]["src"], sas["out"]["dst"]) == ("192.0.2.1", "203.0.113.9")
+    assert (sas["out"]["src_port"], sas["out"]["dst_port"]) == (4500, 4500)
+    assert sas["in"]["encap"] is False and sas["out"]["encap"] is False
+    assert sas["in"]["encr_key_length"] == 36  # the SA itself is the same
+    for policy in state.policies:
+        outbound = policy["direction"] == "out"
+        expected = ("192.0.2.1", "203.0.113.9") if outbound else ("203.0.113.9", "192.0.2.1")
+        assert (policy["tmpl_src"], policy["tmpl_dst"]) == expected
+    assert kernel.counters["child_update.ok"] == 1
+    assert '"event": "child_moved"' in log_stream.getvalue()
+
+
+async def test_update_of_an_unknown_child_or_other_spis_is_refused(
+    kernel: Runtime, client: Client
+) -> None:
+    assert (await install(client, child())).ok
+    unknown = update_of(child(), unique_id=99)
+    assert await update(client, unknown) == KernelAck(ok=False, error="not found")
+    other = update_of(child(), spi_out=bytes.fromhex("deadbeef"))
+    refused = await update(client, other)
+    assert not refused.ok and "SPIs" in refused.error
+    family = update_of(child(), local_address="2001:db8::1", remote_address="2001:db8::9")
+    assert not (await update(client, family)).ok
+    assert kernel.counters["child_update.not_found"] == 1
+    assert kernel.counters["child_update.spi_mismatch"] == 1
+    assert kernel.counters["child_update.family"] == 1
+    state, _raw = await show(client)
+    assert {sa["src"] for sa in state.sas} == {"192.0.2.1", "198.51.100.2"}  # unchanged
+
+
+async def test_route_source_without_mobike_answers_nothing(kernel: Runtime, client: Client) -> None:
+    """No VPN has mobike: the addresses are not watched and no source is named."""
+    raw = await ask(
+        client, subjects.KERNEL_ROUTE_SOURCE, envelope.pack(RouteSourceRequest("192.0.2.2"))
+    )
+    assert envelope.unpack_reply(raw, RouteSourceReply) == RouteSourceReply("")
+
+
 def _without(field: str) -> bytes:
     body = envelope._to_wire(child())
     del body[field]
@@ -248,6 +320,29 @@ def _without(field: str) -> bytes:
             "bad_version",
         ),
         (subjects.KERNEL_SHOW, envelope.pack(delete_of(child())), "wrong_kind"),
+        (subjects.KERNEL_CHILD_UPDATE, b"\xc1", "bad_encoding"),
+        (
+            subjects.KERNEL_CHILD_UPDATE,
+            msgpack.packb({"v": 1, "kind": "child-update", "body": {"unique_id": 1}}),
+            "missing_field",
+        ),
+        (
+            subjects.KERNEL_CHILD_UPDATE,
+            envelope.pack(update_of(child(), remote_address="not-an-address")),
+            "bad_field",
+        ),
+        (
+            subjects.KERNEL_CHILD_UPDATE,
+            envelope.pack(update_of(child(), local_port=70000)),
+            "bad_field",
+        ),
+        (
+            subjects.KERNEL_CHILD_UPDATE,
+            envelope.pack(update_of(child(), local_address="2001:db8::1")),
+            "bad_field",
+        ),
+        (subjects.KERNEL_ROUTE_SOURCE, envelope.pack(RouteSourceRequest("nope")), "bad_field"),
+        (subjects.KERNEL_ROUTE_SOURCE, b"\x92", "bad_encoding"),
     ],
 )
 async def test_malformed_requests_get_structured_errors(

@@ -34,11 +34,6 @@ def test_every_planned_path_names_a_schema_key(planned) -> None:  # type: ignore
 SETTINGS = [
     ("[ike.global-options]\nthreads = 4\n", "ike.global-options.threads", None),
     ("[flow.tcp-session]\ntcp-mss = 1360\n", "flow.tcp-session.tcp-mss", 12),
-    (
-        "[ike.global-options]\nmobike-prefer-best-path = true\n",
-        "ike.global-options.mobike-prefer-best-path",
-        13,
-    ),
 ]
 
 
@@ -58,12 +53,21 @@ def test_a_planned_key_set_away_from_its_default_is_refused(
 def test_planned_keys_inside_vpn_items_are_refused_with_their_index() -> None:
     text = EXAMPLE.read_text().replace(
         'remote-auth-method = "pre-shared-key" }',
-        'remote-auth-method = "pre-shared-key", mobike = true }',
+        'remote-auth-method = "eap-radius" }',
     )
     [refusal] = problems(text)
     assert refusal == (
-        "ike.vpn[0].ike-policy.mobike: true: not implemented yet (issue 13: virtual IPs and MOBIKE)"
+        'ike.vpn[0].ike-policy.remote-auth-method: "eap-radius": not implemented yet '
+        "(issue 15: EAP via RADIUS)"
     )
+
+
+def test_mobike_loads() -> None:
+    text = EXAMPLE.read_text().replace(
+        'remote-auth-method = "pre-shared-key" }',
+        'remote-auth-method = "pre-shared-key", mobike = true }',
+    )
+    assert parse_config(text).ike.vpn[0].ike_policy.mobike is True
 
 
 def test_a_planned_key_at_its_default_loads() -> None:

@@ -29,7 +29,7 @@ from ikefarm.shared.ikev2.effects import (
     SaFailed,
     VipLeased,
 )
-from ikefarm.shared.ikev2.exchanges import auth_methods, lifetimes, ppk
+from ikefarm.shared.ikev2.exchanges import auth_methods, lifetimes, mobike, ppk
 from ikefarm.shared.ikev2.exchanges import config as cfg_exchange
 from ikefarm.shared.ikev2.exchanges.child_create import (
     ChildRequest,
@@ -325,6 +325,7 @@ def _responder_established(
     sa.half_open_deadline = None
     sa.expected_request_id = request.message_id + 1
     sa.peer_mobike = request.notify(NotifyType.MOBIKE_SUPPORTED) is not None
+    mobike.record_auth(engine, sa, request)
     lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")
     _release_init_messages(sa)
@@ -334,6 +335,7 @@ def _responder_established(
         task.idr,
         *auth_methods.our_auth(vpn, reply),
         *ppk.auth_response_notifies(sa),
+        *mobike.auth_notifies(sa),  # RFC 4555 3.1
     ]
     used = auth_methods.count_methods(
         engine, sa, auth_methods.reply_method(reply), task.remote_method
@@ -548,6 +550,7 @@ def _initiator_keystore_answered(
     sa.established_at = now
     sa.expected_request_id = 0
     sa.peer_mobike = response.notify(NotifyType.MOBIKE_SUPPORTED) is not None
+    mobike.record_auth(engine, sa, response)
     vip_effects = cfg_exchange.record_reply(engine, sa, response)
     lifetimes.start_ike_sa(engine, sa, now)
     engine.count("ike_sa_established")

@@ -470,8 +470,9 @@ def initiator_response(
     nat = detect_nat(response, sa.local, sa.remote)
     if nat is not None:
         sa.nat_local, sa.nat_remote = nat
-    if sa.nat_detected:
-        # RFC 7296 2.23: float to port 4500 for everything after IKE_SA_INIT
+    if sa.nat_detected or (nat is not None and sa.vpn is not None and sa.vpn.mobike):
+        # RFC 7296 2.23: float to port 4500 for everything after IKE_SA_INIT; with MOBIKE
+        # even without a NAT, when the responder can do NAT-T (RFC 4555 3.2)
         sa.local = Endpoint(sa.local.address, engine.policy.natt_port)
         sa.remote = Endpoint(sa.remote.address, engine.policy.natt_port)
     sa.state = IkeSaState.AUTHENTICATING

@@ -87,6 +87,7 @@ def _new_sa(
         peer_fragmentation=old.peer_fragmentation,
         peer_childless=old.peer_childless,
         peer_mobike=old.peer_mobike,
+        peer_addresses=old.peer_addresses,
         nat_local=old.nat_local,
         nat_remote=old.nat_remote,
         ppk_used=old.ppk_used,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType, ProtocolId
 from ikefarm.shared.ikev2.effects import DeleteChildSa, Effect, Log, SaEvent
-from ikefarm.shared.ikev2.exchanges import ike_rekey
+from ikefarm.shared.ikev2.exchanges import ike_rekey, mobike
 from ikefarm.shared.ikev2.exchanges.task import Task
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import DeletePayload, Payload
@@ -127,6 +127,8 @@ def _note_notifies(engine: IkeEngine, sa: IkeSa, message: Message) -> list[Effec
                 )
             )
             continue
+        if int(notify.notify_type) in mobike.MOBIKE_NOTIFIES | mobike.NATD_NOTIFIES:
+            continue  # RFC 4555: mobike.respond acts on these
         name = _notify_name(notify.notify_type)
         engine.count(f"informational_notify.{name.lower()}")
         effects.append(
@@ -157,6 +159,9 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
             return effects
         effects += engine.remove_sa(sa, "deleted by peer", now)
         return effects + run_after_delete(engine, sa, now)
+    if not deletes and mobike.wants(sa, request):
+        local, remote = engine.request_path or (sa.local, sa.remote)
+        return noted + mobike.respond(engine, sa, request, local, remote, now)
     if not deletes:
         engine.count("liveness_answered")
         return noted + engine.respond(sa, request, [])

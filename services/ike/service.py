@@ -42,6 +42,9 @@ from ikefarm.proto.messages import (
     ChildDelete,
     ChildInstall,
     Datagram,
+    EapAuthRequest,
+    EapRelayReply,
+    EapRelayRequest,
     IkeCommand,
     IkeCommandResult,
     IkeLoad,
@@ -191,10 +194,14 @@ class IkeService(ServiceBase):
             dos=self.admission,
             unique_ids=self.unique_ids.take,
         )
+        # an EAP relay waits while the keystore tries every RADIUS server (docs/radius.md)
+        self.radius_wait = KEYSTORE_TIMEOUT + sum(
+            float(s.timeout) * (int(s.retries) + 1) for s in self.config.ike.radius_server
+        )
         # farm-wide VIP leases (docs/vip-pools.md), when some VPN hands out addresses
         self.vip_leases: VipLeases | None = None
         self._vip_keeper: asyncio.Task[None] | None = None
-        if any(vpn.vip_pools for vpn in self.engine.policy.vpns):
+        if any(set(vpn.vip_pools) - {"radius"} for vpn in self.engine.policy.vpns):
             self.vip_leases = VipLeases(
                 self.runtime.nc, self.engine.policy.pools, self.runtime.counters
             )
@@ -916,6 +923,14 @@ class IkeService(ServiceBase):
             elif isinstance(call, CertAuthRequest):
                 reply = await self.runtime.request(
                     subjects.KEYSTORE_CERT_AUTH, call, CertAuthReply, timeout=KEYSTORE_TIMEOUT
+                )
+            elif isinstance(call, EapRelayRequest):  # the keystore waits on RADIUS meanwhile
+                reply = await self.runtime.request(
+                    subjects.KEYSTORE_EAP_RELAY, call, EapRelayReply, timeout=self.radius_wait
+                )
+            elif isinstance(call, EapAuthRequest):
+                reply = await self.runtime.request(
+                    subjects.KEYSTORE_EAP_AUTH, call, PskAuthReply, timeout=KEYSTORE_TIMEOUT
                 )
             else:
                 reply = await self.runtime.request(

@@ -49,11 +49,13 @@ PLANNED: tuple[Planned, ...] = (
     Planned("ike.ike-policy-template[].mobike", 13, _VIP),
     Planned("ike.vpn[].ike-policy.mobike", 13, _VIP),
     Planned(
-        "ike.vpn[].ike-policy.local-auth-method", 15, "EAP via RADIUS", frozenset({"eap-radius"})
+        "ike.vpn[].ike-policy.local-auth-method",
+        15,
+        "EAP as initiator (ikefarm is an EAP authenticator only)",
+        frozenset({"eap-radius"}),
     ),
-    Planned(
-        "ike.vpn[].ike-policy.remote-auth-method", 15, "EAP via RADIUS", frozenset({"eap-radius"})
-    ),
+    Planned("ike.radius.accounting", 15, "RADIUS accounting"),
+    Planned("ike.radius.interim-interval", 15, "RADIUS accounting"),
     Planned("flow.tcp-session.no-sequence-check", 12, "TCP checks in the dataplane"),
     Planned("flow.tcp-session.tcp-mss", 12, "TCP checks in the dataplane"),
     Planned("ike.global-options.threads", None, "the ike worker is one process per core"),

@@ -1,0 +1,187 @@
+"""EAP via RADIUS (RFC 7296 2.16, RFC 3579; docs/radius.md) with real parts: a strongSwan
+road warrior authenticates with EAP through `ikefarm up` to a FreeRADIUS the test runs in
+the gateway's namespace, with a users file and a client it writes.
+
+- eap-md5 (no MSK: the last AUTHs use SK_pi/SK_pr): IKE and CHILD SAs are established; the
+  EAP identity (`eap_id`) differs from the IKE identity, so the identity round is used;
+- a wrong password: AUTHENTICATION_FAILED at the peer, "Login incorrect" in the server's log;
+- an unreachable first server: the second one answers (failover).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.harness.freeradius import FreeRadius
+from tests.harness.gateway import Gateway
+from tests.harness.netns import Namespace, NetnsPair, wait_for
+from tests.harness.strongswan import Child, Connection, Psk, StrongSwan
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
+
+PSK = "eap-gw-psk-5b2e91c0d7a4f318"
+RADIUS_SECRET = "radius-secret-0c4f9e2a7b61d835"
+PASSWORD = "alice-password-83d1f0b7"
+USERS = f'alice Cleartext-Password := "{PASSWORD}"\n'
+EAP_PLUGINS = ("eap-identity", "eap-md5", "md5")
+
+SERVER = """
+[[ike.radius-server]]
+name = "{name}"
+address = "127.0.0.1"
+auth-port = {port}
+secret = "{secret}"
+timeout = 1.0
+retries = {retries}
+"""
+
+
+def eap_gateway(
+    factory: Callable[..., Gateway],
+    ns: Namespace,
+    servers: list[tuple[str, int, int]],
+    extra_vpn: str = "",
+    extra: str = "",
+) -> Gateway:
+    """`ikefarm up` whose VPN authenticates peers by EAP via RADIUS, and itself by PSK."""
+    radius = "".join(
+        SERVER.format(name=name, port=port, retries=retries, secret=RADIUS_SECRET)
+        for name, port, retries in servers
+    )
+    gateway = factory(ns, start=False, psk=PSK, extra=radius + extra)
+    text = gateway.config_path.read_text()
+    text = text.replace(
+        'ike-policy = { template = "ikepol" }\n',
+        'ike-policy = { template = "ikepol", remote-auth-method = "eap-radius" }\n' + extra_vpn,
+    )
+    gateway.config_path.write_text('[kernel]\nbackend = "memory"\n' + text)
+    gateway.start()
+    return gateway
+
+
+def road_warrior(name: str = "c", eap_id: str = "alice", **options: object) -> Connection:
+    return Connection(
+        name=name,
+        local_addrs="192.0.2.2",
+        remote_addrs="192.0.2.1",
+        local_id="alice.peer.example",
+        local_eap_id=eap_id,
+        remote_id="gw.example",
+        local_auth="eap-md5",
+        remote_auth="psk",
+        proposals="aes256gcm16-prfsha384-x25519",
+        children=[
+            Child(
+                name=f"{name}-net",
+                local_ts="10.200.0.0/24",
+                remote_ts="10.100.0.0/24",
+                esp_proposals="aes256gcm16",
+            )
+        ],
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def eap_secret(identity: str, password: str) -> str:
+    """An EAP secret for swanctl.conf (merged with the harness's `secrets` section)."""
+    secret = "0x" + password.encode().hex()
+    entry = f"  eap-{identity} {{\n    id = {identity}\n    secret = {secret}\n  }}\n"
+    return f"secrets {{\n{entry}}}\n"
+
+
+@pytest.fixture
+def peer(netns_pair: NetnsPair, strongswan_factory: Callable[..., StrongSwan]) -> StrongSwan:
+    netns_pair.peer.add_address("lo", "10.200.0.1/32")
+    from tests.harness.strongswan import DEFAULT_PLUGINS
+
+    return strongswan_factory(netns_pair.peer, plugins=[*DEFAULT_PLUGINS, *EAP_PLUGINS])
+
+
+def test_eap_md5_through_freeradius_establishes_ike_and_child(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    freeradius_factory: Callable[..., FreeRadius],
+    peer: StrongSwan,
+) -> None:
+    server = freeradius_factory(
+        netns_pair.gw, users=USERS, secret=RADIUS_SECRET, auth_port=18120, acct_port=18130
+    )
+    gateway = eap_gateway(gateway_factory, netns_pair.gw, [("fr", 18120, 1)])
+    peer.load(
+        [road_warrior()],
+        psks=[Psk(PSK, ["alice.peer.example", "gw.example"])],
+        extra=eap_secret("alice", PASSWORD),
+    )
+    peer.initiate(child="c-net", timeout=30)
+
+    (sa,) = peer.list_sas()
+    assert sa["state"] == "ESTABLISHED"
+    (child,) = sa["child-sas"]
+    assert child["state"] == "INSTALLED"
+    assert "EAP method EAP_MD5 succeeded, no MSK established" in peer.log_text()
+
+    (row,) = gateway.wait_sas(1)
+    assert row["remote_id"] == "alice.peer.example"
+    assert row["children"] and row["children"][0]["local_ts"] == ["10.100.0.0/24"]
+    assert "Login OK: [alice]" in server.log_text()
+    counters = gateway.counters("keystore")
+    assert counters.get("eap.accept", 0) == 1 and counters.get("eap.challenge", 0) >= 1
+    assert gateway.counters("ike").get("eap.without_msk", 0) == 1
+
+
+def test_a_wrong_password_ends_in_authentication_failed(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    freeradius_factory: Callable[..., FreeRadius],
+    peer: StrongSwan,
+) -> None:
+    server = freeradius_factory(
+        netns_pair.gw, users=USERS, secret=RADIUS_SECRET, auth_port=18120, acct_port=18130
+    )
+    gateway = eap_gateway(gateway_factory, netns_pair.gw, [("fr", 18120, 1)])
+    peer.load(
+        [road_warrior()],
+        psks=[Psk(PSK, ["alice.peer.example", "gw.example"])],
+        extra=eap_secret("alice", "not-the-password"),
+    )
+    result = peer.initiate(child="c-net", timeout=30, check=False)
+    assert result.returncode != 0
+    wait_for(
+        lambda: "received AUTHENTICATION_FAILED" in peer.log_text(),
+        timeout=15,
+        what="strongSwan sees AUTHENTICATION_FAILED",
+    )
+    assert peer.list_sas() == []
+    assert "Login incorrect: [alice]" in server.log_text()
+    wait_for(
+        lambda: gateway.counters("ike").get("auth_failed.access_reject", 0) == 1,
+        timeout=10,
+        what="the reject counted",
+    )
+    assert gateway.show() == []
+
+
+def test_an_unreachable_first_server_fails_over_to_the_second(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    freeradius_factory: Callable[..., FreeRadius],
+    peer: StrongSwan,
+) -> None:
+    freeradius_factory(
+        netns_pair.gw, users=USERS, secret=RADIUS_SECRET, auth_port=18120, acct_port=18130
+    )
+    # nothing listens on 18110: the first server never answers
+    gateway = eap_gateway(gateway_factory, netns_pair.gw, [("down", 18110, 0), ("fr", 18120, 1)])
+    peer.load(
+        [road_warrior()],
+        psks=[Psk(PSK, ["alice.peer.example", "gw.example"])],
+        extra=eap_secret("alice", PASSWORD),
+    )
+    peer.initiate(child="c-net", timeout=40)
+    (sa,) = peer.list_sas()
+    assert sa["state"] == "ESTABLISHED"
+    counters = gateway.counters("keystore")
+    assert counters.get("radius.auth.failover", 0) >= 1
+    assert counters.get("radius.auth.server_timeout", 0) >= 1

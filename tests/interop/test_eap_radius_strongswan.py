@@ -5,19 +5,23 @@ the gateway's namespace, with a users file and a client it writes.
 - eap-md5 (no MSK: the last AUTHs use SK_pi/SK_pr): IKE and CHILD SAs are established; the
   EAP identity (`eap_id`) differs from the IKE identity, so the identity round is used;
 - a wrong password: AUTHENTICATION_FAILED at the peer, "Login incorrect" in the server's log;
-- an unreachable first server: the second one answers (failover).
+- an unreachable first server: the second one answers (failover);
+- `vip-pool = ["radius"]`: the Framed-IP-Address and DNS of the Access-Accept are the
+  peer's VIP and CFG_REPLY;
+- eap-tls: the MSK (MS-MPPE keys) keys both last AUTHs, computed in the keystore.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.harness.freeradius import FreeRadius
 from tests.harness.gateway import Gateway
 from tests.harness.netns import Namespace, NetnsPair, wait_for
-from tests.harness.strongswan import Child, Connection, Psk, StrongSwan
+from tests.harness.strongswan import DEFAULT_PLUGINS, Child, Connection, Psk, StrongSwan
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
@@ -44,6 +48,8 @@ def eap_gateway(
     servers: list[tuple[str, int, int]],
     extra_vpn: str = "",
     extra: str = "",
+    *,
+    dynamic_remote: bool = False,
 ) -> Gateway:
     """`ikefarm up` whose VPN authenticates peers by EAP via RADIUS, and itself by PSK."""
     radius = "".join(
@@ -56,6 +62,8 @@ def eap_gateway(
         'ike-policy = { template = "ikepol" }\n',
         'ike-policy = { template = "ikepol", remote-auth-method = "eap-radius" }\n' + extra_vpn,
     )
+    if dynamic_remote:  # remote-ts without subnet: the assigned VIP (seed 004, "dynamic-vip")
+        text = text.replace('remote-ts = { subnet = "10.200.0.0/16" }\n', "")
     gateway.config_path.write_text('[kernel]\nbackend = "memory"\n' + text)
     gateway.start()
     return gateway
@@ -94,8 +102,6 @@ def eap_secret(identity: str, password: str) -> str:
 @pytest.fixture
 def peer(netns_pair: NetnsPair, strongswan_factory: Callable[..., StrongSwan]) -> StrongSwan:
     netns_pair.peer.add_address("lo", "10.200.0.1/32")
-    from tests.harness.strongswan import DEFAULT_PLUGINS
-
     return strongswan_factory(netns_pair.peer, plugins=[*DEFAULT_PLUGINS, *EAP_PLUGINS])
 
 
@@ -185,3 +191,92 @@ def test_an_unreachable_first_server_fails_over_to_the_second(
     counters = gateway.counters("keystore")
     assert counters.get("radius.auth.failover", 0) >= 1
     assert counters.get("radius.auth.server_timeout", 0) >= 1
+
+
+def test_vip_pool_radius_gives_the_framed_address_and_dns_of_the_accept(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    freeradius_factory: Callable[..., FreeRadius],
+    strongswan_factory: Callable[..., StrongSwan],
+) -> None:
+    users = USERS.rstrip("\n") + (
+        "\n    Framed-IP-Address = 10.9.0.42,\n    MS-Primary-DNS-Server = 10.100.0.53\n"
+    )
+    freeradius_factory(
+        netns_pair.gw, users=users, secret=RADIUS_SECRET, auth_port=18120, acct_port=18130
+    )
+    gateway = eap_gateway(
+        gateway_factory,
+        netns_pair.gw,
+        [("fr", 18120, 1)],
+        extra_vpn='vip-pool = ["radius"]\n',
+        dynamic_remote=True,
+    )
+    peer = strongswan_factory(
+        netns_pair.peer, plugins=[*DEFAULT_PLUGINS, *EAP_PLUGINS], install_virtual_ip=True
+    )
+    connection = road_warrior(options={"vips": "0.0.0.0"})
+    connection.children[0].local_ts = None
+    peer.load(
+        [connection],
+        psks=[Psk(PSK, ["alice.peer.example", "gw.example"])],
+        extra=eap_secret("alice", PASSWORD),
+    )
+    peer.initiate(child="c-net", timeout=30)
+    (sa,) = peer.list_sas()
+    assert sa["local-vips"] == ["10.9.0.42"], sa
+    (child,) = sa["child-sas"]
+    assert child["local-ts"] == ["10.9.0.42/32"]
+    assert "processing INTERNAL_IP4_DNS attribute" in peer.log_text()
+
+    (row,) = gateway.wait_sas(1)
+    assert row["remote_vips"] == ["10.9.0.42"]
+    assert row["children"][0]["remote_ts"] == ["10.9.0.42/32"]
+    peer.terminate(ike="c", timeout=15)
+    wait_for(lambda: gateway.show() == [], timeout=15, what="the SA gone")
+    assert gateway.counters("ike").get("vip.released", 0) == 0  # nothing leased in a store
+
+
+def test_eap_tls_makes_an_msk_that_keys_the_last_auths(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    freeradius_factory: Callable[..., FreeRadius],
+    strongswan_factory: Callable[..., StrongSwan],
+    tmp_path: Path,
+) -> None:
+    from tests.harness.freeradius import TlsFiles
+    from tests.pki import Pki
+
+    pki = Pki(tmp_path / "pki", "rsa")
+    radius_cert = pki.issue("radius", dns="gw.example")  # strongSwan's default aaa_id
+    client = pki.issue("alice", dns="alice.peer.example")
+    freeradius_factory(
+        netns_pair.gw,
+        users="",
+        secret=RADIUS_SECRET,
+        auth_port=18120,
+        acct_port=18130,
+        tls=TlsFiles(pki.ca_path, radius_cert.cert_path, radius_cert.key_path),
+        default_eap="tls",
+    )
+    gateway = eap_gateway(gateway_factory, netns_pair.gw, [("fr", 18120, 1)])
+    netns_pair.peer.add_address("lo", "10.200.0.1/32")
+    peer = strongswan_factory(
+        netns_pair.peer, plugins=[*DEFAULT_PLUGINS, "eap-identity", "eap-tls"]
+    )
+    connection = road_warrior(eap_id="alice.peer.example")
+    connection.local_auth = "eap-tls"
+    connection.local_certs = [client.cert_path]
+    peer.load(
+        [connection],
+        psks=[Psk(PSK, ["alice.peer.example", "gw.example"])],
+        private_keys=[client.key_path],
+        cacerts=[pki.ca_path],
+    )
+    peer.initiate(child="c-net", timeout=40)
+    (sa,) = peer.list_sas()
+    assert sa["state"] == "ESTABLISHED"
+    assert "EAP method EAP_TLS succeeded, MSK established" in peer.log_text()
+    gateway.wait_sas(1)
+    assert gateway.counters("keystore").get("eap_auth.verified", 0) == 1
+    assert gateway.counters("ike").get("eap.without_msk", 0) == 0

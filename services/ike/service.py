@@ -61,6 +61,8 @@ from ikefarm.proto.messages import (
     OutboundDatagram,
     PeerBackoff,
     PskAuthReply,
+    RadiusAccounting,
+    RadiusAccountingReply,
     SaEventNotice,
     TrapInstall,
     TrapRemove,
@@ -77,6 +79,7 @@ from ikefarm.services.ike.exchange_traces import (
     parse_header,
 )
 from ikefarm.services.ike.ppk_client import PpkClient
+from ikefarm.services.ike.radius_accounting import Accounting
 from ikefarm.services.ike.sa_store import SaStore
 from ikefarm.services.ike.shard_claim import (
     RENEW_INTERVAL,
@@ -119,7 +122,7 @@ from ikefarm.shared.ikev2.effects import (
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
-from ikefarm.shared.ikev2.sa import ChildSaState
+from ikefarm.shared.ikev2.sa import ChildSaState, IkeSa
 from ikefarm.shared.ikev2.show import ike_sa_row
 from ikefarm.shared.ikev2.state_counts import StateCounts
 from ikefarm.shared.ikev2.traps import AcquireGate, start_traps
@@ -198,6 +201,13 @@ class IkeService(ServiceBase):
         self.radius_wait = KEYSTORE_TIMEOUT + sum(
             float(s.timeout) * (int(s.retries) + 1) for s in self.config.ike.radius_server
         )
+        # RADIUS accounting (docs/radius.md), sent by the keystore
+        self.accounting = Accounting.from_config(
+            self.config, self._send_accounting, self.runtime.counters
+        )
+        self._accounting_task: asyncio.Task[None] | None = None
+        if self.accounting is not None and self.accounting.interim > 0:
+            self._accounting_task = asyncio.create_task(self.accounting.run_interim())
         # farm-wide VIP leases (docs/vip-pools.md), when some VPN hands out addresses
         self.vip_leases: VipLeases | None = None
         self._vip_keeper: asyncio.Task[None] | None = None
@@ -362,6 +372,8 @@ class IkeService(ServiceBase):
         self._id_keeper.cancel()
         if self._vip_keeper is not None:
             self._vip_keeper.cancel()
+        if getattr(self, "_accounting_task", None) is not None:
+            self._accounting_task.cancel()  # type: ignore[union-attr]
         self._persister.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
@@ -869,6 +881,8 @@ class IkeService(ServiceBase):
             if self.vip_leases is not None:
                 self._spawn(self.vip_leases.release(effect))
         elif isinstance(effect, SaEvent):
+            if self.accounting is not None:
+                self.accounting.observe(effect, self._sa_of_event)
             await runtime.publish(
                 subjects.EVENT_IKE_SA if effect.kind.startswith("ike") else subjects.EVENT_CHILD_SA,
                 SaEventNotice(
@@ -942,6 +956,37 @@ class IkeService(ServiceBase):
         await self.apply(
             self.engine.keystore_reply(effect.request_id, reply, time.monotonic(), error=error)
         )
+
+    def _sa_of_event(self, event: SaEvent) -> IkeSa | None:
+        """The SA an established/rekeyed event names, by its SPIs (no walk over the SAs)."""
+        for spi in ("spi_r", "spi_i"):
+            text = event.detail.get(spi)
+            if not isinstance(text, str):
+                continue
+            try:
+                sa = self.engine.sas.get(bytes.fromhex(text))
+            except ValueError:
+                continue
+            if sa is not None and sa.unique_id == event.ike_unique_id:
+                return sa
+        return None
+
+    async def _send_accounting(self, message: RadiusAccounting) -> None:
+        try:
+            reply = await self.runtime.request(
+                subjects.KEYSTORE_RADIUS_ACCOUNTING,
+                message,
+                RadiusAccountingReply,
+                timeout=self.radius_wait,
+            )
+        except Exception as exc:
+            self.runtime.counters["radius_accounting.errors"] += 1
+            get_logger("ike").control(
+                "radius_accounting_failed", status=message.status, error=type(exc).__name__
+            )
+            return
+        if not reply.sent:
+            self.runtime.counters["radius_accounting.unanswered"] += 1
 
     async def install_child(self, effect: InstallChildSa) -> None:
         child = effect.child

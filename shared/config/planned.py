@@ -54,8 +54,6 @@ PLANNED: tuple[Planned, ...] = (
         "EAP as initiator (ikefarm is an EAP authenticator only)",
         frozenset({"eap-radius"}),
     ),
-    Planned("ike.radius.accounting", 15, "RADIUS accounting"),
-    Planned("ike.radius.interim-interval", 15, "RADIUS accounting"),
     Planned("flow.tcp-session.no-sequence-check", 12, "TCP checks in the dataplane"),
     Planned("flow.tcp-session.tcp-mss", 12, "TCP checks in the dataplane"),
     Planned("ike.global-options.threads", None, "the ike worker is one process per core"),

@@ -8,7 +8,9 @@ the gateway's namespace, with a users file and a client it writes.
 - an unreachable first server: the second one answers (failover);
 - `vip-pool = ["radius"]`: the Framed-IP-Address and DNS of the Access-Accept are the
   peer's VIP and CFG_REPLY;
-- eap-tls: the MSK (MS-MPPE keys) keys both last AUTHs, computed in the keystore.
+- eap-tls: the MSK (MS-MPPE keys) keys both last AUTHs, computed in the keystore;
+- accounting: Start, Interim-Update and Stop (with the cause) in FreeRADIUS' detail file,
+  one session id, the user and the assigned address.
 """
 
 from __future__ import annotations
@@ -280,3 +282,57 @@ def test_eap_tls_makes_an_msk_that_keys_the_last_auths(
     gateway.wait_sas(1)
     assert gateway.counters("keystore").get("eap_auth.verified", 0) == 1
     assert gateway.counters("ike").get("eap.without_msk", 0) == 0
+
+
+def test_accounting_start_interim_and_stop_reach_the_detail_file(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    freeradius_factory: Callable[..., FreeRadius],
+    strongswan_factory: Callable[..., StrongSwan],
+) -> None:
+    users = USERS.rstrip("\n") + "\n    Framed-IP-Address = 10.9.0.42\n"
+    server = freeradius_factory(
+        netns_pair.gw, users=users, secret=RADIUS_SECRET, auth_port=18120, acct_port=18130
+    )
+    radius = SERVER.format(name="fr", port=18120, retries=1, secret=RADIUS_SECRET)
+    radius += "acct-port = 18130\n\n[ike.radius]\naccounting = true\ninterim-interval = 2\n"
+    gateway = eap_gateway(
+        gateway_factory,
+        netns_pair.gw,
+        [],
+        extra_vpn='vip-pool = ["radius"]\n',
+        extra=radius,
+        dynamic_remote=True,
+    )
+    peer = strongswan_factory(
+        netns_pair.peer, plugins=[*DEFAULT_PLUGINS, *EAP_PLUGINS], install_virtual_ip=True
+    )
+    connection = road_warrior(options={"vips": "0.0.0.0"})
+    connection.children[0].local_ts = None
+    peer.load(
+        [connection],
+        psks=[Psk(PSK, ["alice.peer.example", "gw.example"])],
+        extra=eap_secret("alice", PASSWORD),
+    )
+    peer.initiate(child="c-net", timeout=30)
+    (row,) = gateway.wait_sas(1)
+    session = f"{row['spi_i']}-{row['spi_r']}"
+
+    def statuses() -> list[str]:
+        return [r.get("Acct-Status-Type", "") for r in server.detail_records()]
+
+    wait_for(lambda: "Interim-Update" in statuses(), timeout=20, what="an Interim-Update")
+    peer.terminate(ike="c", timeout=15)
+    wait_for(lambda: "Stop" in statuses(), timeout=20, what="the Stop record")
+    records = server.detail_records()
+    start = next(r for r in records if r["Acct-Status-Type"] == "Start")
+    stop = next(r for r in records if r["Acct-Status-Type"] == "Stop")
+    assert statuses().index("Start") < statuses().index("Interim-Update") < statuses().index("Stop")
+    for record in records:
+        assert record["Acct-Session-Id"] == session
+        assert record["User-Name"] == "alice"
+        assert record["Framed-IP-Address"] == "10.9.0.42"
+        assert record["NAS-Identifier"] == "ikefarm"
+    assert "Acct-Input-Octets" in stop and "Acct-Session-Time" in stop
+    assert "Acct-Input-Octets" not in start
+    assert stop["Acct-Terminate-Cause"] == "User-Request"

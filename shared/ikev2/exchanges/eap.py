@@ -74,6 +74,7 @@ class EapFinish:
     local_method: int | None
     remote_label: str
     radius_pool: Pool | None = None
+    identity: str = ""  # the EAP identity (RADIUS User-Name), for accounting
 
 
 @dataclass(repr=False)
@@ -468,5 +469,6 @@ def _leased(
         local_method=task.local_method,
         remote_label="EAP",
         radius_pool=own,
+        identity=task.identity.decode("utf-8", "replace"),
     )
     return _responder_established(engine, sa, task, None, combined, now, eap=finish)  # type: ignore[arg-type]

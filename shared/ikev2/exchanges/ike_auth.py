@@ -405,6 +405,8 @@ def _responder_established(
     }
     if sa.remote_vips:
         detail["remote_vips"] = [address for _pool, address in sa.remote_vips]
+    if eap is not None and eap.identity:
+        detail["eap_identity"] = eap.identity
     effects += response_effects
     effects.append(SaEvent("ike-established", sa.unique_id, vpn.name, detail))
     effects.append(

@@ -29,7 +29,7 @@ from ikefarm.shared.ikev2.effects import (
     SaFailed,
     VipLeased,
 )
-from ikefarm.shared.ikev2.exchanges import auth_methods, lifetimes, ppk
+from ikefarm.shared.ikev2.exchanges import auth_methods, eap, lifetimes, ppk
 from ikefarm.shared.ikev2.exchanges import config as cfg_exchange
 from ikefarm.shared.ikev2.exchanges.child_create import (
     ChildRequest,
@@ -216,8 +216,6 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
     idi = request.get_type(PayloadType.IDi)
     idr = request.get_type(PayloadType.IDr)
     auth = request.get(AuthPayload)
-    from ikefarm.shared.ikev2.exchanges import eap
-
     if isinstance(sa.passive, eap.EapResponder):  # the next round of an EAP conversation
         return eap.proceed(engine, sa, sa.passive, request, now)
     if not isinstance(idi, IdPayload):

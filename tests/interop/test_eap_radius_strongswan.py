@@ -10,7 +10,8 @@ the gateway's namespace, with a users file and a client it writes.
   peer's VIP and CFG_REPLY;
 - eap-tls: the MSK (MS-MPPE keys) keys both last AUTHs, computed in the keystore;
 - accounting: Start, Interim-Update and Stop (with the cause) in FreeRADIUS' detail file,
-  one session id, the user and the assigned address.
+  one session id, the user and the assigned address; with the userspace dataplane, the
+  counters of pings through the tunnel.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def eap_gateway(
     extra: str = "",
     *,
     dynamic_remote: bool = False,
+    backend: str = "memory",
 ) -> Gateway:
     """`ikefarm up` whose VPN authenticates peers by EAP via RADIUS, and itself by PSK."""
     radius = "".join(
@@ -66,7 +68,7 @@ def eap_gateway(
     )
     if dynamic_remote:  # remote-ts without subnet: the assigned VIP (seed 004, "dynamic-vip")
         text = text.replace('remote-ts = { subnet = "10.200.0.0/16" }\n', "")
-    gateway.config_path.write_text('[kernel]\nbackend = "memory"\n' + text)
+    gateway.config_path.write_text(f'[kernel]\nbackend = "{backend}"\n' + text)
     gateway.start()
     return gateway
 
@@ -336,3 +338,49 @@ def test_accounting_start_interim_and_stop_reach_the_detail_file(
     assert "Acct-Input-Octets" in stop and "Acct-Session-Time" in stop
     assert "Acct-Input-Octets" not in start
     assert stop["Acct-Terminate-Cause"] == "User-Request"
+
+
+def test_interim_and_stop_carry_the_userspace_dataplane_counters(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    freeradius_factory: Callable[..., FreeRadius],
+    peer: StrongSwan,
+) -> None:
+    """Pings through the userspace ESP dataplane: the kernel service's counters reach the
+    Interim-Update and Stop records (docs/kernel-counters.md, docs/radius.md)."""
+    server = freeradius_factory(
+        netns_pair.gw, users=USERS, secret=RADIUS_SECRET, auth_port=18120, acct_port=18130
+    )
+    radius = SERVER.format(name="fr", port=18120, retries=1, secret=RADIUS_SECRET)
+    radius += "acct-port = 18130\n\n[ike.radius]\naccounting = true\ninterim-interval = 2\n"
+    netns_pair.gw.add_address("lo", "10.100.0.1/32")
+    gateway = eap_gateway(gateway_factory, netns_pair.gw, [], extra=radius, backend="userspace")
+    peer.load(
+        [road_warrior()],
+        psks=[Psk(PSK, ["alice.peer.example", "gw.example"])],
+        extra=eap_secret("alice", PASSWORD),
+    )
+    peer.initiate(child="c-net", timeout=30)
+    gateway.wait_sas(1)
+    pings = 5
+    assert netns_pair.peer.ping("10.100.0.1", src="10.200.0.1", count=pings, timeout=15)
+
+    def interim_with_packets() -> dict[str, str] | None:
+        for record in server.detail_records():
+            if record.get("Acct-Status-Type") == "Interim-Update" and (
+                int(record.get("Acct-Input-Packets", "0")) >= pings
+            ):
+                return record
+        return None
+
+    interim = wait_for(interim_with_packets, timeout=20, what="an Interim-Update with the pings")
+    assert int(interim["Acct-Output-Packets"]) >= pings
+    assert int(interim["Acct-Input-Octets"]) >= 84 * pings  # ICMP echo in IPv4
+    peer.terminate(ike="c", timeout=15)
+
+    def stop() -> dict[str, str] | None:
+        records = server.detail_records()
+        return next((r for r in records if r.get("Acct-Status-Type") == "Stop"), None)
+
+    record = wait_for(stop, timeout=20, what="the Stop record")
+    assert int(record["Acct-Input-Packets"]) >= pings

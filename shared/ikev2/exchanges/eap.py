@@ -471,4 +471,4 @@ def _leased(
         radius_pool=own,
         identity=task.identity.decode("utf-8", "replace"),
     )
-    return _responder_established(engine, sa, task, None, combined, now, eap=finish)  # type: ignore[arg-type]
+    return _responder_established(engine, sa, task, None, combined, now, eap_finish=finish)  # type: ignore[arg-type]

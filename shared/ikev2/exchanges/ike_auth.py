@@ -335,7 +335,7 @@ def _responder_established(
     leased: VipLeased | None,
     now: float,
     *,
-    eap: EapFinish | None = None,
+    eap_finish: EapFinish | None = None,
 ) -> list[Effect]:
     """AUTH verified (and the VIPs leased, when asked): the SA is established, answer.
 
@@ -343,7 +343,7 @@ def _responder_established(
     request and carries only our last AUTH; the child and the CFG_REQUEST are the first
     request's."""
     request, vpn, idi = task.request, task.vpn, task.idi
-    answer_to = eap.request if eap is not None else request
+    answer_to = eap_finish.request if eap_finish is not None else request
     sa.vpn = vpn
     sa.local_id = task.idr
     sa.remote_id = idi
@@ -358,10 +358,11 @@ def _responder_established(
 
     assert task.idr is not None
     payloads: list[Payload]
-    if eap is not None:
-        payloads = list(eap.payloads)
-        used = auth_methods.count_methods(engine, sa, eap.local_method, None)
-        used["remote_auth"] = eap.remote_label
+    if eap_finish is not None:
+        payloads = list(eap_finish.payloads)
+        used = auth_methods.count_methods(engine, sa, eap_finish.local_method, None)
+        used["remote_auth"] = eap_finish.remote_label
+        engine.count(f"auth.remote.{eap_finish.remote_label}")
         sa.auth_methods = dict(used)
     else:
         assert reply is not None
@@ -374,7 +375,7 @@ def _responder_established(
     child_allowed = True
     versions = cfg_exchange.requested_versions(request)
     if leased is not None or (versions and vpn.vip_pools):
-        radius_pool = eap.radius_pool if eap is not None else None
+        radius_pool = eap_finish.radius_pool if eap_finish is not None else None
         cp_payloads, child_allowed = cfg_exchange.reply_payloads(
             engine, sa, leased, versions, radius_pool
         )
@@ -403,8 +404,8 @@ def _responder_established(
     }
     if sa.remote_vips:
         detail["remote_vips"] = [address for _pool, address in sa.remote_vips]
-    if eap is not None and eap.identity:
-        detail["eap_identity"] = eap.identity
+    if eap_finish is not None and eap_finish.identity:
+        detail["eap_identity"] = eap_finish.identity
     effects += response_effects
     effects.append(SaEvent("ike-established", sa.unique_id, vpn.name, detail))
     effects.append(

@@ -193,6 +193,80 @@ class PskAuthReply(BusMessage):
     reason: str = ""  # "", "auth_mismatch", "no_secret"
 
 
+@message("eap-relay-request")
+class EapRelayRequest(BusMessage):
+    """One EAP message of a peer to relay to the RADIUS server (RFC 7296 2.16, RFC 3579).
+
+    The keystore runs the RADIUS client: the shared secret never leaves it. `state` and
+    `server` are what the previous answer of this conversation returned (empty/-1 on the
+    first); `session` names the IKE SA the conversation belongs to (the MSK is bound to it).
+    """
+
+    vpn: str
+    session: str
+    identity: bytes  # the EAP identity (User-Name)
+    eap: bytes  # the peer's EAP message, whole
+    state: bytes = b""
+    server: int = -1
+    calling_station: str = ""  # the peer's address (Calling-Station-Id)
+    called_station: str = ""  # our address (Called-Station-Id)
+
+
+@message("eap-relay-reply")
+class EapRelayReply(BusMessage):
+    """The RADIUS server's answer: "challenge" (`eap` to the peer, `state` kept), "accept"
+    (`eap` is EAP-Success; the MSK stays in the keystore, `sealed_msk` is it sealed under the
+    keystore's own key, empty when the method made none) or "reject" (`reason`)."""
+
+    outcome: str
+    eap: bytes = b""
+    state: bytes = b""
+    server: int = -1
+    sealed_msk: bytes = b""
+    # vip-pool radius (seed 004): the address attributes of an Access-Accept, by pool keyword
+    # ("address", "dns", "nbns", "subnet", "netmask"), as text
+    attributes: dict[str, list[str]] = field(default_factory=dict)
+    reason: str = ""
+
+
+@message("eap-auth-request")
+class EapAuthRequest(BusMessage):
+    """The AUTH payloads after a successful EAP method that made an MSK (RFC 7296 2.16):
+    prf(prf(MSK, "Key Pad for IKEv2"), signed octets), computed where the MSK is; the answer
+    is a PskAuthReply."""
+
+    prf_id: int
+    session: str
+    sealed_msk: bytes
+    verify_octets: bytes
+    verify_auth: bytes
+    sign_octets: bytes
+
+
+@message("radius-accounting")
+class RadiusAccounting(BusMessage):
+    """An Accounting-Request to send (RFC 2866): "start", "interim" or "stop"."""
+
+    status: str
+    session: str  # Acct-Session-Id
+    identity: str  # User-Name
+    calling_station: str = ""
+    called_station: str = ""
+    framed_addresses: list[str] = field(default_factory=list)
+    session_time: int = 0
+    input_octets: int = 0
+    output_octets: int = 0
+    input_packets: int = 0
+    output_packets: int = 0
+    terminate_cause: str = ""
+
+
+@message("radius-accounting-reply")
+class RadiusAccountingReply(BusMessage):
+    sent: bool
+    reason: str = ""
+
+
 @message("transport-key-request")
 class TransportKeyRequest(BusMessage):
     """Ask the keystore for the public half of its transport key (`shared/bus/sealed.py`)."""

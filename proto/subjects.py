@@ -131,6 +131,11 @@ KEYSTORE_CERT_AUTH = f"{PREFIX}.keystore.cert.auth"
 # (unseal). The keystore never returns them readable.
 KEYSTORE_SA_SEAL = f"{PREFIX}.keystore.sa.seal"
 KEYSTORE_SA_UNSEAL = f"{PREFIX}.keystore.sa.unseal"
+# ike -> keystore: EAP relayed to RADIUS, whose shared secret and MSKs stay in the keystore
+# (docs/radius.md): one EAP message per request; the AUTH from a sealed MSK; accounting.
+KEYSTORE_EAP_RELAY = f"{PREFIX}.keystore.eap.relay"
+KEYSTORE_EAP_AUTH = f"{PREFIX}.keystore.eap.auth"
+KEYSTORE_RADIUS_ACCOUNTING = f"{PREFIX}.keystore.radius.accounting"
 
 # ike -> anyone: SA lifecycle events (for show, flow, dashboards).
 EVENT_IKE_SA = f"{PREFIX}.event.ike-sa"

@@ -43,6 +43,9 @@ from ikefarm.proto.messages import (
     ChildInstall,
     ChildUpdate,
     Datagram,
+    EapAuthRequest,
+    EapRelayReply,
+    EapRelayRequest,
     IkeCommand,
     IkeCommandResult,
     IkeLoad,
@@ -60,6 +63,8 @@ from ikefarm.proto.messages import (
     OutboundDatagram,
     PeerBackoff,
     PskAuthReply,
+    RadiusAccounting,
+    RadiusAccountingReply,
     SaEventNotice,
     TrapInstall,
     TrapRemove,
@@ -77,6 +82,7 @@ from ikefarm.services.ike.exchange_traces import (
 )
 from ikefarm.services.ike.mobike_moves import LocalMoves
 from ikefarm.services.ike.ppk_client import PpkClient
+from ikefarm.services.ike.radius_accounting import Accounting
 from ikefarm.services.ike.sa_store import SaStore
 from ikefarm.services.ike.shard_claim import (
     RENEW_INTERVAL,
@@ -120,7 +126,7 @@ from ikefarm.shared.ikev2.effects import (
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.message import IkeHeader
 from ikefarm.shared.ikev2.policy import engine_policy
-from ikefarm.shared.ikev2.sa import ChildSaState
+from ikefarm.shared.ikev2.sa import ChildSaState, IkeSa
 from ikefarm.shared.ikev2.show import ike_sa_row
 from ikefarm.shared.ikev2.state_counts import StateCounts
 from ikefarm.shared.ikev2.traps import AcquireGate, start_traps
@@ -196,10 +202,21 @@ class IkeService(ServiceBase):
             dos=self.admission,
             unique_ids=self.unique_ids.take,
         )
+        # an EAP relay waits while the keystore tries every RADIUS server (docs/radius.md)
+        self.radius_wait = KEYSTORE_TIMEOUT + sum(
+            float(s.timeout) * (int(s.retries) + 1) for s in self.config.ike.radius_server
+        )
+        # RADIUS accounting (docs/radius.md), sent by the keystore
+        self.accounting = Accounting.from_config(
+            self.config, self._send_accounting, self.runtime.counters
+        )
+        self._accounting_task: asyncio.Task[None] | None = None
+        if self.accounting is not None and self.accounting.interim > 0:
+            self._accounting_task = asyncio.create_task(self.accounting.run_interim())
         # farm-wide VIP leases (docs/vip-pools.md), when some VPN hands out addresses
         self.vip_leases: VipLeases | None = None
         self._vip_keeper: asyncio.Task[None] | None = None
-        if any(vpn.vip_pools for vpn in self.engine.policy.vpns):
+        if any(set(vpn.vip_pools) - {"radius"} for vpn in self.engine.policy.vpns):
             self.vip_leases = VipLeases(
                 self.runtime.nc, self.engine.policy.pools, self.runtime.counters
             )
@@ -372,6 +389,8 @@ class IkeService(ServiceBase):
         self._id_keeper.cancel()
         if self._vip_keeper is not None:
             self._vip_keeper.cancel()
+        if getattr(self, "_accounting_task", None) is not None:
+            self._accounting_task.cancel()  # type: ignore[union-attr]
         self._persister.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
@@ -895,6 +914,8 @@ class IkeService(ServiceBase):
             if self.vip_leases is not None:
                 self._spawn(self.vip_leases.release(effect))
         elif isinstance(effect, SaEvent):
+            if self.accounting is not None:
+                self.accounting.observe(effect, self._sa_of_event)
             await runtime.publish(
                 subjects.EVENT_IKE_SA if effect.kind.startswith("ike") else subjects.EVENT_CHILD_SA,
                 SaEventNotice(
@@ -950,6 +971,14 @@ class IkeService(ServiceBase):
                 reply = await self.runtime.request(
                     subjects.KEYSTORE_CERT_AUTH, call, CertAuthReply, timeout=KEYSTORE_TIMEOUT
                 )
+            elif isinstance(call, EapRelayRequest):  # the keystore waits on RADIUS meanwhile
+                reply = await self.runtime.request(
+                    subjects.KEYSTORE_EAP_RELAY, call, EapRelayReply, timeout=self.radius_wait
+                )
+            elif isinstance(call, EapAuthRequest):
+                reply = await self.runtime.request(
+                    subjects.KEYSTORE_EAP_AUTH, call, PskAuthReply, timeout=KEYSTORE_TIMEOUT
+                )
             else:
                 reply = await self.runtime.request(
                     subjects.KEYSTORE_PSK_AUTH, call, PskAuthReply, timeout=KEYSTORE_TIMEOUT
@@ -960,6 +989,37 @@ class IkeService(ServiceBase):
         await self.apply(
             self.engine.keystore_reply(effect.request_id, reply, time.monotonic(), error=error)
         )
+
+    def _sa_of_event(self, event: SaEvent) -> IkeSa | None:
+        """The SA an established/rekeyed event names, by its SPIs (no walk over the SAs)."""
+        for spi in ("spi_r", "spi_i"):
+            text = event.detail.get(spi)
+            if not isinstance(text, str):
+                continue
+            try:
+                sa = self.engine.sas.get(bytes.fromhex(text))
+            except ValueError:
+                continue
+            if sa is not None and sa.unique_id == event.ike_unique_id:
+                return sa
+        return None
+
+    async def _send_accounting(self, message: RadiusAccounting) -> None:
+        try:
+            reply = await self.runtime.request(
+                subjects.KEYSTORE_RADIUS_ACCOUNTING,
+                message,
+                RadiusAccountingReply,
+                timeout=self.radius_wait,
+            )
+        except Exception as exc:
+            self.runtime.counters["radius_accounting.errors"] += 1
+            get_logger("ike").control(
+                "radius_accounting_failed", status=message.status, error=type(exc).__name__
+            )
+            return
+        if not reply.sent:
+            self.runtime.counters["radius_accounting.unanswered"] += 1
 
     async def install_child(self, effect: InstallChildSa) -> None:
         child = effect.child

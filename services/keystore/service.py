@@ -22,6 +22,10 @@ Endpoints (request/reply, docs/principles.md principle 4: no secret ever in a re
 - `subjects.KEYSTORE_CERT_AUTH` (CertAuthRequest -> CertAuthReply): certificate
   AUTH (`certs.py`): signatures with the VPNs' private keys, which are read here
   and nowhere else, and the verification of a peer's chain, CRLs, identity and AUTH.
+- `subjects.KEYSTORE_EAP_RELAY` (EapRelayRequest -> EapRelayReply), `KEYSTORE_EAP_AUTH`
+  (EapAuthRequest -> PskAuthReply), `KEYSTORE_RADIUS_ACCOUNTING` (RadiusAccounting ->
+  RadiusAccountingReply): the RADIUS client (`radius.py`, `eap.py`, docs/radius.md); the
+  RADIUS shared secrets and the MSKs stay here.
 """
 
 from __future__ import annotations
@@ -36,10 +40,15 @@ from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import (
     CertAuthReply,
     CertAuthRequest,
+    EapAuthRequest,
+    EapRelayReply,
+    EapRelayRequest,
     PpkMixReply,
     PpkMixRequest,
     PskAuthReply,
     PskAuthRequest,
+    RadiusAccounting,
+    RadiusAccountingReply,
     SaSealReply,
     SaSealRequest,
     SaUnsealReply,
@@ -48,7 +57,9 @@ from ikefarm.proto.messages import (
     TransportKeyReply,
     TransportKeyRequest,
 )
+from ikefarm.services.keystore import eap as eap_module
 from ikefarm.services.keystore import ppk as ppk_module
+from ikefarm.services.keystore import radius
 from ikefarm.services.keystore.certs import (
     CertificateFileError,
     CertStore,
@@ -110,6 +121,11 @@ def load_store(config: Config) -> tuple[SecretStore, bool]:
         )
         store.put(StoredSecret(*TRANSPORT_KEY, private, origin=ORIGIN_GENERATED))
         changed = True
+    if store.get(*eap_module.MSK_KEY) is None:
+        store.put(
+            StoredSecret(*eap_module.MSK_KEY, eap_module.new_msk_key(), origin=ORIGIN_GENERATED)
+        )
+        changed = True
     if store.get(*SNAPSHOT_KEY) is None:
         store.put(StoredSecret(*SNAPSHOT_KEY, new_snapshot_key(), origin=ORIGIN_GENERATED))
         changed = True
@@ -130,6 +146,7 @@ class KeystoreService(ServiceBase):
         self._transport: X25519PrivateKey | None = None
         self.certs = CertStore()
         self.sa_keeper: SaSecretKeeper | None = None
+        self.eap: eap_module.EapRelay | None = None
 
     @classmethod
     def receive_master_key(cls, config: Config, fd: int | None) -> None:
@@ -157,6 +174,10 @@ class KeystoreService(ServiceBase):
         self.sa_keeper = SaSecretKeeper(self._transport, snapshot_key.secret)
         sealed_keys = {entry.name: entry.secret for entry in store.entries(PRIVATE_KEY)}
         self.certs = CertStore.from_config(self.config, sealed_keys)
+        msk_key = store.get(*eap_module.MSK_KEY)
+        assert msk_key is not None
+        client = radius.RadiusClient(radius.servers_from_config(self.config), self.runtime.counters)
+        self.eap = eap_module.EapRelay(client, msk_key.secret, self.runtime.counters)
         for endpoint, request_type, handler, subject in (
             ("psk-auth", PskAuthRequest, self.on_psk_auth, subjects.KEYSTORE_PSK_AUTH),
             ("ppk-mix", PpkMixRequest, self.on_ppk_mix, subjects.KEYSTORE_PPK_MIX),
@@ -170,8 +191,22 @@ class KeystoreService(ServiceBase):
             ("sa-unseal", SaUnsealRequest, self.on_sa_unseal, subjects.KEYSTORE_SA_UNSEAL),
             ("secret", SecretRequest, self.on_secret_request, subjects.KEYSTORE_SECRET),
             ("cert-auth", CertAuthRequest, self.on_cert_auth, subjects.KEYSTORE_CERT_AUTH),
+            ("eap-relay", EapRelayRequest, self.on_eap_relay, subjects.KEYSTORE_EAP_RELAY),
+            ("eap-auth", EapAuthRequest, self.on_eap_auth, subjects.KEYSTORE_EAP_AUTH),
+            (
+                "radius-accounting",
+                RadiusAccounting,
+                self.on_radius_accounting,
+                subjects.KEYSTORE_RADIUS_ACCOUNTING,
+            ),
         ):
-            await self.runtime.add_endpoint(endpoint, request_type, handler, subject=subject)
+            await self.runtime.add_endpoint(
+                endpoint,
+                request_type,
+                handler,
+                subject=subject,
+                concurrent=endpoint in ("eap-relay", "radius-accounting"),  # wait on RADIUS
+            )
         self.log.control(
             "keystore_opened",
             path=str(store.path),
@@ -188,6 +223,7 @@ class KeystoreService(ServiceBase):
             "private_keys": self.certs.key_count,
             "trust_anchors": len(self.certs.anchors),
             "crls": len(self.certs.crls),
+            "radius_servers": len(self.eap.client.servers) if self.eap is not None else 0,
         }
 
     def _outcome(self, operation: str, outcome: str, succeeded: bool, **fields: Any) -> None:
@@ -229,6 +265,58 @@ class KeystoreService(ServiceBase):
             remote_id=request.remote_id,
             entry=entry.label if entry is not None else None,
             prf_id=request.prf_id,
+        )
+        return reply
+
+    async def on_eap_relay(self, request: EapRelayRequest, _msg: Any) -> EapRelayReply:
+        assert self.eap is not None
+        if not self.eap.client.servers:
+            self.runtime.counters["eap_relay.no_server"] += 1
+            raise BusError("unavailable", "no [[ike.radius-server]] is configured")
+        reply = await self.eap.relay(request)
+        self._outcome(
+            "eap_relay",
+            reply.outcome,
+            reply.outcome in ("challenge", "accept"),
+            vpn=request.vpn,
+            session=request.session,
+            server=reply.server,
+            reason=reply.reason or None,
+            msk=bool(reply.sealed_msk),
+        )
+        return reply
+
+    async def on_eap_auth(self, request: EapAuthRequest, _msg: Any) -> PskAuthReply:
+        assert self.eap is not None
+        try:
+            reply = self.eap.auth(request)
+        except UnsupportedPrf as exc:
+            self.runtime.counters["eap_auth.bad_prf"] += 1
+            raise BusError("bad_field", f"EapAuthRequest.{exc}") from None
+        self._outcome(
+            "eap_auth",
+            "verified" if reply.verified else reply.reason,
+            reply.verified,
+            session=request.session,
+        )
+        return reply
+
+    async def on_radius_accounting(
+        self, request: RadiusAccounting, _msg: Any
+    ) -> RadiusAccountingReply:
+        assert self.eap is not None
+        if not self.eap.client.servers:
+            raise BusError("unavailable", "no [[ike.radius-server]] is configured")
+        try:
+            reply = await self.eap.account(request)
+        except ValueError as exc:
+            self.runtime.counters["radius_accounting.bad_request"] += 1
+            raise BusError("bad_field", f"RadiusAccounting.{exc}") from None
+        self._outcome(
+            "radius_accounting",
+            request.status if reply.sent else "unanswered",
+            reply.sent,
+            session=request.session,
         )
         return reply
 

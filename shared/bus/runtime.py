@@ -127,6 +127,7 @@ class Runtime:
         self.config = config
         self.nats_url = nats_url
         self.instance = instance or default_instance(self.name)
+        self._endpoint_tasks: set[asyncio.Task[None]] = set()  # concurrent endpoints
         self.options = options or {}
         self.counters: Counter[str] = Counter()
         self.started = time.monotonic()
@@ -337,12 +338,16 @@ class Runtime:
         handler: RequestHandler,
         subject: str | None = None,
         queue_group: str | None = None,
+        concurrent: bool = False,
     ) -> None:
-        """A request/reply endpoint answered by any instance (queue group) of this service."""
+        """A request/reply endpoint answered by any instance (queue group) of this service.
+
+        `concurrent`: each request runs in a task of its own, so one that waits on the
+        network (a RADIUS server) does not hold the ones behind it."""
         assert self.micro is not None
         subject = subject or subjects.service_endpoint(self.name, endpoint)
 
-        async def on_request(request: Request) -> None:
+        async def answer(request: Request) -> None:
             reply, failed = await self._dispatch(endpoint, subject, request_type, handler, request)
             if failed:
                 # micro's error header wants an HTTP-like status; the body says precisely
@@ -350,6 +355,14 @@ class Runtime:
                 await request.respond_error(code=status, description=failed, data=reply)
             else:
                 await request.respond(reply)
+
+        async def on_request(request: Request) -> None:
+            if not concurrent:
+                await answer(request)
+                return
+            task = asyncio.create_task(answer(request))
+            self._endpoint_tasks.add(task)
+            task.add_done_callback(self._endpoint_tasks.discard)
 
         await self.micro.add_endpoint(
             name=endpoint, subject=subject, handler=on_request, queue_group=queue_group or "q"

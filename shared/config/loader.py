@@ -374,6 +374,12 @@ def cross_check(config: Config) -> list[ConfigProblem]:
         if psk.secret is None:
             problem(f"ike.pre-shared-key[{index}].secret", "is required")
 
+    for index, server in enumerate(ike.radius_server):
+        if server.address is None:
+            problem(f"ike.radius-server[{index}].address", "is required")
+        if server.secret is None:
+            problem(f"ike.radius-server[{index}].secret", "is required")
+
     for kind in ("ike-policy-template", "ipsec-policy-template"):
         proposal_key = "ike-proposal" if kind.startswith("ike-") else "esp-proposal"
         for index, template in enumerate(ike[kind]):
@@ -406,9 +412,20 @@ def cross_check(config: Config) -> list[ConfigProblem]:
             )
         if vpn.ppk is not None and vpn.ppk not in ppk_names:
             problem(f"{path}.ppk", f"{show_value(vpn.ppk)} is not the name of an [[ike.ppk]]")
+        eap = vpn.ike_policy.remote_auth_method == "eap-radius"
+        if eap and vpn.enabled and not ike.radius_server:
+            problem(
+                f"{path}.ike-policy.remote-auth-method",
+                '"eap-radius" needs at least one [[ike.radius-server]]',
+            )
         for pool in vpn.vip_pool:
             if pool == "radius":
-                problem(f"{path}.vip-pool", '"radius": not implemented yet (issue 15: RADIUS)')
+                if not eap:
+                    problem(
+                        f"{path}.vip-pool",
+                        '"radius" takes the addresses of a RADIUS authentication: it needs '
+                        'remote-auth-method = "eap-radius"',
+                    )
             elif pool not in pools:
                 problem(
                     f"{path}.vip-pool", f"{show_value(pool)} is not the name of an [[ike.pool]]"

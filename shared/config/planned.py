@@ -44,10 +44,10 @@ class Planned:
 
 PLANNED: tuple[Planned, ...] = (
     Planned(
-        "ike.vpn[].ike-policy.local-auth-method", 15, "EAP via RADIUS", frozenset({"eap-radius"})
-    ),
-    Planned(
-        "ike.vpn[].ike-policy.remote-auth-method", 15, "EAP via RADIUS", frozenset({"eap-radius"})
+        "ike.vpn[].ike-policy.local-auth-method",
+        15,
+        "EAP as initiator (ikefarm is an EAP authenticator only)",
+        frozenset({"eap-radius"}),
     ),
     Planned("flow.tcp-session.no-sequence-check", 12, "TCP checks in the dataplane"),
     Planned("flow.tcp-session.tcp-mss", 12, "TCP checks in the dataplane"),

@@ -360,6 +360,33 @@ PRE_SHARED_KEY = TableList(
     key=None,
 )
 
+RADIUS_SERVER = TableList(
+    Section(
+        {
+            "name": Text(default=None, doc="how logs and counters name the server"),
+            "address": Address(default=None, doc="required"),
+            "auth-port": Int(1, 65535, default=1812, doc="Access-Request port (RFC 2865)"),
+            "acct-port": Int(1, 65535, default=1813, doc="Accounting-Request port (RFC 2866)"),
+            "secret": SecretKind(doc="the RADIUS shared secret; keystore only"),
+            "timeout": Float(0.1, 60.0, default=2.0, doc="s before a request is sent again"),
+            "retries": Int(0, 10, default=2, doc="retransmissions before the next server"),
+            "nas-identifier": Text(default="ikefarm", doc="NAS-Identifier (RFC 2865 5.32)"),
+        }
+    ),
+    key=None,
+    doc="ikefarm: RADIUS servers for eap-radius (docs/radius.md), tried in order",
+)
+
+RADIUS = Section(
+    {
+        "accounting": Bool(default=False, doc="RADIUS accounting (RFC 2866) of IKE SAs"),
+        "interim-interval": Duration(
+            default=0.0, doc="Interim-Update interval; 0 = Start and Stop only"
+        ),
+    },
+    doc="ikefarm: RADIUS options (docs/radius.md)",
+)
+
 PKI = Section(
     {
         "ca-certificates": ListOf(
@@ -433,6 +460,8 @@ SCHEMA = Section(
                 "ppk": PPK,
                 "pre-shared-key": PRE_SHARED_KEY,
                 "pki": PKI,
+                "radius-server": RADIUS_SERVER,
+                "radius": RADIUS,
             }
         ),
         "keystore": Section(

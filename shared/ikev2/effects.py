@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ikefarm.proto.messages import CertAuthReply, CertAuthRequest, PskAuthReply, PskAuthRequest
+from ikefarm.proto.messages import (
+    CertAuthReply,
+    CertAuthRequest,
+    EapAuthRequest,
+    EapRelayReply,
+    EapRelayRequest,
+    PskAuthReply,
+    PskAuthRequest,
+)
 from ikefarm.shared.ikev2.crypto.keys import IkeSaKeys
 
 
@@ -90,13 +98,17 @@ class LocalVip:
 
 
 # what the engine asks the keystore (or the lease store), and the typed answers it takes back
-KeystoreCall = PskAuthRequest | CertAuthRequest | PpkMix | VipLease
-KeystoreAnswer = PskAuthReply | CertAuthReply | PpkMixed | VipLeased
+KeystoreCall = (
+    PskAuthRequest | CertAuthRequest | PpkMix | VipLease | EapRelayRequest | EapAuthRequest
+)
+KeystoreAnswer = PskAuthReply | CertAuthReply | PpkMixed | VipLeased | EapRelayReply
 
 PSK_AUTH = "psk-auth"
 CERT_AUTH = "cert-auth"
 PPK_MIX = "ppk-mix"
 VIP_LEASE = "vip-lease"
+EAP_RELAY = "eap-relay"
+EAP_AUTH = "eap-auth"
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,10 @@ class KeystoreRequest:
             return VIP_LEASE
         if isinstance(self.request, CertAuthRequest):
             return CERT_AUTH
+        if isinstance(self.request, EapRelayRequest):
+            return EAP_RELAY
+        if isinstance(self.request, EapAuthRequest):
+            return EAP_AUTH
         return PSK_AUTH
 
 

@@ -235,6 +235,7 @@ class Connection:
     remote_id: str | None = None
     local_auth: str = "psk"
     remote_auth: str = "psk"
+    local_eap_id: str | None = None  # `local.eap_id`: the EAP identity, when not the IKE one
     local_certs: Sequence[str | Path] = ()
     remote_certs: Sequence[str | Path] = ()
     remote_cacerts: Sequence[str | Path] = ()
@@ -259,6 +260,8 @@ class Connection:
 
     def settings(self) -> dict[str, Any]:
         local: dict[str, Any] = {"auth": self.local_auth, "id": self.local_id}
+        if self.local_eap_id is not None:
+            local["eap_id"] = self.local_eap_id
         if self.local_certs:
             local["certs"] = [Path(p).name for p in self.local_certs]
         remote: dict[str, Any] = {"auth": self.remote_auth, "id": self.remote_id}

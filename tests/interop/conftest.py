@@ -3,6 +3,7 @@
     netns_pair          two linked namespaces, "gw" and "peer" (see NetnsPair)
     strongswan_factory  make(ns, name="strongswan", *, start=True, **opts) -> StrongSwan
     libreswan_factory   make(ns, name="libreswan", *, start=True, **opts) -> Libreswan
+    freeradius_factory  make(ns, *, start=True, **FreeRadius options) -> FreeRadius
 
 A factory skips the test (saying what is missing and how to install it) when
 its peer, root, or a tool is missing; under `CI=true` it fails the test instead
@@ -26,7 +27,8 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # makes `tests.harness` importable without an install
     sys.path.insert(0, str(_REPO))
 
-from tests.harness import libreswan, netns, prerequisites, strongswan  # noqa: E402
+from tests.harness import freeradius, libreswan, netns, prerequisites, strongswan  # noqa: E402
+from tests.harness.freeradius import FreeRadius  # noqa: E402
 from tests.harness.gateway import Gateway  # noqa: E402
 from tests.harness.libreswan import Libreswan  # noqa: E402
 from tests.harness.netns import Namespace, NetnsPair  # noqa: E402
@@ -169,3 +171,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 tail = f"(log unreadable: {exc})"
             report.sections.append((f"{peer.name} log ({peer.log_path})", tail))
     return report
+
+
+@pytest.fixture
+def freeradius_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., FreeRadius]]:
+    """make(ns, *, start=True, **FreeRadius options) -> a FreeRADIUS in that namespace."""
+    _require_netns()
+    reason = freeradius.missing()
+    if reason:
+        prerequisites.missing(reason)
+    made: list[FreeRadius] = []
+
+    def make(ns: Namespace, *, start: bool = True, **opts: Any) -> FreeRadius:
+        workdir = tmp_path / f"freeradius-{len(made)}"
+        server = FreeRadius(ns, workdir, **opts)
+        made.append(server)
+        _register(request, server)
+        if start:
+            server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in reversed(made):
+            server.stop()

@@ -30,6 +30,7 @@ import pytest
 from ikefarm.services.keystore.certs import private_key_der
 from ikefarm.shared.bus.embedded import nats_server_binary
 from tests.harness.bus_capture import BusCapture
+from tests.harness.freeradius import FreeRadius
 from tests.harness.gateway import Gateway, farm_config
 from tests.harness.netns import NetnsPair
 from tests.harness.strongswan import Child, Connection, Ppk, Psk, StrongSwan
@@ -204,5 +205,94 @@ def test_certificate_handshake_leaks_no_private_key(
     derived = [key for values in strongswan_keys(peer.log_text()).values() for key in values]
     secrets = [private_key_der(gw.key), scalar, *derived]
     assert derived, "strongSwan logged no IKE SA keys to search for"
+    assert find_secrets(capture.blob(), secrets) == []
+    assert find_secrets(gateway.log_text(), secrets) == []
+
+
+# the AUTH computation after EAP dumps its shared key, the 64-octet MSK: "secret => 64 bytes"
+_MSK_HEADER = re.compile(r"> secret => 64 bytes")
+
+
+def test_eap_tls_through_radius_leaks_neither_the_radius_secret_nor_the_msk(
+    open_nats: str,
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    strongswan_factory: Callable[..., StrongSwan],
+    freeradius_factory: Callable[..., FreeRadius],
+    tmp_path: Path,
+) -> None:
+    """strongSwan authenticates by EAP-TLS through ikefarm to FreeRADIUS (docs/radius.md)
+    while the bus is recorded: the RADIUS shared secret, the MSK (strongSwan logs it at
+    level 4), the PSK and the IKE SA keys appear neither on the bus nor in the level-3 log."""
+    from tests.harness.freeradius import TlsFiles
+    from tests.interop.test_eap_radius_strongswan import (
+        RADIUS_SECRET,
+        SERVER,
+        road_warrior,
+    )
+
+    pki = Pki(tmp_path / "pki", "rsa")
+    radius_cert = pki.issue("radius", dns="gw.example")
+    client = pki.issue("alice", dns="alice.peer.example")
+    freeradius_factory(
+        netns_pair.gw,
+        users="",
+        secret=RADIUS_SECRET,
+        auth_port=18120,
+        acct_port=18130,
+        tls=TlsFiles(pki.ca_path, radius_cert.cert_path, radius_cert.key_path),
+        default_eap="tls",
+    )
+    extra = SERVER.format(name="fr", port=18120, retries=1, secret=RADIUS_SECRET)
+    extra += f'\n[nats]\nurl = "{open_nats}"\n'
+    gateway = gateway_factory(netns_pair.gw, start=False, psk=PSK, extra=extra, log_level=3)
+    text = gateway.config_path.read_text().replace(
+        'ike-policy = { template = "ikepol" }\n',
+        'ike-policy = { template = "ikepol", remote-auth-method = "eap-radius" }\n',
+    )
+    gateway.config_path.write_text('[kernel]\nbackend = "memory"\n' + text)
+    gateway.start()
+    capture = BusCapture(netns_pair.gw, gateway.workdir / "state", tmp_path / "bus.msgpack")
+    capture.start()
+
+    netns_pair.peer.add_address("lo", "10.200.0.1/32")
+    from tests.harness.strongswan import DEFAULT_PLUGINS
+
+    peer = strongswan_factory(
+        netns_pair.peer,
+        plugins=[*DEFAULT_PLUGINS, "eap-identity", "eap-tls"],
+        log_levels={"ike": 4, "tls": 4},
+    )
+    conn = road_warrior(eap_id="alice.peer.example")
+    conn.local_auth = "eap-tls"
+    conn.local_certs = [client.cert_path]
+    peer.load(
+        [conn],
+        psks=[Psk(PSK, ["alice.peer.example", "gw.example"])],
+        private_keys=[client.key_path],
+        cacerts=[pki.ca_path],
+    )
+    peer.initiate(child="c-net", timeout=40)
+    gateway.wait_sas(1)
+    records = capture.stop()
+
+    log = peer.log_text()
+    msk = b""
+    lines = log.splitlines()
+    for index, line in enumerate(lines):
+        header = _MSK_HEADER.search(line)
+        if header is None:
+            continue
+        for follow in lines[index + 1 :]:
+            dump = _HEX_LINE.search(follow)
+            if dump is None:
+                break
+            msk += bytes.fromhex(dump.group(1).replace(" ", ""))
+        break
+    assert len(msk) == 64, "strongSwan did not log the MSK to search for"
+    derived = [key for values in strongswan_keys(log).values() for key in values]
+    secrets = [RADIUS_SECRET.encode(), msk, msk[:32], msk[32:], PSK.encode(), *derived]
+    subjects = {r["subject"] for r in records}
+    assert "ikefarm.keystore.eap.relay" in subjects and "ikefarm.keystore.eap.auth" in subjects
     assert find_secrets(capture.blob(), secrets) == []
     assert find_secrets(gateway.log_text(), secrets) == []

@@ -81,11 +81,11 @@ def test_a_planned_key_at_its_default_loads() -> None:
 
 def test_only_the_planned_value_of_a_choice_is_refused() -> None:
     eap = EXAMPLE.read_text().replace(
-        'remote-auth-method = "pre-shared-key"', 'remote-auth-method = "eap-radius"'
+        'local-auth-method = "pre-shared-key"', 'local-auth-method = "eap-radius"'
     )
     [refusal] = problems(eap)
-    assert refusal.startswith('ike.vpn[0].ike-policy.remote-auth-method: "eap-radius": ')
-    assert "(issue 15: EAP via RADIUS)" in refusal
+    assert refusal.startswith('ike.vpn[0].ike-policy.local-auth-method: "eap-radius": ')
+    assert "(issue 15: EAP as initiator" in refusal
     start = EXAMPLE.read_text().replace(
         'ipsec-policy = { template = "ipsecpol0" }',
         'ipsec-policy = { template = "ipsecpol0", start-action = "none" }',

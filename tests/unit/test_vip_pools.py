@@ -135,8 +135,9 @@ INITIATOR = INITIATOR_TOML.format(extra_vpn='vip-request = ["0.0.0.0"]', extra="
 )
 
 
-def test_vip_pool_radius_and_unknown_pools_are_refused() -> None:
-    for name, words in (("radius", "not implemented yet"), ("nope", "not the name")):
+def test_vip_pool_radius_without_eap_and_unknown_pools_are_refused() -> None:
+    radius = ("radius", 'needs remote-auth-method = "eap-radius"')
+    for name, words in (radius, ("nope", "not the name")):
         with pytest.raises(ConfigError) as refused:
             parse_config(RESPONDER.replace('vip-pool = ["rw-pool"]', f'vip-pool = ["{name}"]'))
         assert any(words in str(p) for p in refused.value.problems)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 PSK = "pre-shared-key"
 PUBKEY = "pubkey"
+EAP_RADIUS = "eap-radius"
+EAP_METHOD = 0  # the peer sent no AUTH in its first IKE_AUTH: it asks for EAP (RFC 7296 2.16)
 CERT_AUTH = "cert-auth"  # the KeystoreRequest operation for certificate AUTH (effects.CERT_AUTH)
 
 SIGNATURE_METHODS = frozenset(
@@ -54,7 +56,10 @@ def method_name(method: int) -> str:
 
 
 def accepts(vpn: VpnPolicy, method: int) -> bool:
-    """Does the peer's AUTH method fit what this VPN requires of it?"""
+    """Does the peer's AUTH method fit what this VPN requires of it? `EAP_METHOD` (0, no
+    AUTH payload: RFC 7296 2.16) fits an `eap-radius` VPN only."""
+    if vpn.remote_auth == EAP_RADIUS:
+        return method == EAP_METHOD
     if vpn.remote_auth == PSK:
         return method == AuthMethod.SHARED_KEY_MIC
     if vpn.remote_auth == PUBKEY:

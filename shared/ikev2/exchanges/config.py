@@ -22,6 +22,7 @@ from ikefarm.shared.ikev2.effects import Effect, LocalVip, VipLease, VipLeased, 
 from ikefarm.shared.ikev2.message import Message
 from ikefarm.shared.ikev2.payloads import ConfigAttribute, CpPayload, NotifyPayload, Payload
 from ikefarm.shared.ikev2.policy import VpnPolicy
+from ikefarm.shared.ikev2.pools import Pool
 
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
@@ -41,13 +42,47 @@ def requested_versions(request: Message) -> tuple[int, ...]:
 
 
 def lease_call(sa: IkeSa, vpn: VpnPolicy, versions: tuple[int, ...], identity: str) -> VipLease:
-    return VipLease(vpn.vip_pools, versions, identity, sa.unique_id)
+    pools = tuple(pool for pool in vpn.vip_pools if pool != RADIUS_POOL)  # no store for it
+    return VipLease(pools, versions, identity, sa.unique_id)
+
+
+RADIUS_POOL = "radius"  # vip-pool radius: the SA's own pool from RADIUS attributes (seed 004)
+
+
+def radius_pool(attributes: dict[str, list[str]]) -> Pool:
+    """The pool a RADIUS Access-Accept makes for one IKE SA (docs/radius.md): its addresses
+    and the DNS/NBNS/NETMASK attributes; shared with no other SA, leased from no store."""
+    blocks = []
+    for text in attributes.get("address", []):
+        address = ipaddress.ip_address(text)
+        blocks.append((address.version, int(address), int(address)))
+    return Pool(
+        name=RADIUS_POOL,
+        blocks=tuple(blocks),
+        dns=tuple(attributes.get("dns", [])),
+        nbns=tuple(attributes.get("nbns", [])),
+        netmask=tuple(attributes.get("netmask", [])),
+    )
+
+
+def radius_grants(pool: Pool, versions: tuple[int, ...]) -> list[tuple[str, str]]:
+    """One address per family asked from the SA's RADIUS pool."""
+    granted = []
+    for version in versions:
+        if pool.size(version):
+            granted.append((RADIUS_POOL, str(pool.address_at(version, 0))))
+    return granted
 
 
 def reply_payloads(
-    engine: IkeEngine, sa: IkeSa, leased: VipLeased | None, versions: tuple[int, ...]
+    engine: IkeEngine,
+    sa: IkeSa,
+    leased: VipLeased | None,
+    versions: tuple[int, ...],
+    own_pool: Pool | None = None,
 ) -> tuple[list[Payload], bool]:
-    """The CFG_REPLY (or INTERNAL_ADDRESS_FAILURE) and whether a child may follow."""
+    """The CFG_REPLY (or INTERNAL_ADDRESS_FAILURE) and whether a child may follow;
+    `own_pool` is the SA's RADIUS pool (its addresses are in `leased` as pool "radius")."""
     granted = list(leased.addresses) if leased is not None else []
     if not granted:
         engine.count("vip.pool_exhausted")
@@ -66,7 +101,7 @@ def reply_payloads(
         )
         by_pool.setdefault(pool_name, set()).add(address.version)
     for pool_name, versions_of_pool in by_pool.items():
-        pool = engine.policy.pools.get(pool_name)
+        pool = own_pool if pool_name == RADIUS_POOL else engine.policy.pools.get(pool_name)
         if pool is not None:
             attributes += pool.attributes(versions_of_pool)
     for _ in granted:
@@ -78,8 +113,10 @@ def release(sa: IkeSa) -> list[Effect]:
     """Free the SA's leases and take our assigned VIPs away (its IKE SA is gone and no
     successor took them)."""
     effects: list[Effect] = []
+    leased = tuple(vip for vip in sa.remote_vips if vip[0] != RADIUS_POOL)  # none held
+    if leased:
+        effects.append(VipRelease(sa.vip_owner or sa.unique_id, leased))
     if sa.remote_vips:
-        effects.append(VipRelease(sa.vip_owner or sa.unique_id, tuple(sa.remote_vips)))
         sa.remote_vips = []
     for address in sa.local_vips:
         effects.append(LocalVip(False, address, sa.local.address, sa.vip_owner or sa.unique_id))

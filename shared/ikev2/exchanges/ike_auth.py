@@ -29,7 +29,7 @@ from ikefarm.shared.ikev2.effects import (
     SaFailed,
     VipLeased,
 )
-from ikefarm.shared.ikev2.exchanges import auth_methods, lifetimes, mobike, ppk
+from ikefarm.shared.ikev2.exchanges import auth_methods, eap, lifetimes, mobike, ppk
 from ikefarm.shared.ikev2.exchanges import config as cfg_exchange
 from ikefarm.shared.ikev2.exchanges.child_create import (
     ChildRequest,
@@ -45,6 +45,7 @@ from ikefarm.shared.ikev2.sa import IkeSa, IkeSaState
 
 if TYPE_CHECKING:
     from ikefarm.shared.ikev2.engine import IkeEngine
+    from ikefarm.shared.ikev2.exchanges.eap import EapFinish
 
 KEYSTORE_UNAVAILABLE = "keystore unavailable"
 PSK_AUTH = "psk-auth"  # the KeystoreRequest operation for PSK AUTH (effects.PSK_AUTH)
@@ -93,9 +94,23 @@ def signed_octets(
 def _fail(
     engine: IkeEngine, sa: IkeSa, request: Message, reason: str, now: float, **fields: Any
 ) -> list[Effect]:
+    return fail_with(engine, sa, request, reason, now, [], **fields)
+
+
+def fail_with(
+    engine: IkeEngine,
+    sa: IkeSa,
+    request: Message,
+    reason: str,
+    now: float,
+    extra: list[Payload],
+    **fields: Any,
+) -> list[Effect]:
+    """AUTHENTICATION_FAILED (with `extra` payloads, e.g. EAP-Failure) and the SA forgotten."""
     engine.count(f"auth_failed.{reason}")
     sa.expected_request_id = request.message_id + 1
-    effects = engine.respond(sa, request, [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)])
+    payloads: list[Payload] = [NotifyPayload(NotifyType.AUTHENTICATION_FAILED), *extra]
+    effects = engine.respond(sa, request, payloads)
     effects.append(
         Log(
             1,
@@ -201,10 +216,15 @@ def respond(engine: IkeEngine, sa: IkeSa, request: Message, now: float) -> list[
     idi = request.get_type(PayloadType.IDi)
     idr = request.get_type(PayloadType.IDr)
     auth = request.get(AuthPayload)
+    if isinstance(sa.passive, eap.EapResponder):  # the next round of an EAP conversation
+        return eap.proceed(engine, sa, sa.passive, request, now)
     if not isinstance(idi, IdPayload):
         return _fail(engine, sa, request, "no_identity", now)
-    if auth is None:
-        return _fail(engine, sa, request, "eap_not_supported", now, remote_id=str(idi))
+    if auth is None:  # the peer wants EAP (RFC 7296 2.16)
+        vpn = choose_vpn(sa, idi, idr if isinstance(idr, IdPayload) else None, eap.EAP_METHOD)
+        if vpn is None or not auth_methods.accepts(vpn, eap.EAP_METHOD):
+            return _fail(engine, sa, request, "eap_not_supported", now, remote_id=str(idi))
+        return eap.start(engine, sa, request, vpn, idi, now)
     vpn = choose_vpn(sa, idi, idr if isinstance(idr, IdPayload) else None, int(auth.method))
     if vpn is None:
         return _fail(engine, sa, request, "no_matching_vpn", now, remote_id=str(idi))
@@ -311,19 +331,26 @@ def _responder_established(
     engine: IkeEngine,
     sa: IkeSa,
     task: IkeAuthResponder,
-    reply: PskAuthReply | CertAuthReply,
+    reply: PskAuthReply | CertAuthReply | None,
     leased: VipLeased | None,
     now: float,
+    *,
+    eap_finish: EapFinish | None = None,
 ) -> list[Effect]:
-    """AUTH verified (and the VIPs leased, when asked): the SA is established, answer."""
+    """AUTH verified (and the VIPs leased, when asked): the SA is established, answer.
+
+    After EAP (RFC 7296 2.16, `exchanges/eap.py`) the answer goes to the last IKE_AUTH
+    request and carries only our last AUTH; the child and the CFG_REQUEST are the first
+    request's."""
     request, vpn, idi = task.request, task.vpn, task.idi
+    answer_to = eap_finish.request if eap_finish is not None else request
     sa.vpn = vpn
     sa.local_id = task.idr
     sa.remote_id = idi
     sa.state = IkeSaState.ESTABLISHED
     sa.established_at = now
     sa.half_open_deadline = None
-    sa.expected_request_id = request.message_id + 1
+    sa.expected_request_id = answer_to.message_id + 1
     sa.peer_mobike = request.notify(NotifyType.MOBIKE_SUPPORTED) is not None
     mobike.record_auth(engine, sa, request)
     lifetimes.start_ike_sa(engine, sa, now)
@@ -331,21 +358,33 @@ def _responder_established(
     _release_init_messages(sa)
 
     assert task.idr is not None
-    payloads: list[Payload] = [
-        task.idr,
-        *auth_methods.our_auth(vpn, reply),
-        *ppk.auth_response_notifies(sa),
-        *mobike.auth_notifies(sa),  # RFC 4555 3.1
-    ]
-    used = auth_methods.count_methods(
-        engine, sa, auth_methods.reply_method(reply), task.remote_method
-    )
+    payloads: list[Payload]
+    if eap_finish is not None:
+        payloads = [*eap_finish.payloads, *mobike.auth_notifies(sa)]  # RFC 4555 3.1
+        used = auth_methods.count_methods(engine, sa, eap_finish.local_method, None)
+        used["remote_auth"] = eap_finish.remote_label
+        engine.count(f"auth.remote.{eap_finish.remote_label}")
+        sa.auth_methods = dict(used)
+    else:
+        assert reply is not None
+        payloads = [
+            task.idr,
+            *auth_methods.our_auth(vpn, reply),
+            *ppk.auth_response_notifies(sa),
+            *mobike.auth_notifies(sa),  # RFC 4555 3.1
+        ]
+        used = auth_methods.count_methods(
+            engine, sa, auth_methods.reply_method(reply), task.remote_method
+        )
     effects: list[Effect] = []
     effects_after: list[Effect] = []
     child_allowed = True
     versions = cfg_exchange.requested_versions(request)
     if leased is not None or (versions and vpn.vip_pools):
-        cp_payloads, child_allowed = cfg_exchange.reply_payloads(engine, sa, leased, versions)
+        radius_pool = eap_finish.radius_pool if eap_finish is not None else None
+        cp_payloads, child_allowed = cfg_exchange.reply_payloads(
+            engine, sa, leased, versions, radius_pool
+        )
         payloads += cp_payloads
         if not child_allowed:
             effects_after.append(
@@ -355,7 +394,7 @@ def _responder_established(
         child = respond_child(engine, sa, vpn, request, now, first_child=True)
         payloads += child.payloads
         effects_after += child.effects
-    response_effects = engine.respond(sa, request, payloads)
+    response_effects = engine.respond(sa, answer_to, payloads)
 
     assert sa.algorithms is not None
     detail = {
@@ -371,6 +410,8 @@ def _responder_established(
     }
     if sa.remote_vips:
         detail["remote_vips"] = [address for _pool, address in sa.remote_vips]
+    if eap_finish is not None and eap_finish.identity:
+        detail["eap_identity"] = eap_finish.identity
     effects += response_effects
     effects.append(SaEvent("ike-established", sa.unique_id, vpn.name, detail))
     effects.append(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
@@ -54,6 +55,8 @@ RequestHandler = Callable[[Any, Msg | Request], Awaitable[BusMessage | dict[str,
 EventHandler = Callable[[Any, Msg], Awaitable[None]]
 
 log = get_logger("daemon")
+RETRY_FIRST_DELAY = 0.05  # s: Runtime.request(retry_for=...) backoff
+RETRY_MAX_DELAY = 1.0
 
 
 def default_instance(service: str) -> str:
@@ -426,6 +429,31 @@ class Runtime:
         message: BusMessage,
         reply_type: type[M] | None = None,
         timeout: float = 2.0,
+        retry_for: float = 0.0,
+        idempotent: bool = False,
+    ) -> Any:
+        """One request; with `retry_for`, asked again with backoff (50 ms doubling to 1 s)
+        for up to that long while no instance of the service is there (NoResponders: it is
+        restarting, `ikefarm up` brings it back; the request reached nobody, so asking again
+        is always safe) and, for an `idempotent` request, when the answer timed out (the
+        instance died with the request in hand)."""
+        deadline = time.monotonic() + retry_for
+        delay = RETRY_FIRST_DELAY
+        while True:
+            try:
+                return await self._request_once(subject, message, reply_type, timeout)
+            except (NoRespondersError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError) and not idempotent:
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.counters["bus_request_retried"] += 1
+                log.debug("bus_request_retried", subject=subject, error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+
+    async def _request_once(
+        self, subject: str, message: BusMessage, reply_type: type[M] | None, timeout: float
     ) -> Any:
         assert self.nc is not None
         started = time.monotonic()

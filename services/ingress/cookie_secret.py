@@ -24,6 +24,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ServiceU
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import CookieSecrets
+from ikefarm.shared.bus.kv import bucket_replicas
 from ikefarm.shared.bus.runtime import ServiceUnavailable
 from ikefarm.shared.dos.cookies import CookieJar, first_record, jar_from_record, rotated
 from ikefarm.shared.observability.logging import get_logger
@@ -53,7 +54,9 @@ class CookieSecretStore:
     async def start(self) -> None:
         js = self.nc.jetstream()
         try:
-            self._kv = await js.create_key_value(bucket=subjects.COOKIE_SECRET_BUCKET, history=1)
+            self._kv = await js.create_key_value(
+                bucket=subjects.COOKIE_SECRET_BUCKET, history=1, replicas=bucket_replicas()
+            )
         except ServiceUnavailableError:
             raise ServiceUnavailable(
                 "ingress keeps the farm's cookie secret in a JetStream KV bucket "

@@ -35,6 +35,7 @@ from ikefarm.proto import envelope, subjects
 from ikefarm.proto.envelope import BusError, BusMessage
 from ikefarm.proto.messages import Ping, Pong, Stats, StatsRequest
 from ikefarm.shared.bus.auth import read_credentials
+from ikefarm.shared.bus.servers import server_urls
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.observability.latency import BUS_REQUEST_DURATION, Latencies
 from ikefarm.shared.observability.logging import configure_logging, get_logger
@@ -164,7 +165,7 @@ class Runtime:
             attempt += 1
             connecting = asyncio.ensure_future(
                 nats.connect(
-                    servers=[self.nats_url],
+                    servers=server_urls(self.nats_url),
                     **auth,
                     name=self.instance,
                     # replies come to this service kind's own inbox prefix, the only one
@@ -248,6 +249,9 @@ class Runtime:
         return 0
 
     async def start(self) -> None:
+        from ikefarm.shared.bus import kv  # it imports this module
+
+        kv.use_replicas(self.config.nats.replicas)  # before the service creates any bucket
         self.nc = await self.connect()
         self.micro = await add_service(
             self.nc,

@@ -43,6 +43,7 @@ from ikefarm.shared.bus.embedded import (
     default_state_dir,
     die_with_parent,
 )
+from ikefarm.shared.bus.servers import configured_nats_url
 from ikefarm.shared.config.kinds import format_listen, parse_listen
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.observability.logging import get_logger
@@ -233,7 +234,7 @@ class Supervisor:
             print(f"ikefarm up: cannot lock the ingress endpoints: {exc}", file=sys.stderr)
             return 1
         self.environ[FARM_ID_ENV] = farm
-        nats_url = self.config.nats.url
+        nats_url = configured_nats_url(self.config)
         if not nats_url:
             # one NATS user per service, allowed only its own subjects (proto/subjects.py)
             self.credentials_dir = self.state_dir / CREDENTIALS_DIR

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.harness.gateway import Gateway
+from tests.harness.nats_cluster import NatsCluster
 from tests.harness.netns import NetnsPair, wait_for
 from tests.harness.strongswan import StrongSwan
 from tests.interop.test_failover_strongswan import child_spis, ike_spis
@@ -192,3 +193,111 @@ def test_a_killed_keystore_loses_no_sa_and_handshakes_go_on(
     peer.terminate(ike="late")
     wait_for(lambda: len(gateway.show()) == len(names), timeout=20, what="late deleted")
     nothing_lost(gateway, peer, names, before, log_at_kill, workers)
+
+
+def test_a_dead_node_of_a_three_node_cluster_loses_no_sa_and_no_lease(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    peer: StrongSwan,
+    tmp_path: Path,
+) -> None:
+    """An external NATS: three nats-server nodes (`ikefarm config nats-node`) with JetStream
+    clustered, `[nats] servers` naming them and `replicas = 3`: every bucket the farm makes
+    is R3, and `kill -9` of the node leading the SA snapshots' stream loses nothing."""
+    cluster = NatsCluster(netns_pair.gw, tmp_path / "nats-cluster")
+    cluster.start()
+    servers = ", ".join(f'"{url}"' for url in cluster.urls)
+    bus = (
+        f"\n[nats]\nservers = [{servers}]\nreplicas = 3\n"
+        f'credentials = "{cluster.credentials_dir}"\n'
+    )
+    try:
+        gateway = gateway_factory(netns_pair.gw, psk=PSK, workers=2, extra=bus)
+    except TimeoutError:
+        print(cluster.log_tail())
+        raise
+    names = [f"r{i}" for i in range(CONNECTIONS)]
+    before = established(gateway, peer, names, [f"{n}.peer.example" for n in names])
+    assert "broker_pid" not in up_state(gateway) or not up_state(gateway)["broker_pid"]
+    workers = {k: v for k, v in up_state(gateway)["children"].items() if k.startswith("ike-")}
+
+    # every bucket the farm made is replicated on the three nodes
+    streams = cluster.streams(cluster.nodes[0])
+    ours = {name: s for name, s in streams.items() if name.startswith("KV_ikefarm-")}
+    assert {"KV_ikefarm-ike-sas", "KV_ikefarm-ike-shards"} <= set(ours), sorted(streams)
+    assert all(s["config"]["num_replicas"] == 3 for s in ours.values()), ours
+    leader = cluster.node(ours["KV_ikefarm-ike-sas"]["cluster"]["leader"])
+
+    connz = cluster.get(leader, "/connz?limit=1024") or {}
+    on_leader = {c.get("name") for c in connz.get("connections", [])} - {None, ""}
+    cluster.kill(leader)
+    log_at_kill = len(peer.log_text())
+    alive_nodes = [node for node in cluster.nodes if node is not leader]
+
+    # the two nodes left elect a new leader of the SA store and of the leases
+    def new_leaders() -> bool:
+        seen = cluster.streams(alive_nodes[0])
+        return all(
+            seen.get(name, {}).get("cluster", {}).get("leader") not in (None, leader.name)
+            for name in ("KV_ikefarm-ike-sas", "KV_ikefarm-ike-shards")
+        )
+
+    wait_for(new_leaders, timeout=30, what="new stream leaders on the nodes left")
+    nothing_lost(gateway, peer, names, before, log_at_kill, workers)
+    # the services that were connected to the dead node went over to the others
+    rows = {row["instance"]: row for rs in gateway.status().values() for row in rs}
+    assert len(rows) == 4 + len(workers)
+    for instance in on_leader & set(rows):
+        assert rows[instance]["counters"].get("nats_reconnects", 0) >= 1, instance
+    # the leases are still those of the workers that held them
+    shards = {row["gauges"]["shard"] for row in gateway.status()["ike"]}
+    assert shards == {0, 1}
+
+
+def test_a_restarted_worker_gets_fresh_ids_and_up_json_follows(
+    netns_pair: NetnsPair,
+    gateway_factory: Callable[..., Gateway],
+    peer: StrongSwan,
+) -> None:
+    """`kill -9` of a worker: `up` restarts it under the same name, `up.json` names the new
+    pid (and never the dead one), the SA it held keeps its unique id, and an SA made after
+    the restart gets an id never handed out before (the shard's reservation in JetStream)."""
+    gateway = gateway_factory(netns_pair.gw, psk=PSK, workers=1)
+    names = ["u0", "u1"]
+    established(gateway, peer, names, [f"{n}.peer.example" for n in names])
+    ids_before = {row["unique_id"] for row in gateway.show()}
+    children_before = {
+        child["unique_id"] for row in gateway.show() for child in row.get("children", [])
+    }
+    state = up_state(gateway)
+    victim = state["children"]["ike-0"]
+    others = {k: v for k, v in state["children"].items() if k != "ike-0"}
+
+    os.kill(victim, signal.SIGKILL)
+    # while it is down up.json says so (null) or already names the new one: never the dead pid
+    restarted = wait_for(
+        lambda: (
+            (pid := up_state(gateway).get("children", {}).get("ike-0")) not in (None, victim)
+            and alive(pid)
+            and pid
+        ),
+        timeout=30,
+        what="ike-0 restarted, in up.json",
+    )
+    assert not alive(victim)
+    now = up_state(gateway)
+    assert {k: v for k, v in now["children"].items() if k != "ike-0"} == others
+    assert all(alive(pid) for pid in now["children"].values())
+    assert alive(now["broker_pid"]) and now["broker_pid"] == state["broker_pid"]
+    assert restarted != victim
+
+    # the SAs it held continue with the ids they had
+    rows = gateway.wait_sas(len(names), timeout=30)
+    assert {row["unique_id"] for row in rows} == ids_before
+    # one made now gets ids above every id handed out before
+    peer.initiate(child="late-net", timeout=30)
+    rows = gateway.wait_sas(len(names) + 1, timeout=20)
+    (late,) = [row for row in rows if row["unique_id"] not in ids_before]
+    late_ids = {late["unique_id"], *(c["unique_id"] for c in late.get("children", []))}
+    assert not late_ids & (ids_before | children_before)
+    assert min(late_ids) > max(ids_before | children_before)

@@ -128,7 +128,7 @@ KEYSTORE_TIMEOUT = 2.0
 # a keystore restarting (`ikefarm up` brings a dead one back within seconds) is asked again
 # with backoff for this long before the exchange is left to the peer's retransmission; an AUTH
 # computation is idempotent, so one whose answer timed out is asked again too
-KEYSTORE_RETRY = 6.0
+KEYSTORE_RETRY = 10.0  # a first restart answers again after about 6 s on a loaded machine
 KERNEL_TIMEOUT = 2.0
 TIMER_IDLE = 1.0
 MAX_INITIATE_WAIT = 300.0

@@ -253,6 +253,34 @@ def test_a_dead_node_of_a_three_node_cluster_loses_no_sa_and_no_lease(
     shards = {row["gauges"]["shard"] for row in gateway.status()["ike"]}
     assert shards == {0, 1}
 
+    # the dead node comes back and catches up; then another node dies: still nothing lost
+    cluster.start_node(leader)
+    cluster.wait_ready([leader])
+    after_first = peer.list_sas()
+    second = cluster.node(
+        cluster.streams(alive_nodes[0])["KV_ikefarm-ike-shards"]["cluster"]["leader"]
+    )  # the leases' stream leader now
+    cluster.kill(second)
+    log_at_second = len(peer.log_text())
+
+    def answered_since(start: int) -> bool:
+        text = peer.log_text()[start:]
+        lines = [line for line in text.splitlines() if "parsed INFORMATIONAL response" in line]
+        return all(any(f"<{name}|" in line for line in lines) for name in names)
+
+    wait_for(lambda: answered_since(log_at_second), timeout=30, what="DPD after the second kill")
+    now = [sa for sa in peer.list_sas() if sa["name"] in names]
+    assert ike_spis(now) == ike_spis(before)
+    assert child_spis(now) == {n: c for n, c in child_spis(after_first).items() if n in names}
+    assert {k: v for k, v in up_state(gateway)["children"].items() if k.startswith("ike-")} == (
+        workers
+    )
+    wait_for(
+        lambda: {row["gauges"]["shard"] for row in gateway.status().get("ike", [])} == {0, 1},
+        timeout=20,
+        what="both shards held after the second kill",
+    )
+
 
 def test_a_restarted_worker_gets_fresh_ids_and_up_json_follows(
     netns_pair: NetnsPair,

@@ -143,6 +143,7 @@ class Runtime:
         self._subscriptions: list[Any] = []
         self._connected = False
         self._last_connect_error = -1e9
+        self._reconnect_listeners: list[Callable[[], None]] = []
         self.metrics: MetricsServer | None = None
         self.latencies = Latencies()
 
@@ -225,6 +226,15 @@ class Runtime:
     async def _on_reconnected(self) -> None:
         self.counters["nats_reconnects"] += 1
         log.audit("nats_reconnected", url=self.nats_url)
+        for listener in list(self._reconnect_listeners):
+            listener()
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each reconnect. nats-py sends the subscriptions again by
+        itself, but a JetStream watch (an ordered push consumer on the server) does not
+        survive a server restart: nothing arrives and nothing ends it, so its owner starts
+        a new one from here."""
+        self._reconnect_listeners.append(listener)
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("nats_error", error=str(exc))

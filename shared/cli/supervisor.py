@@ -6,7 +6,9 @@ backoff until it starts, each failure logged at level 0. `up.json` in the state
 directory always names the broker and children running now (null while one is
 down). SIGTERM or SIGINT stops every child (SIGTERM, then SIGKILL after a grace
 period), then the broker, and exits 0. Children carry PR_SET_PDEATHSIG so even a
-killed supervisor leaves nothing behind.
+killed supervisor leaves nothing behind. With an external NATS (`[nats] url`, or
+`servers`: one cluster's nodes) no broker is started; every service gets the
+servers as one comma-separated `--nats` and nats-py moves between them.
 
 The master key: `up` takes the variable named by `[keystore] master-key-env`
 (and `IKEFARM_MASTER_KEY`) out of its own environment before it starts anything,

@@ -19,7 +19,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ikefarm.shared.bus.auth import BusUser, _write_private, authorization_block
+from ikefarm.shared.bus.auth import BusUser, authorization_block, write_private
 
 CLUSTER_NAME = "ikefarm"
 
@@ -65,5 +65,5 @@ def node_config(
 def write_node_config(path: Path, text: str) -> Path:
     """Write a node's config 0600 (it holds the users' passwords)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(path, text)
+    write_private(path, text)
     return path

@@ -136,6 +136,10 @@ from ikefarm.shared.observability.tracing import tracer
 from ikefarm.shared.udp_endpoints import listen_addresses
 
 KEYSTORE_TIMEOUT = 2.0
+# a keystore restarting (`ikefarm up` brings a dead one back within seconds) is asked again
+# with backoff for this long before the exchange is left to the peer's retransmission; an AUTH
+# computation is idempotent, so one whose answer timed out is asked again too
+KEYSTORE_RETRY = 10.0  # a first restart answers again after about 6 s on a loaded machine
 KERNEL_TIMEOUT = 2.0
 TIMER_IDLE = 1.0
 MAX_INITIATE_WAIT = 300.0
@@ -969,7 +973,12 @@ class IkeService(ServiceBase):
                 reply = leased
             elif isinstance(call, CertAuthRequest):
                 reply = await self.runtime.request(
-                    subjects.KEYSTORE_CERT_AUTH, call, CertAuthReply, timeout=KEYSTORE_TIMEOUT
+                    subjects.KEYSTORE_CERT_AUTH,
+                    call,
+                    CertAuthReply,
+                    timeout=KEYSTORE_TIMEOUT,
+                    retry_for=KEYSTORE_RETRY,
+                    idempotent=True,
                 )
             elif isinstance(call, EapRelayRequest):  # the keystore waits on RADIUS meanwhile
                 reply = await self.runtime.request(
@@ -981,7 +990,12 @@ class IkeService(ServiceBase):
                 )
             else:
                 reply = await self.runtime.request(
-                    subjects.KEYSTORE_PSK_AUTH, call, PskAuthReply, timeout=KEYSTORE_TIMEOUT
+                    subjects.KEYSTORE_PSK_AUTH,
+                    call,
+                    PskAuthReply,
+                    timeout=KEYSTORE_TIMEOUT,
+                    retry_for=KEYSTORE_RETRY,
+                    idempotent=True,
                 )
         except Exception as exc:
             error = type(exc).__name__

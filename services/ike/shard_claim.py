@@ -36,6 +36,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ServiceU
 
 from ikefarm.proto import subjects
 from ikefarm.proto.sharding import MAX_SHARDS
+from ikefarm.shared.bus.kv import bucket_replicas
 from ikefarm.shared.bus.runtime import ServiceUnavailable
 
 SHARD_AUTO = "auto"  # `ikefarm service ike --shard auto`
@@ -64,7 +65,10 @@ class ShardClaim:
         js = self.nc.jetstream()
         try:
             return await js.create_key_value(
-                bucket=subjects.IKE_SHARDS_BUCKET, history=1, ttl=CLAIM_TTL
+                bucket=subjects.IKE_SHARDS_BUCKET,
+                history=1,
+                ttl=CLAIM_TTL,
+                replicas=bucket_replicas(),  # a cluster node that dies keeps no lease with it
             )
         except ServiceUnavailableError:
             raise ServiceUnavailable(

@@ -39,6 +39,7 @@ from nats.js.errors import (
 )
 
 from ikefarm.proto import subjects
+from ikefarm.shared.bus.kv import bucket_replicas
 from ikefarm.shared.bus.runtime import ServiceUnavailable
 from ikefarm.shared.ikev2.effects import VipLease, VipLeased, VipRelease
 from ikefarm.shared.ikev2.pools import Pool
@@ -101,8 +102,10 @@ async def _bucket(js: Any, name: str, ttl: float | None = None) -> Any:
     (an older TTL) is used as it is."""
     try:
         if ttl is None:
-            return await js.create_key_value(bucket=name, history=1)
-        return await js.create_key_value(bucket=name, history=1, ttl=ttl)
+            return await js.create_key_value(bucket=name, history=1, replicas=bucket_replicas())
+        return await js.create_key_value(
+            bucket=name, history=1, ttl=ttl, replicas=bucket_replicas()
+        )
     except BadRequestError:
         return await js.key_value(name)
 

@@ -24,6 +24,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ServiceU
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.envelope import BusError
 from ikefarm.proto.messages import CookieSecrets
+from ikefarm.shared.bus.kv import bucket_replicas
 from ikefarm.shared.bus.runtime import ServiceUnavailable
 from ikefarm.shared.dos.cookies import CookieJar, first_record, jar_from_record, rotated
 from ikefarm.shared.observability.logging import get_logger
@@ -49,11 +50,14 @@ class CookieSecretStore:
         self.version: int | None = None
         self._kv: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._rewatch = asyncio.Event()
 
     async def start(self) -> None:
         js = self.nc.jetstream()
         try:
-            self._kv = await js.create_key_value(bucket=subjects.COOKIE_SECRET_BUCKET, history=1)
+            self._kv = await js.create_key_value(
+                bucket=subjects.COOKIE_SECRET_BUCKET, history=1, replicas=bucket_replicas()
+            )
         except ServiceUnavailableError:
             raise ServiceUnavailable(
                 "ingress keeps the farm's cookie secret in a JetStream KV bucket "
@@ -132,14 +136,38 @@ class CookieSecretStore:
                 self.counters["cookie_secret_refresh_failed"] += 1
                 log.debug("cookie_secret_refresh_failed", error=type(exc).__name__)
 
+    def rewatch(self) -> None:
+        """Start a new watch (after a reconnect: a watch does not survive a server restart,
+        see Runtime.on_reconnect); the new one delivers the current record first."""
+        self._rewatch.set()
+
+    async def _follow(self, watcher: Any) -> None:
+        async for entry in watcher:
+            if entry is not None and entry.value:
+                self._take(entry.value)
+
     async def _watch_loop(self) -> None:
         while True:
             try:
+                self._rewatch.clear()
                 watcher = await self._kv.watch(subjects.COOKIE_RECORD)
-                async for entry in watcher:
-                    if entry is not None and entry.value:
-                        self._take(entry.value)
-                await asyncio.sleep(1.0)  # the watch ended (broker restart): start another
+                follow = asyncio.create_task(self._follow(watcher))
+                asked = asyncio.create_task(self._rewatch.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        {follow, asked}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    follow.cancel()
+                    asked.cancel()
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+                if asked in done:
+                    self.counters["cookie_secret_rewatched"] += 1
+                    continue
+                if not follow.cancelled() and follow.exception() is not None:
+                    self.counters["cookie_secret_watch_failed"] += 1
+                await asyncio.sleep(1.0)  # the watch ended: start another
             except Exception as exc:
                 self.counters["cookie_secret_watch_failed"] += 1
                 log.debug("cookie_secret_watch_failed", error=type(exc).__name__)

@@ -245,6 +245,7 @@ class IngressService(ServiceBase):
             self.runtime.counters,
         )
         await self.secrets.start()
+        self.runtime.on_reconnect(self.secrets.rewatch)
         self.router.owners = ShardOwners(time.monotonic(), OWNERS_LEARNING)
         await self.runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_ike_load, traced=False)
         await self.runtime.subscribe(

@@ -39,7 +39,7 @@ def users() -> tuple[str, ...]:
     return tuple(subjects.PERMISSIONS)
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Create or replace `path` with mode 0600 from the start (no window where it is readable)."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -64,7 +64,7 @@ def ensure_credentials(directory: Path) -> dict[str, BusUser]:
         except FileNotFoundError:
             pass
         user = BusUser(name, secrets.token_urlsafe(32), path)
-        _write_private(path, json.dumps({"user": name, "password": user.password}) + "\n")
+        write_private(path, json.dumps({"user": name, "password": user.password}) + "\n")
         found[name] = user
     return found
 
@@ -110,5 +110,5 @@ def authorization_block(credentials: dict[str, BusUser], *, with_passwords: bool
 def write_server_config(directory: Path, credentials: dict[str, BusUser]) -> Path:
     """The broker's include file (0600): it holds the passwords."""
     path = directory / SERVER_CONFIG
-    _write_private(path, authorization_block(credentials))
+    write_private(path, authorization_block(credentials))
     return path

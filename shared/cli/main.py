@@ -59,16 +59,20 @@ def _running_farm(args: argparse.Namespace, config: Config | None) -> dict[str, 
 
 
 def _nats_url(args: argparse.Namespace, config: Config | None) -> str:
-    """--nats, else the config's [nats] url, else the broker a running `ikefarm up` started."""
+    """--nats, else the config's [nats] servers or url, else the broker a running `ikefarm up`
+    started."""
+    from ikefarm.shared.bus.servers import configured_nats_url
+
     if getattr(args, "nats", None):
         return str(args.nats)
-    if config is not None and config.nats.url:
-        return str(config.nats.url)
+    if config is not None and configured_nats_url(config):
+        return configured_nats_url(config)
     state = _running_farm(args, config)
     if state and state.get("nats_url"):
         return str(state["nats_url"])
     print(
-        "ikefarm: no broker to talk to: pass --nats URL, set [nats] url, or start `ikefarm up`",
+        "ikefarm: no broker to talk to: pass --nats URL, set [nats] url or servers, or start "
+        "`ikefarm up`",
         file=sys.stderr,
     )
     raise SystemExit(2)
@@ -479,6 +483,30 @@ def cmd_config_nats_auth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_nats_node(args: argparse.Namespace) -> int:
+    """Write one cluster node's nats-server config beside the credentials (0600)."""
+    from ikefarm.shared.bus.auth import ensure_credentials
+    from ikefarm.shared.bus.cluster import node_config, write_node_config
+
+    directory = Path(args.directory)
+    users = ensure_credentials(directory)
+    text = node_config(
+        name=args.name,
+        listen=args.listen,
+        cluster_listen=args.cluster_listen,
+        routes=args.route,
+        store_dir=args.store_dir,
+        credentials=users,
+        cluster_name=args.cluster_name,
+        monitor=args.monitor,
+    )
+    path = write_node_config(directory / f"nats-node-{args.name}.conf", text)
+    print(f"# {path.resolve()} (mode 0600, it holds the passwords); run: nats-server -c {path}")
+    print("# ikefarm: [nats] servers = the nodes' nats://HOST:PORT, replicas = 3,")
+    print(f"#          credentials = {directory.resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ikefarm", description="IKEv2/IPsec gateway over NATS")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -577,6 +605,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nats_auth.add_argument("directory", help="where the credentials files are kept (0600)")
     nats_auth.set_defaults(func=cmd_config_nats_auth)
+    nats_node = config_commands.add_parser(
+        "nats-node",
+        help="one node of a NATS cluster for the farm (JetStream clustered, the farm's users)",
+    )
+    nats_node.add_argument(
+        "directory", help="the credentials directory (`config nats-auth`); the config goes there"
+    )
+    nats_node.add_argument("--name", required=True, help="this node's server name")
+    nats_node.add_argument("--listen", required=True, help="client listener HOST:PORT")
+    nats_node.add_argument("--cluster-listen", required=True, help="route listener HOST:PORT")
+    nats_node.add_argument(
+        "--route", action="append", default=[], help="another node's route HOST:PORT (repeat)"
+    )
+    nats_node.add_argument("--store-dir", required=True, help="this node's JetStream store")
+    nats_node.add_argument("--cluster-name", default="ikefarm")
+    nats_node.add_argument("--monitor", help="monitoring listener HOST:PORT (default: none)")
+    nats_node.set_defaults(func=cmd_config_nats_node)
     return parser
 
 

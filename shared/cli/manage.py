@@ -193,9 +193,10 @@ async def connect(url: str, credentials: str | None = None) -> Any:
         user = read_credentials(credentials)
         auth = {"user": user.user, "password": user.password}
     from ikefarm.proto import subjects
+    from ikefarm.shared.bus.servers import server_urls
 
     return await nats.connect(
-        servers=[url],
+        servers=server_urls(url),
         **auth,
         # the CLI's replies come to its own inbox prefix, the only one user admin may read
         inbox_prefix=subjects.inbox_prefix(subjects.ADMIN_USER),

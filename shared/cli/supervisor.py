@@ -6,7 +6,9 @@ backoff until it starts, each failure logged at level 0. `up.json` in the state
 directory always names the broker and children running now (null while one is
 down). SIGTERM or SIGINT stops every child (SIGTERM, then SIGKILL after a grace
 period), then the broker, and exits 0. Children carry PR_SET_PDEATHSIG so even a
-killed supervisor leaves nothing behind.
+killed supervisor leaves nothing behind. With an external NATS (`[nats] url`, or
+`servers`: one cluster's nodes) no broker is started; every service gets the
+servers as one comma-separated `--nats` and nats-py moves between them.
 
 The master key: `up` takes the variable named by `[keystore] master-key-env`
 (and `IKEFARM_MASTER_KEY`) out of its own environment before it starts anything,
@@ -43,6 +45,7 @@ from ikefarm.shared.bus.embedded import (
     default_state_dir,
     die_with_parent,
 )
+from ikefarm.shared.bus.servers import configured_nats_url
 from ikefarm.shared.config.kinds import format_listen, parse_listen
 from ikefarm.shared.config.loader import Config
 from ikefarm.shared.observability.logging import get_logger
@@ -233,7 +236,7 @@ class Supervisor:
             print(f"ikefarm up: cannot lock the ingress endpoints: {exc}", file=sys.stderr)
             return 1
         self.environ[FARM_ID_ENV] = farm
-        nats_url = self.config.nats.url
+        nats_url = configured_nats_url(self.config)
         if not nats_url:
             # one NATS user per service, allowed only its own subjects (proto/subjects.py)
             self.credentials_dir = self.state_dir / CREDENTIALS_DIR

@@ -370,6 +370,16 @@ def cross_check(config: Config) -> list[ConfigProblem]:
             else:
                 identities[identity] = path
 
+    nats = config.nats
+    if nats.url and nats.servers:
+        problem("nats.servers", "give either url or servers, not both")
+    if nats.replicas > 1 and not (nats.url or nats.servers):
+        problem(
+            "nats.replicas",
+            f"{nats.replicas} replicas need an external NATS cluster (url or servers): the "
+            "embedded nats-server is one node",
+        )
+
     for index, psk in enumerate(ike.pre_shared_key):
         if psk.secret is None:
             problem(f"ike.pre-shared-key[{index}].secret", "is required")

@@ -410,6 +410,19 @@ SCHEMA = Section(
         "nats": Section(
             {
                 "url": Text(default="", doc="empty: start an embedded nats-server"),
+                "servers": ListOf(
+                    item=Text(pattern=r"[^,\s]+"),
+                    default=[],
+                    doc="external NATS cluster: its nodes' URLs (instead of url); each process "
+                    "connects to one and fails over to the others",
+                ),
+                "replicas": Int(
+                    1,
+                    5,
+                    default=1,
+                    doc="JetStream replicas of every bucket the farm creates: 3 on a 3-node "
+                    "cluster (JetStream R3); the embedded nats-server is one node",
+                ),
                 "store-dir": Text(default=None, doc="JetStream store; default <state-dir>/nats"),
                 "credentials": Text(
                     default=None,

@@ -14,7 +14,7 @@ from ikefarm.proto import envelope, subjects
 from ikefarm.proto.envelope import BusError, BusMessage, message
 from ikefarm.proto.messages import Ping, Pong, Stats, StatsRequest
 from ikefarm.shared.bus.embedded import EmbeddedNats
-from ikefarm.shared.bus.runtime import Runtime, ServiceBase
+from ikefarm.shared.bus.runtime import Runtime, ServiceBase, subscriptions_in_place
 from ikefarm.shared.cli.status import discover
 from ikefarm.shared.config.loader import parse_config
 
@@ -195,3 +195,71 @@ def test_envelope_rejects_what_it_cannot_use() -> None:
     assert envelope.unpack(envelope.pack(EchoRequest("a", 1)), EchoRequest) == EchoRequest("a", 1)
     with pytest.raises(BusError, match=r"boom: it broke"):
         envelope.unpack_reply(envelope.pack_error("boom", "it broke"))
+
+
+async def test_a_request_to_a_service_restarting_is_asked_again_with_backoff(
+    nats_server: EmbeddedNats,
+) -> None:
+    """`retry_for`: a service that is not there yet (no responders: the request reached
+    nobody) is asked again until it answers; without it, or past it, the error is raised."""
+    from nats.errors import NoRespondersError
+
+    asker = Runtime(EchoService, parse_config(""), nats_server.url, instance="asker-0")
+    asker.nc = await nats.connect(nats_server.url)
+    subject = "ikefarm.test.echo-later"
+    try:
+        with pytest.raises(NoRespondersError):
+            await asker.request(subject, EchoRequest("a", 1), EchoReply, timeout=1.0)
+        with pytest.raises(NoRespondersError):
+            await asker.request(subject, EchoRequest("a", 1), EchoReply, retry_for=0.3)
+        assert asker.counters["bus_request_retried"] >= 2  # 50 ms, 100 ms, ...
+
+        responder = await nats.connect(nats_server.url)
+
+        async def answer(msg: Any) -> None:
+            decoded = envelope.unpack(msg.data, EchoRequest)
+            await msg.respond(envelope.pack_reply(EchoReply(decoded.text * decoded.repeat)))
+
+        async def come_back_later() -> None:
+            await asyncio.sleep(0.5)
+            await responder.subscribe(subject, cb=answer)
+
+        before = asker.counters["bus_request_retried"]
+        later = asyncio.create_task(come_back_later())
+        reply = await asker.request(subject, EchoRequest("ab", 2), EchoReply, retry_for=5.0)
+        await later
+        assert reply == EchoReply("abab")
+        assert asker.counters["bus_request_retried"] > before
+        await responder.close()
+    finally:
+        await asker.nc.close()
+
+
+async def test_a_request_that_timed_out_is_asked_again_only_when_idempotent(
+    nats_server: EmbeddedNats,
+) -> None:
+    """An answer that never came (the instance died with the request in hand) may have had
+    its effect: asked again only for an idempotent request."""
+    asker = Runtime(EchoService, parse_config(""), nats_server.url, instance="asker-1")
+    asker.nc = await nats.connect(nats_server.url)
+    silent = await nats.connect(nats_server.url)
+    seen: list[bytes] = []
+
+    async def swallow(msg: Any) -> None:
+        seen.append(msg.data)  # takes the request, answers nothing
+
+    subject = "ikefarm.test.silent"
+    try:
+        await silent.subscribe(subject, cb=swallow)
+        await subscriptions_in_place(silent)
+        with pytest.raises(TimeoutError):
+            await asker.request(subject, EchoRequest("a", 1), EchoReply, timeout=0.2, retry_for=2)
+        assert len(seen) == 1 and asker.counters["bus_request_retried"] == 0
+        with pytest.raises(TimeoutError):
+            await asker.request(
+                subject, EchoRequest("a", 1), EchoReply, timeout=0.2, retry_for=1, idempotent=True
+            )
+        assert len(seen) >= 3 and asker.counters["bus_request_retried"] >= 2
+    finally:
+        await silent.close()
+        await asker.nc.close()

@@ -420,6 +420,10 @@ class ChildDelete(BusMessage):
     spi_out: bytes
     local_address: str
     remote_address: str
+    # why, for the kernel service's `child_deleted` line: empty for the IKE side's own
+    # deletes (rekey, delete exchange), `ike_sa_gone` for a child whose IKE SA no worker
+    # restored after its owner died (docs/failover.md)
+    reason: str = ""
 
 
 @message("child-update")

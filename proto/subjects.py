@@ -287,6 +287,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             EVENT_CHILD_SA,
             KERNEL_TRANSPORT_KEY,
             KERNEL_SHOW,  # adopted children the kernel lost are rekeyed (docs/failover.md)
+            IKE_SHOW,  # the children other workers hold, before an orphan is deleted
             *_kv_api(UNIQUE_ID_BUCKET),
             *_kv_api(IKE_SHARDS_BUCKET, watch=True),  # `--shard auto` claims
             *_kv_api(VIP_LEASE_BUCKET, watch=True),  # leases; `show vip-pool` lists keys

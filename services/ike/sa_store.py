@@ -38,7 +38,9 @@ from nats.js.errors import KeyNotFoundError
 
 from ikefarm.proto import subjects
 from ikefarm.proto.messages import SaSealReply, SaSealRequest, SaUnsealReply, SaUnsealRequest
+from ikefarm.proto.sharding import shard_of_spi
 from ikefarm.services.ike.transport_keys import TransportKey
+from ikefarm.shared.bus.kv import list_entries
 from ikefarm.shared.bus.kv import open_bucket as open_kv_bucket
 from ikefarm.shared.bus.runtime import Runtime
 from ikefarm.shared.bus.sa_secrets import CHANNEL_INFO, MAX_BATCH, reply_label, request_label
@@ -124,6 +126,10 @@ class SaStore:
         self.shard = shard
         self.kv = kv
         self.log = log
+        # the shards whose SAs this worker keeps: its own, and those it adopted from a worker
+        # whose lease lapsed (services/ike/adoption.py); each SA's record goes under the
+        # shard of its local SPI, so whoever holds that shard next finds it
+        self.shards: set[int] = {shard}
         self.flush_interval = flush_interval
         self.keystore_key = TransportKey(runtime, subjects.KEYSTORE_TRANSPORT_KEY, KEYSTORE_TIMEOUT)
         self.dirty: set[bytes] = set()
@@ -174,6 +180,12 @@ class SaStore:
             if sa.local_spi not in self.stored and sa.established_at is not None:
                 self.dirty.add(sa.local_spi)
 
+    def key(self, spi: bytes) -> str | None:
+        """The record key of the SA with local SPI `spi`: under its SPI's shard, when that is
+        one this worker keeps (None otherwise: never write into another worker's shard)."""
+        shard = shard_of_spi(spi)
+        return subjects.ike_sa_key(shard, spi) if shard in self.shards else None
+
     async def flush(self) -> int:
         """Write the dirty SAs' snapshots, delete the records of SAs gone; the count written."""
         if not self.dirty:
@@ -183,6 +195,9 @@ class SaStore:
         writes: list[tuple[str, bytes, SaSnapshot, SaSecrets]] = []
         deletes: list[bytes] = []
         for spi in dirty:
+            key = self.key(spi)
+            if key is None:
+                continue  # a shard handed back meanwhile: its owner writes it now
             sa = self.engine.sas.get(spi)
             if sa is None or sa.state == IkeSaState.DELETED:
                 if spi in self.stored:
@@ -195,12 +210,12 @@ class SaStore:
             except SnapshotError:
                 self.counters["snapshot_deferred"] += 1  # mid-keystore or mid-rekey
                 continue  # the exchange that ends it marks the SA again; the sweep too
-            writes.append((subjects.ike_sa_key(self.shard, spi), spi, state, secrets))
+            writes.append((key, spi, state, secrets))
         for start in range(0, len(writes), MAX_BATCH):
             await self._write(writes[start : start + MAX_BATCH])
         for spi in deletes:
             with contextlib.suppress(KeyNotFoundError):
-                await self.kv.delete(subjects.ike_sa_key(self.shard, spi))
+                await self.kv.delete(subjects.ike_sa_key(shard_of_spi(spi), spi))
             self.stored.discard(spi)
             self.counters["deleted"] += 1
         return len(writes)
@@ -248,21 +263,48 @@ class SaStore:
                 self.stored.add(spi)
                 self.counters["written"] += 1
 
+    async def hand_back(self, shard: int, now: float) -> int:
+        """Give an adopted shard back to its worker: every SA of `shard` is snapshotted as
+        it is now and taken out of the engine in one step (no timer of theirs runs here any
+        more; nothing is sent and nothing deleted in the kernel), then the records are
+        written. On a failed write the SAs go back into the engine and the error is raised
+        (the caller keeps the shard and tries again). The count handed back."""
+        sas = [sa for sa in list(self.engine.sas.values()) if shard_of_spi(sa.local_spi) == shard]
+        writes: list[tuple[str, bytes, SaSnapshot, SaSecrets]] = []
+        for sa in sas:
+            try:
+                state, secrets = self.engine.snapshot(sa, now)
+            except SnapshotError:
+                # mid-keystore or mid-rekey: its last record stands, the peer retransmits
+                self.counters["hand_back_stale"] += 1
+                continue
+            writes.append((subjects.ike_sa_key(shard, sa.local_spi), sa.local_spi, state, secrets))
+        for sa in sas:
+            self.engine.sas.pop(sa.local_spi, None)
+        spis = {sa.local_spi for sa in sas}
+        self.dirty -= spis  # from here on, one of them dirty is a put that failed
+        try:
+            for start in range(0, len(writes), MAX_BATCH):
+                await self._seal_and_put(writes[start : start + MAX_BATCH])
+            if spis & self.dirty:  # a put failed: that record is older than the SA
+                raise OSError("a record of the shard could not be written")
+        except Exception:
+            for sa in sas:
+                if sa.local_spi not in self.engine.sas:
+                    self.engine.adopt(sa)
+            raise
+        self.shards.discard(shard)
+        self.stored -= spis
+        self.counters["handed_back"] += len(sas)
+        return len(sas)
+
     # -- loading -----------------------------------------------------------------------------
 
-    async def _list(self) -> list[tuple[str, bytes | None]]:
-        watcher = await self.kv.watch(f"{subjects.ike_sa_prefix(self.shard)}>", ignore_deletes=True)
-        entries: list[tuple[str, bytes | None]] = []
-        try:
-            while True:
-                entry = await watcher.updates(timeout=LIST_TIMEOUT)
-                if entry is None:
-                    break
-                if entry.operation is None and entry.value:
-                    entries.append((entry.key, entry.value))
-        finally:
-            await watcher.stop()
-        return entries
+    async def _list(self, shard: int) -> list[tuple[str, bytes | None]]:
+        listed = await list_entries(
+            self.kv, f"{subjects.ike_sa_prefix(shard)}>", ignore_deletes=True, timeout=LIST_TIMEOUT
+        )
+        return [(e.key, e.value) for e in listed if e.operation is None and e.value]
 
     def _refuse(self, key: str, reason: str, text: str) -> None:
         self.counters[f"snapshot_refused.{reason}"] += 1
@@ -270,9 +312,12 @@ class SaStore:
         self.runtime.counters[f"snapshot_refused.{reason}"] += 1
         self.log.control("snapshot_refused", key=key, reason=reason, detail=text)
 
-    def parse(self, key: str, raw: bytes | None) -> tuple[bytes, Record, SaSnapshot] | None:
-        """A listed record checked against this shard and the schema; None when refused."""
-        spi = _spi_of(key, self.shard)
+    def parse(
+        self, key: str, raw: bytes | None, shard: int | None = None
+    ) -> tuple[bytes, Record, SaSnapshot] | None:
+        """A listed record checked against its shard (this worker's own unless named) and
+        the schema; None when refused."""
+        spi = _spi_of(key, self.shard if shard is None else shard)
         if spi is None:
             self._refuse(key, "key", "not a snapshot key of this shard")
             return None
@@ -315,11 +360,14 @@ class SaStore:
         self.stored.add(spi)
         return True
 
-    async def load(self) -> int:
-        """Restore this shard's SAs from their records; the count restored."""
+    async def load(self, shard: int | None = None) -> int:
+        """Restore the SAs of this worker's shard (or of `shard`, adopted: from now on its
+        records are written here too); the count restored."""
+        shard = self.shard if shard is None else shard
+        self.shards.add(shard)
         records: list[tuple[str, bytes, Record, SaSnapshot]] = []
-        for key, raw in await self._list():
-            parsed = self.parse(key, raw)
+        for key, raw in await self._list(shard):
+            parsed = self.parse(key, raw, shard)
             if parsed is not None:
                 records.append((key, *parsed))
         restored = 0

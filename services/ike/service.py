@@ -72,7 +72,9 @@ from ikefarm.proto.messages import (
     VipPoolShow,
     VipPoolShowRequest,
 )
+from ikefarm.proto.sharding import shard_of_spi
 from ikefarm.services.ike import kernel_events, sa_store, unique_ids
+from ikefarm.services.ike.adoption import AdoptedShard, ShardWatch, orphan_children
 from ikefarm.services.ike.exchange_traces import (
     ExchangeTraces,
     exchange_key,
@@ -199,7 +201,10 @@ class IkeService(ServiceBase):
         self.unique_ids = UniqueIds(self.shard, on_want=self._ids_wanted.set)
         assert self.runtime.nc is not None
         self._id_bucket = await unique_ids.open_bucket(self.runtime.nc)
-        self.unique_ids.add_block(*await unique_ids.reserve(self._id_bucket, self.shard, 1))
+        first, end = await unique_ids.reserve(self._id_bucket, self.shard, 1)
+        self.unique_ids.add_block(first, end)
+        # ids of this shard below this were handed out by its earlier lives
+        self._first_unique_id = self.shard * unique_ids.SHARD_SPAN + first
         self.engine = IkeEngine(
             engine_policy(self.config.without_secrets()),
             self.shard,
@@ -237,6 +242,7 @@ class IkeService(ServiceBase):
         restored = await self.sa_store.load()
         self.log.control("snapshots_restored", shard=self.shard, sas=restored)
         self._restored = restored
+        await self.adopt_vip_leases(self.shard)
         # load reports carry the peers whose half-open count changed, not every peer
         limits = self.admission.limits
         self.peer_reports = PeerReports(
@@ -268,6 +274,16 @@ class IkeService(ServiceBase):
             subjects.IKE_INIT, Datagram, self.on_datagram, queue=subjects.QUEUE_IKE_WORKERS
         )
         await runtime.subscribe(subjects.ike_shard(self.shard), Datagram, self.on_datagram)
+        # shards of workers whose lease lapsed, adopted by this one (adoption.py)
+        self.shard_watch = ShardWatch(
+            runtime.nc,
+            runtime.instance,
+            self.shard,
+            self.adopt_shard,
+            self.hand_back_shard,
+            self.log,
+            runtime.counters,
+        )
         await runtime.subscribe(subjects.IKE_SHOW, IkeShowRequest, self.on_show)
         await runtime.subscribe(
             subjects.IKE_VIP_POOL_SHOW,
@@ -283,6 +299,7 @@ class IkeService(ServiceBase):
             await runtime.subscribe(
                 subject, IkeCommand, self.on_command, queue=subjects.QUEUE_IKE_WORKERS
             )
+        self._watcher: asyncio.Task[None] | None = None
         await runtime.subscribe(subjects.IKE_LOAD, IkeLoad, self.on_load, traced=False)
         # the kernel service's per-child counters and EXPIRE events (kernel_events.py)
         await runtime.subscribe(
@@ -322,36 +339,145 @@ class IkeService(ServiceBase):
             self._renewer = asyncio.create_task(self.renew_claim(self.shard_claim))
         elif self.lease is not None:
             self._renewer = asyncio.create_task(self.renew_claim(self.lease, count_workers=False))
-        if self._restored:
-            self._spawn(self.reconcile_kernel())
+        # this shard's kernel state, when an earlier life of the shard may have left some
+        # (its unique ids started above 1): adopted children kept, orphans gone
+        if self._restored or self._first_unique_id > self.shard * unique_ids.SHARD_SPAN + 1:
+            self._spawn(self.reconcile_kernel(self.shard, below=self._first_unique_id))
+        self._watcher = asyncio.create_task(self.watch_shards())
         if self.vip_leases is not None:
             self._vip_keeper = asyncio.create_task(self.vip_leases.keep_alive(self.log))
         self.log.control("ike_worker_ready", shard=self.shard)
 
-    async def reconcile_kernel(self) -> None:
-        """Adopted children whose kernel state is gone (the kernel service restarted too, and
-        its userspace dataplane with it) are rekeyed at once: the peer's replay window rules
-        out installing the old keys again, and a fresh child restores the traffic. Children
-        the kernel still has are left as they are (docs/failover.md)."""
-        try:
-            state = await self.runtime.request(
-                subjects.KERNEL_SHOW, KernelShowRequest(), KernelState, timeout=KERNEL_TIMEOUT
-            )
-        except Exception as exc:
-            self.runtime.counters["kernel_reconcile_failed"] += 1
-            self.log.control("kernel_reconcile_failed", error=type(exc).__name__)
-            return
+    async def reconcile_kernel(self, shard: int, below: int | None = None) -> None:
+        """The kernel state of a shard this worker just took (its own on start, or one it
+        adopted) against the SAs it restored (docs/failover.md):
+
+        - adopted children whose kernel state is gone (the kernel service restarted too,
+          and its userspace dataplane with it) are rekeyed at once: the peer's replay
+          window rules out installing the old keys again, and a fresh child restores the
+          traffic. Children the kernel still has are left as they are.
+        - kernel children made by the shard's earlier owner (unique ids are the shard's,
+          `unique_ids.py`; below `below` for this worker's own shard) whose IKE SA was not
+          restored (no record, a refused one) are gone for good: deleted in the kernel and
+          logged (`child_deleted`, reason `ike_sa_gone`), counted `orphan_child_deleted`."""
+        state: KernelState | None = None
+        for attempt in range(3):  # the kernel service may start after this worker
+            try:
+                state = await self.runtime.request(
+                    subjects.KERNEL_SHOW, KernelShowRequest(), KernelState, timeout=KERNEL_TIMEOUT
+                )
+                break
+            except Exception as exc:
+                if attempt == 2:
+                    self.runtime.counters["kernel_reconcile_failed"] += 1
+                    self.log.control("kernel_reconcile_failed", error=type(exc).__name__)
+                    return
+                await asyncio.sleep(1.0)
+        assert state is not None
         present = {str(row.get("spi", "")) for row in state.sas}
         now = time.monotonic()
         effects: list[Effect] = []
+        known: set[int] = set()
         for sa in list(self.engine.sas.values()):
             for child in list(sa.children):
-                if child.state == ChildSaState.INSTALLED and child.spi_in.hex() not in present:
+                known.add(child.unique_id)
+                if (
+                    shard_of_spi(sa.local_spi) == shard
+                    and child.state == ChildSaState.INSTALLED
+                    and child.spi_in.hex() not in present
+                ):
                     self.runtime.counters["adopted_child_missing_in_kernel"] += 1
                     effects += self.engine.rekey_child(sa, child, now)
         if effects:
-            self.log.control("adopted_children_rekeyed", shard=self.shard)
+            self.log.control("adopted_children_rekeyed", shard=shard)
         await self.apply(effects)
+        orphans = orphan_children(state.sas, shard, known, below)
+        if orphans:  # an IKE rekey may have moved a child to an SA of another shard
+            known |= await self._farm_children()
+            orphans = [d for d in orphans if d.unique_id not in known]
+        for delete in orphans:
+            self.runtime.counters["orphan_child_deleted"] += 1
+            self.log.audit("orphan_child", shard=shard, unique_id=delete.unique_id)
+            await self._kernel(subjects.KERNEL_CHILD_DELETE, delete, "delete", delete.unique_id)
+
+    async def _farm_children(self) -> set[int]:
+        """The unique ids of the children every other worker holds (`show ike-sa`)."""
+        from ikefarm.shared.cli.status import gather
+
+        assert self.runtime.nc is not None
+        held: set[int] = set()
+        for reply in await gather(
+            self.runtime.nc, subjects.IKE_SHOW, envelope.pack(IkeShowRequest()), 2.0
+        ):
+            with contextlib.suppress(Exception):  # a bad answer: its children count as gone
+                show = envelope.unpack_reply(reply.data, IkeShow)
+                for row in show.sas:
+                    held.update(int(c["unique_id"]) for c in row.get("children", []))
+        return held
+
+    async def watch_shards(self) -> None:
+        """Look at the shard leases every RENEW_INTERVAL: adopt what lapsed, hand back what
+        its worker wants back (adoption.py)."""
+        while not self._stopping:
+            await asyncio.sleep(RENEW_INTERVAL)
+            try:
+                await self.shard_watch.tick()
+            except Exception as exc:  # the broker away: the next look
+                self.runtime.counters["shard_watch_failed"] += 1
+                self.log.control("shard_watch_failed", error=type(exc).__name__)
+
+    async def _subscribe_shard(self, shard: int) -> list[Any]:
+        return [
+            await self.runtime.subscribe(subjects.ike_shard(shard), Datagram, self.on_datagram),
+            await self.runtime.subscribe(
+                subjects.ike_shard_command(shard),
+                IkeCommand,
+                self.on_command,
+                queue=subjects.QUEUE_IKE_WORKERS,
+            ),
+        ]
+
+    async def adopt_shard(self, shard: int, claim: ShardClaim) -> None:
+        """Continue the SAs of `shard`, whose lease this worker now holds: restore them, move
+        their VIP leases here, take the shard's datagrams and report it to ingress."""
+        adopted = AdoptedShard(shard, claim, time.monotonic())
+        self.engine.adopted_shards.add(shard)
+        adopted.restored = await self.sa_store.load(shard)
+        self.shard_watch.adopted[shard] = adopted
+        await self.adopt_vip_leases(shard)
+        adopted.subscriptions = await self._subscribe_shard(shard)
+        self._wake.set()  # the restored SAs' timers
+        await self.publish_load()  # ingress forwards the shard here from now on
+        self.log.audit("shard_adopted", shard=shard, sas=adopted.restored)
+        self._spawn(self.reconcile_kernel(shard))
+
+    async def hand_back_shard(self, adopted: AdoptedShard) -> None:
+        """Stop taking the shard's datagrams, write its SAs and forget them here; the worker
+        that wants it back restores them once the lease is released (adoption.py)."""
+        for subscription in adopted.subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        try:
+            count = await self.sa_store.hand_back(adopted.shard, time.monotonic())
+        except Exception:
+            adopted.subscriptions = await self._subscribe_shard(adopted.shard)
+            raise
+        self.engine.adopted_shards.discard(adopted.shard)
+        self.log.audit("shard_handed_back", shard=adopted.shard, sas=count)
+
+    async def adopt_vip_leases(self, shard: int) -> None:
+        """The VIP leases of the shard's restored SAs name this worker's life from now on,
+        so no allocation reclaims an address still in use (docs/vip-pools.md)."""
+        if self.vip_leases is None:
+            return
+        for sa in list(self.engine.sas.values()):
+            if shard_of_spi(sa.local_spi) != shard or not sa.remote_vips:
+                continue
+            try:
+                await self.vip_leases.adopt(sa.vip_owner or sa.unique_id, sa.remote_vips)
+            except Exception as exc:
+                self.runtime.counters["vip.adopt_failed"] += 1
+                self.log.control("vip_adopt_failed", shard=shard, error=type(exc).__name__)
 
     async def renew_claim(self, claim: ShardClaim, count_workers: bool = True) -> None:
         """Keep this worker's shard; with `--shard auto` the farm's worker count is the
@@ -364,6 +490,8 @@ class IkeService(ServiceBase):
             try:
                 await claim.renew()
             except ShardLost as exc:
+                # another worker holds the shard and its SAs now: write none of them again
+                self.sa_store.shards.discard(self.shard)
                 self.log.audit("shard_lost", shard=self.shard, reason=str(exc))
                 self.runtime.request_stop()
                 return
@@ -380,6 +508,9 @@ class IkeService(ServiceBase):
         self._persister.cancel()
         with contextlib.suppress(Exception):  # what changed last goes out before the stop
             await asyncio.wait_for(self.sa_store.flush(), 2.0)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self.shard_watch.release_all()  # adopted shards' records are written above
         for claim in (self.shard_claim, self.lease):
             if claim is not None:
                 if self._renewer is not None:
@@ -398,6 +529,8 @@ class IkeService(ServiceBase):
         self._persister.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.cancel()
         for task in list(self._tasks):
             task.cancel()
         for future in self._waiting.values():
@@ -419,6 +552,12 @@ class IkeService(ServiceBase):
             },
             "engine": dict(self.engine.counters),
             "sa_states": self.state_counts.counts(self.engine.sas.values(), time.monotonic()),
+            # shard ownership for `ikefarm status` (docs/failover.md)
+            "lease_age": next(
+                (c.lease_age(time.monotonic()) for c in (self.lease, self.shard_claim) if c),
+                None,
+            ),
+            "adopted_shards": self.shard_watch.ownership(time.monotonic()),
             "snapshots": {
                 "stored": len(self.sa_store.stored),
                 **self.sa_store.counters,
@@ -525,7 +664,7 @@ class IkeService(ServiceBase):
     # -- farm-wide load (issue 5) ------------------------------------------------------------
 
     async def on_load(self, message: IkeLoad, _msg: Msg) -> None:
-        if message.shard == self.shard:
+        if message.shard == self.shard or message.instance == self.runtime.instance:
             return
         refused = self.admission.load.update_shard(message, time.monotonic())
         if refused is not None:
@@ -560,6 +699,14 @@ class IkeService(ServiceBase):
     async def publish_load(self) -> None:
         try:
             await self.runtime.publish(subjects.IKE_LOAD, self.load_snapshot())
+            for shard in self.shard_watch.adopted if hasattr(self, "shard_watch") else ():
+                # an adopted shard: owned here (ingress forwards it); its SAs are counted
+                # in this worker's own report
+                self._load_seq += 1
+                await self.runtime.publish(
+                    subjects.IKE_LOAD,
+                    IkeLoad(self.runtime.instance, shard, self._load_seq, 0, 0, LOAD_INTERVAL),
+                )
         except Exception as exc:  # the next round tries again
             self.runtime.counters["load_publish_failed"] += 1
             self.log.debug("load_publish_failed", error=type(exc).__name__)

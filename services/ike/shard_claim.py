@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from typing import Any
 
@@ -48,6 +49,13 @@ def claim_key(shard: int) -> str:
     return f"shard-{shard}"
 
 
+def want_key(shard: int) -> str:
+    """A worker waiting for its shard, held by the live worker that adopted it while it was
+    gone, asks for it back here (services/ike/adoption.py); the bucket's age limit removes
+    the ask of a worker that gave up."""
+    return f"want-{shard}"
+
+
 class ShardLost(RuntimeError):
     """Another worker holds the shard this one claimed."""
 
@@ -60,6 +68,7 @@ class ShardClaim:
         self.shard: int | None = None
         self._revision = 0
         self._kv: Any = None
+        self.renewed_at: float | None = None  # monotonic: when the lease was last written
 
     async def _bucket(self) -> Any:
         js = self.nc.jetstream()
@@ -83,6 +92,7 @@ class ShardClaim:
         for shard in range(self.max_shards):
             try:
                 self._revision = await self._kv.create(claim_key(shard), self.instance)
+                self.renewed_at = time.monotonic()
             except KeyWrongLastSequenceError:
                 if not await self._take_over(shard):
                     continue
@@ -103,24 +113,34 @@ class ShardClaim:
             self._revision = await self._kv.update(
                 claim_key(shard), self.instance, last=entry.revision
             )
+            self.renewed_at = time.monotonic()
         except KeyWrongLastSequenceError:
             return False
         return True
 
     async def hold(self, shard: int, wait: float = CLAIM_TTL + RENEW_INTERVAL) -> None:
-        """Take the lease of `shard`: free, this instance's previous life's, or expired
-        within `wait`; ServiceUnavailable when another worker keeps it."""
+        """Take the lease of `shard`: free, this instance's previous life's, expired or
+        handed back within `wait`; ServiceUnavailable when another worker keeps it.
+
+        While another worker holds it, this one asks for it back (`want_key`): a worker
+        that adopted the shard while its owner was gone hands it back (adoption.py)."""
         self._kv = await self._bucket()
         key = claim_key(shard)
         deadline = time.monotonic() + wait
+        asked = -math.inf
         while True:
             try:
                 self._revision = await self._kv.create(key, self.instance)
+                self.renewed_at = time.monotonic()
                 break
             except KeyWrongLastSequenceError:
                 pass
             if await self._take_over(shard):
                 break
+            if time.monotonic() - asked >= RENEW_INTERVAL:
+                asked = time.monotonic()
+                with contextlib.suppress(Exception):  # asking is a courtesy: the TTL still frees it
+                    await self._kv.put(want_key(shard), self.instance)
             if time.monotonic() >= deadline:
                 try:
                     holder = ((await self._kv.get(key)).value or b"").decode(errors="replace")
@@ -133,6 +153,30 @@ class ShardClaim:
                 )
             await asyncio.sleep(RENEW_INTERVAL / 4)
         self.shard = shard
+        if asked > -math.inf:
+            with contextlib.suppress(Exception):
+                await self._kv.delete(want_key(shard))
+
+    async def take_lapsed(self, shard: int) -> bool:
+        """Take the lease of `shard` if nobody holds it (its holder stopped renewing and the
+        age limit removed it): atomic on the broker, so one adopter wins."""
+        self._kv = await self._bucket()
+        try:
+            self._revision = await self._kv.create(claim_key(shard), self.instance)
+            self.renewed_at = time.monotonic()
+        except KeyWrongLastSequenceError:
+            return False
+        self.shard = shard
+        return True
+
+    async def take_own(self, shard: int) -> bool:
+        """Take the lease of `shard` if it is held under this instance's name (this worker's
+        previous life had adopted it)."""
+        self._kv = await self._bucket()
+        if not await self._take_over(shard):
+            return False
+        self.shard = shard
+        return True
 
     async def renew(self) -> None:
         """Refresh the claim; ShardLost when another worker holds the key now."""
@@ -140,15 +184,23 @@ class ShardClaim:
         key = claim_key(self.shard)
         try:
             self._revision = await self._kv.update(key, self.instance, last=self._revision)
+            self.renewed_at = time.monotonic()
         except KeyWrongLastSequenceError:
             # expired while we were stopped: take it again unless another worker did
             try:
                 self._revision = await self._kv.create(key, self.instance)
+                self.renewed_at = time.monotonic()
             except KeyWrongLastSequenceError:
                 raise ShardLost(f"shard {self.shard} is held by another worker") from None
+
+    def lease_age(self, now: float) -> float | None:
+        """Seconds since this worker last wrote its lease (None before the first)."""
+        return None if self.renewed_at is None else round(now - self.renewed_at, 1)
 
     async def release(self) -> None:
         if self._kv is None or self.shard is None:
             return
+        # only the lease as this worker last wrote it: one another worker took meanwhile
+        # (adopted while this one hung) is not this worker's to delete
         with contextlib.suppress(KeyNotFoundError, Exception):
-            await asyncio.wait_for(self._kv.delete(claim_key(self.shard)), 2.0)
+            await asyncio.wait_for(self._kv.delete(claim_key(self.shard), last=self._revision), 2.0)

@@ -258,6 +258,35 @@ class VipLeases:
             else:
                 self._count("vip.released")
 
+    async def adopt(self, owner: int, addresses: Any) -> int:
+        """The leases of an adopted IKE SA (`owner`, its unique id) name this worker's life
+        from now on (compare-and-set on the revision read; a lease another SA took over
+        meanwhile is left alone): a worker that continues a dead worker's SAs keeps their
+        addresses from being reclaimed. The count rewritten."""
+        rewritten = 0
+        for pool, address in addresses:
+            key = lease_key(pool, address)
+            try:
+                entry = await self._kv.get(key)
+            except KeyNotFoundError:
+                self._count("vip.adopt_lost")  # reclaimed and freed meanwhile
+                continue
+            held = LeaseRecord.decode(entry.value)
+            if held is None or held.owner != owner:
+                self._count("vip.adopt_taken")  # another SA's now: not ours to rewrite
+                continue
+            if held.worker == self.token:
+                continue
+            record = LeaseRecord(held.identity, owner, self.token, held.since)
+            try:
+                await self._kv.update(key, record.encode(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                self._count("vip.adopt_raced")
+                continue
+            rewritten += 1
+            self._count("vip.adopted")
+        return rewritten
+
     async def leases(self, pool: Pool) -> list[tuple[str, LeaseRecord | None, bool]]:
         """Every lease of `pool`: (address, record, holder alive)."""
         prefix = f"a.{_hex(pool.name)}."

@@ -495,6 +495,7 @@ class KernelService(ServiceBase):
             reqid=child.reqid,
             spi_in=request.spi_in.hex(),
             spi_out=request.spi_out.hex(),
+            reason=request.reason[:64] or "ike",
         )
         return KernelAck(ok=True)
 

@@ -429,8 +429,9 @@ class Runtime:
         queue: str | None = None,
         span_name: str | None = None,
         traced: bool = True,
-    ) -> None:
-        """An event subscription; bad messages are counted and dropped, never fatal.
+    ) -> Any:
+        """An event subscription (returned, for a service that ends it before it stops);
+        bad messages are counted and dropped, never fatal.
 
         `traced=False` for periodic reports (the load snapshots every second): a span
         each would make a trace each, burying the exchanges' traces."""
@@ -462,9 +463,9 @@ class Runtime:
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                     log.control("handler_failed", subject=msg.subject, error=type(exc).__name__)
 
-        self._subscriptions.append(
-            await self.nc.subscribe(subject, queue=queue or "", cb=on_message)
-        )
+        subscription = await self.nc.subscribe(subject, queue=queue or "", cb=on_message)
+        self._subscriptions.append(subscription)
+        return subscription
 
     async def publish(self, subject: str, message: BusMessage) -> None:
         assert self.nc is not None

@@ -197,7 +197,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from ikefarm.shared.cli.manage import connect
-    from ikefarm.shared.cli.status import discover, format_dos, format_table
+    from ikefarm.shared.cli.status import discover, format_dos, format_shards, format_table
 
     config = _load_or_exit(args.config) if args.config else None
     url = _nats_url(args, config)
@@ -222,6 +222,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps([asdict(r) for r in rows], indent=2))
         else:
             print(format_table(rows))
+            shards = format_shards(rows)
+            if shards:
+                print(f"\nShards:\n{shards}")
             dos = format_dos(rows)
             if dos:
                 print(f"\nDoS protection:\n{dos}")

@@ -205,6 +205,40 @@ def format_table(rows: list[ServiceRow]) -> str:
     )
 
 
+def format_shards(rows: list[ServiceRow]) -> str:
+    """One line per shard an ike worker holds: its own, and those it adopted from a worker
+    whose lease lapsed (docs/failover.md), with the age of the lease (seconds since the
+    holder last renewed it; a lease not renewed for 10 s lapses)."""
+    lines: list[tuple[int, str]] = []
+    for row in rows:
+        gauges = row.gauges if isinstance(row.gauges, dict) else {}
+        shard = gauges.get("shard")
+        if row.name != "ike" or not isinstance(shard, int):
+            continue
+        lines.append(
+            (
+                shard,
+                f"shard {shard}: {row.instance} (own, lease age {_age(gauges.get('lease_age'))})",
+            )
+        )
+        adopted = gauges.get("adopted_shards")
+        for item in adopted if isinstance(adopted, list) else []:
+            if not isinstance(item, dict) or not isinstance(item.get("shard"), int):
+                continue
+            since = _age(item.get("adopted_for"))
+            text = (
+                f"shard {item['shard']}: {row.instance} (adopted {since} ago, "
+                f"{shown(item.get('restored'))} SAs restored, "
+                f"lease age {_age(item.get('lease_age'))})"
+            )
+            lines.append((item["shard"], text))
+    return "\n".join(text for _shard, text in sorted(lines))
+
+
+def _age(value: object) -> str:
+    return f"{value:g}s" if isinstance(value, int | float) else "?"
+
+
 def format_dos(rows: list[ServiceRow]) -> str:
     """One line per ingress instance: the DoS gate's cookie mode and the farm's load as it
     sees it; one per ike worker: its half-open and established SAs (issue 5)."""

@@ -109,6 +109,9 @@ class IkeEngine:
         self.exchange_rates = rate_limits.ExchangeRates(dos.limits) if dos is not None else None
         self.invalid_spi_answers = invalid_spi.new_window()
         self.shard = shard
+        # shards whose SAs this engine continues besides its own (a dead worker's, adopted:
+        # docs/failover.md); new SAs always get SPIs of `shard`
+        self.adopted_shards: set[int] = set()
         # every random octet (SPIs, nonces, IVs, DH private keys) and every jitter comes from
         # these two: a test that injects seeded ones replays a negotiation byte for byte
         self.random = random
@@ -438,8 +441,9 @@ class IkeEngine:
         our_spi = header.spi_r if header.is_initiator else header.spi_i
         sa = self.sas.get(our_spi)
         if sa is None:
-            if shard_of_spi(our_spi) != self.shard:
-                return self.drop("wrong_shard", shard=shard_of_spi(our_spi))
+            spi_shard = shard_of_spi(our_spi)
+            if spi_shard != self.shard and spi_shard not in self.adopted_shards:
+                return self.drop("wrong_shard", shard=spi_shard)
             return invalid_spi.answer(self, header, local, remote, now)
         self.sas.touch(sa)  # what follows may change it in place (children, requests)
         peer_spi = header.spi_i if header.is_initiator else header.spi_r
@@ -480,7 +484,8 @@ class IkeEngine:
                 SendDatagram(to_local, to_remote, d, "retransmit")
                 for d in sa.last_response.datagrams
             ]
-        if header.message_id != sa.expected_request_id:
+        jump = sa.message_id_jump and header.message_id == sa.expected_request_id + 1
+        if header.message_id != sa.expected_request_id and not jump:
             return self.drop(
                 "invalid_message_id", got=header.message_id, expected=sa.expected_request_id
             )
@@ -493,6 +498,22 @@ class IkeEngine:
             return message
         if message is None:
             return []  # fragment stored, waiting for the others
+        effects: list[Effect] = []
+        if sa.message_id_jump:  # the first verified request since the restore
+            sa.message_id_jump = False
+            if jump:
+                # RFC 7296 2.2 keeps a window of one: a request one past the expected one
+                # means the peer got the answer to the one before, which the snapshot missed
+                sa.expected_request_id = header.message_id
+                self.count("message_id_jumped")
+                effects.append(
+                    Log(
+                        1,
+                        "ike",
+                        "message_id_jumped",
+                        {"unique_id": sa.unique_id, "message_id": header.message_id},
+                    )
+                )
         sa.last_seen = now
         # RFC 7296 2.23: after a verified request, answer where it came from; with MOBIKE
         # only UPDATE_SA_ADDRESSES moves the SA (RFC 4555 3.5), the response still goes back
@@ -501,7 +522,7 @@ class IkeEngine:
             sa.local, sa.remote = local, remote
         self.request_path = (local, remote)
         try:
-            return self._dispatch_request(sa, message, now)
+            return effects + self._dispatch_request(sa, message, now)
         finally:
             self.request_path = None
 

@@ -142,6 +142,10 @@ class IkeSa:
     expected_request_id: int = 0
     next_request_id: int = 0
     last_response: CachedResponse | None = None
+    # restored from a snapshot and no verified request since: the peer's next request may be
+    # one past `expected_request_id` once (the exchange before it was answered, then lost
+    # with the worker that answered it; docs/failover.md). Not in snapshots: set on restore.
+    message_id_jump: bool = False
     reassembler: FragmentReassembler | None = field(default=None, repr=False)
     children: list[ChildSa] = field(default_factory=list)
     # peer capabilities learned from notifies

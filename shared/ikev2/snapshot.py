@@ -791,6 +791,8 @@ def _restore(engine: IkeEngine, snap: SaSnapshot, secrets: SaSecrets, now: float
         sa.init_index_key = key
     for payload in (sa.local_id, sa.remote_id):
         str(payload)  # a malformed identity fails here, not in the SA table's bookkeeping
+    # the snapshot may have missed the last exchange the peer started (docs/failover.md)
+    sa.message_id_jump = True
     engine.adopt(sa)
     if key is not None:
         engine.init_index[key] = local_spi

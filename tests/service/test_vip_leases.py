@@ -209,3 +209,31 @@ async def test_the_ike_user_may_lease_and_list_and_ingress_may_not(tmp_path: Pat
                 await nc.close()
     assert errors["ike"] == []
     assert any("permissions violation" in e.lower() for e in errors["ingress"]), errors
+
+
+async def test_an_adopting_worker_keeps_the_adopted_sas_addresses_from_reclaim(
+    nats_server: EmbeddedNats,
+) -> None:
+    """The worker that continues a dead worker's SAs rewrites their leases to its own life
+    (docs/vip-pools.md): when the dead worker's holder record is gone, a new allocation
+    reclaims only the addresses no adopted SA holds."""
+    pools = _pools("10.9.0.1-10.9.0.2")
+    nc1, dead = await _worker(nats_server.url, pools)
+    nc2, adopter = await _worker(nats_server.url, pools)
+    try:
+        first = (await dead.lease(_call("kept.example", 1))).addresses
+        second = (await dead.lease(_call("gone.example", 2))).addresses
+        # the SA of owner 1 was restored by the adopter; owner 2's had no record
+        assert await adopter.adopt(1, first) == 1
+        assert await adopter.adopt(1, first) == 0  # already its own: nothing to rewrite
+        assert await adopter.adopt(99, second) == 0  # another SA's lease: left alone
+        assert adopter.counters["vip.adopted"] == 1 and adopter.counters["vip.adopt_taken"] == 1
+        holders = await nc2.jetstream().key_value(subjects.VIP_HOLDER_BUCKET)
+        await holders.delete(holder_key(dead.token))  # the dead worker's record expired
+        taken = await adopter.lease(_call("new.example", 10))
+        assert taken.addresses == second  # the orphaned address, never the adopted one
+        rows = {address: live for address, _r, live in await adopter.leases(pools["rw"])}
+        assert rows == {first[0][1]: True, second[0][1]: True}
+    finally:
+        await nc1.close()
+        await nc2.close()

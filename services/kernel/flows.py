@@ -17,6 +17,11 @@ packet, here:
   which IKE shares, or IP protocol 50), reported with `tunnel=True`; a verdict never cuts
   them (the next ESP packet reports them again).
 
+- TCP checks (docs/flow-sessions.md "TCP checks"): `FlowCache.packet` drops a TCP segment
+  whose sequence number is far outside its session's window (`flow.drop.tcp_sequence`,
+  unless `no-sequence-check`); `clamp_mss` lowers the MSS option of a SYN or SYN-ACK to
+  `tcp-mss`. Both read a bounded number of header bytes.
+
 Sans-I/O: callers pass `now` (monotonic seconds). Per packet the work is a header parse and
 O(1) dict work whatever the number of flows; `sweep(now)` forgets flows idle past every
 timeout the flow service could apply, a bounded number per call.
@@ -60,6 +65,12 @@ Key = tuple[int, bytes, int, bytes, int]
 # TCP handshake progress of an entry
 _SYN_SENT, _SYN_ACKED, _DONE = 1, 2, 3
 
+# Sequence check: the window scale option is not tracked; every advertised window is taken at
+# the largest scale RFC 7323 2.3 allows (14), and a segment up to that much before the last
+# ACK (a retransmission) is accepted too (docs/flow-sessions.md "TCP checks").
+MAX_SCALE = 14
+MSS_KIND, EOL, NOP = 2, 0, 1
+
 
 def reverse(key: Key) -> Key:
     return (key[0], key[3], key[4], key[1], key[2])
@@ -99,6 +110,76 @@ def parse(packet: bytes) -> tuple[Key, int] | None:
     return (protocol, src, 0, dst, 0), 0
 
 
+def _tcp_offset(packet: bytes) -> int | None:
+    """Where the TCP header of an IPv4/IPv6 packet starts (not a later fragment), or None."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4:
+        header = (packet[0] & 0x0F) * 4
+        if header < 20 or len(packet) < header or packet[9] != TCP:
+            return None
+        if int.from_bytes(packet[6:8], "big") & 0x1FFF:
+            return None
+    elif version == 6 and len(packet) >= 40 and packet[6] == TCP:
+        header = 40
+    else:
+        return None
+    return header if len(packet) >= header + 20 else None
+
+
+def clamp_mss(packet: bytes, mss: int) -> bytes:
+    """`packet` with the MSS option of a TCP SYN (or SYN-ACK) lowered to `mss` when larger,
+    the TCP checksum fixed incrementally (RFC 1624 eqn. 3); any other packet unchanged (the
+    same object). The options are walked within the header's data offset, at most 40 bytes."""
+    start = _tcp_offset(packet)
+    if start is None or not packet[start + 13] & SYN:
+        return packet
+    end = start + (packet[start + 12] >> 4) * 4
+    if end > len(packet):
+        return packet
+    at = start + 20
+    while at < end:
+        kind = packet[at]
+        if kind == EOL:
+            break
+        if kind == NOP:
+            at += 1
+            continue
+        if at + 1 >= end:
+            break
+        length = packet[at + 1]
+        if length < 2 or at + length > end:
+            break
+        if kind == MSS_KIND and length == 4:
+            old = int.from_bytes(packet[at + 2 : at + 4], "big")
+            if old <= mss:
+                return packet
+            out = bytearray(packet)
+            out[at + 2 : at + 4] = mss.to_bytes(2, "big")
+            old_word, new_word = old, mss
+            if (at + 2 - start) & 1:  # straddles two 16-bit words: the sum sees it swapped
+                old_word, new_word = _swap(old), _swap(mss)
+            check = int.from_bytes(packet[start + 16 : start + 18], "big")
+            total = (~check & 0xFFFF) + (~old_word & 0xFFFF) + new_word
+            total = (total & 0xFFFF) + (total >> 16)
+            total = (total & 0xFFFF) + (total >> 16)
+            out[start + 16 : start + 18] = (~total & 0xFFFF).to_bytes(2, "big")
+            return bytes(out)
+        at += length
+    return packet
+
+
+def _swap(word: int) -> int:
+    return ((word & 0xFF) << 8) | (word >> 8)
+
+
+def _in_window(seq: int, ack: int, window: int) -> bool:
+    """RFC 793 3.3 segment acceptability, generously: `seq` within the window the other side
+    advertised after its ACK (taken at scale MAX_SCALE), or up to that much before the ACK."""
+    bound = max(window, 1) << MAX_SCALE
+    distance = (seq - ack) & 0xFFFFFFFF
+    return distance <= bound or 0x100000000 - distance <= bound
+
+
 def flag_letters(flags: int) -> str:
     return "".join(letter for bit, letter in FLAG_LETTERS if flags & bit)
 
@@ -134,6 +215,7 @@ class FlowEntry:
         "last",
         "packets_in",
         "packets_out",
+        "peer_ack",
         "policy",
         "refused",
         "reported",
@@ -157,6 +239,9 @@ class FlowEntry:
         self.rst = False
         self.tunnel = False
         self.users = 0  # children sharing a tunnel session
+        # sequence check (TCP only, made at the first ACK): per direction (index 1 the init
+        # way, 2 the answer), the other side's last (ACK, window), None until it sent one
+        self.peer_ack: list[tuple[int, int] | None] | None = None
 
 
 class FlowCache:
@@ -171,6 +256,8 @@ class FlowCache:
         self.instance = instance
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.no_syn_check = settings.no_syn_check
+        self.sequence_check = not settings.no_sequence_check
+        self.tcp_mss = settings.tcp_mss  # None: no clamping
         self.limit = settings.max_sessions
         timeouts = [settings.tcp, settings.udp, settings.icmp, settings.other]
         timeouts += [app.inactivity_timeout for app in settings.applications]
@@ -211,21 +298,49 @@ class FlowCache:
                 return False
             self._forget(entry)  # held long enough: the next packet asks again
             return self.packet(packet, now, ingress, egress, policy)
+        direction = 1 if key is entry.init or key == entry.init else 2
+        if (
+            flags
+            and key[0] == TCP
+            and self.sequence_check
+            and not self._sequence(entry, packet, flags, direction)
+        ):
+            self.counters["flow.drop.tcp_sequence"] += 1
+            return False
         size = len(packet)
-        if key is entry.init or key == entry.init:
+        if direction == 1:
             entry.packets_in += 1
             entry.bytes_in += size
-            direction = 1
         else:
             entry.packets_out += 1
             entry.bytes_out += size
-            direction = 2
         entry.last = now
         if not entry.dirty:
             entry.dirty = True
             self._dirty.append(entry)
         if flags and key[0] == TCP:
             self._tcp(entry, flags, direction, now)
+        return True
+
+    def _sequence(self, entry: FlowEntry, packet: bytes, flags: int, direction: int) -> bool:
+        """False: the segment is outside its window (docs/flow-sessions.md "TCP checks").
+        Lenient until the other side has sent an ACK; a SYN is not checked (it picks its
+        sequence number). Notes this segment's ACK and window for the other direction."""
+        start = _tcp_offset(packet)
+        if start is None:
+            return True
+        peer_ack = entry.peer_ack
+        if peer_ack is not None and not flags & SYN:
+            known = peer_ack[direction]
+            seq = int.from_bytes(packet[start + 4 : start + 8], "big")
+            if known is not None and not _in_window(seq, *known):
+                return False
+        if flags & ACK:
+            if peer_ack is None:
+                peer_ack = entry.peer_ack = [None, None, None]
+            ack = int.from_bytes(packet[start + 8 : start + 12], "big")
+            window = int.from_bytes(packet[start + 14 : start + 16], "big")
+            peer_ack[3 - direction] = (ack, window)
         return True
 
     def _open(

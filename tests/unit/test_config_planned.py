@@ -33,7 +33,6 @@ def test_every_planned_path_names_a_schema_key(planned) -> None:  # type: ignore
 # a non-default value per kind of planned key, set inside the example so everything else is valid
 SETTINGS = [
     ("[ike.global-options]\nthreads = 4\n", "ike.global-options.threads", None),
-    ("[flow.tcp-session]\ntcp-mss = 1360\n", "flow.tcp-session.tcp-mss", 12),
     (
         "[ike.global-options]\nmobike-prefer-best-path = true\n",
         "ike.global-options.mobike-prefer-best-path",
@@ -68,9 +67,7 @@ def test_planned_keys_inside_vpn_items_are_refused_with_their_index() -> None:
 
 def test_a_planned_key_at_its_default_loads() -> None:
     config = parse_config(
-        EXAMPLE.read_text()
-        + "\n[ike.global-options]\nsa-table-size = 1\nthreads = 16\n"
-        + "[flow.tcp-session]\nno-sequence-check = false\n"
+        EXAMPLE.read_text() + "\n[ike.global-options]\nsa-table-size = 1\nthreads = 16\n"
     )
     assert config.is_explicit("ike.global-options.threads")
 

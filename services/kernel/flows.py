@@ -173,8 +173,9 @@ def _swap(word: int) -> int:
 
 
 def _in_window(seq: int, ack: int, window: int) -> bool:
-    """RFC 793 3.3 segment acceptability, generously: `seq` within the window the other side
-    advertised after its ACK (taken at scale MAX_SCALE), or up to that much before the ACK."""
+    """RFC 793 3.3 segment acceptability, generously: `seq` within the largest window the
+    other side advertised (taken at scale MAX_SCALE) after its last ACK, or up to that much
+    before the ACK (a retransmission, or an ACK seen out of order); modulo 2^32."""
     bound = max(window, 1) << MAX_SCALE
     distance = (seq - ack) & 0xFFFFFFFF
     return distance <= bound or 0x100000000 - distance <= bound
@@ -240,7 +241,8 @@ class FlowEntry:
         self.tunnel = False
         self.users = 0  # children sharing a tunnel session
         # sequence check (TCP only, made at the first ACK): per direction (index 1 the init
-        # way, 2 the answer), the other side's last (ACK, window), None until it sent one
+        # way, 2 the answer), the other side's last ACK and largest window, None until it
+        # sent one
         self.peer_ack: list[tuple[int, int] | None] | None = None
 
 
@@ -325,12 +327,18 @@ class FlowCache:
     def _sequence(self, entry: FlowEntry, packet: bytes, flags: int, direction: int) -> bool:
         """False: the segment is outside its window (docs/flow-sessions.md "TCP checks").
         Lenient until the other side has sent an ACK; a SYN is not checked (it picks its
-        sequence number). Notes this segment's ACK and window for the other direction."""
+        sequence number, so what the other side acknowledged of this direction is forgotten).
+        Notes this segment's ACK and the largest window this side advertised, for the other
+        direction: a window that shrinks (to zero, say) does not make the data already in
+        flight, or its retransmission, look out of window."""
         start = _tcp_offset(packet)
         if start is None:
             return True
         peer_ack = entry.peer_ack
-        if peer_ack is not None and not flags & SYN:
+        if flags & SYN:
+            if peer_ack is not None:
+                peer_ack[direction] = None
+        elif peer_ack is not None:
             known = peer_ack[direction]
             seq = int.from_bytes(packet[start + 4 : start + 8], "big")
             if known is not None and not _in_window(seq, *known):
@@ -340,6 +348,9 @@ class FlowCache:
                 peer_ack = entry.peer_ack = [None, None, None]
             ack = int.from_bytes(packet[start + 8 : start + 12], "big")
             window = int.from_bytes(packet[start + 14 : start + 16], "big")
+            before = peer_ack[3 - direction]
+            if before is not None and before[1] > window and not flags & SYN:
+                window = before[1]  # a SYN-ACK starts the other side's numbers afresh
             peer_ack[3 - direction] = (ack, window)
         return True
 

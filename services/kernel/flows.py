@@ -21,6 +21,9 @@ packet, here:
   whose sequence number is far outside its session's window (`flow.drop.tcp_sequence`,
   unless `no-sequence-check`); `clamp_mss` lowers the MSS option of a SYN or SYN-ACK to
   `tcp-mss`. Both read a bounded number of header bytes.
+- ICMP errors (docs/flow-sessions.md "ICMP errors"): counted in the session of the flow
+  whose packet they carry, never a flow of their own; about no flow held: dropped
+  (`flow.drop.icmp_error`).
 
 Sans-I/O: callers pass `now` (monotonic seconds). Per packet the work is a header parse and
 O(1) dict work whatever the number of flows; `sweep(now)` forgets flows idle past every
@@ -46,6 +49,11 @@ from ikefarm.shared.flow.settings import FlowSettings
 TCP, UDP, ICMP, ICMP6, ESP, SCTP = 6, 17, 1, 58, 50, 132
 PORTED = (TCP, UDP, SCTP)
 ECHO = {ICMP: (8, 0), ICMP6: (128, 129)}  # echo request/reply types: identifier as ports
+# error types that carry the header of the packet they report on: destination unreachable,
+# source quench, redirect, time exceeded, parameter problem (RFC 792); destination
+# unreachable, packet too big, time exceeded, parameter problem (RFC 4443 2.1, 3)
+ERRORS = {ICMP: (3, 4, 5, 11, 12), ICMP6: (1, 2, 3, 4)}
+NOT_A_FLOW: Key = (-1, b"", 0, b"", 0)  # an ICMP error whose embedded packet is unreadable
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 FLAG_LETTERS = ((FIN, "F"), (SYN, "S"), (RST, "R"), (0x08, "P"), (ACK, "A"), (0x20, "U"))
 
@@ -181,6 +189,35 @@ def _in_window(seq: int, ack: int, window: int) -> bool:
     return distance <= bound or 0x100000000 - distance <= bound
 
 
+def icmp_error(packet: bytes, key: Key) -> tuple[Key, int] | None:
+    """For an ICMP/ICMPv6 error (`key` is its parse()): the 5-tuple of the packet it reports
+    on, as that packet went, and where that packet's transport header starts in `packet`
+    (RFC 792: an error carries the IP header and the first 8 octets of data of what it
+    reports on; RFC 4443 2.4 (c): as much of it as fits). None when `packet` is not an error;
+    (NOT_A_FLOW, 0) when the embedded packet is short of those 8 octets, of the other family,
+    or was not sent by the error's destination (an error goes back to the source)."""
+    protocol, v6 = key[0], len(key[1]) == 16
+    if (protocol == ICMP6) != v6:
+        return None
+    if v6:
+        header = 40
+    else:
+        header = (packet[0] & 0x0F) * 4
+        if int.from_bytes(packet[6:8], "big") & 0x1FFF:  # a later fragment
+            return None
+    if len(packet) < header + 8 or packet[header] not in ERRORS[protocol]:
+        return None
+    start = header + 8
+    inner = parse(packet[start : start + 68])  # at most a 60-octet IPv4 header and 8 more
+    if inner is None:
+        return NOT_A_FLOW, 0
+    embedded = inner[0]
+    transport = start + (40 if v6 else (packet[start] & 0x0F) * 4)
+    if len(embedded[1]) != len(key[1]) or embedded[1] != key[3] or len(packet) < transport + 8:
+        return NOT_A_FLOW, 0
+    return embedded, transport
+
+
 def flag_letters(flags: int) -> str:
     return "".join(letter for bit, letter in FLAG_LETTERS if flags & bit)
 
@@ -289,6 +326,10 @@ class FlowCache:
             self.counters["flow.drop.malformed"] += 1
             return False
         key, flags = parsed
+        if key[0] in ERRORS and key[2] == 0:
+            error = icmp_error(packet, key)
+            if error is not None:
+                return self._icmp_error(packet, *error, now)
         entry = self.entries.get(key)
         if entry is None:
             entry = self._open(key, flags, now, ingress, egress, policy)
@@ -309,7 +350,12 @@ class FlowCache:
         ):
             self.counters["flow.drop.tcp_sequence"] += 1
             return False
-        size = len(packet)
+        self._account(entry, direction, len(packet), now)
+        if flags and key[0] == TCP:
+            self._tcp(entry, flags, direction, now)
+        return True
+
+    def _account(self, entry: FlowEntry, direction: int, size: int, now: float) -> None:
         if direction == 1:
             entry.packets_in += 1
             entry.bytes_in += size
@@ -320,8 +366,27 @@ class FlowCache:
         if not entry.dirty:
             entry.dirty = True
             self._dirty.append(entry)
-        if flags and key[0] == TCP:
-            self._tcp(entry, flags, direction, now)
+
+    def _icmp_error(self, packet: bytes, embedded: Key, transport: int, now: float) -> bool:
+        """An ICMP error belongs to the session of the flow it reports on (docs/flow-sessions.md
+        "ICMP errors"): counted there, the way back from the packet it carries; it never opens
+        a session of its own. One about no flow the cache holds, or about a TCP segment outside
+        that flow's window (RFC 5927 4.1, with the sequence check on), is dropped."""
+        entry = self.entries.get(embedded)
+        if entry is None or entry.tunnel:
+            self.counters["flow.drop.icmp_error"] += 1
+            return False
+        if entry.refused:
+            self.counters["flow.drop.refused"] += 1
+            return False
+        sent = 1 if embedded is entry.init or embedded == entry.init else 2
+        if embedded[0] == TCP and self.sequence_check and entry.peer_ack is not None:
+            known = entry.peer_ack[sent]
+            seq = int.from_bytes(packet[transport + 4 : transport + 8], "big")
+            if known is not None and not _in_window(seq, *known):
+                self.counters["flow.drop.tcp_sequence"] += 1
+                return False
+        self._account(entry, 3 - sent, len(packet), now)
         return True
 
     def _sequence(self, entry: FlowEntry, packet: bytes, flags: int, direction: int) -> bool:

@@ -121,12 +121,13 @@ except OSError:
     pass
 """
 
-# peer side: a connection attempt to port 81 from port argv[3] (unanswered, or refused)
+# peer side: a connection attempt to port 81 from port argv[3] (unanswered, or refused),
+# given up after argv[4] seconds (1 by default)
 CONNECT = r"""
 import socket, sys
 try:
     socket.create_connection((sys.argv[1], 81), source_address=(sys.argv[2], int(sys.argv[3])),
-                             timeout=1)
+                             timeout=float(sys.argv[4]) if len(sys.argv) > 4 else 1)
 except OSError:
     pass
 """
@@ -266,15 +267,21 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     assert tcp["packets_in"] >= 3 and tcp["bytes_in"] > 0 and tcp["bytes_out"] > 0
 
     # an unanswered SYN (forwarding is off in gw: nothing answers 10.100.0.99): a session in
-    # the handshake, gone after tcp-initial-timeout
-    peer_ns.run([sys.executable, "-c", CONNECT, "10.100.0.99", PEER_INNER, "45000"], timeout=20)
-    # (the row as first seen: under load a second `show` may come after its 4 s are up)
+    # the handshake, gone after tcp-initial-timeout. The client retransmits its SYN for 8 s
+    # (at 1, 3 and 7 s), each restarting the 4 s, so a `show` slowed by load still finds it;
+    # the row is taken as first seen
+    attempt = peer_ns.popen(
+        [sys.executable, "-c", CONNECT, "10.100.0.99", PEER_INNER, "45000", "8"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     half = wait_for(
         lambda: session_of(gateway, 6, {3: "10.100.0.99"}),
-        timeout=10,
+        timeout=15,
         what="the half-open session",
     )
     assert half["state"] == "handshake" and half["timeout"] <= 4
+    attempt.wait(timeout=30)
     wait_for(
         lambda: session_of(gateway, 6, {3: "10.100.0.99"}) is None,
         timeout=20,

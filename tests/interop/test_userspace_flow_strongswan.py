@@ -34,12 +34,14 @@ from tests.harness.netns import Namespace, NetnsPair, wait_for
 from tests.harness.strongswan import StrongSwan
 from tests.interop.test_responder_strongswan import peer_connection, psk_for
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(480)]
 
 PSK = "userspace-flow-psk-8e41b0c6d2"
 GW_INNER, PEER_INNER = "10.100.0.1", "10.200.0.1"
 GW_OUTER, PEER_OUTER = "192.0.2.1", "192.0.2.2"
-TCP_PORT, UDP_PORT, PROBE_PORT, CLOSED_PORT = 5202, 5203, 5204, 5205
+TCP_PORT, UDP_PORT, PROBE_PORT, CLOSED_PORT, RESET_PORT = 5202, 5203, 5204, 5205, 5206
+# sessions this test watches age out live this long: a `show` slowed by load still sees them
+SHORT = 10
 MAX_SESSIONS = 4  # the tunnel, the ping, the TCP connection and one more
 FLOW = f"""
 [kernel]
@@ -51,6 +53,7 @@ max-sessions = {MAX_SESSIONS}
 tcp-initial-timeout = 4
 rst-invalidate-session = true
 [flow.session-timeouts]
+invalidated = {SHORT}
 icmp = 300
 udp = 300
 tcp = 1800
@@ -58,12 +61,12 @@ tcp = 1800
 name = "probe"
 protocol = "udp"
 destination-port = {PROBE_PORT}
-inactivity-timeout = 4
+inactivity-timeout = {SHORT}
 [[flow.application]]
 name = "closed"
 protocol = "udp"
 destination-port = {CLOSED_PORT}
-inactivity-timeout = 4
+inactivity-timeout = {SHORT}
 """
 
 # gw side: an echo server for one TCP connection
@@ -121,7 +124,16 @@ except OSError:
     pass
 """
 
-# peer side: a connection attempt to port 81 from port argv[3] (unanswered, or refused),
+# peer side: connects to argv[1]:argv[2] from argv[3] and resets the connection at once
+RESET = r"""
+import socket, struct, sys
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), source_address=(sys.argv[3], 0),
+                                timeout=20)
+conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+conn.close()
+"""
+
+# peer side: a connection attempt to port 81 from port argv[3] (unanswered),
 # given up after argv[4] seconds (1 by default)
 CONNECT = r"""
 import socket, sys
@@ -289,15 +301,17 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     )
     assert gateway.counters("flow").get("closed.handshake-timeout", 0) >= 1
 
-    # a refused connection: gw's RST invalidates the session (rst-invalidate-session)
-    peer_ns.run([sys.executable, "-c", CONNECT, GW_INNER, PEER_INNER, "45001"], timeout=20)
+    # an established connection reset by the peer: the RST invalidates the session
+    # (rst-invalidate-session), its timeout drops from TCP's 1800 s to the invalidated one
+    python(gw_ns, ECHO_SERVER, GW_INNER, str(RESET_PORT)).next()
+    peer_ns.run([sys.executable, "-c", RESET, GW_INNER, str(RESET_PORT), PEER_INNER], timeout=20)
     reset = wait_for(
-        lambda: (row := session_of(gateway, 6, {2: 45001})) and not row["valid"] and row,
+        lambda: (row := session_of(gateway, 6, {4: RESET_PORT})) and not row["valid"] and row,
         timeout=10,
         what="the reset session, invalidated",
     )
-    assert reset["timeout"] <= 4  # session-timeouts.invalidated
-    wait_for(lambda: session_of(gateway, 6, {2: 45001}) is None, timeout=20, what="it to go")
+    assert reset["timeout"] <= SHORT  # session-timeouts.invalidated
+    wait_for(lambda: session_of(gateway, 6, {4: RESET_PORT}) is None, timeout=30, what="it to go")
 
     def send_udp(port: int, to: int = UDP_PORT) -> None:
         args = [PEER_INNER, str(port), GW_INNER, str(to)]
@@ -315,11 +329,11 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     )
     assert exchange["in"] == [17, PEER_INNER, 7000, GW_INNER, PROBE_PORT]
     assert exchange["packets_out"] == 1
-    assert exchange["application"] == "probe" and exchange["timeout"] <= 4
+    assert exchange["application"] == "probe" and exchange["timeout"] <= SHORT
     assert exchange["packets_in"] == 1 and exchange["bytes_in"] == exchange["bytes_out"] == 32
     wait_for(
         lambda: session_of(gateway, 17, {4: PROBE_PORT}) is None,
-        timeout=20,
+        timeout=30,
         what="the UDP session to age out",
     )
 
@@ -337,7 +351,7 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     assert gateway.counters("kernel").get("flow.drop.icmp_error", 0) == 0
     wait_for(
         lambda: session_of(gateway, 17, {4: CLOSED_PORT}) is None,
-        timeout=20,
+        timeout=30,
         what="that UDP session to age out",
     )
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ikefarm.services.kernel.flows import FlowCache, FlowEntry, Key, packed
+from ikefarm.services.kernel.flows import FlowCache, FlowEntry, Key, clamp_mss, packed
 from ikefarm.shared.esp import (
     Dropped,
     EncapsulationRefused,
@@ -314,6 +314,8 @@ class Dataplane:
             now = self.clock()
             if not flows.packet(packet, now, self.host, tunnel.label, tunnel.policy):
                 return None  # counted as flow.drop.<reason>
+            if flows.tcp_mss is not None:
+                packet = clamp_mss(packet, flows.tcp_mss)
         sa = tunnel.outbound
         try:
             esp = sa.encapsulate(packet)
@@ -356,6 +358,8 @@ class Dataplane:
                 flows.tunnel_packet(tunnel.outer, len(esp), True, now)
             if not flows.packet(inner, now, tunnel.label, self.host, tunnel.policy):
                 return None  # counted as flow.drop.<reason>
+            if flows.tcp_mss is not None:
+                inner = clamp_mss(inner, flows.tcp_mss)
         self.counters["esp.in.packets"] += 1
         self.counters["esp.in.bytes"] += len(inner)
         if not tunnel.moved:

@@ -17,6 +17,14 @@ packet, here:
   which IKE shares, or IP protocol 50), reported with `tunnel=True`; a verdict never cuts
   them (the next ESP packet reports them again).
 
+- TCP checks (docs/flow-sessions.md "TCP checks"): `FlowCache.packet` drops a TCP segment
+  whose sequence number is far outside its session's window (`flow.drop.tcp_sequence`,
+  unless `no-sequence-check`); `clamp_mss` lowers the MSS option of a SYN or SYN-ACK to
+  `tcp-mss`. Both read a bounded number of header bytes.
+- ICMP errors (docs/flow-sessions.md "ICMP errors"): counted in the session of the flow
+  whose packet they carry, never a flow of their own; about no flow held: dropped
+  (`flow.drop.icmp_error`).
+
 Sans-I/O: callers pass `now` (monotonic seconds). Per packet the work is a header parse and
 O(1) dict work whatever the number of flows; `sweep(now)` forgets flows idle past every
 timeout the flow service could apply, a bounded number per call.
@@ -41,6 +49,11 @@ from ikefarm.shared.flow.settings import FlowSettings
 TCP, UDP, ICMP, ICMP6, ESP, SCTP = 6, 17, 1, 58, 50, 132
 PORTED = (TCP, UDP, SCTP)
 ECHO = {ICMP: (8, 0), ICMP6: (128, 129)}  # echo request/reply types: identifier as ports
+# error types that carry the header of the packet they report on: destination unreachable,
+# source quench, redirect, time exceeded, parameter problem (RFC 792); destination
+# unreachable, packet too big, time exceeded, parameter problem (RFC 4443 2.1, 3)
+ERRORS = {ICMP: (3, 4, 5, 11, 12), ICMP6: (1, 2, 3, 4)}
+NOT_A_FLOW: Key = (-1, b"", 0, b"", 0)  # an ICMP error whose embedded packet is unreadable
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 FLAG_LETTERS = ((FIN, "F"), (SYN, "S"), (RST, "R"), (0x08, "P"), (ACK, "A"), (0x20, "U"))
 
@@ -59,6 +72,12 @@ Key = tuple[int, bytes, int, bytes, int]
 
 # TCP handshake progress of an entry
 _SYN_SENT, _SYN_ACKED, _DONE = 1, 2, 3
+
+# Sequence check: the window scale option is not tracked; every advertised window is taken at
+# the largest scale RFC 7323 2.3 allows (14), and a segment up to that much before the last
+# ACK (a retransmission) is accepted too (docs/flow-sessions.md "TCP checks").
+MAX_SCALE = 14
+MSS_KIND, EOL, NOP = 2, 0, 1
 
 
 def reverse(key: Key) -> Key:
@@ -99,6 +118,106 @@ def parse(packet: bytes) -> tuple[Key, int] | None:
     return (protocol, src, 0, dst, 0), 0
 
 
+def _tcp_offset(packet: bytes) -> int | None:
+    """Where the TCP header of an IPv4/IPv6 packet starts (not a later fragment), or None."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4:
+        header = (packet[0] & 0x0F) * 4
+        if header < 20 or len(packet) < header or packet[9] != TCP:
+            return None
+        if int.from_bytes(packet[6:8], "big") & 0x1FFF:
+            return None
+    elif version == 6 and len(packet) >= 40 and packet[6] == TCP:
+        header = 40
+    else:
+        return None
+    return header if len(packet) >= header + 20 else None
+
+
+def clamp_mss(packet: bytes, mss: int) -> bytes:
+    """`packet` with the MSS option of a TCP SYN (or SYN-ACK) lowered to `mss` when larger,
+    the TCP checksum fixed incrementally (RFC 1624 eqn. 3); any other packet unchanged (the
+    same object). The options are walked within the header's data offset, at most 40 bytes."""
+    start = _tcp_offset(packet)
+    if start is None or not packet[start + 13] & SYN:
+        return packet
+    end = start + (packet[start + 12] >> 4) * 4
+    if end > len(packet):
+        return packet
+    at = start + 20
+    while at < end:
+        kind = packet[at]
+        if kind == EOL:
+            break
+        if kind == NOP:
+            at += 1
+            continue
+        if at + 1 >= end:
+            break
+        length = packet[at + 1]
+        if length < 2 or at + length > end:
+            break
+        if kind == MSS_KIND and length == 4:
+            old = int.from_bytes(packet[at + 2 : at + 4], "big")
+            if old <= mss:
+                return packet
+            out = bytearray(packet)
+            out[at + 2 : at + 4] = mss.to_bytes(2, "big")
+            old_word, new_word = old, mss
+            if (at + 2 - start) & 1:  # straddles two 16-bit words: the sum sees it swapped
+                old_word, new_word = _swap(old), _swap(mss)
+            check = int.from_bytes(packet[start + 16 : start + 18], "big")
+            total = (~check & 0xFFFF) + (~old_word & 0xFFFF) + new_word
+            total = (total & 0xFFFF) + (total >> 16)
+            total = (total & 0xFFFF) + (total >> 16)
+            out[start + 16 : start + 18] = (~total & 0xFFFF).to_bytes(2, "big")
+            return bytes(out)
+        at += length
+    return packet
+
+
+def _swap(word: int) -> int:
+    return ((word & 0xFF) << 8) | (word >> 8)
+
+
+def _in_window(seq: int, ack: int, window: int) -> bool:
+    """RFC 793 3.3 segment acceptability, generously: `seq` within the largest window the
+    other side advertised (taken at scale MAX_SCALE) after its last ACK, or up to that much
+    before the ACK (a retransmission, or an ACK seen out of order); modulo 2^32."""
+    bound = max(window, 1) << MAX_SCALE
+    distance = (seq - ack) & 0xFFFFFFFF
+    return distance <= bound or 0x100000000 - distance <= bound
+
+
+def icmp_error(packet: bytes, key: Key) -> tuple[Key, int] | None:
+    """For an ICMP/ICMPv6 error (`key` is its parse()): the 5-tuple of the packet it reports
+    on, as that packet went, and where that packet's transport header starts in `packet`
+    (RFC 792: an error carries the IP header and the first 8 octets of data of what it
+    reports on; RFC 4443 2.4 (c): as much of it as fits). None when `packet` is not an error;
+    (NOT_A_FLOW, 0) when the embedded packet is short of those 8 octets, of the other family,
+    or was not sent by the error's destination (an error goes back to the source)."""
+    protocol, v6 = key[0], len(key[1]) == 16
+    if (protocol == ICMP6) != v6:
+        return None
+    if v6:
+        header = 40
+    else:
+        header = (packet[0] & 0x0F) * 4
+        if int.from_bytes(packet[6:8], "big") & 0x1FFF:  # a later fragment
+            return None
+    if len(packet) < header + 8 or packet[header] not in ERRORS[protocol]:
+        return None
+    start = header + 8
+    inner = parse(packet[start : start + 68])  # at most a 60-octet IPv4 header and 8 more
+    if inner is None:
+        return NOT_A_FLOW, 0
+    embedded = inner[0]
+    transport = start + (40 if v6 else (packet[start] & 0x0F) * 4)
+    if len(embedded[1]) != len(key[1]) or embedded[1] != key[3] or len(packet) < transport + 8:
+        return NOT_A_FLOW, 0
+    return embedded, transport
+
+
 def flag_letters(flags: int) -> str:
     return "".join(letter for bit, letter in FLAG_LETTERS if flags & bit)
 
@@ -134,6 +253,7 @@ class FlowEntry:
         "last",
         "packets_in",
         "packets_out",
+        "peer_ack",
         "policy",
         "refused",
         "reported",
@@ -157,6 +277,10 @@ class FlowEntry:
         self.rst = False
         self.tunnel = False
         self.users = 0  # children sharing a tunnel session
+        # sequence check (TCP only, made at the first ACK): per direction (index 1 the init
+        # way, 2 the answer), the other side's last ACK and largest window, None until it
+        # sent one
+        self.peer_ack: list[tuple[int, int] | None] | None = None
 
 
 class FlowCache:
@@ -171,6 +295,8 @@ class FlowCache:
         self.instance = instance
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.no_syn_check = settings.no_syn_check
+        self.sequence_check = not settings.no_sequence_check
+        self.tcp_mss = settings.tcp_mss  # None: no clamping
         self.limit = settings.max_sessions
         timeouts = [settings.tcp, settings.udp, settings.icmp, settings.other]
         timeouts += [app.inactivity_timeout for app in settings.applications]
@@ -200,6 +326,10 @@ class FlowCache:
             self.counters["flow.drop.malformed"] += 1
             return False
         key, flags = parsed
+        if key[0] in ERRORS and key[2] == 0:
+            error = icmp_error(packet, key)
+            if error is not None:
+                return self._icmp_error(packet, *error, now)
         entry = self.entries.get(key)
         if entry is None:
             entry = self._open(key, flags, now, ingress, egress, policy)
@@ -211,21 +341,82 @@ class FlowCache:
                 return False
             self._forget(entry)  # held long enough: the next packet asks again
             return self.packet(packet, now, ingress, egress, policy)
-        size = len(packet)
-        if key is entry.init or key == entry.init:
+        direction = 1 if key is entry.init or key == entry.init else 2
+        if (
+            flags
+            and key[0] == TCP
+            and self.sequence_check
+            and not self._sequence(entry, packet, flags, direction)
+        ):
+            self.counters["flow.drop.tcp_sequence"] += 1
+            return False
+        self._account(entry, direction, len(packet), now)
+        if flags and key[0] == TCP:
+            self._tcp(entry, flags, direction, now)
+        return True
+
+    def _account(self, entry: FlowEntry, direction: int, size: int, now: float) -> None:
+        if direction == 1:
             entry.packets_in += 1
             entry.bytes_in += size
-            direction = 1
         else:
             entry.packets_out += 1
             entry.bytes_out += size
-            direction = 2
         entry.last = now
         if not entry.dirty:
             entry.dirty = True
             self._dirty.append(entry)
-        if flags and key[0] == TCP:
-            self._tcp(entry, flags, direction, now)
+
+    def _icmp_error(self, packet: bytes, embedded: Key, transport: int, now: float) -> bool:
+        """An ICMP error belongs to the session of the flow it reports on (docs/flow-sessions.md
+        "ICMP errors"): counted there, the way back from the packet it carries; it never opens
+        a session of its own. One about no flow the cache holds, or about a TCP segment outside
+        that flow's window (RFC 5927 4.1, with the sequence check on), is dropped."""
+        entry = self.entries.get(embedded)
+        if entry is None or entry.tunnel:
+            self.counters["flow.drop.icmp_error"] += 1
+            return False
+        if entry.refused:
+            self.counters["flow.drop.refused"] += 1
+            return False
+        sent = 1 if embedded is entry.init or embedded == entry.init else 2
+        if embedded[0] == TCP and self.sequence_check and entry.peer_ack is not None:
+            known = entry.peer_ack[sent]
+            seq = int.from_bytes(packet[transport + 4 : transport + 8], "big")
+            if known is not None and not _in_window(seq, *known):
+                self.counters["flow.drop.tcp_sequence"] += 1
+                return False
+        self._account(entry, 3 - sent, len(packet), now)
+        return True
+
+    def _sequence(self, entry: FlowEntry, packet: bytes, flags: int, direction: int) -> bool:
+        """False: the segment is outside its window (docs/flow-sessions.md "TCP checks").
+        Lenient until the other side has sent an ACK; a SYN is not checked (it picks its
+        sequence number, so what the other side acknowledged of this direction is forgotten).
+        Notes this segment's ACK and the largest window this side advertised, for the other
+        direction: a window that shrinks (to zero, say) does not make the data already in
+        flight, or its retransmission, look out of window."""
+        start = _tcp_offset(packet)
+        if start is None:
+            return True
+        peer_ack = entry.peer_ack
+        if flags & SYN:
+            if peer_ack is not None:
+                peer_ack[direction] = None
+        elif peer_ack is not None:
+            known = peer_ack[direction]
+            seq = int.from_bytes(packet[start + 4 : start + 8], "big")
+            if known is not None and not _in_window(seq, *known):
+                return False
+        if flags & ACK:
+            if peer_ack is None:
+                peer_ack = entry.peer_ack = [None, None, None]
+            ack = int.from_bytes(packet[start + 8 : start + 12], "big")
+            window = int.from_bytes(packet[start + 14 : start + 16], "big")
+            before = peer_ack[3 - direction]
+            if before is not None and before[1] > window and not flags & SYN:
+                window = before[1]  # a SYN-ACK starts the other side's numbers afresh
+            peer_ack[3 - direction] = (ack, window)
         return True
 
     def _open(

@@ -49,8 +49,6 @@ PLANNED: tuple[Planned, ...] = (
         "EAP as initiator (ikefarm is an EAP authenticator only)",
         frozenset({"eap-radius"}),
     ),
-    Planned("flow.tcp-session.no-sequence-check", 12, "TCP checks in the dataplane"),
-    Planned("flow.tcp-session.tcp-mss", 12, "TCP checks in the dataplane"),
     Planned("ike.global-options.threads", None, "the ike worker is one process per core"),
     Planned("ike.global-options.sa-table-size", None, "the SA index is a growing hash table"),
     Planned("ike.global-options.sa-table-segments", None, "the SA index is a growing hash table"),

@@ -534,8 +534,18 @@ SCHEMA = Section(
                         "rst-invalidate-session": Bool(default=False),
                         "fin-invalidate-session": Bool(default=False),
                         "no-syn-check": Bool(default=False),
-                        "no-sequence-check": Bool(default=False),
-                        "tcp-mss": Int(64, 65535, default=None),
+                        "no-sequence-check": Bool(
+                            default=False,
+                            doc="true: the userspace dataplane does not drop TCP segments "
+                            "outside their session's window (flow.drop.tcp_sequence)",
+                        ),
+                        "tcp-mss": Int(
+                            64,
+                            65535,
+                            default=None,
+                            doc="the userspace dataplane lowers a larger MSS option of TCP "
+                            'SYN and SYN-ACK to this, both ways (flow.source = "dataplane")',
+                        ),
                     }
                 ),
                 "aging": Section(

@@ -70,6 +70,8 @@ class FlowSettings:
     rst_invalidate_session: bool = False
     fin_invalidate_session: bool = False
     no_syn_check: bool = False
+    no_sequence_check: bool = False
+    tcp_mss: int | None = None
     early_ageout: int = 20
     high_watermark: int = 100
     low_watermark: int = 100
@@ -103,6 +105,8 @@ class FlowSettings:
             rst_invalidate_session=bool(tcp.get("rst-invalidate-session", False)),
             fin_invalidate_session=bool(tcp.get("fin-invalidate-session", False)),
             no_syn_check=bool(tcp.get("no-syn-check", False)),
+            no_sequence_check=bool(tcp.get("no-sequence-check", False)),
+            tcp_mss=tcp.get("tcp-mss"),
             early_ageout=aging.get("early-ageout", 20),
             high_watermark=aging.get("high-watermark", 100),
             low_watermark=aging.get("low-watermark", 100),
@@ -133,4 +137,8 @@ def config_problems(flow: Mapping[str, Any]) -> list[tuple[str, str]]:
         if app.get("name") in names:
             problems.append((f"{where}.name", f"{app['name']!r} is defined twice"))
         names.add(app.get("name"))
+    # docs/flow-sessions.md "TCP checks": only the userspace dataplane acts on packets
+    tcp_mss = flow.get("tcp-session", {}).get("tcp-mss")
+    if flow.get("source", "dataplane") != "dataplane" and tcp_mss is not None:
+        problems.append(("flow.tcp-session.tcp-mss", 'acts only with flow.source = "dataplane"'))
     return problems

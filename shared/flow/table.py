@@ -66,11 +66,11 @@ class Session:
         "deadline",
         "egress",
         "fins",
+        "group",
         "id",
         "ingress",
         "init",
         "kind",
-        "leaves",
         "nat_reply",
         "packets_in",
         "packets_out",
@@ -79,7 +79,6 @@ class Session:
         "scheduled",
         "start",
         "state",
-        "template",
         "timeout",
         "valid",
     )
@@ -95,8 +94,9 @@ class Session:
         self.application = ""
         self.kind = UNICAST
         self.role = ""  # TUNNEL_ROLE, RESOURCE_MANAGER_ROLE or "" (one slot for both flags)
-        self.template: Session | None = None
-        self.leaves: dict[str, Session] | None = None
+        # a template's leaves (by egress) or a leaf's template, None for a unicast session:
+        # one slot for both keeps a session at 208 bytes (ops/bench/RESULTS.md)
+        self.group: dict[str, Session] | Session | None = None
         self.state = ACTIVE
         self.valid = True
         self.fins = 0  # INIT | REPLY: which ends sent a FIN
@@ -110,6 +110,26 @@ class Session:
     def __lt__(self, other: Session) -> bool:
         """Never: heap entries of equal time and ID (a stale and a live one) stay unordered."""
         return False
+
+    @property
+    def template(self) -> Session | None:
+        """A leaf's template session."""
+        group = self.group
+        return group if isinstance(group, Session) else None
+
+    @template.setter
+    def template(self, template: Session | None) -> None:
+        self.group = template
+
+    @property
+    def leaves(self) -> dict[str, Session] | None:
+        """A template's leaves, by outgoing interface or tunnel."""
+        group = self.group
+        return group if isinstance(group, dict) else None
+
+    @leaves.setter
+    def leaves(self, leaves: dict[str, Session] | None) -> None:
+        self.group = leaves
 
     @property
     def tunnel(self) -> bool:

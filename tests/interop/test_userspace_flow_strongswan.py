@@ -10,6 +10,8 @@ Acceptance: a ping, a TCP connection and a UDP exchange show as sessions with th
 `tcp-initial-timeout`, a reset one is invalidated (`rst-invalidate-session`), a UDP
 exchange after its application's inactivity timeout; with
 `max-sessions` reached a new flow is refused and counted while the TCP connection goes on;
+a port unreachable is counted in the UDP session it reports on and makes no session of its
+own; `clear ... protocol udp` removes the UDP sessions only and prints how many;
 clearing the TCP session cuts it (its next packets dropped and counted); `clear ... all`
 leaves the tunnel session, and a cleared UDP flow's next packet opens a new session.
 """
@@ -32,12 +34,14 @@ from tests.harness.netns import Namespace, NetnsPair, wait_for
 from tests.harness.strongswan import StrongSwan
 from tests.interop.test_responder_strongswan import peer_connection, psk_for
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(480)]
 
 PSK = "userspace-flow-psk-8e41b0c6d2"
 GW_INNER, PEER_INNER = "10.100.0.1", "10.200.0.1"
 GW_OUTER, PEER_OUTER = "192.0.2.1", "192.0.2.2"
-TCP_PORT, UDP_PORT, PROBE_PORT = 5202, 5203, 5204
+TCP_PORT, UDP_PORT, PROBE_PORT, CLOSED_PORT, RESET_PORT = 5202, 5203, 5204, 5205, 5206
+# sessions this test watches age out live this long: a `show` slowed by load still sees them
+SHORT = 10
 MAX_SESSIONS = 4  # the tunnel, the ping, the TCP connection and one more
 FLOW = f"""
 [kernel]
@@ -49,6 +53,7 @@ max-sessions = {MAX_SESSIONS}
 tcp-initial-timeout = 4
 rst-invalidate-session = true
 [flow.session-timeouts]
+invalidated = {SHORT}
 icmp = 300
 udp = 300
 tcp = 1800
@@ -56,7 +61,12 @@ tcp = 1800
 name = "probe"
 protocol = "udp"
 destination-port = {PROBE_PORT}
-inactivity-timeout = 4
+inactivity-timeout = {SHORT}
+[[flow.application]]
+name = "closed"
+protocol = "udp"
+destination-port = {CLOSED_PORT}
+inactivity-timeout = {SHORT}
 """
 
 # gw side: an echo server for one TCP connection
@@ -114,12 +124,22 @@ except OSError:
     pass
 """
 
-# peer side: a connection attempt to port 81 from port argv[3] (unanswered, or refused)
+# peer side: connects to argv[1]:argv[2] from argv[3] and resets the connection at once
+RESET = r"""
+import socket, struct, sys
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), source_address=(sys.argv[3], 0),
+                                timeout=20)
+conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+conn.close()
+"""
+
+# peer side: a connection attempt to port 81 from port argv[3] (unanswered),
+# given up after argv[4] seconds (1 by default)
 CONNECT = r"""
 import socket, sys
 try:
     socket.create_connection((sys.argv[1], 81), source_address=(sys.argv[2], int(sys.argv[3])),
-                             timeout=1)
+                             timeout=float(sys.argv[4]) if len(sys.argv) > 4 else 1)
 except OSError:
     pass
 """
@@ -259,15 +279,21 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     assert tcp["packets_in"] >= 3 and tcp["bytes_in"] > 0 and tcp["bytes_out"] > 0
 
     # an unanswered SYN (forwarding is off in gw: nothing answers 10.100.0.99): a session in
-    # the handshake, gone after tcp-initial-timeout
-    peer_ns.run([sys.executable, "-c", CONNECT, "10.100.0.99", PEER_INNER, "45000"], timeout=20)
-    wait_for(
-        lambda: session_of(gateway, 6, {3: "10.100.0.99"}) is not None,
-        timeout=10,
+    # the handshake, gone after tcp-initial-timeout. The client retransmits its SYN for 8 s
+    # (at 1, 3 and 7 s), each restarting the 4 s, so a `show` slowed by load still finds it;
+    # the row is taken as first seen
+    attempt = peer_ns.popen(
+        [sys.executable, "-c", CONNECT, "10.100.0.99", PEER_INNER, "45000", "8"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    half = wait_for(
+        lambda: session_of(gateway, 6, {3: "10.100.0.99"}),
+        timeout=15,
         what="the half-open session",
     )
-    half = session_of(gateway, 6, {3: "10.100.0.99"})
-    assert half is not None and half["state"] == "handshake" and half["timeout"] <= 4
+    assert half["state"] == "handshake" and half["timeout"] <= 4
+    attempt.wait(timeout=30)
     wait_for(
         lambda: session_of(gateway, 6, {3: "10.100.0.99"}) is None,
         timeout=20,
@@ -275,16 +301,17 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     )
     assert gateway.counters("flow").get("closed.handshake-timeout", 0) >= 1
 
-    # a refused connection: gw's RST invalidates the session (rst-invalidate-session)
-    peer_ns.run([sys.executable, "-c", CONNECT, GW_INNER, PEER_INNER, "45001"], timeout=20)
-    wait_for(
-        lambda: (row := session_of(gateway, 6, {2: 45001})) is not None and not row["valid"],
+    # an established connection reset by the peer: the RST invalidates the session
+    # (rst-invalidate-session), its timeout drops from TCP's 1800 s to the invalidated one
+    python(gw_ns, ECHO_SERVER, GW_INNER, str(RESET_PORT)).next()
+    peer_ns.run([sys.executable, "-c", RESET, GW_INNER, str(RESET_PORT), PEER_INNER], timeout=20)
+    reset = wait_for(
+        lambda: (row := session_of(gateway, 6, {4: RESET_PORT})) and not row["valid"] and row,
         timeout=10,
         what="the reset session, invalidated",
     )
-    reset = session_of(gateway, 6, {2: 45001})
-    assert reset is not None and reset["timeout"] <= 4  # session-timeouts.invalidated
-    wait_for(lambda: session_of(gateway, 6, {2: 45001}) is None, timeout=20, what="it to go")
+    assert reset["timeout"] <= SHORT  # session-timeouts.invalidated
+    wait_for(lambda: session_of(gateway, 6, {4: RESET_PORT}) is None, timeout=30, what="it to go")
 
     def send_udp(port: int, to: int = UDP_PORT) -> None:
         args = [PEER_INNER, str(port), GW_INNER, str(to)]
@@ -295,22 +322,37 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     assert probe.next() == "listening"
     send_udp(7000, PROBE_PORT)
     assert probe.next() == "7000"
-    wait_for(
-        lambda: (
-            (row := session_of(gateway, 17, {4: PROBE_PORT})) is not None
-            and row["packets_out"] == 1
-        ),
+    exchange = wait_for(
+        lambda: (row := session_of(gateway, 17, {4: PROBE_PORT})) and row["packets_out"] and row,
         timeout=10,
         what="the UDP exchange's session",
     )
-    exchange = session_of(gateway, 17, {4: PROBE_PORT})
-    assert exchange is not None and exchange["in"] == [17, PEER_INNER, 7000, GW_INNER, PROBE_PORT]
-    assert exchange["application"] == "probe" and exchange["timeout"] <= 4
+    assert exchange["in"] == [17, PEER_INNER, 7000, GW_INNER, PROBE_PORT]
+    assert exchange["packets_out"] == 1
+    assert exchange["application"] == "probe" and exchange["timeout"] <= SHORT
     assert exchange["packets_in"] == 1 and exchange["bytes_in"] == exchange["bytes_out"] == 32
     wait_for(
         lambda: session_of(gateway, 17, {4: PROBE_PORT}) is None,
-        timeout=20,
+        timeout=30,
         what="the UDP session to age out",
+    )
+
+    # a datagram to a closed port: gw's kernel answers with a port unreachable, which is
+    # counted in the UDP session it reports on (RFC 792), not shown as an ICMP session
+    send_udp(7003, CLOSED_PORT)
+    unreachable = wait_for(
+        lambda: (row := session_of(gateway, 17, {4: CLOSED_PORT})) and row["packets_out"] and row,
+        timeout=10,
+        what="the port unreachable, in the UDP session",
+    )
+    assert unreachable["packets_in"] == unreachable["packets_out"] == 1
+    assert unreachable["bytes_out"] == 20 + 8 + 32  # IP, ICMP, the datagram's 32 octets
+    assert [row["in"] for row in sessions(gateway, "protocol", "icmp")] == [ping["in"]]
+    assert gateway.counters("kernel").get("flow.drop.icmp_error", 0) == 0
+    wait_for(
+        lambda: session_of(gateway, 17, {4: CLOSED_PORT}) is None,
+        timeout=30,
+        what="that UDP session to age out",
     )
 
     # max-sessions: the tunnel, the ping, the TCP connection and one UDP flow fill the table
@@ -331,6 +373,20 @@ def test_dataplane_sessions_show_age_refuse_and_clear(
     refused = kernel.get("flow.drop.table_full", 0) + kernel.get("flow.drop.refused", 0)
     assert refused >= 3
     assert len(sessions(gateway)) == MAX_SESSIONS
+
+    # clear protocol udp: the UDP sessions go, and only they (the tunnel's ESP-in-UDP flow is
+    # one: the dataplane reports it again with its next ESP packet), the count is printed
+    cleared = gateway.run_cli("clear", "security", "flow", "session", "protocol", "udp")
+    assert cleared.returncode == 0, cleared.stderr
+    assert cleared.stdout.strip() == "2 active sessions cleared"
+    assert sorted(row["in"][0] for row in sessions(gateway) if not row["tunnel"]) == [1, 6]
+    assert echo() == "echo"  # the TCP connection goes on
+    wait_for(lambda: sessions(gateway, "tunnel"), timeout=10, what="the tunnel session again")
+    send_udp(7001)  # a cleared UDP flow's next packet opens a new session
+    assert sink.next() == "7001"
+    wait_for(
+        lambda: session_of(gateway, 17, {2: 7001}) is not None, timeout=10, what="a new session"
+    )
 
     # clear the TCP session: its next packets are dropped and counted, the connection is cut
     dropped = gateway.counters("kernel").get("flow.drop.no_syn", 0)

@@ -68,14 +68,12 @@ def test_every_knob_reaches_the_table_settings() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
+        ("[flow.tcp-session]\ntcp-mss = 63\n", "flow.tcp-session.tcp-mss"),
         (
-            "[flow.tcp-session]\ntcp-mss = 1360\n",
-            "flow.tcp-session.tcp-mss: 1360: not implemented yet (issue 12",
+            '[flow]\nsource = "netlink"\n[flow.tcp-session]\ntcp-mss = 1360\n',
+            'flow.tcp-session.tcp-mss: acts only with flow.source = "dataplane"',
         ),
-        (
-            "[flow.tcp-session]\nno-sequence-check = true\n",
-            "flow.tcp-session.no-sequence-check: true: not implemented yet (issue 12",
-        ),
+        ("[flow.tcp-session]\nno-sequence-check = 1\n", "flow.tcp-session.no-sequence-check"),
         ("[flow.tcp-session]\ntcp-initial-timeout = 3\n", "tcp-initial-timeout"),
         ("[flow.aging]\nhigh-watermark = 50\nlow-watermark = 60\n", "low-watermark"),
         ('[[flow.application]]\nname = "x"\nprotocol = "udp"\n', "inactivity-timeout: is required"),
@@ -92,5 +90,11 @@ def test_refused_at_config_check(text: str, expected: str) -> None:
     assert expected in str(caught.value)
 
 
-def test_defaults_of_the_unimplemented_knobs_are_accepted() -> None:
-    parse_config("[flow.tcp-session]\nno-sequence-check = false\n")
+def test_the_tcp_checks_reach_the_settings() -> None:
+    text = "[flow.tcp-session]\nno-sequence-check = true\ntcp-mss = 1360\n"
+    settings = FlowSettings.from_config(parse_config(text).flow)
+    assert settings.no_sequence_check is True
+    assert settings.tcp_mss == 1360
+    defaults = FlowSettings.from_config(parse_config("").flow)
+    assert defaults.no_sequence_check is False
+    assert defaults.tcp_mss is None

@@ -86,6 +86,9 @@ class ServiceBase:
     name: ClassVar[str] = ""
     subsystem: ClassVar[str] = "daemon"
     description: ClassVar[str] = ""
+    # "uvloop": the process runs on uvloop, whose loop and transports cost about half of
+    # asyncio's per bus message (ops/bench/RESULTS.md, "uvloop"); "asyncio": the stdlib loop
+    event_loop: ClassVar[str] = "asyncio"
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -465,6 +468,15 @@ class Runtime:
         )
 
 
+def _loop_factory(service_cls: type[ServiceBase]) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop for the services that ask for it (`ServiceBase.event_loop`), else asyncio's own."""
+    if service_cls.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def run_service(
     service_cls: type[ServiceBase],
     config: Config,
@@ -487,7 +499,8 @@ def run_service(
     )
     configure_tracing(service_cls.name, runtime.instance, config.telemetry.otlp_endpoint)
     try:
-        return asyncio.run(runtime.run())
+        with asyncio.Runner(loop_factory=_loop_factory(service_cls)) as runner:
+            return runner.run(runtime.run())
     except ServiceUnavailable as exc:
         # found only once connected (e.g. the broker lacks JetStream): one sentence, exit 1
         print(f"ikefarm {service_cls.name}: {exc}", file=sys.stderr)

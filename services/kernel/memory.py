@@ -53,7 +53,7 @@ class InvalidChild(ValueError):
     """A request whose fields cannot describe a child SA (a bad message, not a state clash)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SaEntry:
     spi: bytes
     direction: str  # "in" or "out"
@@ -82,7 +82,7 @@ class SaEntry:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicyEntry:
     direction: str  # "out", "in", "fwd"
     src: str
@@ -97,7 +97,7 @@ class PolicyEntry:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrapEntry:
     vpn: str
     name: str
@@ -117,7 +117,7 @@ class TrapEntry:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Child:
     unique_id: int
     ike_unique_id: int

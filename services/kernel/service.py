@@ -91,7 +91,6 @@ class KernelService(ServiceBase):
     name = "kernel"
     subsystem = "kernel"
     description = "ikefarm kernel: SAD/SPD, routes, VIPs"
-    event_loop = "uvloop"  # a request per child SA installed (RESULTS.md, uvloop)
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)

@@ -87,7 +87,9 @@ class ServiceBase:
     subsystem: ClassVar[str] = "daemon"
     description: ClassVar[str] = ""
     # "uvloop": the process runs on uvloop, whose loop and transports cost about half of
-    # asyncio's per bus message (ops/bench/RESULTS.md, "uvloop"); "asyncio": the stdlib loop
+    # asyncio's per bus message (ops/bench/RESULTS.md, "uvloop"); "asyncio": the stdlib loop.
+    # Not for the kernel service (uvloop refuses its netlink socket as a datagram endpoint:
+    # "cannot open a UDP handle, invalid family 16") nor the keystore (uvloop's own pipes)
     event_loop: ClassVar[str] = "asyncio"
 
     def __init__(self, runtime: Runtime) -> None:

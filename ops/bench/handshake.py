@@ -420,7 +420,7 @@ PROFILE: dict[str, Any] = {"dir": None}  # --profile: where py-spy writes, if an
 def start_profilers(
     responder: Responder, tag: str, seconds: float
 ) -> list[subprocess.Popen[bytes]]:
-    """py-spy on ikefarm's ike worker(s) and ingress for the phase (collapsed stacks)."""
+    """py-spy on ikefarm's ike worker(s), ingress, keystore and kernel for the phase."""
     folder = PROFILE["dir"]
     if folder is None or responder.name != "ikefarm":
         return []
@@ -428,7 +428,7 @@ def start_profilers(
     spy = str(Path(sys.executable).parent / "py-spy")
     procs = []
     for pid, label in responder.names_fn().items():
-        if label not in ("ike", "ingress"):
+        if label not in ("ike", "ingress", "keystore", "kernel"):
             continue
         out = folder / f"{label}-{pid}-{tag}.txt"
         argv = [spy, "record", "-p", str(pid), "-o", str(out), "--format", "raw"]

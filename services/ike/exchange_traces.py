@@ -17,7 +17,10 @@ its handling under the trace of the exchange the datagram belongs to:
 
 Both tables are bounded LRUs (`capacity`): a lookup or an insert costs the same
 at any number of SAs, and an exchange forgotten long after it ended only means
-its late retransmission starts a trace of its own.
+its late retransmission starts a trace of its own. Of each IKE SA the exchange
+table keeps the latest exchange the peer asked and the latest one we asked (one
+of each is in flight at a time, RFC 7296 2.3 with a window of 1): a retransmission
+of an exchange before those starts a trace of its own, as a forgotten one does.
 """
 
 from __future__ import annotations
@@ -85,18 +88,22 @@ def exchange_name(header: IkeHeader) -> str:
 
 class ExchangeTraces:
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
-        self.exchanges: Lru[ExchangeKey, SpanContext] = Lru(capacity)
+        # (SPIi, the peer asked) -> (Message ID, trace): each SA's latest exchange per side
+        self.exchanges: Lru[tuple[bytes, bool], tuple[int, SpanContext]] = Lru(capacity)
         self.sas: Lru[bytes, SpanContext] = Lru(capacity)  # SPIi -> latest exchange
 
     def exchange(self, key: ExchangeKey) -> SpanContext | None:
-        return self.exchanges.get(key)
+        spi_i, message_id, peer_asked = key
+        latest = self.exchanges.get((spi_i, peer_asked))
+        return latest[1] if latest is not None and latest[0] == message_id else None
 
     def sa(self, spi_i: bytes) -> SpanContext | None:
         return self.sas.get(spi_i)
 
     def remember(self, key: ExchangeKey, context: SpanContext) -> None:
-        self.exchanges.put(key, context)
-        self.sas.put(key[0], context)
+        spi_i, message_id, peer_asked = key
+        self.exchanges.put((spi_i, peer_asked), (message_id, context))
+        self.sas.put(spi_i, context)
 
 
 def outcome_attributes(effects: Iterable[Any]) -> dict[str, Any]:

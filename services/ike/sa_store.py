@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import zlib
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,8 +53,12 @@ from ikefarm.shared.ikev2.snapshot import SaSecrets, SaSnapshot, SnapshotError
 T = TypeVar("T")
 FLUSH_INTERVAL = 0.05  # s: writes of one SA within this coalesce into one
 SWEEP_INTERVAL = 2.0  # s
-RECORD_FORMAT = 1
+# format 2: the snapshot JSON deflated (RFC 1950 zlib, level 1): a record is ~40% smaller
+# in the bucket and in nats-server's memory; format 1 records (plain JSON) are still read
+RECORD_FORMAT = 2
+READ_FORMATS = (1, 2)
 MAX_RECORD = 256 * 1024  # octets: a record above this is refused unread
+MAX_SNAPSHOT = 256 * 1024  # octets of inflated snapshot: more is refused, not inflated further
 KEYSTORE_TIMEOUT = 5.0
 KEYSTORE_WAIT = 15.0  # s: how long a starting worker waits for the keystore to answer
 LIST_TIMEOUT = 5.0
@@ -73,8 +78,9 @@ class Record:
         return f"Record({len(self.snapshot)} octets, <sealed>)"
 
     def pack(self) -> bytes:
+        snapshot = zlib.compress(self.snapshot, 1)
         return msgpack.packb(
-            {"format": RECORD_FORMAT, "snapshot": self.snapshot, "secrets": self.sealed_secrets}
+            {"format": RECORD_FORMAT, "snapshot": snapshot, "secrets": self.sealed_secrets}
         )
 
     @classmethod
@@ -85,13 +91,27 @@ class Record:
             value = msgpack.unpackb(raw, raw=False)
         except Exception as exc:  # msgpack raises several types for garbage
             raise RecordError(f"record is not msgpack: {type(exc).__name__}") from None
-        if not isinstance(value, dict) or value.get("format") != RECORD_FORMAT:
-            got = value.get("format") if isinstance(value, dict) else None
-            raise RecordError(f"record format {got!r}, this worker reads {RECORD_FORMAT}")
+        got = value.get("format") if isinstance(value, dict) else None
+        if not isinstance(value, dict) or got not in READ_FORMATS or isinstance(got, bool):
+            raise RecordError(f"record format {got!r}, this worker reads {READ_FORMATS}")
         snapshot, secrets = value.get("snapshot"), value.get("secrets")
         if not isinstance(snapshot, bytes) or not isinstance(secrets, bytes):
             raise RecordError("record lacks the snapshot or the sealed secrets")
+        if got == 2:
+            snapshot = _inflate(snapshot)
         return cls(snapshot, secrets)
+
+
+def _inflate(data: bytes) -> bytes:
+    """A format 2 snapshot, inflated up to MAX_SNAPSHOT octets; RecordError otherwise."""
+    inflater = zlib.decompressobj()
+    try:
+        plain = inflater.decompress(data, MAX_SNAPSHOT)
+    except zlib.error as exc:
+        raise RecordError(f"record snapshot does not inflate: {exc}") from None
+    if inflater.unconsumed_tail or inflater.unused_data or not inflater.eof:
+        raise RecordError(f"record snapshot is truncated, trailed or past {MAX_SNAPSHOT} octets")
+    return plain
 
 
 async def open_bucket(nc: Any) -> Any:

@@ -95,7 +95,7 @@ from ikefarm.services.ike.shard_claim import (
 from ikefarm.services.ike.transport_keys import TransportKey
 from ikefarm.services.ike.unique_ids import UniqueIds
 from ikefarm.services.ike.vip_leases import VipLeases
-from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, ChildKeys, seal_child_keys
+from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, ChildKeys, ChildKeySealer
 from ikefarm.shared.bus.datagram import carried_header
 from ikefarm.shared.bus.runtime import ServiceBase
 from ikefarm.shared.dos.admission import WorkerAdmission, local_load
@@ -172,6 +172,7 @@ class IkeService(ServiceBase):
     name = "ike"
     subsystem = "ike"
     description = "ikefarm ike worker: IKEv2 negotiation for one SPI shard"
+    event_loop = "uvloop"  # every datagram is two or more bus messages (RESULTS.md, uvloop)
 
     async def setup(self) -> None:
         shard = self.runtime.options.get("shard")
@@ -268,6 +269,7 @@ class IkeService(ServiceBase):
         self.state_counts = StateCounts()
         self.ppk_client = PpkClient(self.runtime, KEYSTORE_TIMEOUT)
         self.kernel_key = TransportKey(self.runtime, subjects.KERNEL_TRANSPORT_KEY, KERNEL_TIMEOUT)
+        self.child_sealer = ChildKeySealer()
         self._waiting: dict[int, asyncio.Future[management.Watch]] = {}
         runtime = self.runtime
         await runtime.subscribe(
@@ -1221,7 +1223,9 @@ class IkeService(ServiceBase):
                     "child_install_failed", unique_id=child.unique_id, error=type(exc).__name__
                 )
                 return
-            ephemeral, sealed = seal_child_keys(public, child.spi_in, child.spi_out, keys)
+            ephemeral, sealed = self.child_sealer.seal(
+                public, child.spi_in, child.spi_out, keys, time.monotonic()
+            )
             sealed_message = replace(message, ephemeral=ephemeral, sealed_keys=sealed)
             error = await self._kernel(
                 subjects.KERNEL_CHILD_INSTALL, sealed_message, "install", child.unique_id
@@ -1229,6 +1233,7 @@ class IkeService(ServiceBase):
             if error != SEALED_KEYS_REFUSED or attempt == 2:
                 return
             self.kernel_key.forget()
+            self.child_sealer.forget()
 
     async def delete_child(self, effect: DeleteChildSa) -> None:
         message = ChildDelete(

@@ -55,7 +55,7 @@ class InvalidChild(ValueError):
     """A request whose fields cannot describe a child SA (a bad message, not a state clash)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SaEntry:
     spi: bytes
     direction: str  # "in" or "out"
@@ -84,7 +84,7 @@ class SaEntry:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicyEntry:
     direction: str  # "out", "in", "fwd"
     src: str
@@ -99,7 +99,7 @@ class PolicyEntry:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrapEntry:
     vpn: str
     name: str
@@ -119,7 +119,7 @@ class TrapEntry:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Child:
     unique_id: int
     ike_unique_id: int

@@ -71,7 +71,7 @@ from ikefarm.services.kernel.memory import (
 )
 from ikefarm.services.kernel.userspace import UserspaceKernel
 from ikefarm.services.kernel.vips import VipAddresses
-from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, open_child_keys
+from ikefarm.shared.bus.child_keys import SEALED_KEYS_REFUSED, ChildKeyOpener
 from ikefarm.shared.bus.runtime import Runtime, ServiceBase, ServiceUnavailable
 from ikefarm.shared.bus.sealed import SealError, public_bytes
 from ikefarm.shared.config.loader import Config, userspace_backend_problems
@@ -115,6 +115,7 @@ class KernelService(ServiceBase):
         self._flow_task: asyncio.Task[None] | None = None
         # child SA keys are sealed to this key; it lives in this process's memory only
         self._transport = X25519PrivateKey.generate()
+        self._opener = ChildKeyOpener(self._transport)
 
     def __repr__(self) -> str:
         return f"KernelService(backend={self.backend!r})"
@@ -399,8 +400,7 @@ class KernelService(ServiceBase):
         ):
             self.runtime.counters["child_install.keys_in_clear"] += 1
             raise BusError("bad_field", "ChildInstall: keys must be sealed, not in clear")
-        keys = open_child_keys(
-            self._transport,
+        keys = self._opener.open(
             request.ephemeral,
             request.sealed_keys,
             request.spi_in,

@@ -90,6 +90,11 @@ class ServiceBase:
     name: ClassVar[str] = ""
     subsystem: ClassVar[str] = "daemon"
     description: ClassVar[str] = ""
+    # "uvloop": the process runs on uvloop, whose loop and transports cost about half of
+    # asyncio's per bus message (ops/bench/RESULTS.md, "uvloop"); "asyncio": the stdlib loop.
+    # Not for the kernel service (uvloop refuses its netlink socket as a datagram endpoint:
+    # "cannot open a UDP handle, invalid family 16") nor the keystore (uvloop's own pipes)
+    event_loop: ClassVar[str] = "asyncio"
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -541,6 +546,15 @@ class Runtime:
         )
 
 
+def _loop_factory(service_cls: type[ServiceBase]) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop for the services that ask for it (`ServiceBase.event_loop`), else asyncio's own."""
+    if service_cls.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def run_service(
     service_cls: type[ServiceBase],
     config: Config,
@@ -563,7 +577,8 @@ def run_service(
     )
     configure_tracing(service_cls.name, runtime.instance, config.telemetry.otlp_endpoint)
     try:
-        return asyncio.run(runtime.run())
+        with asyncio.Runner(loop_factory=_loop_factory(service_cls)) as runner:
+            return runner.run(runtime.run())
     except ServiceUnavailable as exc:
         # found only once connected (e.g. the broker lacks JetStream): one sentence, exit 1
         print(f"ikefarm {service_cls.name}: {exc}", file=sys.stderr)

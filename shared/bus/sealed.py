@@ -15,7 +15,8 @@ request opens a `SealedChannel`:
   as a reply.
 
 A worker and the keystore that never shared anything but a public key thus
-exchange keys the bus only sees encrypted; the ephemeral key lives for one request.
+exchange keys the bus only sees encrypted; the ephemeral key lives for one request
+(a worker's child-key seals reuse theirs within bounds: `child_keys.py`).
 
 Child SA keys (ESP KEYMAT, RFC 7296 2.17) reach the kernel service the same way
 (`shared/bus/child_keys.py`): the kernel service's transport key lives in its

@@ -200,7 +200,7 @@ class SaSnapshot:
     peer_addresses: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+        return json.dumps(_plain(self), separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> SaSnapshot:
@@ -311,6 +311,26 @@ class SaSecrets:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SnapshotError(f"snapshot secrets do not fit: {type(exc).__name__}") from None
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _plain(value: Any) -> Any:
+    """What `dataclasses.asdict` makes of a snapshot, for JSON, without its deep copies."""
+    cls = type(value)
+    if cls in (str, int, float, bool) or value is None:
+        return value
+    names = _FIELD_NAMES.get(cls)
+    if names is None and is_dataclass(value) and not isinstance(value, type):
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(value))
+    if names is not None:
+        return {name: _plain(getattr(value, name)) for name in names}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _hex_fields(keys: IkeSaKeys | ChildSaKeys) -> dict[str, str]:

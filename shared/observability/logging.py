@@ -155,7 +155,8 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.BoundLogger,
-        logger_factory=structlog.PrintLoggerFactory(file=_stream),
+        # one write per line (print() writes the line and its newline apart)
+        logger_factory=structlog.WriteLoggerFactory(file=_stream),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=logging.WARNING, stream=_stream)

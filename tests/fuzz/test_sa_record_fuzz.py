@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections import Counter
 from typing import Any
 
+import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ikefarm.proto import subjects
-from ikefarm.services.ike.sa_store import Record, SaStore
+from ikefarm.services.ike import sa_store
+from ikefarm.services.ike.sa_store import Record, RecordError, SaStore
 from ikefarm.shared.ikev2.engine import IkeEngine
 from ikefarm.shared.ikev2.policy import engine_policy
 from ikefarm.shared.ikev2.snapshot import take
@@ -118,3 +122,20 @@ def test_any_key(key: str) -> None:
     sa_store = store()
     ok = adopt_all(sa_store, key, RECORD, SECRETS)
     assert ok == (key == KEY) and refused(sa_store) == int(not ok)
+
+
+def test_records_are_written_deflated_and_plain_ones_still_read() -> None:
+    written = msgpack.unpackb(RECORD)
+    assert written["format"] == sa_store.RECORD_FORMAT == 2
+    assert len(written["snapshot"]) < len(SNAPSHOT) * 2 // 3  # deflated
+    assert Record.unpack(RECORD) == Record(SNAPSHOT, b"sealed-elsewhere")
+    plain = msgpack.packb({"format": 1, "snapshot": SNAPSHOT, "secrets": b"s"})
+    assert Record.unpack(plain) == Record(SNAPSHOT, b"s")  # written before format 2
+    bomb = zlib.compress(b"{" * (sa_store.MAX_SNAPSHOT + 1), 9)
+    for snapshot in (bomb, written["snapshot"][:-4], written["snapshot"] + b"x", SNAPSHOT):
+        damaged = msgpack.packb({"format": 2, "snapshot": snapshot, "secrets": b"s"})
+        with pytest.raises(RecordError):
+            Record.unpack(damaged)
+    for got in (True, 3, "2"):
+        with pytest.raises(RecordError):
+            Record.unpack(msgpack.packb({"format": got, "snapshot": SNAPSHOT, "secrets": b"s"}))

@@ -24,7 +24,9 @@ from ikefarm.proto.messages import KernelAck, TransportKeyReply, TransportKeyReq
 from ikefarm.services.kernel.service import KernelService
 from ikefarm.shared.bus.child_keys import (
     SEALED_KEYS_REFUSED,
+    ChildKeyOpener,
     ChildKeys,
+    ChildKeySealer,
     open_child_keys,
     seal_child_keys,
 )
@@ -79,6 +81,45 @@ def test_seal_and_open_round_trip_and_bind_the_spis() -> None:
     keystore_channel = SealedChannel.accept(transport, ephemeral)
     with pytest.raises(SealError):
         keystore_channel.open(b"child-keys" + SPI_IN + SPI_OUT, sealed)
+
+
+def test_a_sealer_reuses_its_ephemeral_key_within_bounds_and_the_opener_its_channel() -> None:
+    transport = X25519PrivateKey.generate()
+    public = public_bytes(transport)
+    keys = ChildKeys(bytes(range(36)), bytes(range(36, 72)), bytes(32), bytes(range(32)))
+    sealer = ChildKeySealer(uses=3, seconds=10.0)
+    opener = ChildKeyOpener(transport, size=2)
+    sealed = [sealer.seal(public, SPI_IN, SPI_OUT, keys, now=0.0) for _ in range(3)]
+    assert len({ephemeral for ephemeral, _ in sealed}) == 1  # one key for three seals
+    assert len({blob for _, blob in sealed}) == 3  # each with its own nonce
+    for ephemeral, blob in sealed:  # both sides agree, the plain function too
+        assert opener.open(ephemeral, blob, SPI_IN, SPI_OUT) == keys
+        assert open_child_keys(transport, ephemeral, blob, SPI_IN, SPI_OUT) == keys
+    with pytest.raises(SealError):  # a remembered channel still names the SPIs
+        opener.open(sealed[0][0], sealed[0][1], SPI_OUT, SPI_IN)
+    fourth, _ = sealer.seal(public, SPI_IN, SPI_OUT, keys, now=0.0)  # uses spent
+    later, _ = sealer.seal(public, SPI_IN, SPI_OUT, keys, now=11.0)  # too old
+    other_kernel = public_bytes(X25519PrivateKey.generate())
+    moved, _ = sealer.seal(other_kernel, SPI_IN, SPI_OUT, keys, now=11.0)  # another key
+    assert len({sealed[0][0], fourth, later, moved}) == 4
+    sealer.forget()
+    assert sealer.seal(other_kernel, SPI_IN, SPI_OUT, keys, now=11.0)[0] != moved
+    assert "uses_left" in repr(sealer) and "channels" in repr(opener)
+
+
+def test_an_opener_remembers_a_few_channels_and_only_those_that_opened() -> None:
+    transport = X25519PrivateKey.generate()
+    public = public_bytes(transport)
+    keys = ChildKeys(b"\x01" * 36, b"\x02" * 36, b"", b"")
+    opener = ChildKeyOpener(transport, size=2)
+    stranger = public_bytes(X25519PrivateKey.generate())
+    with pytest.raises(SealError):
+        opener.open(stranger, b"\x00" * 40, SPI_IN, SPI_OUT)
+    assert "0 channels" in repr(opener)
+    for _ in range(3):
+        ephemeral, blob = ChildKeySealer().seal(public, SPI_IN, SPI_OUT, keys, now=0.0)
+        assert opener.open(ephemeral, blob, SPI_IN, SPI_OUT) == keys
+    assert "2 channels" in repr(opener)  # the oldest went
 
 
 @settings(max_examples=200, deadline=None)

@@ -9,6 +9,7 @@ from the same source state the original had at the snapshot, so every octet it s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -156,6 +157,19 @@ def test_keys_stay_out_of_the_public_part() -> None:
     for child in sa.children:
         assert child.keys.encr_i.hex().encode() not in public
     assert sa.keys.sk_d.hex() not in repr(secrets) and "octets" not in repr(snapshot.children)
+
+
+def test_the_record_is_the_json_of_the_dataclass_fields() -> None:
+    """to_json's own converter writes what `dataclasses.asdict` would (records stay readable)."""
+    wire, _i, _r = seeded_wire()
+    wire.run(wire.initiator.engine.initiate("hq", "net", wire.now), wire.initiator)
+    (sa,) = wire.initiator.engine.sas.values()
+    snapshot, _secrets = take(sa, wire.now)
+    assert (
+        snapshot.children
+        and snapshot.to_json()
+        == json.dumps(dataclasses.asdict(snapshot), separators=(",", ":"), sort_keys=True).encode()
+    )
 
 
 def test_an_sa_waiting_for_the_keystore_is_not_snapshotted() -> None:

@@ -46,10 +46,19 @@ def test_tables_are_bounded_and_remember_the_latest_exchange_per_sa() -> None:
     traces = ExchangeTraces(capacity=4)
     for n in range(10):
         traces.remember((SPI_I, n, True), context(n))
-    assert len(traces.exchanges) == 4
-    assert traces.exchange((SPI_I, 0, True)) is None  # forgotten: oldest first
+    assert len(traces.exchanges) == 1  # the SA's latest exchange the peer asked
+    assert traces.exchange((SPI_I, 8, True)) is None
     assert traces.exchange((SPI_I, 9, True)) == context(9)
-    assert traces.sa(SPI_I) == context(9)
+    assert traces.exchange((SPI_I, 9, False)) is None  # ours of that ID: another exchange
+    traces.remember((SPI_I, 3, False), context(30))
+    assert traces.exchange((SPI_I, 3, False)) == context(30)
+    assert traces.exchange((SPI_I, 9, True)) == context(9)  # each side keeps its own
+    assert traces.sa(SPI_I) == context(30)
+    for n in range(10):  # other SAs push the oldest out
+        traces.remember((bytes([n]) * 8, 0, True), context(100 + n))
+    assert len(traces.exchanges) == 4 and len(traces.sas) == 4
+    assert traces.exchange((SPI_I, 9, True)) is None  # forgotten: oldest first
+    assert traces.exchange((bytes([9]) * 8, 0, True)) == context(109)
 
 
 @given(st.binary(max_size=64))

@@ -4,7 +4,10 @@ loopback, as in test_ike_churn). `docs/architecture.md` lists the same counts.
 
 The load reports (`ike.load`, `ingress.load`) are left out of the exact counts: they are
 sent on change and coalesced (at most every 20 ms per worker, every 50 ms per ingress), so
-how many fall within one handshake depends on time, not on the design.
+how many fall within one handshake depends on time, not on the design. So are the SA
+snapshot writes (docs/failover.md): a worker seals its dirty SAs' secrets in one keystore
+request per flush (every 2 s, for every SA changed since), asking the keystore's transport key
+the first time; whether a flush falls within the handshake depends on time too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ from tests.service.test_ingress_service import wait_until
 pytestmark = pytest.mark.timeout(60)
 
 LOAD_REPORTS = {subjects.IKE_LOAD, subjects.INGRESS_LOAD}
+# requests of the periodic snapshot flush, each answered once
+SNAPSHOT_FLUSH = {subjects.KEYSTORE_SA_SEAL, subjects.KEYSTORE_TRANSPORT_KEY}
+
+
+def without_snapshot_flush(seen: list[str]) -> Counter[str]:
+    counts = Counter(seen)
+    for subject in SNAPSHOT_FLUSH:
+        counts["reply"] -= counts.pop(subject, 0)
+    return +counts
 
 
 async def test_one_handshake_costs_the_messages_the_design_says(
@@ -56,12 +68,12 @@ async def test_one_handshake_costs_the_messages_the_design_says(
     await wait_until(lambda: subjects.IKE_INITIAL_CONTACT in seen)
     await nc.close()
     auth_starts = seen.index(subjects.ike_shard(1))  # the IKE_AUTH request
-    assert Counter(seen[:auth_starts]) == {
+    assert without_snapshot_flush(seen[:auth_starts]) == {
         subjects.IKE_INIT: 1,  # the IKE_SA_INIT request, its header read (Datagram)
         "ikefarm.ingress.send.ingress-0": 1,  # the answer and its init route, together
     }, seen
     assert farm.ingress.counters["init_route_learned"] == 1
-    assert Counter(seen[auth_starts:]) == {
+    assert without_snapshot_flush(seen[auth_starts:]) == {
         subjects.ike_shard(1): 1,  # IKE_AUTH request
         subjects.KEYSTORE_PSK_AUTH: 1,  # AUTH computed where the PSK is
         subjects.KERNEL_CHILD_INSTALL: 1,  # the child SA before the answer

@@ -15,8 +15,8 @@ port, SPIi, the first octets of Ni); the UDP checksum is zero ("no checksum",
 RFC 768; the kernel fills the IPv4 header checksum, IP_HDRINCL); `--procs` sender
 processes share the rate, each sending from its own slice of the sources, in
 bursts paced by the clock. Bounded: at most `--count` requests, for at most
-`--duration` seconds, at `--rate` requests per second. Prints one JSON line:
-what was sent and heard.
+`--duration` seconds, at `--rate` requests per second; SIGTERM ends it sooner.
+Prints one JSON line: what was sent and heard.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import ipaddress
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import struct
 import sys
@@ -152,6 +153,7 @@ def _send(
     duration: float,
     network: str,
     start_at: float,
+    stop: Any,
     results: Connection,
 ) -> None:
     """One sender process: requests index, index + procs, ... of the flood, to every target."""
@@ -179,7 +181,7 @@ def _send(
     while time.monotonic() < start_at:
         time.sleep(min(0.01, max(0.0, start_at - time.monotonic())))
     start = time.monotonic()
-    while sent < share:
+    while sent < share and not stop.is_set():
         now = time.monotonic()
         if now - start >= duration:
             break
@@ -226,13 +228,16 @@ def flood(
         print("ready", flush=True)
         sys.stdin.readline()
     context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    # SIGTERM ends the flood early, and its counts are still printed
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     start_at = time.monotonic() + 0.05
     workers: list[tuple[Any, Connection]] = []
     for index in range(procs):
         receive, send = context.Pipe(duplex=False)
         process = context.Process(
             target=_send,
-            args=(index, procs, targets, count, rate, duration, network, start_at, send),
+            args=(index, procs, targets, count, rate, duration, network, start_at, stop, send),
             daemon=True,
         )
         process.start()

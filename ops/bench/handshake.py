@@ -532,6 +532,11 @@ def table_phase(
     established SAs (one CHILD_SA each, kept up) and `--table-half-open` half-open SAs:
     answered rate and CPU per answer, each against the empty table's."""
     responder.restart()
+    # a farm just started answers its first second in fits (each process's first
+    # handshake, its first snapshot); the table's probe comes after 10,000 handshakes
+    log(f"{responder.name}: table: warm-up, 100 IKE_SA_INIT")
+    phase(gen_ns, probes, responder, "init", 100.0, 1.0)
+    responder.settle()
     log(f"{responder.name}: table: saturated probe, empty table")
     empty, _ = phase(gen_ns, probes, responder, "init", args.saturate, args.probe_seconds)
     responder.restart()

@@ -22,9 +22,11 @@ See `docs/architecture.md`.
 DoS gate (`shared/dos/gate.py`, issue 5): a new IKE_SA_INIT (SPIr = 0, no init
 route) is decided before it reaches a worker: forwarded, answered with a
 stateless N(COOKIE) straight from this socket, or dropped with a counted
-reason. The gate sees the farm's load from the workers' `IkeLoad` and the
-other ingress instances' `IngressLoad`; this instance reports its own pending
-inits the same way. The cookie secret comes from the farm's KV bucket
+reason. While cookies are on, one without a cookie is decided and answered as it
+is read (`_gate_at_read`): a spoofed flood never waits in the backlog. The gate
+sees the farm's load from the workers' `IkeLoad` and the other ingress
+instances' `IngressLoad`; this instance reports its own pending inits the same
+way. The cookie secret comes from the farm's KV bucket
 (`cookie_secret.py`).
 
 Owned shards: the same `IkeLoad` reports tell which shards have a live worker
@@ -214,6 +216,7 @@ class IngressService(ServiceBase):
         self._unowned_unlogged = 0
         self._beat = time.monotonic()
         self._cookies_inline = False
+        self._log_cookies = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -353,6 +356,7 @@ class IngressService(ServiceBase):
         self._check_stall(now)  # before routing: after a stop, shard owners are learned anew
         # cookies on: a new IKE_SA_INIT is answered at its read, never queued (see received)
         self._cookies_inline = self.gate.cookies is not None and self.gate.cookies_active(now)
+        self._log_cookies = self._cookies_inline and self.log.enabled(3)  # raw: each cookie
         read = 0
         for _ in range(READ_BATCH):
             try:
@@ -462,7 +466,8 @@ class IngressService(ServiceBase):
         if gated.action == COOKIE and gated.reply is not None:
             self.runtime.counters["routed.init"] += 1
             self._send_raw(endpoint, gated.reply, address, port)
-            self.log.raw("cookie_sent", remote=f"{address}[{port}]")
+            if self._log_cookies:
+                self.log.raw("cookie_sent", remote=f"{address}[{port}]")
         return gated
 
     async def _route_received(self) -> None:

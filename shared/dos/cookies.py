@@ -134,8 +134,8 @@ def init_request(datagram: bytes, header: IkeHeader | None = None) -> InitReques
     size = len(datagram)
     if size < IKE_HEADER_LENGTH:
         return None
-    spi_i, _spi_r, next_type, _version, _exchange, _flags, message_id, length = (
-        _HEADER.unpack_from(datagram)
+    spi_i, _spi_r, next_type, _version, _exchange, _flags, message_id, length = _HEADER.unpack_from(
+        datagram
     )
     if length != size:
         return None

@@ -19,10 +19,17 @@ Measurements (per responder, then ikefarm / strongSwan):
   stime of every process in the responder's namespace, nats-server included).
 - ``flat``: IKE_SA_INIT answered per second at `--saturate` offered, from an empty
   table and again with `--half-open` half-open SAs (filled at `--rate` first).
+- ``table``: the saturated probe from an empty table, and again with
+  `--table-established` SAs established (one CHILD_SA each, kept up by the
+  generators) and `--table-half-open` half-open SAs: answered rate and CPU per
+  answer, full table / empty table (issue 9: flat within 10%).
 - ``full``: complete handshakes (IKE_SA_INIT + IKE_AUTH + one CHILD_SA) at
   `--full-rate` until `--established` SAs are up: latency, CPU per handshake, and
   the responders' RSS growth per established SA; then the `flat` probe again
   with those SAs established.
+
+`--workers 1 2` runs one farm per worker count (each in its namespace, the same
+generators), so one run compares them with each other and with strongSwan.
 
 Run as root from the repository root: ops/bench/handshake [options]. Prints one
 JSON object; with --results FILE it appends a Markdown section there.
@@ -194,11 +201,13 @@ class Responder:
         return round(time.monotonic() - started, 1)
 
 
-def ikefarm_responder(ns: Namespace, workdir: Path, workers: int) -> Responder:
+def ikefarm_responder(
+    ns: Namespace, workdir: Path, workers: int, name: str = "ikefarm", address: str = IKEFARM
+) -> Responder:
     holder: dict[str, Any] = {}
 
     def start() -> None:
-        gateway = Gateway(ns, workdir, farm_toml(workdir, workers=workers))
+        gateway = Gateway(ns, workdir, farm_toml(workdir, address=address, workers=workers))
         holder["gw"] = gateway
         try:
             gateway.start(timeout=60)
@@ -215,7 +224,7 @@ def ikefarm_responder(ns: Namespace, workdir: Path, workers: int) -> Responder:
         pids = gateway.service_pids() if gateway else {}
         return {pid: name.rstrip("0123456789-") or name for name, pid in pids.items()}
 
-    return Responder("ikefarm", IKEFARM, ns, start, stop, names, holder)
+    return Responder(name, address, ns, start, stop, names, holder)
 
 
 def strongswan_responder(ns: Namespace, workdir: Path) -> Responder:
@@ -422,7 +431,7 @@ def start_profilers(
 ) -> list[subprocess.Popen[bytes]]:
     """py-spy on ikefarm's ike worker(s), ingress, keystore and kernel for the phase."""
     folder = PROFILE["dir"]
-    if folder is None or responder.name != "ikefarm":
+    if folder is None or "gw" not in responder.holder:
         return []
     folder.mkdir(parents=True, exist_ok=True)
     spy = str(Path(sys.executable).parent / "py-spy")
@@ -484,6 +493,8 @@ def measure(
             # robust on a shared machine: CPU per answer does not depend on the CPU we get
             "cpu_ratio": _ratio(full["cpu_us_per_answer"], empty["cpu_us_per_answer"]),
         }
+    if "table" in phases:
+        out["table"] = table_phase(responder, gen_ns, probes, fulls, args, log)
     if "full" in phases:
         responder.restart()
         log(f"{responder.name}: {args.established} full handshakes at {args.full_rate}/s")
@@ -509,10 +520,69 @@ def measure(
     return out
 
 
+def table_phase(
+    responder: Responder,
+    gen_ns: Namespace,
+    probes: list[str],
+    fulls: list[str],
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The saturated probe on an empty table, then on a table holding `--table-established`
+    established SAs (one CHILD_SA each, kept up) and `--table-half-open` half-open SAs:
+    answered rate and CPU per answer, each against the empty table's."""
+    responder.restart()
+    # a farm just started answers its first second in fits (each process's first
+    # handshake, its first snapshot); the table's probe comes after 10,000 handshakes
+    log(f"{responder.name}: table: warm-up, 100 IKE_SA_INIT")
+    phase(gen_ns, probes, responder, "init", 100.0, 1.0)
+    responder.settle()
+    log(f"{responder.name}: table: saturated probe, empty table")
+    empty, _ = phase(gen_ns, probes, responder, "init", args.saturate, args.probe_seconds)
+    responder.restart()
+    count = args.table_established
+    log(f"{responder.name}: table: {count} full handshakes at {args.full_rate}/s")
+    made, held = phase(
+        gen_ns, fulls, responder, "full", args.full_rate, count / args.full_rate, keep=True
+    )
+    try:
+        wanted = args.table_half_open
+        log(f"{responder.name}: table: fill {wanted} half-open at {args.rate}/s")
+        fill, _ = phase(
+            gen_ns, probes, responder, "init", args.rate, wanted / args.rate * 6, answers=wanted
+        )
+        fill["settle_s"] = responder.settle()
+        reported = responder.half_open()
+        half_open = fill["answered"] if reported is None else reported
+        log(
+            f"{responder.name}: table: saturated probe, {made['established']} established, "
+            f"{half_open} half-open"
+        )
+        full, _ = phase(gen_ns, probes, responder, "init", args.saturate, args.probe_seconds)
+    finally:
+        if held is not None:
+            held.stop()
+    return {
+        "empty": empty,
+        "established": made["established"],
+        "establish": {k: v for k, v in made.items() if k != "per_second"},
+        "fill": fill,
+        "half_open": half_open,
+        "full": full,
+        "ratio": _ratio(full["answered_per_s"], empty["answered_per_s"]),
+        "cpu_ratio": _ratio(full["cpu_us_per_answer"], empty["cpu_us_per_answer"]),
+    }
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return round(a / b, 3)
+
+
+def farm_name(workers: list[int], index: int) -> str:
+    """ "ikefarm" for the first farm of the run; the others named by their worker count."""
+    return "ikefarm" if index == 0 else f"ikefarm, {workers[index]} workers"
 
 
 def machine_facts() -> dict[str, Any]:
@@ -547,24 +617,30 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     facts = machine_facts()
     gen_ns = Namespace("gen")
-    ikf_ns = Namespace("ikf")
     ss_ns = Namespace("ss")
+    namespaces = [gen_ns, ss_ns]
     count = args.procs
-    to_ikf = [f"192.0.2.{10 + i}" for i in range(2 * count)]
     to_ss = [f"198.51.100.{10 + i}" for i in range(2 * count)]
     responders: list[Responder] = []
     runs: list[dict[str, Any]] = []
     try:
-        link(ikf_ns, gen_ns, f"{IKEFARM}/24", [f"{a}/24" for a in to_ikf])
+        addresses: dict[str, tuple[list[str], list[str]]] = {}
+        for index, workers in enumerate(args.workers):
+            # the first farm on 192.0.2.0/24, any other on a /24 of 10.99.0.0/16
+            net = "192.0.2" if index == 0 else f"10.99.{index}"
+            ikf_ns = Namespace("ikf")
+            namespaces.append(ikf_ns)
+            to_ikf = [f"{net}.{10 + i}" for i in range(2 * count)]
+            link(ikf_ns, gen_ns, f"{net}.1/24", [f"{a}/24" for a in to_ikf])
+            name = farm_name(args.workers, index)
+            responders.append(
+                ikefarm_responder(ikf_ns, workdir / f"ikefarm{index}", workers, name, f"{net}.1")
+            )
+            addresses[name] = (to_ikf[:count], to_ikf[count:])
         link(ss_ns, gen_ns, f"{STRONGSWAN}/24", [f"{a}/24" for a in to_ss])
         ss_ns.add_address("lo", "10.100.0.1/32")  # kernel-libipsec routes need a local TS address
-        ikefarm = ikefarm_responder(ikf_ns, workdir / "ikefarm", args.workers)
-        strongswan = strongswan_responder(ss_ns, workdir / "strongswan")
-        responders = [ikefarm, strongswan]
-        addresses = {
-            "ikefarm": (to_ikf[:count], to_ikf[count:]),
-            "strongSwan": (to_ss[:count], to_ss[count:]),
-        }
+        responders.append(strongswan_responder(ss_ns, workdir / "strongswan"))
+        addresses["strongSwan"] = (to_ss[:count], to_ss[count:])
         for repetition in range(args.repeat):
             order = responders if repetition % 2 == 0 else responders[::-1]
             results: dict[str, Any] = {}
@@ -578,7 +654,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 responder.stop_fn()
             except Exception as exc:  # cleanup goes on
                 log(f"stopping {responder.name}: {exc}")
-        for ns in (gen_ns, ikf_ns, ss_ns):
+        for ns in namespaces:
             ns.close()
     facts["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return {"machine": facts, "runs": runs, "summary": summary(runs)}
@@ -606,6 +682,30 @@ METRICS: list[tuple[str, str, Callable[[dict[str, Any]], Any]]] = [
         "CPU per answer, with half-open / empty",
         lambda r: r["flat"]["cpu_ratio"],
     ),
+    (
+        "table",
+        "table: saturated answers/s, empty table",
+        lambda r: r["table"]["empty"]["answered_per_s"],
+    ),
+    (
+        "table",
+        "table: CPU per answer, empty table, us",
+        lambda r: r["table"]["empty"]["cpu_us_per_answer"],
+    ),
+    ("table", "table: established SAs", lambda r: r["table"]["established"]),
+    ("table", "table: half-open SAs", lambda r: r["table"]["half_open"]),
+    (
+        "table",
+        "table: saturated answers/s, full table",
+        lambda r: r["table"]["full"]["answered_per_s"],
+    ),
+    (
+        "table",
+        "table: CPU per answer, full table, us",
+        lambda r: r["table"]["full"]["cpu_us_per_answer"],
+    ),
+    ("table", "table: answered rate, full / empty", lambda r: r["table"]["ratio"]),
+    ("table", "table: CPU per answer, full / empty", lambda r: r["table"]["cpu_ratio"]),
     ("full", "handshakes complete %", lambda r: r["full"]["answered_pct"]),
     ("full", "handshake median latency, ms", lambda r: r["full"]["median_ms"]),
     ("full", "CPU per full handshake, us", lambda r: r["full"]["cpu_us_per_answer"]),
@@ -619,17 +719,20 @@ METRICS: list[tuple[str, str, Callable[[dict[str, Any]], Any]]] = [
 
 
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each metric: the median over repetitions per responder, and ikefarm / strongSwan."""
+    """Each metric: the median over repetitions per responder, and ikefarm / strongSwan
+    (each further farm of the run too: `ratios`)."""
+    names = list(dict.fromkeys(name for run_ in runs for name in run_))
+    farms = [name for name in names if name != "strongSwan"]
     rows = []
     for phase_name, label, get in METRICS:
-        values: dict[str, list[float]] = {"ikefarm": [], "strongSwan": []}
+        values: dict[str, list[float]] = {name: [] for name in ["ikefarm", "strongSwan", *names]}
         for run_ in runs:
             for name, found in values.items():
                 if phase_name in run_.get(name, {}):
                     value = get(run_[name])
                     if value is not None:
                         found.append(value)
-        if not values["ikefarm"] and not values["strongSwan"]:
+        if not any(values.values()):
             continue
         med = {k: round(statistics.median(v), 3) if v else None for k, v in values.items()}
         rows.append(
@@ -639,6 +742,8 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "strongSwan": med["strongSwan"],
                 "ratio": _ratio(med["ikefarm"], med["strongSwan"]),
                 "n": len(values["ikefarm"]),
+                "values": {name: med[name] for name in names},
+                "ratios": {name: _ratio(med[name], med["strongSwan"]) for name in farms},
             }
         )
     return rows
@@ -656,9 +761,13 @@ def markdown(result: dict[str, Any], command: str, note: str) -> str:
     ]
     if note:
         lines.append(note + "\n")
-    lines.append("| | ikefarm | strongSwan | ikefarm / strongSwan |\n|---|---|---|---|")
+    names = list(result["summary"][0]["values"]) if result["summary"] else []
+    farms = [name for name in names if name != "strongSwan"]
+    head = ["", *names, *(f"{name} / strongSwan" for name in farms)]
+    lines.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in result["summary"]:
-        cells = [row["metric"], row["ikefarm"], row["strongSwan"], row["ratio"]]
+        cells = [row["metric"], *(row["values"][n] for n in names)]
+        cells += [row["ratios"][n] for n in farms]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     busy = [
         (name, phase_name, run_[name][phase_name].get("generator_busy"))
@@ -720,10 +829,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-rate", type=float, default=100.0, help="full handshakes/s")
     parser.add_argument("--established", type=int, default=2000, help="SAs for memory")
     parser.add_argument("--procs", type=int, default=2, help="generator processes per load")
-    parser.add_argument("--workers", type=int, default=1, help="ikefarm ike workers")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="ikefarm ike workers; several numbers: one farm each, measured in the same run",
+    )
+    parser.add_argument(
+        "--table-established", type=int, default=10000, help="established SAs, table phase"
+    )
+    parser.add_argument(
+        "--table-half-open", type=int, default=6000, help="half-open SAs, table phase"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions")
     parser.add_argument(
-        "--phases", nargs="+", default=["init", "flat", "full"], choices=["init", "flat", "full"]
+        "--phases",
+        nargs="+",
+        default=["init", "flat", "full"],
+        choices=["init", "flat", "table", "full"],
     )
     parser.add_argument("--results", type=Path, help="append a Markdown section to this file")
     parser.add_argument("--profile", type=Path, help="py-spy ikefarm's services into this dir")

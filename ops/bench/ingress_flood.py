@@ -15,7 +15,9 @@ Cookies and per-peer limits are off, as in the issue 9 measurements.
 
 Run from the repository root: .venv/bin/python ops/bench/ingress_flood.py [--rate N ...]
 `--code DIR` runs the ingress from another checkout (`git worktree` or `git archive` of
-another commit) to compare before and after on the same machine.
+another commit) to compare before and after on the same machine; `--loop asyncio --loop
+uvloop --repeat N` runs the ingress on each event loop in turn, interleaved, and prints
+the medians per loop (uvloop must be installed for that: `pip install uvloop`).
 """
 
 from __future__ import annotations
@@ -207,26 +209,24 @@ async def ingress_counters(url: str, instances: list[str]) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rate", type=int, action="append", help="offered IKE_SA_INIT/s")
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--peers", type=int, default=64, help="source ports")
-    parser.add_argument("--instances", type=int, default=1, help="ingress processes")
-    parser.add_argument("--code", type=Path, help="run the ingress from this checkout")
-    parser.add_argument("--profile", type=Path, help="cProfile the first ingress into FILE")
-    parser.add_argument("--stand-in", metavar="URL", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.stand_in:
-        asyncio.run(StandInWorker(args.stand_in).run())
-        return 0
-    rates = args.rate or [1000, 4000, 10000]
+# the ingress's entry point with uvloop's event loop policy (`--loop uvloop`): the same
+# `ikefarm service ingress`, only asyncio.run() makes a uvloop loop
+UVLOOP_MAIN = (
+    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+    "from ikefarm.shared.cli.main import main; sys.argv[0] = 'ikefarm'; sys.exit(main())"
+)
+
+
+def run_once(args: argparse.Namespace, rates: list[int], loop: str) -> list[dict[str, Any]]:
+    """A fresh broker, ingress processes and stand-in worker; each rate in turn."""
+    out = []
     messages = requests(int(max(rates) * args.duration) + 1)
     with tempfile.TemporaryDirectory(prefix="ingress-flood-") as tmp:
         base = Path(tmp)
         broker = EmbeddedNats(base / "nats")
         broker.start()
         children: list[subprocess.Popen[bytes]] = []
+        helpers: list[subprocess.Popen[bytes]] = []
         environ = dict(os.environ, IKEFARM_LOG_LEVEL="0")
         if args.code is not None:
             package = base / "code" / "ikefarm"
@@ -244,19 +244,18 @@ def main() -> int:
                 profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
                 if name != names[0]:
                     profile = []
-                argv = [sys.executable, *profile, "-m", "ikefarm.shared.cli.main"]
-                argv += ["service", "ingress"]
+                entry = ["-m", "ikefarm.shared.cli.main"]
+                if loop == "uvloop":
+                    entry = ["-c", UVLOOP_MAIN]
+                argv = [sys.executable, *profile, *entry, "service", "ingress"]
                 argv += ["-c", str(config), "--nats", broker.url, "--instance", name]
                 children.append(subprocess.Popen(argv, env=environ, stdin=subprocess.DEVNULL))
             stand_in = [sys.executable, __file__, "--stand-in", broker.url]
-            helpers = [subprocess.Popen(stand_in, stdin=subprocess.DEVNULL)]
+            helpers.append(subprocess.Popen(stand_in, stdin=subprocess.DEVNULL))
             time.sleep(3.0)  # ingress started, has heard the stand-in's load report
-            offset = 0
             for rate in rates:
-                count = int(rate * args.duration)
                 cpu_before = sum(cpu_seconds(c.pid) for c in children)
-                result = flood((HERE, ike_port), rate, args.duration, args.peers, messages[offset:])
-                offset += count
+                result = flood((HERE, ike_port), rate, args.duration, args.peers, messages)
                 cpu = sum(cpu_seconds(c.pid) for c in children) - cpu_before
                 result["ingress_cpu_s"] = round(cpu, 2)
                 result["ingress_cpu_us_per_answer"] = (
@@ -264,12 +263,14 @@ def main() -> int:
                 )
                 result["rate"] = rate
                 result["instances"] = args.instances
+                result["loop"] = loop
+                result["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
                 result["ingress"] = asyncio.run(ingress_counters(broker.url, names))
                 print(json.dumps(result), flush=True)
+                out.append(result)
                 messages = requests(int(max(rates) * args.duration) + 1)  # fresh SPIs
-                offset = 0
         finally:
-            for child in [*children, *locals().get("helpers", [])]:
+            for child in [*children, *helpers]:
                 child.terminate()
             for child in children:
                 try:
@@ -277,6 +278,53 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     child.kill()
             broker.stop()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rate", type=int, action="append", help="offered IKE_SA_INIT/s")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--peers", type=int, default=64, help="source ports")
+    parser.add_argument("--instances", type=int, default=1, help="ingress processes")
+    parser.add_argument("--code", type=Path, help="run the ingress from this checkout")
+    parser.add_argument("--profile", type=Path, help="cProfile the first ingress into FILE")
+    parser.add_argument(
+        "--loop",
+        action="append",
+        choices=["asyncio", "uvloop"],
+        help="event loop of the ingress (repeatable: each in turn, interleaved by --repeat)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the loops")
+    parser.add_argument("--stand-in", metavar="URL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stand_in:
+        asyncio.run(StandInWorker(args.stand_in).run())
+        return 0
+    rates = args.rate or [1000, 4000, 10000]
+    loops = args.loop or ["asyncio"]
+    results: list[dict[str, Any]] = []
+    for round_ in range(args.repeat):
+        for loop in loops if round_ % 2 == 0 else loops[::-1]:
+            results += run_once(args, rates, loop)
+    if len(loops) > 1:  # the median per loop and rate, over the rounds
+        for rate in rates:
+            for loop in loops:
+                runs = [r for r in results if r["rate"] == rate and r["loop"] == loop]
+                summary = {
+                    "summary": True,
+                    "rate": rate,
+                    "loop": loop,
+                    "runs": len(runs),
+                    "answered_share": statistics.median(r["answered_share"] for r in runs),
+                    "ingress_cpu_us_per_answer": statistics.median(
+                        r["ingress_cpu_us_per_answer"] or 0 for r in runs
+                    ),
+                    "latency_ms_median": statistics.median(
+                        r["latency_ms_median"] or 0 for r in runs
+                    ),
+                }
+                print(json.dumps(summary), flush=True)
     return 0
 
 

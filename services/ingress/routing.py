@@ -24,15 +24,21 @@ every second); the `Router` drops what is for a shard nobody owns
 from __future__ import annotations
 
 import math
+import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from ikefarm.proto import subjects
 from ikefarm.proto.sharding import MAX_SHARDS, shard_of_spi
 from ikefarm.shared.dos.load import STALE_AFTER
-from ikefarm.shared.ikev2.constants import NON_ESP_MARKER, ExchangeType
-from ikefarm.shared.ikev2.errors import MalformedMessage
-from ikefarm.shared.ikev2.message import IkeHeader, peek_header
+from ikefarm.shared.ikev2.constants import (
+    IKE_HEADER_LENGTH,
+    NON_ESP_MARKER,
+    ExchangeType,
+    HeaderFlag,
+    PayloadType,
+)
+from ikefarm.shared.ikev2.message import IKE_MAJOR_VERSION, IkeHeader
 from ikefarm.shared.udp_endpoints import canonical_address
 
 NAT_KEEPALIVE = b"\xff"  # RFC 3948 2.3
@@ -69,6 +75,40 @@ class Route:
     @property
     def counter(self) -> str:
         return f"routed.{self.kind}"
+
+
+# RFC 7296 3.1: SPIi, SPIr, Next Payload, versions, Exchange Type, Flags, Message ID, Length
+_HEADER = struct.Struct("!8s8sBBBBII")
+_KNOWN_FLAGS = int(HeaderFlag.INITIATOR | HeaderFlag.VERSION | HeaderFlag.RESPONSE)
+# the members by value, made once: an enum's call costs more than the rest of the header
+_PAYLOAD_TYPES = {int(member): member for member in PayloadType}
+_EXCHANGE_TYPES = {int(member): member for member in ExchangeType}
+_FLAGS = {v: HeaderFlag(v) for v in range(_KNOWN_FLAGS + 1) if not v & ~_KNOWN_FLAGS}
+
+
+def read_header(datagram: bytes) -> IkeHeader:
+    """The fixed IKE header (RFC 7296 3.1) of a datagram (non-ESP marker stripped): 28
+    octets and major version 2, or `Dropped` ("truncated_header", "invalid_major_version").
+    The engine's `IkeHeader.parse` reads the same; this one is the ingress's per-datagram
+    path, so it unpacks in one call and takes the enum members from tables."""
+    if len(datagram) < IKE_HEADER_LENGTH:
+        raise Dropped("truncated_header")
+    spi_i, spi_r, next_payload, version, exchange_type, flags, message_id, length = (
+        _HEADER.unpack_from(datagram)
+    )
+    if version >> 4 != IKE_MAJOR_VERSION:
+        raise Dropped("invalid_major_version")
+    return IkeHeader(
+        spi_i=spi_i,
+        spi_r=spi_r,
+        next_payload=_PAYLOAD_TYPES.get(next_payload, next_payload),
+        major_version=IKE_MAJOR_VERSION,
+        minor_version=version & 0x0F,
+        exchange_type=_EXCHANGE_TYPES.get(exchange_type, exchange_type),
+        flags=_FLAGS[flags & _KNOWN_FLAGS],  # reserved bits ignored (3.1)
+        message_id=message_id,
+        length=length,
+    )
 
 
 def our_spi(header: IkeHeader) -> bytes:
@@ -225,10 +265,7 @@ def route_datagram(
             # RFC 3948 2.2: a non-zero first word is an ESP SPI; the kernel decapsulates it
             raise Dropped("esp_in_udp", counter="esp_in_udp")
         datagram = datagram[len(NON_ESP_MARKER) :]
-    try:
-        header = peek_header(datagram)
-    except MalformedMessage as exc:
-        raise Dropped(exc.reason) from None
+    header = read_header(datagram)
     # the worker would drop these too (RFC 7296 3.1: Length is the whole message); checked
     # once here, they never cost a bus message, and the header travels checked
     if header.length > len(datagram):

@@ -22,9 +22,11 @@ See `docs/architecture.md`.
 DoS gate (`shared/dos/gate.py`, issue 5): a new IKE_SA_INIT (SPIr = 0, no init
 route) is decided before it reaches a worker: forwarded, answered with a
 stateless N(COOKIE) straight from this socket, or dropped with a counted
-reason. The gate sees the farm's load from the workers' `IkeLoad` and the
-other ingress instances' `IngressLoad`; this instance reports its own pending
-inits the same way. The cookie secret comes from the farm's KV bucket
+reason. While cookies are on, one without a cookie is decided and answered as it
+is read (`_gate_at_read`): a spoofed flood never waits in the backlog. The gate
+sees the farm's load from the workers' `IkeLoad` and the other ingress
+instances' `IngressLoad`; this instance reports its own pending inits the same
+way. The cookie secret comes from the farm's KV bucket
 (`cookie_secret.py`).
 
 Owned shards: the same `IkeLoad` reports tell which shards have a live worker
@@ -74,6 +76,7 @@ from ikefarm.services.ingress.routing import (
     NO_WORKER,
     ROUTE_SHARD,
     SHARD_UNOWNED,
+    ZERO_SPI,
     Dropped,
     InitRouteTable,
     Route,
@@ -92,7 +95,13 @@ from ikefarm.shared.dos.cookies import CookieJar, init_request
 from ikefarm.shared.dos.gate import COOKIE, DROP, IngressGate, Verdict
 from ikefarm.shared.dos.limits import dos_limits
 from ikefarm.shared.dos.load import STALE_AFTER, FarmLoad
-from ikefarm.shared.ikev2.constants import NON_ESP_MARKER
+from ikefarm.shared.ikev2.constants import (
+    IKE_HEADER_LENGTH,
+    NON_ESP_MARKER,
+    ExchangeType,
+    HeaderFlag,
+)
+from ikefarm.shared.ikev2.message import IKE_MAJOR_VERSION
 from ikefarm.shared.observability.tracing import tracer
 from ikefarm.shared.udp_endpoints import (
     EndpointClaim,
@@ -126,12 +135,24 @@ STALLED_AFTER = 0.5
 # datagrams for shards nobody owns can come in floods: one debug line per this many seconds
 UNOWNED_LOG_EVERY = 1.0
 _UNOWNED_DROPS = frozenset({SHARD_UNOWNED, NO_WORKER})
+# RFC 7296 3.1 header octets the read path looks at before anything is decoded
+_SPI_R_AT, _VERSION_AT, _EXCHANGE_AT, _FLAGS_AT = 8, 17, 18, 19
+_IKE_SA_INIT = int(ExchangeType.IKE_SA_INIT)
+_RESPONSE = int(HeaderFlag.RESPONSE)
 
 
 class _Received:
     """A datagram read and routed (its header read once), waiting for its turn."""
 
-    __slots__ = ("data", "endpoint", "received_ns", "remote_address", "remote_port", "verdict")
+    __slots__ = (
+        "data",
+        "endpoint",
+        "gated",
+        "received_ns",
+        "remote_address",
+        "remote_port",
+        "verdict",
+    )
 
     def __init__(
         self,
@@ -141,6 +162,7 @@ class _Received:
         remote_port: int,
         received_ns: int,
         verdict: Route | Dropped,
+        gated: Verdict | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.data = data
@@ -148,6 +170,7 @@ class _Received:
         self.remote_port = remote_port
         self.received_ns = received_ns
         self.verdict = verdict
+        self.gated = gated  # the DoS gate's verdict when it was decided at the read
 
 
 class _UdpEndpoint:
@@ -192,6 +215,8 @@ class IngressService(ServiceBase):
         self._unowned_log_at = -math.inf
         self._unowned_unlogged = 0
         self._beat = time.monotonic()
+        self._cookies_inline = False
+        self._log_cookies = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -330,6 +355,9 @@ class IngressService(ServiceBase):
         received_ns = time.time_ns()
         now = time.monotonic()
         self._check_stall(now)  # before routing: after a stop, shard owners are learned anew
+        # cookies on: a new IKE_SA_INIT is answered at its read, never queued (see received)
+        self._cookies_inline = self.gate.cookies is not None and self.gate.cookies_active(now)
+        self._log_cookies = self._cookies_inline and self.log.enabled(3)  # raw: each cookie
         read = 0
         for _ in range(READ_BATCH):
             try:
@@ -367,6 +395,11 @@ class IngressService(ServiceBase):
         if ":" in remote_address:  # IPv4 text from the kernel is canonical already
             remote_address = canonical_address(remote_address)
         remote_port = int(remote[1])
+        gated: Verdict | None = None
+        if self._cookies_inline:
+            gated = self._gate_at_read(endpoint, data, remote_address, remote_port, now)
+            if gated is not None and gated.action == COOKIE:
+                return
         verdict = self.router.route(
             data,
             natt=endpoint.natt,
@@ -389,11 +422,54 @@ class IngressService(ServiceBase):
             return
         else:
             klass = NEW  # dropped with a span and a log line, or answered (major version)
-        item = _Received(endpoint, data, remote_address, remote_port, received_ns, verdict)
+        if gated is not None and not isinstance(verdict, Route):
+            gated = None  # not a new init after all (cannot be: the same octets were read)
+        item = _Received(endpoint, data, remote_address, remote_port, received_ns, verdict, gated)
         dropped = self.backlog.push(klass, item, now)
         if dropped is not None:
             self.runtime.counters[f"dropped.backlog.{CLASS_NAMES[dropped]}"] += 1
         self._backlog_ready.set()
+
+    def _gate_at_read(
+        self, endpoint: LocalEndpoint, data: bytes, address: str, port: int, now: float
+    ) -> Verdict | None:
+        """While cookies are on, a new IKE_SA_INIT without a cookie is decided as it is read
+        and, as nearly always, answered with N(COOKIE) at once (RFC 7296 2.6: stateless): a
+        spoofed flood then costs one read, one HMAC and one send per packet, and never fills
+        the backlog that established SAs and returning cookies share. None when the datagram
+        is anything else (it is routed and queued as usual); a verdict other than COOKIE (a
+        drop, or a forward when the half-open count fell at that instant) goes with the
+        datagram through the queue, so the gate decides each datagram once."""
+        message = data
+        if endpoint.natt:
+            if not data.startswith(NON_ESP_MARKER):
+                return None
+            message = data[len(NON_ESP_MARKER) :]
+        if (
+            len(message) < IKE_HEADER_LENGTH
+            or message[_EXCHANGE_AT] != _IKE_SA_INIT
+            or message[_FLAGS_AT] & _RESPONSE
+            or message[_VERSION_AT] >> 4 != IKE_MAJOR_VERSION
+            or message[_SPI_R_AT : _SPI_R_AT + 8] != ZERO_SPI
+            or message[:8] == ZERO_SPI
+        ):
+            return None
+        request = init_request(message)
+        if request is None or request.cookie is not None:
+            return None  # malformed (the router says why), or a cookie returning: queued
+        router = self.router
+        if router.init_routes.lookup(address, port, request.spi_i, now) is not None:
+            return None  # a retransmission, for the worker that holds its half-open SA
+        if router.owners is not None and not router.owners.any_owned(now):
+            return None  # the router drops it (no_worker)
+        gated = self.gate.decide(request, address, now)
+        self._log_mode_changes()
+        if gated.action == COOKIE and gated.reply is not None:
+            self.runtime.counters["routed.init"] += 1
+            self._send_raw(endpoint, gated.reply, address, port)
+            if self._log_cookies:
+                self.log.raw("cookie_sent", remote=f"{address}[{port}]")
+        return gated
 
     async def _route_received(self) -> None:
         counters = self.runtime.counters
@@ -424,8 +500,8 @@ class IngressService(ServiceBase):
         verdict = item.verdict
         if isinstance(verdict, Dropped) and verdict.reason == "invalid_major_version":
             self._answer_major_version(endpoint, item.data, remote_address, remote_port, now)
-        gated: Verdict | None = None
-        if isinstance(verdict, Route) and verdict.subject == subjects.IKE_INIT:
+        gated = item.gated
+        if gated is None and isinstance(verdict, Route) and verdict.subject == subjects.IKE_INIT:
             gated = self._gate(verdict, remote_address, now)
             if gated.action == COOKIE and gated.reply is not None:
                 # stateless and cheap on purpose: a flood is answered without a span each

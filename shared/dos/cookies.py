@@ -2,8 +2,10 @@
 
     Cookie = VersionIDofSecret | Hash(Ni | IPi | SPIi | <secret>)
 
-Hash is HMAC-SHA256 keyed with the secret (`cryptography`, never hand-rolled);
-the version is 4 octets, so a cookie is 36 octets (RFC 7296 3.10.1 allows 1-64).
+Hash is HMAC-SHA256 keyed with the secret (the standard library's one-shot
+`hmac.digest`, OpenSSL underneath, never hand-rolled: a flood is answered one
+HMAC per packet, and the one-shot costs a third of a streamed HMAC object); the
+version is 4 octets, so a cookie is 36 octets (RFC 7296 3.10.1 allows 1-64).
 Secrets rotate; a cookie made with the previous secret is still accepted, so a
 peer that got its cookie just before a rotation is not refused. Verification is
 constant time (`hmac.compare_digest`). A `CookieSecret` never prints its key: its
@@ -12,17 +14,21 @@ repr and every error name the version only, so it cannot leak into a log or a sp
 
 from __future__ import annotations
 
-import hmac as hmac_module
-import ipaddress
+import hmac
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives import hashes, hmac
-
 from ikefarm.proto.messages import CookieSecrets
-from ikefarm.shared.ikev2.constants import IKE_HEADER_LENGTH, ExchangeType, NotifyType, PayloadType
-from ikefarm.shared.ikev2.message import IkeHeader, Message, encode_message
-from ikefarm.shared.ikev2.payloads import NotifyPayload
+from ikefarm.shared.ikev2.constants import (
+    IKE_HEADER_LENGTH,
+    ExchangeType,
+    HeaderFlag,
+    NotifyType,
+    PayloadType,
+)
+from ikefarm.shared.ikev2.message import IKE_MAJOR_VERSION, IkeHeader
 from ikefarm.shared.ikev2.payloads.nonce import NONCE_MAX, NONCE_MIN
 
 VERSION_OCTETS = 4
@@ -45,12 +51,17 @@ class CookieSecret:
             raise ValueError(f"cookie secret must be {SECRET_OCTETS} octets")
 
 
-def _mac(secret: CookieSecret, nonce_i: bytes, address: str, spi_i: bytes) -> hmac.HMAC:
-    mac = hmac.HMAC(secret.key, hashes.SHA256())
-    mac.update(nonce_i)
-    mac.update(ipaddress.ip_address(address).packed)
-    mac.update(spi_i)
-    return mac
+def _packed(address: str) -> bytes:
+    """IPi as octets (4 or 16); ValueError for what is not an IP address."""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    except OSError:
+        raise ValueError(f"not an IP address: {address!r}") from None
+
+
+def _mac(secret: CookieSecret, nonce_i: bytes, address: str, spi_i: bytes) -> bytes:
+    """Hash(Ni | IPi | SPIi | <secret>) as HMAC-SHA256 keyed with the secret."""
+    return hmac.digest(secret.key, nonce_i + _packed(address) + spi_i, "sha256")
 
 
 class CookieJar:
@@ -68,7 +79,7 @@ class CookieJar:
         self.current, self.previous = current, previous
 
     def make(self, nonce_i: bytes, address: str, spi_i: bytes) -> bytes:
-        digest = _mac(self.current, nonce_i, address, spi_i).finalize()
+        digest = _mac(self.current, nonce_i, address, spi_i)
         return self.current.version.to_bytes(VERSION_OCTETS, "big") + digest
 
     def verify(self, cookie: bytes, nonce_i: bytes, address: str, spi_i: bytes) -> bool:
@@ -79,8 +90,8 @@ class CookieJar:
         for secret in (self.current, self.previous):
             if secret is None or secret.version != version:
                 continue
-            expected = _mac(secret, nonce_i, address, spi_i).finalize()
-            return hmac_module.compare_digest(expected, cookie[VERSION_OCTETS:])
+            expected = _mac(secret, nonce_i, address, spi_i)
+            return hmac.compare_digest(expected, cookie[VERSION_OCTETS:])
         return False
 
 
@@ -97,6 +108,15 @@ class InitRequest:
 GENERIC_HEADER_OCTETS = 4  # RFC 7296 3.2
 NOTIFY_FIXED_OCTETS = 4  # RFC 7296 3.10: Protocol ID, SPI Size, Notify Message Type
 MAX_CHAIN = 64  # payloads in one IKE_SA_INIT request; more is not a request we answer
+# the payload numbers as plain ints: compared per payload of every flood packet
+_NONE, _NONCE, _NOTIFY = int(PayloadType.NONE), int(PayloadType.NONCE), int(PayloadType.NOTIFY)
+_ENCRYPTED = frozenset({int(PayloadType.SK), int(PayloadType.SKF)})
+_COOKIE = int(NotifyType.COOKIE)
+# RFC 7296 3.1: SPIi, SPIr, Next Payload, versions, Exchange Type, Flags, Message ID, Length
+_HEADER = struct.Struct("!8s8sBBBBII")
+_NOTIFY_HEADER = struct.Struct("!BBHBBH")  # 3.2 generic header, then 3.10's fixed part
+_COOKIE_REPLY_FLAGS = int(HeaderFlag.RESPONSE)  # the original responder: no I flag (3.1)
+_VERSION = IKE_MAJOR_VERSION << 4
 
 
 def init_request(datagram: bytes, header: IkeHeader | None = None) -> InitRequest | None:
@@ -107,40 +127,42 @@ def init_request(datagram: bytes, header: IkeHeader | None = None) -> InitReques
     Ni (3.9, 16-256 octets) and a COOKIE notification, which is one only in
     first position (2.6). None when the message is not such a request: too short,
     a length that does not add up, an Encrypted payload, no valid Ni. The worker
-    still parses the whole message if the gate lets it through. `header`: the datagram's
-    header when ingress has read it already.
+    still parses the whole message if the gate lets it through. The header's
+    fields are read from the octets (`header`, when ingress has read it already,
+    changes nothing: the octets are what is answered).
     """
-    if len(datagram) < IKE_HEADER_LENGTH:
+    size = len(datagram)
+    if size < IKE_HEADER_LENGTH:
         return None
-    if header is None:
-        header = IkeHeader.parse(datagram)
-    if header.length != len(datagram):
+    spi_i, _spi_r, next_type, _version, _exchange, _flags, message_id, length = _HEADER.unpack_from(
+        datagram
+    )
+    if length != size:
         return None
-    offset, next_type, index = IKE_HEADER_LENGTH, int(header.next_payload), 0
+    offset, index = IKE_HEADER_LENGTH, 0
     nonce: bytes | None = None
     cookie: bytes | None = None
-    while next_type != PayloadType.NONE:
-        if index >= MAX_CHAIN or len(datagram) - offset < GENERIC_HEADER_OCTETS:
+    while next_type != _NONE:
+        if index >= MAX_CHAIN or size - offset < GENERIC_HEADER_OCTETS:
             return None
-        if next_type in (PayloadType.SK, PayloadType.SKF):
+        if next_type in _ENCRYPTED:
             return None  # IKE_SA_INIT is never encrypted (RFC 7296 1.2)
         following = datagram[offset]
-        length = int.from_bytes(datagram[offset + 2 : offset + 4], "big")
-        if length < GENERIC_HEADER_OCTETS or length > len(datagram) - offset:
+        length = (datagram[offset + 2] << 8) | datagram[offset + 3]
+        if length < GENERIC_HEADER_OCTETS or length > size - offset:
             return None
-        body = datagram[offset + GENERIC_HEADER_OCTETS : offset + length]
-        if next_type == PayloadType.NONCE:
-            if not NONCE_MIN <= len(body) <= NONCE_MAX or nonce is not None:
+        if next_type == _NONCE:
+            if not NONCE_MIN <= length - GENERIC_HEADER_OCTETS <= NONCE_MAX or nonce is not None:
                 return None
-            nonce = body
-        elif next_type == PayloadType.NOTIFY and index == 0:
-            cookie = _cookie_of(body)
+            nonce = datagram[offset + GENERIC_HEADER_OCTETS : offset + length]
+        elif next_type == _NOTIFY and index == 0:
+            cookie = _cookie_of(datagram[offset + GENERIC_HEADER_OCTETS : offset + length])
         offset += length
         next_type = following
         index += 1
-    if offset != len(datagram) or nonce is None:
+    if offset != size or nonce is None:
         return None
-    return InitRequest(header.spi_i, header.message_id, nonce, cookie)
+    return InitRequest(spi_i, message_id, nonce, cookie)
 
 
 def _cookie_of(body: bytes) -> bytes | None:
@@ -148,7 +170,7 @@ def _cookie_of(body: bytes) -> bytes | None:
     if len(body) < NOTIFY_FIXED_OCTETS:
         return None
     spi_size = body[1]
-    if int.from_bytes(body[2:4], "big") != NotifyType.COOKIE:
+    if int.from_bytes(body[2:4], "big") != _COOKIE:
         return None
     if len(body) < NOTIFY_FIXED_OCTETS + spi_size:
         return None
@@ -157,17 +179,26 @@ def _cookie_of(body: bytes) -> bytes | None:
 
 
 def cookie_response(request: InitRequest, cookie: bytes) -> bytes:
-    """The unprotected IKE_SA_INIT response asking for a retry: N(COOKIE) alone, SPIr = 0."""
-    reply = Message(
-        exchange_type=ExchangeType.IKE_SA_INIT,
-        spi_i=request.spi_i,
-        spi_r=bytes(8),
-        message_id=request.message_id,
-        is_initiator=False,
-        is_response=True,
-        payloads=[NotifyPayload(NotifyType.COOKIE, data=cookie)],
+    """The unprotected IKE_SA_INIT response asking for a retry: N(COOKIE) alone, SPIr = 0
+    (RFC 7296 2.6), packed directly: it is sent once per flood packet."""
+    if not 1 <= len(cookie) <= MAX_COOKIE_OCTETS:
+        raise ValueError(f"a cookie is 1-{MAX_COOKIE_OCTETS} octets")
+    notify_length = GENERIC_HEADER_OCTETS + NOTIFY_FIXED_OCTETS + len(cookie)
+    return (
+        _HEADER.pack(
+            request.spi_i,
+            bytes(8),
+            _NOTIFY,
+            _VERSION,
+            int(ExchangeType.IKE_SA_INIT),
+            _COOKIE_REPLY_FLAGS,
+            request.message_id,
+            IKE_HEADER_LENGTH + notify_length,
+        )
+        # Protocol ID and SPI Size 0: no SPI with a COOKIE (3.10)
+        + _NOTIFY_HEADER.pack(_NONE, 0, notify_length, 0, 0, _COOKIE)
+        + cookie
     )
-    return encode_message(reply)
 
 
 def jar_from_record(record: CookieSecrets) -> CookieJar:

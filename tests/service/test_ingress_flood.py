@@ -32,7 +32,7 @@ from ikefarm.shared.bus.embedded import EmbeddedNats
 from ikefarm.shared.bus.runtime import Runtime, subscriptions_in_place
 from ikefarm.shared.config.loader import Config, load_config
 from ikefarm.shared.ikev2.constants import ExchangeType, NotifyType
-from ikefarm.shared.ikev2.message import Message, encode_message
+from ikefarm.shared.ikev2.message import Message, encode_message, parse_message
 from ikefarm.shared.ikev2.payloads import NoncePayload, NotifyPayload
 from ikefarm.shared.udp_endpoints import FARM_ID_ENV, lock_dir
 from tests.harness.ports import udp_ports
@@ -122,10 +122,13 @@ class OneIngress:
 
 
 @asynccontextmanager
-async def one_ingress(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[OneIngress]:
-    """A started ingress (no limits) with stand-in owners of shards 0 and SHARD."""
+async def one_ingress(
+    nats_server: EmbeddedNats, tmp_path: Path, extra: str = NO_LIMITS
+) -> AsyncIterator[OneIngress]:
+    """A started ingress (no limits unless `extra` says) with stand-in owners of shards 0 and
+    SHARD."""
     ike_port, natt_port = udp_ports(2)
-    runtime = Runtime(IngressService, config(tmp_path, ike_port, natt_port), nats_server.url)
+    runtime = Runtime(IngressService, config(tmp_path, ike_port, natt_port, extra), nats_server.url)
     nc = await nats.connect(nats_server.url)
     try:
         published = await Published.on(nc)
@@ -181,6 +184,55 @@ async def test_established_and_cookie_datagrams_overtake_a_backlog_of_new_inits(
     assert counters["read_batches_full"] >= 1
     assert counters["read_batches"] < counters["received"] // 10
     assert not any(name.startswith("dropped.backlog.") for name in counters)
+
+
+async def test_with_cookies_on_new_inits_are_answered_as_they_are_read_and_never_queued(
+    nats_server: EmbeddedNats, tmp_path: Path, peer: socket.socket
+) -> None:
+    new, cookies, sas = 300, 10, 20
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    always = (
+        '[ike.global-options.dos-protection]\ncookie-threshold = "always"\nblock-threshold = 0\n'
+    )
+    async with one_ingress(nats_server, tmp_path, always) as farm:
+        runtime, published = farm.runtime, farm.published
+        target = ("127.0.0.1", farm.ike_port)
+        # held behind the flood: SAs' datagrams and inits bringing a (wrong) cookie back
+        for index in range(new):
+            peer.sendto(new_init(index), target)
+        for index in range(cookies):
+            peer.sendto(new_init(new + index, cookie=b"c" * 36), target)
+        for index in range(sas):
+            peer.sendto(established(index), target)
+        counters = runtime.counters
+        await wait_until(
+            lambda: (
+                counters["gate.cookie_sent"] == new + cookies
+                and published.kinds().count("e") == sas
+            ),
+            timeout=60,
+        )
+        service = farm.service
+    # the flood never waited in the backlog: only what must reach a worker, and the
+    # returning cookies (checked in their turn, invalid here, so asked again)
+    assert service.backlog.peak <= sas + cookies, service.backlog.peak
+    assert counters["gate.cookie_invalid"] == cookies
+    assert published.kinds().count("n") == 0 and published.kinds().count("c") == 0
+    assert counters["received"] == new + cookies + sas
+    assert counters["routed.init"] == new + cookies
+    assert not any(name.startswith("dropped.") for name in counters), dict(counters)
+    # each answered from the socket it came to: N(COOKIE) alone, for its SPIi
+    peer.settimeout(5)
+    answered = set()
+    for _ in range(new + cookies):
+        data, source = peer.recvfrom(2048)
+        assert source == target
+        reply = parse_message(data)
+        assert reply.header.is_response and reply.header.spi_r == bytes(8)
+        assert reply.message is not None and len(reply.message.payloads) == 1
+        assert reply.message.notify(NotifyType.COOKIE) is not None
+        answered.add(reply.header.spi_i)
+    assert answered == {spi(index) for index in range(new + cookies)}
 
 
 async def test_a_full_backlog_drops_new_inits_for_established_sas_and_counts_them(

@@ -127,6 +127,32 @@ def test_cookie_response_is_an_unprotected_init_response_with_the_cookie_alone()
     assert message.notify(NotifyType.COOKIE).data == b"k" * 36  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("length", [1, 36, 64])
+def test_cookie_response_is_octet_for_octet_what_the_encoder_makes(length: int) -> None:
+    (data,) = init_requests(1)
+    request = init_request(data)
+    assert request is not None
+    cookie = bytes(range(length))
+    expected = Message(
+        exchange_type=ExchangeType.IKE_SA_INIT,
+        spi_i=request.spi_i,
+        spi_r=bytes(8),
+        message_id=request.message_id,
+        is_initiator=False,
+        is_response=True,
+        payloads=[NotifyPayload(NotifyType.COOKIE, data=cookie)],
+    )
+    assert cookie_response(request, cookie) == encode_message(expected)
+    with pytest.raises(ValueError):
+        cookie_response(request, bytes(65))
+
+
+def test_a_cookie_for_something_that_is_not_an_address_is_refused() -> None:
+    jar = CookieJar(CookieSecret(1, KEY_A))
+    with pytest.raises(ValueError):
+        jar.make(NI, "not-an-address", SPI)
+
+
 @st.composite
 def mutated_requests(draw: st.DrawFn) -> bytes:
     """A real IKE_SA_INIT request, some octets changed, maybe cut or extended."""

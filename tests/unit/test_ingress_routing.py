@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ikefarm.proto import subjects
 from ikefarm.proto.sharding import spi_for_shard
@@ -13,10 +15,12 @@ from ikefarm.services.ingress.routing import (
     Router,
     ShardOwners,
     canonical_address,
+    read_header,
     route_datagram,
 )
 from ikefarm.shared.ikev2.constants import NON_ESP_MARKER, ExchangeType
-from ikefarm.shared.ikev2.message import Message, encode_message
+from ikefarm.shared.ikev2.errors import MalformedMessage
+from ikefarm.shared.ikev2.message import IkeHeader, Message, encode_message, peek_header
 
 PEER = "198.51.100.7"
 SPI_I = bytes.fromhex("0102030405060708")
@@ -98,6 +102,24 @@ def test_malformed_headers_are_dropped_by_reason() -> None:
     assert dropped(ike(ExchangeType.IKE_AUTH, spi_r=ZERO, message_id=1)).counter == (
         "dropped.zero_spi"
     )
+
+
+@given(st.binary(max_size=40))
+def test_the_ingress_reads_a_header_as_the_engine_does(data: bytes) -> None:
+    try:
+        expected: IkeHeader | str = peek_header(data)
+    except MalformedMessage as exc:
+        expected = exc.reason
+    try:
+        found: IkeHeader | str = read_header(data)
+    except Dropped as exc:
+        found = exc.reason
+    assert found == expected
+    if isinstance(found, IkeHeader):
+        assert isinstance(expected, IkeHeader)
+        assert type(found.exchange_type) is type(expected.exchange_type)
+        assert type(found.next_payload) is type(expected.next_payload)
+        assert type(found.flags) is type(expected.flags)
 
 
 @pytest.mark.parametrize("shard", [0, 1, 7, 0xABCD, 0xFFFF])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -35,6 +34,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from ikefarm.proto import envelope, subjects
 from ikefarm.proto.envelope import BusError, BusMessage
 from ikefarm.proto.messages import Ping, Pong, Stats, StatsRequest
+from ikefarm.shared.bus import gc_freeze
 from ikefarm.shared.bus.auth import read_credentials
 from ikefarm.shared.bus.servers import server_urls
 from ikefarm.shared.config.loader import Config
@@ -579,9 +579,9 @@ def run_service(
     configure_tracing(service_cls.name, runtime.instance, config.telemetry.otlp_endpoint)
     # what the imports made (~40,000 objects) lives as long as the process: out of the
     # collector's sight, a full collection no longer walks it each time (~110 ms of a
-    # loaded machine's CPU, a pause of the event loop; ops/bench/RESULTS.md, issue 9)
-    gc.collect()
-    gc.freeze()
+    # loaded machine's CPU, a pause of the event loop; ops/bench/RESULTS.md, issue 9);
+    # so do the survivors of every later full collection (a worker's SAs: gc_freeze.py)
+    gc_freeze.install()
     try:
         with asyncio.Runner(loop_factory=_loop_factory(service_cls)) as runner:
             return runner.run(runtime.run())

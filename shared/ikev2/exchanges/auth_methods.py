@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ikefarm.proto.messages import CertAuthReply, CertAuthRequest, PskAuthReply
+from ikefarm.proto.messages import CertAuthReply, CertAuthRequest, PskAuthReply, PskAuthRequest
 from ikefarm.shared.ikev2.certs import DN_PREFIX, dn_from_text, dn_identity_matches, looks_like_dn
 from ikefarm.shared.ikev2.constants import AuthMethod, CertEncoding, NotifyType, PayloadType
 from ikefarm.shared.ikev2.crypto.signature import hash_algorithms_data, parse_hash_algorithms
@@ -156,6 +156,25 @@ def reply_method(reply: PskAuthReply | CertAuthReply) -> int:
 def our_auth(vpn: VpnPolicy, reply: PskAuthReply | CertAuthReply) -> list[Payload]:
     """CERT payloads (with certificates) and our AUTH payload from the keystore's answer."""
     return [*certificate_payloads(vpn), AuthPayload(reply_method(reply), reply.auth)]
+
+
+def sign_request(
+    sa: IkeSa, vpn: VpnPolicy, remote_id: str, sign_octets: bytes
+) -> CertAuthRequest | PskAuthRequest:
+    """The keystore call that makes our AUTH over `sign_octets` (RFC 7296 2.15), with
+    the VPN's own method; nothing to verify."""
+    if vpn.local_auth == PUBKEY:
+        return cert_request(sa, vpn, "sign", sign_octets=sign_octets)
+    assert sa.algorithms.prf is not None
+    return PskAuthRequest(
+        prf_id=sa.algorithms.prf[0],
+        local_id=vpn.local_id,
+        remote_id=remote_id,
+        verify_octets=b"",
+        verify_auth=b"",
+        sign_octets=sign_octets,
+        purpose="sign",
+    )
 
 
 def cert_request(

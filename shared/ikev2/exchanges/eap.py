@@ -39,7 +39,6 @@ from ikefarm.proto.messages import (
     EapRelayReply,
     EapRelayRequest,
     PskAuthReply,
-    PskAuthRequest,
 )
 from ikefarm.shared.ikev2.constants import AuthMethod, ExchangeType, PayloadType
 from ikefarm.shared.ikev2.effects import Effect, KeystoreAnswer, Log, VipLeased
@@ -191,19 +190,7 @@ def start(
     sign = signed_octets(sa.init_response, sa.nonce_i, sa.keys.sk_pr, task.idr, sa)
     _wait(sa, task, "sign")
     engine.count("eap.started")
-    if vpn.local_auth == auth_methods.PUBKEY:
-        call = auth_methods.cert_request(sa, vpn, "sign", sign_octets=sign)
-        return [engine.ask_keystore(sa, task, call)]
-    psk = PskAuthRequest(
-        prf_id=sa.algorithms.prf[0],
-        local_id=vpn.local_id,
-        remote_id=str(idi),
-        verify_octets=b"",
-        verify_auth=b"",
-        sign_octets=sign,
-        purpose="sign",
-    )
-    return [engine.ask_keystore(sa, task, psk)]
+    return [engine.ask_keystore(sa, task, auth_methods.sign_request(sa, vpn, str(idi), sign))]
 
 
 def _signed(

@@ -441,19 +441,8 @@ def initiator_sign(
     idi = auth_methods.identity_payload(sa.vpn.local_id, PayloadType.IDi)
     sign = signed_octets(sa.init_request, sa.nonce_r, sk_pi or sa.keys.sk_pi, idi, sa)
     task.step, task.idi = "sign", idi
-    if sa.vpn.local_auth == auth_methods.PUBKEY:
-        call = auth_methods.cert_request(sa, sa.vpn, "sign", sign_octets=sign)
-        return [engine.ask_keystore(sa, task, call)]
-    psk = PskAuthRequest(
-        prf_id=sa.algorithms.prf[0],
-        local_id=sa.vpn.local_id,
-        remote_id=_peer_label(sa),
-        verify_octets=b"",
-        verify_auth=b"",
-        sign_octets=sign,
-        purpose="sign",
-    )
-    return [engine.ask_keystore(sa, task, psk)]
+    call = auth_methods.sign_request(sa, sa.vpn, _peer_label(sa), sign)
+    return [engine.ask_keystore(sa, task, call)]
 
 
 def _initiator_send_auth(

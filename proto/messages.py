@@ -473,6 +473,19 @@ class KernelAck(BusMessage):
     error: str = ""
 
 
+@message("kernel-backend-request")
+class KernelBackendRequest(BusMessage):
+    """Ask the kernel service which backend it runs (what `[kernel] backend = "auto"` became)."""
+
+
+@message("kernel-backend")
+class KernelBackend(BusMessage):
+    """The backend the kernel service runs: netlink, userspace or memory (services/kernel/
+    backends.py); the answer to KernelBackendRequest and the EVENT_KERNEL_BACKEND event."""
+
+    backend: str
+
+
 @message("kernel-show-request")
 class KernelShowRequest(BusMessage):
     """Ask the kernel service for its SAs and policies (no key material in the answer)."""

@@ -117,6 +117,10 @@ KERNEL_TRAP_REMOVE = f"{PREFIX}.kernel.trap.remove"
 KERNEL_FLUSH = f"{PREFIX}.kernel.flush"
 # ike -> kernel: install/remove a VIP we were assigned (VipAddress -> KernelAck).
 KERNEL_VIP = f"{PREFIX}.kernel.vip"
+# ingress -> kernel: which backend runs (`auto` resolved), KernelBackendRequest ->
+# KernelBackend; the kernel service also publishes it on EVENT_KERNEL_BACKEND when it starts.
+# Ingress sets UDP_ENCAP on its NAT-T sockets only for `netlink` (docs/kernel-netlink.md).
+KERNEL_BACKEND = f"{PREFIX}.kernel.backend"
 
 # ike -> keystore: computations that need a secret (request/reply).
 KEYSTORE_PSK_AUTH = f"{PREFIX}.keystore.psk.auth"
@@ -146,6 +150,7 @@ EVENT_CHILD_SA = f"{PREFIX}.event.child-sa"
 EVENT_KERNEL_ACQUIRE = f"{PREFIX}.event.kernel.acquire"
 EVENT_KERNEL_EXPIRE = f"{PREFIX}.event.kernel.expire"
 EVENT_KERNEL_ADDRESSES = f"{PREFIX}.event.kernel.addresses"  # LocalAddresses (MOBIKE)
+EVENT_KERNEL_BACKEND = f"{PREFIX}.event.kernel.backend"  # KernelBackend, at the kernel's start
 # Flow sessions (issue 12, docs/flow-sessions.md). kernel (dataplane) -> flow: batched session
 # events (FlowEvents): first packets, TCP state changes, periodic refreshes; never per packet.
 FLOW_EVENTS = f"{PREFIX}.flow.events"
@@ -266,9 +271,10 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             IKE_INIT,
             f"{PREFIX}.ike.shard.*.datagram",
             INGRESS_LOAD,
+            KERNEL_BACKEND,  # UDP_ENCAP on the NAT-T socket only with the netlink backend
             *_kv_api(COOKIE_SECRET_BUCKET, watch=True),  # only ingress holds the secret
         ),
-        "subscribe": (own_subjects("ingress"), IKE_LOAD),
+        "subscribe": (own_subjects("ingress"), IKE_LOAD, EVENT_KERNEL_BACKEND),
     },
     "ike": {
         "publish": (
@@ -308,6 +314,7 @@ PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
             EVENT_KERNEL_ACQUIRE,
             EVENT_KERNEL_EXPIRE,
             EVENT_KERNEL_ADDRESSES,
+            EVENT_KERNEL_BACKEND,
             EVENT_CHILD_SA,
             FLOW_EVENTS,
             IKE_KERNEL_COUNTERS,

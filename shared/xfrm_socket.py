@@ -8,7 +8,8 @@
   direction and the action (allow) set.
 - `decapsulate_esp_in_udp`: `UDP_ENCAP` = `UDP_ENCAP_ESPINUDP` (RFC 3948) on the NAT-T
   socket: the kernel takes ESP-in-UDP (a datagram without the four zero octets of the
-  non-ESP marker) itself and hands only IKE to the socket.
+  non-ESP marker) itself and hands only IKE to the socket; set only while the netlink
+  backend runs (ingress asks the kernel service which backend `auto` became).
 
 Setting a socket policy needs CAP_NET_ADMIN in the socket's network namespace.
 """
@@ -66,6 +67,9 @@ def bypass_policies(sock: socket.socket) -> None:
         sock.setsockopt(level, option, userpolicy_info(sock.family, direction))
 
 
-def decapsulate_esp_in_udp(sock: socket.socket) -> None:
-    """Have the kernel decapsulate ESP-in-UDP arriving on this UDP socket."""
-    sock.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
+def decapsulate_esp_in_udp(sock: socket.socket, on: bool = True) -> None:
+    """Have the kernel decapsulate ESP-in-UDP arriving on this UDP socket (`on`), or stop
+    (encapsulation type 0: every datagram reaches the socket as UDP again). Without ESP
+    states the kernel answers such a datagram with an ICMP destination unreachable, so
+    only a socket whose kernel holds the ESP SAs may carry it."""
+    sock.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP if on else 0)

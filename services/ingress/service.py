@@ -58,6 +58,8 @@ from ikefarm.proto.messages import (
     IkeLoad,
     IngressLoad,
     InitRoute,
+    KernelBackend,
+    KernelBackendRequest,
     OutboundDatagram,
     PeerBackoff,
 )
@@ -109,6 +111,7 @@ from ikefarm.shared.udp_endpoints import (
     claim,
     farm_id,
 )
+from ikefarm.shared.xfrm_socket import decapsulate_esp_in_udp
 
 # received datagrams waiting to be routed; beyond this the worst class is dropped (backlog.py)
 RECEIVE_QUEUE_SIZE = 4096
@@ -132,6 +135,10 @@ OWNERS_LEARNING = STALE_AFTER * 1.0
 # this long without a beat of the load task (every MODE_CHECK / 5): the process was stopped
 # or starved, and the workers' reports it missed may still be unread
 STALLED_AFTER = 0.5
+# how long the first ask for the kernel service's backend is retried while none answers; a
+# kernel service that starts later says it on EVENT_KERNEL_BACKEND
+BACKEND_ASK_FOR = 30.0
+KERNEL_BACKENDS = frozenset({"netlink", "userspace", "memory"})
 # datagrams for shards nobody owns can come in floods: one debug line per this many seconds
 UNOWNED_LOG_EVERY = 1.0
 _UNOWNED_DROPS = frozenset({SHARD_UNOWNED, NO_WORKER})
@@ -217,6 +224,11 @@ class IngressService(ServiceBase):
         self._beat = time.monotonic()
         self._cookies_inline = False
         self._log_cookies = False
+        # what the kernel service runs (`auto`: learned on the bus) and whether the NAT-T
+        # sockets carry UDP_ENCAP because of it
+        self.kernel_backend = self.config.kernel.backend
+        self.udp_encap = False
+        self._backend_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -225,11 +237,14 @@ class IngressService(ServiceBase):
         wanted = local_endpoints(self.config)
         # which part takes ESP-in-UDP off the NAT-T port (docs/kernel-netlink.md, "The IKE
         # sockets"): the userspace dataplane reads it from its own raw socket (the filter
-        # keeps it off ours), the kernel's SAs need UDP_ENCAP; `auto` may become either,
-        # so it gets both; with `memory` ingress sees and counts it
+        # keeps it off ours), the kernel's SAs need UDP_ENCAP; `auto` gets the filter and
+        # UDP_ENCAP only once the kernel service says it became netlink (without ESP
+        # states the kernel answers ESP-in-UDP on a UDP_ENCAP socket with an ICMP error);
+        # with `memory` ingress sees and counts it
         backend = self.config.kernel.backend
         esp_elsewhere = backend in ("userspace", "auto")
-        esp_in_kernel = backend in ("netlink", "auto")
+        esp_in_kernel = backend == "netlink"
+        self.udp_encap = esp_in_kernel
         if not wanted:
             self.log.control(
                 "no_listen_address", hint="set [ingress] listen or a vpn local-address"
@@ -289,8 +304,51 @@ class IngressService(ServiceBase):
             self._answers_direct = True
         # no queue group: every ingress instance must learn every init route
         await self.runtime.subscribe(subjects.INGRESS_INIT_ROUTE, InitRoute, self.on_init_route)
+        if backend == "auto":
+            # told at the kernel service's start (it starts later) or asked (it runs)
+            await self.runtime.subscribe(
+                subjects.EVENT_KERNEL_BACKEND, KernelBackend, self.on_kernel_backend
+            )
+            self._backend_task = asyncio.create_task(self._ask_kernel_backend(), name="backend")
+
+    async def _ask_kernel_backend(self) -> None:
+        """Which backend `auto` became, asked once (retried while no kernel service answers);
+        one that starts later publishes it and `on_kernel_backend` hears that."""
+        try:
+            reply = await self.runtime.request(
+                subjects.KERNEL_BACKEND,
+                KernelBackendRequest(),
+                KernelBackend,
+                retry_for=BACKEND_ASK_FOR,
+                idempotent=True,
+            )
+        except Exception as exc:  # NoResponders, timeout, a refusal: the event still comes
+            self.log.control("kernel_backend_unknown", error=type(exc).__name__)
+            return
+        await self.on_kernel_backend(reply, None)
+
+    async def on_kernel_backend(self, message: KernelBackend, _msg: Any) -> None:
+        """`UDP_ENCAP` on the NAT-T sockets while the kernel decapsulates (netlink), off
+        otherwise (docs/kernel-netlink.md, "The IKE sockets")."""
+        if message.backend not in KERNEL_BACKENDS:
+            self.runtime.counters["kernel_backend.unknown"] += 1
+            return
+        on = message.backend == "netlink"
+        self.kernel_backend = message.backend
+        if on == self.udp_encap:
+            return
+        for protocol in self.endpoints.values():
+            if protocol.endpoint.natt:
+                decapsulate_esp_in_udp(protocol.sock, on)
+        self.udp_encap = on
+        self.log.control("natt_udp_encap", backend=message.backend, udp_encap=on)
 
     async def teardown(self) -> None:
+        if self._backend_task is not None:
+            self._backend_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._backend_task
+            self._backend_task = None
         self._close_sockets()
         if self.secrets is not None:
             await self.secrets.stop()
@@ -324,6 +382,8 @@ class IngressService(ServiceBase):
             "socket": socket_statistics([p.sock for p in self.endpoints.values()]),
             "owned_shards": owners.shards(now) if owners is not None else [],
             "owners_learning": owners.learning(now) if owners is not None else True,
+            "kernel_backend": self.kernel_backend,
+            "natt_udp_encap": self.udp_encap,
             "dos": self.dos_state(),
         }
 

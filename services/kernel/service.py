@@ -41,6 +41,8 @@ from ikefarm.proto.messages import (
     FlowVerdicts,
     KernelAck,
     KernelAcquire,
+    KernelBackend,
+    KernelBackendRequest,
     KernelCounters,
     KernelExpire,
     KernelFlush,
@@ -240,6 +242,14 @@ class KernelService(ServiceBase):
             asyncio.get_running_loop().add_reader(self.events.fileno(), self._on_events)
         self.counters_interval = counters.batch_interval(self.config)
         self._counters_task = asyncio.get_running_loop().create_task(self._publish_counters())
+        # ingress sets UDP_ENCAP on its NAT-T sockets only when the kernel decapsulates
+        # (netlink): an ingress that runs already hears this event, a later one asks
+        await self.runtime.add_endpoint(
+            "backend", KernelBackendRequest, self.on_backend, subject=subjects.KERNEL_BACKEND
+        )
+        await self.runtime.publish(
+            subjects.EVENT_KERNEL_BACKEND, KernelBackend(self.choice.backend)
+        )
 
     async def _publish_counters(self) -> None:
         """Every `counters_interval`: the children whose counters moved, batched, to the ike
@@ -389,6 +399,10 @@ class KernelService(ServiceBase):
         except Exception as exc:  # the SAs stand; traffic finds no route until the next change
             self.runtime.counters["routes_failed"] += 1
             self.log.control("routes_failed", backend=self.backend.name, error=str(exc))
+
+    async def on_backend(self, _request: KernelBackendRequest, _msg: Any) -> KernelBackend:
+        assert self.choice is not None
+        return KernelBackend(self.choice.backend)
 
     async def on_transport_key(self, _request: TransportKeyRequest, _msg: Any) -> TransportKeyReply:
         return TransportKeyReply(public_key=public_bytes(self._transport))

@@ -445,13 +445,16 @@ def test_cbc_hmac_and_chacha20_poly1305_carry_traffic(tunnel: Tunnel, esp: str) 
 
 @pytest.mark.parametrize("outer", [4, 6], indirect=True, ids=["outer-ipv4", "outer-ipv6"])
 @pytest.mark.parametrize("backend", ["auto"])
-def test_auto_resolves_to_userspace_with_udp_encap_on_the_natt_socket(
+def test_auto_resolves_to_userspace_without_udp_encap_on_the_natt_socket(
     tunnel: Tunnel, outer: tuple[str, str]
 ) -> None:
-    """With `auto` ingress cannot know the outcome and puts both UDP_ENCAP and the steering
-    filter on its NAT-T socket (docs/kernel-netlink.md, "The IKE sockets"): on this kernel
-    without ESP states the userspace dataplane still gets every ESP-in-UDP packet and
-    ingress none."""
+    """With `auto` ingress asks the kernel service what it became and leaves UDP_ENCAP off
+    its NAT-T socket for the userspace dataplane, the steering filter on
+    (docs/kernel-netlink.md, "The IKE sockets"): the dataplane gets every ESP-in-UDP
+    packet, ingress none, and the kernel answers none with an ICMP error."""
+    ingress = tunnel.gateway.status()["ingress"]
+    assert all(row["gauges"]["kernel_backend"] == "userspace" for row in ingress)
+    assert all(row["gauges"]["natt_udp_encap"] is False for row in ingress)
     assert kernel_state(tunnel.gateway)["backend"] == "userspace"
     assert tunnel.peer_ns.ping(GW_INNER, src=PEER_INNER, count=3, timeout=10)
     assert tunnel.gw_ns.ping(PEER_INNER, src=GW_INNER, count=3, timeout=10)

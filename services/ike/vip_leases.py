@@ -34,12 +34,11 @@ from nats.js.errors import (
     BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     ServiceUnavailableError,
 )
 
 from ikefarm.proto import subjects
-from ikefarm.shared.bus.kv import bucket_replicas
+from ikefarm.shared.bus.kv import bucket_replicas, list_entries
 from ikefarm.shared.bus.runtime import ServiceUnavailable
 from ikefarm.shared.ikev2.effects import VipLease, VipLeased, VipRelease
 from ikefarm.shared.ikev2.pools import Pool
@@ -290,19 +289,17 @@ class VipLeases:
     async def leases(self, pool: Pool) -> list[tuple[str, LeaseRecord | None, bool]]:
         """Every lease of `pool`: (address, record, holder alive)."""
         prefix = f"a.{_hex(pool.name)}."
-        try:
-            keys = await self._kv.keys()
-        except NoKeysError:
-            keys = []
+        # not `kv.keys()`: its watcher may say "no more" before the keys arrive (kv.py)
+        entries = await list_entries(self._kv, f"{prefix}>", ignore_deletes=True)
         alive: dict[str, bool] = {}
         out: list[tuple[str, LeaseRecord | None, bool]] = []
-        for key in keys:
-            if not key.startswith(prefix):
+        for entry in entries:
+            key = entry.key
+            if not key.startswith(prefix) or entry.value is None:
                 continue
             try:
                 address = str(ipaddress.ip_address(bytes.fromhex(key[len(prefix) :])))
-                entry = await self._kv.get(key)
-            except (ValueError, KeyNotFoundError):
+            except ValueError:
                 continue
             record = LeaseRecord.decode(entry.value)
             live = record is not None and await self._alive(record.worker, alive)
